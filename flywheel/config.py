@@ -1,0 +1,198 @@
+"""One typed settings object, from a YAML file plus ``FLYWHEEL_*`` environment variables.
+
+Precedence (lowest first): defaults, the YAML file, environment variables. The YAML file is the one
+named by ``FLYWHEEL_CONFIG`` (or passed explicitly), else ``$FLYWHEEL_HOME/flywheel.yaml`` if present.
+
+Environment variables map onto fields with ``__`` between levels, for example
+``FLYWHEEL_TRAINING__EPOCHS=5`` or ``FLYWHEEL_STORAGE__ROOT=s3://bucket/flywheel``. ``FLYWHEEL_HOME``
+sets ``home``. Credentials are never read from YAML: S3 keys come from ``FLYWHEEL_S3_ACCESS_KEY`` /
+``FLYWHEEL_S3_SECRET_KEY`` (or the standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from flywheel.errors import ConfigError
+
+ENV_PREFIX = "FLYWHEEL_"
+SECRET_ENV = {
+    "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+    "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageSettings(_Section):
+    """Where every artifact lives: a local folder or ``s3://bucket/prefix`` (MinIO or S3)."""
+
+    root: str = ""  # empty: $FLYWHEEL_HOME/store
+    s3_endpoint: str = ""  # host:port of MinIO/S3; empty: AWS S3
+    s3_secure: bool = True
+    s3_region: str = ""
+    retries: int = Field(4, ge=0, le=20)
+    retry_backoff_s: float = Field(0.2, ge=0)
+    access_key: SecretStr | None = Field(None, exclude=True)
+    secret_key: SecretStr | None = Field(None, exclude=True)
+
+
+class DataSettings(_Section):
+    """The synthetic data that `flywheel run` generates when no source is given."""
+
+    rows: int = Field(200_000, ge=100)
+    days: int = Field(30, ge=2)
+    seed: int = 7
+    holdout_fraction: float = Field(0.2, gt=0, lt=0.9)
+
+
+class FeatureSettings(_Section):
+    """Feast: registry and online store. Empty paths default under $FLYWHEEL_HOME/feast."""
+
+    project: str = "flywheel"
+    registry_path: str = ""
+    online_store: str = "sqlite"  # sqlite | redis
+    sqlite_path: str = ""
+    redis_connection: str = "127.0.0.1:6379"
+
+
+class TrainingSettings(_Section):
+    """DDP training through torchrun."""
+
+    nproc: int = Field(2, ge=1, le=64)
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(512, ge=8)
+    learning_rate: float = Field(2e-3, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    seed: int = 0
+    threads_per_worker: int = Field(1, ge=1)
+    timeout_s: int = Field(1800, ge=10)
+
+
+class GateSettings(_Section):
+    """The blessing: an absolute floor AND no worse than production."""
+
+    min_roc_auc: float = Field(0.80, ge=0, le=1)
+    min_pr_auc: float = Field(0.20, ge=0, le=1)
+    max_regression: float = Field(0.01, ge=0, le=1)  # allowed PR-AUC drop against production
+
+
+class ServingSettings(_Section):
+    """The KServe predictor."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    torch_threads: int = Field(1, ge=1)
+
+
+class Settings(_Section):
+    """Everything flywheel needs to know, in one place."""
+
+    home: Path = Path(".flywheel")
+    model_name: str = "fraud"
+    image: str = "ghcr.io/flywheel-ml/flywheel:0.1.0"
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @model_validator(mode="after")
+    def _fill_defaults_under_home(self) -> "Settings":
+        self.home = self.home.expanduser().resolve()
+        if not self.storage.root:
+            self.storage.root = str(self.home / "store")
+        feast_dir = self.home / "feast"
+        if not self.features.registry_path:
+            self.features.registry_path = str(feast_dir / "registry.db")
+        if not self.features.sqlite_path:
+            self.features.sqlite_path = str(feast_dir / "online.db")
+        return self
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn FLYWHEEL_A__B=v into {"a": {"b": v}}; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    secret_names = {name for names in SECRET_ENV.values() for name in names}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in secret_names or name == "FLYWHEEL_CONFIG":
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if path == ["code_version"]:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if path[-1] in {"root", "s3_endpoint", "registry_path", "sqlite_path", "redis_connection", "host", "home", "model_name", "image"}:
+            value = raw  # strings stay strings (no YAML surprises such as "no" -> False)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another FLYWHEEL_ variable")
+        node[path[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist (named by FLYWHEEL_CONFIG or --config)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    storage = data.get("storage") or {}
+    if isinstance(storage, dict) and ({"access_key", "secret_key"} & set(storage)):
+        raise ConfigError(
+            f"settings file {path} holds S3 credentials; remove them and set "
+            "FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY in the environment instead"
+        )
+    return data
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, an optional YAML file and ``FLYWHEEL_*`` variables."""
+    env = os.environ if env is None else env
+    overrides = _env_overrides(env)
+    home = Path(str(overrides.get("home") or ".flywheel")).expanduser()
+    config_path = path or env.get("FLYWHEEL_CONFIG")
+    data: dict[str, Any] = {}
+    if config_path:
+        data = _read_yaml(Path(config_path))
+    elif (home / "flywheel.yaml").is_file():
+        data = _read_yaml(home / "flywheel.yaml")
+    data = _deep_merge(data, overrides)
+    for field, names in SECRET_ENV.items():
+        for name in names:
+            if env.get(name):
+                data.setdefault("storage", {})[field] = env[name]
+                break
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        source = f"{config_path} and FLYWHEEL_* variables" if config_path else "FLYWHEEL_* variables"
+        raise ConfigError(f"invalid settings ({source}): {problems}") from None

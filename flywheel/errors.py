@@ -1,0 +1,47 @@
+"""One exception family: every error a user can cause says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class FlywheelError(Exception):
+    """Base of every error flywheel raises on purpose; the CLI prints these without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(FlywheelError):
+    """The settings file or a FLYWHEEL_* variable is invalid."""
+
+    exit_code = 2
+
+
+class StorageError(FlywheelError):
+    """An object could not be read or written, or does not exist."""
+
+
+class ArtifactNotFound(StorageError):
+    """A URI names nothing."""
+
+
+class DataError(FlywheelError):
+    """Input data does not match the expected schema or is unreadable."""
+
+
+class ValidationFailed(FlywheelError):
+    """A Great Expectations suite failed; the message names the failed expectations."""
+
+
+class FeatureStoreError(FlywheelError):
+    """Feast could not apply, materialize or serve features."""
+
+
+class TrainingError(FlywheelError):
+    """The training job failed; the message carries the workers' last log lines."""
+
+
+class RegistryError(FlywheelError):
+    """A model or version is missing from the registry, or a stage change is not allowed."""
+
+
+class PipelineError(FlywheelError):
+    """A pipeline step failed."""

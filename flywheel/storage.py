@@ -1,0 +1,389 @@
+"""One storage interface over a local folder and S3/MinIO, addressed by URI.
+
+A URI is either ``s3://bucket/key`` (served by the ``minio`` client) or a local path (optionally
+``file://``). Every write is atomic: a local write goes to a temporary file in the same folder and
+is renamed into place; an S3 PUT only becomes visible once complete. Every write returns the
+object's sha256, which S3 objects also carry as user metadata. Transient S3 errors are retried with
+exponential backoff. A multi-file artifact is published by writing its manifest last: readers go
+through the manifest, so they never see half an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from flywheel.errors import ArtifactNotFound, StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A stored object: where it is, its sha256 and its size in bytes."""
+
+    uri: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "sha256": self.sha256, "size": self.size}
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for local paths and s3:// alike."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        uri = urllib.parse.urlparse(uri).path
+    return Path(uri)
+
+
+class LocalBackend:
+    """Objects as files below a folder; writes are temp-file-then-rename."""
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectRef:
+        path = _local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return ObjectRef(uri, sha256_bytes(data), len(data))
+
+    def upload_file(self, local: Path, uri: str) -> ObjectRef:
+        path = _local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return ObjectRef(uri, sha256_file(path), path.stat().st_size)
+
+    def read_bytes(self, uri: str) -> bytes:
+        path = _local_path(uri)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"{uri} does not exist") from None
+        except IsADirectoryError:
+            raise StorageError(f"{uri} is a folder, not an object") from None
+
+    def download_file(self, uri: str, local: Path) -> None:
+        path = _local_path(uri)
+        if not path.is_file():
+            raise ArtifactNotFound(f"{uri} does not exist")
+        shutil.copyfile(path, local)
+
+    def exists(self, uri: str) -> bool:
+        return _local_path(uri).is_file()
+
+    def stat(self, uri: str) -> ObjectRef:
+        path = _local_path(uri)
+        if not path.is_file():
+            raise ArtifactNotFound(f"{uri} does not exist")
+        return ObjectRef(uri, sha256_file(path), path.stat().st_size)
+
+    def list(self, prefix: str) -> list[str]:
+        root = _local_path(prefix)
+        if root.is_file():
+            return [prefix]
+        if not root.is_dir():
+            return []
+        base = prefix.rstrip("/")
+        found = []
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                found.append(f"{base}/{path.relative_to(root).as_posix()}")
+        return found
+
+    def delete(self, uri: str) -> None:
+        _local_path(uri).unlink(missing_ok=True)
+
+
+class S3Backend:
+    """Objects in S3 or MinIO through the ``minio`` client."""
+
+    TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str | None,
+        secret_key: str | None,
+        secure: bool = True,
+        region: str | None = None,
+        retries: int = 4,
+        backoff_s: float = 0.2,
+    ) -> None:
+        from minio import Minio
+
+        self.endpoint = endpoint or "s3.amazonaws.com"
+        self.secure = secure
+        self.region = region or None
+        self.client = Minio(self.endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=self.region)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._access_key = access_key
+        self._secret_key = secret_key
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except S3Error as exc:
+                if exc.code in {"NoSuchKey", "NoSuchBucket"}:
+                    raise ArtifactNotFound(f"{uri} does not exist ({exc.code})") from None
+                if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+                    raise StorageError(
+                        f"{what} {uri} was refused ({exc.code}): check FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY"
+                    ) from None
+                if exc.code not in self.TRANSIENT_CODES or attempt >= self.retries:
+                    raise StorageError(f"{what} {uri} failed: {exc.code}: {exc.message}") from None
+            except (Urllib3Error, ConnectionError, TimeoutError, OSError) as exc:
+                if attempt >= self.retries:
+                    raise StorageError(
+                        f"{what} {uri} failed after {attempt + 1} tries: cannot reach {self.endpoint} ({exc})"
+                    ) from None
+            delay = self.backoff_s * (2**attempt)
+            attempt += 1
+            log.warning("%s %s: transient error, retry %d in %.2fs", what, uri, attempt, delay)
+            time.sleep(delay)
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectRef:
+        bucket, key = self.split(uri)
+        digest = sha256_bytes(data)
+        self._call(
+            "write",
+            uri,
+            lambda: self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data), metadata={"sha256": digest}
+            ),
+        )
+        return ObjectRef(uri, digest, len(data))
+
+    def upload_file(self, local: Path, uri: str) -> ObjectRef:
+        bucket, key = self.split(uri)
+        digest = sha256_file(local)
+        self._call("write", uri, lambda: self.client.fput_object(bucket, key, str(local), metadata={"sha256": digest}))
+        return ObjectRef(uri, digest, Path(local).stat().st_size)
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = self.split(uri)
+
+        def get() -> bytes:
+            response = self.client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call("read", uri, get)
+
+    def download_file(self, uri: str, local: Path) -> None:
+        bucket, key = self.split(uri)
+        self._call("read", uri, lambda: self.client.fget_object(bucket, key, str(local)))
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self._stat(uri)
+            return True
+        except ArtifactNotFound:
+            return False
+
+    def _stat(self, uri: str) -> Any:
+        bucket, key = self.split(uri)
+        return self._call("stat", uri, lambda: self.client.stat_object(bucket, key))
+
+    def stat(self, uri: str) -> ObjectRef:
+        info = self._stat(uri)
+        meta = {k.lower(): v for k, v in (info.metadata or {}).items()}
+        digest = meta.get("x-amz-meta-sha256")
+        if not digest:
+            digest = sha256_bytes(self.read_bytes(uri))
+        return ObjectRef(uri, digest, int(info.size or 0))
+
+    def list(self, prefix: str) -> list[str]:
+        bucket, key = self.split(prefix)
+        if key and not key.endswith("/") and self.exists(prefix):
+            return [prefix]
+        folder = f"{key.rstrip('/')}/" if key else ""
+        objects = self._call("list", prefix, lambda: list(self.client.list_objects(bucket, prefix=folder, recursive=True)))
+        return sorted(f"s3://{bucket}/{obj.object_name}" for obj in objects)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = self.split(uri)
+        self._call("delete", uri, lambda: self.client.remove_object(bucket, key))
+
+    def ensure_bucket(self, bucket: str) -> None:
+        if not self._call("check bucket", f"s3://{bucket}", lambda: self.client.bucket_exists(bucket)):
+            self._call("create bucket", f"s3://{bucket}", lambda: self.client.make_bucket(bucket))
+
+
+class Storage:
+    """Reads and writes objects by URI, through the local or the S3 backend as the URI says."""
+
+    def __init__(self, root: str, s3: S3Backend | None = None) -> None:
+        self.root = root
+        self.local = LocalBackend()
+        self._s3 = s3
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Storage":
+        cfg = settings.storage
+        s3 = None
+        if is_s3(cfg.root) or cfg.s3_endpoint:
+            s3 = S3Backend(
+                endpoint=cfg.s3_endpoint,
+                access_key=cfg.access_key.get_secret_value() if cfg.access_key else None,
+                secret_key=cfg.secret_key.get_secret_value() if cfg.secret_key else None,
+                secure=cfg.s3_secure,
+                region=cfg.s3_region,
+                retries=cfg.retries,
+                backoff_s=cfg.retry_backoff_s,
+            )
+        return cls(cfg.root, s3)
+
+    def uri(self, *parts: str) -> str:
+        """A URI below the storage root."""
+        return join(self.root, *parts)
+
+    def _backend(self, uri: str) -> LocalBackend | S3Backend:
+        if is_s3(uri):
+            if self._s3 is None:
+                raise StorageError(f"{uri} is on S3 but no S3 endpoint is configured (set FLYWHEEL_STORAGE__S3_ENDPOINT)")
+            return self._s3
+        return self.local
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectRef:
+        return self._backend(uri).write_bytes(uri, data)
+
+    def write_json(self, uri: str, value: Any) -> ObjectRef:
+        return self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def read_bytes(self, uri: str) -> bytes:
+        return self._backend(uri).read_bytes(uri)
+
+    def read_json(self, uri: str) -> Any:
+        raw = self.read_bytes(uri)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+
+    def upload_file(self, local: str | os.PathLike[str], uri: str) -> ObjectRef:
+        return self._backend(uri).upload_file(Path(local), uri)
+
+    def download_file(self, uri: str, local: str | os.PathLike[str]) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        self._backend(uri).download_file(uri, Path(local))
+
+    def exists(self, uri: str) -> bool:
+        return self._backend(uri).exists(uri)
+
+    def stat(self, uri: str) -> ObjectRef:
+        return self._backend(uri).stat(uri)
+
+    def list(self, prefix: str) -> list[str]:
+        """Every object below ``prefix`` (recursively), sorted."""
+        return self._backend(prefix).list(prefix)
+
+    def delete(self, uri: str) -> None:
+        self._backend(uri).delete(uri)
+
+    def write_parquet(self, uri: str, table: Any) -> ObjectRef:
+        """Write a pyarrow Table (or pandas DataFrame) as one parquet object."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        return self.write_bytes(uri, buffer.getvalue())
+
+    def read_parquet(self, uri: str, columns: list[str] | None = None) -> Any:
+        """Read one parquet object into a pyarrow Table."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(uri)), columns=columns)
+
+    def iter_objects(self, prefix: str, suffixes: tuple[str, ...] = ()) -> Iterator[str]:
+        """Objects below ``prefix`` whose names end with one of ``suffixes``, skipping names that start
+        with '_' or '.' at any level below the prefix (as pyarrow datasets do)."""
+        base = prefix.rstrip("/")
+        for uri in self.list(prefix):
+            relative = uri[len(base):].lstrip("/") if uri != prefix else uri.rsplit("/", 1)[-1]
+            if any(part.startswith(("_", ".")) for part in relative.split("/")):
+                continue
+            if suffixes and not uri.endswith(suffixes):
+                continue
+            yield uri
+
+    def local_copy(self, uri: str, folder: str | os.PathLike[str]) -> Path:
+        """A local path holding the object: the object itself when local, else a downloaded copy."""
+        if not is_s3(uri):
+            path = _local_path(uri)
+            if not path.is_file():
+                raise ArtifactNotFound(f"{uri} does not exist")
+            return path
+        target = Path(folder) / uri.rsplit("/", 1)[-1]
+        self.download_file(uri, target)
+        return target
