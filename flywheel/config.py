@@ -12,15 +12,19 @@ sets ``home``. Credentials are never read from YAML: S3 keys come from ``FLYWHEE
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
+# FLYWHEEL_* variables that are not settings fields.
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION"}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
@@ -40,8 +44,26 @@ class StorageSettings(_Section):
     s3_region: str = ""
     retries: int = Field(4, ge=0, le=20)
     retry_backoff_s: float = Field(0.2, ge=0)
+    timeout_s: float = Field(60.0, gt=0)  # per S3 request (the connect timeout is at most 10 s)
     access_key: SecretStr | None = Field(None, exclude=True)
     secret_key: SecretStr | None = Field(None, exclude=True)
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_scheme(cls, value: str) -> str:
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise ValueError(f"must be host:port or an http(s):// URL, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_as_host_port(self) -> "StorageSettings":
+        # People paste "http://minio:9000"; every consumer wants host:port plus s3_secure.
+        scheme, sep, rest = self.s3_endpoint.partition("://")
+        if sep:
+            self.s3_endpoint = rest.rstrip("/")
+            self.s3_secure = scheme == "https"
+        return self
 
 
 class DataSettings(_Section):
@@ -118,22 +140,37 @@ class Settings(_Section):
         return self
 
 
+def _is_text_field(path: list[str]) -> bool:
+    """Whether the settings field at ``path`` holds text (str, Path, SecretStr), which env values
+    must reach verbatim: parsed as YAML, "no" would become False, "1:30" an int, "0123" a number."""
+    model: Any = Settings
+    annotation: Any = None
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return False  # unknown field: validation names it
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else None
+    return isinstance(annotation, type) and issubclass(annotation, (str, Path, SecretStr))
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Turn FLYWHEEL_A__B=v into {"a": {"b": v}}; values are parsed as YAML scalars."""
+    """Turn FLYWHEEL_A__B=v into {"a": {"b": v}}; non-text values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
     secret_names = {name for names in SECRET_ENV.values() for name in names}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name in secret_names or name == "FLYWHEEL_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in secret_names or name in NOT_SETTINGS_ENV:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
-        if path == ["code_version"]:
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if path[-1] in {"root", "s3_endpoint", "registry_path", "sqlite_path", "redis_connection", "host", "home", "model_name", "image"}:
-            value = raw  # strings stay strings (no YAML surprises such as "no" -> False)
+        if _is_text_field(path):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -160,6 +197,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"settings file {path} does not exist (named by FLYWHEEL_CONFIG or --config)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"settings file {path} is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"settings file {path} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"settings file {path} must hold a mapping at the top level, not {type(data).__name__}")
     storage = data.get("storage") or {}
@@ -172,25 +211,33 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, an optional YAML file and ``FLYWHEEL_*`` variables."""
+    """Build the settings from defaults, an optional YAML file and ``FLYWHEEL_*`` variables.
+
+    ``env`` replaces ``os.environ`` (tests pass a dict). Raises :class:`ConfigError` naming the
+    offending field when a value is invalid, and when the YAML file is missing, unreadable, not a
+    mapping, or holds credentials.
+    """
     env = os.environ if env is None else env
     overrides = _env_overrides(env)
     home = Path(str(overrides.get("home") or ".flywheel")).expanduser()
-    config_path = path or env.get("FLYWHEEL_CONFIG")
-    data: dict[str, Any] = {}
-    if config_path:
-        data = _read_yaml(Path(config_path))
-    elif (home / "flywheel.yaml").is_file():
-        data = _read_yaml(home / "flywheel.yaml")
+    named = path or env.get("FLYWHEEL_CONFIG")
+    config_path: Path | None = Path(named) if named else None
+    if config_path is None and (home / "flywheel.yaml").is_file():
+        config_path = home / "flywheel.yaml"
+    data: dict[str, Any] = _read_yaml(config_path) if config_path else {}
     data = _deep_merge(data, overrides)
     for field, names in SECRET_ENV.items():
         for name in names:
             if env.get(name):
-                data.setdefault("storage", {})[field] = env[name]
+                storage = data.get("storage")
+                storage = {} if storage is None else storage
+                if isinstance(storage, Mapping):  # anything else: validation reports it below
+                    data["storage"] = {**storage, field: env[name]}
                 break
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
+        # err["msg"] never quotes the input, so a rejected secret is not echoed.
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from flywheel import __version__
 from flywheel.errors import ArtifactNotFound
-from flywheel.storage import ObjectRef, Storage
+from flywheel.storage import ObjectRef, Storage, canonical_uri
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +48,9 @@ def code_version() -> str:
 
 
 def record_uri(storage: Storage, artifact_uri: str) -> str:
-    key = hashlib.sha256(artifact_uri.encode()).hexdigest()[:40]
+    """Where the lineage record of ``artifact_uri`` lives; ``file:///x``, ``/x`` and a relative
+    spelling of the same local file share one record."""
+    key = hashlib.sha256(canonical_uri(artifact_uri).encode()).hexdigest()[:40]
     return storage.uri("lineage", f"{key}.json")
 
 
@@ -61,12 +63,19 @@ def record(
     inputs: Iterable[ObjectRef | dict[str, Any]] = (),
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the lineage record of ``artifact`` and return it."""
+    """Write the lineage record of ``artifact`` and return it.
+
+    Each input is an :class:`ObjectRef` or a mapping with at least ``uri`` (and ideally ``sha256``).
+    """
+    input_dicts = [i.to_dict() if isinstance(i, ObjectRef) else dict(i) for i in inputs]
+    for item in input_dicts:
+        if not isinstance(item.get("uri"), str) or not item["uri"]:
+            raise ValueError(f"lineage input {item!r} of {artifact.uri} has no 'uri'")
     entry = {
         "artifact": artifact.to_dict(),
         "step": step,
         "run_id": run_id,
-        "inputs": [i.to_dict() if isinstance(i, ObjectRef) else dict(i) for i in inputs],
+        "inputs": input_dicts,
         "params": params or {},
         "code_version": code_version(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -84,27 +93,58 @@ def lookup(storage: Storage, artifact_uri: str) -> dict[str, Any] | None:
 
 
 def trace(storage: Storage, artifact_uri: str, max_depth: int = 32) -> dict[str, Any]:
-    """The tree of records from ``artifact_uri`` back to inputs that have no record (raw files)."""
-    seen: set[str] = set()
+    """The tree of records from ``artifact_uri`` back to inputs that have no record (raw files).
 
-    def walk(uri: str, sha: str | None, depth: int) -> dict[str, Any]:
-        entry = lookup(storage, uri)
+    Each node has ``uri`` and ``sha256`` (for an input: the sha256 it had when it was used); a node
+    with a record adds ``step``, ``run_id``, ``code_version`` and ``inputs``. An artifact used twice
+    (a diamond) appears in full under both users. A node that leads back to one of its own
+    descendants is marked ``cycle: True`` and not expanded; one deeper than ``max_depth`` is marked
+    ``truncated: True``.
+    """
+    records: dict[str, dict[str, Any] | None] = {}
+
+    def lookup_once(uri: str) -> dict[str, Any] | None:
+        key = canonical_uri(uri)
+        if key not in records:
+            records[key] = lookup(storage, uri)
+        return records[key]
+
+    def walk(uri: str, sha: str | None, depth: int, path: frozenset[str]) -> dict[str, Any]:
+        entry = lookup_once(uri)
         node: dict[str, Any] = {"uri": uri, "sha256": sha or (entry or {}).get("artifact", {}).get("sha256")}
-        if entry is None or depth >= max_depth or uri in seen:
+        if entry is None:
             return node
-        seen.add(uri)
         node.update(step=entry["step"], run_id=entry["run_id"], code_version=entry["code_version"])
-        node["inputs"] = [walk(i["uri"], i.get("sha256"), depth + 1) for i in entry["inputs"]]
+        key = canonical_uri(uri)
+        if key in path:
+            node["cycle"] = True
+            return node
+        if depth >= max_depth:
+            node["truncated"] = True
+            return node
+        node["inputs"] = [
+            walk(i["uri"], i.get("sha256"), depth + 1, path | {key}) for i in entry.get("inputs", [])
+        ]
         return node
 
-    return walk(artifact_uri, None, 0)
+    return walk(artifact_uri, None, 0, frozenset())
 
 
 def leaves(tree: dict[str, Any]) -> list[dict[str, Any]]:
-    """The inputs at the bottom of a :func:`trace` tree: the raw files."""
-    if not tree.get("inputs"):
-        return [tree]
+    """The inputs at the bottom of a :func:`trace` tree: the raw files (and artifacts recorded with
+    no inputs, such as generated data), each once. Nodes that close a cycle are not leaves."""
     out: list[dict[str, Any]] = []
-    for child in tree["inputs"]:
-        out.extend(leaves(child))
+    seen: set[tuple[str, str | None]] = set()
+
+    def collect(node: dict[str, Any]) -> None:
+        if node.get("cycle"):
+            return
+        if node.get("inputs"):
+            for child in node["inputs"]:
+                collect(child)
+        elif (node["uri"], node.get("sha256")) not in seen:  # a file reached by two paths counts once
+            seen.add((node["uri"], node.get("sha256")))
+            out.append(node)
+
+    collect(tree)
     return out

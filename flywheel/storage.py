@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -70,8 +71,37 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 def _local_path(uri: str) -> Path:
     if uri.startswith("file://"):
-        uri = urllib.parse.urlparse(uri).path
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri!r} names a host; a file:// URI must be file:///absolute/path")
+        return Path(urllib.parse.unquote(parsed.path))
     return Path(uri)
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per object: s3:// URIs as given, local paths and file:// URIs as absolute paths."""
+    if is_s3(uri):
+        return uri
+    return os.path.abspath(_local_path(uri))
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    # os.umask can only be read by setting it; do it once, lazily (not at import time).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give a temp file the mode a plain open() would have (mkstemp makes it 0600, unreadable to
+    other users of a shared volume), then rename it into place."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
 
 
 class LocalBackend:
@@ -79,31 +109,40 @@ class LocalBackend:
 
     def write_bytes(self, uri: str, data: bytes) -> ObjectRef:
         path = _local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            _publish(tmp, path)
+        except BaseException as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write {uri}: {exc.strerror or exc}") from exc
             raise
         return ObjectRef(uri, sha256_bytes(data), len(data))
 
     def upload_file(self, local: Path, uri: str) -> ObjectRef:
         path = _local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        os.close(fd)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            os.close(fd)
             shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            digest, size = sha256_file(tmp), Path(tmp).stat().st_size
+            _publish(tmp, path)
+        except BaseException as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot copy {local} to {uri}: {exc.strerror or exc}") from exc
             raise
-        return ObjectRef(uri, sha256_file(path), path.stat().st_size)
+        return ObjectRef(uri, digest, size)
 
     def read_bytes(self, uri: str) -> bytes:
         path = _local_path(uri)
@@ -118,7 +157,7 @@ class LocalBackend:
         path = _local_path(uri)
         if not path.is_file():
             raise ArtifactNotFound(f"{uri} does not exist")
-        shutil.copyfile(path, local)
+        self.upload_file(path, str(local))  # the same atomic copy, in the other direction
 
     def exists(self, uri: str) -> bool:
         return _local_path(uri).is_file()
@@ -160,13 +199,43 @@ class S3Backend:
         region: str | None = None,
         retries: int = 4,
         backoff_s: float = 0.2,
+        timeout_s: float = 60.0,
     ) -> None:
+        import certifi
+        import urllib3
         from minio import Minio
 
-        self.endpoint = endpoint or "s3.amazonaws.com"
+        endpoint = endpoint or "s3.amazonaws.com"
+        # Accept "http://host:port" too (minio wants a bare host:port): the scheme decides TLS.
+        if "://" in endpoint:
+            scheme, _, endpoint = endpoint.partition("://")
+            if scheme not in ("http", "https"):
+                raise StorageError(f"S3 endpoint {scheme}://{endpoint} must be host:port, http://... or https://...")
+            secure = scheme == "https"
+        self.endpoint = endpoint.rstrip("/")
         self.secure = secure
         self.region = region or None
-        self.client = Minio(self.endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=self.region)
+        # Our own pool instead of minio's default: minio's retries 5 times with backoff inside every
+        # call (on top of ours, about 6 s per try on a dead endpoint) and waits 5 minutes to connect.
+        # Here urllib3 does not retry, so 5xx answers reach _call as S3 errors and are retried there.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(10.0, timeout_s), read=timeout_s),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False),
+        )
+        try:
+            self.client = Minio(
+                self.endpoint,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=secure,
+                region=self.region,
+                http_client=http,
+            )
+        except ValueError as exc:
+            raise StorageError(f"invalid S3 settings (endpoint {self.endpoint!r}): {exc}") from None
         self.retries = retries
         self.backoff_s = backoff_s
         self._access_key = access_key
@@ -180,11 +249,14 @@ class S3Backend:
         return parsed.netloc, parsed.path.lstrip("/")
 
     def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
-        from minio.error import S3Error
+        """Run one minio call: retry transient failures with exponential backoff, and turn every
+        failure into ArtifactNotFound or StorageError with a message that says what to do."""
+        from minio.error import InvalidResponseError, S3Error, ServerError
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         attempt = 0
         while True:
+            tries = f"after {attempt + 1} tries" if attempt else "on the first try"
             try:
                 return fn()
             except S3Error as exc:
@@ -192,15 +264,30 @@ class S3Backend:
                     raise ArtifactNotFound(f"{uri} does not exist ({exc.code})") from None
                 if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                     raise StorageError(
-                        f"{what} {uri} was refused ({exc.code}): check FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY"
+                        f"{what} {uri} was refused by {self.endpoint} ({exc.code}): "
+                        "check FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY and the bucket's permissions"
                     ) from None
-                if exc.code not in self.TRANSIENT_CODES or attempt >= self.retries:
+                if exc.code not in self.TRANSIENT_CODES:
                     raise StorageError(f"{what} {uri} failed: {exc.code}: {exc.message}") from None
+                if attempt >= self.retries:
+                    raise StorageError(f"{what} {uri} failed {tries}: {exc.code}: {exc.message}") from None
+            except ServerError as exc:  # a 5xx answer without an S3 error body
+                if attempt >= self.retries:
+                    raise StorageError(f"{what} {uri} failed {tries}: {exc}") from None
+            except InvalidResponseError as exc:  # not S3 talking (a proxy, a wrong endpoint), or a 5xx page
+                if getattr(exc, "_code", 0) < 500 or attempt >= self.retries:
+                    raise StorageError(
+                        f"{what} {uri}: {self.endpoint} did not answer like S3 ({exc}); check FLYWHEEL_STORAGE__S3_ENDPOINT"
+                    ) from None
             except (Urllib3Error, ConnectionError, TimeoutError, OSError) as exc:
                 if attempt >= self.retries:
+                    reason = getattr(exc, "reason", None) or exc
                     raise StorageError(
-                        f"{what} {uri} failed after {attempt + 1} tries: cannot reach {self.endpoint} ({exc})"
+                        f"{what} {uri} failed {tries}: cannot reach {self.endpoint} ({reason}); "
+                        "check FLYWHEEL_STORAGE__S3_ENDPOINT and FLYWHEEL_STORAGE__S3_SECURE"
                     ) from None
+            except ValueError as exc:  # minio's argument checks: bucket or object names, local paths
+                raise StorageError(f"{what} {uri} failed: {exc}") from None
             delay = self.backoff_s * (2**attempt)
             attempt += 1
             log.warning("%s %s: transient error, retry %d in %.2fs", what, uri, attempt, delay)
@@ -220,6 +307,8 @@ class S3Backend:
 
     def upload_file(self, local: Path, uri: str) -> ObjectRef:
         bucket, key = self.split(uri)
+        if not Path(local).is_file():
+            raise StorageError(f"cannot upload {local} to {uri}: it is not a file")
         digest = sha256_file(local)
         self._call("write", uri, lambda: self.client.fput_object(bucket, key, str(local), metadata={"sha256": digest}))
         return ObjectRef(uri, digest, Path(local).stat().st_size)
@@ -298,8 +387,15 @@ class Storage:
                 region=cfg.s3_region,
                 retries=cfg.retries,
                 backoff_s=cfg.retry_backoff_s,
+                timeout_s=cfg.timeout_s,
             )
         return cls(cfg.root, s3)
+
+    @property
+    def s3(self) -> S3Backend | None:
+        """The S3 backend (for bucket administration such as ``ensure_bucket``), or None when no S3
+        endpoint is configured."""
+        return self._s3
 
     def uri(self, *parts: str) -> str:
         """A URI below the storage root."""

@@ -1,0 +1,83 @@
+"""The training pipeline's components. Logic lives in `flywheel.steps`; these only move artifacts."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+# The project image: the flywheel package and its locked dependencies (see README, "Cluster").
+IMAGE = "ghcr.io/flywheel-ml/flywheel:0.1.0"
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def ingest(
+    source_uri: str, run_id: str, job_id: str, snapshot: Output[Dataset]
+) -> NamedTuple("IngestOutputs", [("run_id", str)]):
+    """Raw csv/parquet/jsonl files -> the date-partitioned, schema-enforced lake; settles the run id."""
+    from collections import namedtuple
+
+    from flywheel.steps import ingest_step
+    from flywheel.kfp_io import write_artifact
+
+    run_id = run_id or job_id
+    write_artifact(snapshot, ingest_step(source_uri, run_id), ["uri", "sha256", "rows"])
+    return namedtuple("IngestOutputs", ["run_id"])(run_id)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate(snapshot: Input[Dataset], run_id: str, report: Output[Artifact]):
+    """Great Expectations suite on the lake snapshot; a failure stops the run."""
+    from flywheel.steps import validate_step
+    from flywheel.kfp_io import read_artifact, write_artifact
+
+    write_artifact(report, validate_step(read_artifact(snapshot), run_id), ["success", "rows", "report_uri", "html_uri"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def features(snapshot: Input[Dataset], run_id: str, training_set: Output[Dataset]):
+    """Card and merchant aggregates, feast apply + materialize, point-in-time training set."""
+    from flywheel.steps import features_step
+    from flywheel.kfp_io import read_artifact, write_artifact
+
+    write_artifact(
+        training_set,
+        features_step(read_artifact(snapshot), run_id),
+        ["uri", "sha256", "rows", "train_rows", "holdout_rows", "cutoff"],
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train(training_set: Input[Dataset], run_id: str, model: Output[Model]):
+    """Distributed PyTorch training (torchrun locally, the same worker in a PyTorchJob)."""
+    from flywheel.steps import train_step
+    from flywheel.kfp_io import read_artifact, write_artifact
+
+    write_artifact(model, train_step(read_artifact(training_set), run_id), ["uri", "version", "sha256"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    training_set: Input[Dataset],
+    model: Input[Model],
+    run_id: str,
+    truth_uri: str,
+    evaluation: Output[Artifact],
+) -> NamedTuple("EvaluateOutputs", [("blessed", bool)]):
+    """Holdout metrics and the gate: an absolute floor AND no worse than production."""
+    from collections import namedtuple
+
+    from flywheel.steps import evaluate_step
+    from flywheel.kfp_io import read_artifact, write_artifact
+
+    result = evaluate_step(read_artifact(training_set), read_artifact(model), run_id, truth_uri)
+    write_artifact(evaluation, result, ["model_version", "blessed", "report_uri"], extra=result["metrics"])
+    return namedtuple("EvaluateOutputs", ["blessed"])(bool(result["blessed"]))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def deploy(model: Input[Model], evaluation: Input[Artifact], run_id: str, deployed: Output[Model]):
+    """Promote the blessed version to production."""
+    from flywheel.steps import deploy_step
+    from flywheel.kfp_io import read_artifact, write_artifact
+
+    write_artifact(deployed, deploy_step(read_artifact(model), read_artifact(evaluation), run_id), ["uri", "version"])

@@ -1,0 +1,159 @@
+"""The pipeline's steps as plain functions: settings in, a JSON-able manifest out.
+
+Each KFP component unpacks its artifacts and calls one of these; `flywheel` tests call them
+directly. Every step times itself and leaves a record at ``<root>/runs/<run_id>/steps/<step>.json``
+that `flywheel run` turns into its summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from typing import Any, Iterator
+
+from flywheel.config import Settings, load_settings
+from flywheel.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def _context(settings: Settings | None) -> tuple[Settings, Storage]:
+    settings = settings or load_settings()
+    return settings, Storage.from_settings(settings)
+
+
+@contextlib.contextmanager
+def recorded(storage: Storage, run_id: str, step: str) -> Iterator[dict[str, Any]]:
+    """Time a step and write its record (rows, artifacts, metrics: whatever the step puts in)."""
+    record: dict[str, Any] = {"step": step, "run_id": run_id, "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    started = time.perf_counter()
+    try:
+        yield record
+        record["status"] = "succeeded"
+    except Exception as exc:
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        storage.write_json(storage.uri("runs", run_id, "steps", f"{step}.json"), record)
+        log.info("step %s %s in %.2fs", step, record.get("status"), record["seconds"])
+
+
+def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]]:
+    """The records the steps of one run left, by step name."""
+    records = {}
+    for uri in storage.list(storage.uri("runs", run_id, "steps")):
+        if uri.endswith(".json"):
+            record = storage.read_json(uri)
+            records[record["step"]] = record
+    return records
+
+
+def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Raw files → the date-partitioned lake; returns the snapshot manifest."""
+    from flywheel.ingest import ingest
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "ingest") as record:
+        snapshot = ingest(storage, source_uri, storage.uri("lake"), run_id)
+        record.update(
+            rows=snapshot.rows,
+            new_parts=len(snapshot.new_parts),
+            source_files=len(snapshot.source_files),
+            artifacts={"lake_snapshot": snapshot.uri},
+        )
+    return snapshot.to_dict()
+
+
+def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The Great Expectations gate on the lake snapshot; raises ValidationFailed to stop the run."""
+    from flywheel.ingest import LakeSnapshot
+    from flywheel.validation import validate_snapshot
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "validate") as record:
+        report = validate_snapshot(storage, LakeSnapshot.from_dict(snapshot), storage.uri("reports", "validation"), run_id)
+        record.update(
+            rows=report.rows,
+            expectations=report.evaluated,
+            failed=len(report.failed),
+            artifacts={"validation_report": report.report_uri, "data_docs": report.html_uri},
+        )
+    return report.to_dict()
+
+
+def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Feature tables, Feast apply + materialize, and the point-in-time training set."""
+    from flywheel.features import build_features
+    from flywheel.ingest import LakeSnapshot
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "features") as record:
+        result = build_features(storage, settings, LakeSnapshot.from_dict(snapshot), run_id)
+        ts = result.training_set
+        record.update(
+            rows=ts.rows,
+            train_rows=ts.train_rows,
+            holdout_rows=ts.holdout_rows,
+            reused=ts.reused,
+            materialized={"cards": result.materialized_cards, "merchants": result.materialized_merchants},
+            timings={k: round(v, 2) for k, v in result.seconds.items()},
+            artifacts={"training_set": ts.uri, "card_features": result.card_table_uri, "merchant_features": result.merchant_table_uri},
+        )
+    return ts.to_dict()
+
+
+def train_step(training_set: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """DDP training through torchrun; returns the published model version."""
+    from flywheel.features import TrainingSet
+    from flywheel.training import train
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "train") as record:
+        result = train(storage, settings, TrainingSet.from_dict(training_set), run_id)
+        record.update(
+            rows=training_set["train_rows"],
+            reused=result.reused,
+            model_version=result.model.version,
+            epochs=result.epochs,
+            artifacts={"model": result.model.uri},
+        )
+    return result.model.to_dict()
+
+
+def evaluate_step(
+    training_set: dict[str, Any], model: dict[str, Any], run_id: str, truth_uri: str = "", settings: Settings | None = None
+) -> dict[str, Any]:
+    """Metrics on the holdout and the gate's decision."""
+    from flywheel.evaluation import evaluate
+    from flywheel.features import TrainingSet
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "evaluate") as record:
+        result = evaluate(storage, settings, TrainingSet.from_dict(training_set), model["version"], run_id, truth_uri)
+        record.update(
+            rows=training_set["holdout_rows"],
+            model_version=model["version"],
+            metrics=result.metrics,
+            production=result.production_version,
+            production_metrics=result.production_metrics,
+            truth=result.truth,
+            blessed=result.blessed,
+            reasons=result.reasons,
+            artifacts={"evaluation": result.report_uri},
+        )
+    return result.to_dict()
+
+
+def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Promote the blessed version to production."""
+    from flywheel.deploy import deploy
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "deploy") as record:
+        deployed = deploy(storage, settings, model["version"], evaluation, run_id)
+        record.update(model_version=deployed.version, artifacts={"production": join(deployed.uri, "version.json")})
+    return deployed.to_dict()

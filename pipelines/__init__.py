@@ -1,0 +1,1 @@
+"""KFP pipelines: one factory per file."""

@@ -1,0 +1,99 @@
+"""The retraining loop as a KFP v2 DAG: ingest -> validate -> features -> train -> evaluate -> deploy (if blessed)."""
+
+# No `from __future__ import annotations` here: KFP reads the pipeline function's real annotations.
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from kfp import compiler, dsl
+
+import components
+from flywheel.config import Settings, load_settings
+
+PIPELINE_NAME = "flywheel-training"
+S3_SECRET = "flywheel-s3"  # Kubernetes Secret with keys `accesskey` and `secretkey`
+
+
+def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
+    """The training pipeline for these settings (cluster wiring follows the storage root)."""
+    settings = settings or load_settings()
+    on_s3 = settings.storage.root.startswith("s3://")
+
+    def configure(task: Any, display_name: str) -> Any:
+        task.set_display_name(display_name)
+        if on_s3:
+            # On the cluster: where the store is comes from the pipeline, credentials from a Secret.
+            from kfp import kubernetes
+
+            task.set_env_variable("FLYWHEEL_STORAGE__ROOT", settings.storage.root)
+            task.set_env_variable("FLYWHEEL_STORAGE__S3_ENDPOINT", settings.storage.s3_endpoint)
+            task.set_env_variable("FLYWHEEL_STORAGE__S3_SECURE", str(settings.storage.s3_secure).lower())
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=S3_SECRET,
+                secret_key_to_env={"accesskey": "FLYWHEEL_S3_ACCESS_KEY", "secretkey": "FLYWHEEL_S3_SECRET_KEY"},
+            )
+        task.set_env_variable("FLYWHEEL_MODEL_NAME", settings.model_name)
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Ingest, validate, build features, train, gate and deploy the fraud model.")
+    def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "") -> None:
+        # Ingest always re-reads its source: the files behind a URI can change, so it is never cached.
+        # It also settles the run id: the caller's (flywheel run) or else the KFP job's.
+        ingest = configure(
+            components.ingest(source_uri=source_uri, run_id=run_id, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+            "Ingest raw files",
+        )
+        ingest.set_caching_options(False)
+        run_id = ingest.outputs["run_id"]
+        # Great Expectations gate: a failed expectation stops the run here.
+        validate = configure(components.validate(snapshot=ingest.outputs["snapshot"], run_id=run_id), "Validate (Great Expectations)")
+        # Aggregates -> feast apply + materialize -> point-in-time training set (content-addressed).
+        features = configure(components.features(snapshot=ingest.outputs["snapshot"], run_id=run_id), "Features (Feast)")
+        features.after(validate)
+        # DDP training; the same inputs reuse the model already trained from them.
+        train = configure(components.train(training_set=features.outputs["training_set"], run_id=run_id), "Train (DDP)")
+        # Holdout metrics; blessed = above the floors and no worse than production.
+        evaluate = configure(
+            components.evaluate(
+                training_set=features.outputs["training_set"], model=train.outputs["model"], run_id=run_id, truth_uri=truth_uri
+            ),
+            "Evaluate and gate",
+        )
+        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 - KFP condition syntax
+            # Promote the blessed version to production.
+            configure(
+                components.deploy(model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], run_id=run_id),
+                "Deploy",
+            )
+
+    return training_pipeline
+
+
+def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Settings] = None) -> Path:
+    """Write the pipeline's KFP IR YAML and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{PIPELINE_NAME}.yaml"
+    compiler.Compiler().compile(create_pipeline(settings), package_path=str(target))
+    return target
+
+
+def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "") -> Any:
+    """Run the DAG with kfp.local (SubprocessRunner in this Python environment)."""
+    from kfp import local
+
+    kfp_root = settings.home / "kfp"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(kfp_root / "outputs"),
+        raise_on_error=True,
+    )
+    # Steps run as subprocesses: they must see the same settings.
+    os.environ["FLYWHEEL_HOME"] = str(settings.home)
+    pipeline = create_pipeline(settings)
+    started = time.perf_counter()
+    result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri)
+    return result, time.perf_counter() - started

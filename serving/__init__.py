@@ -1,0 +1,1 @@
+"""The KServe predictor for the fraud model."""

@@ -1,0 +1,55 @@
+"""`flywheel serve`: the KServe ModelServer with the fraud predictor, bound to a chosen address."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def build_server(host: str, port: int) -> Any:
+    """A KServe ModelServer (REST only, one worker) that binds ``host`` rather than 0.0.0.0."""
+    from kserve import ModelServer
+    from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+    from kserve.protocol.rest.server import RESTServer
+
+    class BoundModelServer(ModelServer):
+        """KServe's server binds 0.0.0.0 with no host flag; this one binds the configured address."""
+
+        def start(self, models: list[Any]) -> None:
+            self._register_and_check_atleast_one_model_is_ready(models)
+            self._rest_server = RESTServer(
+                FASTAPI_APP_IMPORT_STRING,
+                self.dataplane,
+                self.model_repository_extension,
+                self.http_port,
+                access_log_format=self.access_log_format,
+                workers=1,
+                grace_period=self.grace_period,
+                event_loop=self.event_loop,
+                timeout_keep_alive=self.timeout_keep_alive,
+            )
+            self._rest_server.config.host = host
+            self.servers.append(self._rest_server.start())
+            self.setup_event_loop()
+            self.register_signal_handler()
+            import asyncio
+
+            asyncio.run(self._serve())
+
+    return BoundModelServer(http_port=port, workers=1, enable_grpc=False)
+
+
+def serve(settings: Any, host: str, port: int, model_name: str | None = None) -> None:
+    """Load the production model and serve it until interrupted."""
+    # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.
+    sys.argv = sys.argv[:1]
+    from serving.predictor import FraudPredictor
+
+    predictor = FraudPredictor(model_name or settings.model_name, settings)
+    predictor.load()
+    print(f"serving {predictor.name} (version {predictor.version}) on http://{host}:{port} "
+          f"(v1: /v1/models/{predictor.name}:predict, v2: /v2/models/{predictor.name}/infer)", flush=True)
+    build_server(host, port).start([predictor])

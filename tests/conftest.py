@@ -1,0 +1,121 @@
+"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, and S3 served by moto on loopback.
+
+Nothing here talks to anything but 127.0.0.1: moto runs in this process as a threaded HTTP server,
+and every S3 client is pointed at it explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flywheel.config import Settings, load_settings
+from flywheel.storage import Storage
+
+# moto accepts any credentials; these only have to be consistent between client and tests.
+S3_ACCESS_KEY = "flywheel-test-access"
+S3_SECRET_KEY = "flywheel-test-secret"
+S3_REGION = "us-east-1"
+
+# What boto-based tools (moto included) look at, so nothing ever reaches for real AWS credentials,
+# an AWS config file or the EC2 metadata endpoint.
+_DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": S3_REGION,
+    "AWS_REGION": S3_REGION,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where the test S3 server listens and the credentials to use with it."""
+
+    endpoint: str  # "127.0.0.1:PORT", the form minio and FLYWHEEL_STORAGE__S3_ENDPOINT take
+    access_key: str
+    secret_key: str
+    region: str = S3_REGION
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server over plain HTTP on 127.0.0.1 (an OS-chosen free port), for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    # werkzeug prints one access-log line per request, even with verbose=False.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    # The dummy AWS variables only hold while the server starts; tests that need them during the
+    # test get them from the function-scoped `aws_env` fixture, so no test sees another's env.
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in _DUMMY_AWS_ENV.items():
+            mp.setenv(name, value)
+        server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
+        server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1", host
+    try:
+        yield S3Server(endpoint=f"{host}:{port}", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy AWS credentials and region in the environment, for this test only."""
+    for name, value in _DUMMY_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, tmp_path: Path) -> Callable[..., dict[str, str]]:
+    """A factory: ``s3_env(root, **extra)`` gives the FLYWHEEL_* variables that point settings at the
+    test S3 server with storage root ``root``; ``extra`` adds or replaces variables."""
+
+    def make(root: str, **extra: str) -> dict[str, str]:
+        return {
+            "FLYWHEEL_HOME": str(tmp_path / "home"),
+            "FLYWHEEL_STORAGE__ROOT": root,
+            "FLYWHEEL_STORAGE__S3_ENDPOINT": s3_server.endpoint,
+            "FLYWHEEL_STORAGE__S3_SECURE": "false",
+            "FLYWHEEL_STORAGE__S3_REGION": s3_server.region,
+            "FLYWHEEL_S3_ACCESS_KEY": s3_server.access_key,
+            "FLYWHEEL_S3_SECRET_KEY": s3_server.secret_key,
+            **extra,
+        }
+
+    return make
+
+
+@pytest.fixture
+def s3_storage(s3_env: Callable[..., dict[str, str]], aws_env: None) -> Storage:
+    """Storage rooted at ``s3://<fresh bucket>/flywheel`` on the test server, built from settings."""
+    bucket = f"flywheel-test-{uuid.uuid4().hex[:12]}"
+    storage = Storage.from_settings(load_settings(env=s3_env(f"s3://{bucket}/flywheel")))
+    assert storage.s3 is not None
+    storage.s3.ensure_bucket(bucket)
+    return storage
+
+
+@pytest.fixture
+def flywheel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings with $FLYWHEEL_HOME in a temporary folder, and no other FLYWHEEL_* variable nor AWS key."""
+    for name in list(os.environ):
+        if name.startswith("FLYWHEEL_") or name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "flywheel-home"
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    return load_settings()

@@ -1,0 +1,325 @@
+"""The storage layer against S3 (moto over HTTP on 127.0.0.1): round trips, metadata, errors, retries."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from minio.error import S3Error, ServerError
+
+from flywheel.config import load_settings
+from flywheel.errors import ArtifactNotFound, StorageError
+from flywheel.storage import ObjectRef, S3Backend, Storage, join, sha256_bytes, sha256_file
+
+
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    return S3Backend.split(uri)
+
+
+def closed_loopback_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def failing_then(real: Callable[..., Any], failures: list[BaseException], calls: list[int]) -> Callable[..., Any]:
+    """Stand-in for a minio method: raise each of ``failures`` in turn, then call ``real``."""
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        return real(*args, **kwargs)
+
+    return fake
+
+
+def slow_down() -> S3Error:
+    return S3Error(None, "SlowDown", "Please reduce your request rate.", "/bucket/key", "req-1", "host-1")
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+def test_storage_is_on_s3(s3_storage: Storage) -> None:
+    assert s3_storage.root.startswith("s3://flywheel-test-") and s3_storage.root.endswith("/flywheel")
+    assert s3_storage.s3 is not None and s3_storage.s3.endpoint.startswith("127.0.0.1:")
+
+
+def test_write_and_read_bytes(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("a", "b", "blob.bin")
+    data = os.urandom(4096)
+    ref = s3_storage.write_bytes(uri, data)
+    assert ref == ObjectRef(uri, sha256_bytes(data), len(data))
+    assert s3_storage.read_bytes(uri) == data
+    assert s3_storage.exists(uri)
+
+
+def test_write_and_read_json(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("meta", "run.json")
+    value = {"metrics": {"roc_auc": 0.91}, "tags": ["a", "b"]}
+    s3_storage.write_json(uri, value)
+    assert s3_storage.read_json(uri) == value
+
+
+def test_overwrite(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("x.txt")
+    s3_storage.write_bytes(uri, b"old")
+    s3_storage.write_bytes(uri, b"new")
+    assert s3_storage.read_bytes(uri) == b"new"
+    assert s3_storage.stat(uri).sha256 == sha256_bytes(b"new")
+
+
+def test_sha256_is_object_metadata_and_returned_by_stat(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("hashed.bin")
+    data = b"some artifact bytes"
+    ref = s3_storage.write_bytes(uri, data)
+    bucket, key = bucket_and_key(uri)
+    info = s3_storage.s3.client.stat_object(bucket, key)
+    assert info.metadata["x-amz-meta-sha256"] == sha256_bytes(data)
+    assert s3_storage.stat(uri) == ref
+
+
+def test_stat_hashes_objects_written_without_the_metadata(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("foreign.bin")
+    bucket, key = bucket_and_key(uri)
+    s3_storage.s3.client.put_object(bucket, key, io.BytesIO(b"written by another tool"), 23)
+    assert s3_storage.stat(uri) == ObjectRef(uri, sha256_bytes(b"written by another tool"), 23)
+
+
+def test_parquet_round_trip(s3_storage: Storage) -> None:
+    table = pa.table({"card_id": list(range(100)), "amount": [i * 0.5 for i in range(100)]})
+    uri = s3_storage.uri("lake", "t.parquet")
+    ref = s3_storage.write_parquet(uri, table)
+    assert s3_storage.read_parquet(uri).equals(table)
+    assert s3_storage.stat(uri).sha256 == ref.sha256
+
+
+def test_upload_and_download_file(s3_storage: Storage, tmp_path: Path) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(100_000))
+    uri = s3_storage.uri("files", "f.bin")
+    ref = s3_storage.upload_file(source, uri)
+    assert ref == ObjectRef(uri, sha256_file(source), 100_000)
+    assert s3_storage.stat(uri).sha256 == ref.sha256
+    target = tmp_path / "down" / "f.bin"
+    s3_storage.download_file(uri, target)
+    assert target.read_bytes() == source.read_bytes()
+    copy = s3_storage.local_copy(uri, tmp_path / "copies")
+    assert copy.read_bytes() == source.read_bytes()
+
+
+def test_multi_megabyte_object(s3_storage: Storage, tmp_path: Path) -> None:
+    data = os.urandom(12 * 1024 * 1024)  # above minio's 5 MiB part size: a multipart upload
+    uri = s3_storage.uri("big", "blob.bin")
+    ref = s3_storage.write_bytes(uri, data)
+    assert s3_storage.stat(uri) == ObjectRef(uri, sha256_bytes(data), len(data))
+    assert s3_storage.read_bytes(uri) == data
+
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    uploaded = s3_storage.upload_file(source, s3_storage.uri("big", "uploaded.bin"))
+    assert uploaded.sha256 == ref.sha256
+    assert s3_storage.stat(uploaded.uri).sha256 == ref.sha256
+    s3_storage.download_file(uploaded.uri, tmp_path / "back.bin")
+    assert sha256_file(tmp_path / "back.bin") == ref.sha256
+
+
+def test_upload_of_a_missing_local_file_is_a_storage_error(s3_storage: Storage, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="missing.bin"):
+        s3_storage.upload_file(tmp_path / "missing.bin", s3_storage.uri("x"))
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def test_list_with_prefix(s3_storage: Storage) -> None:
+    base = s3_storage.uri("lake")
+    for name in ["b/2.parquet", "a/1.parquet", "a/0.parquet"]:
+        s3_storage.write_bytes(join(base, name), b"x")
+    s3_storage.write_bytes(s3_storage.uri("lakeside", "not-below.parquet"), b"x")  # shares the text prefix only
+    expected = [join(base, n) for n in ["a/0.parquet", "a/1.parquet", "b/2.parquet"]]
+    assert s3_storage.list(base) == expected
+    assert s3_storage.list(base + "/") == expected
+    assert s3_storage.list(join(base, "a")) == expected[:2]
+    assert s3_storage.list(join(base, "a/0.parquet")) == [join(base, "a/0.parquet")]
+    assert s3_storage.list(s3_storage.uri("nothing-here")) == []
+    bucket, _ = bucket_and_key(base)
+    assert len(s3_storage.list(f"s3://{bucket}")) == 4
+
+
+def test_iter_objects_skips_underscore_and_dot_paths(s3_storage: Storage) -> None:
+    base = s3_storage.uri("dataset")
+    for name in ["date=2026-01-01/part-0.parquet", "_SUCCESS", "_tmp/p.parquet", ".hidden/p.parquet", "x/.crc"]:
+        s3_storage.write_bytes(join(base, name), b"x")
+    assert list(s3_storage.iter_objects(base, suffixes=(".parquet",))) == [join(base, "date=2026-01-01/part-0.parquet")]
+
+
+def test_delete(s3_storage: Storage) -> None:
+    uri = s3_storage.uri("gone.bin")
+    s3_storage.write_bytes(uri, b"x")
+    s3_storage.delete(uri)
+    assert not s3_storage.exists(uri)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_missing_key_is_artifact_not_found(s3_storage: Storage, tmp_path: Path) -> None:
+    missing = s3_storage.uri("no", "such.bin")
+    with pytest.raises(ArtifactNotFound, match="does not exist"):
+        s3_storage.read_bytes(missing)
+    with pytest.raises(ArtifactNotFound):
+        s3_storage.stat(missing)
+    with pytest.raises(ArtifactNotFound):
+        s3_storage.download_file(missing, tmp_path / "out.bin")
+    assert not s3_storage.exists(missing)
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_missing_bucket_is_artifact_not_found(s3_storage: Storage) -> None:
+    with pytest.raises(ArtifactNotFound, match="NoSuchBucket"):
+        s3_storage.read_bytes("s3://flywheel-no-such-bucket/key")
+
+
+def test_wrong_credentials_are_a_clear_storage_error(
+    s3_env: Callable[..., dict[str, str]], s3_storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moto.settings
+
+    # moto accepts any credentials unless told to authenticate; this test tells it to.
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY="AKIAWRONGWRONGWRONG1", FLYWHEEL_S3_SECRET_KEY="wrong")
+    wrong = Storage.from_settings(load_settings(env=env))
+    for action in (lambda: wrong.write_bytes(wrong.uri("x.bin"), b"x"), lambda: wrong.read_bytes(wrong.uri("x.bin"))):
+        with pytest.raises(StorageError) as info:
+            action()
+        message = str(info.value)
+        assert "refused" in message and "FLYWHEEL_S3_ACCESS_KEY" in message
+        assert not isinstance(info.value, ArtifactNotFound)
+        # The minio exception is not chained: the CLI prints one clear line, not minio's traceback.
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_unreachable_endpoint_fails_after_retries(
+    s3_env: Callable[..., dict[str, str]], aws_env: None
+) -> None:
+    port = closed_loopback_port()
+    env = s3_env(
+        "s3://bucket/flywheel",
+        FLYWHEEL_STORAGE__S3_ENDPOINT=f"127.0.0.1:{port}",
+        FLYWHEEL_STORAGE__RETRIES="2",
+        FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001",
+    )
+    storage = Storage.from_settings(load_settings(env=env))
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes(storage.uri("x.bin"), b"x")
+    assert time.monotonic() - started < 5  # minio's own retries (6 s per try) are off
+    message = str(info.value)
+    assert "cannot reach" in message and f"127.0.0.1:{port}" in message and "after 3 tries" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_endpoint_may_be_a_url(s3_env: Callable[..., dict[str, str]], s3_storage: Storage, s3_server) -> None:
+    # "http://host:port" is what people paste; the scheme decides TLS (S3_SECURE stays at its default).
+    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=s3_server.url)
+    del env["FLYWHEEL_STORAGE__S3_SECURE"]
+    storage = Storage.from_settings(load_settings(env=env))
+    storage.write_bytes(storage.uri("via-url.txt"), b"ok")
+    assert s3_storage.read_bytes(s3_storage.uri("via-url.txt")) == b"ok"
+
+
+# --- retries ----------------------------------------------------------------------------------
+
+
+def test_transient_errors_are_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = s3_storage.s3
+    monkeypatch.setattr(backend, "backoff_s", 0.001)
+    calls: list[int] = []
+    monkeypatch.setattr(
+        backend.client, "put_object", failing_then(backend.client.put_object, [slow_down(), slow_down()], calls)
+    )
+    uri = s3_storage.uri("retried.bin")
+    ref = s3_storage.write_bytes(uri, b"made it")
+    assert len(calls) == 3
+    monkeypatch.undo()
+    assert s3_storage.read_bytes(uri) == b"made it"
+    assert s3_storage.stat(uri) == ref
+
+
+def test_a_5xx_without_an_s3_body_is_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = s3_storage.s3
+    uri = s3_storage.uri("r.bin")
+    s3_storage.write_bytes(uri, b"data")
+    monkeypatch.setattr(backend, "backoff_s", 0.001)
+    calls: list[int] = []
+    failure = ServerError("server failed with HTTP status code 503", 503)
+    monkeypatch.setattr(backend.client, "get_object", failing_then(backend.client.get_object, [failure], calls))
+    assert s3_storage.read_bytes(uri) == b"data"
+    assert len(calls) == 2
+
+
+def test_retries_give_up_with_a_storage_error(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = s3_storage.s3
+    monkeypatch.setattr(backend, "backoff_s", 0.001)
+    monkeypatch.setattr(backend, "retries", 2)
+    calls: list[int] = []
+    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [slow_down()] * 10, calls))
+    with pytest.raises(StorageError, match="after 3 tries: SlowDown"):
+        s3_storage.write_bytes(s3_storage.uri("never.bin"), b"x")
+    assert len(calls) == 3
+
+
+def test_permanent_errors_are_not_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = s3_storage.s3
+    monkeypatch.setattr(backend, "backoff_s", 0.001)
+    calls: list[int] = []
+    invalid = S3Error(None, "InvalidArgument", "bad header", "/bucket/key", None, None)
+    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [invalid], calls))
+    with pytest.raises(StorageError, match="InvalidArgument"):
+        s3_storage.write_bytes(s3_storage.uri("x.bin"), b"x")
+    assert len(calls) == 1
+
+
+def test_invalid_bucket_name_is_a_storage_error(s3_storage: Storage) -> None:
+    # minio refuses the name itself (a ValueError) before any request is sent.
+    with pytest.raises(StorageError, match="invalid bucket name") as info:
+        s3_storage.write_bytes("s3://x/key", b"x")
+    assert not isinstance(info.value, ArtifactNotFound)
+
+
+# --- other tools read what we write -----------------------------------------------------------
+
+
+def test_pyarrow_reads_parquet_written_through_storage(s3_storage: Storage, s3_server) -> None:
+    from pyarrow import fs
+
+    table = pa.table({"card_id": [1, 2, 3], "merchant": ["m1", "m2", "m3"], "amount": [1.0, 2.5, 4.0]})
+    uri = s3_storage.uri("lake", "date=2026-01-01", "part-0.parquet")
+    s3_storage.write_parquet(uri, table)
+
+    s3fs = fs.S3FileSystem(
+        endpoint_override=s3_server.endpoint,
+        scheme="http",
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
+    path = uri.removeprefix("s3://")
+    assert pq.read_table(path, filesystem=s3fs).equals(table)
+
+    # ...and the other way round: what pyarrow writes, Storage reads (and hashes on stat).
+    other = s3_storage.uri("lake", "date=2026-01-02", "part-0.parquet")
+    pq.write_table(table, other.removeprefix("s3://"), filesystem=s3fs)
+    assert s3_storage.read_parquet(other).equals(table)
+    assert s3_storage.stat(other).sha256 == sha256_bytes(s3_storage.read_bytes(other))
+    assert list(s3_storage.iter_objects(s3_storage.uri("lake"), suffixes=(".parquet",))) == [uri, other]

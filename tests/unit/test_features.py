@@ -1,0 +1,156 @@
+"""Feature computation and Feast's point-in-time join, checked against naive oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pandas.testing import assert_frame_equal
+
+from flywheel.config import load_settings
+from flywheel.features import compute, split_by_time
+from flywheel.features import store as feast_store
+from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+
+
+def make_transactions(n: int = 600, cards: int = 12, merchants: int = 5, days: int = 6, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp("2026-10-01", tz="UTC")
+    ts = start + pd.to_timedelta(np.sort(rng.uniform(0, days * 86400, n)).round(3), unit="s")
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"t{i:05d}" for i in range(n)],
+            "card_id": rng.choice([f"c{i:03d}" for i in range(cards)], n),
+            "merchant_id": rng.choice([f"m{i:03d}" for i in range(merchants)], n),
+            "merchant_category": "grocery",
+            "amount": rng.lognormal(3, 1, n).round(2),
+            "ts": ts.astype("datetime64[us, UTC]"),
+            "channel": "chip",
+            "lat": rng.uniform(30, 40, n),
+            "lon": rng.uniform(-100, -90, n),
+            "is_fraud": (rng.uniform(size=n) < 0.05).astype("int8"),
+        }
+    )
+
+
+def oracle_card_features(tx: pd.DataFrame) -> pd.DataFrame:
+    """Naive: for each transaction, aggregate the card's transactions in the trailing windows, itself included."""
+    rows = []
+    for _, row in tx.iterrows():
+        same = tx[tx.card_id == row.card_id]
+        def window(delta):
+            return same[(same.ts > row.ts - delta) & (same.ts <= row.ts)]
+        w30 = window(pd.Timedelta(days=30))
+        rows.append(
+            {
+                "card_id": row.card_id,
+                "event_timestamp": row.ts,
+                "card_txn_count_1h": len(window(pd.Timedelta(hours=1))),
+                "card_txn_count_24h": len(window(pd.Timedelta(hours=24))),
+                "card_amount_mean_30d": w30.amount.mean(),
+                "card_amount_std_30d": w30.amount.std() if len(w30) > 1 else 0.0,
+                "card_lat_mean_30d": w30.lat.mean(),
+                "card_lon_mean_30d": w30.lon.mean(),
+                "card_last_txn_unix": row.ts.timestamp(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_card_features_match_naive_windows():
+    tx = make_transactions(300)
+    got = compute.card_feature_table(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
+    want = oracle_card_features(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
+    assert_frame_equal(got, want, check_dtype=False, atol=1e-6)
+
+
+def test_merchant_features_are_daily_and_stamped_at_day_end():
+    tx = make_transactions(300)
+    table = compute.merchant_feature_table(tx)
+    assert list(table.columns) == ["merchant_id", "event_timestamp", *MERCHANT_FEATURES]
+    assert (table["event_timestamp"].dt.hour == 23).all()
+    day = tx.assign(day=tx.ts.dt.floor("D"))
+    some = table.iloc[3]
+    same_day = day[(day.merchant_id == some.merchant_id) & (day.day == some.event_timestamp.floor("D"))]
+    assert some.merchant_txn_count_24h == len(same_day)
+    upto = day[(day.merchant_id == some.merchant_id) & (day.ts <= some.event_timestamp) & (day.ts > some.event_timestamp.floor("D") - pd.Timedelta(days=29))]
+    assert some.merchant_amount_mean_30d == pytest.approx(upto.amount.mean())
+
+
+@pytest.fixture(scope="module")
+def feast_join(tmp_path_factory):
+    """Apply the real feature views to Feast (SQLite online store) and run the point-in-time join."""
+    home = tmp_path_factory.mktemp("feast")
+    settings = load_settings(env={"FLYWHEEL_HOME": str(home)})
+    tx = make_transactions()
+    card_table, merchant_table = compute.card_feature_table(tx), compute.merchant_feature_table(tx)
+    card_table.to_parquet(home / "card.parquet")
+    merchant_table.to_parquet(home / "merchant.parquet")
+    store = feast_store.open_store(settings)
+    feast_store.apply_definitions(store, settings, str(home / "card.parquet"), str(home / "merchant.parquet"))
+    joined = feast_store.historical_features(store, tx, chunk_rows=250)
+    return tx, card_table, merchant_table, joined, store
+
+
+def oracle_join(tx: pd.DataFrame, table: pd.DataFrame, key: str, columns: list[str]) -> pd.DataFrame:
+    """pandas merge_asof: the latest feature row strictly before each transaction, within 30 days."""
+    left = tx[["transaction_id", key, "ts"]].sort_values("ts").astype({"ts": "datetime64[ns, UTC]"})
+    right = table.sort_values("event_timestamp").astype({"event_timestamp": "datetime64[ns, UTC]"})
+    merged = pd.merge_asof(
+        left, right, left_on="ts", right_on="event_timestamp", by=key,
+        allow_exact_matches=False, tolerance=pd.Timedelta(days=30),
+    )
+    return merged.set_index("transaction_id")[columns].sort_index()
+
+
+def test_point_in_time_join_matches_merge_asof_oracle(feast_join):
+    tx, card_table, merchant_table, joined, _ = feast_join
+    got = joined.set_index("transaction_id").sort_index()
+    for key, table, columns in (
+        ("card_id", card_table, list(CARD_FEATURES)),
+        ("merchant_id", merchant_table, list(MERCHANT_FEATURES)),
+    ):
+        want = oracle_join(tx, table, key, columns)
+        assert_frame_equal(got[columns].astype("float64"), want.astype("float64"), check_names=False, atol=1e-6)
+
+
+def test_join_keeps_every_transaction_once_and_its_fields(feast_join):
+    tx, _, _, joined, _ = feast_join
+    assert len(joined) == len(tx)
+    assert joined.transaction_id.is_unique
+    assert_frame_equal(joined[tx.columns].reset_index(drop=True), tx.reset_index(drop=True))
+
+
+def test_own_transaction_is_not_in_its_features(feast_join):
+    tx, _, _, joined, _ = feast_join
+    # The card's last-use time seen by a transaction is always strictly before it.
+    seen = joined.dropna(subset=["card_last_txn_unix"])
+    assert (seen.card_last_txn_unix < (seen.ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds()).all()
+
+
+def test_feature_row_after_event_time_is_not_used(feast_join):
+    tx, card_table, _, joined, _ = feast_join
+    # A card's first transaction has no earlier feature row: its card features are missing.
+    first = tx.sort_values("ts").groupby("card_id").head(1).transaction_id
+    firsts = joined[joined.transaction_id.isin(first)]
+    assert firsts[list(CARD_FEATURES)].isna().all().all()
+
+
+def test_online_store_serves_latest_values_after_materialize(feast_join):
+    tx, card_table, _, _, store = feast_join
+    feast_store.materialize(store, tx.ts.min().to_pydatetime(), tx.ts.max().to_pydatetime() + pd.Timedelta(seconds=1))
+    card = tx.card_id.iloc[0]
+    latest = card_table[card_table.card_id == card].sort_values("event_timestamp").iloc[-1]
+    online = feast_store.online_features(store, [{"card_id": card, "merchant_id": "m-unknown"}])
+    assert online["card_txn_count_24h"][0] == latest.card_txn_count_24h
+    assert online["card_amount_mean_30d"][0] == pytest.approx(latest.card_amount_mean_30d)
+    assert online["merchant_amount_mean_30d"][0] is None  # an unknown merchant has no features
+
+
+def test_split_by_time_holds_out_the_last_fraction():
+    tx = make_transactions(500)
+    train, holdout, cutoff = split_by_time(tx, 0.25)
+    assert len(train) + len(holdout) == len(tx)
+    assert train.ts.max() < cutoff <= holdout.ts.min()
+    span = tx.ts.max() - tx.ts.min()
+    assert cutoff == tx.ts.min() + span * 0.75
