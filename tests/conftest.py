@@ -119,3 +119,52 @@ def flywheel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     home = tmp_path / "flywheel-home"
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))
     return load_settings()
+
+
+# ---------------------------------------------------------------- a trained loop on small data
+SMALL_ROWS = 30_000
+SMALL_DAYS = 14
+
+
+def small_env(home: Path) -> dict[str, str]:
+    """Settings for a quick loop on small data: few epochs, floors low enough for 30k rows."""
+    return {
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_TRAINING__EPOCHS": "3",
+        "FLYWHEEL_GATE__MIN_PR_AUC": "0.05",
+        "FLYWHEEL_GATE__MIN_ROC_AUC": "0.6",
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Generate small data and run every step (without KFP) once: a production model plus a
+    materialized online store, for the serving and evaluation tests."""
+    from flywheel import steps
+    from flywheel.config import load_settings
+    from flywheel.datagen import generate
+
+    home = tmp_path_factory.mktemp("loop")
+    env = small_env(home)
+    settings = load_settings(env=env)
+    storage = Storage.from_settings(settings)
+    source = storage.uri("raw", "small")
+    generate(storage, source, rows=SMALL_ROWS, days=SMALL_DAYS, seed=11)
+    snapshot = steps.ingest_step(source, "loop-1", settings)
+    steps.validate_step(snapshot, "loop-1", settings)
+    training_set = steps.features_step(snapshot, "loop-1", settings)
+    model = steps.train_step(training_set, "loop-1", settings)
+    evaluation = steps.evaluate_step(training_set, model, "loop-1", f"{source}/_truth", settings)
+    assert evaluation["blessed"], evaluation["reasons"]
+    steps.deploy_step(model, evaluation, "loop-1", settings)
+    return {
+        "home": home,
+        "env": env,
+        "settings": settings,
+        "storage": storage,
+        "source": source,
+        "snapshot": snapshot,
+        "training_set": training_set,
+        "model": model,
+        "evaluation": evaluation,
+    }

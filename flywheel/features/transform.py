@@ -33,7 +33,8 @@ NUMERIC_INPUTS = [
     "merchant_count_24h_log",
     "amount_vs_merchant_log",
 ]
-CATEGORY_INPUTS = {"merchant_category": MERCHANT_CATEGORIES, "channel": CHANNELS}
+# One-hot blocks, in this order (a list, not a dict: the order is part of the model's input layout).
+CATEGORY_INPUTS = [("merchant_category", MERCHANT_CATEGORIES), ("channel", CHANNELS)]
 
 
 def _haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
@@ -90,12 +91,12 @@ class FeatureSpec:
     numeric: list[str] = field(default_factory=lambda: list(NUMERIC_INPUTS))
     means: list[float] = field(default_factory=list)
     stds: list[float] = field(default_factory=list)
-    categories: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in CATEGORY_INPUTS.items()})
+    categories: list[tuple[str, list[str]]] = field(default_factory=lambda: [(k, list(v)) for k, v in CATEGORY_INPUTS])
 
     @property
     def input_names(self) -> list[str]:
         names = list(self.numeric)
-        for column, vocab in self.categories.items():
+        for column, vocab in self.categories:
             names += [f"{column}={value}" for value in vocab] + [f"{column}=<other>"]
         return names
 
@@ -118,7 +119,7 @@ class FeatureSpec:
             raise ValueError("FeatureSpec.transform called before fit")
         numeric = (derive_inputs(df).to_numpy() - np.asarray(self.means)) / np.asarray(self.stds)
         blocks = [numeric]
-        for column, vocab in self.categories.items():
+        for column, vocab in self.categories:
             values = df[column].astype("string").fillna("").to_numpy() if column in df else np.full(len(df), "")
             index = {v: i for i, v in enumerate(vocab)}
             codes = np.array([index.get(v, len(vocab)) for v in values], dtype=np.int64)
@@ -130,4 +131,6 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
+        data = dict(data)
+        data["categories"] = [(column, list(vocab)) for column, vocab in data["categories"]]
         return cls(**data)

@@ -12,14 +12,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from flywheel.errors import TrainingError
 from flywheel.features.transform import FeatureSpec
-from flywheel.registry import ModelVersion, Registry
 from flywheel.storage import Storage
+
+if TYPE_CHECKING:
+    from flywheel.registry import ModelVersion
 
 log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 30
@@ -97,6 +99,8 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def train(storage: Storage, settings: Any, training_set: Any, run_id: str) -> TrainResult:
     """Train on a training set and publish the model; the same inputs reuse the existing version."""
+    from flywheel.registry import Registry
+
     registry = Registry(storage, settings.model_name)
     params = training_params(settings)
     key = hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash()], sort_keys=True).encode()).hexdigest()

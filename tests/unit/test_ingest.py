@@ -1,0 +1,331 @@
+"""Ingest: raw csv/parquet/jsonl files become a schema-enforced, date-partitioned, idempotent lake."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel import lineage
+from flywheel.errors import DataError
+from flywheel.ingest import LakeSnapshot, ingest, load_snapshot, read_snapshot, snapshot_sha256
+from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA
+from flywheel.storage import Storage
+
+DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
+
+
+def make_transactions(rows: int = 300, seed: int = 0, id_prefix: str = "t") -> pd.DataFrame:
+    """Rows matching TRANSACTION_SCHEMA, spread over DATES, in shuffled time order."""
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp(DATES[0], tz="UTC")
+    offsets = rng.integers(0, len(DATES) * 86_400 * 1_000_000, rows)
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"{id_prefix}{i:05d}" for i in range(rows)],
+            "card_id": [f"c{i:03d}" for i in rng.integers(0, 50, rows)],
+            "merchant_id": [f"m{i:03d}" for i in rng.integers(0, 20, rows)],
+            "merchant_category": rng.choice(MERCHANT_CATEGORIES, rows),
+            "amount": np.round(rng.uniform(1, 500, rows), 2),
+            "ts": start + pd.to_timedelta(offsets, unit="us"),
+            "channel": rng.choice(CHANNELS, rows),
+            "lat": rng.uniform(-60, 60, rows),
+            "lon": rng.uniform(-150, 150, rows),
+            "is_fraud": (rng.random(rows) < 0.03).astype("int8"),
+        }
+    )
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return path
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = df.copy()
+    if "ts" in out and pd.api.types.is_datetime64_any_dtype(out["ts"]):
+        out["ts"] = out["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    out.to_csv(path, index=False)
+    return path
+
+
+def write_jsonl(df: pd.DataFrame, path: Path, ts_format: str = "offset") -> Path:
+    """ts as ISO strings with a +02:00 offset (the same instants), to exercise offset parsing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = df.copy()
+    if ts_format == "offset":
+        out["ts"] = out["ts"].dt.tz_convert("Etc/GMT-2").map(lambda t: t.isoformat())
+    out.to_json(path, orient="records", lines=True)
+    return path
+
+
+@pytest.fixture()
+def storage(tmp_path: Path) -> Storage:
+    return Storage(str(tmp_path / "root"))
+
+
+@pytest.fixture()
+def raw(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
+    """A raw folder with one file of each format (disjoint ids) and the rows they hold."""
+    folder = tmp_path / "raw"
+    a, b, c = make_transactions(300, 1, "p"), make_transactions(200, 2, "c"), make_transactions(100, 3, "j")
+    write_parquet(a, folder / "a.parquet")
+    write_csv(b, folder / "batch" / "b.csv")
+    write_jsonl(c, folder / "c.jsonl")
+    return folder, pd.concat([a, b, c], ignore_index=True)
+
+
+def lake_files(lake: Path) -> list[Path]:
+    return sorted(p for p in lake.rglob("*") if p.is_file())
+
+
+def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, expected = raw
+    lake = tmp_path / "lake"
+    snap = ingest(storage, str(folder), str(lake), run_id="r1")
+
+    assert snap.rows == len(expected) == 600
+    assert len(snap.source_files) == 3
+    assert {f["rows"] for f in snap.source_files} == {300, 200, 100}
+    # 3 files x 3 dates
+    assert len(snap.parts) == 9 and sorted(snap.new_parts) == [p["uri"] for p in snap.parts]
+    assert [p["uri"] for p in snap.parts] == sorted(p["uri"] for p in snap.parts)
+    dates = sorted({p["date"] for p in snap.parts})
+    assert dates == DATES
+    for part in snap.parts:
+        table = pq.read_table(part["uri"])
+        assert table.schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
+        assert table.num_rows == part["rows"]
+        assert f"/transactions/date={part['date']}/part-" in part["uri"]
+        ts = table.column("ts").to_pandas()
+        assert ts.is_monotonic_increasing
+        assert set(ts.dt.strftime("%Y-%m-%d")) == {part["date"]}
+
+    table = read_snapshot(storage, snap)
+    assert table.schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
+    got = table.to_pandas().sort_values("transaction_id").reset_index(drop=True)
+    want = expected.sort_values("transaction_id").reset_index(drop=True)
+    # Same instants whatever the source format (csv with Z, jsonl with +02:00 offsets).
+    pd.testing.assert_series_equal(got["ts"], want["ts"].astype("datetime64[us, UTC]"), check_names=False)
+    pd.testing.assert_frame_equal(got.drop(columns="ts"), want.drop(columns="ts"), check_dtype=False)
+    assert read_snapshot(storage, snap, columns=["amount"]).column_names == ["amount"]
+
+
+def test_manifest_is_published_and_loadable(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, _ = raw
+    lake = tmp_path / "lake"
+    snap = ingest(storage, str(folder), str(lake), run_id="r1")
+
+    assert snap.uri == str(lake / "_snapshots" / f"{snap.sha256}.json")
+    assert snap.sha256 == snapshot_sha256([p["sha256"] for p in snap.parts])
+    assert load_snapshot(storage, snap.uri) == snap
+    assert load_snapshot(storage, str(lake / "_snapshots" / "latest.json")) == snap
+    assert LakeSnapshot.from_dict(json.loads(json.dumps(snap.to_dict()))) == snap
+
+
+def test_rerun_is_idempotent(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, _ = raw
+    lake = tmp_path / "lake"
+    first = ingest(storage, str(folder), str(lake), run_id="r1")
+    before = {p: p.stat().st_mtime_ns for p in lake_files(lake / "transactions")}
+
+    second = ingest(storage, str(folder), str(lake), run_id="r2")
+
+    assert second.new_parts == []
+    assert second.sha256 == first.sha256 and second.uri == first.uri
+    assert second.parts == first.parts and second.rows == first.rows
+    assert {p: p.stat().st_mtime_ns for p in lake_files(lake / "transactions")} == before
+    assert second.source_files == first.source_files
+
+
+def test_parts_left_by_an_interrupted_run_are_published_not_rewritten(
+    storage: Storage, raw, tmp_path: Path
+) -> None:
+    folder, _ = raw
+    lake = tmp_path / "lake"
+    first = ingest(storage, str(folder), str(lake), run_id="r1")
+    for manifest in (lake / "_snapshots").iterdir():  # as if the run died before publishing
+        manifest.unlink()
+
+    second = ingest(storage, str(folder), str(lake), run_id="r2")
+
+    assert second.new_parts == [] and second.sha256 == first.sha256 and second.parts == first.parts
+
+
+def test_snapshot_covers_the_whole_lake_not_only_new_files(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, _ = raw
+    lake = tmp_path / "lake"
+    first = ingest(storage, str(folder), str(lake), run_id="r1")
+    more = tmp_path / "more"
+    write_parquet(make_transactions(50, 9, "n"), more / "n.parquet")
+
+    second = ingest(storage, str(more), str(lake), run_id="r2")
+
+    assert second.rows == first.rows + 50
+    assert {p["uri"] for p in first.parts} < {p["uri"] for p in second.parts}
+    assert len(second.new_parts) == 3 and second.sha256 != first.sha256
+    assert load_snapshot(storage, str(lake / "_snapshots" / "latest.json")).sha256 == second.sha256
+    assert load_snapshot(storage, first.uri).sha256 == first.sha256  # the old state stays addressable
+
+
+def test_single_file_source(storage: Storage, tmp_path: Path) -> None:
+    path = write_parquet(make_transactions(40), tmp_path / "one.parquet")
+    snap = ingest(storage, str(path), str(tmp_path / "lake"), run_id="r1")
+    assert snap.rows == 40 and [f["uri"] for f in snap.source_files] == [str(path)]
+
+
+def test_underscore_and_dot_paths_are_skipped(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, _ = raw
+    write_parquet(make_transactions(10, 5, "x"), folder / "_staging" / "x.parquet")
+    write_parquet(make_transactions(10, 6, "y"), folder / "_y.parquet")
+    write_csv(make_transactions(10, 7, "z"), folder / ".hidden" / "z.csv")
+    (folder / "notes.txt").write_text("not data")
+
+    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+
+    assert snap.rows == 600
+    assert all("_staging" not in f["uri"] and "_y" not in f["uri"] and ".hidden" not in f["uri"]
+               for f in snap.source_files)
+
+
+def test_extra_columns_are_dropped_and_naive_timestamps_are_utc(storage: Storage, tmp_path: Path) -> None:
+    df = make_transactions(30)
+    df["extra"] = "ignored"
+    df["ts"] = df["ts"].dt.tz_localize(None)  # naive: taken as UTC
+    df["is_fraud"] = df["is_fraud"].astype("int64")
+    path = write_parquet(df, tmp_path / "raw" / "naive.parquet")
+
+    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    table = read_snapshot(storage, snap)
+
+    assert table.column_names == TRANSACTION_SCHEMA.names
+    assert sorted(table.column("ts").to_pylist()) == sorted(
+        t.to_pydatetime().replace(tzinfo=dt.timezone.utc) for t in df["ts"]
+    )
+
+
+def test_mixed_iso_strings_parse_to_the_same_instants(storage: Storage, tmp_path: Path) -> None:
+    """Z, an offset, naive (= UTC) and nanosecond digits in one file: pandas' ISO8601 parser would
+    shift the naive value by the offset seen before it."""
+    df = make_transactions(5)
+    df["ts"] = [
+        "2026-03-01T10:00:00Z",
+        "2026-03-01T12:00:00+02:00",
+        "2026-03-01 10:00:00",
+        "2026-03-01T10:00:00.0000001Z",
+        "2026-03-01T05:00:00-0500",
+    ]
+    path = write_csv(df, tmp_path / "raw" / "mixed.csv")
+    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    got = read_snapshot(storage, snap).column("ts").to_pylist()
+    assert got == [dt.datetime(2026, 3, 1, 10, tzinfo=dt.timezone.utc)] * 5
+
+
+def test_csv_ids_keep_leading_zeros(storage: Storage, tmp_path: Path) -> None:
+    df = make_transactions(20)
+    df["transaction_id"] = [f"{i:06d}" for i in range(20)]
+    path = write_csv(df, tmp_path / "raw" / "ids.csv")
+    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    assert sorted(read_snapshot(storage, snap).column("transaction_id").to_pylist())[0] == "000000"
+
+
+def _assert_refused(storage: Storage, folder: Path, lake: Path, *fragments: str) -> str:
+    with pytest.raises(DataError) as info:
+        ingest(storage, str(folder), str(lake), run_id="bad")
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not lake.exists() or lake_files(lake) == [], "bad input must leave the lake untouched"
+    return message
+
+
+@pytest.fixture()
+def good_folder(tmp_path: Path) -> Path:
+    """A folder whose good file sorts first, so a bad file later must still stop every write."""
+    folder = tmp_path / "raw"
+    write_parquet(make_transactions(50), folder / "a_good.parquet")
+    return folder
+
+
+def test_missing_column_is_refused(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    write_parquet(make_transactions(20).drop(columns=["amount", "channel"]), good_folder / "b_bad.parquet")
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_bad.parquet", "amount", "channel", "missing")
+
+
+def test_bad_cast_is_refused_with_an_example(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    df = make_transactions(20)
+    df["amount"] = df["amount"].astype(str)
+    df.loc[13, "amount"] = "twelve"
+    write_csv(df, good_folder / "b_bad.csv")
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_bad.csv", "'amount'", "'twelve'")
+
+
+def test_bad_timestamp_is_refused_with_an_example(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    df = make_transactions(20)
+    df["ts"] = df["ts"].map(lambda t: t.isoformat())
+    df.loc[7, "ts"] = "yesterday"
+    df.to_json(good_folder / "b_bad.jsonl", orient="records", lines=True)
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_bad.jsonl", "'ts'", "'yesterday'")
+
+
+def test_label_out_of_range_is_refused(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    df = make_transactions(20)
+    df["is_fraud"] = df["is_fraud"].astype("int64")
+    df.loc[3, "is_fraud"] = 300
+    write_parquet(df, good_folder / "b_bad.parquet")
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_bad.parquet", "'is_fraud'", "300")
+
+
+def test_nulls_are_refused_with_a_count(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    df = make_transactions(20)
+    df.loc[[2, 5, 11], "card_id"] = None
+    write_csv(df, good_folder / "b_bad.csv")
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_bad.csv", "'card_id'", "3 null")
+
+
+def test_corrupt_parquet_is_refused(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    data = write_parquet(make_transactions(20), tmp_path / "whole.parquet").read_bytes()
+    (good_folder / "b_truncated.parquet").write_bytes(data[: len(data) // 2])
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_truncated.parquet")
+
+
+def test_invalid_csv_is_refused(storage: Storage, good_folder: Path, tmp_path: Path) -> None:
+    text = write_csv(make_transactions(5), tmp_path / "x.csv").read_text()
+    (good_folder / "b_broken.csv").write_text(text + "only,three,fields\n")
+    _assert_refused(storage, good_folder, tmp_path / "lake", "b_broken.csv")
+
+
+def test_empty_folder_is_refused(storage: Storage, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("nothing here")
+    message = _assert_refused(storage, empty, tmp_path / "lake", str(empty))
+    assert "csv/parquet/jsonl" in message
+    _assert_refused(storage, tmp_path / "does-not-exist", tmp_path / "lake", "does-not-exist")
+
+
+def test_lineage_of_a_part_names_the_raw_file(storage: Storage, raw, tmp_path: Path) -> None:
+    folder, _ = raw
+    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+    raw_file = next(f for f in snap.source_files if f["uri"].endswith("b.csv"))
+    part = next(p for p in snap.parts if raw_file["sha256"][:16] in p["uri"])
+
+    entry = lineage.lookup(storage, part["uri"])
+
+    assert entry["step"] == "ingest" and entry["run_id"] == "r1"
+    assert entry["artifact"]["sha256"] == part["sha256"]
+    assert entry["inputs"][0]["uri"] == raw_file["uri"] == str(folder / "batch" / "b.csv")
+    assert entry["inputs"][0]["sha256"] == raw_file["sha256"]
+    manifest = lineage.lookup(storage, snap.uri)
+    assert {i["uri"] for i in manifest["inputs"]} == {p["uri"] for p in snap.parts}
+    # From the snapshot, walk back to the raw files.
+    leaves = {leaf["uri"] for leaf in lineage.leaves(lineage.trace(storage, snap.uri))}
+    assert leaves == {f["uri"] for f in snap.source_files}

@@ -1,0 +1,61 @@
+"""The model's input vector: one code path for training and serving."""
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from flywheel.features.transform import FeatureSpec, derive_inputs
+
+
+def frame(**overrides):
+    row = {
+        "transaction_id": "t1", "card_id": "c1", "merchant_id": "m1", "merchant_category": "grocery",
+        "amount": 50.0, "ts": pd.Timestamp("2026-10-05T03:00:00Z"), "channel": "chip", "lat": 40.0, "lon": -100.0,
+        "card_txn_count_1h": 1, "card_txn_count_24h": 3, "card_amount_mean_30d": 40.0, "card_amount_std_30d": 10.0,
+        "card_lat_mean_30d": 40.0, "card_lon_mean_30d": -100.0,
+        "card_last_txn_unix": pd.Timestamp("2026-10-05T02:00:00Z").timestamp(),
+        "merchant_txn_count_24h": 100, "merchant_amount_mean_30d": 45.0,
+    }
+    row.update(overrides)
+    return pd.DataFrame([row])
+
+
+def test_spec_round_trips_through_json_and_gives_the_same_inputs():
+    data = pd.concat([frame(amount=a) for a in (10.0, 50.0, 500.0)], ignore_index=True)
+    spec = FeatureSpec.fit(data)
+    again = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    np.testing.assert_array_equal(spec.transform(data), again.transform(data))
+    assert spec.transform(data).shape == (3, spec.width)
+    assert spec.transform(data).dtype == np.float32
+
+
+def test_a_new_card_without_features_gets_finite_neutral_inputs():
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True))
+    new_card = frame()
+    for column in [c for c in new_card.columns if c.startswith(("card_", "merchant_txn", "merchant_amount"))]:
+        new_card[column] = np.nan
+    inputs = spec.transform(new_card)
+    assert np.isfinite(inputs).all()
+    derived = derive_inputs(new_card)
+    assert derived["amount_vs_card_log"].iloc[0] == 0.0  # compared with itself
+    assert derived["distance_from_usual_km_log"].iloc[0] == 0.0
+
+
+def test_unknown_category_and_channel_fall_into_other():
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True))
+    inputs = spec.transform(frame(merchant_category="spaceships", channel=None))
+    names = spec.input_names
+    assert inputs[0, names.index("merchant_category=<other>")] == 1.0
+    assert inputs[0, names.index("channel=<other>")] == 1.0
+    assert inputs[0, names.index("merchant_category=grocery")] == 0.0
+
+
+def test_derived_inputs_capture_the_fraud_signals():
+    base = derive_inputs(frame()).iloc[0]
+    spike = derive_inputs(frame(amount=800.0)).iloc[0]
+    far = derive_inputs(frame(lat=25.0, lon=-70.0)).iloc[0]
+    assert spike["amount_vs_card_log"] > base["amount_vs_card_log"] + 2
+    assert far["distance_from_usual_km_log"] > np.log1p(1000)
+    assert base["is_night"] == 1.0  # 03:00 UTC
+    assert base["seconds_since_last_log"] == np.log1p(3600)

@@ -1,0 +1,180 @@
+"""Validation: the GE suite passes good transactions, names every broken expectation, and always
+leaves its JSON and HTML reports behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel import lineage
+from flywheel.errors import ValidationFailed
+from flywheel.ingest import LakeSnapshot, ingest, read_snapshot
+from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA
+from flywheel.storage import Storage
+from flywheel.validation import ValidationReport, build_suite, validate_frame, validate_snapshot
+
+
+def transactions(rows: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Rows matching TRANSACTION_SCHEMA over two days, with a 5% fraud rate."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"t{i:05d}" for i in range(rows)],
+            "card_id": [f"c{i:03d}" for i in rng.integers(0, 40, rows)],
+            "merchant_id": [f"m{i:03d}" for i in rng.integers(0, 15, rows)],
+            "merchant_category": rng.choice(MERCHANT_CATEGORIES, rows),
+            "amount": np.round(rng.uniform(0.5, 900, rows), 2),
+            "ts": pd.Timestamp("2026-04-01", tz="UTC") + pd.to_timedelta(rng.integers(0, 2 * 86_400, rows), unit="s"),
+            "channel": rng.choice(CHANNELS, rows),
+            "lat": rng.uniform(-80, 80, rows),
+            "lon": rng.uniform(-170, 170, rows),
+            "is_fraud": (np.arange(rows) % 20 == 0).astype("int8"),
+        }
+    )
+
+
+def corrupted() -> pd.DataFrame:
+    df = transactions()
+    df.loc[[10, 11, 12], "amount"] = [-5.0, -12.5, 0.0]
+    df.loc[21, "is_fraud"] = 7
+    df.loc[30, "transaction_id"] = df.loc[31, "transaction_id"]
+    df.loc[40, "channel"] = "telepathy"
+    return df
+
+
+def snapshot_of(storage: Storage, df: pd.DataFrame, tmp_path: Path) -> LakeSnapshot:
+    raw = tmp_path / "raw" / "tx.parquet"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), raw)
+    return ingest(storage, str(raw.parent), str(tmp_path / "lake"), run_id="ingest-1")
+
+
+@pytest.fixture()
+def storage(tmp_path: Path) -> Storage:
+    return Storage(str(tmp_path / "root"))
+
+
+def test_suite_covers_the_contract() -> None:
+    suite = build_suite()
+    kinds = {(e.expectation_type, getattr(e, "column", None)) for e in suite.expectations}
+    for expected in [
+        ("expect_table_columns_to_match_set", None),
+        ("expect_table_row_count_to_be_between", None),
+        ("expect_column_values_to_be_unique", "transaction_id"),
+        ("expect_column_values_to_not_be_null", "amount"),
+        ("expect_column_values_to_be_between", "amount"),
+        ("expect_column_values_to_be_in_set", "is_fraud"),
+        ("expect_column_mean_to_be_between", "is_fraud"),
+        ("expect_column_values_to_be_in_set", "channel"),
+        ("expect_column_values_to_be_in_set", "merchant_category"),
+    ]:
+        assert expected in kinds
+    category = next(e for e in suite.expectations if getattr(e, "column", None) == "merchant_category")
+    assert category.mostly == 0.99
+
+
+def test_good_snapshot_passes_and_writes_reports(storage: Storage, tmp_path: Path) -> None:
+    snapshot = snapshot_of(storage, transactions(), tmp_path)
+
+    report = validate_snapshot(storage, snapshot, str(tmp_path / "reports"), run_id="run-1")
+
+    assert isinstance(report, ValidationReport)
+    assert report.success and report.failed == [] and report.rows == 400 and report.evaluated >= 15
+    assert report.report_uri == str(tmp_path / "reports" / "run-1" / "validation.json")
+    document = json.loads(Path(report.report_uri).read_text())
+    assert document["success"] is True and document["snapshot"]["sha256"] == snapshot.sha256
+    assert Path(report.html_uri).read_text().lstrip().lower().startswith("<!doctype html")
+    entry = lineage.lookup(storage, report.report_uri)
+    assert entry["step"] == "validate" and entry["inputs"][0]["uri"] == snapshot.uri
+    assert json.loads(json.dumps(report.to_dict()))["success"] is True
+
+
+def test_corrupted_snapshot_fails_naming_each_expectation(storage: Storage, tmp_path: Path) -> None:
+    snapshot = snapshot_of(storage, corrupted(), tmp_path)
+    reports = tmp_path / "reports"
+
+    with pytest.raises(ValidationFailed) as info:
+        validate_snapshot(storage, snapshot, str(reports), run_id="run-2")
+
+    message = str(info.value)
+    assert "expect_column_values_to_be_between(amount): 3 unexpected values" in message
+    assert "-5.0" in message
+    assert "expect_column_values_to_be_in_set(is_fraud): 1 unexpected values" in message and "[7]" in message
+    assert "expect_column_values_to_be_unique(transaction_id)" in message and "t00031" in message
+    assert "expect_column_values_to_be_in_set(channel)" in message and "telepathy" in message
+    assert "merchant_category" not in message and "(lat)" not in message
+    # Reports exist even on failure, and the message says where.
+    json_report, html_report = reports / "run-2" / "validation.json", reports / "run-2" / "validation.html"
+    assert str(json_report) in message
+    document = json.loads(json_report.read_text())
+    assert document["success"] is False
+    assert {f["expectation"] for f in document["failed"]} == {
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_in_set",
+        "expect_column_values_to_be_unique",
+    }
+    html = html_report.read_text()
+    assert "telepathy" in html and "run-2" in html
+
+
+def test_failure_can_be_returned_instead_of_raised(storage: Storage, tmp_path: Path) -> None:
+    snapshot = snapshot_of(storage, corrupted(), tmp_path)
+    report = validate_snapshot(storage, snapshot, str(tmp_path / "reports"), "run-3", raise_on_failure=False)
+    assert not report.success
+    assert {(f["expectation"], f["column"]) for f in report.failed} == {
+        ("expect_column_values_to_be_between", "amount"),
+        ("expect_column_values_to_be_in_set", "is_fraud"),
+        ("expect_column_values_to_be_unique", "transaction_id"),
+        ("expect_column_values_to_be_in_set", "channel"),
+    }
+
+
+def test_validate_frame_is_pure_and_checks_rates_and_tolerance() -> None:
+    ok, failed, result = validate_frame(transactions())
+    assert ok and failed == [] and result["success"] is True
+
+    df = transactions()
+    df["is_fraud"] = np.int8(0)  # a fraud rate of 0: the labels went missing
+    df.loc[:1, "merchant_category"] = "space_tourism"  # 2 of 400 = 0.5%, inside mostly=0.99
+    ok, failed, _ = validate_frame(df)
+    assert not ok
+    assert [(f["expectation"], f["column"]) for f in failed] == [("expect_column_mean_to_be_between", "is_fraud")]
+    assert "observed 0.0" in failed[0]["details"]
+
+
+def test_missing_column_is_reported_not_crashed() -> None:
+    df = transactions().drop(columns=["channel"])
+    ok, failed, _ = validate_frame(df)
+    assert not ok
+    names = {(f["expectation"], f["column"]) for f in failed}
+    assert ("expect_table_columns_to_match_set", None) in names
+    assert ("expect_column_values_to_be_in_set", "channel") in names
+    details = {f["expectation"]: f["details"] for f in failed}
+    assert "missing columns ['channel']" in details["expect_table_columns_to_match_set"]
+    assert "does not exist" in details["expect_column_values_to_be_in_set"]
+
+
+def test_html_falls_back_to_a_plain_table_when_ge_cannot_render(
+    storage: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer broke")
+
+    monkeypatch.setattr(ValidationResultsPageRenderer, "render", broken)
+    snapshot = snapshot_of(storage, corrupted(), tmp_path)
+    report = validate_snapshot(storage, snapshot, str(tmp_path / "reports"), "run-4", raise_on_failure=False)
+    html = Path(report.html_uri).read_text()
+    assert "<table>" in html and "expect_column_values_to_be_unique" in html and "telepathy" in html
+
+
+def test_lake_round_trip_keeps_the_schema(storage: Storage, tmp_path: Path) -> None:
+    snapshot = snapshot_of(storage, transactions(50), tmp_path)
+    assert read_snapshot(storage, snapshot).schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
