@@ -62,16 +62,17 @@ def evaluate(
     run_id: str,
     truth_uri: str,
     evaluation: Output[Artifact],
-) -> NamedTuple("EvaluateOutputs", [("blessed", bool)]):
-    """Holdout metrics and the gate: an absolute floor AND no worse than production."""
-    from collections import namedtuple
+) -> bool:
+    """Holdout metrics and the gate: an absolute floor AND no worse than production. Returns the blessing.
 
+    (A plain return, not a NamedTuple field: kfp.local resolves `dsl.If` conditions only on `Output`.)
+    """
     from flywheel.steps import evaluate_step
     from flywheel.kfp_io import read_artifact, write_artifact
 
     result = evaluate_step(read_artifact(training_set), read_artifact(model), run_id, truth_uri)
     write_artifact(evaluation, result, ["model_version", "blessed", "report_uri"], extra=result["metrics"])
-    return namedtuple("EvaluateOutputs", ["blessed"])(bool(result["blessed"]))
+    return bool(result["blessed"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

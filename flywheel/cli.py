@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = _summary(records, run_id, source, generated_s, total)
     storage.write_json(storage.uri("runs", run_id, "summary.json"), summary)
     _print_summary(console, summary)
-    console.print(f"summary: {storage.uri('runs', run_id, 'summary.json')}")
+    console.print(f"summary: {storage.uri('runs', run_id, 'summary.json')}", soft_wrap=True)
     if failure is not None:
         failed = [r for r in records.values() if r.get("status") == "failed"]
         if failed:
@@ -161,16 +161,16 @@ def _print_summary(console: Any, summary: dict[str, Any]) -> None:
         truth = summary.get("truth")
         if truth:
             line += f"; best achievable PR-AUC {truth['truth_pr_auc']:.4f} (model reaches {truth['pr_auc_vs_truth']:.1%} of it)"
-        console.print(line)
+        console.print(line, soft_wrap=True)
     if summary.get("blessed") is not None:
-        console.print(f"gate: {'blessed' if summary['blessed'] else 'NOT blessed'}: {'; '.join(summary.get('reasons') or [])}")
+        console.print(f"gate: {'blessed' if summary['blessed'] else 'NOT blessed'}: {'; '.join(summary.get('reasons') or [])}", soft_wrap=True)
     if summary.get("deployed"):
         console.print(f"production model: {summary['deployed']}")
     console.print("artifacts:")
     for record in summary["steps"]:
         for name, uri in (record.get("artifacts") or {}).items():
             if uri:
-                console.print(f"  {record['step']:>9} {name}: {uri}")
+                console.print(f"  {record['step']:>9} {name}: {uri}", soft_wrap=True)
     console.print(f"pipeline time: {summary['pipeline_seconds']:.1f}s")
 
 

@@ -62,7 +62,8 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
             ),
             "Evaluate and gate",
         )
-        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 - KFP condition syntax
+        blessed = evaluate.outputs["Output"]
+        with dsl.If(blessed == True, name="blessed"):  # noqa: E712 - KFP condition syntax
             # Promote the blessed version to production.
             configure(
                 components.deploy(model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], run_id=run_id),

@@ -9,11 +9,25 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+async def _malformed_request(_: Any, exc: Any) -> Any:
+    """A body that is not valid JSON or not the protocol's shape is the client's mistake: 400, not 422."""
+    from fastapi.responses import JSONResponse
+
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
+    )
+    return JSONResponse(status_code=400, content={"error": f"malformed request: {problems}"})
+
+
 def build_server(host: str, port: int) -> Any:
     """A KServe ModelServer (REST only, one worker) that binds ``host`` rather than 0.0.0.0."""
     from kserve import ModelServer
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+    from kserve.model_server import app
     from kserve.protocol.rest.server import RESTServer
+    from fastapi.exceptions import RequestValidationError
+
+    app.add_exception_handler(RequestValidationError, _malformed_request)
 
     class BoundModelServer(ModelServer):
         """KServe's server binds 0.0.0.0 with no host flag; this one binds the configured address."""

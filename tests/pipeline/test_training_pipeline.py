@@ -1,0 +1,125 @@
+"""The whole KFP DAG under kfp.local, as `flywheel run` runs it, on small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flywheel import lineage
+from flywheel.config import load_settings
+from flywheel.registry import Registry
+from flywheel.storage import Storage
+from tests.conftest import small_env
+
+GOLDEN = Path(__file__).parent / "golden" / "flywheel-training.yaml"
+
+
+def flywheel(*args: str, env: dict[str, str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flywheel.cli", *args], env=dict(os.environ, **env), cwd=cwd,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """`flywheel run` twice on the same generated data (the second must reuse the first's work)."""
+    home = tmp_path_factory.mktemp("pipeline")
+    env = dict(small_env(home), FLYWHEEL_DATA__DAYS="14")
+    first = flywheel("run", "--rows", "30000", env=env, cwd=home)
+    second = flywheel("run", "--rows", "30000", env=env, cwd=home)
+    return home, env, first, second
+
+
+def summaries(home: Path) -> list[dict]:
+    runs = sorted((home / "store" / "runs").glob("*/summary.json"))
+    return [json.loads(p.read_text()) for p in runs]
+
+
+def test_flywheel_run_trains_gates_and_deploys(two_runs):
+    home, env, first, _ = two_runs
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for text in ("ingest", "validate", "features", "train", "evaluate", "deploy", "ROC-AUC", "PR-AUC",
+                 "production model:", "best achievable PR-AUC"):
+        assert text in first.stdout
+    summary = summaries(home)[0]
+    assert [s["step"] for s in summary["steps"]] == ["ingest", "validate", "features", "train", "evaluate", "deploy"]
+    assert all(s["status"] == "succeeded" and s["seconds"] > 0 for s in summary["steps"])
+    assert summary["steps"][0]["rows"] == 30000
+    assert summary["blessed"] and summary["deployed"] == summary["model_version"]
+    assert 0.5 < summary["metrics"]["roc_auc"] <= 1 and summary["truth"]["pr_auc_vs_truth"] > 0
+    settings = load_settings(env=env)
+    assert Registry(Storage.from_settings(settings), "fraud").production().version == summary["model_version"]
+
+
+def test_model_lineage_walks_back_to_the_raw_files(two_runs):
+    home, env, _, _ = two_runs
+    settings = load_settings(env=env)
+    storage = Storage.from_settings(settings)
+    model = Registry(storage, "fraud").production()
+    tree = lineage.trace(storage, model.manifest_uri)
+    raw = {leaf["uri"] for leaf in lineage.leaves(tree)}
+    generated = set(storage.iter_objects(storage.uri("raw", "generated-r30000-d14-s7"), (".parquet",)))
+    assert generated and generated <= raw
+    steps = set()
+
+    def walk(node):
+        if "step" in node:
+            steps.add(node["step"])
+        for child in node.get("inputs", []):
+            walk(child)
+
+    walk(tree)
+    assert {"train", "features", "ingest"} <= steps
+
+
+def test_a_rerun_with_the_same_inputs_does_no_new_work(two_runs):
+    home, _, _, second = two_runs
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    first_summary, second_summary = summaries(home)
+    steps = {s["step"]: s for s in second_summary["steps"]}
+    assert steps["ingest"]["new_parts"] == 0
+    assert steps["features"]["reused"] and steps["train"]["reused"]
+    assert second_summary["model_version"] == first_summary["model_version"]
+    assert second_summary["generate_seconds"] == 0.0
+
+
+def test_a_validation_failure_stops_the_run_with_the_expectation_named(tmp_path):
+    import pandas as pd
+
+    from tests.unit.test_features import make_transactions
+
+    bad = make_transactions(300)
+    bad.loc[:4, "amount"] = -5.0
+    source = tmp_path / "raw"
+    source.mkdir()
+    bad.to_parquet(source / "bad.parquet")
+    result = flywheel("run", "--source", str(source), env=small_env(tmp_path / "home"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "step validate failed" in result.stderr
+    assert "expect_column_values_to_be_between(amount)" in result.stderr
+    assert "Traceback" not in result.stderr
+    summary = summaries(tmp_path / "home")[0]
+    assert [s["step"] for s in summary["steps"]] == ["ingest", "validate"]
+    assert pd.isna(summary["deployed"]) or summary["deployed"] is None
+
+
+def test_compiled_pipeline_matches_the_golden_file(tmp_path):
+    """Catches accidental interface and cache-key changes. After an intended change, refresh with:
+    .venv/bin/flywheel compile --out tests/pipeline/golden"""
+    result = flywheel("compile", "--out", str(tmp_path), env={"FLYWHEEL_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    compiled = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())
+    golden = yaml.safe_load(GOLDEN.read_text())
+    for spec in (compiled, golden):
+        spec.pop("sdkVersion", None)
+    assert compiled == golden
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert set(tasks) == {"ingest", "validate", "features", "train", "evaluate", "condition-1"}
+    assert tasks["ingest"]["cachingOptions"] == {}  # ingest always re-reads its source
