@@ -56,8 +56,24 @@ def build_server(host: str, port: int) -> Any:
     return BoundModelServer(http_port=port, workers=1, enable_grpc=False)
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail early and clearly when the address cannot be bound (in use, or not this machine's)."""
+    import socket
+
+    from flywheel.errors import FlywheelError
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise FlywheelError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
+
+
 def serve(settings: Any, host: str, port: int, model_name: str | None = None) -> None:
     """Load the production model and serve it until interrupted."""
+    check_address(host, port)
     # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.
     sys.argv = sys.argv[:1]
     from serving.predictor import FraudPredictor

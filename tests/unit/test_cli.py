@@ -50,3 +50,17 @@ def test_generate_writes_data_and_truth(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 2,000 rows" in result.stdout
     assert list((tmp_path / "raw").glob("part-*.parquet")) and list((tmp_path / "raw" / "_truth").glob("*.parquet"))
+
+
+def test_serve_on_a_busy_port_is_a_clear_error():
+    import socket
+
+    from flywheel.errors import FlywheelError
+    from serving.server import check_address
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(FlywheelError, match=f"cannot serve on 127.0.0.1:{port}"):
+            check_address("127.0.0.1", port)
