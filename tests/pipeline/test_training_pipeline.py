@@ -93,7 +93,7 @@ def test_a_rerun_with_the_same_inputs_does_no_new_work(two_runs):
 def test_a_validation_failure_stops_the_run_with_the_expectation_named(tmp_path):
     import pandas as pd
 
-    from tests.unit.test_features import make_transactions
+    from tests.factories import make_transactions
 
     bad = make_transactions(300)
     bad.loc[:4, "amount"] = -5.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
@@ -11,26 +10,11 @@ from flywheel.config import load_settings
 from flywheel.features import compute, split_by_time
 from flywheel.features import store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests import factories
 
 
 def make_transactions(n: int = 600, cards: int = 12, merchants: int = 5, days: int = 6, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    start = pd.Timestamp("2026-10-01", tz="UTC")
-    ts = start + pd.to_timedelta(np.sort(rng.uniform(0, days * 86400, n)).round(3), unit="s")
-    return pd.DataFrame(
-        {
-            "transaction_id": [f"t{i:05d}" for i in range(n)],
-            "card_id": rng.choice([f"c{i:03d}" for i in range(cards)], n),
-            "merchant_id": rng.choice([f"m{i:03d}" for i in range(merchants)], n),
-            "merchant_category": "grocery",
-            "amount": rng.lognormal(3, 1, n).round(2),
-            "ts": ts.astype("datetime64[us, UTC]"),
-            "channel": "chip",
-            "lat": rng.uniform(30, 40, n),
-            "lon": rng.uniform(-100, -90, n),
-            "is_fraud": (rng.uniform(size=n) < 0.05).astype("int8"),
-        }
-    )
+    return factories.make_transactions(n, seed=seed, days=days, cards=cards, merchants=merchants, in_time_order=True)
 
 
 def oracle_card_features(tx: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,31 +14,16 @@ import pytest
 from flywheel import lineage
 from flywheel.errors import DataError
 from flywheel.ingest import LakeSnapshot, ingest, load_snapshot, read_snapshot, snapshot_sha256
-from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA
+from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
+from tests import factories
 
 DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
 
 
 def make_transactions(rows: int = 300, seed: int = 0, id_prefix: str = "t") -> pd.DataFrame:
     """Rows matching TRANSACTION_SCHEMA, spread over DATES, in shuffled time order."""
-    rng = np.random.default_rng(seed)
-    start = pd.Timestamp(DATES[0], tz="UTC")
-    offsets = rng.integers(0, len(DATES) * 86_400 * 1_000_000, rows)
-    return pd.DataFrame(
-        {
-            "transaction_id": [f"{id_prefix}{i:05d}" for i in range(rows)],
-            "card_id": [f"c{i:03d}" for i in rng.integers(0, 50, rows)],
-            "merchant_id": [f"m{i:03d}" for i in rng.integers(0, 20, rows)],
-            "merchant_category": rng.choice(MERCHANT_CATEGORIES, rows),
-            "amount": np.round(rng.uniform(1, 500, rows), 2),
-            "ts": start + pd.to_timedelta(offsets, unit="us"),
-            "channel": rng.choice(CHANNELS, rows),
-            "lat": rng.uniform(-60, 60, rows),
-            "lon": rng.uniform(-150, 150, rows),
-            "is_fraud": (rng.random(rows) < 0.03).astype("int8"),
-        }
-    )
+    return factories.make_transactions(rows, seed=seed, id_prefix=id_prefix, start=DATES[0], days=len(DATES), fraud_every=33)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:

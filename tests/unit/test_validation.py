@@ -15,28 +15,15 @@ import pytest
 from flywheel import lineage
 from flywheel.errors import ValidationFailed
 from flywheel.ingest import LakeSnapshot, ingest, read_snapshot
-from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA
+from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from flywheel.validation import ValidationReport, build_suite, validate_frame, validate_snapshot
+from tests import factories
 
 
 def transactions(rows: int = 400, seed: int = 0) -> pd.DataFrame:
     """Rows matching TRANSACTION_SCHEMA over two days, with a 5% fraud rate."""
-    rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        {
-            "transaction_id": [f"t{i:05d}" for i in range(rows)],
-            "card_id": [f"c{i:03d}" for i in rng.integers(0, 40, rows)],
-            "merchant_id": [f"m{i:03d}" for i in rng.integers(0, 15, rows)],
-            "merchant_category": rng.choice(MERCHANT_CATEGORIES, rows),
-            "amount": np.round(rng.uniform(0.5, 900, rows), 2),
-            "ts": pd.Timestamp("2026-04-01", tz="UTC") + pd.to_timedelta(rng.integers(0, 2 * 86_400, rows), unit="s"),
-            "channel": rng.choice(CHANNELS, rows),
-            "lat": rng.uniform(-80, 80, rows),
-            "lon": rng.uniform(-170, 170, rows),
-            "is_fraud": (np.arange(rows) % 20 == 0).astype("int8"),
-        }
-    )
+    return factories.make_transactions(rows, seed=seed, start="2026-04-01", days=2, cards=40, merchants=15)
 
 
 def corrupted() -> pd.DataFrame:

@@ -1,0 +1,41 @@
+"""Small synthetic transactions matching TRANSACTION_SCHEMA, for tests that need hand-sized data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
+
+
+def make_transactions(
+    rows: int = 300,
+    *,
+    seed: int = 0,
+    start: str = "2026-10-01",
+    days: int = 3,
+    cards: int = 50,
+    merchants: int = 20,
+    id_prefix: str = "t",
+    in_time_order: bool = False,
+    fraud_every: int = 20,
+) -> pd.DataFrame:
+    """``rows`` transactions over ``days`` from ``start``; every ``fraud_every``-th row is fraud."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.integers(0, days * 86_400 * 1_000_000, rows)
+    if in_time_order:
+        offsets = np.sort(offsets)
+    return pd.DataFrame(
+        {
+            "transaction_id": [f"{id_prefix}{i:05d}" for i in range(rows)],
+            "card_id": [f"c{i:03d}" for i in rng.integers(0, cards, rows)],
+            "merchant_id": [f"m{i:03d}" for i in rng.integers(0, merchants, rows)],
+            "merchant_category": rng.choice(MERCHANT_CATEGORIES, rows),
+            "amount": np.maximum(rng.lognormal(3, 1, rows).round(2), 0.5),
+            "ts": (pd.Timestamp(start, tz="UTC") + pd.to_timedelta(offsets, unit="us")).astype("datetime64[us, UTC]"),
+            "channel": rng.choice(CHANNELS, rows),
+            "lat": rng.uniform(-60, 60, rows),
+            "lon": rng.uniform(-150, 150, rows),
+            "is_fraud": (np.arange(rows) % fraud_every == 0).astype("int8"),
+        }
+    )
