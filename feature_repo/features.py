@@ -7,9 +7,8 @@ the definitions themselves, with a comment on every feature).
 from flywheel.config import load_settings
 from flywheel.features import latest_tables
 from flywheel.features.definitions import build_definitions
-from flywheel.features.store import s3_endpoint_url
 from flywheel.storage import Storage
 
 _settings = load_settings()
 _card_table, _merchant_table = latest_tables(Storage.from_settings(_settings))
-card, merchant, card_features, merchant_features = build_definitions(_card_table, _merchant_table, s3_endpoint_url(_settings))
+card, merchant, card_features, merchant_features = build_definitions(_card_table, _merchant_table)

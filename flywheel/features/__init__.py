@@ -72,14 +72,14 @@ def feature_code_hash() -> str:
 
 
 def latest_tables(storage: Storage) -> tuple[str, str]:
-    """The card and merchant offline tables that the latest features step applied to Feast."""
+    """The card and merchant offline tables (as Feast reads them) that the latest features step applied."""
     from flywheel.errors import ArtifactNotFound, FeatureStoreError
 
     try:
         latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
     except ArtifactNotFound:
         raise FeatureStoreError("no feature tables yet: run `flywheel run` first") from None
-    return latest["card"], latest["merchant"]
+    return latest["feast_card"], latest["feast_merchant"]
 
 
 def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
@@ -119,12 +119,18 @@ def build_features(storage: Storage, settings: Any, snapshot: Any, run_id: str) 
         for uri, table in ((card_uri, card_table), (merchant_uri, merchant_table)):
             ref = storage.write_parquet(uri, table)
             lineage.record(storage, ref, step="features", run_id=run_id, inputs=[snapshot_ref], params={"key": key})
-    storage.write_json(storage.uri("features", "offline", "latest.json"), {"card": card_uri, "merchant": merchant_uri, "key": key})
+    # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
+    feast_dir = settings.home / "feast" / "offline" / key[:16]
+    feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
+    storage.write_json(
+        storage.uri("features", "offline", "latest.json"),
+        {"card": card_uri, "merchant": merchant_uri, "feast_card": feast_card, "feast_merchant": feast_merchant, "key": key},
+    )
     seconds["compute"] = time.perf_counter() - started
 
     started = time.perf_counter()
     fs = feast_store.open_store(settings)
-    feast_store.apply_definitions(fs, settings, card_uri, merchant_uri)
+    feast_store.apply_definitions(fs, feast_card, feast_merchant)
     ts = pd.to_datetime(transactions["ts"], utc=True)
     feast_store.materialize(fs, ts.min().to_pydatetime() - dt.timedelta(seconds=1), ts.max().to_pydatetime() + dt.timedelta(seconds=1))
     seconds["apply_materialize"] = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """Feast definitions: the card and merchant entities and their feature views.
 
-They are built by a function, not at import time, because the offline tables' location comes from
-the settings (a local folder or s3://). `feature_repo/features.py` calls this for the `feast` CLI.
+They are built by a function, not at import time, because the offline tables' location changes with
+every lake snapshot (the tables are content-addressed). `feature_repo/features.py` calls this for the `feast` CLI.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def feature_refs() -> list[str]:
     ]
 
 
-def build_definitions(card_table_uri: str, merchant_table_uri: str, s3_endpoint_url: str | None = None) -> list[Any]:
-    """The Feast objects to apply, reading the offline tables at the given URIs."""
+def build_definitions(card_table_path: str, merchant_table_path: str) -> list[Any]:
+    """The Feast objects to apply, reading the offline tables at the given paths."""
     from feast import Entity, FeatureView, Field, FileSource, ValueType
     from feast import types as feast_types
 
@@ -47,11 +47,8 @@ def build_definitions(card_table_uri: str, merchant_table_uri: str, s3_endpoint_
     merchant = Entity(
         name="merchant", join_keys=["merchant_id"], value_type=ValueType.STRING, description="A merchant"
     )
-    source_args = {"timestamp_field": "event_timestamp"}
-    if s3_endpoint_url:
-        source_args["s3_endpoint_override"] = s3_endpoint_url
-    card_source = FileSource(name="card_features_source", path=card_table_uri, **source_args)
-    merchant_source = FileSource(name="merchant_features_source", path=merchant_table_uri, **source_args)
+    card_source = FileSource(name="card_features_source", path=card_table_path, timestamp_field="event_timestamp")
+    merchant_source = FileSource(name="merchant_features_source", path=merchant_table_path, timestamp_field="event_timestamp")
     card_view = FeatureView(
         name=CARD_VIEW,
         entities=[card],

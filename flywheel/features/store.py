@@ -58,17 +58,10 @@ def open_store(settings: Any) -> Any:
     return FeatureStore(config=repo_config(settings))
 
 
-def s3_endpoint_url(settings: Any) -> str | None:
-    endpoint = settings.storage.s3_endpoint
-    if not endpoint:
-        return None
-    return f"{'https' if settings.storage.s3_secure else 'http'}://{endpoint}"
-
-
-def apply_definitions(store: Any, settings: Any, card_table_uri: str, merchant_table_uri: str) -> None:
+def apply_definitions(store: Any, card_table_path: str, merchant_table_path: str) -> None:
     """Register the entities and feature views, reading the given offline tables."""
     try:
-        store.apply(build_definitions(card_table_uri, merchant_table_uri, s3_endpoint_url(settings)))
+        store.apply(build_definitions(card_table_path, merchant_table_path))
     except Exception as exc:  # Feast raises many types; name the step and the cause
         raise FeatureStoreError(f"feast apply failed: {type(exc).__name__}: {exc}") from exc
 

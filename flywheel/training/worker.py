@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=False)
 
     hidden = [int(h) for h in args.hidden.split(",") if h]
-    model = FraudMLP(spec.width, hidden).to(device)
+    model = FraudMLP(spec.width, hidden)
+    # Start from the base rate's log-odds: with ~1% positives, steps then go to ranking, not to
+    # pulling the output down from 0.5 (every rank sees the same file, so the same bias).
+    base_rate = float(y.mean().clamp(1e-6, 1 - 1e-6))
+    with torch.no_grad():
+        model.net[-1].bias.fill_(float(np.log(base_rate / (1 - base_rate))))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

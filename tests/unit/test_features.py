@@ -71,7 +71,7 @@ def feast_join(tmp_path_factory):
     card_table.to_parquet(home / "card.parquet")
     merchant_table.to_parquet(home / "merchant.parquet")
     store = feast_store.open_store(settings)
-    feast_store.apply_definitions(store, settings, str(home / "card.parquet"), str(home / "merchant.parquet"))
+    feast_store.apply_definitions(store, str(home / "card.parquet"), str(home / "merchant.parquet"))
     joined = feast_store.historical_features(store, tx, chunk_rows=250)
     return tx, card_table, merchant_table, joined, store
 
