@@ -7,12 +7,16 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 import sys
+import threading
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
 
 from flywheel.errors import FlywheelError, PipelineError
 
@@ -92,19 +96,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     truth_uri = join(source, "_truth")
     if not storage.list(truth_uri):
         truth_uri = ""
-    console.print(f"[bold]run {run_id}[/]: the training pipeline on {source} with kfp.local")
+    console.print(f"[bold]run {run_id}[/]: the training pipeline on {source} with kfp.local", soft_wrap=True)
+    log_path = settings.home / "runs" / run_id / "pipeline.log"
     failure: Exception | None = None
     started = time.perf_counter()
-    try:
-        run_locally(settings, source, run_id, truth_uri)
-    except Exception as exc:  # kfp.local raises RuntimeError naming the failed task; the step record has why
-        failure = exc
+    with contextlib.ExitStack() as stack:
+        if not args.verbose:  # every step's own output goes to the log; the terminal shows progress
+            terminal = _console_on(stack.enter_context(_output_to(log_path)))
+            stack.enter_context(_progress(terminal, storage, run_id))
+        try:
+            run_locally(settings, source, run_id, truth_uri)
+        except Exception as exc:  # kfp.local raises RuntimeError naming the failed task; the step record has why
+            failure = exc
     total = time.perf_counter() - started
     records = read_step_records(storage, run_id)
     summary = _summary(records, run_id, source, generated_s, total)
     storage.write_json(storage.uri("runs", run_id, "summary.json"), summary)
     _print_summary(console, summary)
     console.print(f"summary: {storage.uri('runs', run_id, 'summary.json')}", soft_wrap=True)
+    if not args.verbose:
+        console.print(f"steps' output: {log_path}", soft_wrap=True)
     if failure is not None:
         failed = [r for r in records.values() if r.get("status") == "failed"]
         if failed:
@@ -114,6 +125,70 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 STEP_ORDER = ["ingest", "validate", "features", "train", "evaluate", "deploy"]
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path) -> Iterator[TextIO]:
+    """Send file descriptors 1 and 2 (where kfp.local streams every step) to a log; yield the terminal."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            terminal.close()
+
+
+def _console_on(stream: TextIO) -> Any:
+    from rich.console import Console
+
+    return Console(file=stream, highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(console: Any, storage: Any, run_id: str) -> Iterator[None]:
+    """Show which step is running, and a line per finished step, from the steps' records."""
+    from flywheel.steps import read_step_records
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        shown: set[str] = set()
+        with console.status("starting the pipeline") as status:
+            while not stop.wait(0.5):
+                try:
+                    records = read_step_records(storage, run_id)
+                except Exception:  # progress is best effort; the summary reads the records again
+                    continue
+                for name in STEP_ORDER:
+                    record = records.get(name)
+                    if record and name not in shown:
+                        shown.add(name)
+                        rows = f", {record['rows']:,} rows" if record.get("rows") else ""
+                        mark = "[green]done[/]" if record.get("status") == "succeeded" else "[red]failed[/]"
+                        console.print(f"  {name:<9} {mark} in {record['seconds']:.1f}s{rows}")
+                running = next((name for name in STEP_ORDER if name not in records), None)
+                if running:
+                    status.update(f"{running} running")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _summary(records: dict[str, Any], run_id: str, source: str, generated_s: float | None, total: float) -> dict[str, Any]:
@@ -208,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A retraining loop on Kubeflow: ingest, validate, features, train, gate, deploy, serve.",
     )
     parser.add_argument("--config", help="settings YAML (default: $FLYWHEEL_CONFIG or $FLYWHEEL_HOME/flywheel.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show every step's own output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="write seeded synthetic card transactions (and their true fraud probabilities)",

@@ -3,6 +3,8 @@
 # No `from __future__ import annotations` here: KFP reads the pipeline function's real annotations.
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,6 +89,7 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
     from kfp import local
 
     kfp_root = settings.home / "kfp"
+    kfp_root.mkdir(parents=True, exist_ok=True)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(kfp_root / "outputs"),
@@ -94,7 +97,18 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
     )
     # Steps run as subprocesses: they must see the same settings.
     os.environ["FLYWHEEL_HOME"] = str(settings.home)
-    pipeline = create_pipeline(settings)
-    started = time.perf_counter()
-    result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri)
-    return result, time.perf_counter() - started
+    # Each step leaves a temporary folder behind (kfp.local's mktemp): keep them in one place, then remove it.
+    scratch = Path(tempfile.mkdtemp(prefix="steps-", dir=kfp_root))
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
+    try:
+        pipeline = create_pipeline(settings)
+        started = time.perf_counter()
+        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri)
+        return result, time.perf_counter() - started
+    finally:
+        if previous_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmpdir
+        shutil.rmtree(scratch, ignore_errors=True)
