@@ -11,7 +11,7 @@ IMAGE = "ghcr.io/flywheel-ml/flywheel:0.1.0"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest(
-    source_uri: str, run_id: str, job_id: str, snapshot: Output[Dataset]
+    source_uri: str, lake_uri: str, run_id: str, job_id: str, snapshot: Output[Dataset]
 ) -> NamedTuple("IngestOutputs", [("run_id", str)]):
     """Raw csv/parquet/jsonl files -> the date-partitioned, schema-enforced lake; settles the run id."""
     from collections import namedtuple
@@ -20,7 +20,7 @@ def ingest(
     from flywheel.kfp_io import write_artifact
 
     run_id = run_id or job_id
-    write_artifact(snapshot, ingest_step(source_uri, run_id), ["uri", "sha256", "rows"])
+    write_artifact(snapshot, ingest_step(source_uri, run_id, lake_uri=lake_uri), ["uri", "sha256", "rows"])
     return namedtuple("IngestOutputs", ["run_id"])(run_id)
 
 

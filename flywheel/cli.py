@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from flywheel.errors import FlywheelError, PipelineError
+from flywheel.errors import ConfigError, FlywheelError, PipelineError
 
 log = logging.getLogger("flywheel")
 
@@ -65,16 +65,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- run
-def _generated_source(storage: Any, settings: Any, rows: int, days: int, seed: int) -> tuple[str, float]:
-    """Generate data for `flywheel run` (once per rows/days/seed: the same parameters give the same data)."""
+def _demo_dataset(storage: Any, rows: int, days: int, seed: int) -> tuple[str, str, float]:
+    """Generated data for `flywheel run` without --source: its raw files and its own lake.
+
+    Each generated dataset is a world of its own (its cards, merchants and ids), so it gets its own
+    lake: a later run with other --rows neither mixes with nor collides with an earlier one. The same
+    parameters give the same data, generated once.
+    """
     from flywheel.datagen import generate
 
-    source = storage.uri("raw", f"generated-r{rows}-d{days}-s{seed}")
+    base = storage.uri("demo", f"generated-r{rows}-d{days}-s{seed}")
+    source, lake = f"{base}/raw", f"{base}/lake"
     if storage.exists(f"{source}/_generation.json"):
-        return source, 0.0
+        return source, lake, 0.0
     started = time.perf_counter()
     generate(storage, source, rows=rows, days=days, seed=seed)
-    return source, time.perf_counter() - started
+    return source, lake, time.perf_counter() - started
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -82,17 +88,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flywheel.storage import Storage, join
     from pipelines.training import run_locally
 
+    if args.source and args.rows:
+        raise ConfigError("--rows sets how much data to generate, so it cannot be combined with --source")
     settings = _settings(args)
     storage = Storage.from_settings(settings)
     console = _console()
     run_id = new_run_id()
     rows = args.rows or settings.data.rows
     generated_s = None
+    lake = ""  # the settings' lake
     if args.source:
         source = args.source
     else:
         console.print(f"[bold]generating[/] {rows:,} synthetic transactions over {settings.data.days} days")
-        source, generated_s = _generated_source(storage, settings, rows, settings.data.days, settings.data.seed)
+        source, lake, generated_s = _demo_dataset(storage, rows, settings.data.days, settings.data.seed)
     truth_uri = join(source, "_truth")
     if not storage.list(truth_uri):
         truth_uri = ""
@@ -105,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             terminal = _console_on(stack.enter_context(_output_to(log_path)))
             stack.enter_context(_progress(terminal, storage, run_id))
         try:
-            run_locally(settings, source, run_id, truth_uri)
+            run_locally(settings, source, run_id, truth_uri, lake)
         except Exception as exc:  # kfp.local raises RuntimeError naming the failed task; the step record has why
             failure = exc
     total = time.perf_counter() - started

@@ -52,13 +52,14 @@ def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]
     return records
 
 
-def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Raw files → the date-partitioned lake; returns the snapshot manifest."""
+def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
+    """Raw files → the date-partitioned lake (``<root>/lake`` unless ``lake_uri`` names another);
+    returns the snapshot manifest."""
     from flywheel.ingest import ingest
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "ingest") as record:
-        snapshot = ingest(storage, source_uri, storage.uri("lake"), run_id)
+        snapshot = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id)
         record.update(
             rows=snapshot.rows,
             new_parts=len(snapshot.new_parts),

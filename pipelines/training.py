@@ -41,11 +41,15 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Ingest, validate, build features, train, gate and deploy the fraud model.")
-    def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "") -> None:
+    def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "", lake_uri: str = "") -> None:
+        """source_uri: raw files to ingest. run_id: empty for the KFP job id. truth_uri: true fraud
+        probabilities, when known (generated data). lake_uri: empty for the settings' lake."""
         # Ingest always re-reads its source: the files behind a URI can change, so it is never cached.
         # It also settles the run id: the caller's (flywheel run) or else the KFP job's.
         ingest = configure(
-            components.ingest(source_uri=source_uri, run_id=run_id, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+            components.ingest(
+                source_uri=source_uri, lake_uri=lake_uri, run_id=run_id, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+            ),
             "Ingest raw files",
         )
         ingest.set_caching_options(False)
@@ -84,7 +88,7 @@ def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Setti
     return target
 
 
-def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "") -> Any:
+def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "", lake_uri: str = "") -> Any:
     """Run the DAG with kfp.local (SubprocessRunner in this Python environment)."""
     from kfp import local
 
@@ -104,7 +108,7 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
     try:
         pipeline = create_pipeline(settings)
         started = time.perf_counter()
-        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri)
+        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri)
         return result, time.perf_counter() - started
     finally:
         if previous_tmpdir is None:

@@ -65,7 +65,7 @@ def test_model_lineage_walks_back_to_the_raw_files(two_runs):
     model = Registry(storage, "fraud").production()
     tree = lineage.trace(storage, model.manifest_uri)
     raw = {leaf["uri"] for leaf in lineage.leaves(tree)}
-    generated = set(storage.iter_objects(storage.uri("raw", "generated-r30000-d14-s7"), (".parquet",)))
+    generated = set(storage.iter_objects(storage.uri("demo", "generated-r30000-d14-s7", "raw"), (".parquet",)))
     assert generated and generated <= raw
     steps = set()
 
@@ -82,12 +82,21 @@ def test_model_lineage_walks_back_to_the_raw_files(two_runs):
 def test_a_rerun_with_the_same_inputs_does_no_new_work(two_runs):
     home, _, _, second = two_runs
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    first_summary, second_summary = summaries(home)
+    first_summary, second_summary = summaries(home)[:2]
     steps = {s["step"]: s for s in second_summary["steps"]}
     assert steps["ingest"]["new_parts"] == 0
     assert steps["features"]["reused"] and steps["train"]["reused"]
     assert second_summary["model_version"] == first_summary["model_version"]
     assert second_summary["generate_seconds"] == 0.0
+
+
+def test_another_generated_size_in_the_same_home_is_its_own_world(two_runs):
+    home, env, _, _ = two_runs
+    result = flywheel("run", "--rows", "20000", env=env, cwd=home)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    latest = summaries(home)[-1]
+    assert latest["steps"][0]["rows"] == 20000  # not mixed with the 30k dataset's lake
+    assert "/demo/generated-r20000-d14-s7/lake/" in latest["steps"][0]["artifacts"]["lake_snapshot"]
 
 
 def test_a_validation_failure_stops_the_run_with_the_expectation_named(tmp_path):

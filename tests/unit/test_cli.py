@@ -25,6 +25,7 @@ def test_help_says_what_each_command_does(command):
         (["generate", "--rows", "0", "--out", "x"], "must be at least 1"),
         (["generate", "--rows", "many", "--out", "x"], "is not a whole number"),
         (["run", "--rows", "-5"], "must be at least 1"),
+        (["run", "--rows", "5000", "--source", "x"], "cannot be combined with --source"),
     ],
 )
 def test_bad_arguments_are_refused_clearly(args, message):
