@@ -132,3 +132,23 @@ def test_compiled_pipeline_matches_the_golden_file(tmp_path):
     tasks = compiled["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "validate", "features", "train", "evaluate", "condition-1"}
     assert tasks["ingest"]["cachingOptions"] == {}  # ingest always re-reads its source
+
+
+def test_cluster_compile_takes_credentials_from_a_secret_never_from_the_yaml(tmp_path):
+    env = {
+        "FLYWHEEL_HOME": str(tmp_path / "home"),
+        "FLYWHEEL_STORAGE__ROOT": "s3://ml/flywheel",
+        "FLYWHEEL_STORAGE__S3_ENDPOINT": "http://minio.kubeflow:9000",
+        "FLYWHEEL_S3_ACCESS_KEY": "AKIA-very-secret",
+        "FLYWHEEL_S3_SECRET_KEY": "never-in-yaml",
+    }
+    result = flywheel("compile", "--out", str(tmp_path), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "flywheel-training.yaml").read_text()
+    assert "AKIA-very-secret" not in text and "never-in-yaml" not in text
+    documents = list(yaml.safe_load_all(text))
+    executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{s}" for s in ("ingest", "validate", "features", "train", "evaluate", "deploy")}
+    for spec in executors.values():
+        assert spec["secretAsEnv"][0]["secretName"] == "flywheel-s3"
+    assert "value: s3://ml/flywheel" in text
