@@ -11,10 +11,16 @@ nulls are refused with a :class:`~flywheel.errors.DataError` naming the file), a
 checked before any part is written, so bad input leaves the lake untouched. A part is named after
 the raw file it came from, so re-ingesting the same files writes nothing new and yields the same
 snapshot sha256. The manifest is written last: it is the publication point readers go through.
+
+``transaction_id`` is unique in the lake. A row whose id is already in the lake, in an earlier file
+of the same batch, or earlier in the same file is a re-delivery when its content is identical (it is
+dropped, so overlapping exports and re-sent files are idempotent) and a conflict when it is not (the
+whole batch is refused with a DataError naming the file, the ids and where the other row lives).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -78,8 +84,15 @@ class _RawFile:
     uri: str
     sha256: str
     size: int
-    rows: int
+    rows: int  # rows this file puts into the lake (re-delivered rows not counted)
     table: pa.Table | None  # None: already in the published lake, nothing to write
+    duplicates: int = 0  # re-delivered rows dropped: already in the lake, the batch or the file
+
+    def summary(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"uri": self.uri, "sha256": self.sha256, "rows": self.rows}
+        if self.duplicates:
+            entry["duplicates"] = self.duplicates
+        return entry
 
 
 def snapshot_sha256(part_shas: list[str]) -> str:
@@ -116,15 +129,22 @@ def ingest(storage: Storage, source_uri: str, lake_uri: str, run_id: str) -> Lak
     if total_rows == 0:
         raise DataError(f"the files under {source_uri} hold no rows: {', '.join(uris)}")
 
-    # Phase 2: write the parts that are not in the lake yet.
-    write_started = time.perf_counter()
-    written: dict[str, dict[str, Any]] = {}
+    # Byte-identical files share a part name: the first one stands for all.
     seen_shas: dict[str, str] = {}
+    unique_files = []
     for raw in raw_files:
         if raw.sha256 in seen_shas:
             log.warning("ingest: %s has the same content as %s; ingested once", raw.uri, seen_shas[raw.sha256])
             continue
         seen_shas[raw.sha256] = raw.uri
+        unique_files.append(raw)
+    # transaction_id stays unique: drop re-delivered rows, refuse conflicting ones (nothing written yet).
+    _drop_redeliveries(storage, lake_uri, [f for f in unique_files if f.table is not None])
+
+    # Phase 2: write the parts that are not in the lake yet.
+    write_started = time.perf_counter()
+    written: dict[str, dict[str, Any]] = {}
+    for raw in unique_files:
         for date, part in _partition_by_date(raw.table):
             part_uri = join(lake_uri, TRANSACTIONS, f"date={date}", _part_name(raw.sha256))
             if storage.exists(part_uri):  # left by a run that stopped before publishing
@@ -137,12 +157,48 @@ def ingest(storage: Storage, source_uri: str, lake_uri: str, run_id: str) -> Lak
                 step="ingest",
                 run_id=run_id,
                 inputs=[ObjectRef(raw.uri, raw.sha256, raw.size)],
-                params={"date": date, "rows": part.num_rows, "source_uri": source_uri},
+                params={
+                    "date": date,
+                    "rows": part.num_rows,
+                    "source_uri": source_uri,
+                    **({"duplicates_dropped": raw.duplicates} if raw.duplicates else {}),
+                },
             )
     log.info("ingest: wrote %d new parts in %.2fs", len(written), time.perf_counter() - write_started)
 
     # Phase 3: publish the manifest of the whole lake, last.
-    parts = _lake_parts(storage, lake_uri, {**published, **written})
+    snapshot = _publish(
+        storage, lake_uri, run_id, {**published, **written},
+        new_parts=sorted(written), source_files=[f.summary() for f in raw_files], source_uri=source_uri,
+    )
+    log.info(
+        "ingest: snapshot %s (%d parts, %d rows, %d new) published in %.2fs total",
+        snapshot.sha256[:12], len(snapshot.parts), snapshot.rows, len(written), time.perf_counter() - started,
+    )
+    return snapshot
+
+
+def publish_snapshot(storage: Storage, lake_uri: str, run_id: str) -> LakeSnapshot:
+    """Publish a manifest of the parts now under ``<lake>/transactions`` (and move ``latest``).
+
+    :func:`ingest` does this after writing; on its own it serves a lake whose parts were written or
+    repaired by other means, e.g. a test that needs a lake ``ingest`` would refuse. Parts are taken
+    as they are: nothing is checked against the schema or for unique transaction ids.
+    """
+    return _publish(storage, lake_uri, run_id, _published_parts(storage, lake_uri))
+
+
+def _publish(
+    storage: Storage,
+    lake_uri: str,
+    run_id: str,
+    known: dict[str, dict[str, Any]],
+    *,
+    new_parts: list[str] | None = None,
+    source_files: list[dict[str, Any]] | None = None,
+    source_uri: str | None = None,
+) -> LakeSnapshot:
+    parts = _lake_parts(storage, lake_uri, known)
     sha = snapshot_sha256([p["sha256"] for p in parts])
     manifest_uri = join(lake_uri, SNAPSHOTS, f"{sha}.json")
     snapshot = LakeSnapshot(
@@ -150,8 +206,8 @@ def ingest(storage: Storage, source_uri: str, lake_uri: str, run_id: str) -> Lak
         sha256=sha,
         rows=sum(p["rows"] for p in parts),
         parts=parts,
-        new_parts=sorted(written),
-        source_files=[{"uri": f.uri, "sha256": f.sha256, "rows": f.rows} for f in raw_files],
+        new_parts=new_parts or [],
+        source_files=source_files or [],
     )
     # A manifest is named by its content hash, so an existing one already describes this lake state:
     # keep it (it records which run first produced that state) and only move `latest` along.
@@ -166,10 +222,6 @@ def ingest(storage: Storage, source_uri: str, lake_uri: str, run_id: str) -> Lak
             params={"rows": snapshot.rows, "parts": len(parts), "source_uri": source_uri},
         )
     storage.write_json(latest_snapshot_uri(lake_uri), snapshot.to_dict())
-    log.info(
-        "ingest: snapshot %s (%d parts, %d rows, %d new) published in %.2fs total",
-        sha[:12], len(parts), snapshot.rows, len(written), time.perf_counter() - started,
-    )
     return snapshot
 
 
@@ -338,6 +390,144 @@ def _first_bad_value(values: pa.ChunkedArray, convert: Callable[[pa.ChunkedArray
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- keeping transaction_id unique ----------------------------------------------------------------
+
+_ID = "transaction_id"
+_VALUES = [name for name in TRANSACTION_SCHEMA.names if name != _ID]
+_OLD = "_old"  # suffix of the other row's columns in a comparison
+_FILE, _ROW, _PART = "__file", "__row", "__part"  # helper columns: file index, batch row index, lake part index
+_KEEP, _IN_FILE, _IN_BATCH, _IN_LAKE = 0, 1, 2, 3  # what happens to a batch row
+_FIX = "fix the source, or ingest into a fresh lake / FLYWHEEL_HOME"
+
+
+def _drop_redeliveries(storage: Storage, lake_uri: str, files: list[_RawFile]) -> None:
+    """Hold ``transaction_id`` unique across the lake and the new ``files`` (modified in place).
+
+    A row whose id appeared before (earlier in its file, in an earlier file of the batch, or in a
+    lake part) is dropped when all its columns equal that row's, and refused with a DataError when
+    they do not. Vectorized: one group-by over the batch, and hash joins on the ids that collide;
+    of the lake, only the transaction_id column is read, plus the full parts that hold a collision.
+    """
+    files = [f for f in files if f.table is not None and f.table.num_rows]
+    if not files:
+        return
+    started = time.perf_counter()
+    tables: list[pa.Table] = [f.table for f in files]
+    sizes = np.array([t.num_rows for t in tables], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    batch = pa.concat_tables(tables)
+    batch = batch.append_column(_FILE, pa.array(np.repeat(np.arange(len(files), dtype=np.int32), sizes)))
+    batch = batch.append_column(_ROW, pa.array(np.arange(offsets[-1], dtype=np.int64)))
+    fate = np.full(offsets[-1], _KEEP, dtype=np.int8)
+
+    # 1. Within the batch: the first row of each id stays; any later one must repeat it exactly.
+    first_rows = batch.group_by(_ID).aggregate([(_ROW, "min")]).column(f"{_ROW}_min")
+    if len(first_rows) < batch.num_rows:
+        is_first = pc.is_in(batch.column(_ROW), value_set=first_rows)
+        same, conflicts = _compare(batch.filter(pc.invert(is_first)), batch.filter(is_first))
+        if conflicts.num_rows:
+            first_bad = pc.min(conflicts.column(_FILE)).as_py()
+            bad = conflicts.filter(pc.equal(conflicts.column(_FILE), first_bad))
+            raise _conflict(files[first_bad].uri, bad, lambda row: (
+                "more than once within the file" if row[_FILE + _OLD] == row[_FILE]
+                else f"also in {files[row[_FILE + _OLD]].uri}"
+            ))
+        rows = same.column(_ROW).to_numpy()
+        within = same.column(_FILE).to_numpy() == same.column(_FILE + _OLD).to_numpy()
+        fate[rows] = np.where(within, _IN_FILE, _IN_BATCH)
+
+    # 2. Against the lake: parts of other raw files (a batch file's own parts, left by an interrupted
+    # run, hold its own rows and are not a second copy).
+    own = {_part_name(f.sha256) for f in files}
+    parts = [
+        uri for uri in storage.iter_objects(join(lake_uri, TRANSACTIONS), (".parquet",))
+        if uri.rsplit("/", 1)[-1] not in own
+    ]
+    survivors = batch.filter(pa.array(fate == _KEEP))
+    if parts and survivors.num_rows:
+        part_ids = [_read_part(storage, uri, [_ID]).column(_ID) for uri in parts]
+        lake_ids = pa.chunked_array([c for ids in part_ids for c in ids.chunks], type=pa.string())
+        hit = pc.is_in(survivors.column(_ID), value_set=lake_ids)
+        if pc.any(hit).as_py():
+            new = survivors.filter(hit)
+            hit_ids = pc.unique(new.column(_ID))
+            part_of_id = np.repeat(np.arange(len(parts)), [len(ids) for ids in part_ids])
+            holding = np.unique(part_of_id[pc.is_in(lake_ids, value_set=hit_ids).to_numpy(zero_copy_only=False)])
+            old = []
+            for index in holding:
+                rows = _read_part(storage, parts[index]).filter(pc.is_in(pc.field(_ID), value_set=hit_ids))
+                old.append(rows.append_column(_PART, pa.array(np.full(rows.num_rows, index, dtype=np.int32))))
+            same, conflicts = _compare(new, pa.concat_tables(old))
+            if conflicts.num_rows:
+                first_bad = pc.min(conflicts.column(_FILE)).as_py()
+                bad = conflicts.filter(pc.equal(conflicts.column(_FILE), first_bad))
+                raise _conflict(
+                    files[first_bad].uri, bad, lambda row: f"already in the lake (in {parts[row[_PART + _OLD]]})"
+                )
+            fate[same.column(_ROW).to_numpy()] = _IN_LAKE
+
+    # 3. Keep what is new.
+    for index, raw in enumerate(files):
+        fates = fate[offsets[index]:offsets[index + 1]]
+        dropped = int(np.count_nonzero(fates))
+        if not dropped:
+            continue
+        raw.table = tables[index].filter(pa.array(fates == _KEEP))
+        raw.rows, raw.duplicates = raw.table.num_rows, dropped
+        log.info(
+            "ingest: %s: dropped %d re-delivered rows (%d already in the lake, %d in an earlier file, "
+            "%d repeated within the file); %d new rows remain",
+            raw.uri, dropped, np.count_nonzero(fates == _IN_LAKE), np.count_nonzero(fates == _IN_BATCH),
+            np.count_nonzero(fates == _IN_FILE), raw.rows,
+        )
+    log.info("ingest: checked transaction_id uniqueness against %d lake parts in %.2fs",
+             len(parts), time.perf_counter() - started)
+
+
+def _compare(new: pa.Table, old: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Join ``new`` rows to the ``old`` rows with their transaction_id (old columns get ``_old``).
+
+    Returns the joined rows where every schema column is equal (one per identical new row), and,
+    for the new rows equal to none of their old rows, the joined rows (conflicts, sorted by id).
+    """
+    old = old.rename_columns([name if name == _ID else name + _OLD for name in old.column_names])
+    joined = new.join(old, keys=_ID, join_type="inner", use_threads=True)
+    equal = functools.reduce(pc.and_, [pc.equal(joined.column(n), joined.column(n + _OLD)) for n in _VALUES])
+    same = joined.filter(equal)
+    # Old rows may repeat an id (a lake from before this check): one equal match is enough.
+    _, first = np.unique(same.column(_ROW).to_numpy(), return_index=True)
+    same = same.take(pa.array(first))
+    conflicts = joined.filter(pc.invert(pc.is_in(joined.column(_ROW), value_set=same.column(_ROW))))
+    return same, conflicts.sort_by([(_ID, "ascending"), (_ROW, "ascending")])
+
+
+def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], str]) -> DataError:
+    """The DataError for a file's rows whose transaction_id is taken by a row with other content."""
+    ids = pc.unique(conflicts.column(_ID)).to_pylist()
+    first = conflicts.slice(0, 1).to_pylist()[0]
+    differs = ", ".join(f"{n} {first[n + _OLD]!r} vs {first[n]!r}" for n in _VALUES if first[n] != first[n + _OLD])
+    examples = ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
+    return DataError(
+        f"{uri}: {len(ids)} transaction id(s) with different content {where(first)}: {examples} "
+        f"(e.g. {ids[0]!r} differs in {differs}). A transaction_id must be unique in the lake: an identical "
+        f"re-delivery is skipped, a changed row is refused and nothing was written; {_FIX}"
+    )
+
+
+def _read_part(storage: Storage, uri: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        table = storage.read_parquet(uri, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"lake part {uri} is not readable parquet ({_first_line(exc)}); remove it and re-run") from None
+    names = columns or TRANSACTION_SCHEMA.names
+    try:
+        return table.select(names).cast(pa.schema([TRANSACTION_SCHEMA.field(n) for n in names]))
+    except (KeyError, *_BAD_DATA) as exc:
+        raise DataError(
+            f"lake part {uri} does not hold TRANSACTION_SCHEMA ({_first_line(exc)}); remove it and re-run"
+        ) from None
 
 
 # --- writing the lake --------------------------------------------------------------------------

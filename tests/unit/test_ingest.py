@@ -13,7 +13,7 @@ import pytest
 
 from flywheel import lineage
 from flywheel.errors import DataError
-from flywheel.ingest import LakeSnapshot, ingest, load_snapshot, read_snapshot, snapshot_sha256
+from flywheel.ingest import LakeSnapshot, ingest, load_snapshot, publish_snapshot, read_snapshot, snapshot_sha256
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
@@ -313,3 +313,157 @@ def test_lineage_of_a_part_names_the_raw_file(storage: Storage, raw, tmp_path: P
     # From the snapshot, walk back to the raw files.
     leaves = {leaf["uri"] for leaf in lineage.leaves(lineage.trace(storage, snap.uri))}
     assert leaves == {f["uri"] for f in snap.source_files}
+
+
+# --- transaction_id stays unique: re-deliveries are idempotent, conflicts are refused -----------
+
+
+def lake_state(lake: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in lake_files(lake)}
+
+
+def snapshot_ids(storage: Storage, snap: LakeSnapshot) -> list[str]:
+    return read_snapshot(storage, snap, columns=["transaction_id"]).column("transaction_id").to_pylist()
+
+
+@pytest.fixture()
+def lake_with_a(storage: Storage, tmp_path: Path) -> tuple[Path, pd.DataFrame, LakeSnapshot]:
+    """A lake holding one file of 300 rows (ids p00000..p00299)."""
+    df = make_transactions(300, 1, "p")
+    write_parquet(df, tmp_path / "first" / "a.parquet")
+    lake = tmp_path / "lake"
+    return lake, df, ingest(storage, str(tmp_path / "first"), str(lake), run_id="r1")
+
+
+def test_identical_redelivery_under_another_name_adds_nothing(storage: Storage, lake_with_a, tmp_path: Path) -> None:
+    lake, df, first = lake_with_a
+    before = lake_state(lake / "transactions")
+    write_csv(df, tmp_path / "resent" / "a_resent_2026-03-04.csv")  # other name, other format, same rows
+
+    second = ingest(storage, str(tmp_path / "resent"), str(lake), run_id="r2")
+
+    assert second.new_parts == [] and second.rows == first.rows == 300
+    assert second.sha256 == first.sha256
+    assert lake_state(lake / "transactions") == before
+    [source] = second.source_files
+    assert source["rows"] == 0 and source["duplicates"] == 300
+    assert ingest(storage, str(tmp_path / "resent"), str(lake), run_id="r3").sha256 == first.sha256
+
+
+def test_partially_overlapping_file_adds_only_new_rows(storage: Storage, lake_with_a, tmp_path: Path) -> None:
+    lake, df, first = lake_with_a
+    fresh = make_transactions(50, 9, "n")
+    # csv: floats round-trip exactly (pandas' to_json keeps 10 digits, which is a real change of content)
+    write_csv(pd.concat([df.iloc[200:], fresh], ignore_index=True), tmp_path / "overlap" / "export.csv")
+
+    second = ingest(storage, str(tmp_path / "overlap"), str(lake), run_id="r2")
+
+    assert second.rows == first.rows + 50
+    ids = snapshot_ids(storage, second)
+    assert len(ids) == len(set(ids)) == 350
+    assert set(ids) == set(df["transaction_id"]) | set(fresh["transaction_id"])
+    [source] = second.source_files
+    assert source["rows"] == 50 and source["duplicates"] == 100
+    assert sum(p["rows"] for p in second.parts if p["uri"] in second.new_parts) == 50
+    again = ingest(storage, str(tmp_path / "overlap"), str(lake), run_id="r3")
+    assert again.sha256 == second.sha256 and again.new_parts == []
+
+
+def test_conflicting_redelivery_is_refused_and_the_lake_is_unchanged(
+    storage: Storage, lake_with_a, tmp_path: Path
+) -> None:
+    lake, df, first = lake_with_a
+    before = lake_state(lake)
+    changed = df.iloc[:40].copy()
+    changed.loc[7, "amount"] += 1.0
+    folder = tmp_path / "resent"
+    write_parquet(make_transactions(20, 4, "q"), folder / "a_new_rows.parquet")  # good, sorts first
+    write_parquet(changed, folder / "b_changed.parquet")
+
+    with pytest.raises(DataError) as info:
+        ingest(storage, str(folder), str(lake), run_id="bad")
+
+    message = str(info.value)
+    for fragment in ("b_changed.parquet", "1 transaction id", "'p00007'", "amount", "/transactions/date=",
+                     "fix the source", "fresh lake"):
+        assert fragment in message, message
+    assert lake_state(lake) == before, "a conflict must leave the lake untouched"
+    assert load_snapshot(storage, str(lake / "_snapshots" / "latest.json")).sha256 == first.sha256
+
+
+def test_conflict_message_names_up_to_three_examples(storage: Storage, lake_with_a, tmp_path: Path) -> None:
+    lake, df, _ = lake_with_a
+    changed = df.iloc[:10].copy()
+    changed["channel"] = "carrier-pigeon"
+    write_parquet(changed, tmp_path / "resent" / "c.parquet")
+    with pytest.raises(DataError) as info:
+        ingest(storage, str(tmp_path / "resent"), str(lake), run_id="bad")
+    message = str(info.value)
+    assert "10 transaction id(s)" in message and "'p00000', 'p00001', 'p00002', ..." in message
+    assert "'p00003'" not in message
+
+
+def test_identical_duplicates_within_a_file_are_collapsed(storage: Storage, tmp_path: Path) -> None:
+    df = make_transactions(30)
+    write_csv(pd.concat([df, df.iloc[[3, 3, 17]]], ignore_index=True), tmp_path / "raw" / "dupes.csv")
+
+    snap = ingest(storage, str(tmp_path / "raw"), str(tmp_path / "lake"), run_id="r1")
+
+    ids = snapshot_ids(storage, snap)
+    assert snap.rows == 30 and len(set(ids)) == 30
+    assert snap.source_files[0]["rows"] == 30 and snap.source_files[0]["duplicates"] == 3
+
+
+def test_conflicting_duplicates_within_a_file_are_refused(
+    storage: Storage, good_folder: Path, tmp_path: Path
+) -> None:
+    df = make_transactions(30, 2, "d")
+    twin = df.iloc[[5]].copy()
+    twin["merchant_id"] = "m999"
+    write_parquet(pd.concat([df, twin], ignore_index=True), good_folder / "b_dupes.parquet")
+    message = _assert_refused(storage, good_folder, tmp_path / "lake", "b_dupes.parquet", "'d00005'", "merchant_id")
+    assert "within the file" in message
+
+
+def test_two_files_of_one_batch_sharing_an_id(storage: Storage, tmp_path: Path) -> None:
+    df = make_transactions(40, 3, "s")
+    folder = tmp_path / "raw"
+    write_parquet(df.iloc[:25], folder / "a.parquet")
+    write_csv(df.iloc[20:], folder / "b.csv")  # s00020..s00024 in both, identical
+
+    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+
+    ids = snapshot_ids(storage, snap)
+    assert snap.rows == 40 and sorted(ids) == sorted(df["transaction_id"])
+    by_name = {f["uri"].rsplit("/", 1)[-1]: f for f in snap.source_files}
+    assert by_name["a.parquet"]["rows"] == 25 and "duplicates" not in by_name["a.parquet"]
+    assert by_name["b.csv"]["rows"] == 15 and by_name["b.csv"]["duplicates"] == 5
+    assert ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r2").sha256 == snap.sha256
+
+    conflicting = df.iloc[20:].copy()
+    conflicting.loc[22, "is_fraud"] = 1 - conflicting.loc[22, "is_fraud"]
+    write_csv(conflicting, tmp_path / "bad" / "b.csv")
+    write_parquet(df.iloc[:25], tmp_path / "bad" / "a.parquet")
+    message = _assert_refused(storage, tmp_path / "bad", tmp_path / "lake2", "b.csv", "'s00022'", "is_fraud")
+    assert str(tmp_path / "bad" / "a.parquet") in message
+
+
+def test_publish_snapshot_takes_hand_written_parts_as_they_are(storage: Storage, tmp_path: Path) -> None:
+    """A lake with a repeated id (built before this check, or by hand): published as is, and a later
+    ingest still drops rows identical to either copy."""
+    df = make_transactions(20, 5, "h")
+    legacy = pd.concat([df, df.iloc[[4]]], ignore_index=True)
+    legacy.loc[20, "amount"] += 1.0  # h00004 twice, with two amounts
+    lake = tmp_path / "lake"
+    part = lake / "transactions" / "date=2026-03-01" / "part-legacy.parquet"
+    part.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(legacy, preserve_index=False).cast(TRANSACTION_SCHEMA), part)
+
+    snap = publish_snapshot(storage, str(lake), run_id="hand")
+
+    assert snap.rows == 21 and [p["uri"] for p in snap.parts] == [str(part)] and snap.new_parts == []
+    assert load_snapshot(storage, str(lake / "_snapshots" / "latest.json")) == snap
+    for name, rows in [("again.csv", df), ("other_amount.csv", legacy.iloc[[20]])]:
+        write_csv(rows, tmp_path / name / name)
+        again = ingest(storage, str(tmp_path / name), str(lake), run_id="r2")
+        assert again.sha256 == snap.sha256 and again.source_files[0]["duplicates"] == len(rows)

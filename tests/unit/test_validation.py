@@ -14,7 +14,7 @@ import pytest
 
 from flywheel import lineage
 from flywheel.errors import ValidationFailed
-from flywheel.ingest import LakeSnapshot, ingest, read_snapshot
+from flywheel.ingest import LakeSnapshot, ingest, publish_snapshot, read_snapshot
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from flywheel.validation import ValidationReport, build_suite, validate_frame, validate_snapshot
@@ -36,6 +36,13 @@ def corrupted() -> pd.DataFrame:
 
 
 def snapshot_of(storage: Storage, df: pd.DataFrame, tmp_path: Path) -> LakeSnapshot:
+    if df["transaction_id"].duplicated().any():
+        # ingest refuses an id that repeats with other content, so write the part by hand and publish
+        # it: validation must still catch duplicates in a lake that was built by other means.
+        part = tmp_path / "lake" / "transactions" / "date=2026-04-01" / "part-handwritten.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False).cast(TRANSACTION_SCHEMA), part)
+        return publish_snapshot(storage, str(tmp_path / "lake"), run_id="ingest-1")
     raw = tmp_path / "raw" / "tx.parquet"
     raw.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), raw)
