@@ -136,12 +136,24 @@ def small_env(home: Path) -> dict[str, str]:
     }
 
 
+def run_loop(settings: Settings, source: str, run_id: str) -> dict:
+    """Every step of the pipeline, called directly (no KFP), ending with the blessed model deployed."""
+    from flywheel import steps
+
+    snapshot = steps.ingest_step(source, run_id, settings)
+    steps.validate_step(snapshot, run_id, settings)
+    training_set = steps.features_step(snapshot, run_id, settings)
+    model = steps.train_step(training_set, run_id, settings)
+    evaluation = steps.evaluate_step(training_set, model, run_id, f"{source}/_truth", settings)
+    assert evaluation["blessed"], evaluation["reasons"]
+    steps.deploy_step(model, evaluation, run_id, settings)
+    return {"snapshot": snapshot, "training_set": training_set, "model": model, "evaluation": evaluation}
+
+
 @pytest.fixture(scope="session")
 def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Generate small data and run every step (without KFP) once: a production model plus a
     materialized online store, for the serving and evaluation tests."""
-    from flywheel import steps
-    from flywheel.config import load_settings
     from flywheel.datagen import generate
 
     home = tmp_path_factory.mktemp("loop")
@@ -150,21 +162,12 @@ def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     storage = Storage.from_settings(settings)
     source = storage.uri("raw", "small")
     generate(storage, source, rows=SMALL_ROWS, days=SMALL_DAYS, seed=11)
-    snapshot = steps.ingest_step(source, "loop-1", settings)
-    steps.validate_step(snapshot, "loop-1", settings)
-    training_set = steps.features_step(snapshot, "loop-1", settings)
-    model = steps.train_step(training_set, "loop-1", settings)
-    evaluation = steps.evaluate_step(training_set, model, "loop-1", f"{source}/_truth", settings)
-    assert evaluation["blessed"], evaluation["reasons"]
-    steps.deploy_step(model, evaluation, "loop-1", settings)
+    loop = run_loop(settings, source, "loop-1")
     return {
         "home": home,
         "env": env,
         "settings": settings,
         "storage": storage,
         "source": source,
-        "snapshot": snapshot,
-        "training_set": training_set,
-        "model": model,
-        "evaluation": evaluation,
+        **loop,
     }

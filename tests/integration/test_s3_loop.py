@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 
-from flywheel import lineage, steps
+from flywheel import lineage
 from flywheel.config import load_settings
 from flywheel.datagen import generate
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from serving.predictor import FraudPredictor
+from tests.conftest import run_loop
 
 
 def test_the_loop_trains_deploys_and_serves_from_s3(s3_env, aws_env, tmp_path):
@@ -26,13 +27,8 @@ def test_the_loop_trains_deploys_and_serves_from_s3(s3_env, aws_env, tmp_path):
     source = storage.uri("raw", "small")
     generate(storage, source, rows=20_000, days=10, seed=5)
 
-    snapshot = steps.ingest_step(source, "s3-run", settings)
-    steps.validate_step(snapshot, "s3-run", settings)
-    training_set = steps.features_step(snapshot, "s3-run", settings)
-    model = steps.train_step(training_set, "s3-run", settings)
-    evaluation = steps.evaluate_step(training_set, model, "s3-run", f"{source}/_truth", settings)
-    assert evaluation["blessed"], evaluation["reasons"]
-    steps.deploy_step(model, evaluation, "s3-run", settings)
+    loop = run_loop(settings, source, "s3-run")
+    snapshot, training_set, model, evaluation = (loop[k] for k in ("snapshot", "training_set", "model", "evaluation"))
 
     for uri in (snapshot["uri"], training_set["train_uri"], model["uri"], evaluation["report_uri"]):
         assert uri.startswith(f"s3://{bucket}/flywheel/"), uri
