@@ -5,7 +5,7 @@ the definitions themselves, with a comment on every feature).
 """
 
 from flywheel.config import load_settings
-from flywheel.features import latest_tables
+from flywheel.features.build import latest_tables
 from flywheel.features.definitions import build_definitions
 from flywheel.storage import Storage
 

@@ -1,4 +1,5 @@
-"""The `flywheel` command line: generate, run, serve, compile.
+"""The `flywheel` command line: generate, run, serve, compile. It parses and dispatches; the run
+report and progress display are in :mod:`flywheel.report`.
 
 Errors that a user can cause (FlywheelError) print as one clear message and a non-zero exit code,
 never a traceback.
@@ -10,13 +11,10 @@ import argparse
 import contextlib
 import datetime as dt
 import logging
-import os
 import secrets
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Sequence
 
 from flywheel.errors import ConfigError, FlywheelError, PipelineError
 
@@ -65,25 +63,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- run
-def _demo_dataset(storage: Any, rows: int, days: int, seed: int) -> tuple[str, str, float]:
-    """Generated data for `flywheel run` without --source: its raw files and its own lake.
-
-    Each generated dataset is a world of its own (its cards, merchants and ids), so it gets its own
-    lake: a later run with other --rows neither mixes with nor collides with an earlier one. The same
-    parameters give the same data, generated once.
-    """
-    from flywheel.datagen import generate
-
-    base = storage.uri("demo", f"generated-r{rows}-d{days}-s{seed}")
-    source, lake = f"{base}/raw", f"{base}/lake"
-    if storage.exists(f"{source}/_generation.json"):
-        return source, lake, 0.0
-    started = time.perf_counter()
-    generate(storage, source, rows=rows, days=days, seed=seed)
-    return source, lake, time.perf_counter() - started
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    from flywheel.datagen import demo_dataset
+    from flywheel.report import console_on, output_to, print_summary, progress, run_summary
     from flywheel.steps import read_step_records
     from flywheel.storage import Storage, join
     from pipelines.training import run_locally
@@ -101,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = args.source
     else:
         console.print(f"[bold]generating[/] {rows:,} synthetic transactions over {settings.data.days} days")
-        source, lake, generated_s = _demo_dataset(storage, rows, settings.data.days, settings.data.seed)
+        source, lake, generated_s = demo_dataset(storage, rows, settings.data.days, settings.data.seed)
     truth_uri = join(source, "_truth")
     if not storage.list(truth_uri):
         truth_uri = ""
@@ -111,17 +93,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if not args.verbose:  # every step's own output goes to the log; the terminal shows progress
-            terminal = _console_on(stack.enter_context(_output_to(log_path)))
-            stack.enter_context(_progress(terminal, storage, run_id))
+            terminal = console_on(stack.enter_context(output_to(log_path)))
+            stack.enter_context(progress(terminal, storage, run_id))
         try:
             run_locally(settings, source, run_id, truth_uri, lake)
         except Exception as exc:  # kfp.local raises RuntimeError naming the failed task; the step record has why
             failure = exc
     total = time.perf_counter() - started
     records = read_step_records(storage, run_id)
-    summary = _summary(records, run_id, source, generated_s, total)
+    summary = run_summary(records, run_id, source, generated_s, total)
     storage.write_json(storage.uri("runs", run_id, "summary.json"), summary)
-    _print_summary(console, summary)
+    print_summary(console, summary)
     console.print(f"summary: {storage.uri('runs', run_id, 'summary.json')}", soft_wrap=True)
     if not args.verbose:
         console.print(f"steps' output: {log_path}", soft_wrap=True)
@@ -131,131 +113,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
         raise PipelineError(f"the pipeline failed: {failure}")
     return 0
-
-
-STEP_ORDER = ["ingest", "validate", "features", "train", "evaluate", "deploy"]
-
-
-@contextlib.contextmanager
-def _output_to(log_path: Path) -> Iterator[TextIO]:
-    """Send file descriptors 1 and 2 (where kfp.local streams every step) to a log; yield the terminal."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    terminal = os.fdopen(os.dup(1), "w", buffering=1)
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield terminal
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            terminal.close()
-
-
-def _console_on(stream: TextIO) -> Any:
-    from rich.console import Console
-
-    return Console(file=stream, highlight=False)
-
-
-@contextlib.contextmanager
-def _progress(console: Any, storage: Any, run_id: str) -> Iterator[None]:
-    """Show which step is running, and a line per finished step, from the steps' records."""
-    from flywheel.steps import read_step_records
-
-    stop = threading.Event()
-
-    def watch() -> None:
-        shown: set[str] = set()
-        with console.status("starting the pipeline") as status:
-            while not stop.wait(0.5):
-                try:
-                    records = read_step_records(storage, run_id)
-                except Exception:  # progress is best effort; the summary reads the records again
-                    continue
-                for name in STEP_ORDER:
-                    record = records.get(name)
-                    if record and name not in shown:
-                        shown.add(name)
-                        rows = f", {record['rows']:,} rows" if record.get("rows") else ""
-                        mark = "[green]done[/]" if record.get("status") == "succeeded" else "[red]failed[/]"
-                        console.print(f"  {name:<9} {mark} in {record['seconds']:.1f}s{rows}")
-                running = next((name for name in STEP_ORDER if name not in records), None)
-                if running:
-                    status.update(f"{running} running")
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
-def _summary(records: dict[str, Any], run_id: str, source: str, generated_s: float | None, total: float) -> dict[str, Any]:
-    evaluation = records.get("evaluate", {})
-    return {
-        "run_id": run_id,
-        "source": source,
-        "pipeline_seconds": round(total, 2),
-        "generate_seconds": round(generated_s, 2) if generated_s is not None else None,
-        "steps": [records[name] for name in STEP_ORDER if name in records],
-        "model_version": records.get("train", {}).get("model_version"),
-        "metrics": evaluation.get("metrics"),
-        "truth": evaluation.get("truth"),
-        "blessed": evaluation.get("blessed"),
-        "reasons": evaluation.get("reasons"),
-        "deployed": records.get("deploy", {}).get("model_version"),
-    }
-
-
-def _print_summary(console: Any, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"flywheel run {summary['run_id']}", show_lines=False)
-    for column in ("step", "status", "seconds", "rows", "notes"):
-        table.add_column(column, justify="right" if column in ("seconds", "rows") else "left")
-    if summary.get("generate_seconds") is not None:
-        table.add_row("generate", "succeeded", f"{summary['generate_seconds']:.1f}", "", summary["source"])
-    for record in summary["steps"]:
-        notes = []
-        if record.get("reused"):
-            notes.append("reused (same inputs)")
-        if record["step"] == "evaluate" and record.get("metrics"):
-            m = record["metrics"]
-            notes.append(f"ROC-AUC {m['roc_auc']:.4f}  PR-AUC {m['pr_auc']:.4f}  blessed={record.get('blessed')}")
-        if record["step"] in ("train", "deploy") and record.get("model_version"):
-            notes.append(f"model {record['model_version']}")
-        if record.get("error"):
-            notes.append(record["error"][:200])
-        rows = record.get("rows")
-        table.add_row(record["step"], record.get("status", "?"), f"{record.get('seconds', 0):.1f}", f"{rows:,}" if rows else "", "; ".join(notes))
-    console.print(table)
-    if summary.get("metrics"):
-        m = summary["metrics"]
-        line = f"holdout: {int(m['rows']):,} rows, {int(m['positives']):,} fraud; ROC-AUC {m['roc_auc']:.4f}, PR-AUC {m['pr_auc']:.4f}"
-        truth = summary.get("truth")
-        if truth:
-            line += f"; best achievable PR-AUC {truth['truth_pr_auc']:.4f} (model reaches {truth['pr_auc_vs_truth']:.1%} of it)"
-        console.print(line, soft_wrap=True)
-    if summary.get("blessed") is not None:
-        console.print(f"gate: {'blessed' if summary['blessed'] else 'NOT blessed'}: {'; '.join(summary.get('reasons') or [])}", soft_wrap=True)
-    if summary.get("deployed"):
-        console.print(f"production model: {summary['deployed']}")
-    console.print("artifacts:")
-    for record in summary["steps"]:
-        for name, uri in (record.get("artifacts") or {}).items():
-            if uri:
-                console.print(f"  {record['step']:>9} {name}: {uri}", soft_wrap=True)
-    console.print(f"pipeline time: {summary['pipeline_seconds']:.1f}s")
 
 
 # ---------------------------------------------------------------- serve / compile

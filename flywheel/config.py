@@ -15,7 +15,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -76,12 +76,17 @@ class DataSettings(_Section):
 
 
 class FeatureSettings(_Section):
-    """Feast: registry and online store. Empty paths default under $FLYWHEEL_HOME/feast."""
+    """Feast: where its registries and SQLite online stores live, and which online store serves.
 
-    project: str = "flywheel"
-    registry_path: str = ""
-    online_store: str = "sqlite"  # sqlite | redis
-    sqlite_path: str = ""
+    Each training set has a feature world of its own (a Feast registry and online store holding the
+    features it was built from), so the production model always reads the features it was trained
+    with: worlds live under ``<dir>/worlds/<world>/``; in Redis a world is a Feast project
+    ``<project>_<world>``. An empty ``dir`` means $FLYWHEEL_HOME/feast.
+    """
+
+    project: str = Field("flywheel", pattern=r"^[A-Za-z0-9_]+$")
+    dir: str = ""
+    online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_connection: str = "127.0.0.1:6379"
 
 
@@ -99,11 +104,17 @@ class TrainingSettings(_Section):
 
 
 class GateSettings(_Section):
-    """The blessing: an absolute floor AND no worse than production."""
+    """The blessing: absolute floors AND no worse than production on rows neither model trained on."""
 
     min_roc_auc: float = Field(0.80, ge=0, le=1)
     min_pr_auc: float = Field(0.20, ge=0, le=1)
-    max_regression: float = Field(0.01, ge=0, le=1)  # allowed PR-AUC drop against production
+    recall_at_fpr: float = Field(0.01, gt=0, lt=1)  # the false-positive rate at which recall is compared
+    max_pr_auc_regression: float = Field(0.01, ge=0, le=1)  # allowed drops against production
+    max_roc_auc_regression: float = Field(0.01, ge=0, le=1)
+    max_recall_regression: float = Field(0.02, ge=0, le=1)
+    # Fewer fraud cases than this among the rows neither model trained on: no comparison is
+    # possible (the metrics would be noise), and the gate falls back to the floors.
+    min_comparison_positives: int = Field(30, ge=1)
 
 
 class ServingSettings(_Section):
@@ -132,12 +143,18 @@ class Settings(_Section):
         self.home = self.home.expanduser().resolve()
         if not self.storage.root:
             self.storage.root = str(self.home / "store")
-        feast_dir = self.home / "feast"
-        if not self.features.registry_path:
-            self.features.registry_path = str(feast_dir / "registry.db")
-        if not self.features.sqlite_path:
-            self.features.sqlite_path = str(feast_dir / "online.db")
+        if not self.features.dir:
+            self.features.dir = str(self.home / "feast")
         return self
+
+
+def write_settings(settings: Settings, path: str | os.PathLike[str]) -> Path:
+    """Write the effective settings as YAML (credentials are never written: they stay in the
+    environment), so that other processes, such as pipeline steps, load exactly these settings."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=True))
+    return target
 
 
 def _is_text_field(path: list[str]) -> bool:

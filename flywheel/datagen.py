@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -554,3 +555,19 @@ def _summary(result: GenerateResult, out_uri: str, days: int, seed: int, fmt: st
 
 def _relative(uri: str, base: str) -> str:
     return uri[len(base.rstrip("/")):].lstrip("/")
+
+
+def demo_dataset(storage: Storage, rows: int, days: int, seed: int) -> tuple[str, str, float]:
+    """Generated data for `flywheel run` without --source: its raw files and its own lake.
+
+    Each generated dataset is a world of its own (its cards, merchants and ids), so it gets its own
+    lake: a later run with other --rows neither mixes with nor collides with an earlier one. The same
+    parameters give the same data, generated once.
+    """
+    base = storage.uri("demo", f"generated-r{rows}-d{days}-s{seed}")
+    source, lake = f"{base}/raw", f"{base}/lake"
+    if storage.exists(f"{source}/_generation.json"):
+        return source, lake, 0.0
+    started = time.perf_counter()
+    generate(storage, source, rows=rows, days=days, seed=seed)
+    return source, lake, time.perf_counter() - started

@@ -23,6 +23,15 @@ class ArtifactNotFound(StorageError):
     """A URI names nothing."""
 
 
+class IntegrityError(StorageError):
+    """A stored artifact no longer matches the sha256 recorded when it was written (tampered or
+    corrupted): it is refused, never silently reused."""
+
+
+class LineageError(FlywheelError):
+    """A lineage record is malformed (an input without a URI)."""
+
+
 class DataError(FlywheelError):
     """Input data does not match the expected schema or is unreadable."""
 
@@ -41,6 +50,10 @@ class TrainingError(FlywheelError):
 
 class RegistryError(FlywheelError):
     """A model or version is missing from the registry, or a stage change is not allowed."""
+
+
+class GateRefused(FlywheelError):
+    """A deployment was refused because the evaluation gate did not bless the version."""
 
 
 class PipelineError(FlywheelError):

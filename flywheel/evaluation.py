@@ -1,8 +1,12 @@
 """The evaluate step: metrics on the time-based holdout, the gate, and a report.
 
-The gate blesses a candidate only if it clears an absolute floor (ROC-AUC and PR-AUC) AND is no
-worse than the production model, both scored on the same holdout. When the data came with true
-fraud probabilities, the report also gives the best achievable PR-AUC on that holdout.
+The gate blesses a candidate only if it clears absolute floors (ROC-AUC and PR-AUC on its holdout)
+AND is no worse than the production model on PR-AUC, ROC-AUC and recall at a fixed false-positive
+rate. The comparison uses only holdout rows that neither model trained on: the candidate's holdout
+from the end of production's training window on. When too few such rows (or fraud cases) remain, or
+production's training window is unknown, the report says why no comparison was possible and the
+gate falls back to the floors. The rows compared are recorded with the report.
+When the data came with true fraud probabilities, the report also gives the best achievable PR-AUC.
 """
 
 from __future__ import annotations
@@ -13,26 +17,47 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from flywheel import lineage
-from flywheel.errors import DataError
+from flywheel.config import GateSettings, Settings
+from flywheel.errors import ArtifactNotFound, DataError, StorageError
 from flywheel.registry import ModelVersion, Registry
-from flywheel.schema import LABEL
+from flywheel.schema import ID, LABEL, TIMESTAMP
 from flywheel.storage import Storage
+from flywheel.training.model import FraudModel, load_version
 
 log = logging.getLogger(__name__)
+COMPARED = ("pr_auc", "roc_auc", "recall_at_fpr")
 
 
-def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """ROC-AUC and PR-AUC (average precision) of scores against 0/1 labels."""
+def ranking_metrics(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> dict[str, float]:
+    """ROC-AUC, PR-AUC (average precision) and recall at false-positive rate ``fpr`` of scores
+    against 0/1 labels."""
     labels = np.asarray(labels).astype(int)
     if labels.min() == labels.max():
         raise DataError("the holdout has only one class: ROC-AUC and PR-AUC are undefined")
+    false_positive_rate, true_positive_rate, _ = roc_curve(labels, scores)
     return {
         "roc_auc": float(roc_auc_score(labels, scores)),
         "pr_auc": float(average_precision_score(labels, scores)),
+        "recall_at_fpr": float(true_positive_rate[false_positive_rate <= fpr].max()),
     }
+
+
+@dataclass
+class Comparison:
+    """Candidate against production on the rows neither trained on (or why there was none)."""
+
+    production_version: str
+    possible: bool
+    reason: str
+    rows: int = 0
+    positives: int = 0
+    since: str | None = None  # the rows compared are the holdout's from this time on
+    rows_uri: str | None = None  # the transaction ids compared
+    candidate: dict[str, float] = field(default_factory=dict)
+    production: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,7 +67,8 @@ class Evaluation:
     model_version: str
     metrics: dict[str, float]
     production_version: str | None
-    production_metrics: dict[str, float] | None
+    production_metrics: dict[str, float] | None  # production on the compared rows
+    comparison: dict[str, Any] | None
     truth: dict[str, float] | None
     blessed: bool
     reasons: list[str] = field(default_factory=list)
@@ -52,20 +78,83 @@ class Evaluation:
         return asdict(self)
 
 
-def gate(metrics: dict[str, float], production: dict[str, float] | None, settings: Any) -> tuple[bool, list[str]]:
-    """Bless only above the floors AND no worse than production (within the allowed regression)."""
-    cfg = settings.gate
+def gate(metrics: dict[str, float], comparison: Comparison | None, cfg: GateSettings) -> tuple[bool, list[str]]:
+    """Bless only above the floors AND, where a comparison was possible, no worse than production on
+    every compared metric (within its allowed regression). Returns (blessed, reasons for a refusal)."""
     reasons = []
     if metrics["roc_auc"] < cfg.min_roc_auc:
         reasons.append(f"ROC-AUC {metrics['roc_auc']:.4f} is below the floor {cfg.min_roc_auc:.4f}")
     if metrics["pr_auc"] < cfg.min_pr_auc:
         reasons.append(f"PR-AUC {metrics['pr_auc']:.4f} is below the floor {cfg.min_pr_auc:.4f}")
-    if production is not None and metrics["pr_auc"] < production["pr_auc"] - cfg.max_regression:
-        reasons.append(
-            f"PR-AUC {metrics['pr_auc']:.4f} is worse than production's {production['pr_auc']:.4f} "
-            f"by more than {cfg.max_regression:.4f}"
-        )
+    if comparison is not None and comparison.possible:
+        allowed = {
+            "pr_auc": cfg.max_pr_auc_regression,
+            "roc_auc": cfg.max_roc_auc_regression,
+            "recall_at_fpr": cfg.max_recall_regression,
+        }
+        for name in COMPARED:
+            ours, theirs = comparison.candidate[name], comparison.production[name]
+            if ours < theirs - allowed[name]:
+                reasons.append(
+                    f"{_LABELS[name].format(fpr=cfg.recall_at_fpr)} {ours:.4f} is worse than production "
+                    f"{comparison.production_version}'s {theirs:.4f} by more than {allowed[name]:.4f} "
+                    f"(on {comparison.rows:,} rows neither model trained on)"
+                )
     return not reasons, reasons
+
+
+_LABELS = {"pr_auc": "PR-AUC", "roc_auc": "ROC-AUC", "recall_at_fpr": "recall at FPR {fpr:g}"}
+
+
+def production_training_end(storage: Storage, production: ModelVersion) -> pd.Timestamp | None:
+    """Where production's training rows end (its training split is every row before this time), or
+    None when its training set can no longer be read."""
+    window = production.meta.get("training_window") or {}
+    if window.get("end"):
+        return pd.Timestamp(window["end"])
+    training_set_uri = (production.meta.get("training_set") or {}).get("uri")
+    if not training_set_uri:
+        return None
+    try:
+        cutoff = storage.read_json(f"{training_set_uri}/manifest.json").get("cutoff")
+    except (ArtifactNotFound, StorageError):
+        return None
+    return pd.Timestamp(cutoff) if cutoff else None
+
+
+def compare_with_production(
+    storage: Storage,
+    registry: Registry,
+    production: ModelVersion,
+    holdout: pd.DataFrame,
+    candidate_scores: np.ndarray,
+    cfg: GateSettings,
+    report_folder: str,
+) -> Comparison:
+    """Score production and the candidate on the holdout rows production did not train on."""
+    end = production_training_end(storage, production)
+    if end is None:
+        return Comparison(production.version, False, f"production {production.version}'s training window is unknown (its training set is gone)")
+    ts = pd.to_datetime(holdout[TIMESTAMP], utc=True)
+    unseen = (ts >= end).to_numpy()
+    rows = holdout[unseen]
+    labels = rows[LABEL].to_numpy()
+    comparison = Comparison(production.version, False, "", rows=len(rows), positives=int(labels.sum()), since=end.isoformat())
+    if comparison.positives < cfg.min_comparison_positives or comparison.positives == len(rows):
+        comparison.reason = (
+            f"only {len(rows):,} holdout rows ({comparison.positives} fraud) are after production "
+            f"{production.version}'s training window (which ends {end.isoformat()}); at least "
+            f"{cfg.min_comparison_positives} fraud cases are needed to compare"
+        )
+        return comparison
+    production_model: FraudModel = load_version(registry, production)
+    comparison.candidate = ranking_metrics(labels, candidate_scores[unseen], cfg.recall_at_fpr)
+    comparison.production = ranking_metrics(labels, production_model.score(rows), cfg.recall_at_fpr)
+    ref = storage.write_parquet(f"{report_folder}/comparison_rows.parquet", rows[[ID, TIMESTAMP]].reset_index(drop=True))
+    comparison.rows_uri = ref.uri
+    comparison.possible = True
+    comparison.reason = f"compared on {len(rows):,} holdout rows ({comparison.positives} fraud) from {end.isoformat()} on, which neither model trained on"
+    return comparison
 
 
 def load_truth(storage: Storage, truth_uri: str) -> pd.DataFrame:
@@ -78,56 +167,65 @@ def load_truth(storage: Storage, truth_uri: str) -> pd.DataFrame:
     return pa.concat_tables([storage.read_parquet(uri) for uri in parts]).to_pandas()
 
 
+def truth_metrics(holdout: pd.DataFrame, scores: np.ndarray, truth: pd.DataFrame) -> dict[str, float] | None:
+    """The best achievable PR-AUC on the holdout (the true probabilities as scores) and the model's share of it."""
+    if not len(truth):
+        return None
+    joined = holdout[[ID, LABEL]].assign(score=scores).merge(truth, on=ID, how="inner")
+    if not len(joined) or joined[LABEL].nunique() != 2:
+        return None
+    best = ranking_metrics(joined[LABEL].to_numpy(), joined["fraud_probability"].to_numpy())
+    model_on_same = ranking_metrics(joined[LABEL].to_numpy(), joined["score"].to_numpy())
+    return {
+        "coverage": len(joined) / len(holdout),
+        "truth_roc_auc": best["roc_auc"],
+        "truth_pr_auc": best["pr_auc"],
+        "pr_auc_vs_truth": model_on_same["pr_auc"] / best["pr_auc"] if best["pr_auc"] > 0 else float("nan"),
+    }
+
+
 def evaluate(
     storage: Storage,
-    settings: Any,
+    settings: Settings,
     training_set: Any,
     model_version: str,
     run_id: str,
     truth_uri: str = "",
 ) -> Evaluation:
-    """Score the candidate (and production) on the holdout, apply the gate, write the report."""
+    """Score the candidate on its holdout, compare it with production on clean rows, apply the gate,
+    write the report."""
+    cfg = settings.gate
     registry = Registry(storage, settings.model_name)
     holdout = storage.read_parquet(training_set.holdout_uri).to_pandas()
     labels = holdout[LABEL].to_numpy()
     candidate_version = registry.get(model_version)
-    candidate = registry.load(candidate_version)
-    scores = candidate.score(holdout)
-    metrics = ranking_metrics(labels, scores)
+    scores = load_version(registry, candidate_version).score(holdout)
+    metrics = ranking_metrics(labels, scores, cfg.recall_at_fpr)
     metrics.update(rows=float(len(holdout)), positives=float(labels.sum()), base_rate=float(labels.mean()))
 
+    report_folder = storage.uri("reports", "evaluation", run_id)
     production: ModelVersion | None = registry.production()
-    production_metrics = None
-    if production is not None:
-        production_metrics = ranking_metrics(labels, registry.load(production).score(holdout))
+    comparison = None
+    if production is not None and production.version != model_version:
+        comparison = compare_with_production(storage, registry, production, holdout, scores, cfg, report_folder)
+    blessed, reasons = gate(metrics, comparison, cfg)
+    if blessed:
+        reasons = ["cleared the floors" + (" and is no worse than production" if comparison and comparison.possible else "")]
+    if comparison is not None and not comparison.possible:
+        reasons.append(f"no comparison with production: {comparison.reason}; judged on the floors only")
 
-    truth_metrics = None
-    truth = load_truth(storage, truth_uri)
-    if len(truth):
-        joined = holdout[["transaction_id", LABEL]].assign(score=scores).merge(truth, on="transaction_id", how="inner")
-        if len(joined) and joined[LABEL].nunique() == 2:
-            best = ranking_metrics(joined[LABEL].to_numpy(), joined["fraud_probability"].to_numpy())
-            model_on_same = ranking_metrics(joined[LABEL].to_numpy(), joined["score"].to_numpy())
-            truth_metrics = {
-                "coverage": len(joined) / len(holdout),
-                "truth_roc_auc": best["roc_auc"],
-                "truth_pr_auc": best["pr_auc"],
-                "pr_auc_vs_truth": model_on_same["pr_auc"] / best["pr_auc"] if best["pr_auc"] > 0 else float("nan"),
-            }
-
-    blessed, reasons = gate(metrics, production_metrics, settings)
     result = Evaluation(
         model_version=model_version,
         metrics=metrics,
         production_version=production.version if production else None,
-        production_metrics=production_metrics,
-        truth=truth_metrics,
+        production_metrics=comparison.production if comparison and comparison.possible else None,
+        comparison=asdict(comparison) if comparison else None,
+        truth=truth_metrics(holdout, scores, load_truth(storage, truth_uri)),
         blessed=blessed,
-        reasons=reasons or ["cleared the floors and is no worse than production"],
+        reasons=reasons,
+        report_uri=f"{report_folder}/evaluation.json",
     )
-    report_uri = storage.uri("reports", "evaluation", run_id, "evaluation.json")
-    result.report_uri = report_uri
-    ref = storage.write_json(report_uri, result.to_dict())
+    ref = storage.write_json(result.report_uri, result.to_dict())
     lineage.record(
         storage,
         ref,
@@ -136,8 +234,9 @@ def evaluate(
         inputs=[
             storage.stat(training_set.holdout_uri).to_dict(),
             {"uri": candidate_version.manifest_uri, "sha256": candidate_version.sha256},
+            *([{"uri": production.manifest_uri, "sha256": production.sha256}] if production else []),
         ],
-        params={"gate": settings.gate.model_dump()},
+        params={"gate": cfg.model_dump()},
     )
     log.info("evaluate: %s blessed=%s (%s)", model_version, blessed, "; ".join(result.reasons))
     return result

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from flywheel import __version__
-from flywheel.errors import ArtifactNotFound
+from flywheel.errors import ArtifactNotFound, LineageError
 from flywheel.storage import ObjectRef, Storage, canonical_uri
 
 
@@ -70,7 +70,7 @@ def record(
     input_dicts = [i.to_dict() if isinstance(i, ObjectRef) else dict(i) for i in inputs]
     for item in input_dicts:
         if not isinstance(item.get("uri"), str) or not item["uri"]:
-            raise ValueError(f"lineage input {item!r} of {artifact.uri} has no 'uri'")
+            raise LineageError(f"lineage input {item!r} of {artifact.uri} has no 'uri'")
     entry = {
         "artifact": artifact.to_dict(),
         "step": step,

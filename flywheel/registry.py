@@ -1,23 +1,28 @@
 """The model registry: versions in storage, and which one is in production.
 
 Layout below ``<root>/models/<name>/``:
-``<version>/model.pt`` + ``model.json`` (weights and model card), ``<version>/version.json`` (written
-last: a version exists once it is there), ``keys/<training key>.json`` (so a rerun with the same
-inputs reuses its model) and ``state.json`` (the production version and the history of promotions).
+``<version>/<files>`` (whatever the saved model folder holds: weights and model card),
+``<version>/version.json`` (written last: a version exists once it is there, and it records every
+file's sha256), ``keys/<training key>.json`` (so a rerun with the same inputs reuses its model) and
+``state.json`` (the production version and the history of promotions).
+
+The registry stores and verifies files; it does not know how to build a model from them (that is
+:mod:`flywheel.training.model`), so it needs no torch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flywheel import lineage
-from flywheel.errors import ArtifactNotFound, RegistryError
+from flywheel.errors import ArtifactNotFound, IntegrityError, RegistryError
 from flywheel.storage import ObjectRef, Storage, sha256_file
-from flywheel.training.model import CARD_FILE, WEIGHTS_FILE, FraudModel
 
 
 @dataclass
@@ -27,7 +32,7 @@ class ModelVersion:
     name: str
     version: str
     uri: str
-    sha256: str  # of the weights
+    sha256: str  # of the manifest's content: every file's sha256, by name
     training_key: str
     created_at: str
     run_id: str
@@ -62,15 +67,27 @@ class Registry:
             return {"production": None, "history": []}
 
     def find_by_key(self, training_key: str) -> ModelVersion | None:
-        """The version trained from exactly these inputs, if one exists."""
+        """The version trained from exactly these inputs, if one exists, verified against its
+        checksums (a tampered version raises :class:`IntegrityError`, never is silently reused)."""
         try:
             version = self.storage.read_json(f"{self.root}/keys/{training_key}.json")["version"]
         except ArtifactNotFound:
             return None
         try:
-            return self.get(version)
+            model = self.get(version)
         except RegistryError:
             return None
+        if model.training_key != training_key:
+            raise IntegrityError(f"{self.root}/keys/{training_key}.json names {version}, which was trained from other inputs")
+        self.verify(model)
+        return model
+
+    def verify(self, model: ModelVersion) -> None:
+        """Re-hash every file of a version against its manifest."""
+        if not model.files:
+            raise IntegrityError(f"{model.manifest_uri} records no files")
+        for name, expected in model.files.items():
+            self.storage.verify(f"{model.uri}/{name}", expected)
 
     def publish(
         self,
@@ -81,13 +98,16 @@ class Registry:
         inputs: list[dict[str, Any]],
         meta: dict[str, Any],
     ) -> ModelVersion:
-        """Upload a saved model folder as a new version; its manifest is written last."""
+        """Upload every file of a saved model folder as a new version; its manifest is written last."""
         created = dt.datetime.now(dt.timezone.utc)
         version = f"{created:%Y%m%d-%H%M%S}-{training_key[:8]}"
         uri = f"{self.root}/{version}"
         files: dict[str, str] = {}
         refs: list[ObjectRef] = []
-        for name in (WEIGHTS_FILE, CARD_FILE):
+        names = sorted(p.name for p in Path(folder).iterdir() if p.is_file())
+        if not names:
+            raise RegistryError(f"{folder} holds no model files to publish")
+        for name in names:
             ref = self.storage.upload_file(Path(folder) / name, f"{uri}/{name}")
             lineage.record(self.storage, ref, step="train", run_id=run_id, inputs=inputs, params=meta.get("params", {}))
             files[name] = ref.sha256
@@ -96,7 +116,7 @@ class Registry:
             name=self.name,
             version=version,
             uri=uri,
-            sha256=files[WEIGHTS_FILE],
+            sha256=hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
             training_key=training_key,
             created_at=created.isoformat(),
             run_id=run_id,
@@ -145,8 +165,8 @@ class Registry:
         lineage.record(self.storage, ref, step="deploy", run_id=run_id, inputs=[{"uri": model.manifest_uri, "sha256": model.sha256}])
         return model
 
-    def load(self, version: str | ModelVersion, cache_dir: str | Path | None = None) -> FraudModel:
-        """Download a version's files, check their sha256 against the manifest, and load the model."""
+    def download(self, version: str | ModelVersion, cache_dir: str | Path | None = None) -> tuple[ModelVersion, Path]:
+        """Download a version's files into a local folder and check each sha256 against the manifest."""
         model = version if isinstance(version, ModelVersion) else self.get(version)
         folder = Path(cache_dir or tempfile.mkdtemp(prefix="flywheel-model-")) / model.version
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,5 +174,5 @@ class Registry:
             target = folder / name
             self.storage.download_file(f"{model.uri}/{name}", target)
             if sha256_file(target) != expected:
-                raise RegistryError(f"{model.uri}/{name} does not match its recorded sha256: the version is corrupt")
-        return FraudModel.load(folder)
+                raise IntegrityError(f"{model.uri}/{name} does not match its recorded sha256: the version is corrupt")
+        return model, folder

@@ -88,7 +88,7 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
 
 def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """Feature tables, Feast apply + materialize, and the point-in-time training set."""
-    from flywheel.features import build_features
+    from flywheel.features.build import build_features
     from flywheel.ingest import LakeSnapshot
 
     settings, storage = _context(settings)
@@ -109,7 +109,7 @@ def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
 
 def train_step(training_set: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """DDP training through torchrun; returns the published model version."""
-    from flywheel.features import TrainingSet
+    from flywheel.features.build import TrainingSet
     from flywheel.training import train
 
     settings, storage = _context(settings)
@@ -130,7 +130,7 @@ def evaluate_step(
 ) -> dict[str, Any]:
     """Metrics on the holdout and the gate's decision."""
     from flywheel.evaluation import evaluate
-    from flywheel.features import TrainingSet
+    from flywheel.features.build import TrainingSet
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "evaluate") as record:
@@ -141,6 +141,7 @@ def evaluate_step(
             metrics=result.metrics,
             production=result.production_version,
             production_metrics=result.production_metrics,
+            comparison=result.comparison,
             truth=result.truth,
             blessed=result.blessed,
             reasons=result.reasons,
@@ -151,7 +152,7 @@ def evaluate_step(
 
 def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """Promote the blessed version to production."""
-    from flywheel.deploy import deploy
+    from flywheel.deploy.promote import deploy
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "deploy") as record:

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from flywheel.errors import ArtifactNotFound, StorageError
+from flywheel.errors import ArtifactNotFound, IntegrityError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -443,6 +443,22 @@ class Storage:
 
     def delete(self, uri: str) -> None:
         self._backend(uri).delete(uri)
+
+    def verify(self, uri: str, sha256: str) -> ObjectRef:
+        """Re-hash a stored object and check it against the sha256 recorded when it was written.
+
+        Raises :class:`IntegrityError` (naming the object, both hashes and the way out) when they
+        differ, and :class:`ArtifactNotFound` when the object is gone.
+        """
+        data = self.read_bytes(uri)
+        actual = sha256_bytes(data)
+        if actual != sha256:
+            raise IntegrityError(
+                f"{uri} does not match the sha256 recorded when it was written (recorded {sha256[:16]}..., "
+                f"now {actual[:16]}...): it was modified or corrupted after publication and is refused. "
+                "Delete the artifact's folder to have it rebuilt from its inputs."
+            )
+        return ObjectRef(uri, actual, len(data))
 
     def write_parquet(self, uri: str, table: Any) -> ObjectRef:
         """Write a pyarrow Table (or pandas DataFrame) as one parquet object."""

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from kfp import compiler, dsl
 
 import components
-from flywheel.config import Settings, load_settings
+from flywheel.config import Settings, load_settings, write_settings
 
 PIPELINE_NAME = "flywheel-training"
 S3_SECRET = "flywheel-s3"  # Kubernetes Secret with keys `accesskey` and `secretkey`
@@ -38,6 +38,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
                 secret_key_to_env={"accesskey": "FLYWHEEL_S3_ACCESS_KEY", "secretkey": "FLYWHEEL_S3_SECRET_KEY"},
             )
         task.set_env_variable("FLYWHEEL_MODEL_NAME", settings.model_name)
+        task.set_container_image(settings.image)
         return task
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Ingest, validate, build features, train, gate and deploy the fraud model.")
@@ -99,20 +100,23 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
         pipeline_root=str(kfp_root / "outputs"),
         raise_on_error=True,
     )
-    # Steps run as subprocesses: they must see the same settings.
-    os.environ["FLYWHEEL_HOME"] = str(settings.home)
     # Each step leaves a temporary folder behind (kfp.local's mktemp): keep them in one place, then remove it.
     scratch = Path(tempfile.mkdtemp(prefix="steps-", dir=kfp_root))
-    previous_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(scratch)
+    # Steps run as subprocesses: they load exactly these settings (whatever file, variables and
+    # defaults made them) from a file written for the run; credentials stay in the environment.
+    settings_file = write_settings(settings, settings.home / "runs" / run_id / "settings.yaml")
+    step_env = {"FLYWHEEL_HOME": str(settings.home), "FLYWHEEL_CONFIG": str(settings_file), "TMPDIR": str(scratch)}
+    previous = {name: os.environ.get(name) for name in step_env}
+    os.environ.update(step_env)
     try:
         pipeline = create_pipeline(settings)
         started = time.perf_counter()
         result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri)
         return result, time.perf_counter() - started
     finally:
-        if previous_tmpdir is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous_tmpdir
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(scratch, ignore_errors=True)

@@ -15,11 +15,14 @@ import pandas as pd
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from flywheel.config import Settings
 from flywheel.errors import RegistryError
+from flywheel.features.build import world_of_model
 from flywheel.features.store import online_features, open_store
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from serving.requests import transactions_frame, v1_instances, v2_instances
+from flywheel.training.model import load_version
+from serving.requests import json_body, transactions_frame, v1_instances, v2_instances
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +30,31 @@ log = logging.getLogger(__name__)
 class FraudPredictor(kserve.Model):
     """Scores card transactions with the registry's production model and Feast online features."""
 
-    def __init__(self, name: str, settings: Any) -> None:
+    def __init__(self, name: str, settings: Settings) -> None:
         super().__init__(name)
         self.settings = settings
         self.model: Any = None
         self.store: Any = None
         self.version: str | None = None
+        self.world: str | None = None
 
     def load(self) -> bool:
-        """Load the production model and open the online store; ready only once both are there."""
+        """Load the production model and open the online store of its feature world (the features
+        it was trained with); ready only once both are there."""
         import torch
 
         torch.set_num_threads(self.settings.serving.torch_threads)
-        registry = Registry(Storage.from_settings(self.settings), self.settings.model_name)
+        storage = Storage.from_settings(self.settings)
+        registry = Registry(storage, self.settings.model_name)
         production = registry.production()
         if production is None:
             raise RegistryError(
                 f"model {self.settings.model_name!r} has no production version yet: run `flywheel run` first"
             )
-        self.model = registry.load(production, cache_dir=self.settings.home / "serving" / "models")
+        self.model = load_version(registry, production, cache_dir=self.settings.home / "serving" / "models")
         self.version = production.version
-        self.store = open_store(self.settings)
+        self.world = world_of_model(storage, production.meta)
+        self.store = open_store(self.settings, self.world)
         self.ready = True
         log.info("loaded %s version %s", self.name, self.version)
         return self.ready
@@ -59,7 +66,8 @@ class FraudPredictor(kserve.Model):
         frame = pd.concat([transactions.reset_index(drop=True), features.reset_index(drop=True)], axis=1)
         return [float(p) for p in self.model.score(frame)]
 
-    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
+    def predict(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
+        payload = json_body(payload)
         if isinstance(payload, InferRequest):
             probabilities = self.score(transactions_frame(v2_instances(payload)))
             output = InferOutput(name="fraud_probability", shape=[len(probabilities)], datatype="FP32", data=probabilities)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -81,6 +82,20 @@ def transactions_frame(instances: Any) -> pd.DataFrame:
         if name not in frame:
             frame[name] = None
     return frame
+
+
+def json_body(body: Any) -> Any:
+    """A request body as JSON, whatever its Content-Type claimed.
+
+    KServe parses a body as JSON only when it is sent as application/json; `curl -d` sends a form
+    type, and such a body reaches the model as bytes. Inference servers accept JSON either way.
+    """
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        try:
+            return json.loads(bytes(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    return body
 
 
 def v1_instances(body: Any) -> list[Any]:

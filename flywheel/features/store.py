@@ -1,4 +1,11 @@
-"""Feast, configured from the settings: apply, materialize, point-in-time joins and online reads."""
+"""Feast, configured from the settings: apply, materialize, point-in-time joins and online reads.
+
+Every training set gets a *feature world*: its own Feast registry and online store (a SQLite file,
+or a Feast project of its own in Redis), named after the training set's content key. The features
+step applies and materializes into the new world; serving opens the world of the production model.
+So a run whose model is not promoted never changes the features production reads, and the
+production model always reads the features it was trained with.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from flywheel.config import Settings
 from flywheel.errors import FeatureStoreError
 from flywheel.features.definitions import (
     CARD_FEATURES,
@@ -27,23 +35,28 @@ JOIN_CHUNK_ROWS = 25_000
 VIEWS = [(CARD_VIEW, "card_id", CARD_FEATURES), (MERCHANT_VIEW, "merchant_id", MERCHANT_FEATURES)]
 
 
-def repo_config(settings: Any) -> Any:
-    """A Feast RepoConfig from the settings (SQLite or Redis online store, file offline store)."""
+def world_dir(settings: Settings, world: str) -> Path:
+    """The folder of one feature world (its registry, and its SQLite online store)."""
+    if not world or not world.isalnum():
+        raise FeatureStoreError(f"invalid feature world {world!r}: expected the hex key of a training set")
+    return Path(settings.features.dir) / "worlds" / world
+
+
+def repo_config(settings: Settings, world: str) -> Any:
+    """A Feast RepoConfig for one feature world (SQLite or Redis online store, file offline store)."""
     from feast.repo_config import RepoConfig
 
     feast_cfg = settings.features
-    Path(feast_cfg.registry_path).parent.mkdir(parents=True, exist_ok=True)
+    folder = world_dir(settings, world)
+    folder.mkdir(parents=True, exist_ok=True)
     if feast_cfg.online_store == "sqlite":
-        Path(feast_cfg.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
-        online: dict[str, Any] = {"type": "sqlite", "path": feast_cfg.sqlite_path}
-    elif feast_cfg.online_store == "redis":
-        online = {"type": "redis", "connection_string": feast_cfg.redis_connection}
+        online: dict[str, Any] = {"type": "sqlite", "path": str(folder / "online.db")}
     else:
-        raise FeatureStoreError(f"online store {feast_cfg.online_store!r} is not supported: use sqlite or redis")
+        online = {"type": "redis", "connection_string": feast_cfg.redis_connection}
     return RepoConfig(
-        project=feast_cfg.project,
+        project=f"{feast_cfg.project}_{world}",
         provider="local",
-        registry=feast_cfg.registry_path,
+        registry=str(folder / "registry.db"),
         online_store=online,
         offline_store={"type": "file"},
         entity_key_serialization_version=3,
@@ -51,11 +64,11 @@ def repo_config(settings: Any) -> Any:
     )
 
 
-def open_store(settings: Any) -> Any:
-    """The Feast FeatureStore for these settings."""
+def open_store(settings: Settings, world: str) -> Any:
+    """The Feast FeatureStore of one feature world."""
     from feast import FeatureStore
 
-    return FeatureStore(config=repo_config(settings))
+    return FeatureStore(config=repo_config(settings, world))
 
 
 def apply_definitions(store: Any, card_table_path: str, merchant_table_path: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from flywheel.features.transform import FeatureSpec
+
+if TYPE_CHECKING:
+    from flywheel.registry import ModelVersion, Registry
 
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model.json"
@@ -68,3 +71,9 @@ class FraudModel:
         module.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         module.eval()
         return cls(module, spec, card["meta"])
+
+
+def load_version(registry: "Registry", version: "str | ModelVersion", cache_dir: str | Path | None = None) -> FraudModel:
+    """A registered version as a model: its files downloaded and verified by the registry, then loaded."""
+    _, folder = registry.download(version, cache_dir)
+    return FraudModel.load(folder)

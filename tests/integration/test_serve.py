@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -122,6 +123,17 @@ def test_malformed_requests_get_400_with_a_message(server, path, body, message):
 def test_invalid_json_is_a_client_error_not_a_500(server):
     base, _ = server
     for path in ("/v1/models/fraud:predict", "/v2/models/fraud/infer"):
-        response = httpx.post(f"{base}{path}", content=b"{not json", headers={"content-type": "application/json"}, timeout=10)
-        assert response.status_code == 400, (path, response.status_code, response.text)
-        assert response.json().get("error")
+        for content_type in ("application/json", "application/x-www-form-urlencoded"):
+            response = httpx.post(f"{base}{path}", content=b"{not json", headers={"content-type": content_type}, timeout=10)
+            assert response.status_code == 400, (path, content_type, response.status_code, response.text)
+            assert response.json().get("error")
+
+
+def test_a_json_body_sent_as_a_form_is_scored_like_json(server):
+    """`curl -d` sends application/x-www-form-urlencoded: the JSON body must still be read."""
+    base, loop = server
+    body = json.dumps({"instances": [known_transaction(loop)]}).encode()
+    response = httpx.post(f"{base}/v1/models/fraud:predict", content=body,
+                          headers={"content-type": "application/x-www-form-urlencoded"}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["model_version"] == loop["model"]["version"]

@@ -27,9 +27,8 @@ def test_defaults_are_rooted_at_flywheel_home(flywheel_home: Settings, tmp_path:
     home = (tmp_path / "flywheel-home").resolve()
     assert flywheel_home.home == home
     assert flywheel_home.storage.root == str(home / "store")
-    assert flywheel_home.features.registry_path == str(home / "feast" / "registry.db")
-    assert flywheel_home.features.sqlite_path == str(home / "feast" / "online.db")
-    for path in (flywheel_home.home, flywheel_home.storage.root, flywheel_home.features.registry_path):
+    assert flywheel_home.features.dir == str(home / "feast")
+    for path in (flywheel_home.home, flywheel_home.storage.root, flywheel_home.features.dir):
         assert Path(path).is_absolute()
     assert flywheel_home.training.epochs == 6  # an embedded default
     assert flywheel_home.storage.access_key is None and flywheel_home.storage.secret_key is None
@@ -124,7 +123,7 @@ def test_env_values_are_typed(tmp_path: Path) -> None:
         ("FLYWHEEL_FEATURES__PROJECT", "no", lambda s: s.features.project),  # YAML would say False
         ("FLYWHEEL_STORAGE__S3_REGION", "1:30", lambda s: s.storage.s3_region),  # YAML 1.1: 90
         ("FLYWHEEL_MODEL_NAME", "0123", lambda s: s.model_name),  # YAML: the number 123
-        ("FLYWHEEL_FEATURES__ONLINE_STORE", "null", lambda s: s.features.online_store),
+        ("FLYWHEEL_FEATURES__REDIS_CONNECTION", "null", lambda s: s.features.redis_connection),
     ],
 )
 def test_env_text_fields_stay_verbatim(tmp_path: Path, name: str, raw: str, read) -> None:

@@ -1,24 +1,55 @@
-"""The gate: an absolute floor AND no worse than production."""
+"""The gate at the real default thresholds: absolute floors AND no worse than production on clean rows."""
 
 import numpy as np
 import pytest
 
-from flywheel.config import load_settings
+from flywheel.config import GateSettings, load_settings
 from flywheel.errors import DataError
-from flywheel.evaluation import gate, ranking_metrics
+from flywheel.evaluation import Comparison, gate, ranking_metrics
+
+DEFAULTS = GateSettings()
 
 
-@pytest.fixture
-def settings(tmp_path):
-    return load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_GATE__MIN_PR_AUC": "0.3",
-                              "FLYWHEEL_GATE__MIN_ROC_AUC": "0.8", "FLYWHEEL_GATE__MAX_REGRESSION": "0.01"})
+def naive_recall_at_fpr(labels, scores, fpr):
+    """Oracle: the best recall over every threshold whose false-positive rate is at most ``fpr``."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    best = 0.0
+    for threshold in np.unique(scores):
+        flagged = scores >= threshold
+        if flagged[labels == 0].mean() <= fpr:
+            best = max(best, flagged[labels == 1].mean())
+    return best
 
 
-def test_ranking_metrics_of_a_perfect_and_a_random_scorer():
+def comparison(candidate, production, rows=5000, positives=80):
+    return Comparison("prod-v1", True, "compared", rows=rows, positives=positives, candidate=candidate, production=production)
+
+
+def good(**changes):
+    metrics = {"roc_auc": 0.90, "pr_auc": 0.30, "recall_at_fpr": 0.40}
+    metrics.update(changes)
+    return metrics
+
+
+def test_the_defaults_are_the_documented_floors():
+    settings = load_settings(env={})
+    assert settings.gate == DEFAULTS
+    assert (DEFAULTS.min_roc_auc, DEFAULTS.min_pr_auc, DEFAULTS.recall_at_fpr) == (0.80, 0.20, 0.01)
+
+
+def test_ranking_metrics_of_a_perfect_and_a_reversed_scorer():
     labels = np.array([0, 0, 0, 1, 1])
-    assert ranking_metrics(labels, np.array([0.1, 0.2, 0.3, 0.8, 0.9])) == {"roc_auc": 1.0, "pr_auc": 1.0}
+    assert ranking_metrics(labels, np.array([0.1, 0.2, 0.3, 0.8, 0.9])) == {"roc_auc": 1.0, "pr_auc": 1.0, "recall_at_fpr": 1.0}
     reversed_ = ranking_metrics(labels, np.array([0.9, 0.8, 0.7, 0.2, 0.1]))
-    assert reversed_["roc_auc"] == 0.0
+    assert reversed_["roc_auc"] == 0.0 and reversed_["recall_at_fpr"] == 0.0
+
+
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
+def test_recall_at_fpr_matches_a_naive_threshold_sweep(fpr):
+    rng = np.random.default_rng(3)
+    labels = (rng.random(3000) < 0.05).astype(int)
+    scores = np.round(rng.normal(labels * 1.5, 1.0), 2)  # rounded: ties, as real scores have
+    assert ranking_metrics(labels, scores, fpr)["recall_at_fpr"] == pytest.approx(naive_recall_at_fpr(labels, scores, fpr))
 
 
 def test_one_class_holdout_is_a_clear_error():
@@ -26,19 +57,50 @@ def test_one_class_holdout_is_a_clear_error():
         ranking_metrics(np.zeros(10), np.random.rand(10))
 
 
-def test_first_model_needs_only_the_floors(settings):
-    assert gate({"roc_auc": 0.9, "pr_auc": 0.4}, None, settings) == (True, [])
+def test_first_model_needs_only_the_floors():
+    assert gate(good(), None, DEFAULTS) == (True, [])
 
 
-def test_below_the_floor_is_not_blessed_even_without_production(settings):
-    blessed, reasons = gate({"roc_auc": 0.75, "pr_auc": 0.4}, None, settings)
-    assert not blessed and "ROC-AUC 0.7500 is below the floor 0.8000" in reasons[0]
+@pytest.mark.parametrize(
+    "metrics, message",
+    [
+        (good(roc_auc=0.79), "ROC-AUC 0.7900 is below the floor 0.8000"),
+        (good(pr_auc=0.19), "PR-AUC 0.1900 is below the floor 0.2000"),
+    ],
+)
+def test_below_a_default_floor_is_not_blessed_even_without_production(metrics, message):
+    blessed, reasons = gate(metrics, None, DEFAULTS)
+    assert not blessed and reasons == [message]
 
 
-def test_worse_than_production_is_not_blessed(settings):
-    blessed, reasons = gate({"roc_auc": 0.9, "pr_auc": 0.40}, {"roc_auc": 0.9, "pr_auc": 0.45}, settings)
-    assert not blessed and "worse than production" in reasons[0]
+@pytest.mark.parametrize(
+    "candidate, label",
+    [
+        (good(pr_auc=0.28), "PR-AUC 0.2800 is worse than production prod-v1's 0.3000"),
+        (good(roc_auc=0.885), "ROC-AUC 0.8850 is worse than production prod-v1's 0.9000"),
+        (good(recall_at_fpr=0.37), "recall at FPR 0.01 0.3700 is worse than production prod-v1's 0.4000"),
+    ],
+)
+def test_worse_than_production_on_any_compared_metric_is_not_blessed(candidate, label):
+    blessed, reasons = gate(candidate, comparison(candidate, good()), DEFAULTS)
+    assert not blessed
+    assert len(reasons) == 1 and reasons[0].startswith(label) and "5,000 rows neither model trained on" in reasons[0]
 
 
-def test_within_the_allowed_regression_is_blessed(settings):
-    assert gate({"roc_auc": 0.9, "pr_auc": 0.445}, {"roc_auc": 0.9, "pr_auc": 0.45}, settings)[0]
+def test_within_the_allowed_regressions_is_blessed():
+    candidate = good(pr_auc=0.291, roc_auc=0.891, recall_at_fpr=0.381)
+    assert gate(candidate, comparison(candidate, good()), DEFAULTS) == (True, [])
+
+
+def test_the_comparison_uses_the_compared_rows_not_the_holdout_metrics():
+    """Production is judged against the candidate's metrics on the SAME clean rows, not the full holdout."""
+    holdout = good(pr_auc=0.35)  # the candidate on its whole holdout
+    on_clean_rows = good(pr_auc=0.25)
+    blessed, reasons = gate(holdout, comparison(on_clean_rows, good(pr_auc=0.30)), DEFAULTS)
+    assert not blessed and "0.2500 is worse than production" in reasons[0]
+
+
+def test_an_impossible_comparison_falls_back_to_the_floors():
+    impossible = Comparison("prod-v1", False, "only 12 fraud cases")
+    assert gate(good(), impossible, DEFAULTS) == (True, [])
+    assert not gate(good(pr_auc=0.1), impossible, DEFAULTS)[0]

@@ -7,7 +7,8 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from flywheel.config import load_settings
-from flywheel.features import compute, split_by_time
+from flywheel.features import compute
+from flywheel.features.build import split_by_time
 from flywheel.features import store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from tests import factories
@@ -70,7 +71,7 @@ def feast_join(tmp_path_factory):
     card_table, merchant_table = compute.card_feature_table(tx), compute.merchant_feature_table(tx)
     card_table.to_parquet(home / "card.parquet")
     merchant_table.to_parquet(home / "merchant.parquet")
-    store = feast_store.open_store(settings)
+    store = feast_store.open_store(settings, "testworld")
     feast_store.apply_definitions(store, str(home / "card.parquet"), str(home / "merchant.parquet"))
     joined = feast_store.historical_features(store, tx, chunk_rows=250)
     return tx, card_table, merchant_table, joined, store
@@ -114,10 +115,23 @@ def test_own_transaction_is_not_in_its_features(feast_join):
 
 def test_feature_row_after_event_time_is_not_used(feast_join):
     tx, card_table, _, joined, _ = feast_join
-    # A card's first transaction has no earlier feature row: its card features are missing.
-    first = tx.sort_values("ts").groupby("card_id").head(1).transaction_id
-    firsts = joined[joined.transaction_id.isin(first)]
-    assert firsts[list(CARD_FEATURES)].isna().all().all()
+    # Every transaction that has later feature rows of its card (all but each card's last) must see
+    # the card's last row strictly BEFORE it: recomputed here from the table with a plain loop.
+    rows = joined.set_index("transaction_id")
+    stamps = {card: sorted(group.event_timestamp) for card, group in card_table.groupby("card_id")}
+    checked = 0
+    for txn in tx.itertuples():
+        times = stamps[txn.card_id]
+        if times[-1] <= txn.ts:
+            continue  # no feature row after this transaction
+        earlier = [t for t in times if t < txn.ts]
+        seen = rows.loc[txn.transaction_id, "card_last_txn_unix"]
+        if not earlier:
+            assert pd.isna(seen), txn.transaction_id  # a card's first transaction has no features yet
+        else:
+            assert seen == pytest.approx(earlier[-1].timestamp()), txn.transaction_id
+        checked += 1
+    assert checked > len(tx) / 2
 
 
 def test_online_store_serves_latest_values_after_materialize(feast_join):

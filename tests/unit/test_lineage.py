@@ -9,6 +9,7 @@ import pytest
 
 from flywheel import lineage
 from flywheel.config import Settings
+from flywheel.errors import LineageError
 from flywheel.storage import ObjectRef, Storage, sha256_file
 
 
@@ -68,7 +69,7 @@ def test_file_uri_and_path_share_one_record(storage: Storage) -> None:
 
 def test_input_without_uri_is_refused(storage: Storage) -> None:
     out = write(storage, "o.bin", b"o")
-    with pytest.raises(ValueError, match="uri"):
+    with pytest.raises(LineageError, match="uri"):
         lineage.record(storage, out, step="s", run_id="r", inputs=[{"sha256": "abc"}])
 
 

@@ -3,11 +3,11 @@
 import pandas as pd
 import pytest
 
-from flywheel.errors import RegistryError
+from flywheel.errors import IntegrityError, RegistryError
 from flywheel.features.transform import FeatureSpec
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from flywheel.training.model import FraudMLP, FraudModel
+from flywheel.training.model import FraudMLP, FraudModel, load_version
 from tests.unit.test_transform import frame
 
 
@@ -29,7 +29,7 @@ def test_publish_promote_load(tmp_path, saved_model):
     assert registry.find_by_key("b" * 64) is None
     registry.promote(v1.version, run_id="r1")
     assert registry.production().version == v1.version
-    loaded = registry.load(v1.version, cache_dir=tmp_path / "cache")
+    loaded = load_version(registry, v1.version, cache_dir=tmp_path / "cache")
     assert loaded.score(frame()) == pytest.approx(model.score(frame()))
 
 
@@ -39,8 +39,30 @@ def test_a_corrupt_version_is_refused_on_load(tmp_path, saved_model):
     registry = Registry(storage, "fraud")
     version = registry.publish(folder, training_key="c" * 64, run_id="r1", inputs=[], meta={"hidden": [8]})
     storage.write_bytes(f"{version.uri}/model.pt", b"not the weights")
-    with pytest.raises(RegistryError, match="does not match its recorded sha256"):
-        registry.load(version.version, cache_dir=tmp_path / "cache")
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        load_version(registry, version.version, cache_dir=tmp_path / "cache")
+
+
+def test_a_tampered_version_is_refused_not_reused(tmp_path, saved_model):
+    """A rerun with the same training key must not silently reuse a model whose files changed."""
+    folder, _ = saved_model
+    storage = Storage(str(tmp_path / "store"))
+    registry = Registry(storage, "fraud")
+    version = registry.publish(folder, training_key="d" * 64, run_id="r1", inputs=[], meta={"hidden": [8]})
+    weights = f"{version.uri}/model.pt"
+    storage.write_bytes(weights, storage.read_bytes(weights) + b"\0")
+    with pytest.raises(IntegrityError, match="model.pt does not match the sha256 recorded"):
+        registry.find_by_key("d" * 64)
+
+
+def test_the_registry_needs_no_torch():
+    """The registry stores and verifies files; importing it must not import torch (nor training)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flywheel.registry; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('flywheel.training')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_unknown_version_and_bad_names_are_clear_errors(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from flywheel.config import load_settings
 from flywheel.errors import TrainingError
-from flywheel.features import TrainingSet
+from flywheel.features.build import TrainingSet
 from flywheel.storage import Storage
 from flywheel.training import run_torchrun, train
 from tests.unit.test_transform import frame

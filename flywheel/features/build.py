@@ -1,0 +1,273 @@
+"""The features step: aggregates from the lake, Feast apply + materialize, a point-in-time training set.
+
+Everything here is content-addressed by one key: the lake snapshot, the code that computes features
+and joins them (derived from this module's imports, see :mod:`flywheel.fingerprint`) and the
+settings that shape the split. A rerun with the same key reuses the offline tables and the training
+set after re-hashing them against the sha256 recorded when they were written; a change of any of
+the three builds new ones. The key also names the feature world (see :mod:`flywheel.features.store`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from flywheel import lineage
+from flywheel.config import Settings
+from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
+from flywheel.features import compute, definitions, store as feast_store
+from flywheel.fingerprint import code_fingerprint
+from flywheel.schema import LABEL
+from flywheel.storage import ObjectRef, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSet:
+    """A point-in-time-correct training set, split by time, identified by the hash of what made it."""
+
+    uri: str
+    key: str  # sha256 of the inputs: lake snapshot, feature code, split
+    sha256: str  # sha256 of the content: the train and holdout files' sha256s, in that order
+    train_uri: str
+    holdout_uri: str
+    rows: int
+    train_rows: int
+    holdout_rows: int
+    positives: int
+    holdout_positives: int
+    cutoff: str
+    snapshot_sha256: str
+    feature_refs: list[str] = field(default_factory=definitions.feature_refs)
+    files: dict[str, str] = field(default_factory=dict)  # train/holdout URI -> sha256
+    reused: bool = False
+
+    @property
+    def manifest_uri(self) -> str:
+        return f"{self.uri}/manifest.json"
+
+    @property
+    def world(self) -> str:
+        """The feature world (Feast registry and online store) built with this training set."""
+        return feature_world(self.key)
+
+    def verify(self, storage: Storage) -> None:
+        """Re-hash the train and holdout files against the sha256s recorded at publication."""
+        if not self.files:
+            raise DataError(f"training set {self.manifest_uri} records no file checksums; delete {self.uri} to rebuild it")
+        for uri, sha in self.files.items():
+            storage.verify(uri, sha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingSet":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class FeaturesResult:
+    training_set: TrainingSet
+    card_table_uri: str
+    merchant_table_uri: str
+    materialized_cards: int
+    materialized_merchants: int
+    seconds: dict[str, float]
+
+
+def feature_world(key: str) -> str:
+    """The name of the feature world of a training set key."""
+    return key[:16]
+
+
+def features_key(snapshot_sha256: str, settings: Settings) -> str:
+    """The content key of the offline tables and the training set: the lake snapshot, the code that
+    makes them (this module and everything it imports) and the settings that shape them."""
+    shaping = {"holdout_fraction": settings.data.holdout_fraction}
+    code = code_fingerprint(__name__)
+    return hashlib.sha256(json.dumps([snapshot_sha256, code, shaping], sort_keys=True).encode()).hexdigest()
+
+
+def world_of_model(storage: Storage, model_meta: dict[str, Any]) -> str:
+    """The feature world a model version was trained with (from its meta, else its training set's
+    manifest): the online features it must be served with."""
+    if model_meta.get("feature_world"):
+        return str(model_meta["feature_world"])
+    training_set_uri = (model_meta.get("training_set") or {}).get("uri")
+    try:
+        key = storage.read_json(f"{training_set_uri}/manifest.json")["key"] if training_set_uri else ""
+    except (ArtifactNotFound, KeyError):
+        key = ""
+    if not key:
+        raise FeatureStoreError(
+            "the model's feature world is unknown (its meta names no training set with a key): retrain it with `flywheel run`"
+        )
+    return feature_world(key)
+
+
+def latest_tables(storage: Storage) -> tuple[str, str]:
+    """The card and merchant offline tables (as Feast reads them) that the latest features step applied."""
+    try:
+        latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
+    except ArtifactNotFound:
+        raise FeatureStoreError("no feature tables yet: run `flywheel run` first") from None
+    return latest["feast_card"], latest["feast_merchant"]
+
+
+def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
+    """The last ``holdout_fraction`` of the time span is the holdout; everything before is training."""
+    ts = pd.to_datetime(frame["ts"], utc=True)
+    start, end = ts.min(), ts.max()
+    cutoff = start + (end - start) * (1 - holdout_fraction)
+    return frame[ts < cutoff], frame[ts >= cutoff], cutoff
+
+
+def build_features(storage: Storage, settings: Settings, snapshot: Any, run_id: str) -> FeaturesResult:
+    """Compute feature tables from a lake snapshot, apply and materialize them into the snapshot's
+    feature world, and build the point-in-time training set."""
+    from flywheel.ingest import read_snapshot
+
+    seconds: dict[str, float] = {}
+    key = features_key(snapshot.sha256, settings)
+    world = feature_world(key)
+
+    started = time.perf_counter()
+    transactions = read_snapshot(storage, snapshot).to_pandas()
+    if transactions.empty:
+        raise DataError(f"lake snapshot {snapshot.uri} holds no transactions")
+    seconds["read_lake"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, run_id)
+    # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
+    feast_dir = feast_store.world_dir(settings, world) / "offline"
+    feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
+    storage.write_json(
+        storage.uri("features", "offline", "latest.json"),
+        {"card": card_uri, "merchant": merchant_uri, "feast_card": feast_card, "feast_merchant": feast_merchant, "key": key},
+    )
+    seconds["compute"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    fs = feast_store.open_store(settings, world)
+    feast_store.apply_definitions(fs, feast_card, feast_merchant)
+    ts = pd.to_datetime(transactions["ts"], utc=True)
+    feast_store.materialize(fs, ts.min().to_pydatetime() - dt.timedelta(seconds=1), ts.max().to_pydatetime() + dt.timedelta(seconds=1))
+    seconds["apply_materialize"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    dataset_uri = storage.uri("datasets", "training", key[:16])
+    training_set = _reusable_training_set(storage, f"{dataset_uri}/manifest.json", key)
+    if training_set is None:
+        training_set = _write_training_set(
+            storage, fs, transactions, dataset_uri, key, snapshot, settings.data.holdout_fraction, run_id, [card_uri, merchant_uri]
+        )
+    seconds["training_set"] = time.perf_counter() - started
+    log.info("features: %s", ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    return FeaturesResult(
+        training_set=training_set,
+        card_table_uri=card_uri,
+        merchant_table_uri=merchant_uri,
+        materialized_cards=int(transactions["card_id"].nunique()),
+        materialized_merchants=int(transactions["merchant_id"].nunique()),
+        seconds=seconds,
+    )
+
+
+def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snapshot: Any, run_id: str) -> tuple[str, str]:
+    """The card and merchant offline tables of this key: reused (after re-hashing them against their
+    manifest) or computed and published with a manifest written last."""
+    tables_uri = storage.uri("features", "offline", key[:16])
+    card_uri = f"{tables_uri}/card_features.parquet"
+    merchant_uri = f"{tables_uri}/merchant_features.parquet"
+    manifest_uri = f"{tables_uri}/manifest.json"
+    try:
+        manifest = storage.read_json(manifest_uri)
+    except ArtifactNotFound:
+        manifest = None
+    if manifest is not None and manifest.get("key") == key:
+        for uri, sha in manifest["files"].items():
+            storage.verify(uri, sha)
+        log.info("features: reusing offline tables %s (verified)", tables_uri)
+        return card_uri, merchant_uri
+    snapshot_ref = {"uri": snapshot.uri, "sha256": snapshot.sha256}
+    files = {}
+    for uri, table in ((card_uri, compute.card_feature_table(transactions)), (merchant_uri, compute.merchant_feature_table(transactions))):
+        ref = storage.write_parquet(uri, table)
+        lineage.record(storage, ref, step="features", run_id=run_id, inputs=[snapshot_ref], params={"key": key})
+        files[uri] = ref.sha256
+    storage.write_json(manifest_uri, {"key": key, "files": files})
+    return card_uri, merchant_uri
+
+
+def _reusable_training_set(storage: Storage, manifest_uri: str, key: str) -> TrainingSet | None:
+    """The published training set of this key, verified against its checksums; None if there is none."""
+    try:
+        data = storage.read_json(manifest_uri)
+    except ArtifactNotFound:
+        return None
+    training_set = TrainingSet.from_dict(data)
+    if training_set.key != key:
+        raise DataError(f"{manifest_uri} describes training set {training_set.key[:16]}, not {key[:16]}; delete it to rebuild")
+    training_set.verify(storage)
+    training_set.reused = True
+    log.info("features: reusing training set %s (verified)", training_set.uri)
+    return training_set
+
+
+def _write_training_set(
+    storage: Storage,
+    fs: Any,
+    transactions: pd.DataFrame,
+    dataset_uri: str,
+    key: str,
+    snapshot: Any,
+    holdout_fraction: float,
+    run_id: str,
+    table_uris: list[str],
+) -> TrainingSet:
+    joined = feast_store.historical_features(fs, transactions).sort_values("ts", kind="stable")
+    train, holdout, cutoff = split_by_time(joined, holdout_fraction)
+    for name, part in (("training", train), ("holdout", holdout)):
+        if len(part) == 0 or part[LABEL].sum() == 0:
+            raise DataError(
+                f"the {name} split has {len(part)} rows and {int(part[LABEL].sum()) if len(part) else 0} fraud cases: "
+                "too little data to train and evaluate a fraud model; ingest more days or rows"
+            )
+    inputs = [storage.stat(uri).to_dict() for uri in table_uris] + [{"uri": snapshot.uri, "sha256": snapshot.sha256}]
+    refs: list[ObjectRef] = []
+    for name, part in (("train", train), ("holdout", holdout)):
+        ref = storage.write_parquet(f"{dataset_uri}/{name}.parquet", part.reset_index(drop=True))
+        lineage.record(storage, ref, step="features", run_id=run_id, inputs=inputs, params={"key": key})
+        refs.append(ref)
+    training_set = TrainingSet(
+        uri=dataset_uri,
+        key=key,
+        sha256=hashlib.sha256("".join(r.sha256 for r in refs).encode()).hexdigest(),
+        files={r.uri: r.sha256 for r in refs},
+        train_uri=refs[0].uri,
+        holdout_uri=refs[1].uri,
+        rows=len(joined),
+        train_rows=len(train),
+        holdout_rows=len(holdout),
+        positives=int(train[LABEL].sum()),
+        holdout_positives=int(holdout[LABEL].sum()),
+        cutoff=cutoff.isoformat(),
+        snapshot_sha256=snapshot.sha256,
+    )
+    # The manifest is the publication point: a training set without one does not exist.
+    manifest = storage.write_json(training_set.manifest_uri, training_set.to_dict())
+    lineage.record(storage, manifest, step="features", run_id=run_id, inputs=[r.to_dict() for r in refs], params={"key": key})
+    return training_set
+
+
+__all__ = ["TrainingSet", "FeaturesResult", "build_features", "features_key", "feature_world", "split_by_time"]

@@ -1,0 +1,82 @@
+"""The README's serve example, run verbatim: the commands are read from README.md, not copied here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_serve_example() -> tuple[str, str, dict]:
+    """(the serve command, the curl command, the example answer) from the README's serve block."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Then serve the production model.*?```sh\n(.*?)```", text, re.S)
+    assert block, "README.md has no serve example block"
+    lines = block.group(1).splitlines()
+    serve = next(line for line in lines if "flywheel serve" in line).split("#")[0].strip()
+    start = next(i for i, line in enumerate(lines) if line.startswith("curl "))
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("'"))
+    curl = "\n".join(lines[start : end + 1])
+    answer = json.loads(next(line for line in lines if line.startswith("# {")).lstrip("# ").replace("...", ""))
+    return serve, curl, answer
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_readme_serve_and_curl_example_verbatim(trained_loop):
+    serve, curl, answer = readme_serve_example()
+    assert serve.startswith(".venv/bin/flywheel serve") and "localhost:8080" in curl and " -d '" in curl
+    env = dict(os.environ, **trained_loop["env"])
+    if not port_is_free(8080):  # only the port moves, through the settings, never the commands' text
+        port = free_port()
+        env["FLYWHEEL_SERVING__PORT"] = str(port)
+        curl = curl.replace("localhost:8080", f"localhost:{port}")
+    server = subprocess.Popen(["bash", "-c", serve], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = re.search(r"(localhost:\d+)", curl).group(1)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://{url.replace('localhost', '127.0.0.1')}/v1/models/fraud", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the README's serve command did not become ready")
+        result = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        body = json.loads(result.stdout)
+        assert set(body) == set(answer)
+        prediction = body["predictions"][0]
+        assert set(prediction) == set(answer["predictions"][0])
+        assert 0 <= prediction["fraud_probability"] <= 1
+        assert prediction["model_version"] == trained_loop["model"]["version"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
