@@ -35,6 +35,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def split_endpoint(value: str) -> tuple[str, bool | None]:
+    """An S3 endpoint as (host:port, secure): "http://minio:9000" gives ("minio:9000", False); a bare
+    "minio:9000" leaves ``secure`` to the settings (None). Any scheme but http(s) is a ValueError."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value.rstrip("/"), None
+    if scheme not in ("http", "https"):
+        raise ValueError(f"an S3 endpoint must be host:port or an http(s):// URL, not {value!r}")
+    return rest.rstrip("/"), scheme == "https"
+
+
 class StorageSettings(_Section):
     """Where every artifact lives: a local folder or ``s3://bucket/prefix`` (MinIO or S3)."""
 
@@ -51,18 +62,15 @@ class StorageSettings(_Section):
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint_scheme(cls, value: str) -> str:
-        scheme, sep, _ = value.partition("://")
-        if sep and scheme not in ("http", "https"):
-            raise ValueError(f"must be host:port or an http(s):// URL, not {value!r}")
+        split_endpoint(value)  # raises ValueError, reported against this field
         return value
 
     @model_validator(mode="after")
     def _endpoint_as_host_port(self) -> "StorageSettings":
         # People paste "http://minio:9000"; every consumer wants host:port plus s3_secure.
-        scheme, sep, rest = self.s3_endpoint.partition("://")
-        if sep:
-            self.s3_endpoint = rest.rstrip("/")
-            self.s3_secure = scheme == "https"
+        self.s3_endpoint, secure = split_endpoint(self.s3_endpoint)
+        if secure is not None:
+            self.s3_secure = secure
         return self
 
 

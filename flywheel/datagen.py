@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flywheel.errors import DataError
+from flywheel.geo import haversine_km
 from flywheel.schema import CHANNELS, LABEL, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA, TRUTH_SCHEMA
 from flywheel.storage import Storage, join
 
@@ -100,7 +101,6 @@ FRAUD_INTERCEPT = -6.56
 _US_PER_S = 1_000_000
 _US_PER_HOUR = 3600 * _US_PER_S
 _US_PER_DAY = 24 * _US_PER_HOUR
-_EARTH_RADIUS_KM = 6371.0
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _PART = re.compile(r"part-\d{5}\.(parquet|csv|jsonl)$")
 
@@ -150,13 +150,6 @@ class Population:
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
-
-
-def haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
-    """Great-circle distance in km between points given in degrees."""
-    lat1, lon1, lat2, lon2 = (np.radians(x) for x in (lat1, lon1, lat2, lon2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * _EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def fraud_logit(

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from flywheel.config import Settings, split_endpoint
 from flywheel.errors import ArtifactNotFound, IntegrityError, StorageError
 
 log = logging.getLogger(__name__)
@@ -205,15 +206,13 @@ class S3Backend:
         import urllib3
         from minio import Minio
 
-        endpoint = endpoint or "s3.amazonaws.com"
         # Accept "http://host:port" too (minio wants a bare host:port): the scheme decides TLS.
-        if "://" in endpoint:
-            scheme, _, endpoint = endpoint.partition("://")
-            if scheme not in ("http", "https"):
-                raise StorageError(f"S3 endpoint {scheme}://{endpoint} must be host:port, http://... or https://...")
-            secure = scheme == "https"
-        self.endpoint = endpoint.rstrip("/")
-        self.secure = secure
+        try:
+            endpoint, scheme_secure = split_endpoint(endpoint or "s3.amazonaws.com")
+        except ValueError as exc:
+            raise StorageError(str(exc)) from None
+        self.endpoint = endpoint
+        self.secure = secure if scheme_secure is None else scheme_secure
         self.region = region or None
         # Our own pool instead of minio's default: minio's retries 5 times with backoff inside every
         # call (on top of ours, about 6 s per try on a dead endpoint) and waits 5 minutes to connect.
@@ -375,7 +374,7 @@ class Storage:
         self._s3 = s3
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Storage":
+    def from_settings(cls, settings: Settings) -> "Storage":
         cfg = settings.storage
         s3 = None
         if is_s3(cfg.root) or cfg.s3_endpoint:

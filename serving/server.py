@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any
 
+from flywheel.config import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,7 @@ def check_address(host: str, port: int) -> None:
         raise FlywheelError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
 
 
-def serve(settings: Any, host: str, port: int, model_name: str | None = None) -> None:
+def serve(settings: Settings, host: str, port: int, model_name: str | None = None) -> None:
     """Load the production model and serve it until interrupted."""
     check_address(host, port)
     # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from flywheel.features.compute import unix_seconds
+from flywheel.geo import haversine_km
 from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
 
 MAX_GAP_S = 30 * 24 * 3600.0  # "never seen before" is treated as a 30-day gap
-EARTH_RADIUS_KM = 6371.0
 
 NUMERIC_INPUTS = [
     "log_amount",
@@ -35,12 +35,6 @@ NUMERIC_INPUTS = [
 ]
 # One-hot blocks, in this order (a list, not a dict: the order is part of the model's input layout).
 CATEGORY_INPUTS = [("merchant_category", MERCHANT_CATEGORIES), ("channel", CHANNELS)]
-
-
-def _haversine_km(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
-    lat1, lon1, lat2, lon2 = (np.radians(x) for x in (lat1, lon1, lat2, lon2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
 
 
 def _column(df: pd.DataFrame, name: str, default: float = np.nan) -> np.ndarray:
@@ -61,7 +55,7 @@ def derive_inputs(df: pd.DataFrame) -> pd.DataFrame:
     hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy()
     lat, lon = _column(df, "lat", 0.0), _column(df, "lon", 0.0)
     usual_lat, usual_lon = _column(df, "card_lat_mean_30d"), _column(df, "card_lon_mean_30d")
-    distance = np.nan_to_num(_haversine_km(lat, lon, usual_lat, usual_lon), nan=0.0)
+    distance = np.nan_to_num(haversine_km(lat, lon, usual_lat, usual_lon), nan=0.0)
     merchant_mean = _column(df, "merchant_amount_mean_30d")
     merchant_mean = np.where(np.isnan(merchant_mean), amount, merchant_mean)
     out = pd.DataFrame(

@@ -24,11 +24,11 @@ from flywheel.datagen import (
     burst_positions,
     fraud_logit,
     generate,
-    haversine_km,
     plan_chunks,
     split_into_sessions,
 )
 from flywheel.errors import DataError
+from flywheel.geo import haversine_km
 from flywheel.schema import TRANSACTION_SCHEMA, TRUTH_SCHEMA
 from flywheel.storage import Storage
 

@@ -166,6 +166,29 @@ def test_generated_data_with_no_inputs_is_a_leaf(storage: Storage) -> None:
     assert leaf["uri"] == generated.uri and leaf["step"] == "datagen" and leaf["inputs"] == []
 
 
-def test_code_version_is_a_non_empty_string() -> None:
-    version = lineage.code_version()
-    assert isinstance(version, str) and version.strip()
+def _code_version_in_subprocess(env: dict[str, str], cwd: Path) -> str:
+    import subprocess
+    import sys
+
+    code = "from flywheel.lineage import code_version; print(code_version())"
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_code_version_names_the_git_commit_or_the_image_version(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from flywheel import __version__
+
+    root = Path(lineage.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "FLYWHEEL_CODE_VERSION"}
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+    expected = f"{__version__}+g{git('rev-parse', '--short=12', 'HEAD')}"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        expected += ".dirty"
+    assert _code_version_in_subprocess(env, root) == expected
+    # In the image the version is set explicitly; outside any git checkout it is the package version.
+    assert _code_version_in_subprocess(dict(env, FLYWHEEL_CODE_VERSION="image-2026.11"), root) == "image-2026.11"
+    shutil.copytree(root / "flywheel", tmp_path / "flywheel", ignore=shutil.ignore_patterns("__pycache__"))
+    assert _code_version_in_subprocess(dict(env, PYTHONPATH=str(tmp_path), GIT_CEILING_DIRECTORIES=str(tmp_path.parent)), tmp_path) == __version__

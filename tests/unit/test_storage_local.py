@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import stat
 from pathlib import Path
 
@@ -54,12 +55,27 @@ def test_read_json_of_non_json_is_a_storage_error(storage: Storage) -> None:
         storage.read_json(uri)
 
 
-def test_sha256_helpers_agree_with_hashlib(tmp_path: Path) -> None:
-    data = b"flywheel" * 1000
+@pytest.mark.parametrize(
+    "data, digest",
+    [  # FIPS 180-2 test vectors
+        (b"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+        (b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+        (b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"),
+        (b"a" * 1_000_000, "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"),
+    ],
+)
+def test_sha256_helpers_match_the_standard_test_vectors(tmp_path: Path, data: bytes, digest: str) -> None:
     (tmp_path / "f").write_bytes(data)
-    assert sha256_bytes(data) == hashlib.sha256(data).hexdigest()
-    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
-    assert sha256_bytes(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert sha256_bytes(data) == digest
+    assert sha256_file(tmp_path / "f") == digest
+
+
+def test_sha256_file_across_read_chunks_matches_sha256sum(tmp_path: Path) -> None:
+    """A file over two read chunks (8 MiB each) hashes like coreutils' sha256sum says."""
+    path = tmp_path / "big"
+    path.write_bytes(os.urandom(17 * 1024 * 1024 + 3))
+    oracle = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert sha256_file(path) == oracle
 
 
 def test_overwrite_replaces_content(storage: Storage) -> None:

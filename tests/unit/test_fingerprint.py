@@ -1,0 +1,89 @@
+"""Content keys cover the code that makes an artifact: found by following imports, not listed by hand."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flywheel.config import load_settings
+from flywheel.errors import FlywheelError
+from flywheel.features.build import features_key
+from flywheel.fingerprint import code_fingerprint, project_modules
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY_OF_A_TRAINING_SET = "from flywheel.config import load_settings; from flywheel.features.build import features_key; " \
+    "print(features_key('s' * 64, load_settings(env={'FLYWHEEL_HOME': '/tmp/fw-fingerprint'})))"
+
+
+def key_with(tmp_path: Path, edit: tuple[str, str, str] | None) -> str:
+    """The training-set key computed in a fresh process over a copy of the package, with one edit:
+    (file relative to flywheel/, text to find, replacement)."""
+    copy = tmp_path / "src"
+    if not copy.exists():
+        shutil.copytree(ROOT / "flywheel", copy / "flywheel", ignore=shutil.ignore_patterns("__pycache__"))
+    if edit:
+        path = copy / "flywheel" / edit[0]
+        text = path.read_text()
+        assert edit[1] in text, f"{edit[1]!r} not in {path}"
+        path.write_text(text.replace(edit[1], edit[2], 1))
+    result = subprocess.run([sys.executable, "-c", KEY_OF_A_TRAINING_SET], cwd=copy, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_training_set_key_follows_the_modules_its_code_imports():
+    names = {name for name, _ in project_modules("flywheel.features.build")}
+    # split_by_time's module, the aggregates, the Feast definitions and join, and the lake reader
+    # (imported inside a function) all shape the training set.
+    assert {"flywheel.features.build", "flywheel.features.compute", "flywheel.features.definitions",
+            "flywheel.features.store", "flywheel.schema"} <= names
+    assert any(name in names for name in ("flywheel.lake", "flywheel.ingest"))
+    assert "flywheel.cli" not in names and "flywheel.steps" not in names  # callers do not shape it
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # The defect the review found: split_by_time's code was not in the key.
+        ("features/build.py", "cutoff = start + (end - start) * (1 - holdout_fraction)",
+         "cutoff = start + (end - start) * (1 - holdout_fraction * 1.0)"),
+        ("features/compute.py", '"24h", "count"', '"25h", "count"'),
+        ("features/definitions.py", "FEATURE_TTL = dt.timedelta(days=30)", "FEATURE_TTL = dt.timedelta(days=31)"),
+        ("schema.py", '"grocery",', '"groceries",'),
+    ],
+    ids=["split_by_time", "aggregates", "feast-ttl", "schema"],
+)
+def test_changing_the_code_of_the_features_stage_changes_the_key(tmp_path, edit):
+    assert key_with(tmp_path / "edited", edit) != key_with(tmp_path / "pristine", None)
+
+
+def test_a_comment_outside_the_stage_does_not_change_the_key(tmp_path):
+    """cli.py does not shape a training set: editing it keeps the key (and the reuse)."""
+    assert key_with(tmp_path / "edited", ("cli.py", "def main(", "# a comment\ndef main(")) == key_with(tmp_path / "pristine", None)
+
+
+def test_settings_that_shape_the_split_change_the_key(tmp_path):
+    base = load_settings(env={"FLYWHEEL_HOME": str(tmp_path)})
+    other = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DATA__HOLDOUT_FRACTION": "0.3"})
+    serving = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_SERVING__PORT": "9000"})
+    assert features_key("s" * 64, base) != features_key("s" * 64, other)
+    assert features_key("s" * 64, base) == features_key("s" * 64, serving)
+    assert features_key("s" * 64, base) != features_key("t" * 64, base)  # another lake snapshot
+
+
+def test_an_unknown_root_is_a_clear_error():
+    with pytest.raises(FlywheelError, match="no such flywheel module"):
+        code_fingerprint("flywheel.no_such_module")
+
+
+def test_the_fingerprint_is_stable_within_and_across_processes():
+    here = code_fingerprint("flywheel.features.build")
+    assert here == code_fingerprint("flywheel.features.build")
+    there = subprocess.run([sys.executable, "-c", "from flywheel.fingerprint import code_fingerprint as f; print(f('flywheel.features.build'))"],
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    assert there == here
