@@ -95,7 +95,10 @@ class TrainingSettings(_Section):
     hidden: list[int] = Field(default_factory=lambda: [64, 32])
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
-    timeout_s: int = Field(1800, ge=10)
+    timeout_s: int = Field(1800, ge=10)  # one torchrun attempt, end to end
+    backend: typing.Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL when the worker sees a GPU, else gloo
+    max_restarts: int = Field(1, ge=0)  # relaunches after a fault (a killed worker); never after an exception
+    process_group_timeout_s: int = Field(300, ge=1)  # a collective or rendezvous waiting longer fails
 
 
 class GateSettings(_Section):
