@@ -216,7 +216,7 @@ def describe(attempt: Attempt) -> str:
         first = min(own, key=lambda e: e.rank)
         others = sorted({e.rank for e in own} - {first.rank})
         also = f" (rank(s) {', '.join(map(str, others))} failed the same way or after it)" if others else ""
-        head = f"rank {first.rank} raised {first.message}{also}\n{readable_traceback(first.traceback)}"
+        head = f"rank {first.rank} raised {first.message}{also}\ntraceback (flywheel's frames and the innermost):\n{readable_traceback(first.traceback)}"
     elif attempt.exit_codes:
         codes = ", ".join(f"rank {rank}: {_exit_reason(code)}" for rank, code in sorted(attempt.exit_codes.items()))
         head = f"workers failed ({codes})"
