@@ -15,7 +15,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -105,10 +105,13 @@ class TrainingSettings(_Section):
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(512, ge=8)
     learning_rate: float = Field(2e-3, gt=0)
-    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 32])
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
-    timeout_s: int = Field(1800, ge=10)
+    timeout_s: int = Field(1800, ge=10)  # one torchrun attempt, end to end
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL when the worker sees a GPU, else gloo
+    max_restarts: int = Field(1, ge=0)  # relaunches after a fault (a killed worker); never after an exception
+    process_group_timeout_s: int = Field(300, ge=1)  # a collective or rendezvous waiting longer fails
 
 
 class GateSettings(_Section):

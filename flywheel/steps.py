@@ -110,7 +110,7 @@ def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
 def train_step(training_set: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """DDP training through torchrun; returns the published model version."""
     from flywheel.features.build import TrainingSet
-    from flywheel.training import train
+    from flywheel.training.train import train
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "train") as record:

@@ -19,7 +19,7 @@ KEY_OF_A_TRAINING_SET = "from flywheel.config import load_settings; from flywhee
     "print(features_key('s' * 64, load_settings(env={'FLYWHEEL_HOME': '/tmp/fw-fingerprint'})))"
 
 
-def key_with(tmp_path: Path, edit: tuple[str, str, str] | None) -> str:
+def key_with(tmp_path: Path, edit: tuple[str, str, str] | None, program: str = KEY_OF_A_TRAINING_SET) -> str:
     """The training-set key computed in a fresh process over a copy of the package, with one edit:
     (file relative to flywheel/, text to find, replacement)."""
     copy = tmp_path / "src"
@@ -30,7 +30,7 @@ def key_with(tmp_path: Path, edit: tuple[str, str, str] | None) -> str:
         text = path.read_text()
         assert edit[1] in text, f"{edit[1]!r} not in {path}"
         path.write_text(text.replace(edit[1], edit[2], 1))
-    result = subprocess.run([sys.executable, "-c", KEY_OF_A_TRAINING_SET], cwd=copy, capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", program], cwd=copy, capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)})
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -60,6 +60,23 @@ def test_the_training_set_key_follows_the_modules_its_code_imports():
 )
 def test_changing_the_code_of_the_features_stage_changes_the_key(tmp_path, edit):
     assert key_with(tmp_path / "edited", edit) != key_with(tmp_path / "pristine", None)
+
+
+CODE_OF_A_MODEL = "from flywheel.training.train import training_code_hash; print(training_code_hash())"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("training/worker.py", "loss_fn = torch.nn.BCEWithLogitsLoss()", "loss_fn = torch.nn.BCEWithLogitsLoss(reduction='mean')"),
+        ("training/model.py", "layers += [nn.Linear(previous, size), nn.ReLU()]", "layers += [nn.Linear(previous, size), nn.GELU()]"),
+        ("features/transform.py", "MAX_GAP_S = 30 * 24 * 3600.0", "MAX_GAP_S = 31 * 24 * 3600.0"),
+    ],
+    ids=["worker", "model", "input-transform"],
+)
+def test_changing_the_code_of_the_training_stage_changes_the_model_key(tmp_path, edit):
+    """The worker runs in torchrun's processes, never imported by the step: it is a root of its own."""
+    assert key_with(tmp_path / "edited", edit, CODE_OF_A_MODEL) != key_with(tmp_path / "pristine", None, CODE_OF_A_MODEL)
 
 
 def test_a_comment_outside_the_stage_does_not_change_the_key(tmp_path):

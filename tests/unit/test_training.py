@@ -1,46 +1,251 @@
-"""torchrun + DDP (gloo, 2 processes) on tiny data, and a failing worker's error."""
+"""torchrun + DDP (gloo, 2 processes) on tiny data: learning, sharding, resuming, and failures.
+
+Every test runs the real torchrun with the real worker module: the failures are real worker
+exceptions and a real SIGKILL, read back through torch's error files.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from flywheel.config import load_settings
-from flywheel.errors import TrainingError
+from flywheel.config import Settings, load_settings
+from flywheel.errors import IntegrityError, TrainingError
 from flywheel.features.build import TrainingSet
+from flywheel.features.transform import FeatureSpec
 from flywheel.storage import Storage
-from flywheel.training import run_torchrun, train
+from flywheel.training import launcher
+from flywheel.training.launcher import FAULT, OK, launch
+from flywheel.training.train import train
 from tests.unit.test_transform import frame
 
+FAST = {"FLYWHEEL_TRAINING__PROCESS_GROUP_TIMEOUT_S": "30", "FLYWHEEL_TRAINING__TIMEOUT_S": "120"}
 
-def tiny_training_set(storage: Storage, rows: int = 400) -> TrainingSet:
+
+def transactions(rows: int) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     base = pd.concat([frame()] * rows, ignore_index=True)
     base["transaction_id"] = [f"t{i}" for i in range(rows)]
     base["amount"] = rng.lognormal(3, 1, rows)
     base["is_fraud"] = (base["amount"] > np.quantile(base["amount"], 0.9)).astype("int8")
+    return base
+
+
+def tiny_training_set(storage: Storage, rows: int = 400, table: pd.DataFrame | None = None) -> TrainingSet:
+    base = transactions(rows) if table is None else table
     ref = storage.write_parquet(storage.uri("ds", "train.parquet"), base)
     storage.write_json(storage.uri("ds", "manifest.json"), {})
+    positives = int(base["is_fraud"].sum()) if "is_fraud" in base else 0
     return TrainingSet(
         uri=storage.uri("ds"), key="k" * 64, sha256=ref.sha256, train_uri=ref.uri, holdout_uri=ref.uri,
-        rows=rows, train_rows=rows, holdout_rows=rows, positives=int(base.is_fraud.sum()),
-        holdout_positives=int(base.is_fraud.sum()), cutoff="", snapshot_sha256="s",
+        rows=rows, train_rows=rows, holdout_rows=rows, positives=positives,
+        holdout_positives=positives, cutoff="", snapshot_sha256="s", files={ref.uri: ref.sha256},
     )
 
 
+def settings_at(home: Path, **training: object) -> Settings:
+    env = {"FLYWHEEL_HOME": str(home), **FAST}
+    env.update({f"FLYWHEEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
+    return load_settings(env=env)
+
+
+def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
+    """A training parquet file and its fitted spec, as the train step hands them to the workers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = transactions(rows)
+    table.to_parquet(folder / "train.parquet")
+    (folder / "spec.json").write_text(json.dumps(FeatureSpec.fit(table).to_dict()))
+    return folder / "train.parquet", folder / "spec.json"
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """How many times torchrun was started (the real run_torchrun still runs)."""
+    calls = []
+    real = launcher.run_torchrun
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run_torchrun", counting)
+    return calls
+
+
+# A run long enough to kill a worker in the middle, and its uninterrupted reference.
+RESUME_ROWS, RESUME_EPOCHS, RESUME_BATCH = 2000, 12, 32
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-worker run: its history and final weights."""
+    root = tmp_path_factory.mktemp("reference")
+    data, spec = write_inputs(root / "in", RESUME_ROWS)
+    settings = settings_at(root, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH)
+    launch(settings, Storage.from_settings(settings), "ref", data, spec, root / "out", root / "logs")
+    return data, spec, history(root / "out"), root / "out" / "model.pt"
+
+
 def test_ddp_training_learns_and_a_rerun_reuses_the_model(tmp_path):
-    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_TRAINING__EPOCHS": "4",
-                                  "FLYWHEEL_TRAINING__BATCH_SIZE": "64"})
+    settings = settings_at(tmp_path, epochs=4, batch_size=64)
     storage = Storage.from_settings(settings)
     training_set = tiny_training_set(storage)
     first = train(storage, settings, training_set, "r1")
     assert not first.reused
     assert [e["epoch"] for e in first.epochs] == [0, 1, 2, 3]
     assert first.epochs[-1]["loss"] < first.epochs[0]["loss"]
+    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
     second = train(storage, settings, training_set, "r2")
     assert second.reused and second.model.version == first.model.version
+    # A setting that shapes the model retrains; an operational one does not.
+    assert train(storage, settings_at(tmp_path, epochs=4, batch_size=64, timeout_s=900), training_set, "r3").reused
+    third = train(storage, settings_at(tmp_path, epochs=3, batch_size=64), training_set, "r4")
+    assert not third.reused and third.model.version != first.model.version
 
 
-def test_a_failing_worker_becomes_a_training_error_with_its_last_log_lines(tmp_path):
-    command = ["python", "-c", "import sys; print('worker exploded: bad shard'); sys.exit(3)"]
-    with pytest.raises(TrainingError, match="(?s)exited with code 3.*worker exploded: bad shard"):
-        run_torchrun(command, tmp_path / "log.txt", threads=1, timeout_s=60)
+def test_a_tampered_training_set_is_refused_not_trained_on(tmp_path):
+    settings = settings_at(tmp_path, epochs=1, batch_size=64)
+    storage = Storage.from_settings(settings)
+    training_set = tiny_training_set(storage)
+    frame = pd.read_parquet(training_set.train_uri)
+    frame.loc[0, "is_fraud"] = 1 - frame.loc[0, "is_fraud"]  # one label flipped after publication
+    frame.to_parquet(training_set.train_uri)
+    with pytest.raises(IntegrityError, match="train.parquet does not match the sha256 recorded"):
+        train(storage, settings, training_set, "r1")
+
+
+def test_two_workers_each_train_a_disjoint_half_of_the_samples(tmp_path):
+    """Catches a worker that trains on the whole file, or a group that is really one process."""
+    data, spec = write_inputs(tmp_path / "in", 400)
+    settings = settings_at(tmp_path, epochs=2, batch_size=64, nproc=2)
+    launch(settings, Storage.from_settings(settings), "r1", data, spec, tmp_path / "out", tmp_path / "logs")
+    for epoch in history(tmp_path / "out"):
+        assert epoch["world_size"] == 2
+        assert epoch["samples_per_rank"] == [200, 200]
+        assert epoch["distinct_samples"] == 400  # together the shards cover every row once
+
+
+def test_a_missing_data_file_fails_at_once_naming_the_file_and_the_workers_traceback(tmp_path, count_launches):
+    """Catches torchrun's bare summary as the error, a deleted log, and a bug retried as a fault."""
+    _, spec = write_inputs(tmp_path / "in", 50)
+    missing = tmp_path / "in" / "no-such-file.parquet"
+    settings = settings_at(tmp_path, epochs=1, max_restarts=2)
+    storage = Storage.from_settings(settings)
+    with pytest.raises(TrainingError) as caught:
+        launch(settings, storage, "r1", missing, spec, tmp_path / "out", tmp_path / "logs")
+    message = str(caught.value)
+    assert "FileNotFoundError" in message and str(missing) in message
+    assert 'flywheel/training/worker.py", line' in message and "load_shard" in message
+    assert "not retried" in message
+    kept = storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log")
+    assert f"full log: {kept}" in message
+    assert "worker pid" in Path(kept).read_text()  # the workers' own output is in the kept log
+    assert "FileNotFoundError" in Path(storage.uri("runs", "r1", "train", "attempt-1", "rank-0", "error.json")).read_text()
+    assert len(count_launches) == 1
+    assert not storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
+
+
+def test_a_missing_label_column_fails_the_train_step_at_once_with_the_workers_exception(tmp_path, count_launches):
+    """Through the whole step: the log of the failed attempt survives the step's work folder."""
+    settings = settings_at(tmp_path, epochs=1, max_restarts=1)
+    storage = Storage.from_settings(settings)
+    training_set = tiny_training_set(storage, 50, transactions(50).drop(columns=["is_fraud"]))
+    with pytest.raises(TrainingError) as caught:
+        train(storage, settings, training_set, "r1")
+    message = str(caught.value)
+    assert "rank 0 raised KeyError: 'is_fraud'" in message
+    assert 'flywheel/training/worker.py", line' in message
+    kept = storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log")
+    assert f"full log: {kept}" in message and "KeyError" in Path(kept).read_text()
+    assert len(count_launches) == 1
+
+
+def test_a_spec_wider_than_its_inputs_fails_inside_the_model_and_is_not_retried(tmp_path, count_launches):
+    """A spec naming one input more than the transform makes: the model's first layer raises."""
+    data, spec = write_inputs(tmp_path / "in", 50)
+    corrupt = json.loads(spec.read_text())
+    corrupt["numeric"].append("not_a_derived_input")  # the width grows; the transform's output does not
+    spec.write_text(json.dumps(corrupt))
+    settings = settings_at(tmp_path, epochs=1, max_restarts=1)
+    with pytest.raises(TrainingError) as caught:
+        launch(settings, Storage.from_settings(settings), "r1", data, spec, tmp_path / "out", tmp_path / "logs")
+    message = str(caught.value)
+    assert re.search(r"rank \d raised RuntimeError: mat1 and mat2 shapes cannot be multiplied", message), message
+    assert 'flywheel/training/model.py", line' in message and "deterministic failure" in message
+    assert len(count_launches) == 1
+
+
+def test_resuming_from_a_checkpoint_starts_after_it_and_ends_with_the_uninterrupted_weights(tmp_path, reference_run):
+    """Catches a resume that restarts at epoch 0, skips an epoch, or loses the optimizer's state."""
+    data, spec, reference_history, reference_weights = reference_run
+    out = tmp_path / "out"
+    storage = Storage.from_settings(settings_at(tmp_path))
+    stop_after = 4  # the first run leaves checkpoint.pt at epoch 3
+    first = settings_at(tmp_path, epochs=stop_after, batch_size=RESUME_BATCH)
+    launch(first, storage, "r1", data, spec, out, tmp_path / "logs1")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop_after - 1
+    rest = settings_at(tmp_path, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH)
+    attempts = launch(rest, storage, "r2", data, spec, out, tmp_path / "logs2")
+    assert f"resuming from epoch {stop_after}" in attempts[0].log.read_text()
+    assert [e["epoch"] for e in history(out)] == list(range(RESUME_EPOCHS))
+    # Same seed, same shards, same optimizer state: the same arithmetic, so the same weights.
+    resumed, uninterrupted = torch.load(out / "model.pt"), torch.load(reference_weights)
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+
+
+def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline: float) -> int:
+    """Wait for the first checkpoint, then SIGKILL the worker of ``rank`` (its pid from its log line)."""
+    pattern = re.compile(rf"rank{rank} worker pid (\d+) started")
+    while time.monotonic() < deadline:
+        log = work / "attempt-1" / "torchrun.log"
+        found = pattern.search(log.read_text()) if log.exists() else None
+        if found and (out / "checkpoint.pt").exists():
+            pid = int(found.group(1))
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared: nothing to kill")
+
+
+def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, reference_run):
+    """Catches a fault treated as fatal, a relaunch that starts over, and a hang after the kill."""
+    data, spec, reference_history, _ = reference_run
+    settings = settings_at(tmp_path, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH, max_restarts=1)
+    storage = Storage.from_settings(settings)
+    out, work = tmp_path / "out", tmp_path / "logs"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["attempts"] = launch(settings, storage, "r1", data, spec, out, work)
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _kill_rank_after_first_checkpoint(work, out, rank=1, deadline=time.monotonic() + 60)
+    thread.join(timeout=150)
+    assert not thread.is_alive(), "training hung after a worker was killed"
+    assert "error" not in result, result.get("error")
+    attempts = result["attempts"]
+    assert [a.outcome for a in attempts] == [FAULT, OK]
+    assert attempts[0].exit_codes.get(1) == -signal.SIGKILL
+    resumed_at = int(re.search(r"resuming from epoch (\d+)", attempts[1].log.read_text()).group(1))
+    assert 0 < resumed_at < RESUME_EPOCHS
+    epochs = history(out)
+    assert [e["epoch"] for e in epochs] == list(range(RESUME_EPOCHS))
+    assert epochs[-1]["loss"] == pytest.approx(reference_history[-1]["loss"], rel=1e-4)
+    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
+    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
