@@ -29,6 +29,7 @@ run: setup
 	$(VENV)/bin/flywheel run
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 compile: setup
