@@ -307,11 +307,7 @@ def generate_chunk(
     spike = np.where(rng.random(n) < SPIKE_PROB, rng.uniform(*SPIKE_FACTOR, n), 1.0)
     amount = np.maximum(np.round(expected_amount * noise * spike, 2), 0.5)
 
-    home_lat = population.home_lat[first_card + card]
-    home_lon = population.home_lon[first_card + card]
-    far = rng.random(n) < FAR_PROB
-    lat = np.round(np.where(far, rng.uniform(*LAT_RANGE, n), home_lat + rng.normal(0.0, HOME_SIGMA_DEG, n)), 6)
-    lon = np.round(np.where(far, rng.uniform(*LON_RANGE, n), home_lon + rng.normal(0.0, HOME_SIGMA_DEG, n)), 6)
+    home_lat, home_lon, lat, lon = _draw_locations(population, first_card + card, rng)
 
     channel_cdf = np.cumsum([CHANNEL_PROBS[c] for c in CHANNELS])
     channel = np.minimum(np.searchsorted(channel_cdf / channel_cdf[-1], rng.random(n), side="right"), len(CHANNELS) - 1)
@@ -325,23 +321,38 @@ def generate_chunk(
     is_fraud = (rng.random(n) < probability).astype(np.int8)
 
     order = np.lexsort((ts_us, card))  # each card's transactions in time order, cards in id order
-    transaction_id = _ids(f"t{seed}-", np.arange(first_row, first_row + n), 10)
-    raw = pa.Table.from_arrays(
-        [
-            transaction_id,
-            _ids("c", first_card + card[order] + 1, 7),
-            _ids("m", merchant[order] + 1, 6),
-            pa.array(MERCHANT_CATEGORIES).take(pa.array(category[order])),
-            pa.array(amount[order]),
-            pa.array(ts_us[order], type=pa.timestamp("us", tz="UTC")),
-            pa.array(CHANNELS).take(pa.array(channel[order])),
-            pa.array(lat[order]),
-            pa.array(lon[order]),
-            pa.array(is_fraud[order]),
-        ],
-        schema=TRANSACTION_SCHEMA,
-    )
-    truth = pa.Table.from_arrays([transaction_id, pa.array(probability[order])], schema=TRUTH_SCHEMA)
+    columns = {
+        "card_id": _ids("c", first_card + card[order] + 1, 7),
+        "merchant_id": _ids("m", merchant[order] + 1, 6),
+        "merchant_category": pa.array(MERCHANT_CATEGORIES).take(pa.array(category[order])),
+        "amount": pa.array(amount[order]),
+        "ts": pa.array(ts_us[order], type=pa.timestamp("us", tz="UTC")),
+        "channel": pa.array(CHANNELS).take(pa.array(channel[order])),
+        "lat": pa.array(lat[order]),
+        "lon": pa.array(lon[order]),
+        LABEL: pa.array(is_fraud[order]),
+    }
+    return _chunk_tables(f"t{seed}-", first_row, columns, probability[order])
+
+
+def _draw_locations(
+    population: Population, cards: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(home lat, home lon, lat, lon) per transaction: near home, or anywhere with FAR_PROB."""
+    n = len(cards)
+    home_lat, home_lon = population.home_lat[cards], population.home_lon[cards]
+    far = rng.random(n) < FAR_PROB
+    lat = np.round(np.where(far, rng.uniform(*LAT_RANGE, n), home_lat + rng.normal(0.0, HOME_SIGMA_DEG, n)), 6)
+    lon = np.round(np.where(far, rng.uniform(*LON_RANGE, n), home_lon + rng.normal(0.0, HOME_SIGMA_DEG, n)), 6)
+    return home_lat, home_lon, lat, lon
+
+
+def _chunk_tables(id_prefix: str, first_row: int, columns: dict[str, pa.Array], probability: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """The raw table (ids numbered from ``first_row``) and its truth table, in TRANSACTION_SCHEMA order."""
+    transaction_id = _ids(id_prefix, np.arange(first_row, first_row + len(probability)), 10)
+    columns = {"transaction_id": transaction_id, **columns}
+    raw = pa.Table.from_arrays([columns[name] for name in TRANSACTION_SCHEMA.names], schema=TRANSACTION_SCHEMA)
+    truth = pa.Table.from_arrays([transaction_id, pa.array(probability)], schema=TRUTH_SCHEMA)
     return raw, truth
 
 
