@@ -273,3 +273,42 @@ def test_secrets_from_env_combine_with_a_yaml_storage_section(tmp_path: Path) ->
     settings = load_settings(config, env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_S3_SECRET_KEY": SECRET})
     assert settings.storage.s3_endpoint == "127.0.0.1:9000"
     assert settings.storage.secret_key.get_secret_value() == SECRET
+
+
+# --- every knob is a setting --------------------------------------------------------------------
+
+
+def test_every_flywheel_variable_the_code_reads_is_a_setting() -> None:
+    """A FLYWHEEL_* variable read outside the settings object (FLYWHEEL_DDP_BACKEND was) made every
+    command fail with "Extra inputs are not permitted": each name in the code must map to a field."""
+    import re
+
+    from flywheel.config import NOT_SETTINGS_ENV, SECRET_ENV
+
+    root = Path(__file__).resolve().parents[2]
+    secrets = {name for names in SECRET_ENV.values() for name in names}
+    names = set()
+    for folder in ("flywheel", "serving", "components", "pipelines"):
+        for path in (root / folder).rglob("*.py"):
+            names |= set(re.findall(r"FLYWHEEL_[A-Z0-9_]+", path.read_text()))
+    names -= {"FLYWHEEL_A__B"}  # the docstring's example of the naming rule
+    assert "FLYWHEEL_HOME" in names
+    for name in sorted(names - NOT_SETTINGS_ENV - secrets):
+        model: object = Settings
+        for part in name[len("FLYWHEEL_"):].lower().split("__"):
+            assert part in model.model_fields, f"{name} is read by the code but is no settings field"  # type: ignore[attr-defined]
+            model = model.model_fields[part].annotation  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("backend", ["auto", "gloo", "nccl"])
+def test_the_ddp_backend_is_a_training_setting(tmp_path: Path, backend: str) -> None:
+    from flywheel.training.launcher import torchrun_command
+
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_TRAINING__BACKEND": backend})
+    command = torchrun_command(settings, tmp_path / "d", tmp_path / "s", tmp_path / "o", tmp_path / "l")
+    assert command[command.index("--backend") + 1] == backend
+
+
+def test_an_unknown_backend_is_refused_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="training.backend"):
+        load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_TRAINING__BACKEND": "mpi"})
