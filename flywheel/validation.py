@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from great_expectations.core import ExpectationSuite, ExpectationSuiteValidationResult
 
-    from flywheel.ingest import LakeSnapshot
+    from flywheel.lake import LakeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def validate_snapshot(
     """Validate every row of a lake snapshot; write ``validation.json`` and ``validation.html`` under
     ``<reports_uri>/<run_id>/`` (with lineage back to the snapshot manifest), then raise
     :class:`ValidationFailed` naming each failed expectation when ``raise_on_failure`` is set."""
-    from flywheel.ingest import read_snapshot
+    from flywheel.lake import read_snapshot
 
     started = time.perf_counter()
     df = read_snapshot(storage, snapshot).to_pandas()

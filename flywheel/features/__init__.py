@@ -92,7 +92,7 @@ def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.Data
 
 def build_features(storage: Storage, settings: Any, snapshot: Any, run_id: str) -> FeaturesResult:
     """Compute feature tables from a lake snapshot, apply and materialize them, and build the training set."""
-    from flywheel.ingest import read_snapshot
+    from flywheel.lake import read_snapshot
 
     seconds: dict[str, float] = {}
     holdout_fraction = settings.data.holdout_fraction
