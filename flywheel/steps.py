@@ -65,7 +65,7 @@ def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None, 
             rows=staged.rows,
             new_parts=len(staged.new_parts),
             source_files=len(staged.source_files),
-            artifacts={"staged_snapshot": staged.uri},
+            staged_snapshot=staged.uri,  # removed once published or discarded: not a lasting artifact
         )
     return staged.to_dict()
 
