@@ -3,7 +3,9 @@
 The suite is the data contract's second half: :mod:`flywheel.schema` fixes the columns and types at
 ingest, this suite checks what types cannot (ranges, sets, uniqueness, the fraud rate). Results are
 written as JSON and as HTML data docs below ``<reports>/<run_id>/`` before any failure is raised, so
-a failed run always leaves its evidence behind.
+a failed run always leaves its evidence behind. This module only checks and reports: the validate
+step (:func:`flywheel.steps.validate_step`) publishes a staged batch that passes and discards one
+that fails (:mod:`flywheel.lake`).
 
 ``great_expectations`` takes seconds to import, so it is imported inside the functions that use it.
 """
