@@ -11,26 +11,28 @@ IMAGE = "ghcr.io/flywheel-ml/flywheel:0.1.0"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest(
-    source_uri: str, lake_uri: str, run_id: str, job_id: str, snapshot: Output[Dataset]
+    source_uri: str, lake_uri: str, run_id: str, job_id: str, staged: Output[Dataset]
 ) -> NamedTuple("IngestOutputs", [("run_id", str)]):
-    """Raw csv/parquet/jsonl files -> the date-partitioned, schema-enforced lake; settles the run id."""
+    """Raw csv/parquet/jsonl files -> a staged, schema-enforced batch of the lake; settles the run id."""
     from collections import namedtuple
 
     from flywheel.steps import ingest_step
     from flywheel.kfp_io import write_artifact
 
     run_id = run_id or job_id
-    write_artifact(snapshot, ingest_step(source_uri, run_id, lake_uri=lake_uri), ["uri", "sha256", "rows"])
+    write_artifact(staged, ingest_step(source_uri, run_id, lake_uri=lake_uri), ["uri", "sha256", "rows"])
     return namedtuple("IngestOutputs", ["run_id"])(run_id)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validate(snapshot: Input[Dataset], run_id: str, report: Output[Artifact]):
-    """Great Expectations suite on the lake snapshot; a failure stops the run."""
+def validate(staged: Input[Dataset], run_id: str, report: Output[Artifact], snapshot: Output[Dataset]):
+    """Great Expectations suite on the staged batch: publishes it into the lake, or discards it and stops the run."""
     from flywheel.steps import validate_step
     from flywheel.kfp_io import read_artifact, write_artifact
 
-    write_artifact(report, validate_step(read_artifact(snapshot), run_id), ["success", "rows", "report_uri", "html_uri"])
+    published = validate_step(read_artifact(staged), run_id)
+    write_artifact(snapshot, published, ["uri", "sha256", "rows"])
+    write_artifact(report, published["validated_by"], ["success", "rows", "report_uri", "html_uri"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

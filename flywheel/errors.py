@@ -58,3 +58,9 @@ class GateRefused(FlywheelError):
 
 class PipelineError(FlywheelError):
     """A pipeline step failed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (or its type's name), for messages that quote what a library said."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,6 +14,7 @@ import time
 from typing import Any, Iterator
 
 from flywheel.config import Settings, load_settings
+from flywheel.errors import ValidationFailed
 from flywheel.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -53,47 +54,60 @@ def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]
 
 
 def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
-    """Raw files → the date-partitioned lake (``<root>/lake`` unless ``lake_uri`` names another);
-    returns the snapshot manifest."""
+    """Raw files → a staged batch of the date-partitioned lake (``<root>/lake`` unless ``lake_uri``
+    names another); returns the staged snapshot, which only :func:`validate_step` publishes."""
     from flywheel.ingest import ingest
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "ingest") as record:
-        snapshot = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id)
+        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id)
         record.update(
-            rows=snapshot.rows,
-            new_parts=len(snapshot.new_parts),
-            source_files=len(snapshot.source_files),
-            artifacts={"lake_snapshot": snapshot.uri},
+            rows=staged.rows,
+            new_parts=len(staged.new_parts),
+            source_files=len(staged.source_files),
+            staged_snapshot=staged.uri,  # removed once published or discarded: not a lasting artifact
         )
-    return snapshot.to_dict()
+    return staged.to_dict()
 
 
 def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """The Great Expectations gate on the lake snapshot; raises ValidationFailed to stop the run."""
-    from flywheel.ingest import LakeSnapshot
-    from flywheel.validation import validate_snapshot
+    """The Great Expectations gate on a staged batch: when every expectation passes, the batch is
+    published and the published snapshot returned; otherwise it is discarded (the lake stays as it
+    was) and ValidationFailed stops the run. The reports are written either way."""
+    from flywheel import lake
+    from flywheel.validation import failure_message, validate_snapshot
 
     settings, storage = _context(settings)
+    staged = lake.LakeSnapshot.from_dict(snapshot)
     with recorded(storage, run_id, "validate") as record:
-        report = validate_snapshot(storage, LakeSnapshot.from_dict(snapshot), storage.uri("reports", "validation"), run_id)
+        report = validate_snapshot(storage, staged, storage.uri("reports", "validation"), run_id, raise_on_failure=False)
         record.update(
             rows=report.rows,
             expectations=report.evaluated,
             failed=len(report.failed),
             artifacts={"validation_report": report.report_uri, "data_docs": report.html_uri},
         )
-    return report.to_dict()
+        if not report.success:
+            lake.discard_staged(storage, staged)
+            kept = f"snapshot {staged.parent[:12]}" if staged.parent else "nothing (it is empty)"
+            raise ValidationFailed(f"{failure_message(report)}\nthe batch was discarded; the lake still holds {kept}")
+        validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
+        published = lake.publish_staged(storage, staged, run_id, validated_by)
+        record["artifacts"]["lake_snapshot"] = published.uri
+    return published.to_dict()
 
 
 def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Feature tables, Feast apply + materialize, and the point-in-time training set."""
+    """Feature tables, Feast apply + materialize, and the point-in-time training set, from a
+    published (validated) snapshot."""
     from flywheel.features.build import build_features
-    from flywheel.ingest import LakeSnapshot
+    from flywheel.lake import LakeSnapshot, require_published
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "features") as record:
-        result = build_features(storage, settings, LakeSnapshot.from_dict(snapshot), run_id)
+        published = LakeSnapshot.from_dict(snapshot)
+        require_published(published)
+        result = build_features(storage, settings, published, run_id)
         ts = result.training_set
         record.update(
             rows=ts.rows,

@@ -459,6 +459,21 @@ class Storage:
             )
         return ObjectRef(uri, actual, len(data))
 
+    def delete_tree(self, prefix: str) -> None:
+        """Remove every object below ``prefix`` (locally, the folder itself too); nothing there is fine."""
+        if is_s3(prefix):
+            for uri in self.list(prefix):
+                self.delete(uri)
+            return
+        path = _local_path(prefix)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot remove {prefix}: {exc.strerror or exc}") from exc
+
     def write_parquet(self, uri: str, table: Any) -> ObjectRef:
         """Write a pyarrow Table (or pandas DataFrame) as one parquet object."""
         import pyarrow as pa

@@ -3,7 +3,9 @@
 The suite is the data contract's second half: :mod:`flywheel.schema` fixes the columns and types at
 ingest, this suite checks what types cannot (ranges, sets, uniqueness, the fraud rate). Results are
 written as JSON and as HTML data docs below ``<reports>/<run_id>/`` before any failure is raised, so
-a failed run always leaves its evidence behind.
+a failed run always leaves its evidence behind. This module only checks and reports: the validate
+step (:func:`flywheel.steps.validate_step`) publishes a staged batch that passes and discards one
+that fails (:mod:`flywheel.lake`).
 
 ``great_expectations`` takes seconds to import, so it is imported inside the functions that use it.
 """
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from great_expectations.core import ExpectationSuite, ExpectationSuiteValidationResult
 
-    from flywheel.ingest import LakeSnapshot
+    from flywheel.lake import LakeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def validate_snapshot(
     """Validate every row of a lake snapshot; write ``validation.json`` and ``validation.html`` under
     ``<reports_uri>/<run_id>/`` (with lineage back to the snapshot manifest), then raise
     :class:`ValidationFailed` naming each failed expectation when ``raise_on_failure`` is set."""
-    from flywheel.ingest import read_snapshot
+    from flywheel.lake import read_snapshot
 
     started = time.perf_counter()
     df = read_snapshot(storage, snapshot).to_pandas()

@@ -55,11 +55,13 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         )
         ingest.set_caching_options(False)
         run_id = ingest.outputs["run_id"]
-        # Great Expectations gate: a failed expectation stops the run here.
-        validate = configure(components.validate(snapshot=ingest.outputs["snapshot"], run_id=run_id), "Validate (Great Expectations)")
-        # Aggregates -> feast apply + materialize -> point-in-time training set (content-addressed).
-        features = configure(components.features(snapshot=ingest.outputs["snapshot"], run_id=run_id), "Features (Feast)")
-        features.after(validate)
+        # Great Expectations gate: publishes the staged batch, or discards it and stops the run here.
+        # It changes the lake, so it is never skipped as cached.
+        validate = configure(components.validate(staged=ingest.outputs["staged"], run_id=run_id), "Validate (Great Expectations)")
+        validate.set_caching_options(False)
+        # Aggregates -> feast apply + materialize -> point-in-time training set (content-addressed),
+        # from the published snapshot only.
+        features = configure(components.features(snapshot=validate.outputs["snapshot"], run_id=run_id), "Features (Feast)")
         # DDP training; the same inputs reuse the model already trained from them.
         train = configure(components.train(training_set=features.outputs["training_set"], run_id=run_id), "Train (DDP)")
         # Holdout metrics; blessed = above the floors and no worse than production.

@@ -140,8 +140,8 @@ def run_loop(settings: Settings, source: str, run_id: str) -> dict:
     """Every step of the pipeline, called directly (no KFP), ending with the blessed model deployed."""
     from flywheel import steps
 
-    snapshot = steps.ingest_step(source, run_id, settings)
-    steps.validate_step(snapshot, run_id, settings)
+    staged = steps.ingest_step(source, run_id, settings)
+    snapshot = steps.validate_step(staged, run_id, settings)  # the published snapshot
     training_set = steps.features_step(snapshot, run_id, settings)
     model = steps.train_step(training_set, run_id, settings)
     evaluation = steps.evaluate_step(training_set, model, run_id, f"{source}/_truth", settings)

@@ -134,7 +134,7 @@ def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.Data
 def build_features(storage: Storage, settings: Settings, snapshot: Any, run_id: str) -> FeaturesResult:
     """Compute feature tables from a lake snapshot, apply and materialize them into the snapshot's
     feature world, and build the point-in-time training set."""
-    from flywheel.ingest import read_snapshot
+    from flywheel.lake import read_snapshot
 
     seconds: dict[str, float] = {}
     key = features_key(snapshot.sha256, settings)

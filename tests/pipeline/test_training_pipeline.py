@@ -126,7 +126,7 @@ def test_another_generated_size_in_the_same_home_is_its_own_world(two_runs):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     latest = summaries(home)[-1]
     assert latest["steps"][0]["rows"] == 20000  # not mixed with the 30k dataset's lake
-    assert "/demo/generated-r20000-d14-s7/lake/" in latest["steps"][0]["artifacts"]["lake_snapshot"]
+    assert "/demo/generated-r20000-d14-s7/lake/_snapshots/" in latest["steps"][1]["artifacts"]["lake_snapshot"]
 
 
 def test_a_validation_failure_stops_the_run_with_the_expectation_named(tmp_path):
@@ -164,6 +164,27 @@ def test_compiled_pipeline_matches_the_golden_file(tmp_path):
     assert tasks["ingest"]["cachingOptions"] == {}  # ingest always re-reads its source
 
 
+def artifact_from(task: dict, name: str) -> dict:
+    return task["inputs"]["artifacts"][name]["taskOutputArtifact"]
+
+
+def test_features_read_only_the_snapshot_validation_published(tmp_path):
+    """The interface, stated apart from the golden file: ingest stages, validate publishes (or discards),
+    features consume validate's published snapshot (never ingest's staged one), deploy waits for the blessing."""
+    result = flywheel("compile", "--out", str(tmp_path), env={"FLYWHEEL_HOME": str(tmp_path / "home")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    compiled = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert artifact_from(tasks["validate"], "staged") == {"producerTask": "ingest", "outputArtifactKey": "staged"}
+    assert artifact_from(tasks["features"], "snapshot") == {"producerTask": "validate", "outputArtifactKey": "snapshot"}
+    assert tasks["validate"]["cachingOptions"] == {}  # it publishes into the lake: never skipped as cached
+    outputs = compiled["components"]["comp-validate"]["outputDefinitions"]["artifacts"]
+    assert outputs["snapshot"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    condition = tasks["condition-1"]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
+    assert "deploy" not in tasks and set(compiled["components"]["comp-condition-1"]["dag"]["tasks"]) == {"deploy"}
+
+
 def test_cluster_compile_takes_credentials_from_a_secret_never_from_the_yaml(tmp_path):
     env = {
         "FLYWHEEL_HOME": str(tmp_path / "home"),
@@ -182,3 +203,13 @@ def test_cluster_compile_takes_credentials_from_a_secret_never_from_the_yaml(tmp
     for spec in executors.values():
         assert spec["secretAsEnv"][0]["secretName"] == "flywheel-s3"
     assert "value: s3://ml/flywheel" in text
+
+
+def test_every_step_runs_in_the_image_the_settings_name(tmp_path):
+    """Settings.image used to be ignored: the components hard-coded their image."""
+    env = {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_IMAGE": "registry.internal:5000/ml/flywheel:2026.11.23"}
+    result = flywheel("compile", "--out", str(tmp_path), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    executors = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())["deploymentSpec"]["executors"]
+    assert len(executors) == 6
+    assert {spec["container"]["image"] for spec in executors.values()} == {env["FLYWHEEL_IMAGE"]}

@@ -1,4 +1,7 @@
-"""Ingest: raw csv/parquet/jsonl files become a schema-enforced, date-partitioned, idempotent lake."""
+"""Ingest: raw csv/parquet/jsonl files become a schema-enforced, date-partitioned, idempotent lake.
+
+Most tests publish what ingest stages right away (`ingest_and_publish`): they are about ingest itself;
+the validated path (stage, validate, publish or discard) is tested in test_lake.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import pytest
 
 from flywheel import lineage
 from flywheel.errors import DataError
-from flywheel.ingest import LakeSnapshot, ingest, load_snapshot, publish_snapshot, read_snapshot, snapshot_sha256
+from flywheel.ingest import ingest
+from flywheel.lake import LakeSnapshot, load_snapshot, publish_snapshot, publish_staged, read_snapshot, snapshot_sha256
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
@@ -24,6 +28,11 @@ DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
 def make_transactions(rows: int = 300, seed: int = 0, id_prefix: str = "t") -> pd.DataFrame:
     """Rows matching TRANSACTION_SCHEMA, spread over DATES, in shuffled time order."""
     return factories.make_transactions(rows, seed=seed, id_prefix=id_prefix, start=DATES[0], days=len(DATES), fraud_every=33)
+
+
+def ingest_and_publish(storage: Storage, source: str, lake: str, run_id: str) -> LakeSnapshot:
+    """Ingest a batch and publish it without validation."""
+    return publish_staged(storage, ingest(storage, source, lake, run_id), run_id)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
@@ -74,7 +83,7 @@ def lake_files(lake: Path) -> list[Path]:
 def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage, raw, tmp_path: Path) -> None:
     folder, expected = raw
     lake = tmp_path / "lake"
-    snap = ingest(storage, str(folder), str(lake), run_id="r1")
+    snap = ingest_and_publish(storage, str(folder), str(lake), run_id="r1")
 
     assert snap.rows == len(expected) == 600
     assert len(snap.source_files) == 3
@@ -106,7 +115,7 @@ def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage,
 def test_manifest_is_published_and_loadable(storage: Storage, raw, tmp_path: Path) -> None:
     folder, _ = raw
     lake = tmp_path / "lake"
-    snap = ingest(storage, str(folder), str(lake), run_id="r1")
+    snap = ingest_and_publish(storage, str(folder), str(lake), run_id="r1")
 
     assert snap.uri == str(lake / "_snapshots" / f"{snap.sha256}.json")
     assert snap.sha256 == snapshot_sha256([p["sha256"] for p in snap.parts])
@@ -118,10 +127,10 @@ def test_manifest_is_published_and_loadable(storage: Storage, raw, tmp_path: Pat
 def test_rerun_is_idempotent(storage: Storage, raw, tmp_path: Path) -> None:
     folder, _ = raw
     lake = tmp_path / "lake"
-    first = ingest(storage, str(folder), str(lake), run_id="r1")
+    first = ingest_and_publish(storage, str(folder), str(lake), run_id="r1")
     before = {p: p.stat().st_mtime_ns for p in lake_files(lake / "transactions")}
 
-    second = ingest(storage, str(folder), str(lake), run_id="r2")
+    second = ingest_and_publish(storage, str(folder), str(lake), run_id="r2")
 
     assert second.new_parts == []
     assert second.sha256 == first.sha256 and second.uri == first.uri
@@ -130,28 +139,28 @@ def test_rerun_is_idempotent(storage: Storage, raw, tmp_path: Path) -> None:
     assert second.source_files == first.source_files
 
 
-def test_parts_left_by_an_interrupted_run_are_published_not_rewritten(
-    storage: Storage, raw, tmp_path: Path
-) -> None:
+def test_parts_no_manifest_names_are_staged_again_not_trusted(storage: Storage, raw, tmp_path: Path) -> None:
     folder, _ = raw
     lake = tmp_path / "lake"
-    first = ingest(storage, str(folder), str(lake), run_id="r1")
-    for manifest in (lake / "_snapshots").iterdir():  # as if the run died before publishing
+    first = ingest_and_publish(storage, str(folder), str(lake), run_id="r1")
+    for manifest in (lake / "_snapshots").iterdir():  # the parts are there, but no manifest names them
         manifest.unlink()
 
-    second = ingest(storage, str(folder), str(lake), run_id="r2")
+    staged = ingest(storage, str(folder), str(lake), run_id="r2")
+    assert sorted(staged.new_parts) == [p["uri"] for p in first.parts]  # through staging (and validation) again
+    second = publish_staged(storage, staged, "r2")
 
-    assert second.new_parts == [] and second.sha256 == first.sha256 and second.parts == first.parts
+    assert second.sha256 == first.sha256 and second.parts == first.parts
 
 
 def test_snapshot_covers_the_whole_lake_not_only_new_files(storage: Storage, raw, tmp_path: Path) -> None:
     folder, _ = raw
     lake = tmp_path / "lake"
-    first = ingest(storage, str(folder), str(lake), run_id="r1")
+    first = ingest_and_publish(storage, str(folder), str(lake), run_id="r1")
     more = tmp_path / "more"
     write_parquet(make_transactions(50, 9, "n"), more / "n.parquet")
 
-    second = ingest(storage, str(more), str(lake), run_id="r2")
+    second = ingest_and_publish(storage, str(more), str(lake), run_id="r2")
 
     assert second.rows == first.rows + 50
     assert {p["uri"] for p in first.parts} < {p["uri"] for p in second.parts}
@@ -162,7 +171,7 @@ def test_snapshot_covers_the_whole_lake_not_only_new_files(storage: Storage, raw
 
 def test_single_file_source(storage: Storage, tmp_path: Path) -> None:
     path = write_parquet(make_transactions(40), tmp_path / "one.parquet")
-    snap = ingest(storage, str(path), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(path), str(tmp_path / "lake"), run_id="r1")
     assert snap.rows == 40 and [f["uri"] for f in snap.source_files] == [str(path)]
 
 
@@ -173,7 +182,7 @@ def test_underscore_and_dot_paths_are_skipped(storage: Storage, raw, tmp_path: P
     write_csv(make_transactions(10, 7, "z"), folder / ".hidden" / "z.csv")
     (folder / "notes.txt").write_text("not data")
 
-    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
 
     assert snap.rows == 600
     assert all("_staging" not in f["uri"] and "_y" not in f["uri"] and ".hidden" not in f["uri"]
@@ -187,7 +196,7 @@ def test_extra_columns_are_dropped_and_naive_timestamps_are_utc(storage: Storage
     df["is_fraud"] = df["is_fraud"].astype("int64")
     path = write_parquet(df, tmp_path / "raw" / "naive.parquet")
 
-    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
     table = read_snapshot(storage, snap)
 
     assert table.column_names == TRANSACTION_SCHEMA.names
@@ -208,7 +217,7 @@ def test_mixed_iso_strings_parse_to_the_same_instants(storage: Storage, tmp_path
         "2026-03-01T05:00:00-0500",
     ]
     path = write_csv(df, tmp_path / "raw" / "mixed.csv")
-    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
     got = read_snapshot(storage, snap).column("ts").to_pylist()
     assert got == [dt.datetime(2026, 3, 1, 10, tzinfo=dt.timezone.utc)] * 5
 
@@ -217,13 +226,13 @@ def test_csv_ids_keep_leading_zeros(storage: Storage, tmp_path: Path) -> None:
     df = make_transactions(20)
     df["transaction_id"] = [f"{i:06d}" for i in range(20)]
     path = write_csv(df, tmp_path / "raw" / "ids.csv")
-    snap = ingest(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
     assert sorted(read_snapshot(storage, snap).column("transaction_id").to_pylist())[0] == "000000"
 
 
 def _assert_refused(storage: Storage, folder: Path, lake: Path, *fragments: str) -> str:
     with pytest.raises(DataError) as info:
-        ingest(storage, str(folder), str(lake), run_id="bad")
+        ingest_and_publish(storage, str(folder), str(lake), run_id="bad")
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message
@@ -298,7 +307,7 @@ def test_empty_folder_is_refused(storage: Storage, tmp_path: Path) -> None:
 
 def test_lineage_of_a_part_names_the_raw_file(storage: Storage, raw, tmp_path: Path) -> None:
     folder, _ = raw
-    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
     raw_file = next(f for f in snap.source_files if f["uri"].endswith("b.csv"))
     part = next(p for p in snap.parts if raw_file["sha256"][:16] in p["uri"])
 
@@ -332,7 +341,7 @@ def lake_with_a(storage: Storage, tmp_path: Path) -> tuple[Path, pd.DataFrame, L
     df = make_transactions(300, 1, "p")
     write_parquet(df, tmp_path / "first" / "a.parquet")
     lake = tmp_path / "lake"
-    return lake, df, ingest(storage, str(tmp_path / "first"), str(lake), run_id="r1")
+    return lake, df, ingest_and_publish(storage, str(tmp_path / "first"), str(lake), run_id="r1")
 
 
 def test_identical_redelivery_under_another_name_adds_nothing(storage: Storage, lake_with_a, tmp_path: Path) -> None:
@@ -340,14 +349,14 @@ def test_identical_redelivery_under_another_name_adds_nothing(storage: Storage, 
     before = lake_state(lake / "transactions")
     write_csv(df, tmp_path / "resent" / "a_resent_2026-03-04.csv")  # other name, other format, same rows
 
-    second = ingest(storage, str(tmp_path / "resent"), str(lake), run_id="r2")
+    second = ingest_and_publish(storage, str(tmp_path / "resent"), str(lake), run_id="r2")
 
     assert second.new_parts == [] and second.rows == first.rows == 300
     assert second.sha256 == first.sha256
     assert lake_state(lake / "transactions") == before
     [source] = second.source_files
     assert source["rows"] == 0 and source["duplicates"] == 300
-    assert ingest(storage, str(tmp_path / "resent"), str(lake), run_id="r3").sha256 == first.sha256
+    assert ingest_and_publish(storage, str(tmp_path / "resent"), str(lake), run_id="r3").sha256 == first.sha256
 
 
 def test_partially_overlapping_file_adds_only_new_rows(storage: Storage, lake_with_a, tmp_path: Path) -> None:
@@ -356,7 +365,7 @@ def test_partially_overlapping_file_adds_only_new_rows(storage: Storage, lake_wi
     # csv: floats round-trip exactly (pandas' to_json keeps 10 digits, which is a real change of content)
     write_csv(pd.concat([df.iloc[200:], fresh], ignore_index=True), tmp_path / "overlap" / "export.csv")
 
-    second = ingest(storage, str(tmp_path / "overlap"), str(lake), run_id="r2")
+    second = ingest_and_publish(storage, str(tmp_path / "overlap"), str(lake), run_id="r2")
 
     assert second.rows == first.rows + 50
     ids = snapshot_ids(storage, second)
@@ -365,7 +374,7 @@ def test_partially_overlapping_file_adds_only_new_rows(storage: Storage, lake_wi
     [source] = second.source_files
     assert source["rows"] == 50 and source["duplicates"] == 100
     assert sum(p["rows"] for p in second.parts if p["uri"] in second.new_parts) == 50
-    again = ingest(storage, str(tmp_path / "overlap"), str(lake), run_id="r3")
+    again = ingest_and_publish(storage, str(tmp_path / "overlap"), str(lake), run_id="r3")
     assert again.sha256 == second.sha256 and again.new_parts == []
 
 
@@ -381,7 +390,7 @@ def test_conflicting_redelivery_is_refused_and_the_lake_is_unchanged(
     write_parquet(changed, folder / "b_changed.parquet")
 
     with pytest.raises(DataError) as info:
-        ingest(storage, str(folder), str(lake), run_id="bad")
+        ingest_and_publish(storage, str(folder), str(lake), run_id="bad")
 
     message = str(info.value)
     for fragment in ("b_changed.parquet", "1 transaction id", "'p00007'", "amount", "/transactions/date=",
@@ -397,7 +406,7 @@ def test_conflict_message_names_up_to_three_examples(storage: Storage, lake_with
     changed["channel"] = "carrier-pigeon"
     write_parquet(changed, tmp_path / "resent" / "c.parquet")
     with pytest.raises(DataError) as info:
-        ingest(storage, str(tmp_path / "resent"), str(lake), run_id="bad")
+        ingest_and_publish(storage, str(tmp_path / "resent"), str(lake), run_id="bad")
     message = str(info.value)
     assert "10 transaction id(s)" in message and "'p00000', 'p00001', 'p00002', ..." in message
     assert "'p00003'" not in message
@@ -407,7 +416,7 @@ def test_identical_duplicates_within_a_file_are_collapsed(storage: Storage, tmp_
     df = make_transactions(30)
     write_csv(pd.concat([df, df.iloc[[3, 3, 17]]], ignore_index=True), tmp_path / "raw" / "dupes.csv")
 
-    snap = ingest(storage, str(tmp_path / "raw"), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(tmp_path / "raw"), str(tmp_path / "lake"), run_id="r1")
 
     ids = snapshot_ids(storage, snap)
     assert snap.rows == 30 and len(set(ids)) == 30
@@ -431,14 +440,14 @@ def test_two_files_of_one_batch_sharing_an_id(storage: Storage, tmp_path: Path) 
     write_parquet(df.iloc[:25], folder / "a.parquet")
     write_csv(df.iloc[20:], folder / "b.csv")  # s00020..s00024 in both, identical
 
-    snap = ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
+    snap = ingest_and_publish(storage, str(folder), str(tmp_path / "lake"), run_id="r1")
 
     ids = snapshot_ids(storage, snap)
     assert snap.rows == 40 and sorted(ids) == sorted(df["transaction_id"])
     by_name = {f["uri"].rsplit("/", 1)[-1]: f for f in snap.source_files}
     assert by_name["a.parquet"]["rows"] == 25 and "duplicates" not in by_name["a.parquet"]
     assert by_name["b.csv"]["rows"] == 15 and by_name["b.csv"]["duplicates"] == 5
-    assert ingest(storage, str(folder), str(tmp_path / "lake"), run_id="r2").sha256 == snap.sha256
+    assert ingest_and_publish(storage, str(folder), str(tmp_path / "lake"), run_id="r2").sha256 == snap.sha256
 
     conflicting = df.iloc[20:].copy()
     conflicting.loc[22, "is_fraud"] = 1 - conflicting.loc[22, "is_fraud"]
@@ -465,5 +474,5 @@ def test_publish_snapshot_takes_hand_written_parts_as_they_are(storage: Storage,
     assert load_snapshot(storage, str(lake / "_snapshots" / "latest.json")) == snap
     for name, rows in [("again.csv", df), ("other_amount.csv", legacy.iloc[[20]])]:
         write_csv(rows, tmp_path / name / name)
-        again = ingest(storage, str(tmp_path / name), str(lake), run_id="r2")
+        again = ingest_and_publish(storage, str(tmp_path / name), str(lake), run_id="r2")
         assert again.sha256 == snap.sha256 and again.source_files[0]["duplicates"] == len(rows)

@@ -14,7 +14,8 @@ import pytest
 
 from flywheel import lineage
 from flywheel.errors import ValidationFailed
-from flywheel.ingest import LakeSnapshot, ingest, publish_snapshot, read_snapshot
+from flywheel.ingest import ingest
+from flywheel.lake import LakeSnapshot, publish_snapshot, read_snapshot
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from flywheel.validation import ValidationReport, build_suite, validate_frame, validate_snapshot

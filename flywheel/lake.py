@@ -1,0 +1,385 @@
+"""The lake contract: how transactions are laid out, identified, staged, published and read.
+
+The lake looks like::
+
+    <lake>/transactions/date=YYYY-MM-DD/part-<first 16 hex of the raw file's sha256>.parquet
+    <lake>/_snapshots/<snapshot sha256>.json     one manifest per published lake state (immutable)
+    <lake>/_snapshots/latest.json                the newest published manifest: what readers read
+    <lake>/_staging/<run id>/...                 a batch that is not published yet (invisible)
+
+Readers follow manifests only: nothing lists ``transactions/`` to decide what is in the lake, so a
+part that no published manifest names (left by an interrupted publish, or written by hand) is never
+read. A batch is first staged: its new parts and a staged manifest (the published parts plus the
+new ones) go below ``_staging/``, where validation reads them. Publishing copies the new parts into
+``transactions/`` (verifying each sha256), writes the immutable manifest, and moves ``latest.json``
+last; run again after an interruption, it completes. A rejected batch is discarded: its staging area
+is removed and nothing under ``transactions/`` or ``_snapshots/`` has changed.
+
+A snapshot's identity is the sha256 over its parts' sha256s, so a staged snapshot and the one it
+becomes when published have the same sha256.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flywheel import lineage
+from flywheel.errors import ArtifactNotFound, DataError, StorageError, first_line
+from flywheel.schema import TRANSACTION_SCHEMA
+from flywheel.storage import Storage, join, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+TRANSACTIONS = "transactions"
+SNAPSHOTS = "_snapshots"
+STAGING = "_staging"
+LATEST = "latest.json"
+STAGED_MANIFEST = "snapshot.json"
+
+# What reading a part that is not TRANSACTION_SCHEMA parquet can raise.
+_UNREADABLE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError, ValueError, OSError)
+
+
+@dataclass
+class LakeSnapshot:
+    """The lake's parts at one moment, identified by the hash of their contents.
+
+    A *staged* snapshot (``staging_uri`` set) is a candidate: its new parts carry a ``staged_uri``
+    where their bytes are until :func:`publish_staged` copies them to their ``uri``. A published
+    snapshot has ``staging_uri == ""`` and every part at its ``uri``.
+    """
+
+    uri: str
+    sha256: str
+    rows: int
+    parts: list[dict[str, Any]]
+    new_parts: list[str] = field(default_factory=list)
+    source_files: list[dict[str, Any]] = field(default_factory=list)
+    lake_uri: str = ""
+    parent: str = ""  # sha256 of the published snapshot this one extends ("" for a new lake)
+    staging_uri: str = ""
+    validated_by: dict[str, Any] = field(default_factory=dict)  # the report that let it in
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.staging_uri)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LakeSnapshot":
+        try:
+            uri = data["uri"]
+            return cls(
+                uri=uri,
+                sha256=data["sha256"],
+                rows=int(data["rows"]),
+                parts=[dict(p) for p in data["parts"]],
+                new_parts=list(data.get("new_parts", [])),
+                source_files=[dict(s) for s in data.get("source_files", [])],
+                # Manifests from before these fields: the lake is the folder above _snapshots/.
+                lake_uri=data.get("lake_uri") or uri.rsplit(f"/{SNAPSHOTS}/", 1)[0],
+                parent=data.get("parent", ""),
+                staging_uri=data.get("staging_uri", ""),
+                validated_by=dict(data.get("validated_by") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"not a lake snapshot manifest: missing or bad field {exc}") from None
+
+
+@dataclass
+class NewPart:
+    """A part a batch adds: where it goes, its rows, and the lineage it gets once published."""
+
+    date: str
+    name: str
+    table: pa.Table
+    inputs: list[dict[str, Any]]  # lineage inputs (the raw file), recorded at publish time
+    params: dict[str, Any]
+
+
+# --- naming -------------------------------------------------------------------------------------
+
+
+def snapshot_sha256(part_shas: list[str]) -> str:
+    """The identity of a lake state: sha256 over its parts' sha256s, sorted, one per line."""
+    return sha256_bytes("\n".join(sorted(part_shas)).encode())
+
+
+def part_name(raw_sha256: str) -> str:
+    """A part is named after the raw file it came from: re-ingesting that file adds nothing."""
+    return f"part-{raw_sha256[:16]}.parquet"
+
+
+def part_uri(lake_uri: str, date: str, name: str) -> str:
+    return join(lake_uri, TRANSACTIONS, f"date={date}", name)
+
+
+def manifest_uri(lake_uri: str, sha256: str) -> str:
+    return join(lake_uri, SNAPSHOTS, f"{sha256}.json")
+
+
+def latest_snapshot_uri(lake_uri: str) -> str:
+    """Where the newest published manifest of a lake is."""
+    return join(lake_uri, SNAPSHOTS, LATEST)
+
+
+def staging_uri(lake_uri: str, stage_id: str) -> str:
+    """The staging area of one batch (named after its run id, made path-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", stage_id).strip(".-") or "batch"
+    return join(lake_uri, STAGING, safe)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def load_snapshot(storage: Storage, uri: str) -> LakeSnapshot:
+    """The snapshot a manifest describes (``<lake>/_snapshots/latest.json`` for the newest)."""
+    return LakeSnapshot.from_dict(storage.read_json(uri))
+
+
+def latest_snapshot(storage: Storage, lake_uri: str) -> LakeSnapshot | None:
+    """The newest published snapshot, or None for a lake nothing was published into."""
+    uri = latest_snapshot_uri(lake_uri)
+    try:
+        return load_snapshot(storage, uri)
+    except ArtifactNotFound:
+        return None
+    except (StorageError, DataError) as exc:
+        # Guessing the lake's contents from its files could publish parts nobody validated.
+        raise DataError(
+            f"{uri} is unreadable ({exc}); copy the newest good manifest from {join(lake_uri, SNAPSHOTS)}/ "
+            "over it, or ingest into a fresh lake"
+        ) from None
+
+
+def read_part(storage: Storage, part: dict[str, Any], columns: list[str] | None = None, *, of: str = "") -> pa.Table:
+    """One part's rows (``columns`` of TRANSACTION_SCHEMA, or all), after checking its sha256.
+
+    A staged part is read where it is staged or, once a publish has moved it, at its lake URI.
+    ``of`` names the snapshot in error messages.
+    """
+    uri = part.get("staged_uri") or part["uri"]
+    try:
+        data = storage.read_bytes(uri)
+    except ArtifactNotFound:
+        if uri == part["uri"]:
+            raise DataError(
+                f"lake part {uri} is missing{f' (listed by {of})' if of else ''}: restore it, or ingest into a fresh lake"
+            ) from None
+        uri, data = part["uri"], _read_or_explain(storage, part["uri"], part["staged_uri"])
+    if sha256_bytes(data) != part["sha256"]:
+        raise DataError(f"{uri} changed since snapshot {of or '?'} was taken (sha256 mismatch); re-run ingest")
+    names = columns or TRANSACTION_SCHEMA.names
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=columns)
+        return table.select(names).cast(pa.schema([TRANSACTION_SCHEMA.field(n) for n in names]))
+    except _UNREADABLE as exc:
+        raise DataError(
+            f"lake part {uri} is not TRANSACTION_SCHEMA parquet ({first_line(exc)}); remove it and re-run"
+        ) from None
+
+
+def _read_or_explain(storage: Storage, uri: str, staged: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except ArtifactNotFound:
+        raise DataError(
+            f"staged part {staged} is gone and was never published to {uri} (its batch was discarded?); re-run ingest"
+        ) from None
+
+
+def read_snapshot(storage: Storage, snapshot: LakeSnapshot, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a snapshot as one table (parts in URI order), checking each part's sha256."""
+    schema = TRANSACTION_SCHEMA if columns is None else pa.schema([TRANSACTION_SCHEMA.field(c) for c in columns])
+    tables = [read_part(storage, part, columns, of=snapshot.uri) for part in snapshot.parts]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def require_published(snapshot: LakeSnapshot) -> None:
+    """Refuse a staged snapshot where only published data may be used (features, training)."""
+    if snapshot.staged:
+        raise DataError(
+            f"snapshot {snapshot.uri} is staged, not published: only a validated snapshot may be used "
+            "(pass the validate step's output, not ingest's)"
+        )
+
+
+# --- staging and publishing ----------------------------------------------------------------------
+
+
+def stage(
+    storage: Storage,
+    lake_uri: str,
+    run_id: str,
+    parent: LakeSnapshot | None,
+    new_parts: list[NewPart],
+    source_files: list[dict[str, Any]] | None = None,
+) -> LakeSnapshot:
+    """Write a batch's new parts and a staged manifest (``parent``'s parts plus the new ones) below
+    ``<lake>/_staging/<run_id>/``; nothing readers see changes. A staging area left by an earlier
+    attempt of the same run is replaced."""
+    area = staging_uri(lake_uri, run_id)
+    storage.delete_tree(area)
+    parts = {p["uri"]: dict(p) for p in (parent.parts if parent else [])}
+    added = []
+    for new in new_parts:
+        final = part_uri(lake_uri, new.date, new.name)
+        if final in parts:  # names come from raw file hashes: a published file is never staged again
+            raise DataError(f"{final} is already in snapshot {parent.uri if parent else '?'}; it cannot be staged again")
+        staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
+        ref = storage.write_parquet(staged_part, new.table)
+        parts[final] = {
+            "uri": final, "sha256": ref.sha256, "rows": new.table.num_rows, "date": new.date,
+            "staged_uri": staged_part,
+            "lineage": {"step": "ingest", "run_id": run_id, "inputs": new.inputs, "params": new.params},
+        }
+        added.append(final)
+    ordered = sorted(parts.values(), key=lambda p: p["uri"])
+    snapshot = LakeSnapshot(
+        uri=join(area, STAGED_MANIFEST),
+        sha256=snapshot_sha256([p["sha256"] for p in ordered]),
+        rows=sum(p["rows"] for p in ordered),
+        parts=ordered,
+        new_parts=sorted(added),
+        source_files=source_files or [],
+        lake_uri=lake_uri,
+        parent=parent.sha256 if parent else "",
+        staging_uri=area,
+    )
+    storage.write_json(snapshot.uri, snapshot.to_dict())  # last: an area without it is an unfinished stage
+    return snapshot
+
+
+def publish_staged(
+    storage: Storage, staged: LakeSnapshot, run_id: str, validated_by: dict[str, Any] | None = None
+) -> LakeSnapshot:
+    """Make a staged snapshot the lake's latest: new parts into ``transactions/`` (sha256-checked),
+    their lineage, the immutable manifest, then ``latest.json``, then the staging area is removed.
+
+    Idempotent: after an interruption at any point, running it again completes the publish. Refused
+    with a DataError when another snapshot was published since the batch was staged (its
+    de-duplication was against an older lake). A snapshot that is not staged is returned as is.
+    """
+    if not staged.staged:
+        return staged
+    current = latest_snapshot(storage, staged.lake_uri)
+    current_sha = current.sha256 if current else ""
+    if current_sha not in (staged.parent, staged.sha256):
+        raise DataError(
+            f"snapshot {current_sha[:12]} was published into {staged.lake_uri} after this batch was staged on "
+            f"{staged.parent[:12] or 'an empty lake'}; re-run ingest to stage it on the current lake"
+        )
+    parts = [_publish_part(storage, part) for part in staged.parts]
+    published = LakeSnapshot(
+        uri=manifest_uri(staged.lake_uri, staged.sha256),
+        sha256=staged.sha256,
+        rows=staged.rows,
+        parts=parts,
+        new_parts=staged.new_parts,
+        source_files=staged.source_files,
+        lake_uri=staged.lake_uri,
+        parent=staged.parent,
+        validated_by=dict(validated_by or {}),
+    )
+    _write_manifest(storage, published, run_id)
+    _move_latest(storage, published)
+    storage.delete_tree(staged.staging_uri)
+    log.info("lake: published snapshot %s (%d parts, %d new, %d rows) into %s",
+             published.sha256[:12], len(parts), len(published.new_parts), published.rows, published.lake_uri)
+    return published
+
+
+def discard_staged(storage: Storage, staged: LakeSnapshot) -> None:
+    """Remove a staged batch; the published lake is untouched (a published snapshot: nothing to do)."""
+    if staged.staged:
+        storage.delete_tree(staged.staging_uri)
+        log.info("lake: discarded staged batch %s", staged.staging_uri)
+
+
+def _publish_part(storage: Storage, part: dict[str, Any]) -> dict[str, Any]:
+    """Copy a staged part to its lake URI (unless an identical copy is there) and record its lineage;
+    returns the part as a published manifest lists it. A published part passes through."""
+    if "staged_uri" not in part:
+        return part
+    final = part["uri"]
+    ref = storage.stat(final) if storage.exists(final) else None
+    if ref is None or ref.sha256 != part["sha256"]:
+        # A file at `final` with other bytes is a leftover no manifest names (the parent, which is
+        # the latest, does not list it): replace it.
+        data = _read_or_explain(storage, part["staged_uri"], part["staged_uri"])
+        if sha256_bytes(data) != part["sha256"]:
+            raise DataError(f"staged part {part['staged_uri']} changed since it was staged (sha256 mismatch); re-run ingest")
+        ref = storage.write_bytes(final, data)
+    plan = part.get("lineage") or {}
+    lineage.record(
+        storage, ref, step=plan.get("step", "ingest"), run_id=plan.get("run_id", ""),
+        inputs=plan.get("inputs", []), params=plan.get("params", {}),
+    )
+    return {k: v for k, v in part.items() if k not in ("staged_uri", "lineage")}
+
+
+def _write_manifest(storage: Storage, snapshot: LakeSnapshot, run_id: str) -> None:
+    # A manifest is named by its content hash, so an existing one already describes this lake state:
+    # keep it (it records which run first produced that state).
+    if not storage.exists(snapshot.uri):
+        ref = storage.write_json(snapshot.uri, snapshot.to_dict())
+    elif lineage.lookup(storage, snapshot.uri) is None:
+        ref = storage.stat(snapshot.uri)
+    else:
+        return
+    lineage.record(
+        storage, ref, step="publish", run_id=run_id,
+        inputs=[{"uri": p["uri"], "sha256": p["sha256"]} for p in snapshot.parts],
+        params={"rows": snapshot.rows, "parts": len(snapshot.parts), "parent": snapshot.parent,
+                "validation_report": snapshot.validated_by.get("report_uri")},
+    )
+
+
+def _move_latest(storage: Storage, snapshot: LakeSnapshot) -> None:
+    """The publication point: readers see the new snapshot from this write on."""
+    storage.write_json(latest_snapshot_uri(snapshot.lake_uri), snapshot.to_dict())
+
+
+def publish_snapshot(storage: Storage, lake_uri: str, run_id: str) -> LakeSnapshot:
+    """Adopt every part now under ``<lake>/transactions`` into a published snapshot (and move latest).
+
+    A repair tool for a lake whose parts were written by other means (a test that needs a lake
+    ingest would refuse, a hand-restored lake): the parts are taken as they are, unvalidated, and
+    nothing is checked against the schema or for unique transaction ids. Ingest never does this.
+    """
+    current = latest_snapshot(storage, lake_uri)
+    known = {p["uri"]: p for p in (current.parts if current else [])}
+    parts = [
+        dict(known.get(uri) or _describe_part(storage, uri))
+        for uri in storage.iter_objects(join(lake_uri, TRANSACTIONS), (".parquet",))
+    ]
+    sha = snapshot_sha256([p["sha256"] for p in parts])
+    snapshot = LakeSnapshot(
+        uri=manifest_uri(lake_uri, sha), sha256=sha, rows=sum(p["rows"] for p in parts),
+        parts=sorted(parts, key=lambda p: p["uri"]), lake_uri=lake_uri,
+        parent=current.sha256 if current else "",
+    )
+    _write_manifest(storage, snapshot, run_id)
+    _move_latest(storage, snapshot)
+    return snapshot
+
+
+def _describe_part(storage: Storage, uri: str) -> dict[str, Any]:
+    data = storage.read_bytes(uri)
+    try:
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    except _UNREADABLE as exc:
+        raise DataError(f"lake part {uri} is not readable parquet ({first_line(exc)}); remove it and re-run") from None
+    date = next((seg[5:] for seg in uri.split("/") if seg.startswith("date=")), "")
+    return {"uri": uri, "sha256": sha256_bytes(data), "rows": rows, "date": date}
