@@ -7,11 +7,10 @@ import os
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
-import pytest
+
+from tests.servers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,12 +38,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_readme_serve_and_curl_example_verbatim(trained_loop):
     serve, curl, answer = readme_serve_example()
     assert serve.startswith(".venv/bin/flywheel serve") and "localhost:8080" in curl and " -d '" in curl
@@ -56,16 +49,7 @@ def test_readme_serve_and_curl_example_verbatim(trained_loop):
     server = subprocess.Popen(["bash", "-c", serve], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = re.search(r"(localhost:\d+)", curl).group(1)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"http://{url.replace('localhost', '127.0.0.1')}/v1/models/fraud", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("the README's serve command did not become ready")
+        wait_until_ready(server, f"http://{url.replace('localhost', '127.0.0.1')}/v1/models/fraud")
         result = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         body = json.loads(result.stdout)

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port, wait_until_ready
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +22,7 @@ def server(trained_loop):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"flywheel serve exited early:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/v1/models/fraud", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail(f"flywheel serve did not become ready:\n{process.stdout.read()}")
+    wait_until_ready(process, f"{base}/v1/models/fraud")
     yield base, trained_loop
     process.terminate()
     try:
