@@ -90,7 +90,9 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
         if not report.success:
             lake.discard_staged(storage, staged)
             kept = f"snapshot {staged.parent[:12]}" if staged.parent else "nothing (it is empty)"
-            raise ValidationFailed(f"{failure_message(report)}\nthe batch was discarded; the lake still holds {kept}")
+            files = [f["uri"] for f in staged.source_files]
+            subject = f"the batch from {', '.join(files[:3])}{' and more' if len(files) > 3 else ''} for lake {staged.lake_uri}"
+            raise ValidationFailed(f"{failure_message(report, subject)}\nthe batch was discarded; the lake still holds {kept}")
         validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
         published = lake.publish_staged(storage, staged, run_id, validated_by)
         record["artifacts"]["lake_snapshot"] = published.uri

@@ -164,10 +164,10 @@ def validate_snapshot(
     return report
 
 
-def failure_message(report: ValidationReport) -> str:
+def failure_message(report: ValidationReport, subject: str = "") -> str:
     """The ValidationFailed text: one line per failed expectation, and where the report is."""
     lines = [
-        f"validation of {report.snapshot_uri or 'the snapshot'} failed: {len(report.failed)} of "
+        f"validation of {subject or report.snapshot_uri or 'the snapshot'} failed: {len(report.failed)} of "
         f"{report.evaluated} expectations failed on {report.rows} rows (report: {report.report_uri}):"
     ]
     lines += [f"  - {f['expectation']}({f['column'] or 'table'}): {f['details']}" for f in report.failed]

@@ -89,6 +89,9 @@ def test_a_rejected_batch_leaves_the_lake_byte_identical_and_the_next_runs_succe
         steps.validate_step(staged, "run-2", settings)
 
     assert expectation in str(info.value) and "discarded" in str(info.value)
+    # The message names what was refused (the delivered files, the lake), not a manifest that is gone.
+    assert staged["source_files"][0]["uri"] in str(info.value) and lake_uri in str(info.value)
+    assert "_staging" not in str(info.value)
     assert lake_state(lake_dir) == before, "nothing of a rejected batch may stay in the lake"
     assert (lake_dir / "_snapshots" / "latest.json").read_bytes() == latest_before
     assert Path(storage.uri("reports", "validation", "run-2", "validation.json")).is_file()  # the evidence stays
