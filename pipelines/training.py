@@ -18,28 +18,32 @@ PIPELINE_NAME = "flywheel-training"
 S3_SECRET = "flywheel-s3"  # Kubernetes Secret with keys `accesskey` and `secretkey`
 
 
+def configure(task: Any, display_name: str, settings: Settings) -> Any:
+    """Every task: its display name, the project image, the model name and, on a cluster, where the
+    store is (from the pipeline) and its credentials (from a Kubernetes Secret, never the YAML)."""
+    task.set_display_name(display_name)
+    if settings.storage.root.startswith("s3://"):
+        from kfp import kubernetes
+
+        task.set_env_variable("FLYWHEEL_STORAGE__ROOT", settings.storage.root)
+        task.set_env_variable("FLYWHEEL_STORAGE__S3_ENDPOINT", settings.storage.s3_endpoint)
+        task.set_env_variable("FLYWHEEL_STORAGE__S3_SECURE", str(settings.storage.s3_secure).lower())
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=S3_SECRET,
+            secret_key_to_env={"accesskey": "FLYWHEEL_S3_ACCESS_KEY", "secretkey": "FLYWHEEL_S3_SECRET_KEY"},
+        )
+    task.set_env_variable("FLYWHEEL_MODEL_NAME", settings.model_name)
+    task.set_container_image(settings.image)
+    return task
+
+
 def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
     """The training pipeline for these settings (cluster wiring follows the storage root)."""
     settings = settings or load_settings()
-    on_s3 = settings.storage.root.startswith("s3://")
 
-    def configure(task: Any, display_name: str) -> Any:
-        task.set_display_name(display_name)
-        if on_s3:
-            # On the cluster: where the store is comes from the pipeline, credentials from a Secret.
-            from kfp import kubernetes
-
-            task.set_env_variable("FLYWHEEL_STORAGE__ROOT", settings.storage.root)
-            task.set_env_variable("FLYWHEEL_STORAGE__S3_ENDPOINT", settings.storage.s3_endpoint)
-            task.set_env_variable("FLYWHEEL_STORAGE__S3_SECURE", str(settings.storage.s3_secure).lower())
-            kubernetes.use_secret_as_env(
-                task,
-                secret_name=S3_SECRET,
-                secret_key_to_env={"accesskey": "FLYWHEEL_S3_ACCESS_KEY", "secretkey": "FLYWHEEL_S3_SECRET_KEY"},
-            )
-        task.set_env_variable("FLYWHEEL_MODEL_NAME", settings.model_name)
-        task.set_container_image(settings.image)
-        return task
+    def configure_task(task: Any, display_name: str) -> Any:
+        return configure(task, display_name, settings)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Ingest, validate, build features, train, gate and deploy the fraud model.")
     def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "", lake_uri: str = "") -> None:
@@ -47,7 +51,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         probabilities, when known (generated data). lake_uri: empty for the settings' lake."""
         # Ingest always re-reads its source: the files behind a URI can change, so it is never cached.
         # It also settles the run id: the caller's (flywheel run) or else the KFP job's.
-        ingest = configure(
+        ingest = configure_task(
             components.ingest(
                 source_uri=source_uri, lake_uri=lake_uri, run_id=run_id, job_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
             ),
@@ -57,15 +61,15 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         run_id = ingest.outputs["run_id"]
         # Great Expectations gate: publishes the staged batch, or discards it and stops the run here.
         # It changes the lake, so it is never skipped as cached.
-        validate = configure(components.validate(staged=ingest.outputs["staged"], run_id=run_id), "Validate (Great Expectations)")
+        validate = configure_task(components.validate(staged=ingest.outputs["staged"], run_id=run_id), "Validate (Great Expectations)")
         validate.set_caching_options(False)
         # Aggregates -> feast apply + materialize -> point-in-time training set (content-addressed),
         # from the published snapshot only.
-        features = configure(components.features(snapshot=validate.outputs["snapshot"], run_id=run_id), "Features (Feast)")
+        features = configure_task(components.features(snapshot=validate.outputs["snapshot"], run_id=run_id), "Features (Feast)")
         # DDP training; the same inputs reuse the model already trained from them.
-        train = configure(components.train(training_set=features.outputs["training_set"], run_id=run_id), "Train (DDP)")
+        train = configure_task(components.train(training_set=features.outputs["training_set"], run_id=run_id), "Train (DDP)")
         # Holdout metrics; blessed = above the floors and no worse than production.
-        evaluate = configure(
+        evaluate = configure_task(
             components.evaluate(
                 training_set=features.outputs["training_set"], model=train.outputs["model"], run_id=run_id, truth_uri=truth_uri
             ),
@@ -74,7 +78,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         blessed = evaluate.outputs["Output"]
         with dsl.If(blessed == True, name="blessed"):  # noqa: E712 - KFP condition syntax
             # Promote the blessed version to production.
-            configure(
+            configure_task(
                 components.deploy(model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], run_id=run_id),
                 "Deploy",
             )
