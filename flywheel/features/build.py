@@ -123,6 +123,16 @@ def latest_tables(storage: Storage) -> tuple[str, str]:
     return latest["feast_card"], latest["feast_merchant"]
 
 
+def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime]:
+    """The span of the offline tables' own feature rows, a second wider at each end: the window that
+    loads every entity's latest row into the online store. (The transactions' span is not enough: a
+    merchant's day row is stamped at the end of its day, after the day's last transaction.)"""
+    stamps = [pd.read_parquet(path, columns=["event_timestamp"])["event_timestamp"] for path in table_paths]
+    start = min(pd.Timestamp(s.min()) for s in stamps).to_pydatetime()
+    end = max(pd.Timestamp(s.max()) for s in stamps).to_pydatetime()
+    return start - dt.timedelta(seconds=1), end + dt.timedelta(seconds=1)
+
+
 def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
     """The last ``holdout_fraction`` of the time span is the holdout; everything before is training."""
     ts = pd.to_datetime(frame["ts"], utc=True)
@@ -160,8 +170,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: Any, run_id: 
     started = time.perf_counter()
     fs = feast_store.open_store(settings, world)
     feast_store.apply_definitions(fs, feast_card, feast_merchant)
-    ts = pd.to_datetime(transactions["ts"], utc=True)
-    feast_store.materialize(fs, ts.min().to_pydatetime() - dt.timedelta(seconds=1), ts.max().to_pydatetime() + dt.timedelta(seconds=1))
+    feast_store.materialize(fs, *materialize_window([feast_card, feast_merchant]))
     seconds["apply_materialize"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -270,4 +279,4 @@ def _write_training_set(
     return training_set
 
 
-__all__ = ["TrainingSet", "FeaturesResult", "build_features", "features_key", "feature_world", "split_by_time"]
+__all__ = ["TrainingSet", "FeaturesResult", "build_features", "features_key", "feature_world", "materialize_window", "split_by_time"]

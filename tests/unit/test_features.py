@@ -8,7 +8,7 @@ from pandas.testing import assert_frame_equal
 
 from flywheel.config import load_settings
 from flywheel.features import compute
-from flywheel.features.build import split_by_time
+from flywheel.features.build import materialize_window, split_by_time
 from flywheel.features import store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from tests import factories
@@ -144,6 +144,20 @@ def test_online_store_serves_latest_values_after_materialize(feast_join):
     assert online["card_amount_mean_30d"][0] == pytest.approx(latest.card_amount_mean_30d)
     assert online["merchant_amount_mean_30d"][0] is None  # an unknown merchant has no features
 
+
+
+def test_materialize_window_loads_every_merchants_day_end_row(feast_join, tmp_path):
+    """Bug caught: a window taken from the transactions' span, which ends before the merchants'
+    day rows (stamped at the end of their day), so serving reads the day before's aggregates."""
+    _, card_table, merchant_table, _, store = feast_join
+    paths = [str(tmp_path / "card.parquet"), str(tmp_path / "merchant.parquet")]
+    card_table.to_parquet(paths[0])
+    merchant_table.to_parquet(paths[1])
+    feast_store.materialize(store, *materialize_window(paths))
+    latest = merchant_table.sort_values("event_timestamp").groupby("merchant_id").tail(1).set_index("merchant_id")
+    rows = [{"card_id": "c-unknown", "merchant_id": m} for m in latest.index]
+    online = pd.DataFrame(feast_store.online_features(store, rows)).set_index("merchant_id")
+    assert_frame_equal(online[list(MERCHANT_FEATURES)].astype("float64"), latest[list(MERCHANT_FEATURES)].astype("float64"), atol=1e-9)
 
 def test_split_by_time_holds_out_the_last_fraction():
     tx = make_transactions(500)
