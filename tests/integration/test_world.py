@@ -47,8 +47,8 @@ def features_from_raw(settings: Settings, source: str, run_id: str, lake_uri: st
 
     The one place that knows which snapshot the features step gets from the steps before it.
     """
-    snapshot = steps.ingest_step(source, run_id, settings, lake_uri=lake_uri)
-    steps.validate_step(snapshot, run_id, settings)
+    staged = steps.ingest_step(source, run_id, settings, lake_uri=lake_uri)
+    snapshot = steps.validate_step(staged, run_id, settings)  # the published snapshot
     return snapshot, steps.features_step(snapshot, run_id, settings)
 
 
