@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from flywheel import lineage
 from flywheel.config import GateSettings, Settings
 from flywheel.errors import ArtifactNotFound, DataError, StorageError
+from flywheel.features.build import TrainingSet
 from flywheel.registry import ModelVersion, Registry
 from flywheel.schema import ID, LABEL, TIMESTAMP
 from flywheel.storage import Storage
@@ -187,7 +188,7 @@ def truth_metrics(holdout: pd.DataFrame, scores: np.ndarray, truth: pd.DataFrame
 def evaluate(
     storage: Storage,
     settings: Settings,
-    training_set: Any,
+    training_set: TrainingSet,
     model_version: str,
     run_id: str,
     truth_uri: str = "",

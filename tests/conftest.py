@@ -127,12 +127,11 @@ SMALL_DAYS = 14
 
 
 def small_env(home: Path) -> dict[str, str]:
-    """Settings for a quick loop on small data: few epochs, floors low enough for 30k rows."""
+    """Settings for a quick loop on small data: few epochs. The gate keeps its real default floors
+    (30k rows over 14 days clear them: ROC-AUC about 0.87-0.88, PR-AUC about 0.26-0.35)."""
     return {
         "FLYWHEEL_HOME": str(home),
         "FLYWHEEL_TRAINING__EPOCHS": "3",
-        "FLYWHEEL_GATE__MIN_PR_AUC": "0.05",
-        "FLYWHEEL_GATE__MIN_ROC_AUC": "0.6",
     }
 
 

@@ -24,6 +24,7 @@ from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
 from flywheel.features import compute, definitions, store as feast_store
 from flywheel.fingerprint import code_fingerprint
+from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.schema import LABEL
 from flywheel.storage import ObjectRef, Storage
 
@@ -141,11 +142,9 @@ def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.Data
     return frame[ts < cutoff], frame[ts >= cutoff], cutoff
 
 
-def build_features(storage: Storage, settings: Settings, snapshot: Any, run_id: str) -> FeaturesResult:
+def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot, run_id: str) -> FeaturesResult:
     """Compute feature tables from a lake snapshot, apply and materialize them into the snapshot's
     feature world, and build the point-in-time training set."""
-    from flywheel.lake import read_snapshot
-
     seconds: dict[str, float] = {}
     key = features_key(snapshot.sha256, settings)
     world = feature_world(key)
@@ -192,7 +191,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: Any, run_id: 
     )
 
 
-def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snapshot: Any, run_id: str) -> tuple[str, str]:
+def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, run_id: str) -> tuple[str, str]:
     """The card and merchant offline tables of this key: reused (after re-hashing them against their
     manifest) or computed and published with a manifest written last."""
     tables_uri = storage.uri("features", "offline", key[:16])
@@ -239,7 +238,7 @@ def _write_training_set(
     transactions: pd.DataFrame,
     dataset_uri: str,
     key: str,
-    snapshot: Any,
+    snapshot: LakeSnapshot,
     holdout_fraction: float,
     run_id: str,
     table_uris: list[str],
