@@ -238,6 +238,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _describe_error(err: Any) -> str:
+    """One validation problem, naming the field; an unknown field also names the valid ones."""
+    path = [str(p) for p in err["loc"]]
+    where = ".".join(path) or "settings"
+    if err["type"] != "extra_forbidden":
+        return f"{where}: {err['msg']}"
+    model: Any = Settings
+    for part in path[:-1]:
+        model = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
+    valid = ", ".join(sorted(model.model_fields)) if isinstance(model, type) and issubclass(model, BaseModel) else ""
+    env = ENV_PREFIX + "__".join(path).upper()
+    return f"{where} is not a setting (from {env} or the settings file){f'; valid here: {valid}' if valid else ''}"
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from defaults, an optional YAML file and ``FLYWHEEL_*`` variables.
 
@@ -266,8 +280,6 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         return Settings.model_validate(data)
     except ValidationError as exc:
         # err["msg"] never quotes the input, so a rejected secret is not echoed.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_describe_error(err) for err in exc.errors())
         source = f"{config_path} and FLYWHEEL_* variables" if config_path else "FLYWHEEL_* variables"
         raise ConfigError(f"invalid settings ({source}): {problems}") from None

@@ -312,3 +312,11 @@ def test_the_ddp_backend_is_a_training_setting(tmp_path: Path, backend: str) -> 
 def test_an_unknown_backend_is_refused_naming_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="training.backend"):
         load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_TRAINING__BACKEND": "mpi"})
+
+
+def test_an_unknown_variable_is_named_with_the_valid_fields(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_TRAINING__EPOCS": "3"})
+    message = str(info.value)
+    assert "training.epocs is not a setting (from FLYWHEEL_TRAINING__EPOCS" in message
+    assert "valid here:" in message and "epochs" in message
