@@ -18,7 +18,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from flywheel.config import Settings
 from flywheel.errors import RegistryError
 from flywheel.features.build import world_of_model
-from flywheel.features.store import online_features, open_store
+from flywheel.features.store import online_features, open_served_store
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import load_version
@@ -54,7 +54,7 @@ class FraudPredictor(kserve.Model):
         self.model = load_version(registry, production, cache_dir=self.settings.home / "serving" / "models")
         self.version = production.version
         self.world = world_of_model(storage, production.meta)
-        self.store = open_store(self.settings, self.world)
+        self.store = open_served_store(self.settings, self.world)
         self.ready = True
         log.info("loaded %s version %s", self.name, self.version)
         return self.ready

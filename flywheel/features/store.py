@@ -71,6 +71,25 @@ def open_store(settings: Settings, world: str) -> Any:
     return FeatureStore(config=repo_config(settings, world))
 
 
+def open_served_store(settings: Settings, world: str) -> Any:
+    """The store of a world that must already hold the applied and materialized feature views (the
+    world a model is served from): a missing or empty world is an error, never an empty store
+    whose every read says "no features" and silently scores everyone as a new customer."""
+    folder = world_dir(settings, world)
+    needed = [folder / "registry.db"] + ([folder / "online.db"] if settings.features.online_store == "sqlite" else [])
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise FeatureStoreError(
+            f"feature world {world} is missing ({', '.join(missing)}): the features it was trained with are "
+            "not in this online store; re-run `flywheel run` on its data, or promote a model whose world exists"
+        )
+    store = open_store(settings, world)
+    views = {view.name for view in store.list_feature_views()}
+    if not {CARD_VIEW, MERCHANT_VIEW} <= views:
+        raise FeatureStoreError(f"feature world {world} has views {sorted(views)}, not {CARD_VIEW} and {MERCHANT_VIEW}")
+    return store
+
+
 def apply_definitions(store: Any, card_table_path: str, merchant_table_path: str) -> None:
     """Register the entities and feature views, reading the given offline tables."""
     try:

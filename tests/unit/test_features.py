@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
@@ -166,3 +168,23 @@ def test_split_by_time_holds_out_the_last_fraction():
     assert train.ts.max() < cutoff <= holdout.ts.min()
     span = tx.ts.max() - tx.ts.min()
     assert cutoff == tx.ts.min() + span * 0.75
+
+
+def test_serving_refuses_a_missing_or_empty_feature_world(tmp_path):
+    """An absent world would otherwise answer every read with "no features" (all cold starts)."""
+    from flywheel.errors import FeatureStoreError
+
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path)})
+    with pytest.raises(FeatureStoreError, match="feature world abc123 is missing"):
+        feast_store.open_served_store(settings, "abc123")
+    feast_store.open_store(settings, "abc123").apply([])  # a registry with nothing applied
+    (feast_store.world_dir(settings, "abc123") / "online.db").touch()
+    with pytest.raises(FeatureStoreError, match="has views"):
+        feast_store.open_served_store(settings, "abc123")
+
+
+def test_a_served_world_opens_when_its_views_are_applied(feast_join):
+    *_, store = feast_join
+    settings = load_settings(env={"FLYWHEEL_HOME": str(Path(store.config.repo_path))})
+    (feast_store.world_dir(settings, "testworld") / "online.db").touch()
+    assert feast_store.open_served_store(settings, "testworld").list_feature_views()
