@@ -49,7 +49,8 @@ def api_client_from_environment() -> Any:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # kubernetes reads $KUBECONFIG once, at import; read it now (it may name several files).
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     except config.ConfigException as exc:
         raise TrainingError(
             f"cannot reach a Kubernetes cluster to train on ({exc}); set KUBECONFIG, "
