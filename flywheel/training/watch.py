@@ -152,7 +152,11 @@ def _get(custom: Any, job: ClusterJob, where: str) -> dict[str, Any]:
 
 
 def _pods(core: Any, job: ClusterJob) -> list[Any]:
-    pods = core.list_namespaced_pod(job.namespace, label_selector=job.pod_selector).items or []
+    try:
+        pods = core.list_namespaced_pod(job.namespace, label_selector=job.pod_selector).items or []
+    except Exception as exc:  # no RBAC to list pods: watch the job's conditions alone, say why pods are missing
+        log.warning("train: cannot list the pods of %s/%s (%s): no pod states or logs", job.namespace, job.name, exc)
+        return []
     return sorted(pods, key=lambda pod: pod.metadata.name)  # master / node-0 first, by the operators' naming
 
 
