@@ -1,4 +1,4 @@
-"""The `flywheel` command line: generate, run, serve, compile. It parses and dispatches; the run
+"""The `flywheel` command line: generate, run, train, serve, compile. It parses and dispatches; the run
 report and progress display are in :mod:`flywheel.report`.
 
 Errors that a user can cause (FlywheelError) print as one clear message and a non-zero exit code,
@@ -115,6 +115,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from flywheel import steps
+    from flywheel.features.build import latest_training_set
+    from flywheel.storage import Storage
+    from flywheel.training.train import render_training_job
+
+    settings = _settings(args)
+    backend = args.backend or settings.training.launcher
+    if args.render and backend == "local":
+        raise ConfigError("--render prints the cluster job: choose --backend pytorchjob or --backend trainjob")
+    settings = settings.model_copy(update={"training": settings.training.model_copy(update={"launcher": backend})})
+    storage = Storage.from_settings(settings)
+    training_set = latest_training_set(storage)
+    run_id = new_run_id()
+    if args.render:
+        sys.stdout.write(render_training_job(storage, settings, training_set, run_id).to_yaml())
+        return 0
+    model = steps.train_step(training_set.to_dict(), run_id, settings)
+    _console().print(f"run {run_id}: model {settings.model_name} {model['version']} ({backend}) from training set {training_set.uri}",
+                     soft_wrap=True)
+    return 0
+
+
 # ---------------------------------------------------------------- serve / compile
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import serve
@@ -167,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rows", type=_positive, help="rows to generate when no --source is given (default: settings data.rows)")
     run.add_argument("--source", help="raw files to ingest: a folder, a file or s3://bucket/prefix")
     run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train on the latest training set: torchrun here, or a PyTorchJob/TrainJob",
+                           description="Train on the latest training set (from the last `flywheel run`) and publish the model; "
+                                       "a model already trained from the same inputs is reused. With --render, print the "
+                                       "PyTorchJob or TrainJob it would create (YAML) and create nothing.")
+    train.add_argument("--backend", choices=["local", "pytorchjob", "trainjob"],
+                       help="where the workers run (default: settings training.launcher, 'local')")
+    train.add_argument("--render", action="store_true", help="print the cluster job's manifest and exit (no cluster needed)")
+    train.set_defaults(func=cmd_train)
 
     serve = sub.add_parser("serve", help="serve the production model with KServe (v1 and v2 protocols)",
                            description="Start the KServe ModelServer with the production model; features come from the Feast online store.")

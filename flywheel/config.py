@@ -98,8 +98,52 @@ class FeatureSettings(_Section):
     redis_connection: str = "127.0.0.1:6379"
 
 
+class ClusterTrainingSettings(_Section):
+    """Training on Kubernetes: a PyTorchJob (Training Operator v1) or a TrainJob (Kubeflow Trainer v2).
+
+    One master and ``worker_replicas`` workers (a TrainJob: that many nodes in all), each with
+    ``gpus_per_replica`` GPUs and as many torchrun processes (one when there is no GPU). The job reads
+    and writes storage URIs; S3 keys reach it as env from the Secret ``s3_secret`` (keys
+    ``accesskey``/``secretkey``), never in the manifest. The image is ``Settings.image``.
+    """
+
+    namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_account: str = ""  # empty: the namespace's default service account
+    worker_replicas: int = Field(1, ge=0, le=256)  # besides the master
+    gpus_per_replica: int = Field(1, ge=0, le=16)  # nvidia.com/gpu limit; 0: CPU pods (gloo)
+    cpu_request: str = "4"
+    cpu_limit: str = "8"
+    memory_request: str = "16Gi"
+    memory_limit: str = "32Gi"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, str | int]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    # PyTorchJob elasticPolicy: the job runs with min..max replicas and restarts the group at most
+    # max_restarts times after a fault (a lost node, a killed pod).
+    elastic_min_replicas: int = Field(1, ge=1)
+    elastic_max_replicas: int = Field(2, ge=1)
+    elastic_max_restarts: int = Field(3, ge=0)
+    trainjob_runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
+    s3_secret: str = "flywheel-s3"
+    watch_timeout_s: int = Field(3600, ge=1)  # created → succeeded; also the job's activeDeadlineSeconds
+    pending_timeout_s: int = Field(300, ge=0)  # a pod unschedulable or failing to pull its image this long fails the step
+    poll_interval_s: float = Field(5.0, gt=0)
+    cleanup: Literal["always", "on_success", "never"] = "on_success"  # on_success keeps a failed job to inspect
+
+    @model_validator(mode="after")
+    def _elastic_range_holds_the_replicas(self) -> "ClusterTrainingSettings":
+        replicas = self.worker_replicas + 1
+        if not self.elastic_min_replicas <= replicas <= self.elastic_max_replicas:
+            raise ValueError(
+                f"elastic_min_replicas ({self.elastic_min_replicas}) <= master + worker_replicas ({replicas}) "
+                f"<= elastic_max_replicas ({self.elastic_max_replicas}) must hold"
+            )
+        return self
+
+
 class TrainingSettings(_Section):
-    """DDP training through torchrun."""
+    """DDP training: torchrun on this machine (``launcher: local``), or a job on Kubernetes."""
 
     nproc: int = Field(2, ge=1, le=64)
     epochs: int = Field(6, ge=1)
@@ -112,6 +156,8 @@ class TrainingSettings(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL when the worker sees a GPU, else gloo
     max_restarts: int = Field(1, ge=0)  # relaunches after a fault (a killed worker); never after an exception
     process_group_timeout_s: int = Field(300, ge=1)  # a collective or rendezvous waiting longer fails
+    launcher: Literal["local", "pytorchjob", "trainjob"] = "local"
+    cluster: ClusterTrainingSettings = Field(default_factory=ClusterTrainingSettings)
 
 
 class GateSettings(_Section):

@@ -124,6 +124,21 @@ def latest_tables(storage: Storage) -> tuple[str, str]:
     return latest["feast_card"], latest["feast_merchant"]
 
 
+def latest_training_set(storage: Storage) -> TrainingSet:
+    """The training set of the latest features step (the key in ``features/offline/latest.json``),
+    verified against its checksums."""
+    try:
+        key = storage.read_json(storage.uri("features", "offline", "latest.json"))["key"]
+    except (ArtifactNotFound, KeyError):
+        raise FeatureStoreError("no training set yet: run `flywheel run` first") from None
+    training_set = _reusable_training_set(storage, storage.uri("datasets", "training", key[:16], "manifest.json"), key)
+    if training_set is None:
+        raise FeatureStoreError(
+            f"the latest features step (key {key[:16]}) published no training set: run `flywheel run` again"
+        )
+    return training_set
+
+
 def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime]:
     """The span of the offline tables' own feature rows, a second wider at each end: the window that
     loads every entity's latest row into the online store. (The transactions' span is not enough: a

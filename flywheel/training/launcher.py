@@ -109,10 +109,18 @@ def torchrun_command(settings: Settings, data: Path, spec: Path, out: Path, log_
         "--max-restarts=0",  # retries are decided by launch(), which knows a fault from a bug
         f"--log-dir={log_dir}",
         "--redirects=3", "--tee=3",  # each rank's output in its own file, and in torchrun's log
+        *worker_args(settings, str(data), str(spec), str(out)),
+    ]
+
+
+def worker_args(settings: Settings, data: str, spec: str, out: str) -> list[str]:
+    """``-m flywheel.training.worker`` and its flags: what torchrun runs in every rank, here or in a pod."""
+    cfg = settings.training
+    return [
         "-m", WORKER_MODULE,
-        "--data", str(data),
-        "--spec", str(spec),
-        "--out", str(out),
+        "--data", data,
+        "--spec", spec,
+        "--out", out,
         "--epochs", str(cfg.epochs),
         "--batch-size", str(cfg.batch_size),
         "--lr", str(cfg.learning_rate),

@@ -1,4 +1,9 @@
-"""The train step: fit the feature spec, run DDP workers through the launcher, publish the model."""
+"""The train step: fit the feature spec, run DDP workers through the launcher, publish the model.
+
+The workers run where ``training.launcher`` says: torchrun on this machine (``local``), or a
+PyTorchJob or TrainJob on Kubernetes. Every launcher shares the content key: a model already
+trained from the same inputs is reused and nothing is launched, on any backend.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from flywheel.config import Settings
+from flywheel.errors import ConfigError, TrainingError
 from flywheel.features.transform import FeatureSpec
 from flywheel.fingerprint import code_fingerprint
-from flywheel.storage import Storage
+from flywheel.storage import Storage, is_s3
+from flywheel.training.cluster import ClusterJob, JobInputs, cluster_world, render
 from flywheel.training.launcher import WORKER_MODULE, launch
 
 if TYPE_CHECKING:
@@ -36,12 +43,18 @@ class TrainResult:
 
 # Training settings that only decide how a run is operated, not what it produces. Every other
 # training setting shapes the model (a new setting does too, until it is listed here).
-OPERATIONAL = {"threads_per_worker", "timeout_s", "max_restarts", "process_group_timeout_s"}
+# Where the workers run is operational too, but not the world they form: on a cluster, the nodes
+# and processes per node replace the local ``nproc`` (the data's sharding and the global batch).
+OPERATIONAL = {"threads_per_worker", "timeout_s", "max_restarts", "process_group_timeout_s", "launcher", "cluster"}
 
 
 def training_params(settings: Settings) -> dict[str, Any]:
     """The settings that shape the model (part of its content key and of its card)."""
-    return settings.training.model_dump(mode="json", exclude=OPERATIONAL)
+    params = settings.training.model_dump(mode="json", exclude=OPERATIONAL)
+    if settings.training.launcher != "local":
+        del params["nproc"]
+        params["cluster_world"] = cluster_world(settings)
+    return params
 
 
 def training_code_hash() -> str:
@@ -75,14 +88,18 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
         spec = FeatureSpec.fit(pd.read_parquet(data))
         (work / "spec.json").write_text(json.dumps(spec.to_dict()))
         out = work / "out"  # kept across attempts: a relaunched group resumes from its checkpoint
-        attempts = launch(settings, storage, run_id, data, work / "spec.json", out, work / "logs")
+        if settings.training.launcher == "local":
+            attempts = len(launch(settings, storage, run_id, data, work / "spec.json", out, work / "logs"))
+        else:
+            attempts = train_on_cluster(storage, settings, training_set, run_id, key, work / "spec.json", out)
         epochs = [json.loads(line) for line in (out / HISTORY).read_text().splitlines() if line]
         seconds = time.perf_counter() - started
         meta = {
             "hidden": list(settings.training.hidden),
             "params": training_params(settings),
             "epochs": epochs,
-            "attempts": len(attempts),
+            "attempts": attempts,
+            "launcher": settings.training.launcher,
             "train_seconds": round(seconds, 2),
             "training_set": {"uri": training_set.uri, "sha256": training_set.sha256, "rows": training_set.train_rows},
             # Production comparisons use only rows after this window; serving reads this feature world.
@@ -93,8 +110,50 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
         saved = save_model(spec, out, work / "model", meta)
         inputs = [storage.stat(training_set.train_uri).to_dict(), storage.stat(training_set.manifest_uri).to_dict()]
         model = registry.publish(saved, training_key=key, run_id=run_id, inputs=inputs, meta=meta)
-    log.info("train: published %s in %.1fs (%d attempt(s))", model.version, seconds, len(attempts))
+    log.info("train: published %s in %.1fs (%d attempt(s))", model.version, seconds, attempts)
     return TrainResult(model, False, seconds, epochs)
+
+
+def job_inputs(storage: Storage, training_set: TrainingSet, run_id: str) -> JobInputs:
+    """Where a cluster job reads the data and spec and writes its outputs: storage URIs of this run."""
+    return JobInputs(
+        data=training_set.train_uri,
+        spec=storage.uri("runs", run_id, "train", "spec.json"),
+        out=storage.uri("runs", run_id, "train", "out"),
+    )
+
+
+def render_training_job(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str) -> ClusterJob:
+    """The PyTorchJob or TrainJob (``training.launcher``) that training this set in this run creates."""
+    if not is_s3(storage.root):
+        raise ConfigError(
+            f"training.launcher={settings.training.launcher} runs the workers in pods, which cannot read "
+            f"this machine's storage root {storage.root}: set storage.root to s3://bucket/prefix (MinIO or S3)"
+        )
+    key = training_key(training_set, settings)
+    return render(settings, settings.training.launcher, job_inputs(storage, training_set, run_id), run_id, key)
+
+
+def train_on_cluster(
+    storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str, key: str, spec: Path, out: Path
+) -> int:
+    """Upload the spec, run the job on the cluster until it ends, and fetch the weights and history
+    it wrote to storage into ``out``. Returns the number of attempts (1 + pod restarts)."""
+    from flywheel.training.model import WEIGHTS_FILE
+    from flywheel.training.watch import run_cluster_job
+    from flywheel.training.worker import HISTORY
+
+    job = render_training_job(storage, settings, training_set, run_id)
+    inputs = job_inputs(storage, training_set, run_id)
+    storage.upload_file(spec, inputs.spec)
+    outcome = run_cluster_job(settings, job)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, HISTORY):
+        uri = f"{inputs.out}/{name}"
+        if not storage.exists(uri):
+            raise TrainingError(f"{outcome.kind} {outcome.namespace}/{outcome.name} succeeded but wrote no {uri}")
+        storage.download_file(uri, out / name)
+    return 1 + outcome.restarts
 
 
 def save_model(spec: FeatureSpec, out: Path, folder: Path, meta: dict[str, Any]) -> Path:
