@@ -18,6 +18,7 @@ from flywheel.features.transform import FeatureSpec
 from flywheel.fingerprint import code_fingerprint
 from flywheel.storage import Storage
 from flywheel.training.launcher import WORKER_MODULE, launch
+from flywheel.training.split import split_validation
 
 if TYPE_CHECKING:
     from flywheel.features.build import TrainingSet
@@ -72,7 +73,9 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
     with tempfile.TemporaryDirectory(prefix="flywheel-train-") as tmp:
         work = Path(tmp)
         data = storage.local_copy(training_set.train_uri, work)
-        spec = FeatureSpec.fit(pd.read_parquet(data))
+        # Fitted on the rows the workers fit on: the validation rows stay unseen, like the holdout.
+        fit_rows, _ = split_validation(pd.read_parquet(data), settings.training.validation_fraction)
+        spec = FeatureSpec.fit(fit_rows)
         (work / "spec.json").write_text(json.dumps(spec.to_dict()))
         out = work / "out"  # kept across attempts: a relaunched group resumes from its checkpoint
         attempts = launch(settings, storage, run_id, data, work / "spec.json", out, work / "logs")
@@ -82,6 +85,7 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             "hidden": list(settings.training.hidden),
             "params": training_params(settings),
             "epochs": epochs,
+            "best_epoch": epochs[-1].get("best_epoch") if epochs else None,
             "attempts": len(attempts),
             "train_seconds": round(seconds, 2),
             "training_set": {"uri": training_set.uri, "sha256": training_set.sha256, "rows": training_set.train_rows},
