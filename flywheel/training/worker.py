@@ -48,10 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spec", required=True, help="FeatureSpec JSON")
     parser.add_argument("--out", required=True, help="folder for checkpoints and the final weights")
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    parser.add_argument("--hidden", default="32,16")
+    parser.add_argument("--hidden", default="64,32")
     parser.add_argument("--validation-fraction", type=float, default=0.0,
                         help="the last fraction of the training span, by time, held out for early stopping (0: none)")
     parser.add_argument("--patience", type=int, default=4, help="epochs without a better validation PR-AUC before stopping")
