@@ -146,10 +146,15 @@ class TrainingSettings(_Section):
     """DDP training: torchrun on this machine (``launcher: local``), or a job on Kubernetes."""
 
     nproc: int = Field(2, ge=1, le=64)
-    epochs: int = Field(6, ge=1)
-    batch_size: int = Field(512, ge=8)
-    learning_rate: float = Field(2e-3, gt=0)
+    epochs: int = Field(20, ge=1)  # at most: early stopping usually ends a run sooner
+    batch_size: int = Field(256, ge=8)  # per process
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)  # AdamW's decoupled weight decay
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 32])
+    # The last fraction of the training rows' time span validates each epoch (never the holdout);
+    # training stops after `patience` epochs without a better validation PR-AUC and keeps the best epoch.
+    validation_fraction: float = Field(0.15, ge=0, lt=1)
+    patience: int = Field(4, ge=1)
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
     timeout_s: int = Field(1800, ge=10)  # one torchrun attempt, end to end

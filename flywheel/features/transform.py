@@ -18,18 +18,24 @@ from flywheel.geo import haversine_km
 from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
 
 MAX_GAP_S = 30 * 24 * 3600.0  # "never seen before" is treated as a 30-day gap
+RAPID_REPEAT_S = 600.0  # a transaction within 10 minutes of the card's previous one: part of a burst
+FAR_FROM_USUAL_KM = 300.0  # farther than this from where the card is usually used: out of its region
 
 NUMERIC_INPUTS = [
     "log_amount",
     "amount_vs_card_log",  # how far the amount is from the card's own normal
     "amount_z_card",
+    "amount_excess_for_category_log",  # above the card's normal for this kind of merchant (0 if below)
     "card_count_1h_log",  # velocity
     "card_count_24h_log",
     "seconds_since_last_log",
+    "rapid_repeat",  # within minutes of the card's previous transaction
+    "burst_count",  # how many card transactions in the last hour, when this one is a rapid repeat
     "hour_sin",
     "hour_cos",
     "is_night",
     "distance_from_usual_km_log",  # how far from where the card is usually used
+    "far_from_usual",
     "merchant_count_24h_log",
     "amount_vs_merchant_log",
 ]
@@ -43,8 +49,13 @@ def _column(df: pd.DataFrame, name: str, default: float = np.nan) -> np.ndarray:
     return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype="float64")
 
 
-def derive_inputs(df: pd.DataFrame) -> pd.DataFrame:
-    """Derived numeric inputs from a frame of transactions joined with their features."""
+def derive_inputs(df: pd.DataFrame, category_offsets: dict[str, float] | None = None) -> pd.DataFrame:
+    """Derived numeric inputs from a frame of transactions joined with their features.
+
+    ``category_offsets``: per merchant category, the usual log ratio of an amount to the card's mean
+    (a card spends more at a jeweller than at a pharmacy), learnt by :meth:`FeatureSpec.fit`; an
+    amount is an outlier for its card only above the card's normal for that category.
+    """
     amount = _column(df, "amount")
     card_mean = _column(df, "card_amount_mean_30d")
     card_mean = np.where(np.isnan(card_mean), amount, card_mean)
@@ -58,24 +69,50 @@ def derive_inputs(df: pd.DataFrame) -> pd.DataFrame:
     distance = np.nan_to_num(haversine_km(lat, lon, usual_lat, usual_lon), nan=0.0)
     merchant_mean = _column(df, "merchant_amount_mean_30d")
     merchant_mean = np.where(np.isnan(merchant_mean), amount, merchant_mean)
+    amount_vs_card = np.log1p(amount) - np.log1p(card_mean)
+    category = df["merchant_category"].astype("string").fillna("").to_numpy() if "merchant_category" in df else np.full(len(df), "")
+    offsets = category_offsets or {}
+    category_offset = np.array([offsets.get(c, 0.0) for c in category], dtype="float64")
+    rapid = (gap < RAPID_REPEAT_S).astype("float64")
+    count_1h = np.nan_to_num(_column(df, "card_txn_count_1h"), nan=0.0)
     out = pd.DataFrame(
         {
             "log_amount": np.log1p(amount),
-            "amount_vs_card_log": np.log1p(amount) - np.log1p(card_mean),
+            "amount_vs_card_log": amount_vs_card,
             "amount_z_card": np.clip((amount - card_mean) / (card_std + 1.0), -10, 50),
-            "card_count_1h_log": np.log1p(np.nan_to_num(_column(df, "card_txn_count_1h"), nan=0.0)),
+            "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
+            "card_count_1h_log": np.log1p(count_1h),
             "card_count_24h_log": np.log1p(np.nan_to_num(_column(df, "card_txn_count_24h"), nan=0.0)),
             "seconds_since_last_log": np.log1p(gap),
+            "rapid_repeat": rapid,
+            "burst_count": rapid * np.minimum(count_1h, 5.0),
             "hour_sin": np.sin(2 * np.pi * hour / 24),
             "hour_cos": np.cos(2 * np.pi * hour / 24),
             "is_night": (hour < 6).astype("float64"),
             "distance_from_usual_km_log": np.log1p(distance),
+            "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
             "merchant_count_24h_log": np.log1p(np.nan_to_num(_column(df, "merchant_txn_count_24h"), nan=0.0)),
             "amount_vs_merchant_log": np.log1p(amount) - np.log1p(merchant_mean),
         },
         index=df.index,
     )
     return out[NUMERIC_INPUTS]
+
+
+MIN_ROWS_FOR_OFFSET = 20  # fewer rows of a category with card history: no offset (0) for it
+
+
+def fit_category_offsets(df: pd.DataFrame) -> list[tuple[str, float]]:
+    """Per merchant category, the median of ``log1p(amount) - log1p(card mean)`` over rows whose card
+    has history (a list of pairs, sorted by category: the spec's JSON keeps it as it is)."""
+    if "merchant_category" not in df or not len(df):
+        return []
+    card_mean = _column(df, "card_amount_mean_30d")
+    known = ~np.isnan(card_mean)
+    ratio = np.log1p(_column(df, "amount")[known]) - np.log1p(card_mean[known])
+    category = df["merchant_category"].astype("string").fillna("").to_numpy()[known]
+    medians = pd.Series(ratio).groupby(category).agg(["median", "size"])
+    return [(str(c), float(row["median"])) for c, row in medians.sort_index().iterrows() if row["size"] >= MIN_ROWS_FOR_OFFSET]
 
 
 @dataclass
@@ -86,6 +123,8 @@ class FeatureSpec:
     means: list[float] = field(default_factory=list)
     stds: list[float] = field(default_factory=list)
     categories: list[tuple[str, list[str]]] = field(default_factory=lambda: [(k, list(v)) for k, v in CATEGORY_INPUTS])
+    # Per merchant category, the median log ratio of an amount to the card's mean (see derive_inputs).
+    category_offsets: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def input_names(self) -> list[str]:
@@ -100,9 +139,10 @@ class FeatureSpec:
 
     @classmethod
     def fit(cls, df: pd.DataFrame) -> "FeatureSpec":
-        """Learn the numeric inputs' mean and spread from training rows."""
-        derived = derive_inputs(df)
+        """Learn the categories' amount offsets, then the numeric inputs' mean and spread, from training rows."""
         spec = cls()
+        spec.category_offsets = fit_category_offsets(df)
+        derived = derive_inputs(df, spec.offsets)
         spec.means = [float(x) for x in derived.mean().to_numpy()]
         spec.stds = [float(x) if x > 1e-9 else 1.0 for x in derived.std(ddof=0).to_numpy()]
         return spec
@@ -111,7 +151,9 @@ class FeatureSpec:
         """The model's input matrix (float32, one row per transaction)."""
         if not self.means:
             raise ValueError("FeatureSpec.transform called before fit")
-        numeric = (derive_inputs(df).to_numpy() - np.asarray(self.means)) / np.asarray(self.stds)
+        derived = derive_inputs(df, self.offsets)
+        # Only the inputs this spec was fitted with: a spec saved before an input was added keeps its layout.
+        numeric = (derived[[name for name in self.numeric if name in derived]].to_numpy() - np.asarray(self.means)) / np.asarray(self.stds)
         blocks = [numeric]
         for column, vocab in self.categories:
             values = df[column].astype("string").fillna("").to_numpy() if column in df else np.full(len(df), "")
@@ -120,6 +162,10 @@ class FeatureSpec:
             blocks.append(np.eye(len(vocab) + 1)[codes])
         return np.nan_to_num(np.hstack(blocks), nan=0.0).astype(np.float32)
 
+    @property
+    def offsets(self) -> dict[str, float]:
+        return dict(self.category_offsets)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -127,4 +173,5 @@ class FeatureSpec:
     def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
         data = dict(data)
         data["categories"] = [(column, list(vocab)) for column, vocab in data["categories"]]
+        data["category_offsets"] = [(column, float(offset)) for column, offset in data.get("category_offsets", [])]
         return cls(**data)

@@ -25,6 +25,7 @@ from flywheel.fingerprint import code_fingerprint
 from flywheel.storage import Storage, is_s3
 from flywheel.training.cluster import ClusterJob, JobInputs, cluster_world, render
 from flywheel.training.launcher import WORKER_MODULE, launch
+from flywheel.training.split import split_validation
 
 if TYPE_CHECKING:
     from flywheel.features.build import TrainingSet
@@ -85,7 +86,9 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
     with tempfile.TemporaryDirectory(prefix="flywheel-train-") as tmp:
         work = Path(tmp)
         data = storage.local_copy(training_set.train_uri, work)
-        spec = FeatureSpec.fit(pd.read_parquet(data))
+        # Fitted on the rows the workers fit on: the validation rows stay unseen, like the holdout.
+        fit_rows, _ = split_validation(pd.read_parquet(data), settings.training.validation_fraction)
+        spec = FeatureSpec.fit(fit_rows)
         (work / "spec.json").write_text(json.dumps(spec.to_dict()))
         out = work / "out"  # kept across attempts: a relaunched group resumes from its checkpoint
         if settings.training.launcher == "local":
@@ -98,6 +101,7 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             "hidden": list(settings.training.hidden),
             "params": training_params(settings),
             "epochs": epochs,
+            "best_epoch": epochs[-1].get("best_epoch") if epochs else None,
             "attempts": attempts,
             "launcher": settings.training.launcher,
             "train_seconds": round(seconds, 2),
@@ -157,12 +161,16 @@ def train_on_cluster(
 
 
 def save_model(spec: FeatureSpec, out: Path, folder: Path, meta: dict[str, Any]) -> Path:
-    """The workers' final weights with their spec and card, in the registry's layout."""
+    """The workers' final weights with their spec and card, and the serving exports (a torch.export
+    program and an INT8 copy), in the registry's layout."""
     import torch
 
+    from flywheel.training.export import write_exports
     from flywheel.training.model import WEIGHTS_FILE, FraudMLP, FraudModel
 
     module = FraudMLP(spec.width, meta["hidden"])
     module.load_state_dict(torch.load(out / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    FraudModel(module, spec, meta).save(folder)
+    model = FraudModel(module, spec, meta)
+    model.save(folder)
+    write_exports(model, folder)
     return folder

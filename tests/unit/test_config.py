@@ -30,7 +30,7 @@ def test_defaults_are_rooted_at_flywheel_home(flywheel_home: Settings, tmp_path:
     assert flywheel_home.features.dir == str(home / "feast")
     for path in (flywheel_home.home, flywheel_home.storage.root, flywheel_home.features.dir):
         assert Path(path).is_absolute()
-    assert flywheel_home.training.epochs == 6  # an embedded default
+    assert flywheel_home.training.epochs == 20  # an embedded default
     assert flywheel_home.storage.access_key is None and flywheel_home.storage.secret_key is None
 
 
@@ -60,7 +60,7 @@ def test_yaml_by_explicit_path(tmp_path: Path) -> None:
     settings = load_settings(config, env={"FLYWHEEL_HOME": str(tmp_path / "home")})
     assert settings.training.epochs == 9
     assert settings.model_name == "churn"
-    assert settings.training.batch_size == 512  # untouched fields keep their defaults
+    assert settings.training.batch_size == 256  # untouched fields keep their defaults
 
 
 def test_yaml_named_by_flywheel_config(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_explicit_path_wins_over_flywheel_config_and_home(tmp_path: Path) -> Non
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "empty.yaml", "")
-    assert load_settings(config, env={"FLYWHEEL_HOME": str(tmp_path)}).training.epochs == 6
+    assert load_settings(config, env={"FLYWHEEL_HOME": str(tmp_path)}).training.epochs == 20
 
 
 # --- environment variables --------------------------------------------------------------------

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import IntegrityError, TrainingError
-from flywheel.features.build import TrainingSet
+from flywheel.errors import DataError, IntegrityError, TrainingError
+from flywheel.features.build import TrainingSet, split_by_time
 from flywheel.features.transform import FeatureSpec
 from flywheel.storage import Storage
 from flywheel.training import launcher
 from flywheel.training.launcher import FAULT, OK, launch
+from flywheel.training.split import split_validation
 from flywheel.training.train import train
 from tests.unit.test_transform import frame
 
@@ -34,6 +35,8 @@ def transactions(rows: int) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     base = pd.concat([frame()] * rows, ignore_index=True)
     base["transaction_id"] = [f"t{i}" for i in range(rows)]
+    # One a minute: the validation split (the end of the training span by time) needs time to cut.
+    base["ts"] = pd.Timestamp("2026-10-01T00:00:00Z") + pd.to_timedelta(np.arange(rows), unit="min")
     base["amount"] = rng.lognormal(3, 1, rows)
     base["is_fraud"] = (base["amount"] > np.quantile(base["amount"], 0.9)).astype("int8")
     return base
@@ -84,8 +87,11 @@ def count_launches(monkeypatch):
     return calls
 
 
-# A run long enough to kill a worker in the middle, and its uninterrupted reference.
+# A run long enough to kill a worker in the middle, and its uninterrupted reference. Patience as long
+# as the run: every epoch runs, and the final weights are still the best epoch's, whose state the
+# checkpoint must carry across a restart.
 RESUME_ROWS, RESUME_EPOCHS, RESUME_BATCH = 2000, 12, 32
+RESUME = {"epochs": RESUME_EPOCHS, "batch_size": RESUME_BATCH, "patience": RESUME_EPOCHS}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def reference_run(tmp_path_factory):
     """An uninterrupted 2-worker run: its history and final weights."""
     root = tmp_path_factory.mktemp("reference")
     data, spec = write_inputs(root / "in", RESUME_ROWS)
-    settings = settings_at(root, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH)
+    settings = settings_at(root, **RESUME)
     launch(settings, Storage.from_settings(settings), "ref", data, spec, root / "out", root / "logs")
     return data, spec, history(root / "out"), root / "out" / "model.pt"
 
@@ -129,7 +135,7 @@ def test_a_tampered_training_set_is_refused_not_trained_on(tmp_path):
 def test_two_workers_each_train_a_disjoint_half_of_the_samples(tmp_path):
     """Catches a worker that trains on the whole file, or a group that is really one process."""
     data, spec = write_inputs(tmp_path / "in", 400)
-    settings = settings_at(tmp_path, epochs=2, batch_size=64, nproc=2)
+    settings = settings_at(tmp_path, epochs=2, batch_size=64, nproc=2, validation_fraction=0)
     launch(settings, Storage.from_settings(settings), "r1", data, spec, tmp_path / "out", tmp_path / "logs")
     for epoch in history(tmp_path / "out"):
         assert epoch["world_size"] == 2
@@ -193,10 +199,10 @@ def test_resuming_from_a_checkpoint_starts_after_it_and_ends_with_the_uninterrup
     out = tmp_path / "out"
     storage = Storage.from_settings(settings_at(tmp_path))
     stop_after = 4  # the first run leaves checkpoint.pt at epoch 3
-    first = settings_at(tmp_path, epochs=stop_after, batch_size=RESUME_BATCH)
+    first = settings_at(tmp_path, **{**RESUME, "epochs": stop_after})
     launch(first, storage, "r1", data, spec, out, tmp_path / "logs1")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop_after - 1
-    rest = settings_at(tmp_path, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH)
+    rest = settings_at(tmp_path, **RESUME)
     attempts = launch(rest, storage, "r2", data, spec, out, tmp_path / "logs2")
     assert f"resuming from epoch {stop_after}" in attempts[0].log.read_text()
     assert [e["epoch"] for e in history(out)] == list(range(RESUME_EPOCHS))
@@ -222,7 +228,7 @@ def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline
 def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, reference_run):
     """Catches a fault treated as fatal, a relaunch that starts over, and a hang after the kill."""
     data, spec, reference_history, _ = reference_run
-    settings = settings_at(tmp_path, epochs=RESUME_EPOCHS, batch_size=RESUME_BATCH, max_restarts=1)
+    settings = settings_at(tmp_path, **RESUME, max_restarts=1)
     storage = Storage.from_settings(settings)
     out, work = tmp_path / "out", tmp_path / "logs"
     result: dict = {}
@@ -249,3 +255,59 @@ def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, ref
     assert epochs[-1]["loss"] == pytest.approx(reference_history[-1]["loss"], rel=1e-4)
     assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
     assert storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
+
+
+def test_early_stopping_stops_after_patience_epochs_and_publishes_the_best_epochs_weights(tmp_path):
+    """Catches a run that ignores patience, keeps the last epoch's weights, or validates on fit rows."""
+    data, spec = write_inputs(tmp_path / "in", 600)
+    patience = 2
+    settings = settings_at(tmp_path, epochs=40, batch_size=32, learning_rate=0.01, patience=patience, validation_fraction=0.2)
+    storage = Storage.from_settings(settings)
+    launch(settings, storage, "r1", data, spec, tmp_path / "out", tmp_path / "logs")
+    epochs = history(tmp_path / "out")
+    best = epochs[-1]["best_epoch"]
+    figures = [e["validation_pr_auc"] for e in epochs]
+    assert len(epochs) == best + patience + 1 < 40  # stopped `patience` epochs after the best one
+    assert epochs[-1]["early_stop"] and not any(e["early_stop"] for e in epochs[:-1])
+    assert figures[best] == max(figures) and figures.index(max(figures)) == best  # the first best
+    # The workers fit on the rows before the validation cut only.
+    fit, _ = split_validation(pd.read_parquet(data), 0.2)
+    assert all(e["samples"] == len(fit) for e in epochs)
+    # Oracle: the same run cut off at the best epoch ends with that epoch's weights.
+    cut = settings_at(tmp_path, epochs=best + 1, batch_size=32, learning_rate=0.01, patience=patience, validation_fraction=0.2)
+    launch(cut, storage, "r2", data, spec, tmp_path / "cut", tmp_path / "logs2")
+    published, at_best = torch.load(tmp_path / "out" / "model.pt"), torch.load(tmp_path / "cut" / "model.pt")
+    assert all(torch.equal(published[name], at_best[name]) for name in at_best)
+    last = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["model"]
+    assert not all(torch.equal(published[name], last[name]) for name in last)  # not the last epoch's
+
+
+def test_two_runs_with_the_same_seed_give_identical_weights(tmp_path):
+    """Catches unseeded shuffling, initialisation or validation (CPU, gloo, the same nproc)."""
+    data, spec = write_inputs(tmp_path / "in", 600)
+    settings = settings_at(tmp_path, epochs=3, batch_size=32)
+    storage = Storage.from_settings(settings)
+    for name in ("a", "b"):
+        launch(settings, storage, name, data, spec, tmp_path / name, tmp_path / f"logs-{name}")
+    first, second = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert history(tmp_path / "a")[-1]["loss"] == history(tmp_path / "b")[-1]["loss"]
+
+
+def test_the_validation_rows_are_the_end_of_the_training_span_and_never_the_holdout():
+    """Catches a random validation draw, one cut from the holdout, or one that overlaps the fit rows."""
+    table = transactions(1000).sample(frac=1.0, random_state=0)  # file order is not time order
+    train_rows, holdout, _ = split_by_time(table, 0.2)
+    fit, validation = split_validation(train_rows, 0.15)
+    assert len(fit) + len(validation) == len(train_rows)
+    assert fit["ts"].max() < validation["ts"].min()
+    assert validation["ts"].max() < holdout["ts"].min()
+    assert not set(validation["transaction_id"]) & set(holdout["transaction_id"])
+    assert len(validation) == pytest.approx(0.15 * len(train_rows), abs=2)
+    assert split_validation(train_rows, 0.0)[1].empty  # 0: no validation, every row fits
+
+
+def test_a_validation_split_of_rows_at_one_instant_is_refused_with_the_setting_to_change():
+    one_instant = transactions(50).assign(ts=pd.Timestamp("2026-10-01T00:00:00Z"))
+    with pytest.raises(DataError, match="training.validation_fraction"):
+        split_validation(one_instant, 0.15)

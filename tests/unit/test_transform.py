@@ -59,3 +59,22 @@ def test_derived_inputs_capture_the_fraud_signals():
     assert far["distance_from_usual_km_log"] > np.log1p(1000)
     assert base["is_night"] == 1.0  # 03:00 UTC
     assert base["seconds_since_last_log"] == np.log1p(3600)
+
+
+def test_an_amount_is_an_outlier_only_above_the_cards_normal_for_its_category():
+    """Catches an excess measured against the card's mean alone (a card spends more on jewellery)."""
+    rows = [frame(merchant_category="jewelry", amount=160.0), frame(merchant_category="grocery", amount=40.0)]
+    spec = FeatureSpec.fit(pd.concat(rows * 20, ignore_index=True))  # jewelry: 4x the card's mean
+    names = spec.numeric
+    usual_jewel = derive_inputs(frame(merchant_category="jewelry", amount=160.0), spec.offsets).iloc[0]
+    spiked_grocery = derive_inputs(frame(merchant_category="grocery", amount=160.0), spec.offsets).iloc[0]
+    assert "amount_excess_for_category_log" in names
+    assert usual_jewel["amount_excess_for_category_log"] == 0.0
+    assert spiked_grocery["amount_excess_for_category_log"] > 1.0
+
+
+def test_a_repeat_within_minutes_counts_as_a_burst():
+    quick = derive_inputs(frame(card_last_txn_unix=pd.Timestamp("2026-10-05T02:59:00Z").timestamp(), card_txn_count_1h=3)).iloc[0]
+    slow = derive_inputs(frame()).iloc[0]  # an hour after the previous one
+    assert quick["rapid_repeat"] == 1.0 and quick["burst_count"] == 3.0
+    assert slow["rapid_repeat"] == 0.0 and slow["burst_count"] == 0.0

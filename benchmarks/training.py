@@ -1,0 +1,202 @@
+"""Model quality and training speed: the MLP against the best achievable PR-AUC and a gradient-boosted baseline.
+
+    python benchmarks/training.py [--quick]
+
+Builds the training set through the library (generate, ingest, validate, features) under a cache
+folder, ``benchmarks/.cache/<rows>`` (the library's own content keys make a rerun reuse it), then,
+in the same run:
+- trains the MLP with the default settings (training.nproc processes) through the train step, and
+  scores the holdout: PR-AUC, ROC-AUC, and PR-AUC against the truth's (the true fraud probabilities
+  as scores, on the same rows);
+- fits scikit-learn's HistGradientBoostingClassifier on the same FeatureSpec inputs, the same fit,
+  validation (its early stopping) and holdout rows;
+- trains the same model on the same data with 1 and with 2 processes: samples/s of each.
+--quick uses 50k rows. Writes benchmarks/results/training.json (training-quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+CACHE = REPO / "benchmarks" / ".cache"
+GOALS = {  # name: (target, "max" | "min" | "true")
+    "mlp_pr_auc_vs_truth": (0.90, "min"),
+    "mlp_beats_gbt": (True, "true"),
+}
+
+
+def settings_for(home: Path, rows: int, model_name: str = "fraud", **training: object):
+    from flywheel.config import load_settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update({"FLYWHEEL_HOME": str(home), "FLYWHEEL_DATA__ROWS": str(rows), "FLYWHEEL_MODEL_NAME": model_name})
+    env.update({f"FLYWHEEL_TRAINING__{k.upper()}": str(v) for k, v in training.items()})
+    return load_settings(env=env)
+
+
+def training_set_for(home: Path, rows: int):
+    """The training set and the truth's URI, built through the library's steps (reused when cached)."""
+    from flywheel.datagen import demo_dataset
+    from flywheel.features.build import TrainingSet
+    from flywheel.steps import features_step, ingest_step, validate_step
+    from flywheel.storage import Storage
+
+    settings = settings_for(home, rows)
+    storage = Storage.from_settings(settings)
+    source, lake, _ = demo_dataset(storage, rows, settings.data.days, settings.data.seed)
+    marker = home / "training_set.json"
+    if marker.exists():
+        training_set = TrainingSet.from_dict(json.loads(marker.read_text()))
+        training_set.verify(storage)
+    else:
+        staged = ingest_step(source, "bench-data", settings, lake_uri=lake)
+        published = validate_step(staged, "bench-data", settings)
+        training_set = TrainingSet.from_dict(features_step(published, "bench-data", settings))
+        marker.write_text(json.dumps(training_set.to_dict()))
+    return settings, storage, training_set, f"{source}/_truth"
+
+
+def scores_and_metrics(labels: np.ndarray, scores: np.ndarray, holdout: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    from flywheel.evaluation import ranking_metrics, truth_metrics
+
+    ranking = ranking_metrics(labels, scores)
+    against_truth = truth_metrics(holdout, scores, truth) or {}
+    return {
+        "pr_auc": round(ranking["pr_auc"], 4),
+        "roc_auc": round(ranking["roc_auc"], 4),
+        "pr_auc_vs_truth": round(against_truth.get("pr_auc_vs_truth", float("nan")), 4),
+        "truth_pr_auc": round(against_truth.get("truth_pr_auc", float("nan")), 4),
+    }
+
+
+def gradient_boosted(settings, train: pd.DataFrame, holdout: pd.DataFrame, seed: int) -> tuple[np.ndarray, float]:
+    """HistGradientBoostingClassifier on the MLP's inputs: fitted on the same rows, early-stopped on
+    the same validation rows (the last part of the training span by time)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from flywheel.features.transform import FeatureSpec
+    from flywheel.schema import LABEL
+    from flywheel.training.split import split_validation
+
+    fit, validation = split_validation(train, settings.training.validation_fraction)
+    spec = FeatureSpec.fit(fit)
+    x = np.vstack([spec.transform(fit), spec.transform(validation)])
+    y = np.concatenate([fit[LABEL].to_numpy(), validation[LABEL].to_numpy()])
+    # Its own early stopping, on exactly the MLP's validation rows (the last ones, not a random draw).
+    split = np.r_[np.full(len(fit), -1), np.zeros(len(validation))]
+    started = time.perf_counter()
+    model = HistGradientBoostingClassifier(
+        max_iter=500, learning_rate=0.05, early_stopping=True, n_iter_no_change=20, random_state=seed,
+        validation_fraction=None, scoring="average_precision",
+    )
+    _fit_with_validation(model, x, y, split)
+    seconds = time.perf_counter() - started
+    return model.predict_proba(spec.transform(holdout))[:, 1], seconds
+
+
+def _fit_with_validation(model, x: np.ndarray, y: np.ndarray, split: np.ndarray) -> None:
+    """Fit with early stopping on the rows marked 0 in ``split`` (scikit-learn >= 1.6 takes them
+    as X_val/y_val; before, it draws its own validation rows)."""
+    fit, validation = split < 0, split == 0
+    try:
+        model.fit(x[fit], y[fit], X_val=x[validation], y_val=y[validation])
+    except TypeError:
+        model.set_params(validation_fraction=float(validation.mean()))
+        model.fit(x, y)
+
+
+def train_mlp(settings, storage, training_set, run_id: str):
+    from flywheel.training.model import load_version
+    from flywheel.registry import Registry
+    from flywheel.training.train import train
+
+    result = train(storage, settings, training_set, run_id)
+    return result, load_version(Registry(storage, settings.model_name), result.model)
+
+
+def samples_per_s(epochs: list[dict]) -> int:
+    """The median epoch's samples/s (the first epoch pays for warming up)."""
+    return int(np.median([e["samples_per_s"] for e in epochs]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="50k rows instead of 200k")
+    args = parser.parse_args()
+    rows = 50_000 if args.quick else 200_000
+    home = CACHE / f"r{rows}"
+    settings, storage, training_set, truth_uri = training_set_for(home, rows)
+    from flywheel.evaluation import load_truth
+    from flywheel.schema import LABEL
+
+    holdout = storage.read_parquet(training_set.holdout_uri).to_pandas()
+    train_rows = storage.read_parquet(training_set.train_uri).to_pandas()
+    truth = load_truth(storage, truth_uri)
+    labels = holdout[LABEL].to_numpy()
+
+    # The MLP with the defaults (a fresh registry per run, so it really trains), then 1 and 2 processes.
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    by_nproc = {}
+    for nproc in sorted({settings.training.nproc, 1, 2}, key=lambda n: n != settings.training.nproc):
+        run_settings = settings_for(home, rows, model_name=f"bench-{stamp}-n{nproc}", nproc=nproc)
+        by_nproc[nproc] = train_mlp(run_settings, storage, training_set, f"bench-{stamp}-n{nproc}")
+    result, model = by_nproc[settings.training.nproc]
+    mlp = scores_and_metrics(labels, model.score(holdout), holdout, truth)
+    gbt_scores, gbt_seconds = gradient_boosted(settings, train_rows, holdout, settings.training.seed)
+    gbt = scores_and_metrics(labels, gbt_scores, holdout, truth)
+    same_1_and_2 = {n: scores_and_metrics(labels, m.score(holdout), holdout, truth)["pr_auc"] for n, (_, m) in by_nproc.items()}
+
+    figures = {
+        "rows": training_set.rows,
+        "train_rows": training_set.train_rows,
+        "holdout_rows": training_set.holdout_rows,
+        "holdout_fraud": int(labels.sum()),
+        "truth_pr_auc": mlp["truth_pr_auc"],
+        "mlp_pr_auc": mlp["pr_auc"],
+        "mlp_roc_auc": mlp["roc_auc"],
+        "mlp_pr_auc_vs_truth": mlp["pr_auc_vs_truth"],
+        "gbt_pr_auc": gbt["pr_auc"],
+        "gbt_roc_auc": gbt["roc_auc"],
+        "gbt_pr_auc_vs_truth": gbt["pr_auc_vs_truth"],
+        "mlp_epochs_run": len(result.epochs),
+        "mlp_best_epoch": result.epochs[-1].get("best_epoch"),
+        "mlp_train_seconds": round(result.seconds, 1),
+        "gbt_fit_seconds": round(gbt_seconds, 1),
+        **{f"samples_per_s_{n}proc": samples_per_s(by_nproc[n][0].epochs) for n in sorted(by_nproc)},
+        **{f"train_seconds_{n}proc": round(by_nproc[n][0].seconds, 1) for n in sorted(by_nproc)},
+        **{f"mlp_pr_auc_{n}proc": round(v, 4) for n, v in sorted(same_1_and_2.items())},
+        "settings": {k: v for k, v in settings.training.model_dump(mode="json").items()
+                     if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
+                              "validation_fraction", "patience", "seed", "threads_per_worker")},
+    }
+    figures["mlp_beats_gbt"] = figures["mlp_pr_auc"] >= figures["gbt_pr_auc"]
+    goals = {}
+    for name, (target, kind) in GOALS.items():
+        value = figures[name]
+        met = value <= target if kind == "max" else value >= target if kind == "min" else bool(value) is target
+        goals[name] = {"target": target, "value": value, "met": met}
+    out = RESULTS / ("training-quick.json" if args.quick else "training.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"figures": figures, "goals": goals, "quick": args.quick}, indent=2) + "\n")
+    print(f"{'':<22}{'MLP':>10}{'GBT':>10}")
+    for label, key in (("PR-AUC", "pr_auc"), ("ROC-AUC", "roc_auc"), ("PR-AUC / truth", "pr_auc_vs_truth")):
+        print(f"{label:<22}{mlp[key]:>10}{gbt[key]:>10}")
+    width = max(map(len, figures))
+    for name, value in figures.items():
+        print(f"{name:<{width}}  {value}")
+    for name, goal in goals.items():
+        print(f"goal {name}: {goal['value']} vs {goal['target']} -> {'met' if goal['met'] else 'NOT met'}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
