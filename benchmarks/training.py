@@ -28,9 +28,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "benchmarks" / ".cache"
-GOALS = {  # name: (target, "max" | "min" | "true")
+GOALS = {  # name: (target, "max" | "min")
     "mlp_pr_auc_vs_truth": (0.90, "min"),
-    "mlp_beats_gbt": (True, "true"),
+    "mlp_pr_auc_over_gbt": (1.0, "min"),  # the MLP's PR-AUC as a multiple of the gradient-boosted tree's
 }
 
 
@@ -174,19 +174,18 @@ def main() -> None:
         **{f"samples_per_s_{n}proc": samples_per_s(by_nproc[n][0].epochs) for n in sorted(by_nproc)},
         **{f"train_seconds_{n}proc": round(by_nproc[n][0].seconds, 1) for n in sorted(by_nproc)},
         **{f"mlp_pr_auc_{n}proc": round(v, 4) for n, v in sorted(same_1_and_2.items())},
-        "settings": {k: v for k, v in settings.training.model_dump(mode="json").items()
-                     if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
-                              "validation_fraction", "patience", "seed", "threads_per_worker")},
     }
-    figures["mlp_beats_gbt"] = figures["mlp_pr_auc"] >= figures["gbt_pr_auc"]
+    figures["mlp_pr_auc_over_gbt"] = round(figures["mlp_pr_auc"] / figures["gbt_pr_auc"], 4)
+    trained_with = {k: v for k, v in settings.training.model_dump(mode="json").items()
+                    if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
+                             "validation_fraction", "patience", "seed", "threads_per_worker")}
     goals = {}
     for name, (target, kind) in GOALS.items():
         value = figures[name]
-        met = value <= target if kind == "max" else value >= target if kind == "min" else bool(value) is target
-        goals[name] = {"target": target, "value": value, "met": met}
+        goals[name] = {"target": target, "value": value, "met": value <= target if kind == "max" else value >= target}
     out = RESULTS / ("training-quick.json" if args.quick else "training.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"figures": figures, "goals": goals, "quick": args.quick}, indent=2) + "\n")
+    out.write_text(json.dumps({"figures": figures, "goals": goals, "settings": trained_with, "quick": args.quick}, indent=2) + "\n")
     print(f"{'':<22}{'MLP':>10}{'GBT':>10}")
     for label, key in (("PR-AUC", "pr_auc"), ("ROC-AUC", "roc_auc"), ("PR-AUC / truth", "pr_auc_vs_truth")):
         print(f"{label:<22}{mlp[key]:>10}{gbt[key]:>10}")
