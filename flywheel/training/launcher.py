@@ -11,7 +11,7 @@ the failure classified. Each worker writes an error file (its entry point is wra
   (a collective or rendezvous failed): a fault, so the group is relaunched (``training.max_restarts``
   times at most) and resumes from the latest checkpoint in ``out`` (a storage URI or a path).
 
-The workers get the storage settings (``FLYWHEEL_STORAGE__*`` and the S3 keys) in their environment,
+The workers get the storage settings (the storage section's variables and the S3 keys) in their environment,
 as the cluster jobs' pods do, so they read and write the same storage as this process.
 
 Every attempt's logs are copied into storage under ``runs/<run_id>/train/attempt-<n>/``.

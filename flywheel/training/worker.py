@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 -m flywheel.training.worker --data URI --spec URI --out URI
 
 ``--data``, ``--spec`` and ``--out`` are storage URIs (``s3://...``) or local paths, read and written
-through :class:`flywheel.storage.Storage` built from the ``FLYWHEEL_STORAGE__*`` settings in the
+through :class:`flywheel.storage.Storage` built from the storage settings (``FLYWHEEL_STORAGE__ROOT`` and the rest of that section) in the
 environment: one code path on a laptop and in a pod.
 
 Reading: every rank reads the timestamp and label columns of the whole parquet file (small) to cut
@@ -105,7 +105,11 @@ class TrainingFile:
 
         self.uri = uri
         self.handle = storage.open_input(uri)
-        self.parquet = pq.ParquetFile(self.handle)
+        # Two readers over one handle and one footer: column by column for a few columns of every
+        # row group (no coalescing, which would fetch the columns between them too), and coalesced
+        # ranges (one request per run of row groups) for whole row groups.
+        self.parquet = pq.ParquetFile(self.handle, pre_buffer=False)
+        self.groups = pq.ParquetFile(self.handle, metadata=self.parquet.metadata, pre_buffer=True)
         sizes = [self.parquet.metadata.row_group(i).num_rows for i in range(self.parquet.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.rows_read = 0  # rows materialized with every column
@@ -134,7 +138,7 @@ class TrainingFile:
         if len(numbers) == 0:
             return self.parquet.schema_arrow.empty_table().to_pandas()
         groups = np.unique(np.searchsorted(self.starts, numbers, side="right") - 1)
-        table = self.parquet.read_row_groups(groups.tolist())
+        table = self.groups.read_row_groups(groups.tolist())
         self.rows_read += table.num_rows
         offsets = np.concatenate([np.arange(self.starts[g], self.starts[g + 1]) for g in groups])
         local = np.searchsorted(offsets, numbers)
