@@ -163,6 +163,9 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
             seen += len(labels)
         return seen
 
+    warm = worker.load_shard(args, 0, 1, storage)  # untimed: the page cache, torch's first allocations
+    one_epoch(warm.loader, warm.spec.width, warm.base_rate)
+    del warm
     started = time.perf_counter()
     shard = worker.load_shard(args, 0, 1, storage)  # what rank 0 of a one-process group reads
     read_seconds = time.perf_counter() - started
@@ -288,7 +291,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-loading-") as tmp:
         figures.update(data_loading_efficiency(settings, storage, training_set, Path(tmp)))
-    kill_settings = settings_for(home, rows, model_name=f"bench-{stamp}-kill", max_restarts=1)
+    # A checkpoint every 25 steps: the kill (right after the first one) lands mid-epoch.
+    kill_settings = settings_for(home, rows, model_name=f"bench-{stamp}-kill", max_restarts=1, checkpoint_every_steps=25)
     figures.update(resume_after_kill(kill_settings, storage, training_set, f"bench-{stamp}-kill"))
     trained_with = {k: v for k, v in settings.training.model_dump(mode="json").items()
                     if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
