@@ -10,7 +10,16 @@ in the same run:
   as scores, on the same rows);
 - fits scikit-learn's HistGradientBoostingClassifier on the same FeatureSpec inputs, the same fit,
   validation (its early stopping) and holdout rows;
-- trains the same model on the same data with 1 and with 2 processes: samples/s of each.
+- trains the same model on the same data with 1 and with 2 processes: samples/s of each;
+- data-loading efficiency: one process reads its shard from storage as the worker does (pyarrow,
+  by row groups, then the spec's transform) and trains one epoch, against the same model training
+  one epoch on the same tensors already in memory: samples/s of the first as a fraction of the
+  second (the read counted in full against one epoch: the worker reads once per attempt, so over a
+  run of several epochs the fraction is higher);
+- time to resume after a kill: SIGKILL one of the workers right after the first mid-epoch
+  checkpoint lands; seconds from the kill to the first optimizer step of the relaunched group
+  (torchrun notices, the launcher classifies the fault and relaunches, the workers rendezvous,
+  read their shards and the checkpoint).
 --quick uses 50k rows. Writes benchmarks/results/training.json (training-quick.json with --quick).
 """
 
@@ -31,6 +40,7 @@ CACHE = REPO / "benchmarks" / ".cache"
 GOALS = {  # name: (target, "max" | "min")
     "mlp_pr_auc_vs_truth": (0.90, "min"),
     "mlp_pr_auc_over_gbt": (1.0, "min"),  # the MLP's PR-AUC as a multiple of the gradient-boosted tree's
+    "data_loading_efficiency": (0.85, "min"),  # samples/s from storage over samples/s from in-memory tensors
 }
 
 
@@ -123,6 +133,107 @@ def train_mlp(settings, storage, training_set, run_id: str):
     return result, load_version(Registry(storage, settings.model_name), result.model)
 
 
+def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict:
+    """One process, the worker's own reading and training code: from storage vs. in-memory tensors."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from flywheel.features.transform import FeatureSpec
+    from flywheel.training import worker
+    from flywheel.training.launcher import worker_args
+    from flywheel.training.split import split_validation
+
+    cfg = settings.training
+    torch.set_num_threads(cfg.threads_per_worker)
+    fit, _ = split_validation(storage.read_parquet(training_set.train_uri).to_pandas(), cfg.validation_fraction)
+    spec_uri = str(work / "spec.json")
+    storage.write_bytes(spec_uri, json.dumps(FeatureSpec.fit(fit).to_dict()).encode())
+    del fit
+    args = worker.parse_args(worker_args(settings, training_set.train_uri, spec_uri, str(work / "out"))[2:])
+
+    def one_epoch(loader, width: int, base_rate: float) -> int:
+        torch.manual_seed(args.seed)
+        model = worker.build_model(width, args.hidden, base_rate)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        loss_fn, seen = torch.nn.BCEWithLogitsLoss(), 0
+        for features, labels, _ in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(features), labels).backward()
+            optimizer.step()
+            seen += len(labels)
+        return seen
+
+    warm = worker.load_shard(args, 0, 1, storage)  # untimed: the page cache, torch's first allocations
+    one_epoch(warm.loader, warm.spec.width, warm.base_rate)
+    del warm
+    started = time.perf_counter()
+    shard = worker.load_shard(args, 0, 1, storage)  # what rank 0 of a one-process group reads
+    read_seconds = time.perf_counter() - started
+    seen = one_epoch(shard.loader, shard.spec.width, shard.base_rate)
+    from_storage = seen / (time.perf_counter() - started)
+    x, y, rows = (t.clone() for t in shard.dataset.tensors)
+    memory_loader = DataLoader(TensorDataset(x, y, rows), batch_size=args.batch_size, sampler=shard.sampler,
+                               generator=torch.Generator().manual_seed(args.seed))
+    started = time.perf_counter()
+    seen = one_epoch(memory_loader, shard.spec.width, shard.base_rate)
+    in_memory = seen / (time.perf_counter() - started)
+    return {
+        "data_loading_efficiency": round(from_storage / in_memory, 4),
+        "samples_per_s_from_storage": int(from_storage),
+        "samples_per_s_in_memory": int(in_memory),
+        "shard_read_seconds": round(read_seconds, 2),
+    }
+
+
+def resume_after_kill(settings, storage, training_set, run_id: str) -> dict:
+    """Train through the train step; SIGKILL rank 1 once the first checkpoint is in storage; the
+    seconds from the kill to the first optimizer step after the relaunch (from the workers' log)."""
+    import re
+    import signal
+    import tempfile
+    import threading
+
+    from flywheel.training.train import job_inputs, train
+
+    out = job_inputs(storage, training_set, run_id).out
+    logs = storage.uri("runs", run_id, "train")
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["train"] = train(storage, settings, training_set, run_id)
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    begun = time.time()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    killed_at = None
+    deadline = time.monotonic() + 600
+    while killed_at is None and time.monotonic() < deadline:
+        found = None
+        for log in Path(tempfile.gettempdir()).glob("flywheel-train-*/logs/attempt-1/torchrun.log"):
+            if log.stat().st_mtime < begun:
+                continue  # another run's
+            found = re.search(r"rank1 worker pid (\d+) started", log.read_text(errors="replace")) or found
+        if found and storage.exists(f"{out}/checkpoint.pt"):
+            os.kill(int(found.group(1)), signal.SIGKILL)
+            killed_at = time.time()
+        time.sleep(0.01)
+    thread.join(timeout=900)
+    if "error" in result or killed_at is None:
+        raise RuntimeError(f"the kill-and-resume run failed: {result.get('error') or 'no checkpoint to kill after'}")
+    text = storage.read_bytes(f"{logs}/attempt-2/torchrun.log").decode(errors="replace")
+    stamp = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) rank\d first step after resume done", text)
+    resumed = re.search(r"resuming from epoch (\d+) step (\d+) \(global step (\d+)\)", text)
+    first_step = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
+    return {
+        "resume_seconds_after_kill": round(first_step - killed_at, 2),
+        "resumed_at_global_step": int(resumed.group(3)),
+        "resumed_at_step_in_epoch": int(resumed.group(2)),
+    }
+
+
 def samples_per_s(epochs: list[dict]) -> int:
     """The median epoch's samples/s (the first epoch pays for warming up)."""
     return int(np.median([e["samples_per_s"] for e in epochs]))
@@ -176,9 +287,17 @@ def main() -> None:
         **{f"mlp_pr_auc_{n}proc": round(v, 4) for n, v in sorted(same_1_and_2.items())},
     }
     figures["mlp_pr_auc_over_gbt"] = round(figures["mlp_pr_auc"] / figures["gbt_pr_auc"], 4)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-loading-") as tmp:
+        figures.update(data_loading_efficiency(settings, storage, training_set, Path(tmp)))
+    # A checkpoint every 25 steps: the kill (right after the first one) lands mid-epoch.
+    kill_settings = settings_for(home, rows, model_name=f"bench-{stamp}-kill", max_restarts=1, checkpoint_every_steps=25)
+    figures.update(resume_after_kill(kill_settings, storage, training_set, f"bench-{stamp}-kill"))
     trained_with = {k: v for k, v in settings.training.model_dump(mode="json").items()
                     if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
-                             "validation_fraction", "patience", "seed", "threads_per_worker")}
+                             "validation_fraction", "patience", "seed", "threads_per_worker",
+                             "checkpoint_every_steps")}
     goals = {}
     for name, (target, kind) in GOALS.items():
         value = figures[name]

@@ -29,6 +29,8 @@ from flywheel.schema import LABEL
 from flywheel.storage import ObjectRef, Storage
 
 log = logging.getLogger(__name__)
+# Rows per row group of the training set: each training worker reads the row groups of its own shard.
+ROW_GROUP_ROWS = 16_384
 
 
 @dataclass
@@ -269,7 +271,7 @@ def _write_training_set(
     inputs = [storage.stat(uri).to_dict() for uri in table_uris] + [{"uri": snapshot.uri, "sha256": snapshot.sha256}]
     refs: list[ObjectRef] = []
     for name, part in (("train", train), ("holdout", holdout)):
-        ref = storage.write_parquet(f"{dataset_uri}/{name}.parquet", part.reset_index(drop=True))
+        ref = storage.write_parquet(f"{dataset_uri}/{name}.parquet", part.reset_index(drop=True), row_group_size=ROW_GROUP_ROWS)
         lineage.record(storage, ref, step="features", run_id=run_id, inputs=inputs, params={"key": key})
         refs.append(ref)
     training_set = TrainingSet(

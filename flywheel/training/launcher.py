@@ -1,6 +1,7 @@
 """Run the DDP workers through torchrun on this machine, read why they failed, and retry faults.
 
-torchrun runs with ``--max-restarts=0``: the retry lives here, in one place, because only here is
+torchrun runs with ``--max-restarts=0`` and a c10d rendezvous on 127.0.0.1 (a free port and a
+run-unique id per attempt, so a relaunched group rendezvouses afresh): the retry lives here, in one place, because only here is
 the failure classified. Each worker writes an error file (its entry point is wrapped with torch's
 ``record``); torchrun's ``--log-dir`` keeps each rank's output and error file. After an attempt:
 
@@ -8,7 +9,10 @@ the failure classified. Each worker writes an error file (its entry point is wra
   step fails at once with the exception, its traceback and where the logs are kept;
 - a worker was killed by a signal (SIGKILL, the OOM killer) or the workers lost each other
   (a collective or rendezvous failed): a fault, so the group is relaunched (``training.max_restarts``
-  times at most) and resumes from the latest checkpoint in the out folder.
+  times at most) and resumes from the latest checkpoint in ``out`` (a storage URI or a path).
+
+The workers get the storage settings (the storage section's variables and the S3 keys) in their environment,
+as the cluster jobs' pods do, so they read and write the same storage as this process.
 
 Every attempt's logs are copied into storage under ``runs/<run_id>/train/attempt-<n>/``.
 """
@@ -20,6 +24,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,12 +104,24 @@ def classify(attempt: Attempt) -> str:
     return DETERMINISTIC  # exited non-zero without an exception: an import error, sys.exit
 
 
-def torchrun_command(settings: Settings, data: Path, spec: Path, out: Path, log_dir: Path) -> list[str]:
-    """The local launch: torchrun on this machine (a PyTorchJob runs the same worker module)."""
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun_command(
+    settings: Settings, data: str | Path, spec: str | Path, out: str | Path, log_dir: Path, rdzv_id: str = "flywheel"
+) -> list[str]:
+    """The local launch: torchrun on this machine (a PyTorchJob runs the same worker module), with
+    an elastic c10d rendezvous that torchrun hosts on a free loopback port."""
     cfg = settings.training
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        f"--rdzv-id={rdzv_id}",
         f"--nproc_per_node={cfg.nproc}",
         "--max-restarts=0",  # retries are decided by launch(), which knows a fault from a bug
         f"--log-dir={log_dir}",
@@ -131,21 +148,45 @@ def worker_args(settings: Settings, data: str, spec: str, out: str) -> list[str]
         "--seed", str(cfg.seed),
         "--backend", cfg.backend,
         "--timeout-s", str(cfg.process_group_timeout_s),
+        "--checkpoint-every", str(cfg.checkpoint_every_steps),
     ]
 
 
-def worker_env(threads: int) -> dict[str, str]:
+def storage_env(settings: Settings) -> dict[str, str]:
+    """The storage settings as the workers' environment (what the cluster jobs set from the settings
+    and a Secret): the workers build the same Storage from them."""
+    store = settings.storage
+    env = {
+        "FLYWHEEL_STORAGE__ROOT": store.root,
+        "FLYWHEEL_STORAGE__S3_ENDPOINT": store.s3_endpoint,
+        "FLYWHEEL_STORAGE__S3_SECURE": str(store.s3_secure).lower(),
+        "FLYWHEEL_STORAGE__S3_REGION": store.s3_region,
+        "FLYWHEEL_STORAGE__RETRIES": str(store.retries),
+        "FLYWHEEL_STORAGE__TIMEOUT_S": str(store.timeout_s),
+    }
+    if store.access_key is not None:
+        env["FLYWHEEL_S3_ACCESS_KEY"] = store.access_key.get_secret_value()
+    if store.secret_key is not None:
+        env["FLYWHEEL_S3_SECRET_KEY"] = store.secret_key.get_secret_value()
+    return {name: value for name, value in env.items() if value != ""}
+
+
+def worker_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.update(extra or {})
     # Without it gloo may pick an interface a relaunched group cannot connect through (FIELD-NOTES).
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return env
 
 
-def run_torchrun(command: list[str], folder: Path, threads: int, timeout_s: float, number: int = 1) -> Attempt:
-    """Run torchrun once, its output in ``folder/torchrun.log``; read the failed ranks' error files."""
+def run_torchrun(
+    command: list[str], folder: Path, threads: int, timeout_s: float, number: int = 1, env: dict[str, str] | None = None
+) -> Attempt:
+    """Run torchrun once, its output in ``folder/torchrun.log``; read the failed ranks' error files.
+    ``env``: variables added to the workers' environment (the storage settings)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / TORCHRUN_LOG, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(threads),
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(threads, env),
                                    start_new_session=True)
         try:
             returncode: int | None = process.wait(timeout=timeout_s)
@@ -243,7 +284,7 @@ def describe(attempt: Attempt) -> str:
 
 
 def launch(
-    settings: Settings, storage: Storage, run_id: str, data: Path, spec: Path, out: Path, work: Path
+    settings: Settings, storage: Storage, run_id: str, data: str | Path, spec: str | Path, out: str | Path, work: Path
 ) -> list[Attempt]:
     """Train with torchrun: relaunch after a fault (resuming from the checkpoint in ``out``), fail at
     once on a deterministic failure. Returns the attempts; raises :class:`TrainingError`."""
@@ -251,10 +292,10 @@ def launch(
     attempts: list[Attempt] = []
     for number in range(1, cfg.max_restarts + 2):
         folder = work / f"attempt-{number}"
-        command = torchrun_command(settings, data, spec, out, folder / "torchelastic")
+        command = torchrun_command(settings, data, spec, out, folder / "torchelastic", f"{run_id}-{number}")
         log.info("train: attempt %d: %s", number, " ".join(command))
         started = time.perf_counter()
-        attempt = run_torchrun(command, folder, cfg.threads_per_worker, cfg.timeout_s, number)
+        attempt = run_torchrun(command, folder, cfg.threads_per_worker, cfg.timeout_s, number, storage_env(settings))
         keep_logs(storage, run_id, attempt)
         attempts.append(attempt)
         outcome = attempt.outcome

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 
 from flywheel.config import Settings
 from flywheel.errors import ConfigError, TrainingError
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from flywheel.registry import ModelVersion
 
 log = logging.getLogger(__name__)
+TRAINING_KEY_FILE = "training-key.json"  # in a run's train/out: whose checkpoints these are
 
 
 @dataclass
@@ -46,7 +46,9 @@ class TrainResult:
 # training setting shapes the model (a new setting does too, until it is listed here).
 # Where the workers run is operational too, but not the world they form: on a cluster, the nodes
 # and processes per node replace the local ``nproc`` (the data's sharding and the global batch).
-OPERATIONAL = {"threads_per_worker", "timeout_s", "max_restarts", "process_group_timeout_s", "launcher", "cluster"}
+# How often a checkpoint is written is operational too: a resumed run ends with the same weights.
+OPERATIONAL = {"threads_per_worker", "timeout_s", "max_restarts", "process_group_timeout_s", "launcher", "cluster",
+               "checkpoint_every_steps"}
 
 
 def training_params(settings: Settings) -> dict[str, Any]:
@@ -85,16 +87,21 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="flywheel-train-") as tmp:
         work = Path(tmp)
-        data = storage.local_copy(training_set.train_uri, work)
+        # The workers read the training set, the spec, and write to out, all in storage: out holds the
+        # checkpoints, so nothing this step deletes does, and a rerun of the same run resumes.
+        inputs = job_inputs(storage, training_set, run_id)
         # Fitted on the rows the workers fit on: the validation rows stay unseen, like the holdout.
-        fit_rows, _ = split_validation(pd.read_parquet(data), settings.training.validation_fraction)
+        rows = storage.read_parquet(training_set.train_uri).to_pandas()
+        fit_rows, _ = split_validation(rows, settings.training.validation_fraction)
         spec = FeatureSpec.fit(fit_rows)
-        (work / "spec.json").write_text(json.dumps(spec.to_dict()))
-        out = work / "out"  # kept across attempts: a relaunched group resumes from its checkpoint
+        del rows, fit_rows
+        storage.write_bytes(inputs.spec, json.dumps(spec.to_dict()).encode())
+        claim_out(storage, inputs.out, key)
         if settings.training.launcher == "local":
-            attempts = len(launch(settings, storage, run_id, data, work / "spec.json", out, work / "logs"))
+            attempts = len(launch(settings, storage, run_id, inputs.data, inputs.spec, inputs.out, work / "logs"))
         else:
-            attempts = train_on_cluster(storage, settings, training_set, run_id, key, work / "spec.json", out)
+            attempts = train_on_cluster(settings, training_set, storage, run_id)
+        out = fetch_outputs(storage, inputs.out, work / "out", attempts)
         epochs = [json.loads(line) for line in (out / HISTORY).read_text().splitlines() if line]
         seconds = time.perf_counter() - started
         meta = {
@@ -138,26 +145,40 @@ def render_training_job(storage: Storage, settings: Settings, training_set: Trai
     return render(settings, settings.training.launcher, job_inputs(storage, training_set, run_id), run_id, key)
 
 
-def train_on_cluster(
-    storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str, key: str, spec: Path, out: Path
-) -> int:
-    """Upload the spec, run the job on the cluster until it ends, and fetch the weights and history
-    it wrote to storage into ``out``. Returns the number of attempts (1 + pod restarts)."""
-    from flywheel.training.model import WEIGHTS_FILE
+def claim_out(storage: Storage, out: str, key: str) -> None:
+    """Mark ``out`` as this model's (its content key): a checkpoint there of another key (the same
+    run id with other inputs or settings) is cleared rather than resumed from."""
+    marker = f"{out}/{TRAINING_KEY_FILE}"
+    if storage.exists(marker) and storage.read_json(marker).get("key") == key:
+        return  # the same model: its checkpoint, if any, is resumed
+    if storage.list(out):
+        log.info("train: %s holds another model's outputs; clearing it", out)
+        storage.delete_tree(out)
+    storage.write_json(marker, {"key": key})
+
+
+def train_on_cluster(settings: Settings, training_set: TrainingSet, storage: Storage, run_id: str) -> int:
+    """Run the job on the cluster until it ends (it reads the spec and writes its outputs in storage).
+    Returns the number of attempts (1 + pod restarts)."""
     from flywheel.training.watch import run_cluster_job
-    from flywheel.training.worker import HISTORY
 
     job = render_training_job(storage, settings, training_set, run_id)
-    inputs = job_inputs(storage, training_set, run_id)
-    storage.upload_file(spec, inputs.spec)
     outcome = run_cluster_job(settings, job)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, HISTORY):
-        uri = f"{inputs.out}/{name}"
-        if not storage.exists(uri):
-            raise TrainingError(f"{outcome.kind} {outcome.namespace}/{outcome.name} succeeded but wrote no {uri}")
-        storage.download_file(uri, out / name)
     return 1 + outcome.restarts
+
+
+def fetch_outputs(storage: Storage, out_uri: str, folder: Path, attempts: int) -> Path:
+    """The final weights and history the workers wrote to ``out_uri``, copied into ``folder``."""
+    from flywheel.training.model import WEIGHTS_FILE
+    from flywheel.training.worker import HISTORY
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, HISTORY):
+        uri = f"{out_uri}/{name}"
+        if not storage.exists(uri):
+            raise TrainingError(f"training succeeded ({attempts} attempt(s)) but wrote no {uri}")
+        storage.download_file(uri, folder / name)
+    return folder
 
 
 def save_model(spec: FeatureSpec, out: Path, folder: Path, meta: dict[str, Any]) -> Path:

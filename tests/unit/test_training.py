@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from flywheel.training.train import train
 from tests.unit.test_transform import frame
 
 FAST = {"FLYWHEEL_TRAINING__PROCESS_GROUP_TIMEOUT_S": "30", "FLYWHEEL_TRAINING__TIMEOUT_S": "120"}
+ROW_GROUP = 50  # rows per row group of the test files: the workers can read a part of them
 
 
 def transactions(rows: int) -> pd.DataFrame:
@@ -64,7 +66,7 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     """A training parquet file and its fitted spec, as the train step hands them to the workers."""
     folder.mkdir(parents=True, exist_ok=True)
     table = transactions(rows)
-    table.to_parquet(folder / "train.parquet")
+    table.to_parquet(folder / "train.parquet", row_group_size=ROW_GROUP)
     (folder / "spec.json").write_text(json.dumps(FeatureSpec.fit(table).to_dict()))
     return folder / "train.parquet", folder / "spec.json"
 
@@ -91,7 +93,21 @@ def count_launches(monkeypatch):
 # as the run: every epoch runs, and the final weights are still the best epoch's, whose state the
 # checkpoint must carry across a restart.
 RESUME_ROWS, RESUME_EPOCHS, RESUME_BATCH = 2000, 12, 32
-RESUME = {"epochs": RESUME_EPOCHS, "batch_size": RESUME_BATCH, "patience": RESUME_EPOCHS}
+# A checkpoint every 10 optimizer steps (27 steps an epoch: 850 fit rows per rank in batches of 32).
+RESUME = {"epochs": RESUME_EPOCHS, "batch_size": RESUME_BATCH, "patience": RESUME_EPOCHS, "checkpoint_every_steps": 10}
+STEPS_PER_EPOCH = 27
+RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+) \(global step (\d+)\)")
+
+
+def run_until_step(settings: Settings, data: object, spec: object, out: object, work: Path, step: int) -> None:
+    """One torchrun attempt that stops cleanly after global step ``step``, leaving its checkpoint."""
+    command = launcher.torchrun_command(settings, data, spec, out, work / "torchelastic") + ["--stop-at-step", str(step)]
+    attempt = launcher.run_torchrun(command, work, 1, 120, env=launcher.storage_env(settings))
+    assert attempt.outcome == OK, launcher.describe(attempt)
+
+
+def same_weights(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +157,9 @@ def test_two_workers_each_train_a_disjoint_half_of_the_samples(tmp_path):
         assert epoch["world_size"] == 2
         assert epoch["samples_per_rank"] == [200, 200]
         assert epoch["distinct_samples"] == 400  # together the shards cover every row once
+        # Each rank read the row groups of its own half, not the whole file.
+        assert epoch["rows_read_per_rank"] == [200, 200]
+        assert all(0 < read for read in epoch["bytes_read_per_rank"])
 
 
 def test_a_missing_data_file_fails_at_once_naming_the_file_and_the_workers_traceback(tmp_path, count_launches):
@@ -211,6 +230,27 @@ def test_resuming_from_a_checkpoint_starts_after_it_and_ends_with_the_uninterrup
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
 
 
+def test_resuming_mid_epoch_skips_the_steps_done_and_ends_with_the_uninterrupted_weights(tmp_path, reference_run):
+    """Catches a mid-epoch resume that replays the epoch from its start, skips too many batches, or
+    loses the epoch's RNG or optimizer state: the weights would differ from the uninterrupted run's."""
+    data, spec, reference_history, reference_weights = reference_run
+    out = tmp_path / "out"
+    settings = settings_at(tmp_path, **RESUME)
+    stop = STEPS_PER_EPOCH + 13  # epoch 1, step 13 (global step 40)
+    run_until_step(settings, data, spec, out, tmp_path / "logs1", stop)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"], state["complete"]) == (1, 13, stop, False)
+    assert not (out / "model.pt").exists()
+    attempts = launch(settings, Storage.from_settings(settings), "r2", data, spec, out, tmp_path / "logs2")
+    assert RESUMED.search(attempts[0].log.read_text()).groups() == ("1", "13", str(stop))
+    epochs = history(out)
+    assert [e["epoch"] for e in epochs] == list(range(RESUME_EPOCHS))
+    assert epochs[1]["samples_per_rank"] == reference_history[1]["samples_per_rank"]  # the whole epoch, counted once
+    assert epochs[1]["distinct_samples"] == reference_history[1]["distinct_samples"]
+    assert epochs[1]["loss"] == pytest.approx(reference_history[1]["loss"], rel=1e-5)
+    assert same_weights(torch.load(out / "model.pt"), torch.load(reference_weights))
+
+
 def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline: float) -> int:
     """Wait for the first checkpoint, then SIGKILL the worker of ``rank`` (its pid from its log line)."""
     pattern = re.compile(rf"rank{rank} worker pid (\d+) started")
@@ -248,13 +288,15 @@ def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, ref
     attempts = result["attempts"]
     assert [a.outcome for a in attempts] == [FAULT, OK]
     assert attempts[0].exit_codes.get(1) == -signal.SIGKILL
-    resumed_at = int(re.search(r"resuming from epoch (\d+)", attempts[1].log.read_text()).group(1))
-    assert 0 < resumed_at < RESUME_EPOCHS
+    # It resumed from the latest checkpoint (one every 10 steps), not from the start.
+    epoch, step, global_step = map(int, RESUMED.search(attempts[1].log.read_text()).groups())
+    assert global_step > 0 and global_step == epoch * STEPS_PER_EPOCH + step and epoch < RESUME_EPOCHS
     epochs = history(out)
     assert [e["epoch"] for e in epochs] == list(range(RESUME_EPOCHS))
     assert epochs[-1]["loss"] == pytest.approx(reference_history[-1]["loss"], rel=1e-4)
     assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
     assert storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
+    assert same_weights(torch.load(out / "model.pt"), torch.load(reference_run[3]))
 
 
 def test_early_stopping_stops_after_patience_epochs_and_publishes_the_best_epochs_weights(tmp_path):
@@ -292,6 +334,18 @@ def test_two_runs_with_the_same_seed_give_identical_weights(tmp_path):
     first, second = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert history(tmp_path / "a")[-1]["loss"] == history(tmp_path / "b")[-1]["loss"]
+
+
+def test_the_cpu_path_does_not_autocast_and_a_gpu_one_would_in_bf16():
+    from flywheel.training.worker import autocast
+
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast" (here, no GPU)
+        context = autocast(torch.device("cuda", 0))
+    assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
 
 
 def test_the_validation_rows_are_the_end_of_the_training_span_and_never_the_holdout():
