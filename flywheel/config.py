@@ -148,7 +148,7 @@ class TrainingSettings(_Section):
     nproc: int = Field(2, ge=1, le=64)
     epochs: int = Field(20, ge=1)  # at most: early stopping usually ends a run sooner
     batch_size: int = Field(256, ge=8)  # per process
-    learning_rate: float = Field(5e-4, gt=0)  # at 200k rows, 3 seeds: 0.90-0.91 of the best achievable PR-AUC (3e-4: 0.89-0.90)
+    learning_rate: float = Field(5e-4, gt=0)  # 200k rows, seeds 0-2: 0.898-0.909 of the best achievable PR-AUC (3e-4: 0.889-0.899)
     weight_decay: float = Field(1e-2, ge=0)  # AdamW's decoupled weight decay
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64, 32])
     # The last fraction of the training rows' time span validates each epoch (never the holdout);
