@@ -313,17 +313,7 @@ class S3Backend:
         return ObjectRef(uri, digest, Path(local).stat().st_size)
 
     def read_bytes(self, uri: str) -> bytes:
-        bucket, key = self.split(uri)
-
-        def get() -> bytes:
-            response = self.client.get_object(bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        return self._call("read", uri, get)
+        return self.read_range(uri, 0, 0)
 
     def download_file(self, uri: str, local: Path) -> None:
         bucket, key = self.split(uri)
@@ -361,7 +351,7 @@ class S3Backend:
         self._call("delete", uri, lambda: self.client.remove_object(bucket, key))
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` (one ranged GET)."""
+        """``length`` bytes from ``offset`` (one ranged GET; length 0: to the end)."""
         bucket, key = self.split(uri)
 
         def get() -> bytes:
