@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_table import judge, write_results
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "make_run.json"
 GOALS = {  # name: (target, "max" | "min")
@@ -71,18 +73,7 @@ def main() -> None:
     }
     for step in summary["steps"]:
         figures[f"step_{step['step']}_seconds"] = step["seconds"]
-    goals = {}
-    for name, (target, kind) in GOALS.items():
-        value = figures[name]
-        goals[name] = {"target": target, "value": value, "met": value <= target if kind == "max" else value >= target}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"figures": figures, "goals": goals, "quick": args.quick}, indent=2) + "\n")
-    width = max(map(len, figures))
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value}")
-    for name, goal in goals.items():
-        print(f"goal {name}: {goal['value']} vs {goal['target']} -> {'met' if goal['met'] else 'NOT met'}")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, figures, judge(figures, GOALS), quick=args.quick)
     shutil.rmtree(work, ignore_errors=True)
 
 

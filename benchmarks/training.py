@@ -30,6 +30,8 @@ import os
 import time
 from pathlib import Path
 
+from results_table import judge, write_results
+
 import numpy as np
 import pandas as pd
 
@@ -316,22 +318,12 @@ def main() -> None:
                     if k in ("nproc", "epochs", "batch_size", "learning_rate", "weight_decay", "hidden",
                              "validation_fraction", "patience", "seed", "threads_per_worker",
                              "checkpoint_every_steps")}
-    goals = {}
-    for name, (target, kind) in GOALS.items():
-        value = figures[name]
-        goals[name] = {"target": target, "value": value, "met": value <= target if kind == "max" else value >= target}
-    out = RESULTS / ("training-quick.json" if args.quick else "training.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"figures": figures, "goals": goals, "settings": trained_with, "quick": args.quick}, indent=2) + "\n")
+    goals = judge(figures, GOALS)
     print(f"{'':<22}{'MLP':>10}{'GBT':>10}")
     for label, key in (("PR-AUC", "pr_auc"), ("ROC-AUC", "roc_auc"), ("PR-AUC / truth", "pr_auc_vs_truth")):
         print(f"{label:<22}{mlp[key]:>10}{gbt[key]:>10}")
-    width = max(map(len, figures))
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value}")
-    for name, goal in goals.items():
-        print(f"goal {name}: {goal['value']} vs {goal['target']} -> {'met' if goal['met'] else 'NOT met'}")
-    print(f"wrote {out}")
+    write_results(RESULTS / ("training-quick.json" if args.quick else "training.json"), figures, goals,
+                  settings=trained_with, quick=args.quick)
 
 
 if __name__ == "__main__":
