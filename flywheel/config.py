@@ -159,10 +159,10 @@ class TrainingSettings(_Section):
     threads_per_worker: int = Field(1, ge=1)
     timeout_s: int = Field(1800, ge=10)  # one torchrun attempt, end to end
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL when the worker sees a GPU, else gloo
-    max_restarts: int = Field(1, ge=0)  # relaunches after a fault (a killed worker); never after an exception
+    max_restarts: int = Field(1, ge=0)  # torchrun's restarts after a fault (a killed worker); an exception is never retried
     process_group_timeout_s: int = Field(300, ge=1)  # a collective or rendezvous waiting longer fails
     # Rank 0 checkpoints to <out>/checkpoint.pt every this many optimizer steps (0: at epoch ends only)
-    # and at every epoch's end; a relaunched group resumes at the step after the latest one.
+    # and at every epoch's end; a restarted group resumes at the step after the latest one.
     checkpoint_every_steps: int = Field(200, ge=0)
     launcher: Literal["local", "pytorchjob", "trainjob"] = "local"
     cluster: ClusterTrainingSettings = Field(default_factory=ClusterTrainingSettings)
