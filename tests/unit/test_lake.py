@@ -193,7 +193,8 @@ def test_a_staged_snapshot_has_the_identity_it_is_published_under(storage_and_la
     assert published.sha256 == staged.sha256 == lake.snapshot_sha256([p["sha256"] for p in published.parts])
     assert published.uri == f"{lake_uri}/_snapshots/{staged.sha256}.json" and not published.staged
     assert [p["uri"] for p in published.parts] == [p["uri"] for p in staged.parts]
-    assert all(set(p) == {"uri", "sha256", "rows", "date"} for p in published.parts)
+    assert all(set(p) == {"uri", "sha256", "rows", "date", "ids"} for p in published.parts)
+    assert all(p["ids"] == lake.index_uri(lake_uri, p["sha256"]) and Path(p["ids"]).is_file() for p in published.parts)
     assert lake.publish_staged(storage, staged, "run-1") == published  # idempotent
     assert lake.read_snapshot(storage, published).num_rows == 40
 
