@@ -187,6 +187,9 @@ class DriftSettings(_Section):
 
     enabled: bool = True
     window: int = Field(5, ge=1)  # how many of the last accepted batches make the baseline
+    # Distributions (quantiles, shares, fraud rate) are compared only for batches at least this big:
+    # smaller samples are noise. Shares and the fraud rate also get 3 standard errors of slack.
+    min_rows: int = Field(500, ge=1)
     amount_quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
     # Each amount quantile may differ from the baseline's by this share of it (0.5: 50%).
     amount_quantile_tolerance: float = Field(0.5, gt=0)

@@ -304,6 +304,34 @@ def read_snapshot(storage: Storage, snapshot: LakeSnapshot, columns: list[str] |
     return pa.concat_tables(tables)
 
 
+def read_new_rows(
+    storage: Storage, snapshot: LakeSnapshot, columns: list[str], dictionary: list[str] | None = None
+) -> pa.Table:
+    """The rows a staged batch adds (its new parts only), ``columns`` of them, sha256-checked; the
+    ``dictionary`` columns come dictionary-encoded (categoricals in pandas: compact)."""
+    new = set(snapshot.new_parts)
+    tables = []
+    for part in snapshot.parts:
+        if part["uri"] not in new:
+            continue
+        uri = part.get("staged_uri") or part["uri"]
+        try:
+            data = storage.read_bytes(uri)
+        except ArtifactNotFound:
+            uri, data = part["uri"], _read_or_explain(storage, part["uri"], uri)
+        if sha256_bytes(data) != part["sha256"]:
+            raise DataError(f"{uri} changed since snapshot {snapshot.uri} was taken (sha256 mismatch); re-run ingest")
+        table = pq.read_table(io.BytesIO(data), columns=columns, read_dictionary=dictionary)
+        del data
+        tables.append(table.cast(pa.schema([
+            pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in (dictionary or []) else TRANSACTION_SCHEMA.field(c).type)
+            for c in columns
+        ])))
+    if not tables:
+        return pa.schema([pa.field(c, TRANSACTION_SCHEMA.field(c).type) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
 def require_published(snapshot: LakeSnapshot) -> None:
     """Refuse a staged snapshot where only published data may be used (features, training)."""
     if snapshot.staged:
