@@ -29,6 +29,7 @@ becomes when published have the same sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
@@ -427,6 +428,10 @@ def publish_staged(
             f"snapshot {current_sha[:12]} was published into {staged.lake_uri} after this batch was staged on "
             f"{staged.parent[:12] or 'an empty lake'}; re-run ingest to stage it on the current lake"
         )
+    if current is not None and current_sha == staged.sha256 and not staged.new_parts and not staged.quarantine:
+        # Nothing new (every file already ingested, or only re-delivered rows): the lake stays byte for byte.
+        storage.delete_tree(staged.staging_uri)
+        return dataclasses.replace(current, source_files=staged.source_files, new_parts=[])
     parts = [_publish_part(storage, part) for part in staged.parts]
     quarantine = _publish_quarantine(storage, staged.quarantine)
     published = LakeSnapshot(
