@@ -154,13 +154,16 @@ def source_files(storage: Storage, source_uri: str) -> list[str]:
     """The raw files a source names: a file, every csv/parquet/jsonl file below a folder, or the
     files matching a glob. Raises :class:`DataError` when it names none."""
     if any(ch in source_uri for ch in "*?["):
-        base = source_uri
-        while any(ch in base for ch in "*?["):
-            base = base.rsplit("/", 1)[0] if "/" in base else "."
-        uris = [u for u in storage.iter_objects(base, SUFFIXES) if fnmatch.fnmatchcase(u, source_uri)]
-        if not uris and not source_uri.startswith(("s3://", "/")):  # a relative glob: match the relative spelling
-            uris = [u for u in storage.iter_objects(base, SUFFIXES)
-                    if fnmatch.fnmatchcase(u, str(Path(source_uri).absolute())) or fnmatch.fnmatchcase(u, source_uri)]
+        pattern = source_uri if source_uri.startswith("s3://") else str(Path(source_uri).absolute())
+        segments = pattern.split("/")
+        fixed = next(i for i, seg in enumerate(segments) if any(ch in seg for ch in "*?["))
+        base = "/".join(segments[:fixed]) or "/"
+        # A wildcard stays within its path segment (as in a shell): "raw/*/*.csv" is not "raw/**".
+        uris = [
+            u for u in storage.iter_objects(base if source_uri.startswith("s3://") else str(Path(base)), SUFFIXES)
+            if len(u.split("/")) == len(segments)
+            and all(fnmatch.fnmatchcase(a, b) for a, b in zip(u.split("/"), segments))
+        ]
     else:
         uris = list(storage.iter_objects(source_uri, SUFFIXES))
     if not uris:
@@ -239,6 +242,8 @@ def _stream_file(
 ) -> _RawFile:
     """Read one raw file a chunk at a time into local date partitions (sorted by ts within a chunk)."""
     raw = _RawFile(uri=uri, sha256=sha, size=size, rows=0, table=None)
+    if size == 0:
+        raise DataError(f"{uri} is empty (0 bytes): {ROW_COUNT}(table) expects at least 1 row")
     writers: dict[str, pq.ParquetWriter] = {}
     hashes: dict[str, list[np.ndarray]] = {}
     offset = 0
@@ -474,7 +479,8 @@ def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], s
     differs = ", ".join(f"{n} {first[n + _OLD]!r} vs {first[n]!r}" for n in _VALUES if first[n] != first[n + _OLD])
     examples = ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
     return DataError(
-        f"{uri}: {len(ids)} transaction id(s) with different content {where(first)}: {examples} "
+        f"{uri}: {len(ids)} transaction id(s) with different content {where(first)} "
+        f"(expect_column_values_to_be_unique(transaction_id)): {examples} "
         f"(e.g. {ids[0]!r} differs in {differs}). A transaction_id must be unique in the lake: an identical "
         f"re-delivery is skipped, a changed row is refused and nothing was written; {_FIX}"
     )
