@@ -211,7 +211,7 @@ class IngestSettings(_Section):
     # max_quarantine_fraction.
     policy: Literal["fail", "quarantine"] = "fail"
     max_quarantine_fraction: float = Field(0.01, ge=0, le=1)
-    chunk_rows: int = Field(262_144, ge=1_000)  # rows read, checked and written at a time (bounded memory)
+    chunk_rows: int = Field(1_000_000, ge=1_000)  # rows read, checked and written at a time (bounded memory)
     # Timestamps: at most this far ahead of the ingest time (clock skew) or behind it.
     max_future_minutes: float = Field(60.0, ge=0)
     max_age_days: float = Field(3650.0, gt=0)

@@ -53,6 +53,7 @@ class _RawFile:
     quarantined: int = 0  # rows set aside (policy quarantine)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # date -> (local parquet, rows)
     hashes: np.ndarray | None = None  # the id hashes of its rows (in part order)
+    part_hashes: dict[str, np.ndarray] = field(default_factory=dict)  # date -> the id hashes of that part
 
     def summary(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"uri": self.uri, "sha256": self.sha256, "rows": self.rows}
@@ -75,7 +76,7 @@ class IngestOptions:
 
     policy: str = "fail"  # "fail": a bad value rejects the batch; "quarantine": its row is set aside
     max_quarantine_fraction: float = 0.01  # policy quarantine: the batch is rejected above this share
-    chunk_rows: int = 262_144
+    chunk_rows: int = 1_000_000
     row_check: RowCheck | None = None  # policy quarantine: the row-level expectations, per chunk
 
 
@@ -284,7 +285,8 @@ def _stream_file(
         for writer in writers.values():
             writer.close()
     raw.parts = {date: (str(folder / f"date={date}.parquet"), sum(len(h) for h in hashes[date])) for date in sorted(writers)}
-    raw.hashes = np.concatenate([h for date in sorted(hashes) for h in hashes[date]]) if hashes else np.zeros(0, np.uint64)
+    raw.part_hashes = {date: np.concatenate(hashes[date]) for date in sorted(hashes)}
+    raw.hashes = np.concatenate(list(raw.part_hashes.values())) if hashes else np.zeros(0, np.uint64)
     return raw
 
 
@@ -298,6 +300,7 @@ def _new_parts(raw: _RawFile, source_uri: str) -> list[NewPart]:
             table=None,
             path=path,
             rows=rows,
+            id_hashes=raw.part_hashes.get(date),
             inputs=inputs,
             params={
                 "date": date,
@@ -329,11 +332,19 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
     repeated[order[:-1][same]] = True
     suspects = set(owner[repeated].tolist())
     hit_parts = []
-    for part in published:
-        hit = np.isin(batch, lake.read_id_index(storage, part))
+    if published:
+        cache: dict[str, np.ndarray] = {}
+        indexes = [lake.read_id_index(storage, part, cache) for part in published]
+        lake_hashes = np.concatenate(indexes)
+        holder = np.repeat(np.arange(len(published)), [len(i) for i in indexes])
+        lake_order = np.argsort(lake_hashes, kind="stable")
+        known = lake_hashes[lake_order]
+        at = np.minimum(np.searchsorted(known, batch), max(len(known) - 1, 0))
+        hit = (known[at] == batch) if len(known) else np.zeros(len(batch), dtype=bool)
         if hit.any():
-            hit_parts.append(part)
             suspects |= set(owner[hit].tolist())
+            holding = np.isin(lake_hashes, batch[hit])
+            hit_parts = [published[i] for i in np.unique(holder[holding])]
     log.info("ingest: checked %d ids against the id index of %d published parts in %.2fs (%d files to compare)",
              len(batch), len(published), time.perf_counter() - started, len(suspects))
     if not suspects:
@@ -347,7 +358,7 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
         if raw.duplicates:
             folder = scratch / f"{raw.sha256[:16]}-deduplicated"
             folder.mkdir(exist_ok=True)
-            raw.parts = {}
+            raw.parts, raw.part_hashes = {}, {}
             for date, part in _partition_by_date(raw.table):
                 path = folder / f"date={date}.parquet"
                 pq.write_table(part, path, compression="zstd")
@@ -487,10 +498,12 @@ def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], s
 
 
 def _partition_by_date(table: pa.Table | None) -> list[tuple[str, pa.Table]]:
-    """Split rows by their UTC date; each part sorted by ts (then transaction_id, for stable bytes)."""
+    """Split rows by their UTC date; each part sorted by ts (ties in file order, for stable bytes)."""
     if table is None or table.num_rows == 0:
         return []
-    table = table.sort_by([(TIMESTAMP, "ascending"), ("transaction_id", "ascending")])
+    # One numeric sort key: Arrow's sort is stable, so rows with equal ts keep their file order and
+    # the same file always gives the same bytes (a string tie-break doubled the cost of ingest).
+    table = table.take(pc.sort_indices(table.column(TIMESTAMP)))
     days = pc.cast(table.column(TIMESTAMP), pa.date32())
     # Sorted by ts, so each date is one contiguous run of rows.
     day_numbers = days.cast(pa.int32()).to_numpy()

@@ -123,6 +123,7 @@ class NewPart:
     params: dict[str, Any]
     path: str = ""  # a local parquet file holding the rows (instead of ``table``)
     rows: int = 0  # with ``path``: how many rows it holds
+    id_hashes: np.ndarray | None = None  # its ids' hashes, when already known (saves reading them back)
 
     @property
     def num_rows(self) -> int:
@@ -165,18 +166,23 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return h
 
 
-def index_uri(lake_uri: str, part_sha256: str) -> str:
-    """Where a published part's id index is."""
-    return join(lake_uri, INDEX, "transaction_id", f"{part_sha256[:32]}.u64")
+def index_uri(lake_uri: str, index_sha256: str) -> str:
+    """Where a published batch's id index is (named by its content)."""
+    return join(lake_uri, INDEX, "transaction_id", f"{index_sha256[:32]}.u64")
 
 
-def read_id_index(storage: Storage, part: dict[str, Any]) -> np.ndarray:
-    """A part's sorted id hashes: from its index, or (a part from before the index, or a hand-written
-    one) computed from its transaction_id column."""
+def read_id_index(storage: Storage, part: dict[str, Any], cache: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A part's sorted id hashes: its slice of its batch's index (``cache`` keeps index files read
+    for other parts of the batch), or (a part from before the index, or a hand-written one) computed
+    from its transaction_id column."""
     uri = part.get("staged_ids") or part.get("ids")
-    if uri:
+    cache = {} if cache is None else cache
+    if uri and "ids_slice" in part:
         try:
-            return np.frombuffer(storage.read_bytes(uri), dtype="<u8")
+            if uri not in cache:
+                cache[uri] = np.frombuffer(storage.read_bytes(uri), dtype="<u8")
+            start, end = part["ids_slice"]
+            return cache[uri][start:end]
         except ArtifactNotFound:
             log.warning("lake: id index %s is missing; reading the ids of %s instead", uri, part["uri"])
     return np.sort(id_hashes(read_part(storage, part, ["transaction_id"]).column("transaction_id")))
@@ -362,6 +368,7 @@ def stage(
     storage.delete_tree(area)
     parts = {p["uri"]: dict(p) for p in (parent.parts if parent else [])}
     added = []
+    batch_hashes: list[np.ndarray] = []
     for new in new_parts:
         final = part_uri(lake_uri, new.date, new.name)
         if final in parts:  # names come from raw file hashes: a published file is never staged again
@@ -369,18 +376,28 @@ def stage(
         staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
         if new.table is not None:
             ref = storage.write_parquet(staged_part, new.table)
-            ids = new.table.column("transaction_id")
         else:
             ref = storage.upload_file(new.path, staged_part)
-            ids = pq.read_table(new.path, columns=["transaction_id"]).column("transaction_id")
-        staged_ids = join(area, INDEX, f"{ref.sha256[:32]}.u64")
-        storage.write_bytes(staged_ids, np.sort(id_hashes(ids)).astype("<u8").tobytes())
+        hashes = new.id_hashes
+        if hashes is None:
+            ids = new.table if new.table is not None else pq.read_table(new.path, columns=["transaction_id"])
+            hashes = id_hashes(ids.column("transaction_id"))
+        start = sum(len(h) for h in batch_hashes)
+        batch_hashes.append(np.sort(hashes))
         parts[final] = {
             "uri": final, "sha256": ref.sha256, "rows": new.num_rows, "date": new.date,
-            "staged_uri": staged_part, "ids": index_uri(lake_uri, ref.sha256), "staged_ids": staged_ids,
+            "staged_uri": staged_part, "ids_slice": [start, start + len(hashes)],
             "lineage": {"step": "ingest", "run_id": run_id, "inputs": new.inputs, "params": new.params},
         }
         added.append(final)
+    if batch_hashes:
+        # One index file per batch (each part's sorted hashes, one after the other), named by its content.
+        data = np.concatenate(batch_hashes).astype("<u8").tobytes()
+        staged_ids = join(area, INDEX, "transaction_id.u64")
+        storage.write_bytes(staged_ids, data)
+        final_ids = index_uri(lake_uri, sha256_bytes(data))
+        for uri in added:
+            parts[uri].update(ids=final_ids, staged_ids=staged_ids)
     quarantine: dict[str, Any] = {}
     if quarantined:
         files = []
