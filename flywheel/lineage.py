@@ -184,6 +184,9 @@ def downstream(storage: Storage, artifact_uri: str, max_depth: int = 32) -> dict
         node: dict[str, Any] = {"uri": uri, "sha256": (entry or {}).get("artifact", {}).get("sha256")}
         if entry is not None:
             node.update(step=entry["step"], run_id=entry["run_id"])
+        else:  # a raw file: the sha256 it had when it was read
+            node["sha256"] = next((i.get("sha256") for user in users.get(key, []) for i in user.get("inputs", [])
+                                   if canonical_uri(i.get("uri", "")) == key), None)
         if key in path:
             node["cycle"] = True
             return node
@@ -212,7 +215,7 @@ def render_tree(tree: dict[str, Any], children: str = "inputs") -> str:
         if node.get("step"):
             made = f"  [{node['step']} {node.get('run_id', '')}".rstrip() + "]"
         else:
-            made = "  [raw]" if children == "inputs" else "  [no record]"
+            made = "  [raw]"
         sha = f"  sha256 {node['sha256'][:12]}" if node.get("sha256") else ""
         extra = "  (cycle)" if node.get("cycle") else "  (truncated)" if node.get("truncated") else ""
         return f"{node['uri']}{made}{sha}{extra}"
