@@ -325,26 +325,22 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
     started = time.perf_counter()
     batch = np.concatenate([f.hashes for f in files])
     owner = np.repeat(np.arange(len(files)), [len(f.hashes) for f in files])
-    order = np.argsort(batch, kind="stable")
-    repeated = np.zeros(len(batch), dtype=bool)
-    same = batch[order][1:] == batch[order][:-1]
-    repeated[order[1:][same]] = True
-    repeated[order[:-1][same]] = True
-    suspects = set(owner[repeated].tolist())
+    ordered = np.sort(batch)  # values only: a plain sort is several times cheaper than an argsort
+    repeats = ordered[1:][ordered[1:] == ordered[:-1]]
+    suspects = set(owner[np.isin(batch, repeats)].tolist()) if len(repeats) else set()
     hit_parts = []
     if published:
         cache: dict[str, np.ndarray] = {}
         indexes = [lake.read_id_index(storage, part, cache) for part in published]
         lake_hashes = np.concatenate(indexes)
-        holder = np.repeat(np.arange(len(published)), [len(i) for i in indexes])
-        lake_order = np.argsort(lake_hashes, kind="stable")
-        known = lake_hashes[lake_order]
-        at = np.minimum(np.searchsorted(known, batch), max(len(known) - 1, 0))
-        hit = (known[at] == batch) if len(known) else np.zeros(len(batch), dtype=bool)
-        if hit.any():
-            suspects |= set(owner[hit].tolist())
-            holding = np.isin(lake_hashes, batch[hit])
-            hit_parts = [published[i] for i in np.unique(holder[holding])]
+        known = np.sort(lake_hashes)
+        # Each of the batch's ids looked up in the lake's (sorted needles: one pass, cache-friendly).
+        at = np.minimum(np.searchsorted(known, ordered), max(len(known) - 1, 0))
+        found = ordered[known[at] == ordered] if len(known) else ordered[:0]
+        if len(found):
+            suspects |= set(owner[np.isin(batch, found)].tolist())
+            holder = np.repeat(np.arange(len(published)), [len(i) for i in indexes])
+            hit_parts = [published[i] for i in np.unique(holder[np.isin(lake_hashes, found)])]
     log.info("ingest: checked %d ids against the id index of %d published parts in %.2fs (%d files to compare)",
              len(batch), len(published), time.perf_counter() - started, len(suspects))
     if not suspects:
