@@ -1,7 +1,10 @@
 """Ingest: raw transaction files (csv, parquet, jsonl; local or s3://) staged as a batch of the lake.
 
-Every raw file is read and held to the schema (:mod:`flywheel.rawfiles`) before anything is
-written, so bad input leaves no trace. The batch's rows are split into date partitions named after
+Every raw file is streamed a chunk at a time (bounded memory, whatever the file's size), held to
+the schema (:mod:`flywheel.rawfiles`) and written to local date partitions; nothing is written to
+the lake's storage until every file passed, so bad input leaves no trace. A file whose sha256 is
+already in the lake is skipped unread. With policy ``quarantine``, rows that break the schema or the
+suite's row-level expectations are set aside (with their reason) instead of rejecting the batch. The batch's rows are split into date partitions named after
 the raw file they came from, and staged (:func:`flywheel.lake.stage`) next to the latest published
 snapshot: nothing a reader sees changes until the validate step publishes the batch, and a batch
 that validation rejects is discarded. Re-ingesting files whose parts are already published stages
@@ -11,7 +14,8 @@ no new part and yields the same snapshot sha256.
 earlier file of the same batch, or earlier in the same file is a re-delivery when its content is
 identical (it is dropped, so overlapping exports and re-sent files are idempotent) and a conflict
 when it is not (the whole batch is refused with a DataError naming the file, the ids and where the
-other row lives).
+other row lives). The lake side is checked through its id index (:func:`flywheel.lake.id_hashes`):
+only a hit reads rows back.
 """
 
 from __future__ import annotations
