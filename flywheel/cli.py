@@ -156,6 +156,87 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- ingest / lineage
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest and validate one delivery: exit 0 accepted, 1 rejected (reasons printed), 2 usage error."""
+    from flywheel import steps
+    from flywheel.errors import DataError, ValidationFailed
+    from flywheel.ingest import source_files
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    storage = Storage.from_settings(settings)
+    lake_uri = args.lake or storage.uri("lake")
+    try:
+        files = source_files(storage, args.source)
+    except DataError as exc:  # nothing to read there: the command line is wrong, not the data
+        raise ConfigError(str(exc)) from None
+    console = _console()
+    run_id = new_run_id().replace("run-", "ingest-", 1)
+    policy = args.policy or settings.ingest.policy
+    try:
+        published = steps.ingest_and_validate(args.source, run_id, settings, lake_uri, policy)
+    except (DataError, ValidationFailed) as exc:
+        console.print(f"rejected: {len(files)} file(s) seen under {args.source}; nothing entered {lake_uri}", soft_wrap=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sources = published["source_files"]
+    skipped = [f for f in sources if f.get("skipped")]
+    new_rows = sum(p["rows"] for p in published["parts"] if p["uri"] in set(published["new_parts"]))
+    quarantine = published.get("quarantine") or {}
+    duplicates = sum(f.get("duplicates", 0) for f in sources)
+    console.print(
+        f"accepted: {len(sources)} file(s) seen, {len(skipped)} skipped as already ingested, {new_rows:,} rows accepted, "
+        f"{quarantine.get('rows', 0):,} quarantined, 0 rejected"
+        + (f", {duplicates:,} re-delivered rows dropped" if duplicates else ""),
+        soft_wrap=True,
+    )
+    if quarantine:
+        console.print(f"quarantined rows and their reasons: {quarantine['uri']}", soft_wrap=True)
+    console.print(f"lake {lake_uri}: snapshot {published['sha256'][:12]}, {published['rows']:,} rows (policy {policy})", soft_wrap=True)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from flywheel import lineage
+    from flywheel.storage import Storage
+
+    storage = Storage.from_settings(_settings(args))
+    tree = lineage.downstream(storage, args.uri) if args.down else lineage.trace(storage, args.uri)
+    children = "users" if args.down else "inputs"
+    if not tree.get("step") and not tree.get(children):
+        raise ConfigError(f"no lineage record names {args.uri}: give the URI of an artifact flywheel wrote or read")
+    if args.json:
+        sys.stdout.write(json.dumps(tree, indent=2) + "\n")
+    else:
+        sys.stdout.write(lineage.render_tree(tree, children) + "\n")
+    return 0
+
+
+def _add_lake_commands(sub: Any) -> None:
+    ing = sub.add_parser("ingest", help="ingest and validate raw files into the lake, without training",
+                         description="Ingest SOURCE (a csv/parquet/jsonl file, folder or glob; local or s3://) into the lake and "
+                                     "validate it (schema, the GE suite, the drift gate). Exit 0: accepted; 1: rejected (each "
+                                     "reason printed; the lake is unchanged); 2: usage error.")
+    ing.add_argument("source", metavar="SOURCE_URI", help="a file, a folder or a glob, local or s3://bucket/prefix")
+    ing.add_argument("--policy", choices=["fail", "quarantine"],
+                     help="fail: any bad row rejects the batch (default: settings ingest.policy); quarantine: bad rows go "
+                          "to <lake>/quarantine/<batch>/ with their reason, the rest passes if they are few enough")
+    ing.add_argument("--lake", help="the lake's URI (default: <storage root>/lake)")
+    ing.set_defaults(func=cmd_ingest)
+
+    lin = sub.add_parser("lineage", help="print an artifact's lineage: its inputs down to raw files, or what it reached",
+                         description="Print the lineage of URI as a tree: upstream to the raw files and their sha256 "
+                                     "(default), or downstream with --down (the parts, snapshots, training sets and models a "
+                                     "raw file reached).")
+    lin.add_argument("uri", metavar="URI", help="an artifact (a model file, a training set, a lake part) or a raw file")
+    lin.add_argument("--down", action="store_true", help="what was made from URI, instead of what URI was made from")
+    lin.add_argument("--json", action="store_true", help="the tree as JSON")
+    lin.set_defaults(func=cmd_lineage)
+
+
 # ---------------------------------------------------------------- parser
 def _positive(value: str) -> int:
     try:
@@ -212,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compile the training pipeline to KFP IR YAML for upload to Kubeflow Pipelines.")
     comp.add_argument("--out", default="build", help="output folder (default build/)")
     comp.set_defaults(func=cmd_compile)
+    _add_lake_commands(sub)
     return parser
 
 

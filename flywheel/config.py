@@ -182,6 +182,43 @@ class GateSettings(_Section):
     min_comparison_positives: int = Field(30, ge=1)
 
 
+class DriftSettings(_Section):
+    """The drift gate: a batch against the mean profile of the last accepted batches of its lake."""
+
+    enabled: bool = True
+    window: int = Field(5, ge=1)  # how many of the last accepted batches make the baseline
+    # Distributions (quantiles, shares, fraud rate) are compared only for batches at least this big:
+    # smaller samples are noise. Shares and the fraud rate also get 3 standard errors of slack.
+    min_rows: int = Field(500, ge=1)
+    amount_quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    # Each amount quantile may differ from the baseline's by this share of it (0.5: 50%).
+    amount_quantile_tolerance: float = Field(0.5, gt=0)
+    # Per-category and per-channel shares: largest allowed absolute change of one value's share,
+    # and the KL divergence of the whole distribution from the baseline's.
+    max_share_change: float = Field(0.1, gt=0, le=1)
+    max_kl_divergence: float = Field(0.1, gt=0)
+    max_fraud_rate_change: float = Field(0.05, gt=0, le=1)  # absolute
+    # Row count against the recent mean: at least min_rows_ratio and at most max_rows_ratio times it.
+    min_rows_ratio: float = Field(0.001, ge=0)
+    max_rows_ratio: float = Field(1000.0, gt=0)
+
+
+class IngestSettings(_Section):
+    """Ingest and validation of raw deliveries (`flywheel ingest`, and the pipeline's first two steps)."""
+
+    # fail: a batch with any bad row is rejected whole; quarantine: bad rows go to
+    # <lake>/quarantine/<batch>/ with their reason, and the batch passes when their share is at most
+    # max_quarantine_fraction.
+    policy: Literal["fail", "quarantine"] = "fail"
+    max_quarantine_fraction: float = Field(0.01, ge=0, le=1)
+    chunk_rows: int = Field(1_000_000, ge=1_000)  # rows read, checked and written at a time (bounded memory)
+    # Timestamps: at most this far ahead of the ingest time (clock skew) or behind it.
+    max_future_minutes: float = Field(60.0, ge=0)
+    max_age_days: float = Field(3650.0, gt=0)
+    max_amount: float = Field(1_000_000.0, gt=0)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+
+
 class ServingSettings(_Section):
     """The KServe predictor."""
 
@@ -201,6 +238,7 @@ class Settings(_Section):
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import ValidationFailed
+from flywheel.errors import ConfigError, ValidationFailed
 from flywheel.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -53,38 +53,56 @@ def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]
     return records
 
 
-def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
+def ingest_step(
+    source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "", policy: str = ""
+) -> dict[str, Any]:
     """Raw files → a staged batch of the date-partitioned lake (``<root>/lake`` unless ``lake_uri``
-    names another); returns the staged snapshot, which only :func:`validate_step` publishes."""
-    from flywheel.ingest import ingest
+    names another); returns the staged snapshot, which only :func:`validate_step` publishes.
+    ``policy`` (default: settings ``ingest.policy``) is ``fail`` or ``quarantine``: with quarantine,
+    rows breaking the suite's row-level expectations are set aside instead of rejecting the batch."""
+    from flywheel.ingest import IngestOptions, ingest
+    from flywheel.validation import row_check
 
     settings, storage = _context(settings)
+    policy = policy or settings.ingest.policy
+    if policy not in ("fail", "quarantine"):
+        raise ConfigError(f"unknown policy {policy!r}: choose fail or quarantine")
+    options = IngestOptions(
+        policy=policy,
+        max_quarantine_fraction=settings.ingest.max_quarantine_fraction,
+        chunk_rows=settings.ingest.chunk_rows,
+        row_check=row_check(settings.ingest) if policy == "quarantine" else None,
+    )
     with recorded(storage, run_id, "ingest") as record:
-        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id)
+        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id, options)
         record.update(
             rows=staged.rows,
             new_parts=len(staged.new_parts),
             source_files=len(staged.source_files),
+            policy=policy,
+            quarantined=staged.quarantine.get("rows", 0),
             staged_snapshot=staged.uri,  # removed once published or discarded: not a lasting artifact
         )
     return staged.to_dict()
 
 
 def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """The Great Expectations gate on a staged batch: when every expectation passes, the batch is
-    published and the published snapshot returned; otherwise it is discarded (the lake stays as it
-    was) and ValidationFailed stops the run. The reports are written either way."""
+    """The Great Expectations gate on a staged batch (its new rows, and the drift gate against the
+    last accepted batches): when every check passes, the batch is published and the published
+    snapshot returned; otherwise it is discarded (the lake stays as it was) and ValidationFailed
+    stops the run. The reports are written either way."""
     from flywheel import lake
-    from flywheel.validation import failure_message, validate_snapshot
+    from flywheel.validation import failure_message, validate_batch
 
     settings, storage = _context(settings)
     staged = lake.LakeSnapshot.from_dict(snapshot)
     with recorded(storage, run_id, "validate") as record:
-        report = validate_snapshot(storage, staged, storage.uri("reports", "validation"), run_id, raise_on_failure=False)
+        report = validate_batch(storage, staged, storage.uri("reports", "validation"), run_id, settings.ingest)
         record.update(
             rows=report.rows,
             expectations=report.evaluated,
             failed=len(report.failed),
+            drift=report.drift,
             artifacts={"validation_report": report.report_uri, "data_docs": report.html_uri},
         )
         if not report.success:
@@ -94,9 +112,19 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
             subject = f"the batch from {', '.join(files[:3])}{' and more' if len(files) > 3 else ''} for lake {staged.lake_uri}"
             raise ValidationFailed(f"{failure_message(report, subject)}\nthe batch was discarded; the lake still holds {kept}")
         validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
-        published = lake.publish_staged(storage, staged, run_id, validated_by)
+        published = lake.publish_staged(storage, staged, run_id, validated_by, profile=report.profile)
         record["artifacts"]["lake_snapshot"] = published.uri
     return published.to_dict()
+
+
+def ingest_and_validate(
+    source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "", policy: str = ""
+) -> dict[str, Any]:
+    """`flywheel ingest`: the pipeline's ingest and validate steps, one after the other, without
+    training. Returns the published snapshot; raises DataError or ValidationFailed when the batch is
+    rejected (the lake is then as it was)."""
+    staged = ingest_step(source_uri, run_id, settings, lake_uri, policy)
+    return validate_step(staged, run_id, settings)
 
 
 def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
