@@ -233,7 +233,9 @@ class KfpSettings(_Section):
     schedule_cron: str = "0 0 2 * * *"  # six fields, seconds first (KFP's cron): every day at 02:00
     # How compiled steps run on the cluster.
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    service_account: str = "flywheel-pipeline"  # for the steps that create PyTorchJobs/TrainJobs/InferenceServices
+    # The runs' service account (KFP v2 sets one per run, not per step): manifests/ binds it to a Role
+    # that may create PyTorchJobs/TrainJobs and InferenceServices and nothing more. Empty: the profile's default.
+    service_account: str = "flywheel-pipeline"
     retries: int = Field(3, ge=0, le=10)  # on steps that touch the network
     retry_backoff: str = "30s"
     retry_backoff_factor: float = Field(2.0, ge=1)

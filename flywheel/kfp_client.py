@@ -215,7 +215,7 @@ class KfpClient:
         run = self._call(f"create run {run_name!r}", self._client.run_pipeline,
                          experiment_id=experiment_id, job_name=run_name, params=dict(params),
                          pipeline_id=uploaded.pipeline_id, version_id=uploaded.version_id,
-                         pipeline_root=self.kfp.pipeline_root or None)
+                         pipeline_root=self.kfp.pipeline_root or None, service_account=self.kfp.service_account or None)
         return Submitted(run.run_id, run_name, experiment_id, self.url(f"runs/details/{run.run_id}"))
 
     def schedule(self, uploaded: Uploaded, params: Mapping[str, Any], name: str, cron: str | None = None) -> Scheduled:
@@ -228,7 +228,8 @@ class KfpClient:
         recurring = self._call(f"create recurring run {name!r}", self._client.create_recurring_run,
                                experiment_id=experiment_id, job_name=name, cron_expression=cron, max_concurrency=1,
                                no_catchup=True, params=dict(params), pipeline_id=uploaded.pipeline_id,
-                               version_id=uploaded.version_id, enabled=True, pipeline_root=self.kfp.pipeline_root or None)
+                               version_id=uploaded.version_id, enabled=True, pipeline_root=self.kfp.pipeline_root or None,
+                               service_account=self.kfp.service_account or None)
         return Scheduled(recurring.recurring_run_id, name, cron, experiment_id,
                          self.url(f"recurringrun/details/{recurring.recurring_run_id}"))
 

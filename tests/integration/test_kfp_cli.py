@@ -79,6 +79,8 @@ def test_submit_uploads_the_compiled_pipeline_once_and_runs_it_with_its_paramete
     assert [r["display_name"] for r in runs] == ["first", "second"]
     assert runs[1]["runtime_config"]["parameters"] == {"source_uri": SOURCE, "truth_uri": "s3://lake/truth"}
     assert all(r["experiment_id"] == experiment["experiment_id"] for r in runs)
+    # The run's service account: the one manifests/ lets create training jobs and InferenceServices.
+    assert all(r["service_account"] == "flywheel-pipeline" for r in runs)
     assert all(r["pipeline_version_reference"] == {"pipeline_id": pipeline["pipeline_id"],
                                                    "pipeline_version_id": content_version["pipeline_version_id"]} for r in runs)
 
@@ -106,6 +108,7 @@ def test_schedule_creates_a_cron_recurring_run_one_at_a_time_without_catch_up(ap
     assert body["trigger"] == {"cron_schedule": {"cron": "0 30 3 * * 1"}}
     assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True and body["mode"] == "ENABLE"
     assert body["runtime_config"]["parameters"] == {"source_uri": SOURCE}
+    assert body["service_account"] == "flywheel-pipeline"
     # Without --cron, the settings' schedule.
     ok(flywheel("schedule", "--param", f"source_uri={SOURCE}", env=env))
     assert api.calls("POST", "/recurringruns")[1]["body"]["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * *"
