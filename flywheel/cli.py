@@ -1,4 +1,4 @@
-"""The `flywheel` command line: generate, run, train, serve, compile, and upload/submit/schedule/runs on Kubeflow. It parses and dispatches; the run
+"""The `flywheel` command line: generate, run, train, serve, score, compile, and upload/submit/schedule/runs on Kubeflow. It parses and dispatches; the run
 report and progress display are in :mod:`flywheel.report`.
 
 Errors that a user can cause (FlywheelError) print as one clear message and a non-zero exit code,
@@ -149,10 +149,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.training import compile_pipeline
+    from pipelines import scoring, training
 
-    path = compile_pipeline(args.out, _settings(args))
-    _console().print(f"wrote {path}")
+    settings = _settings(args)
+    for module in (training, scoring):
+        _console().print(f"wrote {module.compile_pipeline(args.out, settings)}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flywheel.report import output_to
+    from flywheel.steps import read_step_records
+    from flywheel.storage import Storage
+    from pipelines.scoring import run_locally
+
+    settings = _settings(args)
+    storage = Storage.from_settings(settings)
+    run_id = new_run_id()
+    console = _console()
+    console.print(f"[bold]run {run_id}[/]: scoring {args.start} to {args.end} with kfp.local", soft_wrap=True)
+    log_path = settings.home / "runs" / run_id / "pipeline.log"
+    failure: Exception | None = None
+    with contextlib.ExitStack() as stack:
+        if not args.verbose:  # every step's own output goes to the log
+            stack.enter_context(output_to(log_path))
+        try:
+            run_locally(settings, args.start, args.end, run_id, out_uri=args.out or "", chunk_days=args.chunk_days or 0,
+                        lake_uri=args.lake or "")
+        except Exception as exc:  # kfp.local names the failed task; the step record says why
+            failure = exc
+    records = read_step_records(storage, run_id)
+    if failure is not None:
+        failed = [r for r in records.values() if r.get("status") == "failed"]
+        if failed:
+            raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
+        raise PipelineError(f"the scoring pipeline failed: {failure} (steps' output: {log_path})")
+    summary = storage.read_json(records["summarize"]["artifacts"]["summary"])
+    console.print(f"scored {summary['rows']:,} transactions over {summary['days']} day(s) in {summary['chunks']} chunk(s) with "
+                  f"model {summary['model_version']}: {summary['flagged']:,} at or above {summary['alert_threshold']}", soft_wrap=True)
+    console.print(f"summary: {records['summarize']['artifacts']['summary']}", soft_wrap=True)
     return 0
 
 
@@ -164,9 +199,10 @@ def _package(args: argparse.Namespace, settings: Any, scratch: str) -> tuple[str
     if args.package:
         path = args.package
     else:
-        from pipelines.training import compile_pipeline
+        from pipelines import scoring, training
 
-        path = str(compile_pipeline(scratch, settings))
+        module = {"training": training, "scoring": scoring}[args.pipeline]
+        path = str(module.compile_pipeline(scratch, settings))
     try:
         with open(path) as handle:
             spec = next(yaml.safe_load_all(handle))
@@ -314,13 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="the name clients use in the URL (default: settings model_name, 'fraud')")
     serve.set_defaults(func=cmd_serve)
 
-    comp = sub.add_parser("compile", help="write the training pipeline's KFP IR YAML",
-                          description="Compile the training pipeline to KFP IR YAML for upload to Kubeflow Pipelines.")
+    comp = sub.add_parser("compile", help="write the training and batch scoring pipelines' KFP IR YAML",
+                          description="Compile the training and batch scoring pipelines to KFP IR YAML for upload to Kubeflow Pipelines.")
     comp.add_argument("--out", default="build", help="output folder (default build/)")
     comp.set_defaults(func=cmd_compile)
 
+    score = sub.add_parser("score", help="score a date range of the lake with the production model (kfp.local)",
+                           description="Run the batch scoring pipeline locally: the lake's transactions from --start to --end "
+                                       "scored in chunks of days, one partition per day and a summary.json under --out.")
+    score.add_argument("--start", required=True, help="first day, YYYY-MM-DD")
+    score.add_argument("--end", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    score.add_argument("--chunk-days", type=_positive, help="days per chunk (default: settings scoring.chunk_days)")
+    score.add_argument("--out", help="where the results go (default: <root>/scores/<run>)")
+    score.add_argument("--lake", help="the lake to read (default: the settings' lake, <root>/lake)")
+    score.set_defaults(func=cmd_score)
+
     def package_args(command: argparse.ArgumentParser, params: bool = True) -> None:
-        command.add_argument("--package", help="a compiled pipeline YAML (default: compile the training pipeline now from the settings)")
+        command.add_argument("--pipeline", choices=["training", "scoring"], default="training",
+                             help="which pipeline to compile now from the settings (default training)")
+        command.add_argument("--package", help="a compiled pipeline YAML instead (from `flywheel compile`)")
         command.add_argument("--pipeline-name", help="the pipeline's name in Kubeflow (default: the package's pipelineInfo.name)")
         if params:
             command.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",

@@ -192,6 +192,14 @@ class ServingSettings(_Section):
     torch_threads: int = Field(1, ge=1)
 
 
+class ScoringSettings(_Section):
+    """Batch scoring of a date range of the lake (`flywheel-scoring` pipeline)."""
+
+    chunk_days: int = Field(1, ge=1, le=366)  # days per chunk: each chunk is one task, in parallel on a cluster
+    alert_threshold: float = Field(0.5, gt=0, lt=1)  # a probability at or above it is counted as flagged
+    max_parallel_chunks: int = Field(4, ge=1, le=64)
+
+
 class StepResources(_Section):
     """CPU and memory requests and limits of one pipeline step's pod (Kubernetes quantities)."""
 
@@ -211,6 +219,7 @@ def _default_step_resources() -> dict[str, StepResources]:
         "train": StepResources(cpu_request="2", cpu_limit="8", memory_request="4Gi", memory_limit="16Gi"),
         "evaluate": StepResources(cpu_request="1", cpu_limit="4", memory_request="2Gi", memory_limit="8Gi"),
         "deploy": StepResources(),
+        "plan_scoring": StepResources(),
         "score": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
         "summarize": StepResources(),
     }
@@ -286,6 +295,7 @@ class Settings(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     kfp: KfpSettings = Field(default_factory=KfpSettings)
 
     @model_validator(mode="after")

@@ -2,12 +2,13 @@
 
 # No `from __future__ import annotations` here: KFP reads the pipeline function's real annotations.
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from kfp import compiler, dsl
 
@@ -21,10 +22,10 @@ S3_SECRET = "flywheel-s3"  # Kubernetes Secret with keys `accesskey` and `secret
 # Steps whose failures can be transient beyond what the storage layer retries: reading the source,
 # Feast's online store, the Kubernetes API (training jobs), the registry's promotion. Validation and
 # evaluation are not retried: their refusals are verdicts on the data, the same on every attempt.
-NETWORK_STEPS = {"ingest", "features", "train", "deploy"}
+NETWORK_STEPS = {"ingest", "features", "train", "deploy", "score"}
 # Steps that read "latest" state outside their inputs (the raw files behind a URI, the lake, the
 # production model): a cache hit would replay a stale answer.
-READS_LATEST = {"ingest", "validate", "evaluate", "deploy"}
+READS_LATEST = {"ingest", "validate", "evaluate", "deploy", "plan_scoring", "summarize"}
 
 
 def configure(task: Any, display_name: str, settings: Settings, step: str) -> Any:
@@ -146,8 +147,11 @@ def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Setti
     return target
 
 
-def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "", lake_uri: str = "") -> Any:
-    """Run the DAG with kfp.local (SubprocessRunner in this Python environment)."""
+@contextlib.contextmanager
+def local_steps(settings: Settings, run_id: str) -> Iterator[None]:
+    """kfp.local set up for a run: steps run as subprocesses of this Python, loading exactly these
+    settings (whatever file, variables and defaults made them) from a file written for the run;
+    credentials stay in the environment."""
     from kfp import local
 
     kfp_root = settings.home / "kfp"
@@ -159,19 +163,12 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
     )
     # Each step leaves a temporary folder behind (kfp.local's mktemp): keep them in one place, then remove it.
     scratch = Path(tempfile.mkdtemp(prefix="steps-", dir=kfp_root))
-    # Steps run as subprocesses: they load exactly these settings (whatever file, variables and
-    # defaults made them) from a file written for the run; credentials stay in the environment.
     settings_file = write_settings(settings, settings.home / "runs" / run_id / "settings.yaml")
     step_env = {"FLYWHEEL_HOME": str(settings.home), "FLYWHEEL_CONFIG": str(settings_file), "TMPDIR": str(scratch)}
     previous = {name: os.environ.get(name) for name in step_env}
     os.environ.update(step_env)
     try:
-        # No step retries here: kfp.local honours them with real backoff sleeps, and on one machine a
-        # failed step is a bug or bad data to report at once (storage already retries its requests).
-        pipeline = create_pipeline(settings.model_copy(update={"kfp": settings.kfp.model_copy(update={"retries": 0})}))
-        started = time.perf_counter()
-        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri)
-        return result, time.perf_counter() - started
+        yield
     finally:
         for name, value in previous.items():
             if value is None:
@@ -179,3 +176,14 @@ def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str
             else:
                 os.environ[name] = value
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "", lake_uri: str = "") -> Any:
+    """Run the DAG with kfp.local (SubprocessRunner in this Python environment)."""
+    with local_steps(settings, run_id):
+        # No step retries here: kfp.local honours them with real backoff sleeps, and on one machine a
+        # failed step is a bug or bad data to report at once (storage already retries its requests).
+        pipeline = create_pipeline(settings.model_copy(update={"kfp": settings.kfp.model_copy(update={"retries": 0})}))
+        started = time.perf_counter()
+        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri)
+        return result, time.perf_counter() - started

@@ -210,3 +210,14 @@ def test_the_standin_refuses_bodies_the_api_would_refuse(api):
                 dict(recurring, trigger={"cron_schedule": {"cron": "0 2 * * *"}})):
         assert httpx.post(f"{api.url}{API}/recurringruns", json=bad, headers=headers).status_code == 400, bad
     assert httpx.get(f"{api.url}{API}/runs").status_code == 401
+
+
+def test_the_scoring_pipeline_is_submitted_with_its_own_parameters(api, tmp_path):
+    env = kfp_env(tmp_path, api.url, FLYWHEEL_KFP_TOKEN=TOKEN)
+    assert "--param end_date=... --param start_date=..." in refused(flywheel("submit", "--pipeline", "scoring", env=env))
+    ok(flywheel("submit", "--pipeline", "scoring", "--param", "start_date=2026-11-01", "--param", "end_date=2026-11-07",
+                "--run-name", "weekly-scores", env=env))
+    [pipeline] = api.pipelines.values()
+    assert pipeline["display_name"] == "flywheel-scoring"
+    [run] = [c["body"] for c in api.calls("POST", "/runs")]
+    assert run["runtime_config"]["parameters"] == {"start_date": "2026-11-01", "end_date": "2026-11-07"}

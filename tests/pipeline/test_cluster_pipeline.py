@@ -42,6 +42,10 @@ def compile_to(out: Path, home: Path, **env: str) -> list[Path]:
     return files
 
 
+def named(files: list[Path], name: str) -> Path:
+    return next(p for p in files if p.name == name)
+
+
 def documents(path: Path) -> tuple[dict, dict]:
     spec, platform = yaml.safe_load_all(path.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -52,7 +56,7 @@ def tasks_of(spec: dict) -> dict[str, dict]:
     tasks = dict(spec["root"]["dag"]["tasks"])
     for component in spec["components"].values():
         tasks.update(component.get("dag", {}).get("tasks", {}))
-    return {name: task for name, task in tasks.items() if not name.startswith("condition-")}
+    return {name: task for name, task in tasks.items() if not name.startswith(("condition-", "for-loop-"))}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +100,7 @@ def test_no_compiled_file_holds_a_credential(cluster_compile):
 
 
 def test_every_step_has_the_image_pull_policy_and_resources_of_the_settings(cluster_compile, tmp_path):
-    spec, executors = documents(cluster_compile[0])
+    spec, executors = documents(named(cluster_compile, "flywheel-training.yaml"))
     containers = {name.removeprefix("exec-"): e["container"] for name, e in spec["deploymentSpec"]["executors"].items()}
     assert set(containers) == STEPS
     assert {c["image"] for c in containers.values()} == {"registry.example/flywheel:0.1.0"}
@@ -112,13 +116,14 @@ def test_every_step_has_the_image_pull_policy_and_resources_of_the_settings(clus
         assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"], resources["resourceMemoryRequest"],
                 resources["resourceMemoryLimit"]) == (cpu_request, cpu_limit, memory_request, memory_limit), step
     # A setting reaches its step.
-    [changed] = compile_to(tmp_path / "out", tmp_path / "home", FLYWHEEL_KFP__RESOURCES__FEATURES__MEMORY_LIMIT="48Gi")
+    changed = named(compile_to(tmp_path / "out", tmp_path / "home", FLYWHEEL_KFP__RESOURCES__FEATURES__MEMORY_LIMIT="48Gi"),
+                    "flywheel-training.yaml")
     features = next(yaml.safe_load_all(changed.read_text()))["deploymentSpec"]["executors"]["exec-features"]
     assert features["container"]["resources"]["resourceMemoryLimit"] == "48Gi"
 
 
 def test_network_steps_retry_with_backoff_and_verdict_steps_do_not(cluster_compile):
-    spec, _ = documents(cluster_compile[0])
+    spec, _ = documents(named(cluster_compile, "flywheel-training.yaml"))
     tasks = tasks_of(spec)
     assert set(tasks) == STEPS
     for name in ("ingest", "features", "train", "deploy"):
@@ -131,7 +136,7 @@ def test_network_steps_retry_with_backoff_and_verdict_steps_do_not(cluster_compi
 def test_steps_that_read_latest_state_are_never_cached(cluster_compile):
     """ingest (the files behind a URI), validate (the lake), evaluate (the production model) and deploy
     (the registry's state) read state outside their inputs; features and train are content-addressed."""
-    spec, _ = documents(cluster_compile[0])
+    spec, _ = documents(named(cluster_compile, "flywheel-training.yaml"))
     tasks = tasks_of(spec)
     for name in ("ingest", "validate", "evaluate", "deploy"):
         assert tasks[name]["cachingOptions"] == {}, name
@@ -140,7 +145,7 @@ def test_steps_that_read_latest_state_are_never_cached(cluster_compile):
 
 
 def test_a_cluster_launcher_train_step_gets_the_launcher_settings_not_the_gpus(cluster_compile):
-    spec, executors = documents(cluster_compile[0])
+    spec, executors = documents(named(cluster_compile, "flywheel-training.yaml"))
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     env = {e["name"]: e["value"] for e in train["env"]}
     assert env["FLYWHEEL_TRAINING__LAUNCHER"] == "pytorchjob"
@@ -154,7 +159,7 @@ def test_a_cluster_launcher_train_step_gets_the_launcher_settings_not_the_gpus(c
 def test_a_local_launcher_train_step_runs_on_the_gpu_pool(tmp_path):
     env = dict(CLUSTER_ENV, FLYWHEEL_TRAINING__LAUNCHER="local", FLYWHEEL_TRAINING__CLUSTER__GPUS_PER_REPLICA="2",
                FLYWHEEL_TRAINING__CLUSTER__NODE_SELECTOR='{"cloud.example/pool": "a100"}')
-    [path] = compile_to(tmp_path / "out", tmp_path / "home", **env)
+    path = named(compile_to(tmp_path / "out", tmp_path / "home", **env), "flywheel-training.yaml")
     spec, executors = documents(path)
     containers = spec["deploymentSpec"]["executors"]
     accelerator = containers["exec-train"]["container"]["resources"]["accelerator"]
@@ -164,3 +169,15 @@ def test_a_local_launcher_train_step_runs_on_the_gpu_pool(tmp_path):
     for name in containers.keys() - {"exec-train"}:  # only the GPU step goes to the GPU pool
         assert "accelerator" not in containers[name]["container"]["resources"], name
         assert "nodeSelector" not in executors[name] and "tolerations" not in executors[name], name
+
+
+def test_the_scoring_pipeline_retries_chunks_and_never_caches_its_plan_or_summary(cluster_compile):
+    spec, executors = documents(named(cluster_compile, "flywheel-scoring.yaml"))
+    tasks = tasks_of(spec)
+    assert set(tasks) == {"plan-scoring", "score", "summarize"}
+    assert tasks["score"]["retryPolicy"]["maxRetryCount"] == 3  # a chunk that failed on the network retries alone
+    assert "retryPolicy" not in tasks["plan-scoring"] and "retryPolicy" not in tasks["summarize"]
+    assert tasks["plan-scoring"]["cachingOptions"] == {} and tasks["summarize"]["cachingOptions"] == {}  # production model, latest lake
+    containers = spec["deploymentSpec"]["executors"]
+    assert containers["exec-score"]["container"]["resources"]["resourceMemoryLimit"] == "16Gi"
+    assert {e["imagePullPolicy"] for e in executors.values()} == {"Always"}
