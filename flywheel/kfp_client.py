@@ -118,13 +118,13 @@ def _server_message(body: Any) -> str:
 class KfpClient:
     """flywheel's operations on one Kubeflow Pipelines deployment (a thin layer over ``kfp.Client``)."""
 
-    def __init__(self, settings: Settings, client: Any = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.kfp = settings.kfp
         if not self.kfp.host:
             raise ConfigError("kfp.host is not set: set FLYWHEEL_KFP__HOST (for example http://localhost:8080 "
                               "after `kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80`) or kfp.host in the settings file")
-        self._client = client if client is not None else self._connect()
+        self._client = self._connect()
 
     def _preflight(self, auth: dict[str, Any]) -> None:
         """One GET of the API's healthz with these credentials. kfp.Client asks healthz itself, but
@@ -137,10 +137,12 @@ class KfpClient:
             with urllib.request.urlopen(request, timeout=30):
                 return
         except urllib.error.HTTPError as exc:
-            from kfp_server_api import ApiException
-
-            with _api_errors(self.kfp, "connect"):
-                raise ApiException(status=exc.code, reason=exc.reason) from None
+            detail = _server_message(exc.read()) or exc.reason
+            hint = ""
+            if exc.code in (401, 403):
+                hint = (" (check FLYWHEEL_KFP_TOKEN, or the service account token at "
+                        f"{self.kfp.token_path}, and kfp.namespace {self.kfp.namespace or '(none)'!r})")
+            raise KfpError(f"KFP API at {self.kfp.host} refused to connect: HTTP {exc.code} {detail}{hint}") from None
 
     def _connect(self) -> Any:
         import kfp
