@@ -29,6 +29,8 @@ SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
 }
+# The Kubeflow Pipelines API's bearer token (kfp.token): from the environment only, like the S3 keys.
+KFP_TOKEN_ENV = "FLYWHEEL_KFP_TOKEN"
 
 
 class _Section(BaseModel):
@@ -227,6 +229,97 @@ class ServingSettings(_Section):
     torch_threads: int = Field(1, ge=1)
 
 
+class ScoringSettings(_Section):
+    """Batch scoring of a date range of the lake (`flywheel-scoring` pipeline)."""
+
+    chunk_days: int = Field(1, ge=1, le=366)  # days per chunk: each chunk is one task, in parallel on a cluster
+    alert_threshold: float = Field(0.5, gt=0, lt=1)  # a probability at or above it is counted as flagged
+    max_parallel_chunks: int = Field(4, ge=1, le=64)
+
+
+class StepResources(_Section):
+    """CPU and memory requests and limits of one pipeline step's pod (Kubernetes quantities)."""
+
+    cpu_request: str = "500m"
+    cpu_limit: str = "2"
+    memory_request: str = "1Gi"
+    memory_limit: str = "4Gi"
+
+
+def _default_step_resources() -> dict[str, StepResources]:
+    # Feature building and evaluation hold a whole training set in memory; the train step only
+    # launches and watches a job when training.launcher is a cluster one.
+    return {
+        "ingest": StepResources(),
+        "validate": StepResources(memory_request="2Gi", memory_limit="8Gi"),
+        "features": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
+        "train": StepResources(cpu_request="2", cpu_limit="8", memory_request="4Gi", memory_limit="16Gi"),
+        "evaluate": StepResources(cpu_request="1", cpu_limit="4", memory_request="2Gi", memory_limit="8Gi"),
+        "deploy": StepResources(),
+        "plan_scoring": StepResources(),
+        "score": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
+        "summarize": StepResources(),
+    }
+
+
+class KfpSettings(_Section):
+    """Kubeflow Pipelines: where the API is, whose namespace, and how compiled steps run on the cluster.
+
+    Auth: a bearer token from ``FLYWHEEL_KFP_TOKEN`` (never from YAML), else the in-cluster service
+    account token at ``token_path`` (multi-user Kubeflow projects it into notebook pods), else none
+    (a port-forwarded single-user deployment).
+    """
+
+    host: str = ""  # e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui); empty: no cluster commands
+    namespace: str = ""  # the Kubeflow profile namespace on multi-user Kubeflow; empty: single-user
+    experiment: str = "flywheel"
+    token: SecretStr | None = Field(None, exclude=True)
+    token_path: str = "/var/run/secrets/kubeflow/pipelines/token"
+    pipeline_root: str = ""  # empty: the deployment's default (its MinIO bucket)
+    schedule_cron: str = "0 0 2 * * *"  # six fields, seconds first (KFP's cron): every day at 02:00
+    # How compiled steps run on the cluster.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # The runs' service account (KFP v2 sets one per run, not per step): manifests/ binds it to a Role
+    # that may create PyTorchJobs/TrainJobs and InferenceServices and nothing more. Empty: the profile's default.
+    service_account: str = "flywheel-pipeline"
+    retries: int = Field(3, ge=0, le=10)  # on steps that touch the network
+    retry_backoff: str = "30s"
+    retry_backoff_factor: float = Field(2.0, ge=1)
+    retry_backoff_max: str = "600s"
+    resources: dict[str, StepResources] = Field(default_factory=_default_step_resources)
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _merge_onto_step_defaults(cls, value: Any) -> Any:
+        # A file that sets one step's cpu_limit keeps every other step's and field's default.
+        if not isinstance(value, Mapping):
+            return value
+        merged = {step: resources.model_dump() for step, resources in _default_step_resources().items()}
+        for step, given in value.items():
+            if step not in merged:
+                raise ValueError(f"{step!r} is not a pipeline step; steps: {', '.join(merged)}")
+            if isinstance(given, Mapping):  # quantities like 4 arrive as numbers from YAML or env
+                given = {key: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for key, v in given.items()}
+                merged[step] = {**merged[step], **given}
+            else:
+                merged[step] = given
+        return merged
+
+    @field_validator("host")
+    @classmethod
+    def _host_has_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, like http://localhost:8080 (got {value!r})")
+        return value.rstrip("/")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _six_field_cron(cls, value: str) -> str:
+        if len(value.split()) != 6:
+            raise ValueError(f"KFP cron has six fields, seconds first ('0 0 2 * * *' is 02:00 daily), not {value!r}")
+        return value
+
+
 class Settings(_Section):
     """Everything flywheel needs to know, in one place."""
 
@@ -240,6 +333,8 @@ class Settings(_Section):
     gate: GateSettings = Field(default_factory=GateSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    kfp: KfpSettings = Field(default_factory=KfpSettings)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":
@@ -281,7 +376,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     secret_names = {name for names in SECRET_ENV.values() for name in names}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name in secret_names or name in NOT_SETTINGS_ENV:
+        if not name.startswith(ENV_PREFIX) or name in secret_names or name in NOT_SETTINGS_ENV or name == KFP_TOKEN_ENV:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         if _is_text_field(path):
@@ -327,6 +422,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"settings file {path} holds S3 credentials; remove them and set "
             "FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY in the environment instead"
         )
+    kfp = data.get("kfp") or {}
+    if isinstance(kfp, dict) and "token" in kfp:
+        raise ConfigError(f"settings file {path} holds the KFP token; remove it and set {KFP_TOKEN_ENV} in the environment instead")
     return data
 
 
@@ -368,6 +466,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
                 if isinstance(storage, Mapping):  # anything else: validation reports it below
                     data["storage"] = {**storage, field: env[name]}
                 break
+    if env.get(KFP_TOKEN_ENV):
+        kfp = data.get("kfp")
+        kfp = {} if kfp is None else kfp
+        if isinstance(kfp, Mapping):
+            data["kfp"] = {**kfp, "token": env[KFP_TOKEN_ENV]}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -56,6 +56,10 @@ class GateRefused(FlywheelError):
     """A deployment was refused because the evaluation gate did not bless the version."""
 
 
+class KfpError(FlywheelError):
+    """The Kubeflow Pipelines API cannot be reached, refused the credentials, or refused a request."""
+
+
 class PipelineError(FlywheelError):
     """A pipeline step failed."""
 

@@ -203,3 +203,41 @@ def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, 
         deployed = deploy(storage, settings, model["version"], evaluation, run_id)
         record.update(model_version=deployed.version, artifacts={"production": join(deployed.uri, "version.json")})
     return deployed.to_dict()
+
+
+# ---------------------------------------------------------------- batch scoring
+def plan_scoring_step(start_date: str, end_date: str, out_uri: str, run_id: str, chunk_days: int = 0,
+                      settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
+    """Pin the model version and the lake snapshot, and split the date range into chunks."""
+    from flywheel.scoring import plan
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "plan_scoring") as record:
+        out = out_uri or storage.uri("scores", run_id)
+        scoring = plan(storage, settings, start_date, end_date, chunk_days or settings.scoring.chunk_days, out, lake_uri)
+        scoring["run_id"] = run_id
+        record.update(model_version=scoring["model_version"], chunks=len(scoring["chunks"]), artifacts={"scores": out})
+    return scoring
+
+
+def score_step(chunk: dict[str, str], scoring: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Score one chunk of days with the pinned model version."""
+    from flywheel.scoring import score_chunk
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, f"score-{chunk['start']}") as record:
+        result = score_chunk(storage, settings, chunk, scoring, run_id)
+        record.update(rows=result["rows"], model_version=result["model_version"], artifacts={uri.rsplit("/", 2)[-2]: uri for uri in result["files"]})
+    return result
+
+
+def summarize_scoring_step(scoring: dict[str, Any], results: list[dict[str, Any]], run_id: str,
+                           settings: Settings | None = None) -> dict[str, Any]:
+    """Gather the chunks' results into the run's summary."""
+    from flywheel.scoring import summarize
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "summarize") as record:
+        summary = summarize(storage, settings, scoring, results, run_id)
+        record.update(rows=summary["rows"], model_version=summary["model_version"], artifacts={"summary": summary["uri"]})
+    return summary
