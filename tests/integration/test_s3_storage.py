@@ -1,11 +1,14 @@
-"""The storage layer against S3 (moto over HTTP on 127.0.0.1): round trips, metadata, errors, retries."""
+"""The storage layer against S3 (SeaweedFS over HTTP on 127.0.0.1): round trips, metadata, errors, retries."""
 
 from __future__ import annotations
 
 import io
 import os
 import socket
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -190,11 +193,14 @@ def test_missing_bucket_is_artifact_not_found(s3_storage: Storage) -> None:
         s3_storage.read_bytes("s3://flywheel-no-such-bucket/key")
 
 
+@pytest.mark.parametrize("wrong", ["access key", "secret key"])
 def test_wrong_credentials_are_a_clear_storage_error(
-    s3_env: Callable[..., dict[str, str]], s3_storage: Storage
+    s3_env: Callable[..., dict[str, str]], s3_storage: Storage, s3_server, wrong: str
 ) -> None:
-    # The server knows one access key (tests/s3_server.py); this one it has never heard of.
-    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY="AKIAWRONGWRONGWRONG1", FLYWHEEL_S3_SECRET_KEY="wrong")
+    # The server knows one key pair (tests/s3_server.py): an unknown access key is InvalidAccessKeyId,
+    # the right one with a wrong secret is SignatureDoesNotMatch.
+    access = "AKIAWRONGWRONGWRONG1" if wrong == "access key" else s3_server.access_key
+    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY=access, FLYWHEEL_S3_SECRET_KEY="wrong")
     wrong = Storage.from_settings(load_settings(env=env))
     for action in (lambda: wrong.write_bytes(wrong.uri("x.bin"), b"x"), lambda: wrong.read_bytes(wrong.uri("x.bin"))):
         with pytest.raises(StorageError) as info:
@@ -204,6 +210,19 @@ def test_wrong_credentials_are_a_clear_storage_error(
         assert not isinstance(info.value, ArtifactNotFound)
         # The minio exception is not chained: the CLI prints one clear line, not minio's traceback.
         assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_write_to_a_missing_bucket_names_the_bucket(s3_storage: Storage) -> None:
+    """Catches a write into a bucket nobody created reported as "<uri> does not exist" (the object
+    being written), or as an ArtifactNotFound a caller would take for a missing input."""
+    bucket = f"flywheel-never-made-{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{bucket}/flywheel/x.bin"
+    with pytest.raises(StorageError) as info:
+        s3_storage.write_bytes(uri, b"x")
+    assert not isinstance(info.value, ArtifactNotFound)
+    message = str(info.value)
+    assert f"bucket {bucket!r} does not exist" in message and "NoSuchBucket" in message, message
+    assert not s3_storage.s3.client.bucket_exists(bucket)  # the server did not make it on the fly
 
 
 def test_unreachable_endpoint_fails_after_retries(
@@ -292,6 +311,67 @@ def test_invalid_bucket_name_is_a_storage_error(s3_storage: Storage) -> None:
     with pytest.raises(StorageError, match="invalid bucket name") as info:
         s3_storage.write_bytes("s3://x/key", b"x")
     assert not isinstance(info.value, ArtifactNotFound)
+
+
+# --- several writers at once -----------------------------------------------------------------
+
+
+def test_many_callers_ensure_one_new_bucket_at_once_and_each_their_own(
+    s3_env: Callable[..., dict[str, str]], aws_env: None
+) -> None:
+    """Catches a check-then-create ensure_bucket: callers that all find the bucket missing all create
+    it, and all but the first get BucketAlreadyOwnedByYou, which means the bucket is there (success).
+    Also: many new buckets made at once are each writable straight away."""
+    shared = f"flywheel-shared-{uuid.uuid4().hex[:8]}"
+    callers = 8
+    barrier = threading.Barrier(callers)
+
+    def caller(index: int) -> list[str]:
+        storage = Storage.from_settings(load_settings(env=s3_env(f"s3://{shared}/flywheel")))  # a client each, as processes have
+        own = f"flywheel-own-{uuid.uuid4().hex[:8]}-{index}"
+        barrier.wait()
+        storage.s3.ensure_bucket(shared)
+        storage.s3.ensure_bucket(own)
+        written = []
+        for bucket in (shared, own):
+            uri = f"s3://{bucket}/from-{index}.txt"
+            storage.write_bytes(uri, f"caller {index}".encode())
+            written.append(uri)
+        return written
+
+    with ThreadPoolExecutor(callers) as pool:
+        written = [uri for uris in pool.map(caller, range(callers)) for uri in uris]
+    reader = Storage.from_settings(load_settings(env=s3_env(f"s3://{shared}/flywheel")))
+    assert len(reader.list(f"s3://{shared}")) == callers
+    for uri in written:
+        assert reader.read_bytes(uri) == f"caller {uri.rsplit('-', 1)[-1].removesuffix('.txt')}".encode()
+
+
+def test_a_reader_sees_the_old_or_the_new_object_never_a_part(s3_storage: Storage) -> None:
+    """Catches a write that becomes visible before it is complete (the storage layer's promise that a
+    reader never sees half an artifact), with multipart-sized objects overwritten while being read."""
+    uri = s3_storage.uri("swapped.bin")
+    versions = [bytes([n]) * (12 * 1024 * 1024) for n in range(1, 4)]
+    s3_storage.write_bytes(uri, versions[0])
+    done = threading.Event()
+
+    def overwrite() -> None:
+        try:
+            for data in versions[1:] * 2:
+                s3_storage.write_bytes(uri, data)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    seen = set()
+    while not done.is_set():
+        data = s3_storage.read_bytes(uri)
+        assert data in versions, f"a read saw {len(data)} bytes, not one whole version"
+        seen.add(data[0])
+    writer.join()
+    assert s3_storage.read_bytes(uri) == versions[2]
+    assert len(seen) >= 2, seen  # the reads did overlap the overwrites
 
 
 # --- other tools read what we write -----------------------------------------------------------
