@@ -199,3 +199,99 @@ class SeaweedS3:
             if name in self.ports:
                 kind = name.removesuffix("_grpc")
                 Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[name]}.sock").unlink(missing_ok=True)
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the real S3 server that answers chosen requests with a
+    fault (a 503 SlowDown, a 500 without a body, ...) and forwards every other request unchanged.
+
+    These are faults a healthy server does not produce on demand; the proxy puts them on the wire,
+    so the client's whole path (urllib3, minio's error parsing, our retries) meets them as it would
+    in production. The Host header is forwarded as sent, so SigV4 signatures still verify upstream.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self.requests: list[str] = []  # "METHOD /path" of every request, faulted or forwarded
+        self._faults: list[tuple[str, int, str | None]] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:  # quiet: no access log
+                pass
+
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = proxy._take(self.command, self.path)
+                status, reason, headers, data = fault if fault else proxy._forward(self.command, self.path, self.headers, body)
+                self.send_response(status, reason)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = handle_any
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail(self, method: str, times: int, status: int, code: str | None = None) -> None:
+        """Answer the next ``times`` requests with ``method`` with HTTP ``status``: with an S3 error
+        document naming ``code``, or with no body at all when ``code`` is None."""
+        with self._lock:
+            self._faults.extend([(method, status, code)] * times)
+
+    def count(self, method: str) -> int:
+        return sum(1 for request in self.requests if request.startswith(f"{method} "))
+
+    def _take(self, method: str, path: str) -> tuple[int, str, list[tuple[str, str]], bytes] | None:
+        from http import HTTPStatus
+
+        with self._lock:
+            self.requests.append(f"{method} {path}")
+            for index, (wanted, status, code) in enumerate(self._faults):
+                if wanted == method:
+                    del self._faults[index]
+                    break
+            else:
+                return None
+        if code is None:
+            return status, HTTPStatus(status).phrase, [("Content-Length", "0")], b""
+        document = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
+            f"<Resource>{path.split('?')[0]}</Resource><RequestId>fault-1</RequestId></Error>"
+        ).encode()
+        headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(document)))]
+        return status, HTTPStatus(status).phrase, headers, document
+
+    def _forward(self, method: str, path: str, headers: object, body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        import http.client
+
+        host, port = self.upstream.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=dict(headers.items()))  # type: ignore[attr-defined]
+            response = connection.getresponse()
+            data = response.read()
+            hop_by_hop = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+            kept = [(k, v) for k, v in response.getheaders() if k.lower() not in hop_by_hop]
+            length = response.getheader("Content-Length") if method == "HEAD" else str(len(data))
+            return response.status, response.reason, kept + [("Content-Length", length or "0")], data
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -10,16 +10,16 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from minio.error import S3Error, ServerError
 
 from flywheel.config import load_settings
 from flywheel.errors import ArtifactNotFound, StorageError
 from flywheel.storage import ObjectRef, S3Backend, Storage, join, sha256_bytes, sha256_file
+from tests.s3_server import FaultProxy
 
 
 def bucket_and_key(uri: str) -> tuple[str, str]:
@@ -31,22 +31,6 @@ def closed_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def failing_then(real: Callable[..., Any], failures: list[BaseException], calls: list[int]) -> Callable[..., Any]:
-    """Stand-in for a minio method: raise each of ``failures`` in turn, then call ``real``."""
-
-    def fake(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) <= len(failures):
-            raise failures[len(calls) - 1]
-        return real(*args, **kwargs)
-
-    return fake
-
-
-def slow_down() -> S3Error:
-    return S3Error(None, "SlowDown", "Please reduce your request rate.", "/bucket/key", "req-1", "host-1")
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -254,56 +238,64 @@ def test_endpoint_may_be_a_url(s3_env: Callable[..., dict[str, str]], s3_storage
     assert s3_storage.read_bytes(s3_storage.uri("via-url.txt")) == b"ok"
 
 
-# --- retries ----------------------------------------------------------------------------------
+# --- retries: faults a healthy server does not produce, put on the wire by a proxy in front of it ----
 
 
-def test_transient_errors_are_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    monkeypatch.setattr(
-        backend.client, "put_object", failing_then(backend.client.put_object, [slow_down(), slow_down()], calls)
-    )
-    uri = s3_storage.uri("retried.bin")
-    ref = s3_storage.write_bytes(uri, b"made it")
-    assert len(calls) == 3
-    monkeypatch.undo()
-    assert s3_storage.read_bytes(uri) == b"made it"
+@pytest.fixture
+def faulty(s3_storage: Storage, s3_env: Callable[..., dict[str, str]], s3_server) -> Iterator[tuple[FaultProxy, Storage]]:
+    """A fault proxy in front of the test server, and a Storage on the same bucket that goes through it."""
+    proxy = FaultProxy(s3_server.endpoint)
+    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint, FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001")
+    try:
+        yield proxy, Storage.from_settings(load_settings(env=env))
+    finally:
+        proxy.close()
+
+
+def test_transient_errors_are_retried(s3_storage: Storage, faulty: tuple[FaultProxy, Storage]) -> None:
+    proxy, storage = faulty
+    proxy.fail("PUT", 2, 503, "SlowDown")
+    uri = storage.uri("retried.bin")
+    ref = storage.write_bytes(uri, b"made it")
+    assert proxy.count("PUT") == 3
+    assert s3_storage.read_bytes(uri) == b"made it"  # straight from the server, not through the proxy
     assert s3_storage.stat(uri) == ref
 
 
-def test_a_5xx_without_an_s3_body_is_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
+def test_a_5xx_without_an_s3_body_is_retried(s3_storage: Storage, faulty: tuple[FaultProxy, Storage]) -> None:
+    # minio raises InvalidResponseError for a GET's bare 5xx and ServerError for a HEAD's: both are retried.
+    proxy, storage = faulty
     uri = s3_storage.uri("r.bin")
-    s3_storage.write_bytes(uri, b"data")
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    failure = ServerError("server failed with HTTP status code 503", 503)
-    monkeypatch.setattr(backend.client, "get_object", failing_then(backend.client.get_object, [failure], calls))
-    assert s3_storage.read_bytes(uri) == b"data"
-    assert len(calls) == 2
+    ref = s3_storage.write_bytes(uri, b"data")
+    proxy.fail("GET", 1, 503)
+    assert storage.read_bytes(uri) == b"data"
+    assert proxy.count("GET") == 2
+    proxy.fail("HEAD", 1, 500)
+    assert storage.stat(uri) == ref
+    assert proxy.count("HEAD") == 2
 
 
-def test_retries_give_up_with_a_storage_error(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    monkeypatch.setattr(backend, "retries", 2)
-    calls: list[int] = []
-    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [slow_down()] * 10, calls))
-    with pytest.raises(StorageError, match="after 3 tries: SlowDown"):
-        s3_storage.write_bytes(s3_storage.uri("never.bin"), b"x")
-    assert len(calls) == 3
+def test_retries_give_up_with_a_storage_error(
+    s3_storage: Storage, s3_env: Callable[..., dict[str, str]], faulty: tuple[FaultProxy, Storage]
+) -> None:
+    proxy, _ = faulty
+    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint,
+                 FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001", FLYWHEEL_STORAGE__RETRIES="2")
+    storage = Storage.from_settings(load_settings(env=env))
+    proxy.fail("PUT", 10, 503, "SlowDown")
+    with pytest.raises(StorageError, match="after 3 tries: SlowDown") as info:
+        storage.write_bytes(storage.uri("never.bin"), b"x")
+    assert proxy.count("PUT") == 3
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not s3_storage.exists(storage.uri("never.bin"))
 
 
-def test_permanent_errors_are_not_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    invalid = S3Error(None, "InvalidArgument", "bad header", "/bucket/key", None, None)
-    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [invalid], calls))
+def test_permanent_errors_are_not_retried(faulty: tuple[FaultProxy, Storage]) -> None:
+    proxy, storage = faulty
+    proxy.fail("PUT", 1, 400, "InvalidArgument")
     with pytest.raises(StorageError, match="InvalidArgument"):
-        s3_storage.write_bytes(s3_storage.uri("x.bin"), b"x")
-    assert len(calls) == 1
+        storage.write_bytes(storage.uri("x.bin"), b"x")
+    assert proxy.count("PUT") == 1
 
 
 def test_invalid_bucket_name_is_a_storage_error(s3_storage: Storage) -> None:
