@@ -343,7 +343,7 @@ def test_a_reader_sees_the_old_or_the_new_object_never_a_part(s3_storage: Storag
     """Catches a write that becomes visible before it is complete (the storage layer's promise that a
     reader never sees half an artifact), with multipart-sized objects overwritten while being read."""
     uri = s3_storage.uri("swapped.bin")
-    versions = [bytes([n]) * (12 * 1024 * 1024) for n in range(1, 4)]
+    versions = [bytes([n]) * (6 * 1024 * 1024) for n in range(1, 4)]  # above minio's 5 MiB part size
     s3_storage.write_bytes(uri, versions[0])
     done = threading.Event()
 
