@@ -10,6 +10,7 @@ $HOME, so no ~/.seaweedfs or /etc/seaweedfs file of this machine changes how it 
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ ACCESS_KEY = "flywheel-test-access"
 SECRET_KEY = "flywheel-test-secret"
 REGION = "us-east-1"
 
-# The master's config, read from the working directory. SeaweedFS keeps each bucket in a collection
+# The master's config, read from -config_dir (the server's folder). SeaweedFS keeps each bucket in a collection
 # of its own and by default grows 7 volumes for a collection's first write; the tests make one
 # bucket each, so one volume per bucket keeps the volume count (and the memory and files it costs)
 # small. The maintenance script (vacuum, balance, ...) is for long-lived clusters: off.
@@ -154,8 +155,6 @@ class SeaweedS3:
     def _wait_until_ready(self, server: S3Server, timeout_s: float) -> None:
         """Poll until listing buckets works, then until a write works (the volume server has
         registered with the master): a test's first write must not meet a server still starting."""
-        import io
-
         import urllib3
         from minio import Minio
 
