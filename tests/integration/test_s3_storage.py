@@ -143,6 +143,17 @@ def test_list_with_prefix(s3_storage: Storage) -> None:
     assert len(s3_storage.list(f"s3://{bucket}")) == 4
 
 
+def test_list_pages_through_more_than_a_thousand_objects_in_key_order(s3_storage: Storage) -> None:
+    """Catches a list that stops after the first page (S3 answers at most 1,000 keys per request) or
+    that returns the server's order: SeaweedFS lists folder by folder, so "a/..." comes before "a.x"
+    there, while key order (and the local backend) put "a.x" first ('.' < '/')."""
+    base = s3_storage.uri("many")
+    names = [f"a/{i:04d}" for i in range(520)] + [f"a.{i:04d}" for i in range(520)] + ["a-z", "b"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: s3_storage.write_bytes(join(base, name), b"x"), names))
+    assert s3_storage.list(base) == sorted(join(base, name) for name in names)
+
+
 def test_iter_objects_skips_underscore_and_dot_paths(s3_storage: Storage) -> None:
     base = s3_storage.uri("dataset")
     for name in ["date=2026-01-01/part-0.parquet", "_SUCCESS", "_tmp/p.parquet", ".hidden/p.parquet", "x/.crc"]:
