@@ -259,6 +259,12 @@ class S3Backend:
             try:
                 return fn()
             except S3Error as exc:
+                if exc.code == "NoSuchBucket" and what == "write":
+                    # Not a missing input: the storage root names a bucket nobody created.
+                    raise StorageError(
+                        f"cannot write {uri}: bucket {self.split(uri)[0]!r} does not exist on {self.endpoint} "
+                        "(NoSuchBucket); create it, or check FLYWHEEL_STORAGE__ROOT"
+                    ) from None
                 if exc.code in {"NoSuchKey", "NoSuchBucket"}:
                     raise ArtifactNotFound(f"{uri} does not exist ({exc.code})") from None
                 if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
@@ -365,8 +371,19 @@ class S3Backend:
         return self._call("read", uri, get)
 
     def ensure_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` unless it exists; safe when several callers do it at once."""
+        from minio.error import S3Error
+
+        def make() -> None:
+            try:
+                self.client.make_bucket(bucket)
+            except S3Error as exc:
+                # Another caller created it between our check and our create: it is there, and ours.
+                if exc.code != "BucketAlreadyOwnedByYou":
+                    raise
+
         if not self._call("check bucket", f"s3://{bucket}", lambda: self.client.bucket_exists(bucket)):
-            self._call("create bucket", f"s3://{bucket}", lambda: self.client.make_bucket(bucket))
+            self._call("create bucket", f"s3://{bucket}", make)
 
 
 class RangeReader(io.RawIOBase):

@@ -1,4 +1,4 @@
-"""The DDP worker against S3 (moto on 127.0.0.1): it reads the training set and spec from s3://,
+"""The DDP worker against S3 (SeaweedFS on 127.0.0.1): it reads the training set and spec from s3://,
 writes its checkpoints, history and weights to s3://, and resumes from an S3 checkpoint mid-epoch."""
 
 from __future__ import annotations
