@@ -1,7 +1,8 @@
-"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, and S3 served by moto on loopback.
+"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, S3 served by moto on loopback, and a
+throw-away redis-server on loopback.
 
 Nothing here talks to anything but 127.0.0.1: moto runs in this process as a threaded HTTP server,
-and every S3 client is pointed at it explicitly.
+redis-server binds 127.0.0.1 only, and every client is pointed at them explicitly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from flywheel.config import Settings, load_settings
 from flywheel.storage import Storage
+from tests.servers import RedisServer
 
 # moto accepts any credentials; these only have to be consistent between client and tests.
 S3_ACCESS_KEY = "flywheel-test-access"
@@ -71,6 +73,14 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint=f"{host}:{port}", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a free port, no persistence), for the whole session; tests
+    keep apart by Feast project (each feature world is a project of its own)."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
