@@ -9,8 +9,10 @@ materializes the production model's world into Redis).
 
 Then, for each worker count (1, and 2 when the settings have ``serving.workers``), in the same run:
 - the no-op model server (benchmarks/noop_server.py: a ``kserve.Model`` returning a constant),
-  then `flywheel serve` with the SQLite and with the Redis online store, each a subprocess on
-  127.0.0.1 with that many workers;
+  `flywheel serve` with the SQLite and `flywheel serve` with the Redis online store, each a
+  subprocess on 127.0.0.1 with that many workers, started one after the other and then kept up
+  together, so that each load below runs on all three back to back (a shared machine's background
+  load drifts; the ratios compare loads taken seconds apart);
 - cold start: from the process's start to its first successful prediction (polled every 10 ms);
 - wrk from a second process, one v1 transaction per request, the bodies rotating through real
   holdout transactions (so feature lookups hit real rows): p50 and p99 (wrk's latency
@@ -199,28 +201,42 @@ def wrk(url: str, script: Path, concurrency: int, seconds: int) -> WrkResult:
     return parse_wrk(done.stdout)
 
 
-def measure(name: str, command: list[str], env: dict[str, str], scripts: dict[str, Path], first_body: bytes,
-            seconds: int, folder: Path, batch: bool) -> dict[str, float]:
-    """Cold start, then wrk at each concurrency (and a batch load), for one server."""
-    port = free_port()
-    url = f"http://{HOST}:{port}/v1/models/fraud:predict"
-    process, cold = start_until_first_prediction([*command, "--port", str(port)], env, url, first_body, folder / f"{name}.log")
-    figures: dict[str, float] = {f"{name}_cold_start_s": round(cold, 2)}
+def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: dict[str, Path], first_body: bytes,
+                 seconds: int, folder: Path) -> dict[str, float]:
+    """Start each server alone (its cold start), keep them all up, then load them in turn at each
+    concurrency, so a change in the machine's background load hits every server alike; then the
+    batch load on every server but the no-op. ``servers``: name -> (command, environment)."""
+    figures: dict[str, float] = {}
+    urls: dict[str, str] = {}
+    processes: list[subprocess.Popen] = []
     try:
-        wrk(url, scripts["single"], HEADLINE_CONCURRENCY, 1)  # warm-up, not counted
+        for name, (command, env) in servers.items():
+            port = free_port()
+            urls[name] = f"http://{HOST}:{port}/v1/models/fraud:predict"
+            process, cold = start_until_first_prediction([*command, "--port", str(port)], env, urls[name], first_body,
+                                                         folder / f"{name}.log")
+            processes.append(process)
+            figures[f"{name}_cold_start_s"] = round(cold, 2)
+            print(f"  {name:<10} cold start {cold:.2f} s", flush=True)
+        for url in urls.values():
+            wrk(url, scripts["single"], HEADLINE_CONCURRENCY, 1)  # warm-up, not counted
         for concurrency in CONCURRENCY:
-            result = wrk(url, scripts["single"], concurrency, seconds)
-            figures.update(row_figures(f"{name}_c{concurrency}", result))
-            print(f"  {name:<10} c={concurrency:<3} p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  "
-                  f"{result.requests_per_s:9.1f} req/s  errors {result.errors}", flush=True)
-        if batch:
+            for name, url in urls.items():
+                result = wrk(url, scripts["single"], concurrency, seconds)
+                figures.update(row_figures(f"{name}_c{concurrency}", result))
+                print(f"  {name:<10} c={concurrency:<3} p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  "
+                      f"{result.requests_per_s:9.1f} req/s  errors {result.errors}", flush=True)
+        for name, url in urls.items():
+            if name.startswith("noop"):
+                continue
             result = wrk(url, scripts["batch"], HEADLINE_CONCURRENCY, seconds)
             figures.update(row_figures(f"{name}_batch_c{HEADLINE_CONCURRENCY}", result))
             figures[f"{name}_batch_rows_per_s"] = round(result.requests_per_s * BATCH_ROWS, 1)
             print(f"  {name:<10} batch of {BATCH_ROWS} c={HEADLINE_CONCURRENCY}: p50 {result.p50_ms:.1f} ms  "
                   f"{result.requests_per_s * BATCH_ROWS:,.0f} rows/s  errors {result.errors}", flush=True)
     finally:
-        stop(process)
+        for process in processes:
+            stop(process)
     return figures
 
 
@@ -269,11 +285,12 @@ def main() -> None:
         for count in workers:
             print(f"{count} worker(s):", flush=True)
             worker_env = {"FLYWHEEL_SERVING__WORKERS": str(count)} if serving_has_workers() else {}
-            figures.update(measure(f"noop_w{count}", [*noop, "--workers", str(count)], clean_env(), scripts, first_body,
-                                   seconds, work, batch=False))
+            servers = {f"noop_w{count}": ([*noop, "--workers", str(count)], clean_env())}
+            servers.update({f"{store}_w{count}": (serve, clean_env(**envs[store], **worker_env)) for store in ("sqlite", "redis")})
+            figures[f"load_avg_1m_w{count}"] = round(os.getloadavg()[0], 2)
+            figures.update(side_by_side(servers, scripts, first_body, seconds, work))
             for store in ("sqlite", "redis"):
                 name = f"{store}_w{count}"
-                figures.update(measure(name, serve, clean_env(**envs[store], **worker_env), scripts, first_body, seconds, work, batch=True))
                 for concurrency in CONCURRENCY:
                     figures[f"{name}_rps_over_noop_c{concurrency}"] = round(
                         figures[f"{name}_c{concurrency}_rps"] / figures[f"noop_w{count}_c{concurrency}_rps"], 4)

@@ -118,13 +118,20 @@ def test_a_feature_world_is_a_redis_project_of_its_own(redis_loop, redis_server,
     assert all(values[name] == [None] for name in (*CARD_FEATURES, *MERCHANT_FEATURES)), values
 
 
-def test_a_served_world_with_no_rows_in_redis_is_refused(redis_loop, tmp_path):
+def test_a_served_world_with_no_rows_in_redis_is_refused(redis_loop):
     """Bug caught: serving from a Redis that lost its data (restarted without persistence, flushed,
     another instance) answers every lookup with "no features" and scores every card as new."""
     with RedisServer() as empty:
         settings = load_settings(env=redis_env(redis_loop["home"], empty))
         with pytest.raises(FeatureStoreError, match="no rows"):
             open_served_store(settings, redis_loop["world"])
+        # `flywheel serve` says so in one line and exits, rather than serving defaults.
+        done = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+            env=dict(os.environ, **redis_env(redis_loop["home"], empty)), capture_output=True, text=True, timeout=120,
+        )
+    assert done.returncode != 0
+    assert "no rows in the Redis online store" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.fixture(scope="module")
