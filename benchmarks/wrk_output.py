@@ -40,6 +40,19 @@ class WrkResult:
         """Responses that were not a success, and requests that got no response at all."""
         return self.non_2xx + self.connect_errors + self.read_errors + self.write_errors + self.timeouts
 
+    @property
+    def problem(self) -> str | None:
+        """Why this load's figures cannot be trusted (None when they can): failed requests, or no
+        request completed at all (every reply slower than the load; wrk then prints zeros)."""
+        if self.requests == 0:
+            return f"no request completed in {self.seconds:.1f} s"
+        if self.errors:
+            # wrk counts a non-2xx reply among its requests, a socket error or timeout not.
+            attempted = self.requests + self.errors - self.non_2xx
+            return (f"{self.errors} of {attempted} requests failed (non-2xx {self.non_2xx}, "
+                    f"timeouts {self.timeouts}, connect/read/write errors {self.connect_errors}/{self.read_errors}/{self.write_errors})")
+        return None
+
 
 def time_ms(text: str) -> float:
     """A wrk time such as ``438.79us``, ``9.76ms``, ``1.02s`` or ``1.00m``, in milliseconds."""

@@ -82,6 +82,23 @@ Requests/sec:      4.98
 Transfer/sec:    418.10KB
 """
 
+# Against a server slower than the load (every reply after the 1 s load had ended): wrk prints zeros.
+NO_REPLY_IN_TIME = """\
+Running 1s test @ http://127.0.0.1:18750/v1/models/fraud:predict
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     0.00us    0.00us   0.00us    -nan%
+    Req/Sec     0.00      0.00     0.00      -nan%
+  Latency Distribution
+     50%    0.00us
+     75%    0.00us
+     90%    0.00us
+     99%    0.00us
+  0 requests in 1.01s, 0.00B read
+Requests/sec:      0.00
+Transfer/sec:       0.00B
+"""
+
 
 def test_microsecond_latencies_and_the_rate_of_a_clean_run():
     """Bug caught: a microsecond figure read as milliseconds (a no-op p50 of 370 ms)."""
@@ -89,7 +106,7 @@ def test_microsecond_latencies_and_the_rate_of_a_clean_run():
     assert (result.p50_ms, result.p75_ms, result.p90_ms, result.p99_ms) == pytest.approx((0.370, 0.386, 0.445, 2.65))
     assert result.requests_per_s == pytest.approx(2508.87)
     assert (result.requests, result.seconds) == (5019, pytest.approx(2.0))
-    assert result.errors == 0
+    assert result.errors == 0 and result.problem is None
 
 
 def test_seconds_padded_with_a_space_are_read_as_seconds():
@@ -104,6 +121,7 @@ def test_failed_responses_are_counted_as_errors():
     result = parse_wrk(SERVE_NON_2XX)
     assert result.non_2xx == 727 == result.requests
     assert result.errors == 727
+    assert "727 of 727 requests failed (non-2xx 727" in result.problem
 
 
 def test_timeouts_are_counted_as_errors():
@@ -112,6 +130,15 @@ def test_timeouts_are_counted_as_errors():
     assert (result.timeouts, result.connect_errors, result.read_errors, result.write_errors) == (13, 0, 0, 0)
     assert result.errors == 13 and result.non_2xx == 0
     assert result.p99_ms == pytest.approx(599.17)
+    assert result.problem.startswith("13 of 33 requests failed") and "timeouts 13" in result.problem
+
+
+def test_a_load_where_no_request_completed_is_a_problem_not_a_zero_latency():
+    """Bug caught: a batch load slower than the load's duration reported as 0 ms and 0 rows/s with
+    no error (it happened: 1,000-row batches taking 1.4 s each, 8 at a time, in a 3 s load)."""
+    result = parse_wrk(NO_REPLY_IN_TIME)
+    assert result.requests == 0 and result.errors == 0
+    assert result.problem == "no request completed in 1.0 s"
 
 
 def test_a_run_without_the_latency_distribution_or_a_failed_wrk_is_refused():
