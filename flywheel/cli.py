@@ -156,6 +156,74 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry: list versions with their stages, show one with its history, promote, roll back."""
+    import json
+
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    registry = Registry(Storage.from_settings(settings), settings.model_name)
+    console = _console()
+    run_id = args.run_id if getattr(args, "run_id", None) else new_run_id()
+    if args.models_command == "list":
+        state = registry.state()
+        last: dict[str, Any] = {event.version: event for event in state.events}
+        console.print(f"model {settings.model_name}: {'VERSION':<26} {'STAGE':<10} LAST CHANGE", soft_wrap=True)
+        for version in registry.versions():
+            event = last.get(version)
+            change = f"{event.at[:19]} {event.action} by {event.user} ({event.run_id}): {event.reason}" if event else ""
+            console.print(f"{'':<{len(settings.model_name) + 7}}{version:<26} {state.stages.get(version, 'candidate'):<10} {change}",
+                          soft_wrap=True, markup=False)
+        return 0
+    if args.models_command == "show":
+        model = registry.get(args.version)
+        state = registry.state()
+        shown = {
+            **model.to_dict(),
+            "stage": state.stages.get(model.version, "candidate"),
+            "history": [event.to_dict() for event in state.events if event.version == model.version or event.previous_production == model.version],
+        }
+        sys.stdout.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
+        return 0
+    if args.models_command == "promote":
+        previous = registry.production()
+        model = registry.promote(args.version, run_id=run_id, reason=args.reason,
+                                 expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} {model.version} is production" + (f" (was {previous.version})" if previous else ""),
+                      soft_wrap=True)
+        return 0
+    if args.models_command == "rollback":
+        previous = registry.production()
+        model = registry.rollback(run_id=run_id, reason=args.reason, expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} rolled back: {model.version} is production again "
+                      f"(was {previous.version if previous else 'none'})", soft_wrap=True)
+        return 0
+    raise ConfigError(f"unknown models command {args.models_command!r}")
+
+
+def _add_models_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback",
+                            description="Model versions and their stages (candidate, canary, production, archived), "
+                                        "from the registry's append-only event log.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    msub.add_parser("list", help="every version with its stage and last change", description="List every version with its stage.")
+    show = msub.add_parser("show", help="one version: its manifest, stage and history (JSON)",
+                           description="Print one version's manifest, stage and stage history as JSON.")
+    show.add_argument("version")
+    promote = msub.add_parser("promote", help="make a version production (the current one is archived)",
+                              description="Make VERSION the production version; refused if another promotion lands first.")
+    promote.add_argument("version")
+    rollback = msub.add_parser("rollback", help="return production to the previous production version",
+                               description="Return production to the version the current one replaced.")
+    for action in (promote, rollback):
+        action.add_argument("--reason", default="by hand", help="why (recorded in the event log)")
+        action.add_argument("--run-id", help="the run this change belongs to (default: a new run id)")
+    models.set_defaults(func=cmd_models)
+
+
 # ---------------------------------------------------------------- parser
 def _positive(value: str) -> int:
     try:
@@ -212,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compile the training pipeline to KFP IR YAML for upload to Kubeflow Pipelines.")
     comp.add_argument("--out", default="build", help="output folder (default build/)")
     comp.set_defaults(func=cmd_compile)
+    _add_models_parser(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings fields.
-NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION"}
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR"}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),

@@ -52,6 +52,10 @@ class RegistryError(FlywheelError):
     """A model or version is missing from the registry, or a stage change is not allowed."""
 
 
+class RegistryConflict(RegistryError):
+    """A stage change lost a race: another process changed the registry first."""
+
+
 class GateRefused(FlywheelError):
     """A deployment was refused because the evaluation gate did not bless the version."""
 
