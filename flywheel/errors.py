@@ -60,6 +60,10 @@ class GateRefused(FlywheelError):
     """A deployment was refused because the evaluation gate did not bless the version."""
 
 
+class DeployError(FlywheelError):
+    """A deployment could not be rendered, applied, or did not become ready."""
+
+
 class PipelineError(FlywheelError):
     """A pipeline step failed."""
 
