@@ -224,6 +224,53 @@ def _add_models_parser(sub: Any) -> None:
     models.set_defaults(func=cmd_models)
 
 
+# ---------------------------------------------------------------- deploy
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Release a blessed version (default: the newest) locally or on KServe; --render prints the manifests."""
+    import json
+
+    from flywheel.deploy.promote import latest_evaluation, release
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    target = args.target or settings.deploy.target
+    storage = Storage.from_settings(settings)
+    registry = Registry(storage, settings.model_name)
+    version = args.version or (registry.versions() or [None])[-1]
+    if version is None:
+        raise ConfigError(f"model {settings.model_name!r} has no versions yet: run `flywheel run` first")
+    model = registry.get(version)
+    if args.render:
+        if target != "kserve":
+            raise ConfigError("--render prints the KServe manifests: use --target kserve")
+        from flywheel.deploy.kserve import render_all
+
+        production = registry.production()
+        canary = settings.deploy.canary.traffic_percent if production and production.version != model.version else None
+        sys.stdout.write(render_all(settings, model, canary))
+        return 0
+    run_id = new_run_id()
+    deployed, decision = release(storage, settings, model.version, latest_evaluation(storage, model.version), run_id, target=target)
+    console = _console()
+    if decision:
+        console.print(f"{decision['verdict']}: {'; '.join(decision['reasons'])}", soft_wrap=True)
+        console.print(f"decision record: {decision['uri']}", soft_wrap=True)
+    console.print(f"production model: {deployed.version if deployed else 'none'}", soft_wrap=True)
+    return 0 if not decision or decision["verdict"] == "promote" else 3
+
+
+def _add_deploy_parser(sub: Any) -> None:
+    deploy = sub.add_parser("deploy", help="release a blessed model version locally or on KServe (canary, then promote or roll back)",
+                            description="Release a model version the gate blessed: locally it becomes production (which "
+                                        "`flywheel serve` follows); on KServe it rolls out as a canary and is promoted or rolled "
+                                        "back by the canary analysis. With --render, print the KServe manifests and change nothing.")
+    deploy.add_argument("--target", choices=["local", "kserve"], help="where to release (default: settings deploy.target, 'local')")
+    deploy.add_argument("--version", help="the model version (default: the newest)")
+    deploy.add_argument("--render", action="store_true", help="print the ServiceAccount, ServingRuntime and InferenceService YAML and exit")
+    deploy.set_defaults(func=cmd_deploy)
+
+
 # ---------------------------------------------------------------- parser
 def _positive(value: str) -> int:
     try:
@@ -281,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default="build", help="output folder (default build/)")
     comp.set_defaults(func=cmd_compile)
     _add_models_parser(sub)
+    _add_deploy_parser(sub)
     return parser
 
 

@@ -167,11 +167,16 @@ def evaluate_step(
 
 
 def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Promote the blessed version to production."""
-    from flywheel.deploy.promote import deploy
+    """Release the blessed version to ``deploy.target``: production locally, or a canary on KServe that
+    is promoted or rolled back (the decision record is among the step's artifacts)."""
+    from flywheel.deploy.promote import release
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "deploy") as record:
-        deployed = deploy(storage, settings, model["version"], evaluation, run_id)
-        record.update(model_version=deployed.version, artifacts={"production": join(deployed.uri, "version.json")})
-    return deployed.to_dict()
+        deployed, decision = release(storage, settings, model["version"], evaluation, run_id)
+        artifacts = {"production": join(deployed.uri, "version.json") if deployed else ""}
+        if decision:
+            artifacts["decision"] = decision["uri"]
+            record.update(verdict=decision["verdict"], reasons=decision["reasons"])
+        record.update(model_version=deployed.version if deployed else None, artifacts=artifacts)
+    return {**(deployed.to_dict() if deployed else {}), **({"decision": decision} if decision else {})}

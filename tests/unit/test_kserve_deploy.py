@@ -209,3 +209,23 @@ def test_an_unreachable_api_is_a_clear_error(settings, registry):
     configuration.retries = 0
     with pytest.raises(DeployError, match="Kubernetes API is unreachable"):
         KServeClient(settings, client.ApiClient(configuration)).get("fraud")
+
+
+def test_deploy_render_prints_manifests_that_pass_the_crds(settings, registry, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, stable, candidate = registry
+    env = dict(os.environ, FLYWHEEL_HOME=str(settings.home), FLYWHEEL_STORAGE__ROOT=settings.storage.root)
+    result = subprocess.run([sys.executable, "-m", "flywheel.cli", "deploy", "--target", "kserve", "--render", "--version", candidate],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert_conforms(docs[-1], *ISVC_CRD)
+    assert docs[-1]["spec"]["predictor"]["canaryTrafficPercent"] == settings.deploy.canary.traffic_percent
+    result = subprocess.run([sys.executable, "-m", "flywheel.cli", "deploy", "--render"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "use --target kserve" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "flywheel.cli", "deploy", "--version", candidate], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode != 0 and "has no evaluation report" in result.stderr
