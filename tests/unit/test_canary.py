@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -86,6 +87,7 @@ class Predictor(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(self.server.delay_s)
         if self.server.fail:
             self.send_response(500)
             self.end_headers()
@@ -102,18 +104,28 @@ class Predictor(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def predictors():
+def start_predictors(*behaviours):
+    """Loopback predictor servers, one per (fail, delay_s)."""
     servers = []
-    for fail in (False, True):
+    for fail, delay_s in behaviours:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Predictor)
-        server.fail = fail
+        server.fail, server.delay_s = fail, delay_s
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-    yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    return servers, [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+
+
+def stop_predictors(servers):
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def predictors():
+    servers, urls = start_predictors((False, 0.0), (True, 0.0))
+    yield urls
+    stop_predictors(servers)
 
 
 def test_replay_sends_each_request_to_both_versions_and_observes_them(predictors):
