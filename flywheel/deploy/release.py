@@ -88,9 +88,10 @@ def release_on_kserve(
         record.events.append(f"applied InferenceService {name} with {candidate.version} at 100% (no stable version to compare with)")
         kserve.wait_ready(name, _generation(obj))
         record.events.append(f"InferenceService {name} is Ready")
-        if stable is None:
-            registry.promote(candidate.version, run_id=run_id, reason="first version: rolled out at 100% on KServe", expected_production=None)
-            record.events.append(f"registry: {candidate.version} is production")
+        if stable is not None:
+            return finish(canary.PROMOTE, [f"{candidate.version} is already production: the InferenceService serves it at 100%"])
+        registry.promote(candidate.version, run_id=run_id, reason="first version: rolled out at 100% on KServe", expected_production=None)
+        record.events.append(f"registry: {candidate.version} is production")
         return finish(canary.PROMOTE, ["no production version yet: the first version is rolled out whole once Ready"])
 
     if kserve.get(name) is None:  # the stable version must be serving before a canary can share its traffic
