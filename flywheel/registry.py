@@ -169,6 +169,24 @@ class Registry:
 
     def events(self) -> list[StageEvent]:
         """Every stage event, in sequence order."""
+        found = self._read_events()
+        if not found and self.storage.exists(f"{self.root}/state.json"):
+            self._import_legacy_state()
+            found = self._read_events()
+        return found
+
+    def _import_legacy_state(self) -> None:
+        """A registry written before the event log kept ``state.json`` (production and a list of
+        promotions): its promotions become the first events, once (racing importers write the same)."""
+        legacy = self.storage.read_json(f"{self.root}/state.json")
+        for seq, entry in enumerate(legacy.get("history") or [], start=1):
+            event = StageEvent(seq=seq, action="promote", version=entry["version"], stage="production",
+                               previous_production=entry.get("previous"), user="legacy-state.json",
+                               run_id=entry.get("run_id", ""), reason=entry.get("reason", ""), at=entry.get("at", ""),
+                               id=f"legacy-{seq}")
+            self.storage.create_if_absent(self._event_uri(seq), json.dumps(event.to_dict(), indent=2, sort_keys=True).encode())
+
+    def _read_events(self) -> list[StageEvent]:
         found = []
         for uri in self.storage.list(self._events_uri()):
             name = uri.rsplit("/", 1)[-1]

@@ -178,3 +178,16 @@ def test_models_cli_lists_shows_promotes_and_rolls_back(tmp_path):
     assert result.returncode != 0 and "no previous production version" in result.stderr and "Traceback" not in result.stderr
     result = cli(home, "show", "nope")
     assert result.returncode != 0 and "has no version 'nope'" in result.stderr
+
+
+def test_a_registry_from_before_the_event_log_keeps_its_production_version(registry, versions):
+    """Stores written by the old registry kept state.json: its promotions become the first events."""
+    v0, v1, _, _ = versions
+    for uri in registry.storage.list(f"{registry.root}/events"):
+        registry.storage.delete(uri)
+    registry.storage.write_json(f"{registry.root}/state.json", {"production": v1, "history": [
+        {"version": v0, "stage": "production", "previous": None, "run_id": "old-1", "reason": "", "at": "2026-11-01T00:00:00+00:00"},
+        {"version": v1, "stage": "production", "previous": v0, "run_id": "old-2", "reason": "", "at": "2026-11-02T00:00:00+00:00"}]})
+    assert registry.production().version == v1 and registry.stage(v0) == "archived"
+    assert registry.rollback(run_id="r").version == v0
+    assert [e.action for e in registry.events()] == ["promote", "promote", "rollback"]
