@@ -379,6 +379,121 @@ def _add_lake_commands(sub: Any) -> None:
     lin.set_defaults(func=cmd_lineage)
 
 
+# ---------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry: list versions with their stages, show one with its history, promote, roll back."""
+    import json
+
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    registry = Registry(Storage.from_settings(settings), settings.model_name)
+    console = _console()
+    run_id = args.run_id if getattr(args, "run_id", None) else new_run_id()
+    if args.models_command == "list":
+        state = registry.state()
+        last: dict[str, Any] = {event.version: event for event in state.events}
+        console.print(f"model {settings.model_name}: {'VERSION':<26} {'STAGE':<10} LAST CHANGE", soft_wrap=True)
+        for version in registry.versions():
+            event = last.get(version)
+            change = f"{event.at[:19]} {event.action} by {event.user} ({event.run_id}): {event.reason}" if event else ""
+            console.print(f"{'':<{len(settings.model_name) + 7}}{version:<26} {state.stages.get(version, 'candidate'):<10} {change}",
+                          soft_wrap=True, markup=False)
+        return 0
+    if args.models_command == "show":
+        model = registry.get(args.version)
+        state = registry.state()
+        shown = {
+            **model.to_dict(),
+            "stage": state.stages.get(model.version, "candidate"),
+            "history": [event.to_dict() for event in state.events if event.version == model.version or event.previous_production == model.version],
+        }
+        sys.stdout.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
+        return 0
+    if args.models_command == "promote":
+        previous = registry.production()
+        model = registry.promote(args.version, run_id=run_id, reason=args.reason,
+                                 expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} {model.version} is production" + (f" (was {previous.version})" if previous else ""),
+                      soft_wrap=True)
+        return 0
+    if args.models_command == "rollback":
+        previous = registry.production()
+        model = registry.rollback(run_id=run_id, reason=args.reason, expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} rolled back: {model.version} is production again "
+                      f"(was {previous.version if previous else 'none'})", soft_wrap=True)
+        return 0
+    raise ConfigError(f"unknown models command {args.models_command!r}")
+
+
+def _add_models_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback",
+                            description="Model versions and their stages (candidate, canary, production, archived), "
+                                        "from the registry's append-only event log.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    msub.add_parser("list", help="every version with its stage and last change", description="List every version with its stage.")
+    show = msub.add_parser("show", help="one version: its manifest, stage and history (JSON)",
+                           description="Print one version's manifest, stage and stage history as JSON.")
+    show.add_argument("version")
+    promote = msub.add_parser("promote", help="make a version production (the current one is archived)",
+                              description="Make VERSION the production version; refused if another promotion lands first.")
+    promote.add_argument("version")
+    rollback = msub.add_parser("rollback", help="return production to the previous production version",
+                               description="Return production to the version the current one replaced.")
+    for action in (promote, rollback):
+        action.add_argument("--reason", default="by hand", help="why (recorded in the event log)")
+        action.add_argument("--run-id", help="the run this change belongs to (default: a new run id)")
+    models.set_defaults(func=cmd_models)
+
+
+# ---------------------------------------------------------------- deploy
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Release a blessed version (default: the newest) locally or on KServe; --render prints the manifests."""
+    import json
+
+    from flywheel.deploy.promote import latest_evaluation, release
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    target = args.target or settings.deploy.target
+    storage = Storage.from_settings(settings)
+    registry = Registry(storage, settings.model_name)
+    version = args.version or (registry.versions() or [None])[-1]
+    if version is None:
+        raise ConfigError(f"model {settings.model_name!r} has no versions yet: run `flywheel run` first")
+    model = registry.get(version)
+    if args.render:
+        if target != "kserve":
+            raise ConfigError("--render prints the KServe manifests: use --target kserve")
+        from flywheel.deploy.kserve import render_all
+
+        production = registry.production()
+        canary = settings.deploy.canary.traffic_percent if production and production.version != model.version else None
+        sys.stdout.write(render_all(settings, model, canary))
+        return 0
+    run_id = new_run_id()
+    deployed, decision = release(storage, settings, model.version, latest_evaluation(storage, model.version), run_id, target=target)
+    console = _console()
+    if decision:
+        console.print(f"{decision['verdict']}: {'; '.join(decision['reasons'])}", soft_wrap=True)
+        console.print(f"decision record: {decision['uri']}", soft_wrap=True)
+    console.print(f"production model: {deployed.version if deployed else 'none'}", soft_wrap=True)
+    return 0 if not decision or decision["verdict"] == "promote" else 3
+
+
+def _add_deploy_parser(sub: Any) -> None:
+    deploy = sub.add_parser("deploy", help="release a blessed model version locally or on KServe (canary, then promote or roll back)",
+                            description="Release a model version the gate blessed: locally it becomes production (which "
+                                        "`flywheel serve` follows); on KServe it rolls out as a canary and is promoted or rolled "
+                                        "back by the canary analysis. With --render, print the KServe manifests and change nothing.")
+    deploy.add_argument("--target", choices=["local", "kserve"], help="where to release (default: settings deploy.target, 'local')")
+    deploy.add_argument("--version", help="the model version (default: the newest)")
+    deploy.add_argument("--render", action="store_true", help="print the ServiceAccount, ServingRuntime and InferenceService YAML and exit")
+    deploy.set_defaults(func=cmd_deploy)
+
+
 # ---------------------------------------------------------------- parser
 def _positive(value: str) -> int:
     try:
@@ -481,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="List the latest runs of the settings' experiment, newest first. " + kfp_note)
     runs.add_argument("--limit", type=_positive, default=20, help="how many runs (default 20)")
     runs.set_defaults(func=cmd_runs)
+
+
+    _add_models_parser(sub)
+    _add_deploy_parser(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings fields.
-NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION"}
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR"}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
@@ -320,6 +320,58 @@ class KfpSettings(_Section):
         return value
 
 
+class CanarySettings(_Section):
+    """Canary analysis: the candidate gets ``traffic_percent`` of requests; each window of
+    ``window_requests`` requests sent to both versions is judged against these thresholds, and the
+    candidate is promoted after ``windows`` good windows or rolled back at the first bad one."""
+
+    traffic_percent: int = Field(10, ge=1, le=99)
+    windows: int = Field(3, ge=1)
+    window_requests: int = Field(200, ge=10)
+    min_requests: int = Field(50, ge=1)  # a window with fewer answered requests judges nothing: rollback
+    max_error_rate: float = Field(0.01, ge=0, le=1)  # the candidate's failed requests / requests
+    max_error_rate_increase: float = Field(0.005, ge=0, le=1)  # above the stable version's
+    max_p99_latency_ms: float = Field(250.0, gt=0)  # the candidate's p99, absolute
+    max_p99_latency_ratio: float = Field(2.0, ge=1)  # the candidate's p99 / the stable version's
+    score_tolerance: float = Field(0.1, gt=0, le=1)  # scores closer than this agree
+    min_score_agreement: float = Field(0.9, ge=0, le=1)  # share of requests on which both agree
+
+
+class DeploySettings(_Section):
+    """Where a blessed model goes: ``local`` (the registry's production version, which `flywheel
+    serve` follows) or ``kserve`` (an InferenceService in Serverless mode: Knative scales it to zero).
+
+    The predictor reads its model version from ``storageUri`` with the credentials of the Secret
+    ``s3_secret`` (keys ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, KServe's S3 annotations),
+    attached to the ServiceAccount ``service_account``; the manifest never holds a key.
+    """
+
+    target: Literal["local", "kserve"] = "local"
+    namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_name: str = Field("", pattern=r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$")  # empty: model_name
+    runtime: str = Field("flywheel", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the ServingRuntime
+    service_account: str = Field("flywheel-kserve", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    s3_secret: str = Field("flywheel-kserve-s3", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    min_replicas: int = Field(0, ge=0)  # 0: scale to zero when idle
+    max_replicas: int = Field(4, ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    scale_target: int = Field(8, ge=1)  # in-flight requests per replica (for concurrency)
+    container_concurrency: int = Field(16, ge=0)  # hard limit per replica; 0: unlimited
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    ready_timeout_s: int = Field(600, ge=1)  # applied → Ready
+    poll_interval_s: float = Field(5.0, gt=0)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> "DeploySettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class Settings(_Section):
     """Everything flywheel needs to know, in one place."""
 
@@ -335,6 +387,7 @@ class Settings(_Section):
     serving: ServingSettings = Field(default_factory=ServingSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     kfp: KfpSettings = Field(default_factory=KfpSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":

@@ -189,20 +189,41 @@ def evaluate_step(
             truth=result.truth,
             blessed=result.blessed,
             reasons=result.reasons,
-            artifacts={"evaluation": result.report_uri},
+            artifacts={"evaluation": result.report_uri, "report": result.html_uri},
         )
     return result.to_dict()
 
 
+def evaluation_html(evaluation: dict[str, Any], settings: Settings | None = None) -> str:
+    """The evaluation's HTML report (plots embedded), for the Kubeflow UI's HTML artifact."""
+    settings, storage = _context(settings)
+    return storage.read_bytes(evaluation["html_uri"]).decode() if evaluation.get("html_uri") else "<p>no report</p>"
+
+
 def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Promote the blessed version to production."""
-    from flywheel.deploy.promote import deploy
+    """Release the blessed version to ``deploy.target``: production locally, or a canary on KServe that
+    is promoted or rolled back (the decision record is among the step's artifacts)."""
+    from flywheel.deploy.promote import release
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "deploy") as record:
-        deployed = deploy(storage, settings, model["version"], evaluation, run_id)
-        record.update(model_version=deployed.version, artifacts={"production": join(deployed.uri, "version.json")})
-    return deployed.to_dict()
+        deployed, decision = release(storage, settings, model["version"], evaluation, run_id)
+        artifacts = {"production": join(deployed.uri, "version.json") if deployed else ""}
+        if decision:
+            artifacts["decision"] = decision["uri"]
+            record.update(verdict=decision["verdict"], reasons=decision["reasons"])
+        record.update(model_version=deployed.version if deployed else None, artifacts=artifacts)
+    return {**(deployed.to_dict() if deployed else {}), **({"decision": decision} if decision else {})}
+
+
+def decision_markdown(deployed: dict[str, Any]) -> str:
+    """What the deploy step decided, as markdown for the Kubeflow UI: the canary decision record on
+    KServe, or the local promotion."""
+    from flywheel.deploy.canary import DecisionRecord
+
+    if deployed.get("decision"):
+        return DecisionRecord(**deployed["decision"]).to_markdown()
+    return f"# Deployed locally\n\n`{deployed.get('version')}` is the production version (`flywheel serve` follows it).\n"
 
 
 # ---------------------------------------------------------------- batch scoring
