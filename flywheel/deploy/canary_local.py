@@ -210,7 +210,7 @@ def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsL
           f"canary error rate {c.error_rate:.4f} exceeds stable's {s.error_rate:.4f} by more than {t.max_error_rate_increase:.4f}")
     if c.p99_ms is None:
         if c.requests:
-            broken.append("the canary answered no request: no latency to judge")
+            broken.append(f"the canary answered none of its {c.requests} requests ({c.timeouts} timeouts): no latency to judge")
     else:
         check(c.p99_ms <= t.max_p99_latency_ms, f"canary p99 {c.p99_ms:.1f} ms <= {t.max_p99_latency_ms:.1f} ms",
               f"canary p99 latency {c.p99_ms:.1f} ms > {t.max_p99_latency_ms:.1f} ms")

@@ -230,8 +230,8 @@ def rollout(servers: dict[str, str], canary: str) -> Iterator[tuple[object, Back
             yield proxy, live
 
 
-@pytest.mark.parametrize("canary, symptom", [("erroring", "error rate"), ("slow", "latency")])
-def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay, tmp_path, canary, symptom):
+@pytest.mark.parametrize("canary", ["erroring", "slow"])
+def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay, tmp_path, canary):
     storage = Storage(str(tmp_path))
     uri = storage.uri("reports", "canary", f"{canary}.json")
     with rollout(servers, canary) as (proxy, live):
@@ -242,17 +242,20 @@ def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay
     assert after == ["stable"] * 30  # rolled back: the canary gets nothing
     assert record["verdict"] == "rollback" and record["final_canary_percent"] == 0
     assert len(record["windows"]) == 1 and record["windows"][0]["step"] == 10
-    assert any(symptom in reason for reason in record["reasons"]), record["reasons"]
     # Zero failed client requests during the whole rollout: the replay's and the live clients'.
     assert record["client"] == {"requests": 500, "failures": 0, "statuses": {"200": 500}}
     assert live.failures == 0 and sum(live.statuses.values()) > 0, live.statuses
     observed = record["windows"][0]["observations"]
     assert observed["client"]["failures"] == 0
     assert observed["canary"]["requests"] >= 50
+    assert observed["client"]["fallbacks"] == observed["canary"]["errors"]  # each canary failure answered by stable
     if canary == "erroring":
-        assert observed["canary"]["errors"] > 0 and observed["client"]["fallbacks"] == observed["canary"]["errors"]
-    else:
-        assert observed["canary"]["p99_ms"] is None or observed["canary"]["p99_ms"] > 2 * observed["stable"]["p99_ms"]
+        assert observed["canary"]["errors"] > 0 and observed["canary"]["timeouts"] == 0
+        assert any("canary error rate" in reason for reason in record["reasons"]), record["reasons"]
+    else:  # slow: too slow to wait for (a timeout, answered from stable), or slower than stable's p99 allows
+        slow = observed["canary"]["p99_ms"] is not None and observed["canary"]["p99_ms"] > 2 * observed["stable"]["p99_ms"]
+        assert slow or observed["canary"]["timeouts"] > 0, observed
+        assert any("latency" in reason or "timeouts" in reason for reason in record["reasons"]), record["reasons"]
     assert storage.read_json(uri) == json.loads(json.dumps(record))
 
 
