@@ -38,6 +38,8 @@ class TrafficControl(Protocol):
 
     def take_window(self, thresholds: Thresholds | None = None) -> WindowObservations: ...
 
+    def window_requests(self) -> int: ...
+
 
 def _json_safe(value: Any) -> Any:
     if hasattr(value, "isoformat"):
@@ -96,9 +98,17 @@ async def _send(url: str, bodies: Sequence[bytes], start: int, count: int, concu
     return outcomes
 
 
+async def _await_live(proxy: TrafficControl, count: int, timeout_s: float) -> Counter[str]:
+    """Wait until ``count`` predict requests reached the proxy (or ``timeout_s`` passed): live traffic."""
+    deadline = time.monotonic() + timeout_s
+    while proxy.window_requests() < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return Counter()
+
+
 def ramp_canary(
     proxy: TrafficControl,
-    replay: Sequence[Mapping[str, Any] | bytes],
+    replay: Sequence[Mapping[str, Any] | bytes] | None,
     path: str,
     *,
     steps: Sequence[int] = (10, 50),
@@ -107,6 +117,7 @@ def ramp_canary(
     thresholds: Thresholds | None = None,
     concurrency: int = 16,
     request_timeout_s: float = 30.0,
+    live_window_timeout_s: float = 300.0,
     storage: Storage | None = None,
     record_uri: str | None = None,
     meta: Mapping[str, Any] | None = None,
@@ -117,6 +128,8 @@ def ramp_canary(
     passing them all promotes (100%). Returns the decision record, also written as JSON to
     ``record_uri`` through ``storage`` when both are given.
 
+    ``replay`` None: no requests are sent; each window is the next ``window_requests`` requests of
+    live traffic through the proxy (judged with what came, if fewer came in ``live_window_timeout_s``).
     ``path``: the predict path requests are sent to through the proxy, e.g.
     ``/v1/models/fraud:predict``; ``meta``: what the caller adds to the record (model name,
     versions, run id).
@@ -125,13 +138,13 @@ def ramp_canary(
     thresholds = thresholds or Thresholds()
     if window_requests < 1 or windows_per_step < 1 or concurrency < 1:
         raise CanaryError("window_requests, windows_per_step and concurrency must each be at least 1")
-    if not replay:
-        raise CanaryError("the replay has no requests to send")
+    if replay is not None and not replay:
+        raise CanaryError("the replay has no requests to send (pass None to judge live traffic instead)")
     if not path.startswith("/"):
         raise CanaryError(f"the predict path must start with '/', got {path!r}")
     if (storage is None) != (record_uri is None):
         raise CanaryError("give both storage and record_uri to write the decision record, or neither")
-    bodies = [body if isinstance(body, bytes) else json.dumps(body).encode() for body in replay]
+    bodies = [body if isinstance(body, bytes) else json.dumps(body).encode() for body in replay or []]
     url = proxy.url.rstrip("/") + path
 
     record: dict[str, Any] = {
@@ -142,6 +155,7 @@ def ramp_canary(
         "steps": steps,
         "window_requests": window_requests,
         "windows_per_step": windows_per_step,
+        "source": "replay" if replay is not None else "live",
         "concurrency": concurrency,
         "thresholds": thresholds.to_dict(),
         "windows": [],
@@ -152,12 +166,15 @@ def ramp_canary(
     client: Counter[str] = Counter()
     verdict, reasons = PROMOTE, []
     sent = 0
-    proxy.take_window()  # start clean: what came before the ramp is not judged
     for step in steps:
-        proxy.set_canary_percent(step)
         for index in range(windows_per_step):
+            proxy.set_canary_percent(step)  # the counter restarts: the window's split is exact
+            proxy.take_window()  # what came before (live requests under the previous share) is not judged
             started = _now()
-            outcomes = asyncio.run(_send(url, bodies, sent, window_requests, concurrency, request_timeout_s))
+            if replay is None:
+                outcomes = asyncio.run(_await_live(proxy, window_requests, live_window_timeout_s))
+            else:
+                outcomes = asyncio.run(_send(url, bodies, sent, window_requests, concurrency, request_timeout_s))
             sent += window_requests
             client.update(outcomes)
             observations = proxy.take_window(thresholds)

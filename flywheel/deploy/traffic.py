@@ -108,6 +108,35 @@ class Upstream:
     timeout: bool = False
 
 
+class _Window:
+    """What one window recorded: every predict request that arrived in it is recorded here, even
+    when it completes after the window was taken (:meth:`SplittingProxy.take_window` waits for it)."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.pairs: list[ScorePair] = []
+        self.client: Counter[str] = Counter()
+        self.in_flight = 0  # requests and shadow calls of this window still running
+        self.closed = False
+        self.drained = asyncio.Event()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.closed and self.in_flight == 0:
+            self.drained.set()
+
+    async def close(self, timeout_s: float) -> None:
+        self.closed = True
+        if self.in_flight:
+            try:
+                await asyncio.wait_for(self.drained.wait(), timeout_s)
+            except TimeoutError:
+                log.warning("%d requests of the closed window are still running; summarised without them", self.in_flight)
+
+
 class SplittingProxy:
     """The proxy on an asyncio loop: ``await start()``, ``set_canary_percent()``, ``await take_window()``,
     ``await stop()``."""
@@ -145,13 +174,11 @@ class SplittingProxy:
         self._lock = threading.Lock()  # the split can be changed from another thread
         self._percent = check_percent(canary_percent)
         self._counter = 0
-        self._samples: list[Sample] = []
-        self._pairs: list[ScorePair] = []
-        self._client: Counter[str] = Counter()
+        self._window = _Window()
         self._stable_recent: deque[float] = deque(maxlen=1000)  # stable latencies (ms), for the canary's timeout
         self._stable_p99_ms: float | None = None
         self._since_p99 = 0
-        self._shadows: set[asyncio.Task[Any]] = set()
+        self._shadows: set[asyncio.Task[Any]] = set()  # kept referenced until done
         self._session: Any = None
         self._runner: Any = None
         self.url = ""
@@ -184,16 +211,19 @@ class SplittingProxy:
             return self.canary_timeout_floor_s
         return min(self.stable_timeout_s, max(self.canary_timeout_floor_s, self.canary_timeout_factor * self._stable_p99_ms / 1000))
 
+    def window_requests(self) -> int:
+        """Predict requests received since the last :meth:`take_window`."""
+        return self._window.client["requests"]
+
     async def take_window(self, thresholds: Thresholds | None = None) -> WindowObservations:
-        """What was observed since the last call (shadow calls still in flight are awaited first),
-        summarised; the recording starts afresh."""
-        if self._shadows:
-            await asyncio.wait(set(self._shadows), timeout=self.stable_timeout_s)
-        samples, pairs, client = self._samples, self._pairs, self._client
-        self._samples, self._pairs, self._client = [], [], Counter()
+        """The requests that arrived since the last call, summarised once they (and their shadow
+        calls) are done; a new window starts at once."""
+        window, self._window = self._window, _Window()
+        await window.close(self.stable_timeout_s + 5)
+        client = window.client
         for key in ("requests", "to_canary", "answered_by_canary", "fallbacks", "failures"):
             client.setdefault(key, 0)
-        return summarise(samples, pairs, dict(client), thresholds or self.thresholds, self._percent)
+        return summarise(window.samples, window.pairs, dict(client), thresholds or self.thresholds, self._percent)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -256,25 +286,27 @@ class SplittingProxy:
         except aiohttp.ClientError as exc:
             return Upstream(502, b"", "", (time.perf_counter() - started) * 1000, error=f"connection: {first_line(exc)}")
 
-    def _record_stable(self, answer: Upstream) -> None:
+    def _record_stable(self, window: _Window, answer: Upstream) -> None:
         ok = not answer.error and answer.status < 500
-        self._samples.append(Sample("stable", ok, answer.latency_ms, answer.error or ("" if ok else f"HTTP {answer.status}"), answer.timeout))
+        window.samples.append(Sample("stable", ok, answer.latency_ms, answer.error or ("" if ok else f"HTTP {answer.status}"), answer.timeout))
         if ok:
             self._stable_recent.append(answer.latency_ms)
             self._since_p99 += 1
             if self._stable_p99_ms is None or self._since_p99 >= 50:
                 self._stable_p99_ms, self._since_p99 = float(np.percentile(self._stable_recent, 99)), 0
 
-    def _reply(self, answer: Upstream, arm: str, base: str) -> Any:
+    @staticmethod
+    def _reply(answer: Upstream, arm: str, base: str, window: _Window | None = None) -> Any:
         from aiohttp import web
 
+        client = window.client if window is not None else Counter()
         if answer.error:
-            self._client["failures"] += 1
+            client["failures"] += 1
             status = 504 if answer.timeout else 502
             message = f"the {arm} model server at {base} did not answer: {answer.error}"
             return web.json_response({"error": message}, status=status, headers={ARM_HEADER: arm})
         if answer.status >= 500:
-            self._client["failures"] += 1
+            client["failures"] += 1
         return web.Response(status=answer.status, body=answer.body, headers={"Content-Type": answer.content_type, ARM_HEADER: arm})
 
     async def _handle(self, request: Any) -> Any:
@@ -285,40 +317,48 @@ class SplittingProxy:
         if protocol is None:  # health, readiness, metadata: stable's answer
             answer = await self._call(self.stable_url, request.method, path_qs, body, headers, self.stable_timeout_s)
             return self._reply(answer, "stable", self.stable_url)
-        self._client["requests"] += 1
+        window = self._window
+        window.enter()
+        try:
+            return await self._predict(window, protocol, path_qs, body, headers)
+        finally:
+            window.leave()
+
+    async def _predict(self, w: _Window, protocol: str, path_qs: str, body: bytes, headers: dict[str, str]) -> Any:
+        w.client["requests"] += 1
         if not self._to_canary():
             answer = await self._call(self.stable_url, "POST", path_qs, body, headers, self.stable_timeout_s)
-            self._record_stable(answer)
-            return self._reply(answer, "stable", self.stable_url)
+            self._record_stable(w, answer)
+            return self._reply(answer, "stable", self.stable_url, w)
 
-        self._client["to_canary"] += 1
+        w.client["to_canary"] += 1
         shadow = asyncio.create_task(self._call(self.stable_url, "POST", path_qs, body, headers, self.stable_timeout_s))
-        timeout = self.canary_timeout()
-        canary = await self._call(self.canary_url, "POST", path_qs, body, headers, timeout)
+        canary = await self._call(self.canary_url, "POST", path_qs, body, headers, self.canary_timeout())
         canary_scores = scores_of(protocol, canary.body, self.score_field) if not canary.error and canary.status == 200 else None
         failure = self._canary_failure(canary, canary_scores)
         if failure is None and 400 <= canary.status < 500:
             stable = await shadow  # the canary refused it: a failure only if stable did not
-            self._record_stable(stable)
+            self._record_stable(w, stable)
             if not stable.error and stable.status < 400:
                 failure = f"HTTP {canary.status} for a request stable answered with {stable.status}"
-            self._samples.append(Sample("canary", failure is None, canary.latency_ms, failure or ""))
+            w.samples.append(Sample("canary", failure is None, canary.latency_ms, failure or ""))
             if failure is not None:
-                self._client["fallbacks"] += 1
-                return self._reply(stable, "stable", self.stable_url)
-            self._client["answered_by_canary"] += 1
-            return self._reply(canary, "canary", self.canary_url)
-        self._samples.append(Sample("canary", failure is None, canary.latency_ms, failure or "", canary.timeout))
+                w.client["fallbacks"] += 1
+                return self._reply(stable, "stable", self.stable_url, w)
+            w.client["answered_by_canary"] += 1
+            return self._reply(canary, "canary", self.canary_url, w)
+        w.samples.append(Sample("canary", failure is None, canary.latency_ms, failure or "", canary.timeout))
         if failure is not None:
-            self._client["fallbacks"] += 1
+            w.client["fallbacks"] += 1
             stable = await shadow
-            self._record_stable(stable)
-            return self._reply(stable, "stable", self.stable_url)
-        self._client["answered_by_canary"] += 1
-        task = asyncio.create_task(self._pair(shadow, protocol, canary_scores))
+            self._record_stable(w, stable)
+            return self._reply(stable, "stable", self.stable_url, w)
+        w.client["answered_by_canary"] += 1
+        w.enter()  # the shadow's answer belongs to this window too
+        task = asyncio.create_task(self._pair(w, shadow, protocol, canary_scores))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
-        return self._reply(canary, "canary", self.canary_url)
+        return self._reply(canary, "canary", self.canary_url, w)
 
     @staticmethod
     def _canary_failure(canary: Upstream, scores: tuple[float, ...] | None) -> str | None:
@@ -330,13 +370,16 @@ class SplittingProxy:
             return "an answer without readable scores"
         return None
 
-    async def _pair(self, shadow: asyncio.Task[Upstream], protocol: str, canary_scores: tuple[float, ...] | None) -> None:
-        stable = await shadow
-        self._record_stable(stable)
-        if canary_scores is not None and not stable.error and stable.status == 200:
-            stable_scores = scores_of(protocol, stable.body, self.score_field)
-            if stable_scores is not None:
-                self._pairs.append(ScorePair(stable_scores, canary_scores))
+    async def _pair(self, w: _Window, shadow: asyncio.Task[Upstream], protocol: str, canary_scores: tuple[float, ...] | None) -> None:
+        try:
+            stable = await shadow
+            self._record_stable(w, stable)
+            if canary_scores is not None and not stable.error and stable.status == 200:
+                stable_scores = scores_of(protocol, stable.body, self.score_field)
+                if stable_scores is not None:
+                    w.pairs.append(ScorePair(stable_scores, canary_scores))
+        finally:
+            w.leave()
 
 
 class RunningProxy:
@@ -379,6 +422,9 @@ class RunningProxy:
 
     def set_canary_percent(self, percent: int) -> None:
         self.proxy.set_canary_percent(percent)
+
+    def window_requests(self) -> int:
+        return self.proxy.window_requests()
 
     def take_window(self, thresholds: Thresholds | None = None) -> WindowObservations:
         return asyncio.run_coroutine_threadsafe(self.proxy.take_window(thresholds), self._loop).result()
