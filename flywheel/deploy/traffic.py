@@ -286,9 +286,10 @@ class SplittingProxy:
         except aiohttp.ClientError as exc:
             return Upstream(502, b"", "", (time.perf_counter() - started) * 1000, error=f"connection: {first_line(exc)}")
 
-    def _record_stable(self, window: _Window, answer: Upstream) -> None:
+    def _record_stable(self, window: _Window, answer: Upstream, shadow: bool = False) -> None:
         ok = not answer.error and answer.status < 500
-        window.samples.append(Sample("stable", ok, answer.latency_ms, answer.error or ("" if ok else f"HTTP {answer.status}"), answer.timeout))
+        window.samples.append(Sample("stable", ok, answer.latency_ms, answer.error or ("" if ok else f"HTTP {answer.status}"),
+                                     answer.timeout, shadow))
         if ok:
             self._stable_recent.append(answer.latency_ms)
             self._since_p99 += 1
@@ -338,7 +339,7 @@ class SplittingProxy:
         failure = self._canary_failure(canary, canary_scores)
         if failure is None and 400 <= canary.status < 500:
             stable = await shadow  # the canary refused it: a failure only if stable did not
-            self._record_stable(w, stable)
+            self._record_stable(w, stable, shadow=True)
             if not stable.error and stable.status < 400:
                 failure = f"HTTP {canary.status} for a request stable answered with {stable.status}"
             w.samples.append(Sample("canary", failure is None, canary.latency_ms, failure or ""))
@@ -351,7 +352,7 @@ class SplittingProxy:
         if failure is not None:
             w.client["fallbacks"] += 1
             stable = await shadow
-            self._record_stable(w, stable)
+            self._record_stable(w, stable, shadow=True)
             return self._reply(stable, "stable", self.stable_url, w)
         w.client["answered_by_canary"] += 1
         w.enter()  # the shadow's answer belongs to this window too
@@ -373,7 +374,7 @@ class SplittingProxy:
     async def _pair(self, w: _Window, shadow: asyncio.Task[Upstream], protocol: str, canary_scores: tuple[float, ...] | None) -> None:
         try:
             stable = await shadow
-            self._record_stable(w, stable)
+            self._record_stable(w, stable, shadow=True)
             if canary_scores is not None and not stable.error and stable.status == 200:
                 stable_scores = scores_of(protocol, stable.body, self.score_field)
                 if stable_scores is not None:

@@ -127,3 +127,20 @@ def test_v1_bodies_keep_request_fields_only_and_iso_times():
     assert [len(b["instances"]) for b in bodies] == [2, 1]
     assert bodies[0]["instances"][1] == {"transaction_id": "t1", "card_id": "c", "merchant_id": "m", "amount": 1.5,
                                          "ts": "2026-11-01T12:00:00+00:00"}
+
+
+def test_canary_latency_is_compared_with_stables_on_the_same_requests():
+    """A load spike slows both calls of a shadowed request: the canary is judged against stable's
+    shadow calls, not against stable's calls at quieter moments."""
+    quiet = [Sample("stable", True, 10.0)] * 200
+    spiked_shadows = [Sample("stable", True, 120.0, shadow=True)] * 60
+    canary = [Sample("canary", True, 200.0)] * 60
+    pairs = [ScorePair((0.2,), (0.2,))] * 60
+    window = summarise(quiet + spiked_shadows + canary, pairs, CLIENT)
+    assert window.stable_shadow.requests == 60 and window.stable_shadow.p99_ms == pytest.approx(120.0)
+    verdict = judge(window, Thresholds())
+    assert verdict.passed, verdict.reasons  # 200 <= 2 x 120
+    slower = summarise(quiet + spiked_shadows + [Sample("canary", True, 241.0)] * 60, pairs, CLIENT)
+    assert any("> 2x stable's on the same requests 120.0 ms" in r for r in judge(slower, Thresholds()).reasons)
+    no_shadows = summarise(quiet + canary, pairs, CLIENT)  # without shadow calls: stable's calls overall
+    assert any("> 2x stable's 10.0 ms" in r for r in judge(no_shadows, Thresholds()).reasons)
