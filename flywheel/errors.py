@@ -32,6 +32,10 @@ class LineageError(FlywheelError):
     """A lineage record is malformed (an input without a URI)."""
 
 
+class CanaryError(FlywheelError):
+    """A canary rollout (splitting proxy, ramp) was given unusable arguments or could not run."""
+
+
 class DataError(FlywheelError):
     """Input data does not match the expected schema or is unreadable."""
 

@@ -1,0 +1,257 @@
+"""Judging a canary window: what the splitting proxy saw, summarised, against thresholds.
+
+Pure: no I/O and no clock. The proxy (:mod:`flywheel.deploy.traffic`) records raw samples per arm
+(one :class:`Sample` per upstream call) and the score pairs of shadowed requests;
+:func:`summarise` turns them into a :class:`WindowObservations`, and :func:`judge` compares that
+with :class:`Thresholds`. The same samples always give the same verdict.
+
+The threshold names follow ``settings.deploy.canary`` (``CanarySettings``), so an object of either
+type can be passed to :func:`judge`; the three that judge score agreement as decisions
+(``decision_threshold``, ``min_decision_agreement``, ``max_mean_score_difference``) are this
+module's additions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, Protocol, Sequence
+
+import numpy as np
+
+PASS, ROLLBACK = "pass", "rollback"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a canary window must show to pass. Defaults are ``CanarySettings``' defaults."""
+
+    min_requests: int = 50  # canary requests in the window; fewer judges nothing: rollback
+    max_error_rate: float = 0.01  # the canary's failed calls / calls (5xx, connection errors, timeouts)
+    max_error_rate_increase: float = 0.005  # above the stable version's error rate
+    max_p99_latency_ms: float = 250.0  # the canary's p99, absolute
+    max_p99_latency_ratio: float = 2.0  # the canary's p99 / the stable version's
+    score_tolerance: float = 0.1  # two scores closer than this agree
+    min_score_agreement: float = 0.9  # share of paired scores that agree within the tolerance
+    max_mean_score_difference: float = 0.05  # mean |p_stable - p_canary| over the pairs
+    decision_threshold: float = 0.5  # a score at or above it is a fraud decision
+    min_decision_agreement: float = 0.95  # share of pairs with the same fraud decision
+
+    @classmethod
+    def from_object(cls, source: Any) -> "Thresholds":
+        """Thresholds from any object with (some of) these attributes, e.g. ``settings.deploy.canary``;
+        the ones it lacks keep their defaults."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ThresholdsLike(Protocol):
+    min_requests: int
+    max_error_rate: float
+    max_error_rate_increase: float
+    max_p99_latency_ms: float
+    max_p99_latency_ratio: float
+    score_tolerance: float
+    min_score_agreement: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One upstream call: to which arm, whether it failed (and how), and how long it took."""
+
+    arm: Literal["stable", "canary"]
+    ok: bool
+    latency_ms: float
+    error: str = ""  # "HTTP 503", "timeout after 250 ms", "connection: ...", "unreadable scores"
+    timeout: bool = False
+    shadow: bool = False  # a stable call made alongside a canary call, for the same request
+
+
+@dataclass(frozen=True)
+class ScorePair:
+    """The scores stable and canary gave the same request (one per instance of the body)."""
+
+    stable: tuple[float, ...]
+    canary: tuple[float, ...]
+
+
+@dataclass
+class ArmStats:
+    """One arm's calls in a window. Latency percentiles are over answered calls (None: none answered)."""
+
+    requests: int
+    errors: int
+    timeouts: int
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+    error_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Agreement:
+    """How the canary's scores compare with stable's on the requests both answered."""
+
+    pairs: int  # scored instances both arms answered
+    mean_abs_diff: float | None
+    max_abs_diff: float | None
+    score_agreement: float | None  # share with |p_stable - p_canary| <= score_tolerance
+    decision_agreement: float | None  # share with the same decision at decision_threshold
+
+
+@dataclass
+class WindowObservations:
+    """What one window showed. ``stable``: every call to stable; ``stable_shadow``: only the calls
+    made alongside a canary call for the same request, at the same moment (the fair latency
+    comparison: a load spike slows both). ``client``: what the proxy's clients got (``failures``:
+    answers of 5xx or no answer at all, whichever arm they came from; ``fallbacks``: canary failures
+    answered by stable instead)."""
+
+    stable: ArmStats
+    canary: ArmStats
+    agreement: Agreement
+    client: dict[str, int]
+    canary_percent: int = 0
+    stable_shadow: ArmStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def arm_stats(samples: Sequence[Sample], examples: int = 3) -> ArmStats:
+    """Requests, errors and latency percentiles of one arm's samples."""
+    latencies = np.array([s.latency_ms for s in samples if s.ok], dtype=float)
+    errors = [s for s in samples if not s.ok]
+    distinct: list[str] = []
+    for s in errors:
+        if s.error not in distinct and len(distinct) < examples:
+            distinct.append(s.error)
+    return ArmStats(
+        requests=len(samples),
+        errors=len(errors),
+        timeouts=sum(s.timeout for s in samples),
+        error_rate=len(errors) / len(samples) if samples else 0.0,
+        p50_ms=_percentile(latencies, 50),
+        p99_ms=_percentile(latencies, 99),
+        error_examples=distinct,
+    )
+
+
+def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_threshold: float) -> Agreement:
+    """Score and decision agreement over every instance of every pair of equal length."""
+    stable: list[float] = []
+    canary: list[float] = []
+    for pair in pairs:
+        if len(pair.stable) == len(pair.canary):
+            stable.extend(pair.stable)
+            canary.extend(pair.canary)
+    if not stable:
+        return Agreement(0, None, None, None, None)
+    s, c = np.array(stable, dtype=float), np.array(canary, dtype=float)
+    diff = np.abs(s - c)
+    return Agreement(
+        pairs=len(s),
+        mean_abs_diff=float(diff.mean()),
+        max_abs_diff=float(diff.max()),
+        score_agreement=float((diff <= score_tolerance).mean()),
+        decision_agreement=float(((s >= decision_threshold) == (c >= decision_threshold)).mean()),
+    )
+
+
+def summarise(samples: Sequence[Sample], pairs: Sequence[ScorePair], client: dict[str, int],
+              thresholds: Thresholds | None = None, canary_percent: int = 0) -> WindowObservations:
+    """One window's samples and score pairs as observations (tolerance and decision threshold from
+    ``thresholds``)."""
+    t = thresholds or Thresholds()
+    return WindowObservations(
+        stable=arm_stats([s for s in samples if s.arm == "stable"]),
+        canary=arm_stats([s for s in samples if s.arm == "canary"]),
+        agreement=agreement(pairs, t.score_tolerance, t.decision_threshold),
+        client=dict(client),
+        canary_percent=canary_percent,
+        stable_shadow=arm_stats([s for s in samples if s.arm == "stable" and s.shadow]),
+    )
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """``pass`` or ``rollback``, with the reasons: every broken threshold for a rollback, every
+    check made for a pass."""
+
+    verdict: Literal["pass", "rollback"]
+    reasons: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASS
+
+
+def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsLike) -> Judgement:
+    """Judge one window. The canary fails it by being unjudgeable (too few requests, no answered
+    pairs), by erring (absolute, or above stable's), by being slow (p99 absolute, or against
+    stable's), or by disagreeing with stable's scores (within the tolerance, on the mean difference,
+    or on the fraud decision)."""
+    t = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_object(thresholds)
+    c, s, a = observations.canary, observations.stable, observations.agreement
+    broken: list[str] = []
+    checked: list[str] = []
+
+    def check(ok: bool, good: str, bad: str) -> None:
+        (checked if ok else broken).append(good if ok else bad)
+
+    check(c.requests >= t.min_requests, f"{c.requests} canary requests >= {t.min_requests}",
+          f"only {c.requests} requests reached the canary (at least {t.min_requests} are needed to judge)")
+    check(c.error_rate <= t.max_error_rate, f"canary error rate {c.error_rate:.4f} <= {t.max_error_rate:.4f}",
+          f"canary error rate {c.error_rate:.4f} > {t.max_error_rate:.4f} ({c.errors} of {c.requests}; "
+          f"{c.timeouts} timeouts; e.g. {', '.join(c.error_examples) or '-'})")
+    check(c.error_rate <= s.error_rate + t.max_error_rate_increase,
+          f"canary error rate within {t.max_error_rate_increase:.4f} of stable's {s.error_rate:.4f}",
+          f"canary error rate {c.error_rate:.4f} exceeds stable's {s.error_rate:.4f} by more than {t.max_error_rate_increase:.4f}")
+    if c.p99_ms is None:
+        if c.requests:
+            broken.append(f"the canary answered none of its {c.requests} requests ({c.timeouts} timeouts): no latency to judge")
+    else:
+        check(c.p99_ms <= t.max_p99_latency_ms, f"canary p99 {c.p99_ms:.1f} ms <= {t.max_p99_latency_ms:.1f} ms",
+              f"canary p99 latency {c.p99_ms:.1f} ms > {t.max_p99_latency_ms:.1f} ms")
+        # Against stable's calls for the same requests at the same moments when there are any.
+        shadow = observations.stable_shadow
+        base, which = (shadow.p99_ms, "stable's on the same requests") if shadow is not None and shadow.p99_ms is not None \
+            else (s.p99_ms, "stable's")
+        if base is not None:
+            check(c.p99_ms <= base * t.max_p99_latency_ratio,
+                  f"canary p99 {c.p99_ms:.1f} ms <= {t.max_p99_latency_ratio:g}x {which} {base:.1f} ms",
+                  f"canary p99 latency {c.p99_ms:.1f} ms > {t.max_p99_latency_ratio:g}x {which} {base:.1f} ms")
+    if a.pairs == 0:
+        if c.requests:
+            broken.append("no request was answered by both stable and canary: score agreement cannot be judged")
+    else:
+        assert a.score_agreement is not None and a.mean_abs_diff is not None and a.decision_agreement is not None
+        check(a.score_agreement >= t.min_score_agreement,
+              f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs",
+              f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs "
+              f"(< {t.min_score_agreement:.1%})")
+        check(a.mean_abs_diff <= t.max_mean_score_difference,
+              f"mean |p_stable - p_canary| {a.mean_abs_diff:.4f} <= {t.max_mean_score_difference:g}",
+              f"mean |p_stable - p_canary| {a.mean_abs_diff:.4f} > {t.max_mean_score_difference:g}")
+        check(a.decision_agreement >= t.min_decision_agreement,
+              f"fraud decisions (at {t.decision_threshold:g}) agree on {a.decision_agreement:.1%} of {a.pairs} pairs",
+              f"fraud decisions (at {t.decision_threshold:g}) agree on only {a.decision_agreement:.1%} of {a.pairs} pairs "
+              f"(< {t.min_decision_agreement:.1%})")
+    return Judgement(ROLLBACK, broken) if broken else Judgement(PASS, checked)
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become None, recursively."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,219 @@
+"""Driving a local canary: ramp its traffic share through steps behind the splitting proxy, judge
+each window, then promote (100%) or roll back (0%, at once), and write the decision record.
+
+The load is a replay: request bodies (e.g. held-out transactions as v1 bodies, see
+:func:`v1_bodies`) sent through the proxy, ``concurrency`` at a time, ``window_requests`` per
+window, cycling through the replay when it runs out. What the replay's clients got is recorded too:
+a canary rollout must never fail a client request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from flywheel.deploy.canary_local import Thresholds, WindowObservations, finite, judge
+from flywheel.errors import CanaryError, first_line
+from flywheel.schema import REQUEST_FIELDS
+from flywheel.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PROMOTE, ROLLBACK = "promote", "rollback"
+RECORD_KIND = "flywheel.canary-decision/local/v1"
+
+
+class TrafficControl(Protocol):
+    """What the ramp needs of a proxy (:class:`flywheel.deploy.traffic.RunningProxy` has it)."""
+
+    url: str
+
+    def set_canary_percent(self, percent: int) -> None: ...
+
+    def take_window(self, thresholds: Thresholds | None = None) -> WindowObservations: ...
+
+    def window_requests(self) -> int: ...
+
+
+def _json_safe(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def v1_bodies(rows: Iterable[Mapping[str, Any]], per_request: int = 1) -> list[dict[str, Any]]:
+    """KServe v1 bodies (``{"instances": [...]}``) of ``per_request`` transactions each, from rows
+    with the transaction schema's fields (e.g. ``frame.to_dict("records")`` of a held-out set);
+    fields outside the request schema (the label) are left out, times become ISO-8601 strings."""
+    if per_request < 1:
+        raise CanaryError(f"per_request must be at least 1, got {per_request}")
+    instances = [{name: _json_safe(row[name]) for name in REQUEST_FIELDS if name in row and row[name] is not None}
+                 for row in rows]
+    return [{"instances": instances[i:i + per_request]} for i in range(0, len(instances), per_request)]
+
+
+def _check_steps(steps: Sequence[int]) -> list[int]:
+    steps = list(steps)
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 100 for s in steps):
+        raise CanaryError(f"canary steps must be whole percents from 1 to 100, got {steps!r}")
+    if steps != sorted(set(steps)):
+        raise CanaryError(f"canary steps must rise, each once: got {steps!r}")
+    return steps
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+async def _send(url: str, bodies: Sequence[bytes], start: int, count: int, concurrency: int, timeout_s: float) -> Counter[str]:
+    """Send ``count`` bodies (from ``start``, cycling) to ``url``, ``concurrency`` at a time; the
+    answers' statuses (or the transport error's type) counted."""
+    import httpx
+
+    outcomes: Counter[str] = Counter()
+    next_index = iter(range(start, start + count))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def worker() -> None:
+            for index in next_index:
+                try:
+                    response = await client.post(url, content=bodies[index % len(bodies)],
+                                                 headers={"Content-Type": "application/json"})
+                    outcomes[str(response.status_code)] += 1
+                except httpx.HTTPError as exc:
+                    outcomes[type(exc).__name__] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
+
+
+async def _await_live(proxy: TrafficControl, count: int, timeout_s: float) -> Counter[str]:
+    """Wait until ``count`` predict requests reached the proxy (or ``timeout_s`` passed): live traffic."""
+    deadline = time.monotonic() + timeout_s
+    while proxy.window_requests() < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return Counter()
+
+
+def ramp_canary(
+    proxy: TrafficControl,
+    replay: Sequence[Mapping[str, Any] | bytes] | None,
+    path: str,
+    *,
+    steps: Sequence[int] = (10, 50),
+    window_requests: int = 500,
+    windows_per_step: int = 1,
+    thresholds: Thresholds | None = None,
+    concurrency: int = 16,
+    request_timeout_s: float = 30.0,
+    live_window_timeout_s: float = 300.0,
+    storage: Storage | None = None,
+    record_uri: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ramp the canary through ``steps`` (percents), ``windows_per_step`` windows of
+    ``window_requests`` replayed requests each, judging every window with
+    :func:`flywheel.deploy.canary_local.judge`. The first failed window rolls back (0%, at once);
+    passing them all promotes (100%). Returns the decision record, also written as JSON to
+    ``record_uri`` through ``storage`` when both are given.
+
+    ``replay`` None: no requests are sent; each window is the next ``window_requests`` requests of
+    live traffic through the proxy (judged with what came, if fewer came in ``live_window_timeout_s``).
+    ``path``: the predict path requests are sent to through the proxy, e.g.
+    ``/v1/models/fraud:predict``; ``meta``: what the caller adds to the record (model name,
+    versions, run id).
+    """
+    steps = _check_steps(steps)
+    thresholds = thresholds or Thresholds()
+    if window_requests < 1 or windows_per_step < 1 or concurrency < 1:
+        raise CanaryError("window_requests, windows_per_step and concurrency must each be at least 1")
+    if replay is not None and not replay:
+        raise CanaryError("the replay has no requests to send (pass None to judge live traffic instead)")
+    if not path.startswith("/"):
+        raise CanaryError(f"the predict path must start with '/', got {path!r}")
+    if (storage is None) != (record_uri is None):
+        raise CanaryError("give both storage and record_uri to write the decision record, or neither")
+    bodies = [body if isinstance(body, bytes) else json.dumps(body).encode() for body in replay or []]
+    url = proxy.url.rstrip("/") + path
+
+    record: dict[str, Any] = {
+        "kind": RECORD_KIND,
+        "meta": dict(meta or {}),
+        "proxy": proxy.url,
+        "path": path,
+        "steps": steps,
+        "window_requests": window_requests,
+        "windows_per_step": windows_per_step,
+        "source": "replay" if replay is not None else "live",
+        "concurrency": concurrency,
+        "thresholds": thresholds.to_dict(),
+        "windows": [],
+        "client": {"requests": 0, "failures": 0, "statuses": {}},
+        "started_at": _now(),
+    }
+    clock = time.perf_counter()
+    client: Counter[str] = Counter()
+    verdict, reasons = PROMOTE, []
+    sent = 0
+    for step in steps:
+        for index in range(windows_per_step):
+            proxy.set_canary_percent(step)  # the counter restarts: the window's split is exact
+            proxy.take_window()  # what came before (live requests under the previous share) is not judged
+            started = _now()
+            if replay is None:
+                outcomes = asyncio.run(_await_live(proxy, window_requests, live_window_timeout_s))
+            else:
+                outcomes = asyncio.run(_send(url, bodies, sent, window_requests, concurrency, request_timeout_s))
+            sent += window_requests
+            client.update(outcomes)
+            observations = proxy.take_window(thresholds)
+            judgement = judge(observations, thresholds)
+            record["windows"].append({
+                "step": step, "window": index + 1, "started_at": started, "ended_at": _now(),
+                "client_statuses": dict(outcomes), "observations": observations.to_dict(),
+                "verdict": judgement.verdict, "reasons": judgement.reasons,
+            })
+            log.info("canary at %d%%, window %d: %s (%s)", step, index + 1, judgement.verdict, "; ".join(judgement.reasons))
+            if not judgement.passed:
+                proxy.set_canary_percent(0)  # roll back first, write down why after
+                verdict = ROLLBACK
+                reasons = [f"at {step}% (window {index + 1}): {reason}" for reason in judgement.reasons]
+                break
+        if verdict == ROLLBACK:
+            break
+    else:
+        proxy.set_canary_percent(100)
+        reasons = [f"{len(record['windows'])} window(s) at {', '.join(f'{s}%' for s in steps)} passed every threshold"]
+
+    record.update(
+        verdict=verdict,
+        reasons=reasons,
+        final_canary_percent=0 if verdict == ROLLBACK else 100,
+        decided_at=_now(),
+        duration_s=round(time.perf_counter() - clock, 3),
+    )
+    record["client"] = {
+        "requests": sum(client.values()),
+        "failures": sum(n for status, n in client.items() if not (status.isdigit() and int(status) < 500)),
+        "statuses": dict(client),
+    }
+    record = finite(record)
+    if storage is not None and record_uri is not None:
+        record["uri"] = record_uri
+        try:
+            storage.write_json(record_uri, record)
+        except Exception as exc:  # the decision is made and applied; say where its record could not go
+            raise CanaryError(f"the canary's {verdict} was applied (traffic {record['final_canary_percent']}%) but its "
+                              f"decision record could not be written to {record_uri}: {first_line(exc)}") from exc
+    return record

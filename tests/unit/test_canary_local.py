@@ -1,0 +1,146 @@
+"""Judging canary windows: summaries of hand-made samples against hand-computed values, and each
+threshold breaking a window on its own (the thresholds are the real defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from flywheel.deploy.canary_local import (
+    Sample, ScorePair, Thresholds, WindowObservations, agreement, arm_stats, judge, summarise,
+)
+from flywheel.deploy.ramp import v1_bodies
+from flywheel.deploy.traffic import predict_protocol, scores_of
+
+CLIENT = {"requests": 0, "to_canary": 0, "answered_by_canary": 0, "fallbacks": 0, "failures": 0}
+
+
+def ok(arm: str, ms: float) -> Sample:
+    return Sample(arm, True, ms)
+
+
+def healthy_window(**changes) -> WindowObservations:
+    """100 stable calls at 1..100 ms, 60 canary calls at 1..60 ms, 60 identical score pairs."""
+    samples = [ok("stable", ms) for ms in range(1, 101)] + [ok("canary", ms) for ms in range(1, 61)]
+    pairs = [ScorePair((p / 60,), (p / 60,)) for p in range(60)]
+    window = summarise(samples, pairs, CLIENT)
+    return replace(window, **changes)
+
+
+def test_arm_stats_match_hand_computed_percentiles():
+    stats = arm_stats([ok("stable", ms) for ms in range(1, 101)] + [Sample("stable", False, 5000, "HTTP 503")] * 2
+                      + [Sample("stable", False, 250, "timeout after 250 ms", timeout=True)])
+    # numpy's linear percentile of 1..100: p50 at rank 49.5 -> 50.5; p99 at rank 98.01 -> 99.01.
+    assert (stats.requests, stats.errors, stats.timeouts) == (103, 3, 1)
+    assert stats.error_rate == pytest.approx(3 / 103)
+    assert stats.p50_ms == pytest.approx(50.5) and stats.p99_ms == pytest.approx(99.01)  # failed calls' latency left out
+    assert stats.error_examples == ["HTTP 503", "timeout after 250 ms"]
+
+
+def test_agreement_over_every_instance_of_every_pair():
+    pairs = [ScorePair((0.1, 0.9), (0.2, 0.4)), ScorePair((0.6,), (0.65,)), ScorePair((0.3,), (0.3, 0.3))]
+    a = agreement(pairs, score_tolerance=0.1, decision_threshold=0.5)
+    # The third pair's lengths differ: it pairs nothing. Diffs: 0.1, 0.5, 0.05.
+    assert a.pairs == 3
+    assert a.mean_abs_diff == pytest.approx((0.1 + 0.5 + 0.05) / 3)
+    assert a.max_abs_diff == pytest.approx(0.5)
+    assert a.score_agreement == pytest.approx(2 / 3)  # |0.1 - 0.2| is 0.1 exactly in floats: within the tolerance
+    assert a.decision_agreement == pytest.approx(2 / 3)  # 0.9 vs 0.4 flips the decision
+
+
+def test_a_healthy_window_passes_and_says_what_was_checked():
+    verdict = judge(healthy_window(), Thresholds())
+    assert verdict.passed and verdict.verdict == "pass"
+    assert any("canary error rate 0.0000" in r for r in verdict.reasons)
+    assert any("fraud decisions" in r for r in verdict.reasons)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda w: replace(w, canary=replace(w.canary, requests=49)), "only 49 requests reached the canary"),
+    (lambda w: replace(w, canary=replace(w.canary, errors=2, error_rate=2 / 60)), "canary error rate 0.0333 > 0.0100"),
+    (lambda w: replace(w, canary=replace(w.canary, p99_ms=251.0), stable=replace(w.stable, p99_ms=200.0)), "canary p99 latency 251.0 ms > 250.0 ms"),
+    (lambda w: replace(w, canary=replace(w.canary, p99_ms=200.1), stable=replace(w.stable, p99_ms=100.0)), "> 2x stable's 100.0 ms"),
+    (lambda w: replace(w, agreement=replace(w.agreement, mean_abs_diff=0.06)), "mean |p_stable - p_canary| 0.0600 > 0.05"),
+    (lambda w: replace(w, agreement=replace(w.agreement, decision_agreement=0.94)), "fraud decisions (at 0.5) agree on only 94.0%"),
+    (lambda w: replace(w, agreement=replace(w.agreement, score_agreement=0.89)), "scores agree within 0.1 on 89.0%"),
+    (lambda w: replace(w, agreement=replace(w.agreement, pairs=0)), "score agreement cannot be judged"),
+    (lambda w: replace(w, canary=replace(w.canary, p50_ms=None, p99_ms=None, errors=60, error_rate=1.0)), "the canary answered none of its 60 requests"),
+])
+def test_each_broken_threshold_rolls_the_window_back(change, reason):
+    verdict = judge(change(healthy_window()), Thresholds())
+    assert verdict.verdict == "rollback"
+    assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+def test_an_error_rate_above_stables_by_more_than_allowed_rolls_back():
+    window = healthy_window()
+    window = replace(window, canary=replace(window.canary, errors=1, error_rate=0.01), stable=replace(window.stable, error_rate=0.004))
+    verdict = judge(window, Thresholds())  # 0.01 is within the absolute ceiling, but 0.004 + 0.005 < 0.01
+    assert verdict.verdict == "rollback"
+    assert verdict.reasons == ["canary error rate 0.0100 exceeds stable's 0.0040 by more than 0.0050"]
+    assert judge(replace(window, stable=replace(window.stable, error_rate=0.005)), Thresholds()).passed
+
+
+def test_thresholds_from_settings_like_objects():
+    """``settings.deploy.canary`` has the shared names; the ones it lacks keep their defaults."""
+    settings = SimpleNamespace(max_error_rate=0.5, min_requests=1, traffic_percent=10, windows=3)
+    t = Thresholds.from_object(settings)
+    assert (t.max_error_rate, t.min_requests, t.decision_threshold) == (0.5, 1, 0.5)
+    window = healthy_window()
+    window = replace(window, canary=replace(window.canary, errors=12, error_rate=0.2))
+    assert judge(window, Thresholds()).verdict == "rollback"
+    assert not any("canary error rate 0.2000 > " in r for r in judge(window, settings).reasons)
+
+
+@pytest.mark.parametrize("method, path, protocol", [
+    ("POST", "/v1/models/fraud:predict", "v1"), ("POST", "/v2/models/fraud/infer", "v2"),
+    ("POST", "/v2/models/fraud/versions/3/infer", "v2"), ("GET", "/v1/models/fraud:predict", None),
+    ("GET", "/v2/health/ready", None), ("POST", "/v1/models/fraud:explain", None),
+])
+def test_only_predict_requests_are_split(method, path, protocol):
+    assert predict_protocol(method, path) == protocol
+
+
+@pytest.mark.parametrize("protocol, body, scores", [
+    ("v1", b'{"predictions": [{"fraud_probability": 0.25, "model_version": "3"}]}', (0.25,)),
+    ("v1", b'{"predictions": [0.1, 0.7]}', (0.1, 0.7)),
+    ("v2", b'{"outputs": [{"name": "x", "data": [1]}, {"name": "fraud_probability", "data": [0.5, 0.25]}]}', (0.5, 0.25)),
+    ("v2", b'{"outputs": [{"name": "p", "shape": [2, 1], "data": [[0.5], [0.25]]}]}', (0.5, 0.25)),
+    ("v1", b'{"predictions": [{"other": 1}]}', None),
+    ("v1", b'{"predictions": [true]}', None),
+    ("v1", b'{"predictions": [NaN]}', None),
+    ("v2", b'{"outputs": []}', None),
+    ("v1", b"<html>oops</html>", None),
+])
+def test_scores_are_read_from_v1_and_v2_answers_or_refused(protocol, body, scores):
+    assert scores_of(protocol, body) == scores
+
+
+def test_v1_bodies_keep_request_fields_only_and_iso_times():
+    import pandas as pd
+
+    rows = [{"transaction_id": f"t{i}", "card_id": "c", "merchant_id": "m", "amount": 1.5 * i,
+             "ts": pd.Timestamp("2026-11-01T12:00:00Z"), "is_fraud": True} for i in range(3)]
+    bodies = v1_bodies(rows, per_request=2)
+    assert [len(b["instances"]) for b in bodies] == [2, 1]
+    assert bodies[0]["instances"][1] == {"transaction_id": "t1", "card_id": "c", "merchant_id": "m", "amount": 1.5,
+                                         "ts": "2026-11-01T12:00:00+00:00"}
+
+
+def test_canary_latency_is_compared_with_stables_on_the_same_requests():
+    """A load spike slows both calls of a shadowed request: the canary is judged against stable's
+    shadow calls, not against stable's calls at quieter moments."""
+    quiet = [Sample("stable", True, 10.0)] * 200
+    spiked_shadows = [Sample("stable", True, 120.0, shadow=True)] * 60
+    canary = [Sample("canary", True, 200.0)] * 60
+    pairs = [ScorePair((0.2,), (0.2,))] * 60
+    window = summarise(quiet + spiked_shadows + canary, pairs, CLIENT)
+    assert window.stable_shadow.requests == 60 and window.stable_shadow.p99_ms == pytest.approx(120.0)
+    verdict = judge(window, Thresholds())
+    assert verdict.passed, verdict.reasons  # 200 <= 2 x 120
+    slower = summarise(quiet + spiked_shadows + [Sample("canary", True, 241.0)] * 60, pairs, CLIENT)
+    assert any("> 2x stable's on the same requests 120.0 ms" in r for r in judge(slower, Thresholds()).reasons)
+    no_shadows = summarise(quiet + canary, pairs, CLIENT)  # without shadow calls: stable's calls overall
+    assert any("> 2x stable's 10.0 ms" in r for r in judge(no_shadows, Thresholds()).reasons)
