@@ -25,6 +25,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from kserve.errors import InvalidInput
 from kserve.protocol.rest.server import RESTServer
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -166,6 +167,11 @@ async def _client_mistake(_: Request, exc: Exception) -> Response:
     return JSONResponse(status_code=400, content={"error": str(exc)})
 
 
+async def _http_error(_: Request, exc: HTTPException) -> Response:
+    """Every error body has one shape, {"error": ...}, FastAPI's own (a body it cannot parse, 404, 405) too."""
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+
+
 async def _metrics_page(request: Request) -> Response:
     content, content_type = metrics.exposition(request.headers.get("accept"))
     return Response(content=content, headers={"content-type": content_type})
@@ -214,6 +220,7 @@ class FlywheelRESTServer(RESTServer):
         super()._add_exception_handlers(app)
         app.add_exception_handler(RequestValidationError, _malformed_request)
         app.add_exception_handler(InvalidInput, _client_mistake)
+        app.add_exception_handler(HTTPException, _http_error)
 
 
 def multiprocess_server_class() -> type:
