@@ -29,7 +29,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from flywheel.config import Settings
-from flywheel.errors import RegistryError
+from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
 from flywheel.features.store import OnlineReader, open_served_store
 from flywheel.registry import Registry
@@ -94,7 +94,13 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
     if model_version is None:
         raise RegistryError(f"model {settings.model_name!r} has no production version yet: run `flywheel run` first")
     with tempfile.TemporaryDirectory(prefix="flywheel-serving-") as folder:  # each load its own copy: workers never share files
-        model = load_version(registry, model_version, cache_dir=folder)
+        try:
+            model = load_version(registry, model_version, cache_dir=folder)
+        except FlywheelError:
+            raise
+        except Exception as exc:  # a corrupt or incompatible model file
+            raise RegistryError(f"model {settings.model_name!r} version {model_version.version} cannot be loaded: "
+                                f"{type(exc).__name__}: {exc}") from exc
     world = world_of_model(storage, model_version.meta)
     store = open_served_store(settings, world)
     bundle = Bundle(model_version.version, model, world, store, OnlineReader(store))
