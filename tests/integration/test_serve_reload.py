@@ -93,7 +93,7 @@ class Traffic:
 
 def test_a_promotion_is_picked_up_by_every_worker_without_a_failed_request(home, tmp_path):
     env, registry, first = home
-    with flywheel_server(dict(env, FLYWHEEL_SERVING__WORKERS="2"), tmp_path / "server.log") as server:
+    with flywheel_server(dict(env, FLYWHEEL_SERVING__WORKERS="2"), tmp_path / "server.log", seconds=300) as server:
         with Traffic(server.base) as traffic:
             time.sleep(1.0)
             broken = publish_copy(registry, first, tmp_path, corrupt=True)
