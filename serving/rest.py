@@ -164,7 +164,10 @@ async def _malformed_request(_: Request, exc: Any) -> Response:
 
 async def _client_mistake(_: Request, exc: Exception) -> Response:
     """KServe's handler logs a traceback for every 400; a client's mistake is in the access log already."""
-    return JSONResponse(status_code=400, content={"error": str(exc)})
+    message = str(exc)
+    if message.startswith("Unrecognized request format: "):  # KServe's words for a JSON body it cannot parse
+        message = "the request body is not valid JSON: " + message.removeprefix("Unrecognized request format: ")
+    return JSONResponse(status_code=400, content={"error": message})
 
 
 async def _http_error(_: Request, exc: HTTPException) -> Response:

@@ -44,7 +44,7 @@ def test_a_good_request_is_scored_with_its_version(client):
     "path, body, status, message",
     [
         (V1, {"instances": [dict(GOOD, ts="now")]}, 400, "field 'ts'"),
-        (V1, {"instances": [dict(GOOD, amount=float("inf"))]}, 400, "not valid JSON|field 'amount'"),
+        (V1, {"instances": [dict(GOOD, amount=float("inf"))]}, 400, "the request body is not valid JSON"),
         (V1, {"instances": [GOOD] * 100}, 413, "larger than 4096 bytes"),
         (V2, {"inputs": [{"name": "amount", "shape": [2], "datatype": "FP64", "data": [1.0]}]}, 400, "shape \\[2\\] disagrees"),
         (V2, {"inputs": [{"name": "amount"}]}, 400, "malformed request"),
@@ -63,8 +63,9 @@ def test_client_mistakes_are_4xx_naming_the_problem(client, path, body, status, 
 
 def test_unknown_routes_and_methods_answer_in_the_same_error_shape(client):
     http, _ = client
-    assert http.get("/v1/models/nope").status_code == 404
-    response = http.get(V1)
+    missing = http.get("/no/such/route")
+    assert missing.status_code == 404 and missing.json()["error"]
+    response = http.get(V2)
     assert response.status_code == 405 and response.json()["error"]
 
 
