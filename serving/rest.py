@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from flywheel.errors import FlywheelError
 from serving import metrics
 
 access_log = logging.getLogger("flywheel.access")
@@ -175,6 +176,11 @@ async def _http_error(_: Request, exc: HTTPException) -> Response:
     return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
 
 
+async def _store_unavailable(_: Request, exc: Exception) -> Response:
+    """The online store or registry failed under a request: the server's trouble, said plainly (503)."""
+    return JSONResponse(status_code=503, content={"error": f"scoring is unavailable: {exc}"})
+
+
 async def _metrics_page(request: Request) -> Response:
     content, content_type = metrics.exposition(request.headers.get("accept"))
     return Response(content=content, headers={"content-type": content_type})
@@ -224,6 +230,7 @@ class FlywheelRESTServer(RESTServer):
         app.add_exception_handler(RequestValidationError, _malformed_request)
         app.add_exception_handler(InvalidInput, _client_mistake)
         app.add_exception_handler(HTTPException, _http_error)
+        app.add_exception_handler(FlywheelError, _store_unavailable)
 
 
 def multiprocess_server_class() -> type:

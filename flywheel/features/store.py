@@ -177,20 +177,20 @@ class OnlineReader:
         for (view, key, names), ids in zip(self._views, (card_ids, merchant_ids)):
             keys = [self._entity_key(join_keys=[key], entity_values=[self._value(string_val=i)]) for i in ids]
             try:
-                rows = self._online_store.online_read(self._config, view, keys, names)
+                # A copy: the Redis store appends its own timestamp key to the list it is given.
+                rows = self._online_store.online_read(self._config, view, keys, list(names))
             except Exception as exc:  # the store is down or broken: the caller turns it into a 503
                 raise FeatureStoreError(f"online read of {view.name} failed: {type(exc).__name__}: {exc}") from exc
             columns = {name: np.full(len(ids), np.nan) for name in names}
             found = np.zeros(len(ids), dtype=bool)
             for index, (_, values) in enumerate(rows):
-                if not values:
-                    continue
-                found[index] = True
+                # SQLite answers an unknown key with no values; Redis with empty (null) ones.
                 for name in names:
-                    value = values.get(name)
+                    value = (values or {}).get(name)
                     kind = value.WhichOneof("val") if value is not None else None
                     if kind is not None:
                         columns[name][index] = getattr(value, kind)
+                        found[index] = True
             features.update(columns)
             known[key] = found
         return features, known
