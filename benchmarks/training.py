@@ -207,7 +207,7 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
 
 def resume_after_kill(settings, storage, training_set, run_id: str) -> dict:
     """Train through the train step; SIGKILL rank 1 once the first checkpoint is in storage; the
-    seconds from the kill to the first optimizer step after the relaunch (from the workers' log)."""
+    seconds from the kill to the first optimizer step after torchrun's restart (from the workers' log)."""
     import re
     import signal
     import tempfile
@@ -232,7 +232,7 @@ def resume_after_kill(settings, storage, training_set, run_id: str) -> dict:
     deadline = time.monotonic() + 600
     while killed_at is None and time.monotonic() < deadline:
         found = None
-        for log in Path(tempfile.gettempdir()).glob("flywheel-train-*/logs/attempt-1/torchrun.log"):
+        for log in Path(tempfile.gettempdir()).glob("flywheel-train-*/logs/torchrun.log"):
             if log.stat().st_mtime < begun:
                 continue  # another run's
             found = re.search(r"rank1 worker pid (\d+) started", log.read_text(errors="replace")) or found
@@ -243,7 +243,9 @@ def resume_after_kill(settings, storage, training_set, run_id: str) -> dict:
     thread.join(timeout=900)
     if "error" in result or killed_at is None:
         raise RuntimeError(f"the kill-and-resume run failed: {result.get('error') or 'no checkpoint to kill after'}")
-    text = storage.read_bytes(f"{logs}/attempt-2/torchrun.log").decode(errors="replace")
+    # torchrun restarted the group (--max-restarts): the second attempt's ranks logged the resume.
+    text = "\n".join(storage.read_bytes(uri).decode(errors="replace")
+                     for uri in storage.list(f"{logs}/attempt-2") if uri.endswith("stderr.log"))
     stamp = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) rank\d first step after resume done", text)
     resumed = re.search(r"resuming from epoch (\d+) step (\d+) \(global step (\d+)\)", text)
     first_step = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000

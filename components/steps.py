@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 # The project image: the flywheel package and its locked dependencies (see README, "Cluster").
 IMAGE = "ghcr.io/flywheel-ml/flywheel:0.1.0"
@@ -64,23 +64,35 @@ def evaluate(
     run_id: str,
     truth_uri: str,
     evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+    report: Output[HTML],
 ) -> bool:
     """Holdout metrics and the gate: an absolute floor AND no worse than production. Returns the blessing.
+    In the Kubeflow UI: the scalar metrics, the ROC curve and confusion matrix, and the HTML report
+    (plots against production, segments, calibration, model card).
 
     (A plain return, not a NamedTuple field: kfp.local resolves `dsl.If` conditions only on `Output`.)
     """
-    from flywheel.steps import evaluate_step
-    from flywheel.kfp_io import read_artifact, write_artifact
+    from flywheel.steps import evaluate_step, evaluation_html
+    from flywheel.kfp_io import log_evaluation, read_artifact, write_artifact
 
     result = evaluate_step(read_artifact(training_set), read_artifact(model), run_id, truth_uri)
     write_artifact(evaluation, result, ["model_version", "blessed", "report_uri"], extra=result["metrics"])
+    log_evaluation(metrics, classification, result)
+    with open(report.path, "w") as handle:
+        handle.write(evaluation_html(result))
     return bool(result["blessed"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy(model: Input[Model], evaluation: Input[Artifact], run_id: str, deployed: Output[Model]):
-    """Promote the blessed version to production."""
-    from flywheel.steps import deploy_step
+def deploy(model: Input[Model], evaluation: Input[Artifact], run_id: str, deployed: Output[Model], decision: Output[Markdown]):
+    """Release the blessed version (deploy.target): production locally, or a KServe canary that is
+    promoted or rolled back; the decision record is shown in the Kubeflow UI."""
+    from flywheel.steps import decision_markdown, deploy_step
     from flywheel.kfp_io import read_artifact, write_artifact
 
-    write_artifact(deployed, deploy_step(read_artifact(model), read_artifact(evaluation), run_id), ["uri", "version"])
+    result = deploy_step(read_artifact(model), read_artifact(evaluation), run_id)
+    write_artifact(deployed, result, ["uri", "version"])
+    with open(decision.path, "w") as handle:
+        handle.write(decision_markdown(result))

@@ -1,4 +1,4 @@
-"""The `flywheel` command line: generate, run, train, serve, compile. It parses and dispatches; the run
+"""The `flywheel` command line: generate, run, train, serve, score, compile, and upload/submit/schedule/runs on Kubeflow. It parses and dispatches; the run
 report and progress display are in :mod:`flywheel.report`.
 
 Errors that a user can cause (FlywheelError) print as one clear message and a non-zero exit code,
@@ -156,11 +156,349 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.training import compile_pipeline
+    from pipelines import scoring, training
 
-    path = compile_pipeline(args.out, _settings(args))
-    _console().print(f"wrote {path}")
+    settings = _settings(args)
+    for module in (training, scoring):
+        _console().print(f"wrote {module.compile_pipeline(args.out, settings)}")
     return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flywheel.report import output_to
+    from flywheel.steps import read_step_records
+    from flywheel.storage import Storage
+    from pipelines.scoring import run_locally
+
+    settings = _settings(args)
+    storage = Storage.from_settings(settings)
+    run_id = new_run_id()
+    console = _console()
+    console.print(f"[bold]run {run_id}[/]: scoring {args.start} to {args.end} with kfp.local", soft_wrap=True)
+    log_path = settings.home / "runs" / run_id / "pipeline.log"
+    failure: Exception | None = None
+    with contextlib.ExitStack() as stack:
+        if not args.verbose:  # every step's own output goes to the log
+            stack.enter_context(output_to(log_path))
+        try:
+            run_locally(settings, args.start, args.end, run_id, out_uri=args.out or "", chunk_days=args.chunk_days or 0,
+                        lake_uri=args.lake or "")
+        except Exception as exc:  # kfp.local names the failed task; the step record says why
+            failure = exc
+    records = read_step_records(storage, run_id)
+    if failure is not None:
+        failed = [r for r in records.values() if r.get("status") == "failed"]
+        if failed:
+            raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
+        raise PipelineError(f"the scoring pipeline failed: {failure} (steps' output: {log_path})")
+    summary = storage.read_json(records["summarize"]["artifacts"]["summary"])
+    console.print(f"scored {summary['rows']:,} transactions over {summary['days']} day(s) in {summary['chunks']} chunk(s) with "
+                  f"model {summary['model_version']}: {summary['flagged']:,} at or above {summary['alert_threshold']}", soft_wrap=True)
+    console.print(f"summary: {records['summarize']['artifacts']['summary']}", soft_wrap=True)
+    return 0
+
+
+# ---------------------------------------------------------------- upload / submit / schedule / runs
+def _package(args: argparse.Namespace, settings: Any, scratch: str) -> tuple[str, str]:
+    """The package to upload (given, or compiled now from these settings) and the pipeline's name."""
+    import yaml
+
+    if args.package:
+        path = args.package
+    else:
+        from pipelines import scoring, training
+
+        module = {"training": training, "scoring": scoring}[args.pipeline]
+        path = str(module.compile_pipeline(scratch, settings))
+    try:
+        with open(path) as handle:
+            spec = next(yaml.safe_load_all(handle))
+        name = spec["pipelineInfo"]["name"]
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline package {path} does not exist (run `flywheel compile` first)") from None
+    except (yaml.YAMLError, TypeError, KeyError, StopIteration):
+        raise ConfigError(f"{path} is not a compiled KFP pipeline (no pipelineInfo.name)") from None
+    return path, args.pipeline_name or name
+
+
+def _checked_params(path: str, pairs: list[str]) -> dict[str, str]:
+    """--param NAME=VALUE pairs, checked against the package's inputs: an unknown or a missing required
+    parameter is named here rather than by a failed run on the cluster."""
+    import yaml
+
+    from flywheel.kfp_client import parse_params
+
+    params = parse_params(pairs)
+    with open(path) as handle:
+        spec = next(yaml.safe_load_all(handle))
+    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ConfigError(f"the pipeline has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(declared))}")
+    missing = sorted(n for n, d in declared.items() if not d.get("isOptional") and n not in params)
+    if missing:
+        raise ConfigError(f"the pipeline needs --param {' --param '.join(f'{n}=...' for n in missing)}")
+    return params
+
+
+def _kfp(args: argparse.Namespace) -> tuple[Any, Any]:
+    from flywheel.kfp_client import KfpClient
+
+    settings = _settings(args)
+    return settings, KfpClient(settings)
+
+
+def _upload(args: argparse.Namespace, settings: Any, client: Any, scratch: str) -> tuple[Any, dict[str, str]]:
+    """Upload (or reuse) the package; for submit and schedule, also the checked --param values."""
+    path, name = _package(args, settings, scratch)
+    params = _checked_params(path, args.param) if hasattr(args, "param") else {}
+    uploaded = client.upload(path, name)
+    what = ("new pipeline" if uploaded.new_pipeline else "new version") if uploaded.new_version else "already uploaded"
+    _console().print(f"pipeline {uploaded.pipeline_name} ({uploaded.pipeline_id}) version {uploaded.version_name} "
+                     f"({uploaded.version_id}): {what}", soft_wrap=True)
+    return uploaded, params
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    import tempfile
+
+    settings, client = _kfp(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        _upload(args, settings, client, scratch)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    settings, client = _kfp(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        uploaded, params = _upload(args, settings, client, scratch)
+        run = client.submit(uploaded, params, args.run_name or new_run_id())
+    _console().print(f"run {run.run_name} ({run.run_id}) in experiment {settings.kfp.experiment}: {run.url}", soft_wrap=True)
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    import tempfile
+
+    settings, client = _kfp(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        uploaded, params = _upload(args, settings, client, scratch)
+        scheduled = client.schedule(uploaded, params, args.name or f"{uploaded.pipeline_name}-scheduled", args.cron)
+    _console().print(f"recurring run {scheduled.name} ({scheduled.recurring_run_id}) on cron '{scheduled.cron}', one at a "
+                     f"time, no catch-up: {scheduled.url}", soft_wrap=True)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    settings, client = _kfp(args)
+    rows = client.runs(args.limit)
+    console = _console()
+    if not rows:
+        console.print(f"no runs in experiment {settings.kfp.experiment}")
+        return 0
+    console.print(f"{len(rows)} latest run(s) in experiment {settings.kfp.experiment}, newest first:")
+    for row in rows:  # whole ids, one run a line: they are what the UI and the API take
+        console.print(f"{row.run_id}  {row.state:<9}  created {row.created_at}  finished {row.finished_at or '-'}  {row.name}",
+                      soft_wrap=True, markup=False)
+    return 0
+
+
+# ---------------------------------------------------------------- ingest / lineage
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Ingest and validate one delivery: exit 0 accepted, 1 rejected (reasons printed), 2 usage error."""
+    from flywheel import steps
+    from flywheel.errors import DataError, ValidationFailed
+    from flywheel.ingest import source_files
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    storage = Storage.from_settings(settings)
+    lake_uri = args.lake or storage.uri("lake")
+    try:
+        files = source_files(storage, args.source)
+    except DataError as exc:  # nothing to read there: the command line is wrong, not the data
+        raise ConfigError(str(exc)) from None
+    console = _console()
+    run_id = new_run_id().replace("run-", "ingest-", 1)
+    policy = args.policy or settings.ingest.policy
+    try:
+        published = steps.ingest_and_validate(args.source, run_id, settings, lake_uri, policy)
+    except (DataError, ValidationFailed) as exc:
+        console.print(f"rejected: {len(files)} file(s) seen under {args.source}; nothing entered {lake_uri}", soft_wrap=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sources = published["source_files"]
+    skipped = [f for f in sources if f.get("skipped")]
+    new_rows = sum(p["rows"] for p in published["parts"] if p["uri"] in set(published["new_parts"]))
+    quarantine = published.get("quarantine") or {}
+    duplicates = sum(f.get("duplicates", 0) for f in sources)
+    console.print(
+        f"accepted: {len(sources)} file(s) seen, {len(skipped)} skipped as already ingested, {new_rows:,} rows accepted, "
+        f"{quarantine.get('rows', 0):,} quarantined, 0 rejected"
+        + (f", {duplicates:,} re-delivered rows dropped" if duplicates else ""),
+        soft_wrap=True,
+    )
+    if quarantine:
+        console.print(f"quarantined rows and their reasons: {quarantine['uri']}", soft_wrap=True)
+    console.print(f"lake {lake_uri}: snapshot {published['sha256'][:12]}, {published['rows']:,} rows (policy {policy})", soft_wrap=True)
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from flywheel import lineage
+    from flywheel.storage import Storage
+
+    storage = Storage.from_settings(_settings(args))
+    tree = lineage.downstream(storage, args.uri) if args.down else lineage.trace(storage, args.uri)
+    children = "users" if args.down else "inputs"
+    if not tree.get("step") and not tree.get(children):
+        raise ConfigError(f"no lineage record names {args.uri}: give the URI of an artifact flywheel wrote or read")
+    if args.json:
+        sys.stdout.write(json.dumps(tree, indent=2) + "\n")
+    else:
+        sys.stdout.write(lineage.render_tree(tree, children) + "\n")
+    return 0
+
+
+def _add_lake_commands(sub: Any) -> None:
+    ing = sub.add_parser("ingest", help="ingest and validate raw files into the lake, without training",
+                         description="Ingest SOURCE (a csv/parquet/jsonl file, folder or glob; local or s3://) into the lake and "
+                                     "validate it (schema, the GE suite, the drift gate). Exit 0: accepted; 1: rejected (each "
+                                     "reason printed; the lake is unchanged); 2: usage error.")
+    ing.add_argument("source", metavar="SOURCE_URI", help="a file, a folder or a glob, local or s3://bucket/prefix")
+    ing.add_argument("--policy", choices=["fail", "quarantine"],
+                     help="fail: any bad row rejects the batch (default: settings ingest.policy); quarantine: bad rows go "
+                          "to <lake>/quarantine/<batch>/ with their reason, the rest passes if they are few enough")
+    ing.add_argument("--lake", help="the lake's URI (default: <storage root>/lake)")
+    ing.set_defaults(func=cmd_ingest)
+
+    lin = sub.add_parser("lineage", help="print an artifact's lineage: its inputs down to raw files, or what it reached",
+                         description="Print the lineage of URI as a tree: upstream to the raw files and their sha256 "
+                                     "(default), or downstream with --down (the parts, snapshots, training sets and models a "
+                                     "raw file reached).")
+    lin.add_argument("uri", metavar="URI", help="an artifact (a model file, a training set, a lake part) or a raw file")
+    lin.add_argument("--down", action="store_true", help="what was made from URI, instead of what URI was made from")
+    lin.add_argument("--json", action="store_true", help="the tree as JSON")
+    lin.set_defaults(func=cmd_lineage)
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry: list versions with their stages, show one with its history, promote, roll back."""
+    import json
+
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    registry = Registry(Storage.from_settings(settings), settings.model_name)
+    console = _console()
+    run_id = args.run_id if getattr(args, "run_id", None) else new_run_id()
+    if args.models_command == "list":
+        state = registry.state()
+        last: dict[str, Any] = {event.version: event for event in state.events}
+        console.print(f"model {settings.model_name}: {'VERSION':<26} {'STAGE':<10} LAST CHANGE", soft_wrap=True)
+        for version in registry.versions():
+            event = last.get(version)
+            change = f"{event.at[:19]} {event.action} by {event.user} ({event.run_id}): {event.reason}" if event else ""
+            console.print(f"{'':<{len(settings.model_name) + 7}}{version:<26} {state.stages.get(version, 'candidate'):<10} {change}",
+                          soft_wrap=True, markup=False)
+        return 0
+    if args.models_command == "show":
+        model = registry.get(args.version)
+        state = registry.state()
+        shown = {
+            **model.to_dict(),
+            "stage": state.stages.get(model.version, "candidate"),
+            "history": [event.to_dict() for event in state.events if event.version == model.version or event.previous_production == model.version],
+        }
+        sys.stdout.write(json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n")
+        return 0
+    if args.models_command == "promote":
+        previous = registry.production()
+        model = registry.promote(args.version, run_id=run_id, reason=args.reason,
+                                 expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} {model.version} is production" + (f" (was {previous.version})" if previous else ""),
+                      soft_wrap=True)
+        return 0
+    if args.models_command == "rollback":
+        previous = registry.production()
+        model = registry.rollback(run_id=run_id, reason=args.reason, expected_production=previous.version if previous else None)
+        console.print(f"model {settings.model_name} rolled back: {model.version} is production again "
+                      f"(was {previous.version if previous else 'none'})", soft_wrap=True)
+        return 0
+    raise ConfigError(f"unknown models command {args.models_command!r}")
+
+
+def _add_models_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback",
+                            description="Model versions and their stages (candidate, canary, production, archived), "
+                                        "from the registry's append-only event log.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    msub.add_parser("list", help="every version with its stage and last change", description="List every version with its stage.")
+    show = msub.add_parser("show", help="one version: its manifest, stage and history (JSON)",
+                           description="Print one version's manifest, stage and stage history as JSON.")
+    show.add_argument("version")
+    promote = msub.add_parser("promote", help="make a version production (the current one is archived)",
+                              description="Make VERSION the production version; refused if another promotion lands first.")
+    promote.add_argument("version")
+    rollback = msub.add_parser("rollback", help="return production to the previous production version",
+                               description="Return production to the version the current one replaced.")
+    for action in (promote, rollback):
+        action.add_argument("--reason", default="by hand", help="why (recorded in the event log)")
+        action.add_argument("--run-id", help="the run this change belongs to (default: a new run id)")
+    models.set_defaults(func=cmd_models)
+
+
+# ---------------------------------------------------------------- deploy
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Release a blessed version (default: the newest) locally or on KServe; --render prints the manifests."""
+    import json
+
+    from flywheel.deploy.promote import latest_evaluation, release
+    from flywheel.registry import Registry
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    target = args.target or settings.deploy.target
+    storage = Storage.from_settings(settings)
+    registry = Registry(storage, settings.model_name)
+    version = args.version or (registry.versions() or [None])[-1]
+    if version is None:
+        raise ConfigError(f"model {settings.model_name!r} has no versions yet: run `flywheel run` first")
+    model = registry.get(version)
+    if args.render:
+        if target != "kserve":
+            raise ConfigError("--render prints the KServe manifests: use --target kserve")
+        from flywheel.deploy.kserve import render_all
+
+        production = registry.production()
+        canary = settings.deploy.canary.traffic_percent if production and production.version != model.version else None
+        sys.stdout.write(render_all(settings, model, canary))
+        return 0
+    run_id = new_run_id()
+    deployed, decision = release(storage, settings, model.version, latest_evaluation(storage, model.version), run_id, target=target)
+    console = _console()
+    if decision:
+        console.print(f"{decision['verdict']}: {'; '.join(decision['reasons'])}", soft_wrap=True)
+        console.print(f"decision record: {decision['uri']}", soft_wrap=True)
+    console.print(f"production model: {deployed.version if deployed else 'none'}", soft_wrap=True)
+    return 0 if not decision or decision["verdict"] == "promote" else 3
+
+
+def _add_deploy_parser(sub: Any) -> None:
+    deploy = sub.add_parser("deploy", help="release a blessed model version locally or on KServe (canary, then promote or roll back)",
+                            description="Release a model version the gate blessed: locally it becomes production (which "
+                                        "`flywheel serve` follows); on KServe it rolls out as a canary and is promoted or rolled "
+                                        "back by the canary analysis. With --render, print the KServe manifests and change nothing.")
+    deploy.add_argument("--target", choices=["local", "kserve"], help="where to release (default: settings deploy.target, 'local')")
+    deploy.add_argument("--version", help="the model version (default: the newest)")
+    deploy.add_argument("--render", action="store_true", help="print the ServiceAccount, ServingRuntime and InferenceService YAML and exit")
+    deploy.set_defaults(func=cmd_deploy)
 
 
 # ---------------------------------------------------------------- parser
@@ -218,10 +556,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="the name clients use in the URL (default: settings model_name, 'fraud')")
     serve.set_defaults(func=cmd_serve)
 
-    comp = sub.add_parser("compile", help="write the training pipeline's KFP IR YAML",
-                          description="Compile the training pipeline to KFP IR YAML for upload to Kubeflow Pipelines.")
+    comp = sub.add_parser("compile", help="write the training and batch scoring pipelines' KFP IR YAML",
+                          description="Compile the training and batch scoring pipelines to KFP IR YAML for upload to Kubeflow Pipelines.")
     comp.add_argument("--out", default="build", help="output folder (default build/)")
     comp.set_defaults(func=cmd_compile)
+    _add_lake_commands(sub)
+
+    score = sub.add_parser("score", help="score a date range of the lake with the production model (kfp.local)",
+                           description="Run the batch scoring pipeline locally: the lake's transactions from --start to --end "
+                                       "scored in chunks of days, one partition per day and a summary.json under --out.")
+    score.add_argument("--start", required=True, help="first day, YYYY-MM-DD")
+    score.add_argument("--end", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    score.add_argument("--chunk-days", type=_positive, help="days per chunk (default: settings scoring.chunk_days)")
+    score.add_argument("--out", help="where the results go (default: <root>/scores/<run>)")
+    score.add_argument("--lake", help="the lake to read (default: the settings' lake, <root>/lake)")
+    score.set_defaults(func=cmd_score)
+
+    def package_args(command: argparse.ArgumentParser, params: bool = True) -> None:
+        command.add_argument("--pipeline", choices=["training", "scoring"], default="training",
+                             help="which pipeline to compile now from the settings (default training)")
+        command.add_argument("--package", help="a compiled pipeline YAML instead (from `flywheel compile`)")
+        command.add_argument("--pipeline-name", help="the pipeline's name in Kubeflow (default: the package's pipelineInfo.name)")
+        if params:
+            command.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                                 help="a pipeline parameter (repeatable), e.g. --param source_uri=s3://bucket/raw")
+
+    kfp_note = "Host, namespace, experiment and auth come from the settings' kfp section (FLYWHEEL_KFP__HOST, FLYWHEEL_KFP_TOKEN)."
+    upload = sub.add_parser("upload", help="upload the pipeline to Kubeflow Pipelines, or a new version of it",
+                            description="Upload the compiled pipeline; a changed pipeline becomes a new version (named after "
+                                        "the package's sha256), an unchanged one is reused. " + kfp_note)
+    package_args(upload, params=False)
+    upload.set_defaults(func=cmd_upload)
+
+    submit = sub.add_parser("submit", help="upload if needed, then start a run in the settings' experiment",
+                            description="Upload the pipeline if needed and start one run with the given parameters. " + kfp_note)
+    package_args(submit)
+    submit.add_argument("--run-name", help="the run's name (default: run-<time>-<random>)")
+    submit.set_defaults(func=cmd_submit)
+
+    schedule = sub.add_parser("schedule", help="upload if needed, then create a recurring run (cron, one at a time, no catch-up)",
+                              description="Create a recurring run for scheduled retraining: max_concurrency=1 and no catch-up "
+                                          "after a pause. " + kfp_note)
+    package_args(schedule)
+    schedule.add_argument("--cron", help="six fields, seconds first (default: settings kfp.schedule_cron, '0 0 2 * * *')")
+    schedule.add_argument("--name", help="the recurring run's name (default: <pipeline>-scheduled)")
+    schedule.set_defaults(func=cmd_schedule)
+
+    runs = sub.add_parser("runs", help="list the experiment's latest runs with their state",
+                          description="List the latest runs of the settings' experiment, newest first. " + kfp_note)
+    runs.add_argument("--limit", type=_positive, default=20, help="how many runs (default 20)")
+    runs.set_defaults(func=cmd_runs)
+
+
+    _add_models_parser(sub)
+    _add_deploy_parser(sub)
     return parser
 
 

@@ -24,11 +24,13 @@ from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings fields.
-NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION"}
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR"}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
 }
+# The Kubeflow Pipelines API's bearer token (kfp.token): from the environment only, like the S3 keys.
+KFP_TOKEN_ENV = "FLYWHEEL_KFP_TOKEN"
 
 
 class _Section(BaseModel):
@@ -159,10 +161,10 @@ class TrainingSettings(_Section):
     threads_per_worker: int = Field(1, ge=1)
     timeout_s: int = Field(1800, ge=10)  # one torchrun attempt, end to end
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL when the worker sees a GPU, else gloo
-    max_restarts: int = Field(1, ge=0)  # relaunches after a fault (a killed worker); never after an exception
+    max_restarts: int = Field(1, ge=0)  # torchrun's restarts after a fault (a killed worker); an exception is never retried
     process_group_timeout_s: int = Field(300, ge=1)  # a collective or rendezvous waiting longer fails
     # Rank 0 checkpoints to <out>/checkpoint.pt every this many optimizer steps (0: at epoch ends only)
-    # and at every epoch's end; a relaunched group resumes at the step after the latest one.
+    # and at every epoch's end; a restarted group resumes at the step after the latest one.
     checkpoint_every_steps: int = Field(200, ge=0)
     launcher: Literal["local", "pytorchjob", "trainjob"] = "local"
     cluster: ClusterTrainingSettings = Field(default_factory=ClusterTrainingSettings)
@@ -182,6 +184,43 @@ class GateSettings(_Section):
     min_comparison_positives: int = Field(30, ge=1)
 
 
+class DriftSettings(_Section):
+    """The drift gate: a batch against the mean profile of the last accepted batches of its lake."""
+
+    enabled: bool = True
+    window: int = Field(5, ge=1)  # how many of the last accepted batches make the baseline
+    # Distributions (quantiles, shares, fraud rate) are compared only for batches at least this big:
+    # smaller samples are noise. Shares and the fraud rate also get 3 standard errors of slack.
+    min_rows: int = Field(500, ge=1)
+    amount_quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    # Each amount quantile may differ from the baseline's by this share of it (0.5: 50%).
+    amount_quantile_tolerance: float = Field(0.5, gt=0)
+    # Per-category and per-channel shares: largest allowed absolute change of one value's share,
+    # and the KL divergence of the whole distribution from the baseline's.
+    max_share_change: float = Field(0.1, gt=0, le=1)
+    max_kl_divergence: float = Field(0.1, gt=0)
+    max_fraud_rate_change: float = Field(0.05, gt=0, le=1)  # absolute
+    # Row count against the recent mean: at least min_rows_ratio and at most max_rows_ratio times it.
+    min_rows_ratio: float = Field(0.001, ge=0)
+    max_rows_ratio: float = Field(1000.0, gt=0)
+
+
+class IngestSettings(_Section):
+    """Ingest and validation of raw deliveries (`flywheel ingest`, and the pipeline's first two steps)."""
+
+    # fail: a batch with any bad row is rejected whole; quarantine: bad rows go to
+    # <lake>/quarantine/<batch>/ with their reason, and the batch passes when their share is at most
+    # max_quarantine_fraction.
+    policy: Literal["fail", "quarantine"] = "fail"
+    max_quarantine_fraction: float = Field(0.01, ge=0, le=1)
+    chunk_rows: int = Field(1_000_000, ge=1_000)  # rows read, checked and written at a time (bounded memory)
+    # Timestamps: at most this far ahead of the ingest time (clock skew) or behind it.
+    max_future_minutes: float = Field(60.0, ge=0)
+    max_age_days: float = Field(3650.0, gt=0)
+    max_amount: float = Field(1_000_000.0, gt=0)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+
+
 class ServingSettings(_Section):
     """The KServe predictor."""
 
@@ -192,6 +231,149 @@ class ServingSettings(_Section):
     reload_interval_s: float = Field(10.0, gt=0)  # how often a worker asks the registry for a new production version
     max_body_bytes: int = Field(1_048_576, ge=1024)  # a larger request body is refused (413) before it is read
     max_batch: int = Field(1000, ge=1)  # transactions per request
+
+
+class ScoringSettings(_Section):
+    """Batch scoring of a date range of the lake (`flywheel-scoring` pipeline)."""
+
+    chunk_days: int = Field(1, ge=1, le=366)  # days per chunk: each chunk is one task, in parallel on a cluster
+    alert_threshold: float = Field(0.5, gt=0, lt=1)  # a probability at or above it is counted as flagged
+    max_parallel_chunks: int = Field(4, ge=1, le=64)
+
+
+class StepResources(_Section):
+    """CPU and memory requests and limits of one pipeline step's pod (Kubernetes quantities)."""
+
+    cpu_request: str = "500m"
+    cpu_limit: str = "2"
+    memory_request: str = "1Gi"
+    memory_limit: str = "4Gi"
+
+
+def _default_step_resources() -> dict[str, StepResources]:
+    # Feature building and evaluation hold a whole training set in memory; the train step only
+    # launches and watches a job when training.launcher is a cluster one.
+    return {
+        "ingest": StepResources(),
+        "validate": StepResources(memory_request="2Gi", memory_limit="8Gi"),
+        "features": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
+        "train": StepResources(cpu_request="2", cpu_limit="8", memory_request="4Gi", memory_limit="16Gi"),
+        "evaluate": StepResources(cpu_request="1", cpu_limit="4", memory_request="2Gi", memory_limit="8Gi"),
+        "deploy": StepResources(),
+        "plan_scoring": StepResources(),
+        "score": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
+        "summarize": StepResources(),
+    }
+
+
+class KfpSettings(_Section):
+    """Kubeflow Pipelines: where the API is, whose namespace, and how compiled steps run on the cluster.
+
+    Auth: a bearer token from ``FLYWHEEL_KFP_TOKEN`` (never from YAML), else the in-cluster service
+    account token at ``token_path`` (multi-user Kubeflow projects it into notebook pods), else none
+    (a port-forwarded single-user deployment).
+    """
+
+    host: str = ""  # e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui); empty: no cluster commands
+    namespace: str = ""  # the Kubeflow profile namespace on multi-user Kubeflow; empty: single-user
+    experiment: str = "flywheel"
+    token: SecretStr | None = Field(None, exclude=True)
+    token_path: str = "/var/run/secrets/kubeflow/pipelines/token"
+    pipeline_root: str = ""  # empty: the deployment's default (its MinIO bucket)
+    schedule_cron: str = "0 0 2 * * *"  # six fields, seconds first (KFP's cron): every day at 02:00
+    # How compiled steps run on the cluster.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # The runs' service account (KFP v2 sets one per run, not per step): manifests/ binds it to a Role
+    # that may create PyTorchJobs/TrainJobs and InferenceServices and nothing more. Empty: the profile's default.
+    service_account: str = "flywheel-pipeline"
+    retries: int = Field(3, ge=0, le=10)  # on steps that touch the network
+    retry_backoff: str = "30s"
+    retry_backoff_factor: float = Field(2.0, ge=1)
+    retry_backoff_max: str = "600s"
+    resources: dict[str, StepResources] = Field(default_factory=_default_step_resources)
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _merge_onto_step_defaults(cls, value: Any) -> Any:
+        # A file that sets one step's cpu_limit keeps every other step's and field's default.
+        if not isinstance(value, Mapping):
+            return value
+        merged = {step: resources.model_dump() for step, resources in _default_step_resources().items()}
+        for step, given in value.items():
+            if step not in merged:
+                raise ValueError(f"{step!r} is not a pipeline step; steps: {', '.join(merged)}")
+            if isinstance(given, Mapping):  # quantities like 4 arrive as numbers from YAML or env
+                given = {key: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for key, v in given.items()}
+                merged[step] = {**merged[step], **given}
+            else:
+                merged[step] = given
+        return merged
+
+    @field_validator("host")
+    @classmethod
+    def _host_has_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, like http://localhost:8080 (got {value!r})")
+        return value.rstrip("/")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _six_field_cron(cls, value: str) -> str:
+        if len(value.split()) != 6:
+            raise ValueError(f"KFP cron has six fields, seconds first ('0 0 2 * * *' is 02:00 daily), not {value!r}")
+        return value
+
+
+class CanarySettings(_Section):
+    """Canary analysis: the candidate gets ``traffic_percent`` of requests; each window of
+    ``window_requests`` requests sent to both versions is judged against these thresholds, and the
+    candidate is promoted after ``windows`` good windows or rolled back at the first bad one."""
+
+    traffic_percent: int = Field(10, ge=1, le=99)
+    windows: int = Field(3, ge=1)
+    window_requests: int = Field(200, ge=10)
+    min_requests: int = Field(50, ge=1)  # a window with fewer answered requests judges nothing: rollback
+    max_error_rate: float = Field(0.01, ge=0, le=1)  # the candidate's failed requests / requests
+    max_error_rate_increase: float = Field(0.005, ge=0, le=1)  # above the stable version's
+    max_p99_latency_ms: float = Field(250.0, gt=0)  # the candidate's p99, absolute
+    max_p99_latency_ratio: float = Field(2.0, ge=1)  # the candidate's p99 / the stable version's
+    score_tolerance: float = Field(0.1, gt=0, le=1)  # scores closer than this agree
+    min_score_agreement: float = Field(0.9, ge=0, le=1)  # share of requests on which both agree
+
+
+class DeploySettings(_Section):
+    """Where a blessed model goes: ``local`` (the registry's production version, which `flywheel
+    serve` follows) or ``kserve`` (an InferenceService in Serverless mode: Knative scales it to zero).
+
+    The predictor reads its model version from ``storageUri`` with the credentials of the Secret
+    ``s3_secret`` (keys ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, KServe's S3 annotations),
+    attached to the ServiceAccount ``service_account``; the manifest never holds a key.
+    """
+
+    target: Literal["local", "kserve"] = "local"
+    namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    service_name: str = Field("", pattern=r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$")  # empty: model_name
+    runtime: str = Field("flywheel", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the ServingRuntime
+    service_account: str = Field("flywheel-kserve", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    s3_secret: str = Field("flywheel-kserve-s3", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    min_replicas: int = Field(0, ge=0)  # 0: scale to zero when idle
+    max_replicas: int = Field(4, ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    scale_target: int = Field(8, ge=1)  # in-flight requests per replica (for concurrency)
+    container_concurrency: int = Field(16, ge=0)  # hard limit per replica; 0: unlimited
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    ready_timeout_s: int = Field(600, ge=1)  # applied → Ready
+    poll_interval_s: float = Field(5.0, gt=0)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> "DeploySettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
 
 
 class Settings(_Section):
@@ -205,7 +387,11 @@ class Settings(_Section):
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    kfp: KfpSettings = Field(default_factory=KfpSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":
@@ -247,7 +433,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     secret_names = {name for names in SECRET_ENV.values() for name in names}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name in secret_names or name in NOT_SETTINGS_ENV:
+        if not name.startswith(ENV_PREFIX) or name in secret_names or name in NOT_SETTINGS_ENV or name == KFP_TOKEN_ENV:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         if _is_text_field(path):
@@ -293,6 +479,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"settings file {path} holds S3 credentials; remove them and set "
             "FLYWHEEL_S3_ACCESS_KEY / FLYWHEEL_S3_SECRET_KEY in the environment instead"
         )
+    kfp = data.get("kfp") or {}
+    if isinstance(kfp, dict) and "token" in kfp:
+        raise ConfigError(f"settings file {path} holds the KFP token; remove it and set {KFP_TOKEN_ENV} in the environment instead")
     return data
 
 
@@ -334,6 +523,11 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
                 if isinstance(storage, Mapping):  # anything else: validation reports it below
                     data["storage"] = {**storage, field: env[name]}
                 break
+    if env.get(KFP_TOKEN_ENV):
+        kfp = data.get("kfp")
+        kfp = {} if kfp is None else kfp
+        if isinstance(kfp, Mapping):
+            data["kfp"] = {**kfp, "token": env[KFP_TOKEN_ENV]}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

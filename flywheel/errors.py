@@ -52,8 +52,20 @@ class RegistryError(FlywheelError):
     """A model or version is missing from the registry, or a stage change is not allowed."""
 
 
+class RegistryConflict(RegistryError):
+    """A stage change lost a race: another process changed the registry first."""
+
+
 class GateRefused(FlywheelError):
     """A deployment was refused because the evaluation gate did not bless the version."""
+
+
+class KfpError(FlywheelError):
+    """The Kubeflow Pipelines API cannot be reached, refused the credentials, or refused a request."""
+
+
+class DeployError(FlywheelError):
+    """A deployment could not be rendered, applied, or did not become ready."""
 
 
 class PipelineError(FlywheelError):

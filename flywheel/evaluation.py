@@ -74,6 +74,8 @@ class Evaluation:
     blessed: bool
     reasons: list[str] = field(default_factory=list)
     report_uri: str = ""
+    details: dict[str, Any] = field(default_factory=dict)  # Brier, calibration, recall at FPRs, segments, curves
+    html_uri: str = ""  # the HTML report with plots and the model card
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,8 +133,10 @@ def compare_with_production(
     candidate_scores: np.ndarray,
     cfg: GateSettings,
     report_folder: str,
+    scored: dict[str, Any] | None = None,
 ) -> Comparison:
-    """Score production and the candidate on the holdout rows production did not train on."""
+    """Score production and the candidate on the holdout rows production did not train on (their
+    labels, both models' scores and the rows go into ``scored`` when given, for the report)."""
     end = production_training_end(storage, production)
     if end is None:
         return Comparison(production.version, False, f"production {production.version}'s training window is unknown (its training set is gone)")
@@ -150,12 +154,33 @@ def compare_with_production(
         return comparison
     production_model: FraudModel = load_version(registry, production)
     comparison.candidate = ranking_metrics(labels, candidate_scores[unseen], cfg.recall_at_fpr)
-    comparison.production = ranking_metrics(labels, production_model.score(rows), cfg.recall_at_fpr)
+    production_scores = production_model.score(rows)
+    comparison.production = ranking_metrics(labels, production_scores, cfg.recall_at_fpr)
+    if scored is not None:
+        scored.update(rows=rows, labels=labels, production=production_scores, candidate=candidate_scores[unseen])
     ref = storage.write_parquet(f"{report_folder}/comparison_rows.parquet", rows[[ID, TIMESTAMP]].reset_index(drop=True))
     comparison.rows_uri = ref.uri
     comparison.possible = True
     comparison.reason = f"compared on {len(rows):,} holdout rows ({comparison.positives} fraud) from {end.isoformat()} on, which neither model trained on"
     return comparison
+
+
+def write_report(storage: Storage, result: Evaluation, candidate: ModelVersion, holdout: pd.DataFrame, labels: np.ndarray,
+                 scores: np.ndarray, scored: dict[str, Any], fpr: float, report_folder: str) -> None:
+    """Detailed metrics into ``result.details``; the plots (PNG) and the HTML report into ``report_folder``."""
+    from flywheel import evaluation_report as er
+
+    result.details = er.details(holdout, labels, scores, fpr)
+    production = None
+    if scored:
+        production_details = er.details(scored["rows"], scored["labels"], scored["production"], fpr)
+        result.details["production"] = {k: v for k, v in production_details.items() if k not in ("roc_curve", "segments")}
+        production = (scored["labels"], scored["production"])
+    images = er.plots(labels, scores, production)
+    for name, data in images.items():
+        storage.write_bytes(f"{report_folder}/{name}.png", data)
+    page = er.render_html(result.to_dict(), er.model_card(candidate, result.to_dict()), images)
+    result.html_uri = storage.write_bytes(f"{report_folder}/report.html", page.encode()).uri
 
 
 def load_truth(storage: Storage, truth_uri: str) -> pd.DataFrame:
@@ -207,8 +232,9 @@ def evaluate(
     report_folder = storage.uri("reports", "evaluation", run_id)
     production: ModelVersion | None = registry.production()
     comparison = None
+    scored: dict[str, Any] = {}
     if production is not None and production.version != model_version:
-        comparison = compare_with_production(storage, registry, production, holdout, scores, cfg, report_folder)
+        comparison = compare_with_production(storage, registry, production, holdout, scores, cfg, report_folder, scored)
     blessed, reasons = gate(metrics, comparison, cfg)
     if blessed:
         reasons = ["cleared the floors" + (" and is no worse than production" if comparison and comparison.possible else "")]
@@ -226,6 +252,7 @@ def evaluate(
         reasons=reasons,
         report_uri=f"{report_folder}/evaluation.json",
     )
+    write_report(storage, result, candidate_version, holdout, labels, scores, scored, cfg.recall_at_fpr, report_folder)
     ref = storage.write_json(result.report_uri, result.to_dict())
     lineage.record(
         storage,

@@ -25,3 +25,22 @@ def write_artifact(artifact: Any, manifest: dict[str, Any], summary: Iterable[st
 def read_artifact(artifact: Any) -> dict[str, Any]:
     with open(artifact.path) as handle:
         return json.load(handle)
+
+
+def log_evaluation(metrics: Any, classification: Any, evaluation: dict[str, Any]) -> None:
+    """The evaluation as KFP ``Metrics`` (every scalar) and ``ClassificationMetrics`` (the ROC curve
+    and the confusion matrix at the gate's false-positive rate), which the Kubeflow UI draws."""
+    details = evaluation.get("details") or {}
+    scalars = {**evaluation["metrics"], **{k: v for k, v in details.items() if isinstance(v, (int, float))}}
+    scalars.update({f"truth_{k}" if not k.startswith("truth") else k: v for k, v in (evaluation.get("truth") or {}).items()})
+    if details.get("calibration"):
+        scalars["expected_calibration_error"] = details["calibration"]["expected_calibration_error"]
+    for name, value in scalars.items():
+        if isinstance(value, (int, float)) and value == value:  # NaN is not a metric
+            metrics.log_metric(name, float(value))
+    if details.get("roc_curve"):
+        curve = details["roc_curve"]
+        classification.log_roc_curve(curve["fpr"], curve["tpr"], curve["threshold"])
+    if details.get("confusion_matrix"):
+        matrix = details["confusion_matrix"]
+        classification.log_confusion_matrix(matrix["categories"], matrix["matrix"])

@@ -6,6 +6,14 @@ The lake looks like::
     <lake>/_snapshots/<snapshot sha256>.json     one manifest per published lake state (immutable)
     <lake>/_snapshots/latest.json                the newest published manifest: what readers read
     <lake>/_staging/<run id>/...                 a batch that is not published yet (invisible)
+    <lake>/_index/transaction_id/<part sha>.u64  each part's transaction ids as sorted 64-bit hashes
+    <lake>/quarantine/<batch>/<file>.parquet     rows a batch set aside (policy quarantine), with reasons
+
+The id index lets ingest hold ``transaction_id`` unique against the whole lake without reading its
+parts: a batch's id hashes are looked up in the hashes of the parts the latest manifest lists (8
+bytes an id); only a hit (a re-delivery, a conflict or, rarely, a hash collision) reads the parts
+that hold it. Each manifest also keeps its batch's profile (row count, shares, quantiles), which the
+drift gate compares the next batches with.
 
 Readers follow manifests only: nothing lists ``transactions/`` to decide what is in the lake, so a
 part that no published manifest names (left by an interrupted publish, or written by hand) is never
@@ -21,12 +29,14 @@ becomes when published have the same sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -42,6 +52,8 @@ SNAPSHOTS = "_snapshots"
 STAGING = "_staging"
 LATEST = "latest.json"
 STAGED_MANIFEST = "snapshot.json"
+INDEX = "_index"
+QUARANTINE = "quarantine"
 
 # What reading a part that is not TRANSACTION_SCHEMA parquet can raise.
 _UNREADABLE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError, ValueError, OSError)
@@ -66,6 +78,8 @@ class LakeSnapshot:
     parent: str = ""  # sha256 of the published snapshot this one extends ("" for a new lake)
     staging_uri: str = ""
     validated_by: dict[str, Any] = field(default_factory=dict)  # the report that let it in
+    profile: dict[str, Any] = field(default_factory=dict)  # the new rows' statistics (drift baseline)
+    quarantine: dict[str, Any] = field(default_factory=dict)  # rows set aside: {"uri", "rows", "files"}
 
     @property
     def staged(self) -> bool:
@@ -90,6 +104,8 @@ class LakeSnapshot:
                 parent=data.get("parent", ""),
                 staging_uri=data.get("staging_uri", ""),
                 validated_by=dict(data.get("validated_by") or {}),
+                profile=dict(data.get("profile") or {}),
+                quarantine=dict(data.get("quarantine") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"not a lake snapshot manifest: missing or bad field {exc}") from None
@@ -97,13 +113,102 @@ class LakeSnapshot:
 
 @dataclass
 class NewPart:
-    """A part a batch adds: where it goes, its rows, and the lineage it gets once published."""
+    """A part a batch adds: where it goes, its rows (a table, or a local parquet file of
+    TRANSACTION_SCHEMA rows), and the lineage it gets once published."""
 
     date: str
     name: str
-    table: pa.Table
+    table: pa.Table | None
     inputs: list[dict[str, Any]]  # lineage inputs (the raw file), recorded at publish time
     params: dict[str, Any]
+    path: str = ""  # a local parquet file holding the rows (instead of ``table``)
+    rows: int = 0  # with ``path``: how many rows it holds
+    id_hashes: np.ndarray | None = None  # its ids' hashes, when already known (saves reading them back)
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows if self.table is not None else self.rows
+
+
+# --- the transaction id index ---------------------------------------------------------------------
+
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_BASE = np.uint64(0x100000001B3)
+
+
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """64-bit hashes of string ids (vectorized: a polynomial over the bytes, then a splitmix64
+    finalizer). Stable across runs and versions: it is what the lake's index stores. Equal ids have
+    equal hashes; a rare collision only makes ingest read the parts involved and compare rows."""
+    array = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    array = array.cast(pa.large_string())
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64)[array.offset: array.offset + len(array) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, dtype=np.uint8)
+    first = int(offsets[0])
+    data = data[first: int(offsets[-1])].astype(np.uint64)
+    starts, lengths = offsets[:-1] - first, np.diff(offsets)
+    position = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
+    powers = np.ones(int(lengths.max(initial=0)) + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, len(powers)):
+            powers[i] = powers[i - 1] * _BASE
+        summed = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum((data + np.uint64(1)) * powers[position])])
+        h = summed[starts + lengths] - summed[starts]
+        h ^= lengths.astype(np.uint64) * _MIX2
+        h ^= h >> np.uint64(30)
+        h *= _MIX1
+        h ^= h >> np.uint64(27)
+        h *= _MIX2
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def index_uri(lake_uri: str, index_sha256: str) -> str:
+    """Where a published batch's id index is (named by its content)."""
+    return join(lake_uri, INDEX, "transaction_id", f"{index_sha256[:32]}.u64")
+
+
+def read_id_index(storage: Storage, part: dict[str, Any], cache: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A part's sorted id hashes: its slice of its batch's index (``cache`` keeps index files read
+    for other parts of the batch), or (a part from before the index, or a hand-written one) computed
+    from its transaction_id column."""
+    uri = part.get("staged_ids") or part.get("ids")
+    cache = {} if cache is None else cache
+    if uri and "ids_slice" in part:
+        try:
+            if uri not in cache:
+                cache[uri] = np.frombuffer(storage.read_bytes(uri), dtype="<u8")
+            start, end = part["ids_slice"]
+            return cache[uri][start:end]
+        except ArtifactNotFound:
+            log.warning("lake: id index %s is missing; reading the ids of %s instead", uri, part["uri"])
+    return np.sort(id_hashes(read_part(storage, part, ["transaction_id"]).column("transaction_id")))
+
+
+def quarantine_uri(lake_uri: str, batch: str) -> str:
+    """Where the rows a batch set aside are kept once it is published."""
+    return join(lake_uri, QUARANTINE, staging_uri(lake_uri, batch).rsplit("/", 1)[-1])
+
+
+def recent_profiles(storage: Storage, snapshot: LakeSnapshot | None, window: int) -> list[dict[str, Any]]:
+    """The batch profiles of ``snapshot`` and its ancestors, newest first, at most ``window`` (batches
+    that added no rows are passed over)."""
+    profiles: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while snapshot is not None and len(profiles) < window and snapshot.sha256 not in seen:
+        seen.add(snapshot.sha256)
+        if snapshot.profile.get("rows"):
+            profiles.append(snapshot.profile)
+        if not snapshot.parent:
+            break
+        try:
+            snapshot = load_snapshot(storage, manifest_uri(snapshot.lake_uri, snapshot.parent))
+        except (ArtifactNotFound, DataError, StorageError):
+            break
+    return profiles
 
 
 # --- naming -------------------------------------------------------------------------------------
@@ -206,6 +311,34 @@ def read_snapshot(storage: Storage, snapshot: LakeSnapshot, columns: list[str] |
     return pa.concat_tables(tables)
 
 
+def read_new_rows(
+    storage: Storage, snapshot: LakeSnapshot, columns: list[str], dictionary: list[str] | None = None
+) -> pa.Table:
+    """The rows a staged batch adds (its new parts only), ``columns`` of them, sha256-checked; the
+    ``dictionary`` columns come dictionary-encoded (categoricals in pandas: compact)."""
+    new = set(snapshot.new_parts)
+    tables = []
+    for part in snapshot.parts:
+        if part["uri"] not in new:
+            continue
+        uri = part.get("staged_uri") or part["uri"]
+        try:
+            data = storage.read_bytes(uri)
+        except ArtifactNotFound:
+            uri, data = part["uri"], _read_or_explain(storage, part["uri"], uri)
+        if sha256_bytes(data) != part["sha256"]:
+            raise DataError(f"{uri} changed since snapshot {snapshot.uri} was taken (sha256 mismatch); re-run ingest")
+        table = pq.read_table(io.BytesIO(data), columns=columns, read_dictionary=dictionary)
+        del data
+        tables.append(table.cast(pa.schema([
+            pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in (dictionary or []) else TRANSACTION_SCHEMA.field(c).type)
+            for c in columns
+        ])))
+    if not tables:
+        return pa.schema([pa.field(c, TRANSACTION_SCHEMA.field(c).type) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
 def require_published(snapshot: LakeSnapshot) -> None:
     """Refuse a staged snapshot where only published data may be used (features, training)."""
     if snapshot.staged:
@@ -225,26 +358,53 @@ def stage(
     parent: LakeSnapshot | None,
     new_parts: list[NewPart],
     source_files: list[dict[str, Any]] | None = None,
+    quarantined: list[tuple[str, str, int]] | None = None,
 ) -> LakeSnapshot:
-    """Write a batch's new parts and a staged manifest (``parent``'s parts plus the new ones) below
-    ``<lake>/_staging/<run_id>/``; nothing readers see changes. A staging area left by an earlier
-    attempt of the same run is replaced."""
+    """Write a batch's new parts (each with its id index) and a staged manifest (``parent``'s parts
+    plus the new ones) below ``<lake>/_staging/<run_id>/``; nothing readers see changes. A staging
+    area left by an earlier attempt of the same run is replaced. ``quarantined`` lists the batch's
+    set-aside rows as (local parquet file, name, rows): staged too, published with the batch."""
     area = staging_uri(lake_uri, run_id)
     storage.delete_tree(area)
     parts = {p["uri"]: dict(p) for p in (parent.parts if parent else [])}
     added = []
+    batch_hashes: list[np.ndarray] = []
     for new in new_parts:
         final = part_uri(lake_uri, new.date, new.name)
         if final in parts:  # names come from raw file hashes: a published file is never staged again
             raise DataError(f"{final} is already in snapshot {parent.uri if parent else '?'}; it cannot be staged again")
         staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
-        ref = storage.write_parquet(staged_part, new.table)
+        if new.table is not None:
+            ref = storage.write_parquet(staged_part, new.table)
+        else:
+            ref = storage.upload_file(new.path, staged_part)
+        hashes = new.id_hashes
+        if hashes is None:
+            ids = new.table if new.table is not None else pq.read_table(new.path, columns=["transaction_id"])
+            hashes = id_hashes(ids.column("transaction_id"))
+        start = sum(len(h) for h in batch_hashes)
+        batch_hashes.append(np.sort(hashes))
         parts[final] = {
-            "uri": final, "sha256": ref.sha256, "rows": new.table.num_rows, "date": new.date,
-            "staged_uri": staged_part,
+            "uri": final, "sha256": ref.sha256, "rows": new.num_rows, "date": new.date,
+            "staged_uri": staged_part, "ids_slice": [start, start + len(hashes)],
             "lineage": {"step": "ingest", "run_id": run_id, "inputs": new.inputs, "params": new.params},
         }
         added.append(final)
+    if batch_hashes:
+        # One index file per batch (each part's sorted hashes, one after the other), named by its content.
+        data = np.concatenate(batch_hashes).astype("<u8").tobytes()
+        staged_ids = join(area, INDEX, "transaction_id.u64")
+        storage.write_bytes(staged_ids, data)
+        final_ids = index_uri(lake_uri, sha256_bytes(data))
+        for uri in added:
+            parts[uri].update(ids=final_ids, staged_ids=staged_ids)
+    quarantine: dict[str, Any] = {}
+    if quarantined:
+        files = []
+        for path, name, rows in quarantined:
+            ref = storage.upload_file(path, join(area, QUARANTINE, name))
+            files.append({"name": name, "rows": rows, "sha256": ref.sha256, "staged_uri": ref.uri})
+        quarantine = {"uri": quarantine_uri(lake_uri, run_id), "rows": sum(f["rows"] for f in files), "files": files}
     ordered = sorted(parts.values(), key=lambda p: p["uri"])
     snapshot = LakeSnapshot(
         uri=join(area, STAGED_MANIFEST),
@@ -256,13 +416,18 @@ def stage(
         lake_uri=lake_uri,
         parent=parent.sha256 if parent else "",
         staging_uri=area,
+        quarantine=quarantine,
     )
     storage.write_json(snapshot.uri, snapshot.to_dict())  # last: an area without it is an unfinished stage
     return snapshot
 
 
 def publish_staged(
-    storage: Storage, staged: LakeSnapshot, run_id: str, validated_by: dict[str, Any] | None = None
+    storage: Storage,
+    staged: LakeSnapshot,
+    run_id: str,
+    validated_by: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
 ) -> LakeSnapshot:
     """Make a staged snapshot the lake's latest: new parts into ``transactions/`` (sha256-checked),
     their lineage, the immutable manifest, then ``latest.json``, then the staging area is removed.
@@ -280,7 +445,12 @@ def publish_staged(
             f"snapshot {current_sha[:12]} was published into {staged.lake_uri} after this batch was staged on "
             f"{staged.parent[:12] or 'an empty lake'}; re-run ingest to stage it on the current lake"
         )
+    if current is not None and current_sha == staged.sha256 and not staged.new_parts and not staged.quarantine:
+        # Nothing new (every file already ingested, or only re-delivered rows): the lake stays byte for byte.
+        storage.delete_tree(staged.staging_uri)
+        return dataclasses.replace(current, source_files=staged.source_files, new_parts=[])
     parts = [_publish_part(storage, part) for part in staged.parts]
+    quarantine = _publish_quarantine(storage, staged.quarantine)
     published = LakeSnapshot(
         uri=manifest_uri(staged.lake_uri, staged.sha256),
         sha256=staged.sha256,
@@ -291,6 +461,8 @@ def publish_staged(
         lake_uri=staged.lake_uri,
         parent=staged.parent,
         validated_by=dict(validated_by or {}),
+        profile=dict(profile or staged.profile or {}),
+        quarantine=quarantine,
     )
     _write_manifest(storage, published, run_id)
     _move_latest(storage, published)
@@ -312,6 +484,9 @@ def _publish_part(storage: Storage, part: dict[str, Any]) -> dict[str, Any]:
     returns the part as a published manifest lists it. A published part passes through."""
     if "staged_uri" not in part:
         return part
+    if part.get("staged_ids") and not storage.exists(part["ids"]):  # the id index first: a published part has one
+        # (An index is a pure function of the part's ids, named by the part's sha256: one that exists is right.)
+        storage.write_bytes(part["ids"], _read_or_explain(storage, part["staged_ids"], part["ids"]))
     final = part["uri"]
     ref = storage.stat(final) if storage.exists(final) else None
     if ref is None or ref.sha256 != part["sha256"]:
@@ -326,7 +501,21 @@ def _publish_part(storage: Storage, part: dict[str, Any]) -> dict[str, Any]:
         storage, ref, step=plan.get("step", "ingest"), run_id=plan.get("run_id", ""),
         inputs=plan.get("inputs", []), params=plan.get("params", {}),
     )
-    return {k: v for k, v in part.items() if k not in ("staged_uri", "lineage")}
+    return {k: v for k, v in part.items() if k not in ("staged_uri", "staged_ids", "lineage")}
+
+
+def _publish_quarantine(storage: Storage, quarantine: dict[str, Any]) -> dict[str, Any]:
+    """Copy a batch's set-aside rows from staging to ``<lake>/quarantine/<batch>/``."""
+    if not quarantine:
+        return {}
+    files = []
+    for entry in quarantine["files"]:
+        final = join(quarantine["uri"], entry["name"])
+        if "staged_uri" in entry:
+            if not (storage.exists(final) and storage.stat(final).sha256 == entry["sha256"]):
+                storage.write_bytes(final, _read_or_explain(storage, entry["staged_uri"], final))
+        files.append({"uri": final, "rows": entry["rows"], "sha256": entry["sha256"]})
+    return {"uri": quarantine["uri"], "rows": quarantine["rows"], "files": files}
 
 
 def _write_manifest(storage: Storage, snapshot: LakeSnapshot, run_id: str) -> None:

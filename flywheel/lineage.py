@@ -148,3 +148,83 @@ def leaves(tree: dict[str, Any]) -> list[dict[str, Any]]:
 
     collect(tree)
     return out
+
+
+def records(storage: Storage) -> list[dict[str, Any]]:
+    """Every lineage record under the storage root (one read each)."""
+    out = []
+    for uri in storage.list(storage.uri("lineage")):
+        if uri.endswith(".json"):
+            try:
+                out.append(storage.read_json(uri))
+            except ArtifactNotFound:  # removed while listing
+                continue
+    return out
+
+
+def downstream(storage: Storage, artifact_uri: str, max_depth: int = 32) -> dict[str, Any]:
+    """The tree of artifacts made from ``artifact_uri``, directly or through others: for a raw file,
+    the lake parts it became, the snapshots that hold them, the training sets, models, reports and
+    deployments they reached. Each node has ``uri`` and ``sha256``, plus ``step`` and ``run_id`` when
+    it has a record, and ``users`` (the artifacts that list it as an input). Reads every record once."""
+    users: dict[str, list[dict[str, Any]]] = {}
+    by_uri: dict[str, dict[str, Any]] = {}
+    for entry in records(storage):
+        artifact = entry.get("artifact") or {}
+        if not artifact.get("uri"):
+            continue
+        by_uri[canonical_uri(artifact["uri"])] = entry
+        for item in entry.get("inputs", []):
+            if item.get("uri"):
+                users.setdefault(canonical_uri(item["uri"]), []).append(entry)
+
+    def walk(uri: str, depth: int, path: frozenset[str]) -> dict[str, Any]:
+        key = canonical_uri(uri)
+        entry = by_uri.get(key)
+        node: dict[str, Any] = {"uri": uri, "sha256": (entry or {}).get("artifact", {}).get("sha256")}
+        if entry is not None:
+            node.update(step=entry["step"], run_id=entry["run_id"])
+        else:  # a raw file: the sha256 it had when it was read
+            node["sha256"] = next((i.get("sha256") for user in users.get(key, []) for i in user.get("inputs", [])
+                                   if canonical_uri(i.get("uri", "")) == key), None)
+        if key in path:
+            node["cycle"] = True
+            return node
+        if depth >= max_depth:
+            node["truncated"] = True
+            return node
+        seen: set[str] = set()
+        children = []
+        for user in sorted(users.get(key, []), key=lambda e: e["artifact"]["uri"]):
+            child = canonical_uri(user["artifact"]["uri"])
+            if child not in seen:
+                seen.add(child)
+                children.append(walk(user["artifact"]["uri"], depth + 1, path | {key}))
+        node["users"] = children
+        return node
+
+    return walk(artifact_uri, 0, frozenset())
+
+
+def render_tree(tree: dict[str, Any], children: str = "inputs") -> str:
+    """A :func:`trace` (``children="inputs"``) or :func:`downstream` (``"users"``) tree as text, one
+    artifact a line: its URI, the step and run that made it, and the first 12 hex of its sha256."""
+    lines: list[str] = []
+
+    def label(node: dict[str, Any]) -> str:
+        if node.get("step"):
+            made = f"  [{node['step']} {node.get('run_id', '')}".rstrip() + "]"
+        else:
+            made = "  [raw]"
+        sha = f"  sha256 {node['sha256'][:12]}" if node.get("sha256") else ""
+        extra = "  (cycle)" if node.get("cycle") else "  (truncated)" if node.get("truncated") else ""
+        return f"{node['uri']}{made}{sha}{extra}"
+
+    def walk(node: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
+        lines.append(label(node) if root else f"{prefix}{'└── ' if last else '├── '}{label(node)}")
+        kids = node.get(children) or []
+        for i, child in enumerate(kids):
+            walk(child, prefix if root else prefix + ("    " if last else "│   "), i == len(kids) - 1, False)
+
+    walk(tree, "", True, True)
+    return "\n".join(lines)

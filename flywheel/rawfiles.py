@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +25,14 @@ UTC_MICROS = pa.timestamp("us", tz="UTC")
 
 # Arrow errors a cast or a parse can raise on bad data; anything else is a bug and should surface.
 BAD_DATA = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError, TypeError, OverflowError)
+# The expectations the schema stands for, named in messages like the suite's own.
+COLUMNS_MATCH = "expect_table_columns_to_match_set"
+OF_TYPE = "expect_column_values_to_be_of_type"
+NOT_NULL = "expect_column_values_to_not_be_null"
+ROW_COUNT = "expect_table_row_count_to_be_between"
+READABLE = "expect_file_to_be_readable"  # not a GE expectation: the file itself could not be parsed
+# A CSV/JSON block: about this many bytes are parsed at a time.
+BLOCK_BYTES = 16 << 20
 
 
 def read_table(uri: str, data: bytes) -> pa.Table:
@@ -60,14 +69,119 @@ def parse(uri: str, data: bytes) -> pa.Table:
         raise DataError(f"{uri} could not be read as {kind}: {first_line(exc)}") from None
 
 
-def conform(uri: str, table: pa.Table) -> pa.Table:
-    """Hold a parsed table to TRANSACTION_SCHEMA: extra columns dropped, values cast, nulls refused."""
-    missing = [f.name for f in TRANSACTION_SCHEMA if f.name not in table.column_names]
+def iter_tables(uri: str, stream: IO[bytes], chunk_rows: int) -> Iterator[pa.Table]:
+    """A raw file's parsed (not yet conformed) rows, a chunk at a time, from a seekable binary stream:
+    parquet by row batches, csv and jsonl by blocks, so a file of any size is never whole in memory.
+    (A .json file holding one JSON array is the exception: it is parsed whole.) An unreadable file
+    (truncated parquet, a broken csv quote, bad JSON), even if the fault is far into it, is a
+    DataError naming the file."""
+    kind = uri.rsplit(".", 1)[-1].lower()
+    try:
+        if kind == "parquet":
+            reader = pq.ParquetFile(stream)
+            for batch in reader.iter_batches(batch_size=chunk_rows):
+                yield pa.Table.from_batches([batch])
+            return
+        if kind == "csv":
+            import pyarrow.csv as pcsv
+
+            convert = pcsv.ConvertOptions(
+                column_types={f.name: pa.string() for f in TRANSACTION_SCHEMA}, strings_can_be_null=True
+            )
+            reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES), convert_options=convert)
+        else:
+            head = stream.read(64)
+            stream.seek(0)
+            if head.lstrip()[:1] == b"[":
+                yield parse(uri, stream.read())
+                return
+            import pyarrow.json as pjson
+
+            reader = pjson.open_json(stream, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES))
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    except (*BAD_DATA, OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{uri} could not be read as {kind} ({READABLE}): {first_line(exc)}") from None
+
+
+def check_columns(uri: str, column_names: list[str]) -> None:
+    """Refuse a table that lacks a column of TRANSACTION_SCHEMA (missing, or renamed)."""
+    missing = [f.name for f in TRANSACTION_SCHEMA if f.name not in column_names]
     if missing:
+        unexpected = [name for name in column_names if name not in TRANSACTION_SCHEMA.names]
         raise DataError(
-            f"{uri} is missing required columns {missing} (it has {table.column_names}); "
+            f"{uri} is missing required columns {missing} ({COLUMNS_MATCH}); it has {column_names}"
+            f"{f' (unexpected: {unexpected}: renamed?)' if unexpected else ''}; "
             f"expected the columns of TRANSACTION_SCHEMA: {TRANSACTION_SCHEMA.names}"
         )
+
+
+def conform_rows(table: pa.Table, limit: int) -> tuple[pa.Table, pa.Array, list[str]]:
+    """Hold a parsed table to TRANSACTION_SCHEMA row by row: (the rows that conform, a boolean mask
+    of the rows that do not, and each such row's reason). A value that does not cast or a null in a
+    required column makes its row bad; the columns must be there (see :func:`check_columns`).
+    Finding bad rows stops after ``limit`` of them (the batch is rejected past that anyway)."""
+    n = table.num_rows
+    bad = np.zeros(n, dtype=bool)
+    reasons: dict[int, str] = {}
+    columns = []
+    for target in TRANSACTION_SCHEMA:
+        values = table.column(target.name)
+        convert = _timestamp if target.name == TIMESTAMP else _caster(target.type)
+        try:
+            column = convert(values)
+        except BAD_DATA:
+            rows = _bad_rows(values, convert, limit)
+            for row in rows:
+                reasons.setdefault(row, f"{OF_TYPE}({target.name}): {values[row].as_py()!r} is not {target.type}")
+            bad[rows] = True
+            keep = np.ones(n, dtype=bool)
+            keep[rows] = False
+            column = _scatter(convert(values.filter(pa.array(keep))), keep, target.type)
+        if not target.nullable:
+            missing = column.is_null()
+            if pa.types.is_floating(column.type):
+                missing = pc.or_(missing, pc.fill_null(pc.is_nan(column), False))
+            missing = np.asarray(missing.to_numpy(zero_copy_only=False), dtype=bool) & ~bad
+            for row in np.flatnonzero(missing)[:limit]:
+                reasons.setdefault(int(row), f"{NOT_NULL}({target.name}): null")
+            bad |= missing
+        columns.append(column)
+    conformed = pa.Table.from_arrays(columns, schema=pa.schema([f.with_nullable(True) for f in TRANSACTION_SCHEMA]))
+    good = conformed.filter(pa.array(~bad)).cast(TRANSACTION_SCHEMA)
+    return good, pa.array(bad), [reasons.get(int(row), "") for row in np.flatnonzero(bad)]
+
+
+def _scatter(values: pa.ChunkedArray, keep: np.ndarray, kind: pa.DataType) -> pa.ChunkedArray:
+    """``values`` (one per kept row) back at their rows; null at the others."""
+    positions = np.full(len(keep), -1, dtype=np.int64)
+    positions[keep] = np.arange(int(keep.sum()))
+    index = pa.array(positions, mask=~keep)
+    return pa.chunked_array([values.combine_chunks().take(index)], type=kind)
+
+
+def _bad_rows(values: pa.ChunkedArray, convert: Callable[[pa.ChunkedArray], Any], limit: int) -> list[int]:
+    """Every row (up to ``limit``) whose value ``convert`` refuses: bisection over halves that fail."""
+    found: list[int] = []
+    pending = [(0, len(values))]
+    while pending and len(found) < limit:
+        lo, hi = pending.pop()
+        try:
+            convert(values.slice(lo, hi - lo))
+            continue
+        except BAD_DATA:
+            pass
+        if hi - lo == 1:
+            found.append(lo)
+            continue
+        mid = (lo + hi) // 2
+        pending += [(mid, hi), (lo, mid)]  # left half first
+    return sorted(found)
+
+
+def conform(uri: str, table: pa.Table) -> pa.Table:
+    """Hold a parsed table to TRANSACTION_SCHEMA: extra columns dropped, values cast, nulls refused."""
+    check_columns(uri, table.column_names)
     columns = []
     for target in TRANSACTION_SCHEMA:
         values = table.column(target.name)
@@ -77,7 +191,7 @@ def conform(uri: str, table: pa.Table) -> pa.Table:
         except BAD_DATA as exc:
             example = _first_bad_value(values, convert)
             raise DataError(
-                f"{uri}: column {target.name!r} cannot be read as {target.type}: "
+                f"{uri}: column {target.name!r} cannot be read as {target.type} ({OF_TYPE}): "
                 f"bad value {example!r} ({first_line(exc)})"
             ) from None
         if not target.nullable:
@@ -87,7 +201,7 @@ def conform(uri: str, table: pa.Table) -> pa.Table:
             if missing_count:
                 raise DataError(
                     f"{uri}: column {target.name!r} has {missing_count} null values of {len(column)} "
-                    "but may not be null"
+                    f"but may not be null ({NOT_NULL})"
                 )
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=TRANSACTION_SCHEMA)

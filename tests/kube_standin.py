@@ -1,4 +1,5 @@
-"""A stand-in for the Kubernetes API server: just the endpoints the training launcher calls.
+"""A stand-in for the Kubernetes API server: just the endpoints the training launcher and the KServe
+deployment call (custom objects: create, get, merge-patch, delete; pods and their logs).
 
 It serves plain HTTP on 127.0.0.1 (a free port) from a thread, so a real ``kubernetes.client``
 talks to it exactly as to a cluster. Each test scripts what the job does through a
@@ -59,6 +60,9 @@ class Scenario:
     pods: Callable[[int], list[dict[str, Any]]] = lambda n: []
     logs: dict[str, str] = field(default_factory=dict)
     on_create: Callable[[dict[str, Any]], None] | None = None
+    # A whole status instead of conditions: ``status(n, obj)`` at the n-th read of the object ``obj``
+    # (as created and patched so far, with metadata.generation counting its spec changes).
+    status: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -130,6 +134,7 @@ class StandIn:
             name = body["metadata"]["name"]
             if name in self.objects:
                 return 409, _status(409, "AlreadyExists", f'{match["plural"]} "{name}" already exists')
+            body.setdefault("metadata", {})["generation"] = 1
             self.objects[name] = body
             if self.scenario.on_create is not None:
                 self.scenario.on_create(body)
@@ -140,11 +145,33 @@ class StandIn:
             with self.lock:
                 n = self.reads
                 self.reads += 1
-            return 200, {**self.objects[name], "status": {"conditions": self.scenario.conditions(n)}}
+            obj = self.objects[name]
+            if self.scenario.status is not None:
+                return 200, {**obj, "status": self.scenario.status(n, obj)}
+            return 200, {**obj, "status": {"conditions": self.scenario.conditions(n)}}
+        if method == "PATCH":  # a JSON merge patch (RFC 7386), what the client sends for a dict body
+            obj = merge_patch(self.objects[name], body)
+            if obj.get("spec") != self.objects[name].get("spec"):
+                obj["metadata"]["generation"] = self.objects[name]["metadata"].get("generation", 1) + 1
+            self.objects[name] = obj
+            return 200, obj
         if method == "DELETE":
             del self.objects[name]
             return 200, _status(200, "Success", "")
         return 405, _status(405, "MethodNotAllowed", method)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: maps merge recursively, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -171,7 +198,7 @@ def kube_standin(scenario: Scenario | None = None) -> Iterator[StandIn]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = do_DELETE = _serve
+        do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
         def log_message(self, *args: Any) -> None:  # keep test output quiet
             pass

@@ -1,11 +1,14 @@
-"""Starting a server process in a test: a free loopback port, and waiting until it answers."""
+"""Starting a server process in a test: a free loopback port, and waiting until it answers; a
+throw-away redis-server on loopback."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,3 +82,68 @@ def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class RedisServer:
+    """A throw-away ``redis-server`` on a free loopback port: no persistence, its files in a temp dir.
+
+    ``start()`` waits until the server answers PING; ``stop()`` shuts it down. ``connection`` is the
+    ``host:port`` form that ``features.redis_connection`` (Feast's ``connection_string``) takes.
+    """
+
+    def __init__(self, port: int | None = None, binary: str = "redis-server") -> None:
+        self.port = port or free_port()
+        self.binary = binary
+        self.process: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def connection(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, seconds: float = 20) -> "RedisServer":
+        import redis
+
+        if shutil.which(self.binary) is None:
+            raise RuntimeError(f"{self.binary} is not installed (apt-get install redis-server)")
+        self._dir = tempfile.TemporaryDirectory(prefix="flywheel-redis-")
+        self.process = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", self._dir.name, "--protected-mode", "yes"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read() if self.process.stdout else ""
+                self.stop()
+                raise RuntimeError(f"redis-server exited early (code {self.process.returncode}):\n{output}")
+            try:
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server on {self.connection} did not answer PING in {seconds:.0f}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stdout:
+            self.process.stdout.close()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

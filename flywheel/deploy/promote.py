@@ -1,5 +1,9 @@
-"""The deploy step. Embedded: the blessed version becomes the registry's production version, which
-`flywheel serve` loads. (KServe InferenceService rollout with canary analysis builds on this.)"""
+"""The deploy step: a version the gate blessed is released to ``deploy.target``.
+
+``local``: it becomes the registry's production version, which `flywheel serve` loads.
+``kserve``: it rolls out on the InferenceService as a canary, is analysed, and is promoted or rolled
+back (:mod:`flywheel.deploy.release`); the decision record says why.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ from flywheel.registry import ModelVersion, Registry
 from flywheel.storage import Storage
 
 
-def deploy(storage: Storage, settings: Settings, model_version: str, evaluation: dict[str, Any], run_id: str) -> ModelVersion:
-    """Promote a blessed version to production; refuses a version the gate did not bless."""
+def check_blessed(model_version: str, evaluation: dict[str, Any]) -> None:
+    """Refuse (:class:`GateRefused`) a version the gate did not bless, or an evaluation of another version."""
     if not evaluation.get("blessed"):
         raise GateRefused(
             f"model {model_version} was not blessed by the evaluation gate and cannot be deployed: "
@@ -22,8 +26,36 @@ def deploy(storage: Storage, settings: Settings, model_version: str, evaluation:
         raise GateRefused(
             f"the evaluation is of version {evaluation.get('model_version')}, not of {model_version}"
         )
+
+
+def deploy(storage: Storage, settings: Settings, model_version: str, evaluation: dict[str, Any], run_id: str) -> ModelVersion:
+    """Promote a blessed version to production (locally); refuses a version the gate did not bless."""
+    check_blessed(model_version, evaluation)
     registry = Registry(storage, settings.model_name)
     current = registry.production()
     if current is not None and current.version == model_version:
         return current
     return registry.promote(model_version, run_id=run_id, reason="; ".join(evaluation.get("reasons", [])))
+
+
+def release(storage: Storage, settings: Settings, model_version: str, evaluation: dict[str, Any], run_id: str,
+            target: str | None = None, api_client: Any = None) -> tuple[ModelVersion | None, dict[str, Any] | None]:
+    """Release a blessed version to ``target`` (default ``deploy.target``). Returns the production
+    version afterwards and, on KServe, the canary decision record."""
+    target = target or settings.deploy.target
+    if target == "local":
+        return deploy(storage, settings, model_version, evaluation, run_id), None
+    from flywheel.deploy.release import release_on_kserve
+
+    check_blessed(model_version, evaluation)
+    record = release_on_kserve(storage, settings, model_version, run_id, api_client=api_client)
+    return Registry(storage, settings.model_name).production(), record.to_dict()
+
+
+def latest_evaluation(storage: Storage, model_version: str) -> dict[str, Any]:
+    """The newest evaluation report of ``model_version`` (what `flywheel deploy` releases on)."""
+    reports = [uri for uri in storage.list(storage.uri("reports", "evaluation")) if uri.endswith("/evaluation.json")]
+    found = [report for report in (storage.read_json(uri) for uri in reports) if report.get("model_version") == model_version]
+    if not found:
+        raise GateRefused(f"model version {model_version} has no evaluation report: run the pipeline (or `flywheel run`) to evaluate it first")
+    return max(found, key=lambda report: report.get("report_uri", ""))

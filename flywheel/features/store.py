@@ -88,7 +88,28 @@ def open_served_store(settings: Settings, world: str) -> Any:
     views = {view.name for view in store.list_feature_views()}
     if not {CARD_VIEW, MERCHANT_VIEW} <= views:
         raise FeatureStoreError(f"feature world {world} has views {sorted(views)}, not {CARD_VIEW} and {MERCHANT_VIEW}")
+    if settings.features.online_store == "redis":
+        _check_redis_holds_world(store, settings, world)
     return store
+
+
+def _check_redis_holds_world(store: Any, settings: Settings, world: str) -> None:
+    """A Redis world lives in the server, not in the world's folder: a Redis restarted without
+    persistence, flushed, or another instance holds no row of it. Feast keys each entity
+    ``<entity key bytes><project>``, so one key ending with the project proves it was materialized."""
+    project = store.config.project
+    where = settings.features.redis_connection
+    try:
+        client = store._get_provider().online_store._get_client(store.config.online_store)
+        found = next(iter(client.scan_iter(match=b"*" + project.encode(), count=1000)), None)
+    except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, AuthenticationError...
+        raise FeatureStoreError(f"cannot read the Redis online store at {where}: {type(exc).__name__}: {exc}") from exc
+    if found is None:
+        raise FeatureStoreError(
+            f"feature world {world} has no rows in the Redis online store at {where} (Feast project {project}): "
+            "the server lost them (restarted without persistence, flushed) or is another instance; "
+            "re-run `flywheel run` on the model's data to materialize them again"
+        )
 
 
 def apply_definitions(store: Any, card_table_path: str, merchant_table_path: str) -> None:

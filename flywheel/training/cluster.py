@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from flywheel.config import Settings
-from flywheel.training.launcher import worker_args
+from flywheel.training.launcher import RESTART_SAFE_ENV, worker_args
 
 BACKENDS = ("local", "pytorchjob", "trainjob")
 CLUSTER_BACKENDS = ("pytorchjob", "trainjob")
@@ -115,6 +115,7 @@ def _env(settings: Settings) -> list[dict[str, Any]]:
         {"name": "FLYWHEEL_STORAGE__S3_SECURE", "value": str(store.s3_secure).lower()},
         {"name": "FLYWHEEL_STORAGE__S3_REGION", "value": store.s3_region},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *({"name": name, "value": value} for name, value in RESTART_SAFE_ENV.items()),
     ]
     for name, key in (("FLYWHEEL_S3_ACCESS_KEY", "accesskey"), ("FLYWHEEL_S3_SECRET_KEY", "secretkey")):
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})

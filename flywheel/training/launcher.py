@@ -1,20 +1,19 @@
-"""Run the DDP workers through torchrun on this machine, read why they failed, and retry faults.
+"""Run the DDP workers through torchrun on this machine, and read why they failed.
 
-torchrun runs with ``--max-restarts=0`` and a c10d rendezvous on 127.0.0.1 (a free port and a
-run-unique id per attempt, so a relaunched group rendezvouses afresh): the retry lives here, in one place, because only here is
-the failure classified. Each worker writes an error file (its entry point is wrapped with torch's
-``record``); torchrun's ``--log-dir`` keeps each rank's output and error file. After an attempt:
+torchrun runs with a c10d rendezvous on 127.0.0.1 (a free port) and ``--max-restarts`` from
+``training.max_restarts``: after a fault (a worker killed by a signal, the OOM killer, peers lost)
+torchrun restarts the worker group, which resumes from the latest checkpoint in ``out`` (a storage
+URI or a path). An exception a worker raised of its own (a missing file, a bad spec, a bug) is not
+retried: the worker records it in ``out`` and the restarted group stops at once (see
+:mod:`flywheel.training.failures`), so the step fails with the first exception and its traceback.
 
-- a worker raised a Python exception (a missing file, a bad spec, a bug): deterministic, so the
-  step fails at once with the exception, its traceback and where the logs are kept;
-- a worker was killed by a signal (SIGKILL, the OOM killer) or the workers lost each other
-  (a collective or rendezvous failed): a fault, so the group is relaunched (``training.max_restarts``
-  times at most) and resumes from the latest checkpoint in ``out`` (a storage URI or a path).
+Each worker writes an error file (its entry point is wrapped with torch's ``record``); torchrun's
+``--log-dir`` keeps each attempt's per-rank output and error files (``<run>/attempt_<k>/<rank>/``).
+The workers get the storage settings (the storage section's variables and the S3 keys) in their
+environment, as the cluster jobs' pods do, so they read and write the same storage as this process.
 
-The workers get the storage settings (the storage section's variables and the S3 keys) in their environment,
-as the cluster jobs' pods do, so they read and write the same storage as this process.
-
-Every attempt's logs are copied into storage under ``runs/<run_id>/train/attempt-<n>/``.
+torchrun's log is copied into storage as ``runs/<run_id>/train/torchrun.log`` and every attempt's
+per-rank files under ``runs/<run_id>/train/attempt-<n>/rank-<r>/``.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from pathlib import Path
 from flywheel.config import Settings
 from flywheel.errors import TrainingError
 from flywheel.storage import Storage
+from flywheel.training.failures import clear_failure, is_communication_error
 
 log = logging.getLogger(__name__)
 WORKER_MODULE = "flywheel.training.worker"  # what torchrun runs in every rank (a root of the model's code key)
@@ -41,11 +41,10 @@ WORKER_MODULE = "flywheel.training.worker"  # what torchrun runs in every rank (
 TORCHRUN_LOG = "torchrun.log"
 LOG_TAIL_LINES = 30
 TRACEBACK_FRAMES = 6
-# gloo reports a peer that vanished as a plain RuntimeError (NCCL and the store raise torch's
-# DistError family): these exceptions are the consequence of another rank's death, not a cause.
-COMMUNICATION_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
-COMMUNICATION_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
-                         "connectFullMesh", "Connection refused")
+# torch 2.13 shares the rendezvous's TCP store with the workers across restarts, and a restarted
+# gloo group reads the dead group's addresses from it: connectFullMesh fails ("Connect timeout") after
+# minutes. A store per round (the opt-out torch offers) restarts at once. Set for the cluster's pods too.
+RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # torchrun's failure summary (torch.distributed.elastic.multiprocessing.errors._FAILURE_FORMAT_TEMPLATE).
 _SUMMARY_FAILURE = re.compile(r"rank\s*: (\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*: (-?\d+)")
 
@@ -64,20 +63,41 @@ class WorkerError:
 
     @property
     def is_communication_error(self) -> bool:
-        return self.exception in COMMUNICATION_ERRORS or (
-            self.exception == "RuntimeError" and any(marker in self.message for marker in COMMUNICATION_MARKERS)
-        )
+        return is_communication_error(self.exception, self.message)
 
 
 @dataclass
 class Attempt:
-    """One torchrun launch and what came of it."""
+    """One start of the worker group by torchrun (torchelastic's ``attempt_<k>`` folder)."""
 
-    number: int
-    folder: Path  # torchrun.log and torch's per-rank log folders
-    returncode: int | None  # None: killed after the timeout
+    number: int  # 1, 2, ...: the first start, then torchrun's restarts
+    folder: Path  # its per-rank folders: stdout.log, stderr.log, error.json
+    ranks: list[int] = field(default_factory=list)
     errors: list[WorkerError] = field(default_factory=list)
-    exit_codes: dict[int, int] = field(default_factory=dict)  # failed ranks, from torchrun's summary
+
+    @property
+    def own_errors(self) -> list[WorkerError]:
+        """Exceptions the ranks raised of their own (not the echo of a lost peer)."""
+        return [error for error in self.errors if not error.is_communication_error]
+
+    @property
+    def silent_ranks(self) -> list[int]:
+        """Ranks that ended without an exception: killed by a signal (or still running when it ended)."""
+        return sorted(set(self.ranks) - {error.rank for error in self.errors})
+
+    def text(self) -> str:
+        """The ranks' output, rank by rank."""
+        return "\n".join(_text(path) for path in sorted(self.folder.glob("*/*.log")))
+
+
+@dataclass
+class TorchrunRun:
+    """One torchrun launch: its attempts (the first start and each restart) and how it ended."""
+
+    folder: Path  # torchrun.log and torchelastic's log folder
+    returncode: int | None  # None: killed after the timeout
+    attempts: list[Attempt] = field(default_factory=list)
+    exit_codes: dict[int, int] = field(default_factory=dict)  # the last attempt's failed ranks, from torchrun's summary
     kept_at: str = ""  # where the logs were copied in storage
 
     @property
@@ -88,20 +108,24 @@ class Attempt:
     def outcome(self) -> str:
         return classify(self)
 
+    @property
+    def restarts(self) -> int:
+        return max(len(self.attempts) - 1, 0)
 
-def classify(attempt: Attempt) -> str:
-    """Succeeded, a deterministic failure (never retried), a fault (retried), or timed out."""
-    if attempt.returncode == 0:
+
+def classify(run: TorchrunRun) -> str:
+    """Succeeded, a deterministic failure (an exception of a worker's own: not retried), a fault
+    (the restarts ran out), or timed out."""
+    if run.returncode == 0:
         return OK
-    if attempt.returncode is None:
+    if run.returncode is None:
         return TIMEOUT
-    if any(not error.is_communication_error for error in attempt.errors):
+    if any(attempt.own_errors for attempt in run.attempts):
         return DETERMINISTIC  # a rank raised an exception of its own; the others' errors follow from it
-    if any(code < 0 for code in attempt.exit_codes.values()):
-        return FAULT  # killed by a signal (SIGKILL, OOM) with no exception of its own
-    if attempt.errors or not attempt.exit_codes:
-        return FAULT  # the ranks lost each other, or torchrun failed before any worker (rendezvous)
-    return DETERMINISTIC  # exited non-zero without an exception: an import error, sys.exit
+    codes = list(run.exit_codes.values())
+    if codes and all(code > 0 for code in codes) and not any(attempt.errors for attempt in run.attempts):
+        return DETERMINISTIC  # exited non-zero without an exception: an import error, sys.exit
+    return FAULT  # killed by a signal (SIGKILL, OOM), the ranks lost each other, or no worker started
 
 
 def free_port() -> int:
@@ -123,7 +147,7 @@ def torchrun_command(
         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         f"--rdzv-id={rdzv_id}",
         f"--nproc_per_node={cfg.nproc}",
-        "--max-restarts=0",  # retries are decided by launch(), which knows a fault from a bug
+        f"--max-restarts={cfg.max_restarts}",  # after a fault; an exception is not retried (failures.py)
         f"--log-dir={log_dir}",
         "--redirects=3", "--tee=3",  # each rank's output in its own file, and in torchrun's log
         *worker_args(settings, str(data), str(spec), str(out)),
@@ -176,14 +200,15 @@ def worker_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, s
     env.update(extra or {})
     # Without it gloo may pick an interface a relaunched group cannot connect through (FIELD-NOTES).
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.update(RESTART_SAFE_ENV)
     return env
 
 
 def run_torchrun(
-    command: list[str], folder: Path, threads: int, timeout_s: float, number: int = 1, env: dict[str, str] | None = None
-) -> Attempt:
-    """Run torchrun once, its output in ``folder/torchrun.log``; read the failed ranks' error files.
-    ``env``: variables added to the workers' environment (the storage settings)."""
+    command: list[str], folder: Path, threads: int, timeout_s: float, env: dict[str, str] | None = None
+) -> TorchrunRun:
+    """Run torchrun once (its restarts included), its output in ``folder/torchrun.log``; read every
+    attempt's error files. ``env``: variables added to the workers' environment (the storage settings)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / TORCHRUN_LOG, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(threads, env),
@@ -193,11 +218,21 @@ def run_torchrun(
         except subprocess.TimeoutExpired:
             _stop(process)
             returncode = None
-    attempt = Attempt(number, folder, returncode)
+    run = TorchrunRun(folder, returncode, read_attempts(folder))
     if returncode != 0:
-        attempt.errors = read_error_files(folder)
-        attempt.exit_codes = {int(rank): int(code) for rank, code in _SUMMARY_FAILURE.findall(_text(attempt.log))}
-    return attempt
+        run.exit_codes = {int(rank): int(code) for rank, code in _SUMMARY_FAILURE.findall(_text(run.log))}
+    return run
+
+
+def read_attempts(folder: Path) -> list[Attempt]:
+    """torchelastic's ``<log-dir>/<run>/attempt_<k>/<rank>/`` folders, in order, with their error files."""
+    found: dict[int, Attempt] = {}
+    for path in folder.glob("**/attempt_*"):
+        number = path.name.removeprefix("attempt_")
+        if path.is_dir() and number.isdigit():
+            ranks = sorted(int(rank.name) for rank in path.iterdir() if rank.is_dir() and rank.name.isdigit())
+            found[int(number)] = Attempt(int(number) + 1, path, ranks, read_error_files(path))
+    return [found[k] for k in sorted(found)]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -214,10 +249,10 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def read_error_files(folder: Path) -> list[WorkerError]:
-    """The exceptions the ranks recorded (``<log-dir>/<run>/attempt_0/<rank>/error.json``)."""
+def read_error_files(attempt_folder: Path) -> list[WorkerError]:
+    """The exceptions the ranks of one attempt recorded (``attempt_<k>/<rank>/error.json``)."""
     errors = []
-    for path in sorted(folder.glob("**/attempt_*/*/error.json")):
+    for path in sorted(attempt_folder.glob("*/error.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -244,84 +279,89 @@ def readable_traceback(callstack: str, frames: int = TRACEBACK_FRAMES) -> str:
     return "\n".join(line for frame in kept for line in frame)
 
 
-def kept_log_uri(storage: Storage, run_id: str, number: int, *parts: str) -> str:
-    return storage.uri("runs", run_id, "train", f"attempt-{number}", *parts)
+def kept_log_uri(storage: Storage, run_id: str, *parts: str) -> str:
+    return storage.uri("runs", run_id, "train", *parts)
 
 
-def keep_logs(storage: Storage, run_id: str, attempt: Attempt) -> str:
-    """Copy the attempt's logs into storage: torchrun.log and rank-<r>/{stdout,stderr}.log, error.json."""
-    if attempt.log.exists():
-        storage.upload_file(attempt.log, kept_log_uri(storage, run_id, attempt.number, TORCHRUN_LOG))
-    for path in sorted(attempt.folder.glob("**/attempt_*/*/*")):
-        if path.is_file():
-            rank = path.parent.name
-            storage.upload_file(path, kept_log_uri(storage, run_id, attempt.number, f"rank-{rank}", path.name))
-    attempt.kept_at = kept_log_uri(storage, run_id, attempt.number)
-    return attempt.kept_at
+def keep_logs(storage: Storage, run_id: str, run: TorchrunRun) -> str:
+    """Copy the logs into storage: torchrun.log, and attempt-<n>/rank-<r>/{stdout,stderr}.log, error.json."""
+    if run.log.exists():
+        storage.upload_file(run.log, kept_log_uri(storage, run_id, TORCHRUN_LOG))
+    for attempt in run.attempts:
+        for path in sorted(attempt.folder.glob("*/*")):
+            if path.is_file():
+                storage.upload_file(path, kept_log_uri(storage, run_id, f"attempt-{attempt.number}",
+                                                       f"rank-{path.parent.name}", path.name))
+    run.kept_at = kept_log_uri(storage, run_id)
+    return run.kept_at
 
 
-def describe(attempt: Attempt) -> str:
-    """Why an attempt failed, in words: the root exception and traceback, or the signal, or the log's tail."""
-    own = [e for e in attempt.errors if not e.is_communication_error] or attempt.errors
-    if attempt.returncode is None:
+def describe(run: TorchrunRun) -> str:
+    """Why a launch failed, in words: the first exception of a worker's own and its traceback, or
+    what each attempt ended with and the log's tail."""
+    where = _join(run.kept_at or str(run.folder), TORCHRUN_LOG)
+    first = next((attempt for attempt in run.attempts if attempt.own_errors), None)
+    if run.returncode is None:
         head = "the workers did not finish within the timeout (training.timeout_s)"
-    elif own and attempt.outcome == DETERMINISTIC:
-        first = min(own, key=lambda e: e.rank)
-        others = sorted({e.rank for e in own} - {first.rank})
+    elif first is not None and run.outcome == DETERMINISTIC:
+        root = min(first.own_errors, key=lambda e: e.rank)
+        others = sorted({e.rank for e in first.own_errors} - {root.rank})
         also = f" (rank(s) {', '.join(map(str, others))} failed the same way or after it)" if others else ""
-        head = f"rank {first.rank} raised {first.message}{also}\ntraceback (flywheel's frames and the innermost):\n{readable_traceback(first.traceback)}"
-    elif attempt.exit_codes:
-        codes = ", ".join(f"rank {rank}: {_exit_reason(code)}" for rank, code in sorted(attempt.exit_codes.items()))
-        head = f"workers failed ({codes})"
-        if own:
-            head += f"; rank {own[0].rank} raised {own[0].message}"
+        head = (f"rank {root.rank} raised {root.message}{also} (attempt {first.number})\n"
+                f"traceback (flywheel's frames and the innermost):\n{readable_traceback(root.traceback)}")
+        return f"{head}\nfull log: {where} (per-attempt, per-rank logs and error files beside it)"
     else:
-        head = f"torchrun exited with code {attempt.returncode} before or outside the workers"
-    where = _join(attempt.kept_at or str(attempt.folder), TORCHRUN_LOG)
-    if not (own and attempt.outcome == DETERMINISTIC):  # no traceback to show: the log's end must do
-        head += f"\nlast lines of torchrun's log:\n{_tail(attempt.log)}"
-    return f"{head}\nfull log: {where} (per-rank logs and error files beside it)"
+        head = "; ".join(_attempt_summary(attempt, run) for attempt in run.attempts) or (
+            f"torchrun exited with code {run.returncode} before or outside the workers")
+    return f"{head}\nlast lines of torchrun's log:\n{_tail(run.log)}\nfull log: {where} (per-attempt, per-rank logs beside it)"
+
+
+def _attempt_summary(attempt: Attempt, run: TorchrunRun) -> str:
+    parts = [f"rank {e.rank} raised {e.message.splitlines()[0][:200]}" for e in attempt.errors]
+    last = attempt is run.attempts[-1]
+    for rank in attempt.silent_ranks:
+        code = run.exit_codes.get(rank) if last else None
+        parts.append(f"rank {rank}: {_exit_reason(code)}" if code is not None
+                     else f"rank {rank} ended without an exception (killed by a signal, or stopped by torchrun)")
+    return f"attempt {attempt.number}: {', '.join(parts) or 'no rank failed'}"
 
 
 def launch(
     settings: Settings, storage: Storage, run_id: str, data: str | Path, spec: str | Path, out: str | Path, work: Path
-) -> list[Attempt]:
-    """Train with torchrun: relaunch after a fault (resuming from the checkpoint in ``out``), fail at
-    once on a deterministic failure. Returns the attempts; raises :class:`TrainingError`."""
+) -> TorchrunRun:
+    """Train with torchrun: restarted by torchrun after a fault (resuming from the checkpoint in
+    ``out``), not after an exception of a worker's own. Returns the run; raises :class:`TrainingError`."""
     cfg = settings.training
-    attempts: list[Attempt] = []
-    for number in range(1, cfg.max_restarts + 2):
-        folder = work / f"attempt-{number}"
-        command = torchrun_command(settings, data, spec, out, folder / "torchelastic", f"{run_id}-{number}")
-        log.info("train: attempt %d: %s", number, " ".join(command))
-        started = time.perf_counter()
-        attempt = run_torchrun(command, folder, cfg.threads_per_worker, cfg.timeout_s, number, storage_env(settings))
-        keep_logs(storage, run_id, attempt)
-        attempts.append(attempt)
-        outcome = attempt.outcome
-        log.info("train: attempt %d %s in %.1fs (logs: %s)", number, outcome, time.perf_counter() - started, attempt.kept_at)
-        if outcome == OK:
-            return attempts
-        if outcome == FAULT and number <= cfg.max_restarts:
-            log.warning("train: attempt %d was a fault (%s); relaunching from the latest checkpoint",
-                        number, describe(attempt).splitlines()[0])
-            continue
-        raise TrainingError(_failure_message(attempt, cfg.max_restarts))
-    raise AssertionError("unreachable")  # the last attempt returns or raises
+    clear_failure(storage, str(out))
+    command = torchrun_command(settings, data, spec, out, work / "torchelastic", run_id)
+    log.info("train: %s", " ".join(command))
+    started = time.perf_counter()
+    run = run_torchrun(command, work, cfg.threads_per_worker, cfg.timeout_s, storage_env(settings))
+    keep_logs(storage, run_id, run)
+    for attempt in run.attempts[:-1]:
+        log.warning("train: %s; torchrun restarted the workers from the latest checkpoint",
+                    _attempt_summary(attempt, run))
+    log.info("train: %s in %.1fs after %d attempt(s) (logs: %s)", run.outcome, time.perf_counter() - started,
+             len(run.attempts), run.kept_at)
+    if run.outcome != OK:
+        raise TrainingError(_failure_message(run, cfg.max_restarts))
+    return run
 
 
-def _failure_message(attempt: Attempt, max_restarts: int) -> str:
-    outcome = attempt.outcome
+def _failure_message(run: TorchrunRun, max_restarts: int) -> str:
+    outcome = run.outcome
     if outcome == DETERMINISTIC:
         verdict = "not retried: an exception raised by a worker would happen again; fix its cause and rerun"
     elif outcome == TIMEOUT:
-        verdict = "not retried: raise training.timeout_s if the data simply needs longer"
+        verdict = "raise training.timeout_s if the data simply needs longer"
     else:
-        verdict = f"gave up after {attempt.number} attempts (training.max_restarts={max_restarts})"
-    return f"training failed on attempt {attempt.number} ({outcome}, {verdict}): {describe(attempt)}"
+        verdict = f"gave up after {len(run.attempts)} attempt(s) (training.max_restarts={max_restarts})"
+    return f"training failed ({outcome}, {verdict}): {describe(run)}"
 
 
-def _exit_reason(code: int) -> str:
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

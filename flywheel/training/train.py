@@ -23,6 +23,7 @@ from flywheel.features.transform import FeatureSpec
 from flywheel.fingerprint import code_fingerprint
 from flywheel.storage import Storage, is_s3
 from flywheel.training.cluster import ClusterJob, JobInputs, cluster_world, render
+from flywheel.training.failures import clear_failure
 from flywheel.training.launcher import WORKER_MODULE, launch
 from flywheel.training.split import split_validation
 
@@ -97,8 +98,9 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
         del rows, fit_rows
         storage.write_bytes(inputs.spec, json.dumps(spec.to_dict()).encode())
         claim_out(storage, inputs.out, key)
+        clear_failure(storage, inputs.out)  # an earlier launch's exception must not stop this one's restarts
         if settings.training.launcher == "local":
-            attempts = len(launch(settings, storage, run_id, inputs.data, inputs.spec, inputs.out, work / "logs"))
+            attempts = len(launch(settings, storage, run_id, inputs.data, inputs.spec, inputs.out, work / "logs").attempts)
         else:
             attempts = train_on_cluster(settings, training_set, storage, run_id)
         out = fetch_outputs(storage, inputs.out, work / "out", attempts)

@@ -52,6 +52,7 @@ from flywheel.config import load_settings
 from flywheel.features.transform import FeatureSpec
 from flywheel.schema import LABEL
 from flywheel.storage import Storage, join
+from flywheel.training.failures import record_failure, refuse_after_recorded_failure
 from flywheel.training.model import WEIGHTS_FILE, FraudMLP
 from flywheel.training.split import split_validation
 
@@ -462,17 +463,31 @@ def reads_per_rank(shard: Shard, device: torch.device, world: int) -> tuple[list
 
 @record
 def main(argv: list[str] | None = None) -> None:
+    """torchrun's entry point in every rank. An exception of the worker's own is recorded in ``out``
+    (see :mod:`flywheel.training.failures`), so that torchrun's restart does not redo it."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK', '?')} %(message)s")
+    storage = Storage.from_settings(load_settings())
+    refuse_after_recorded_failure(storage, args.out)
+    try:
+        train_rank(args, storage)
+    except Exception as exc:
+        if record_failure(storage, args.out, int(os.environ.get("RANK", 0)), exc):
+            log.error("recorded %s in %s: a restart will not retry it", type(exc).__name__, args.out)
+        raise
+
+
+def train_rank(args: argparse.Namespace, storage: Storage) -> None:
+    """One rank's whole run: join the group, read its shard, train (resuming), publish (rank 0)."""
     backend = resolve_backend(args.backend)
     dist.init_process_group(backend, timeout=dt.timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
-    log.info("worker pid %d started (backend %s, world size %d)", os.getpid(), backend, world)
+    log.info("worker pid %d started (backend %s, world size %d, attempt %d)", os.getpid(), backend, world,
+             int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    storage = Storage.from_settings(load_settings())
     shard = load_shard(args, rank, world, storage)
     rows_read, bytes_read = reads_per_rank(shard, device, world)
     model = build_model(shard.spec.width, args.hidden, shard.base_rate).to(device)

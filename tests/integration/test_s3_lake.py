@@ -1,4 +1,4 @@
-"""The lake's staging lifecycle on S3 (moto over HTTP on 127.0.0.1): staged objects are removed on
+"""The lake's staging lifecycle on S3 (SeaweedFS over HTTP on 127.0.0.1): staged objects are removed on
 discard and on publish, and a publish moves latest only after the parts are in place."""
 
 from __future__ import annotations

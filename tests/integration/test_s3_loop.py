@@ -1,4 +1,4 @@
-"""The same loop with every artifact in S3 (moto over HTTP): one code path for both object stores."""
+"""The same loop with every artifact in S3 (SeaweedFS over HTTP): one code path for both object stores."""
 
 from __future__ import annotations
 

@@ -1,22 +1,25 @@
-"""The storage layer against S3 (moto over HTTP on 127.0.0.1): round trips, metadata, errors, retries."""
+"""The storage layer against S3 (SeaweedFS over HTTP on 127.0.0.1): round trips, metadata, errors, retries."""
 
 from __future__ import annotations
 
 import io
 import os
 import socket
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from minio.error import S3Error, ServerError
 
 from flywheel.config import load_settings
 from flywheel.errors import ArtifactNotFound, StorageError
 from flywheel.storage import ObjectRef, S3Backend, Storage, join, sha256_bytes, sha256_file
+from tests.s3_server import FaultProxy
 
 
 def bucket_and_key(uri: str) -> tuple[str, str]:
@@ -28,22 +31,6 @@ def closed_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def failing_then(real: Callable[..., Any], failures: list[BaseException], calls: list[int]) -> Callable[..., Any]:
-    """Stand-in for a minio method: raise each of ``failures`` in turn, then call ``real``."""
-
-    def fake(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) <= len(failures):
-            raise failures[len(calls) - 1]
-        return real(*args, **kwargs)
-
-    return fake
-
-
-def slow_down() -> S3Error:
-    return S3Error(None, "SlowDown", "Please reduce your request rate.", "/bucket/key", "req-1", "host-1")
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -156,6 +143,17 @@ def test_list_with_prefix(s3_storage: Storage) -> None:
     assert len(s3_storage.list(f"s3://{bucket}")) == 4
 
 
+def test_list_pages_through_more_than_a_thousand_objects_in_key_order(s3_storage: Storage) -> None:
+    """Catches a list that stops after the first page (S3 answers at most 1,000 keys per request) or
+    that returns the server's order: SeaweedFS lists folder by folder, so "a/..." comes before "a.x"
+    there, while key order (and the local backend) put "a.x" first ('.' < '/')."""
+    base = s3_storage.uri("many")
+    names = [f"a/{i:04d}" for i in range(520)] + [f"a.{i:04d}" for i in range(520)] + ["a-z", "b"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: s3_storage.write_bytes(join(base, name), b"x"), names))
+    assert s3_storage.list(base) == sorted(join(base, name) for name in names)
+
+
 def test_iter_objects_skips_underscore_and_dot_paths(s3_storage: Storage) -> None:
     base = s3_storage.uri("dataset")
     for name in ["date=2026-01-01/part-0.parquet", "_SUCCESS", "_tmp/p.parquet", ".hidden/p.parquet", "x/.crc"]:
@@ -190,14 +188,14 @@ def test_missing_bucket_is_artifact_not_found(s3_storage: Storage) -> None:
         s3_storage.read_bytes("s3://flywheel-no-such-bucket/key")
 
 
+@pytest.mark.parametrize("wrong", ["access key", "secret key"])
 def test_wrong_credentials_are_a_clear_storage_error(
-    s3_env: Callable[..., dict[str, str]], s3_storage: Storage, monkeypatch: pytest.MonkeyPatch
+    s3_env: Callable[..., dict[str, str]], s3_storage: Storage, s3_server, wrong: str
 ) -> None:
-    import moto.settings
-
-    # moto accepts any credentials unless told to authenticate; this test tells it to.
-    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY="AKIAWRONGWRONGWRONG1", FLYWHEEL_S3_SECRET_KEY="wrong")
+    # The server knows one key pair (tests/s3_server.py): an unknown access key is InvalidAccessKeyId,
+    # the right one with a wrong secret is SignatureDoesNotMatch.
+    access = "AKIAWRONGWRONGWRONG1" if wrong == "access key" else s3_server.access_key
+    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY=access, FLYWHEEL_S3_SECRET_KEY="wrong")
     wrong = Storage.from_settings(load_settings(env=env))
     for action in (lambda: wrong.write_bytes(wrong.uri("x.bin"), b"x"), lambda: wrong.read_bytes(wrong.uri("x.bin"))):
         with pytest.raises(StorageError) as info:
@@ -207,6 +205,19 @@ def test_wrong_credentials_are_a_clear_storage_error(
         assert not isinstance(info.value, ArtifactNotFound)
         # The minio exception is not chained: the CLI prints one clear line, not minio's traceback.
         assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_write_to_a_missing_bucket_names_the_bucket(s3_storage: Storage) -> None:
+    """Catches a write into a bucket nobody created reported as "<uri> does not exist" (the object
+    being written), or as an ArtifactNotFound a caller would take for a missing input."""
+    bucket = f"flywheel-never-made-{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{bucket}/flywheel/x.bin"
+    with pytest.raises(StorageError) as info:
+        s3_storage.write_bytes(uri, b"x")
+    assert not isinstance(info.value, ArtifactNotFound)
+    message = str(info.value)
+    assert f"bucket {bucket!r} does not exist" in message and "NoSuchBucket" in message, message
+    assert not s3_storage.s3.client.bucket_exists(bucket)  # the server did not make it on the fly
 
 
 def test_unreachable_endpoint_fails_after_retries(
@@ -238,56 +249,64 @@ def test_endpoint_may_be_a_url(s3_env: Callable[..., dict[str, str]], s3_storage
     assert s3_storage.read_bytes(s3_storage.uri("via-url.txt")) == b"ok"
 
 
-# --- retries ----------------------------------------------------------------------------------
+# --- retries: faults a healthy server does not produce, put on the wire by a proxy in front of it ----
 
 
-def test_transient_errors_are_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    monkeypatch.setattr(
-        backend.client, "put_object", failing_then(backend.client.put_object, [slow_down(), slow_down()], calls)
-    )
-    uri = s3_storage.uri("retried.bin")
-    ref = s3_storage.write_bytes(uri, b"made it")
-    assert len(calls) == 3
-    monkeypatch.undo()
-    assert s3_storage.read_bytes(uri) == b"made it"
+@pytest.fixture
+def faulty(s3_storage: Storage, s3_env: Callable[..., dict[str, str]], s3_server) -> Iterator[tuple[FaultProxy, Storage]]:
+    """A fault proxy in front of the test server, and a Storage on the same bucket that goes through it."""
+    proxy = FaultProxy(s3_server.endpoint)
+    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint, FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001")
+    try:
+        yield proxy, Storage.from_settings(load_settings(env=env))
+    finally:
+        proxy.close()
+
+
+def test_transient_errors_are_retried(s3_storage: Storage, faulty: tuple[FaultProxy, Storage]) -> None:
+    proxy, storage = faulty
+    proxy.fail("PUT", 2, 503, "SlowDown")
+    uri = storage.uri("retried.bin")
+    ref = storage.write_bytes(uri, b"made it")
+    assert proxy.count("PUT") == 3
+    assert s3_storage.read_bytes(uri) == b"made it"  # straight from the server, not through the proxy
     assert s3_storage.stat(uri) == ref
 
 
-def test_a_5xx_without_an_s3_body_is_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
+def test_a_5xx_without_an_s3_body_is_retried(s3_storage: Storage, faulty: tuple[FaultProxy, Storage]) -> None:
+    # minio raises InvalidResponseError for a GET's bare 5xx and ServerError for a HEAD's: both are retried.
+    proxy, storage = faulty
     uri = s3_storage.uri("r.bin")
-    s3_storage.write_bytes(uri, b"data")
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    failure = ServerError("server failed with HTTP status code 503", 503)
-    monkeypatch.setattr(backend.client, "get_object", failing_then(backend.client.get_object, [failure], calls))
-    assert s3_storage.read_bytes(uri) == b"data"
-    assert len(calls) == 2
+    ref = s3_storage.write_bytes(uri, b"data")
+    proxy.fail("GET", 1, 503)
+    assert storage.read_bytes(uri) == b"data"
+    assert proxy.count("GET") == 2
+    proxy.fail("HEAD", 1, 500)
+    assert storage.stat(uri) == ref
+    assert proxy.count("HEAD") == 2
 
 
-def test_retries_give_up_with_a_storage_error(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    monkeypatch.setattr(backend, "retries", 2)
-    calls: list[int] = []
-    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [slow_down()] * 10, calls))
-    with pytest.raises(StorageError, match="after 3 tries: SlowDown"):
-        s3_storage.write_bytes(s3_storage.uri("never.bin"), b"x")
-    assert len(calls) == 3
+def test_retries_give_up_with_a_storage_error(
+    s3_storage: Storage, s3_env: Callable[..., dict[str, str]], faulty: tuple[FaultProxy, Storage]
+) -> None:
+    proxy, _ = faulty
+    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint,
+                 FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001", FLYWHEEL_STORAGE__RETRIES="2")
+    storage = Storage.from_settings(load_settings(env=env))
+    proxy.fail("PUT", 10, 503, "SlowDown")
+    with pytest.raises(StorageError, match="after 3 tries: SlowDown") as info:
+        storage.write_bytes(storage.uri("never.bin"), b"x")
+    assert proxy.count("PUT") == 3
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not s3_storage.exists(storage.uri("never.bin"))
 
 
-def test_permanent_errors_are_not_retried(s3_storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = s3_storage.s3
-    monkeypatch.setattr(backend, "backoff_s", 0.001)
-    calls: list[int] = []
-    invalid = S3Error(None, "InvalidArgument", "bad header", "/bucket/key", None, None)
-    monkeypatch.setattr(backend.client, "put_object", failing_then(backend.client.put_object, [invalid], calls))
+def test_permanent_errors_are_not_retried(faulty: tuple[FaultProxy, Storage]) -> None:
+    proxy, storage = faulty
+    proxy.fail("PUT", 1, 400, "InvalidArgument")
     with pytest.raises(StorageError, match="InvalidArgument"):
-        s3_storage.write_bytes(s3_storage.uri("x.bin"), b"x")
-    assert len(calls) == 1
+        storage.write_bytes(storage.uri("x.bin"), b"x")
+    assert proxy.count("PUT") == 1
 
 
 def test_invalid_bucket_name_is_a_storage_error(s3_storage: Storage) -> None:
@@ -295,6 +314,67 @@ def test_invalid_bucket_name_is_a_storage_error(s3_storage: Storage) -> None:
     with pytest.raises(StorageError, match="invalid bucket name") as info:
         s3_storage.write_bytes("s3://x/key", b"x")
     assert not isinstance(info.value, ArtifactNotFound)
+
+
+# --- several writers at once -----------------------------------------------------------------
+
+
+def test_many_callers_ensure_one_new_bucket_at_once_and_each_their_own(
+    s3_env: Callable[..., dict[str, str]], aws_env: None
+) -> None:
+    """Catches a check-then-create ensure_bucket: callers that all find the bucket missing all create
+    it, and all but the first get BucketAlreadyOwnedByYou, which means the bucket is there (success).
+    Also: many new buckets made at once are each writable straight away."""
+    shared = f"flywheel-shared-{uuid.uuid4().hex[:8]}"
+    callers = 8
+    barrier = threading.Barrier(callers)
+
+    def caller(index: int) -> list[str]:
+        storage = Storage.from_settings(load_settings(env=s3_env(f"s3://{shared}/flywheel")))  # a client each, as processes have
+        own = f"flywheel-own-{uuid.uuid4().hex[:8]}-{index}"
+        barrier.wait()
+        storage.s3.ensure_bucket(shared)
+        storage.s3.ensure_bucket(own)
+        written = []
+        for bucket in (shared, own):
+            uri = f"s3://{bucket}/from-{index}.txt"
+            storage.write_bytes(uri, f"caller {index}".encode())
+            written.append(uri)
+        return written
+
+    with ThreadPoolExecutor(callers) as pool:
+        written = [uri for uris in pool.map(caller, range(callers)) for uri in uris]
+    reader = Storage.from_settings(load_settings(env=s3_env(f"s3://{shared}/flywheel")))
+    assert len(reader.list(f"s3://{shared}")) == callers
+    for uri in written:
+        assert reader.read_bytes(uri) == f"caller {uri.rsplit('-', 1)[-1].removesuffix('.txt')}".encode()
+
+
+def test_a_reader_sees_the_old_or_the_new_object_never_a_part(s3_storage: Storage) -> None:
+    """Catches a write that becomes visible before it is complete (the storage layer's promise that a
+    reader never sees half an artifact), with multipart-sized objects overwritten while being read."""
+    uri = s3_storage.uri("swapped.bin")
+    versions = [bytes([n]) * (6 * 1024 * 1024) for n in range(1, 4)]  # above minio's 5 MiB part size
+    s3_storage.write_bytes(uri, versions[0])
+    done = threading.Event()
+
+    def overwrite() -> None:
+        try:
+            for data in versions[1:] * 2:
+                s3_storage.write_bytes(uri, data)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    seen = set()
+    while not done.is_set():
+        data = s3_storage.read_bytes(uri)
+        assert data in versions, f"a read saw {len(data)} bytes, not one whole version"
+        seen.add(data[0])
+    writer.join()
+    assert s3_storage.read_bytes(uri) == versions[2]
+    assert len(seen) >= 2, seen  # the reads did overlap the overwrites
 
 
 # --- other tools read what we write -----------------------------------------------------------

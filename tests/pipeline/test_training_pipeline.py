@@ -154,12 +154,12 @@ def test_compiled_pipeline_matches_the_golden_file(tmp_path):
     .venv/bin/flywheel compile --out tests/pipeline/golden"""
     result = flywheel("compile", "--out", str(tmp_path), env={"FLYWHEEL_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    compiled = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())
-    golden = yaml.safe_load(GOLDEN.read_text())
-    for spec in (compiled, golden):
+    compiled = list(yaml.safe_load_all((tmp_path / "flywheel-training.yaml").read_text()))
+    golden = list(yaml.safe_load_all(GOLDEN.read_text()))
+    for spec in (compiled[0], golden[0]):
         spec.pop("sdkVersion", None)
-    assert compiled == golden
-    tasks = compiled["root"]["dag"]["tasks"]
+    assert compiled == golden  # the pipeline spec and the Kubernetes platform spec
+    tasks = compiled[0]["root"]["dag"]["tasks"]
     assert set(tasks) == {"ingest", "validate", "features", "train", "evaluate", "condition-1"}
     assert tasks["ingest"]["cachingOptions"] == {}  # ingest always re-reads its source
 
@@ -173,7 +173,7 @@ def test_features_read_only_the_snapshot_validation_published(tmp_path):
     features consume validate's published snapshot (never ingest's staged one), deploy waits for the blessing."""
     result = flywheel("compile", "--out", str(tmp_path), env={"FLYWHEEL_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    compiled = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())
+    compiled = next(yaml.safe_load_all((tmp_path / "flywheel-training.yaml").read_text()))
     tasks = compiled["root"]["dag"]["tasks"]
     assert artifact_from(tasks["validate"], "staged") == {"producerTask": "ingest", "outputArtifactKey": "staged"}
     assert artifact_from(tasks["features"], "snapshot") == {"producerTask": "validate", "outputArtifactKey": "snapshot"}
@@ -210,6 +210,6 @@ def test_every_step_runs_in_the_image_the_settings_name(tmp_path):
     env = {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_IMAGE": "registry.internal:5000/ml/flywheel:2026.11.23"}
     result = flywheel("compile", "--out", str(tmp_path), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    executors = yaml.safe_load((tmp_path / "flywheel-training.yaml").read_text())["deploymentSpec"]["executors"]
+    executors = next(yaml.safe_load_all((tmp_path / "flywheel-training.yaml").read_text()))["deploymentSpec"]["executors"]
     assert len(executors) == 6
     assert {spec["container"]["image"] for spec in executors.values()} == {env["FLYWHEEL_IMAGE"]}

@@ -283,10 +283,10 @@ def test_every_flywheel_variable_the_code_reads_is_a_setting() -> None:
     command fail with "Extra inputs are not permitted": each name in the code must map to a field."""
     import re
 
-    from flywheel.config import NOT_SETTINGS_ENV, SECRET_ENV
+    from flywheel.config import KFP_TOKEN_ENV, NOT_SETTINGS_ENV, SECRET_ENV
 
     root = Path(__file__).resolve().parents[2]
-    secrets = {name for names in SECRET_ENV.values() for name in names}
+    secrets = {name for names in SECRET_ENV.values() for name in names} | {KFP_TOKEN_ENV}
     names = set()
     for folder in ("flywheel", "serving", "components", "pipelines"):
         for path in (root / folder).rglob("*.py"):
@@ -320,3 +320,36 @@ def test_an_unknown_variable_is_named_with_the_valid_fields(tmp_path: Path) -> N
     message = str(info.value)
     assert "training.epocs is not a setting (from FLYWHEEL_TRAINING__EPOCS" in message
     assert "valid here:" in message and "epochs" in message
+
+
+def test_the_kfp_token_comes_from_the_environment_only(tmp_path: Path) -> None:
+    """A bearer token in a settings file would end up in git and in `settings.yaml` copies."""
+    from flywheel.config import write_settings
+
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_KFP_TOKEN": "tok-secret-1"})
+    assert settings.kfp.token is not None and settings.kfp.token.get_secret_value() == "tok-secret-1"
+    assert "tok-secret-1" not in write_settings(settings, tmp_path / "written.yaml").read_text()
+    config = tmp_path / "flywheel.yaml"
+    config.write_text("kfp:\n  token: tok-secret-2\n")
+    with pytest.raises(ConfigError, match="FLYWHEEL_KFP_TOKEN") as err:
+        load_settings(config, env={"FLYWHEEL_HOME": str(tmp_path)})
+    assert "tok-secret-2" not in str(err.value)
+
+
+def test_one_steps_resources_can_be_changed_without_losing_the_other_defaults(tmp_path: Path) -> None:
+    defaults = load_settings(env={"FLYWHEEL_HOME": str(tmp_path)}).kfp.resources
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_KFP__RESOURCES__TRAIN__CPU_LIMIT": "6"})
+    assert settings.kfp.resources["train"].cpu_limit == "6"
+    assert settings.kfp.resources["train"].memory_limit == defaults["train"].memory_limit
+    assert settings.kfp.resources["features"] == defaults["features"]
+    with pytest.raises(ConfigError, match="'trian' is not a pipeline step"):
+        load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_KFP__RESOURCES__TRIAN__CPU_LIMIT": "6"})
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("FLYWHEEL_KFP__HOST", "ml-pipeline-ui:80", "http://"),
+    ("FLYWHEEL_KFP__SCHEDULE_CRON", "0 2 * * *", "six fields"),
+])
+def test_bad_kfp_settings_are_named(tmp_path: Path, name: str, value: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(env={"FLYWHEEL_HOME": str(tmp_path), name: value})

@@ -193,7 +193,12 @@ def test_a_staged_snapshot_has_the_identity_it_is_published_under(storage_and_la
     assert published.sha256 == staged.sha256 == lake.snapshot_sha256([p["sha256"] for p in published.parts])
     assert published.uri == f"{lake_uri}/_snapshots/{staged.sha256}.json" and not published.staged
     assert [p["uri"] for p in published.parts] == [p["uri"] for p in staged.parts]
-    assert all(set(p) == {"uri", "sha256", "rows", "date"} for p in published.parts)
+    assert all(set(p) == {"uri", "sha256", "rows", "date", "ids", "ids_slice"} for p in published.parts)
+    assert all(Path(p["ids"]).is_file() and p["ids"].startswith(f"{lake_uri}/_index/") for p in published.parts)
+    for part in published.parts:  # each part's slice of the batch's id index holds exactly its ids
+        ids = pq.read_table(part["uri"]).column("transaction_id")
+        assert lake.read_id_index(storage, part).tolist() == sorted(lake.id_hashes(ids).tolist())
+    assert len(set(lake.id_hashes(pa.array([f"t{i}" for i in range(100_000)])).tolist())) == 100_000
     assert lake.publish_staged(storage, staged, "run-1") == published  # idempotent
     assert lake.read_snapshot(storage, published).num_rows == 40
 

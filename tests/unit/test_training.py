@@ -24,7 +24,7 @@ from flywheel.features.build import TrainingSet, split_by_time
 from flywheel.features.transform import FeatureSpec
 from flywheel.storage import Storage
 from flywheel.training import launcher
-from flywheel.training.launcher import FAULT, OK, launch
+from flywheel.training.launcher import OK, launch
 from flywheel.training.split import split_validation
 from flywheel.training.train import train
 from tests.unit.test_transform import frame
@@ -102,8 +102,8 @@ RESUMED = re.compile(r"resuming from epoch (\d+) step (\d+) \(global step (\d+)\
 def run_until_step(settings: Settings, data: object, spec: object, out: object, work: Path, step: int) -> None:
     """One torchrun attempt that stops cleanly after global step ``step``, leaving its checkpoint."""
     command = launcher.torchrun_command(settings, data, spec, out, work / "torchelastic") + ["--stop-at-step", str(step)]
-    attempt = launcher.run_torchrun(command, work, 1, 120, env=launcher.storage_env(settings))
-    assert attempt.outcome == OK, launcher.describe(attempt)
+    run = launcher.run_torchrun(command, work, 1, 120, env=launcher.storage_env(settings))
+    assert run.outcome == OK, launcher.describe(run)
 
 
 def same_weights(first: dict, second: dict) -> bool:
@@ -128,7 +128,8 @@ def test_ddp_training_learns_and_a_rerun_reuses_the_model(tmp_path):
     assert not first.reused
     assert [e["epoch"] for e in first.epochs] == [0, 1, 2, 3]
     assert first.epochs[-1]["loss"] < first.epochs[0]["loss"]
-    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
+    assert storage.exists(storage.uri("runs", "r1", "train", "torchrun.log"))
+    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "rank-1", "stderr.log"))
     second = train(storage, settings, training_set, "r2")
     assert second.reused and second.model.version == first.model.version
     # A setting that shapes the model retrains; an operational one does not.
@@ -173,13 +174,18 @@ def test_a_missing_data_file_fails_at_once_naming_the_file_and_the_workers_trace
     message = str(caught.value)
     assert "FileNotFoundError" in message and str(missing) in message
     assert 'flywheel/training/worker.py", line' in message and "load_shard" in message
-    assert "not retried" in message
-    kept = storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log")
+    assert "not retried" in message and "(attempt 1)" in message
+    kept = storage.uri("runs", "r1", "train", "torchrun.log")
     assert f"full log: {kept}" in message
     assert "worker pid" in Path(kept).read_text()  # the workers' own output is in the kept log
     assert "FileNotFoundError" in Path(storage.uri("runs", "r1", "train", "attempt-1", "rank-0", "error.json")).read_text()
-    assert len(count_launches) == 1
-    assert not storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
+    assert len(count_launches) == 1 and "--max-restarts=2" in count_launches[0]
+    # torchrun restarted the group (it cannot tell a bug from a fault), and the restarted workers
+    # stopped at once, before joining a group or reading anything, repeating the first exception.
+    for attempt in (2, 3):
+        restarted = Path(storage.uri("runs", "r1", "train", f"attempt-{attempt}", "rank-0", "error.json")).read_text()
+        assert "EarlierAttemptFailed" in restarted and "FileNotFoundError" in restarted
+        assert "worker pid" not in Path(storage.uri("runs", "r1", "train", f"attempt-{attempt}", "rank-0", "stderr.log")).read_text()
 
 
 def test_a_missing_label_column_fails_the_train_step_at_once_with_the_workers_exception(tmp_path, count_launches):
@@ -192,9 +198,10 @@ def test_a_missing_label_column_fails_the_train_step_at_once_with_the_workers_ex
     message = str(caught.value)
     assert "rank 0 raised KeyError: 'is_fraud'" in message
     assert 'flywheel/training/worker.py", line' in message
-    kept = storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log")
+    kept = storage.uri("runs", "r1", "train", "torchrun.log")
     assert f"full log: {kept}" in message and "KeyError" in Path(kept).read_text()
     assert len(count_launches) == 1
+    assert "worker pid" not in Path(storage.uri("runs", "r1", "train", "attempt-2", "rank-0", "stderr.log")).read_text()
 
 
 def test_a_spec_wider_than_its_inputs_fails_inside_the_model_and_is_not_retried(tmp_path, count_launches):
@@ -222,8 +229,8 @@ def test_resuming_from_a_checkpoint_starts_after_it_and_ends_with_the_uninterrup
     launch(first, storage, "r1", data, spec, out, tmp_path / "logs1")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == stop_after - 1
     rest = settings_at(tmp_path, **RESUME)
-    attempts = launch(rest, storage, "r2", data, spec, out, tmp_path / "logs2")
-    assert f"resuming from epoch {stop_after}" in attempts[0].log.read_text()
+    run = launch(rest, storage, "r2", data, spec, out, tmp_path / "logs2")
+    assert f"resuming from epoch {stop_after}" in run.log.read_text()
     assert [e["epoch"] for e in history(out)] == list(range(RESUME_EPOCHS))
     # Same seed, same shards, same optimizer state: the same arithmetic, so the same weights.
     resumed, uninterrupted = torch.load(out / "model.pt"), torch.load(reference_weights)
@@ -241,8 +248,8 @@ def test_resuming_mid_epoch_skips_the_steps_done_and_ends_with_the_uninterrupted
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["global_step"], state["complete"]) == (1, 13, stop, False)
     assert not (out / "model.pt").exists()
-    attempts = launch(settings, Storage.from_settings(settings), "r2", data, spec, out, tmp_path / "logs2")
-    assert RESUMED.search(attempts[0].log.read_text()).groups() == ("1", "13", str(stop))
+    run = launch(settings, Storage.from_settings(settings), "r2", data, spec, out, tmp_path / "logs2")
+    assert RESUMED.search(run.log.read_text()).groups() == ("1", "13", str(stop))
     epochs = history(out)
     assert [e["epoch"] for e in epochs] == list(range(RESUME_EPOCHS))
     assert epochs[1]["samples_per_rank"] == reference_history[1]["samples_per_rank"]  # the whole epoch, counted once
@@ -255,7 +262,7 @@ def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline
     """Wait for the first checkpoint, then SIGKILL the worker of ``rank`` (its pid from its log line)."""
     pattern = re.compile(rf"rank{rank} worker pid (\d+) started")
     while time.monotonic() < deadline:
-        log = work / "attempt-1" / "torchrun.log"
+        log = work / "torchrun.log"
         found = pattern.search(log.read_text()) if log.exists() else None
         if found and (out / "checkpoint.pt").exists():
             pid = int(found.group(1))
@@ -265,8 +272,10 @@ def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline
     raise AssertionError("no checkpoint appeared: nothing to kill")
 
 
-def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, reference_run):
-    """Catches a fault treated as fatal, a relaunch that starts over, and a hang after the kill."""
+def test_a_worker_killed_mid_epoch_under_torchrun_max_restarts_1_resumes_from_the_checkpoint(
+        tmp_path, reference_run, count_launches):
+    """Catches a fault treated as fatal, a restart that starts over, a restarted gloo group that
+    cannot connect (torch's shared rendezvous store), and a hang after the kill."""
     data, spec, reference_history, _ = reference_run
     settings = settings_at(tmp_path, **RESUME, max_restarts=1)
     storage = Storage.from_settings(settings)
@@ -275,7 +284,7 @@ def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, ref
 
     def run() -> None:
         try:
-            result["attempts"] = launch(settings, storage, "r1", data, spec, out, work)
+            result["run"] = launch(settings, storage, "r1", data, spec, out, work)
         except Exception as exc:  # reported by the assertions below
             result["error"] = exc
 
@@ -285,17 +294,19 @@ def test_a_killed_worker_is_a_fault_relaunched_from_the_checkpoint(tmp_path, ref
     thread.join(timeout=150)
     assert not thread.is_alive(), "training hung after a worker was killed"
     assert "error" not in result, result.get("error")
-    attempts = result["attempts"]
-    assert [a.outcome for a in attempts] == [FAULT, OK]
-    assert attempts[0].exit_codes.get(1) == -signal.SIGKILL
-    # It resumed from the latest checkpoint (one every 10 steps), not from the start.
-    epoch, step, global_step = map(int, RESUMED.search(attempts[1].log.read_text()).groups())
+    run = result["run"]
+    # One torchrun, which restarted the group itself.
+    assert len(count_launches) == 1 and "--max-restarts=1" in count_launches[0]
+    assert run.outcome == OK and [a.number for a in run.attempts] == [1, 2]
+    assert 1 in run.attempts[0].silent_ranks and not run.attempts[0].own_errors  # killed: no exception of its own
+    # It resumed from the latest checkpoint (one every 10 steps), in the middle of an epoch, not from the start.
+    epoch, step, global_step = map(int, RESUMED.search(run.attempts[1].text()).groups())
     assert global_step > 0 and global_step == epoch * STEPS_PER_EPOCH + step and epoch < RESUME_EPOCHS
     epochs = history(out)
     assert [e["epoch"] for e in epochs] == list(range(RESUME_EPOCHS))
     assert epochs[-1]["loss"] == pytest.approx(reference_history[-1]["loss"], rel=1e-4)
-    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-1", "torchrun.log"))
-    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "torchrun.log"))
+    assert storage.exists(storage.uri("runs", "r1", "train", "torchrun.log"))
+    assert storage.exists(storage.uri("runs", "r1", "train", "attempt-2", "rank-1", "stderr.log"))
     assert same_weights(torch.load(out / "model.pt"), torch.load(reference_run[3]))
 
 

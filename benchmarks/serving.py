@@ -1,0 +1,336 @@
+"""Real-time serving: latency and throughput of `flywheel serve` under wrk, beside a no-op KServe model.
+
+    python benchmarks/serving.py [--quick] [--keep]
+
+Set-up, once, in a temporary $FLYWHEEL_HOME: a redis-server on loopback (no persistence), then
+`flywheel generate` and `flywheel run` (SQLite online store), then `flywheel run` again on the same
+data with the Redis online store (the lake, training set and model are reused; the features step
+materializes the production model's world into Redis).
+
+Then, for each worker count (1, and 2 when the settings have ``serving.workers``), in the same run:
+- the no-op model server (benchmarks/noop_server.py: a ``kserve.Model`` returning a constant),
+  `flywheel serve` with the SQLite and `flywheel serve` with the Redis online store, each a
+  subprocess on 127.0.0.1 with that many workers, started one after the other and then kept up
+  together, so that each load below runs on all three back to back (a shared machine's background
+  load drifts; the ratios compare loads taken seconds apart);
+- cold start: from the process's start to its first successful prediction (polled every 10 ms);
+- wrk from a second process, one v1 transaction per request, the bodies rotating through real
+  holdout transactions (so feature lookups hit real rows): p50 and p99 (wrk's latency
+  distribution) and requests/s at concurrency 1, 8 and 64 (at most 2 wrk threads);
+- batch scoring: 1,000 transactions per v1 request at concurrency 2 (at least 10 s), rows/s
+  against the rows/s of one transaction per request at concurrency 8 (both saturate the server).
+A load with a failed request, or in which no request completed, is reported (``problems`` in the
+JSON) and fails the goals of its server.
+Goals (issue 7, on the 2-core machine), for each online store with 1 worker: p99 under 10 ms at
+concurrency 8, at least 60% of the no-op model's requests/s at concurrency 8, cold start under
+5 s, batch rows/s at least 20x single. Quick mode: 30k rows over 14 days, 3 training epochs, 3 s per
+load; otherwise 200k rows over 30 days with the default settings, 10 s per load. Writes
+benchmarks/results/serving.json (serving-quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from results_table import judge, write_results
+from wrk_output import WrkResult, lua_script, parse_wrk
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 8, 64)
+HEADLINE_CONCURRENCY = 8
+BATCH_ROWS = 1_000
+BATCH_CONCURRENCY = 2  # one batch in flight per core: the server is saturated, each batch's wait stays short
+BATCH_MIN_SECONDS = 10  # a batch can take seconds on a slow server: enough of them must complete
+BODIES = 500  # distinct one-transaction bodies the Lua script rotates through
+WRK_TIMEOUT = "30s"  # wrk drops a slower reply from its latency figures; nothing here should be that slow
+GOALS = {  # name: (target, "max" | "min"), for each online store with one worker
+    "c8_p99_ms": (10.0, "max"),
+    "rps_over_noop_c8": (0.60, "min"),
+    "cold_start_s": (5.0, "max"),
+    "batch_over_single": (20.0, "min"),
+}
+
+
+# ---------------------------------------------------------------- processes on loopback
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**flywheel: str) -> dict[str, str]:
+    """This process's environment without any FLYWHEEL_* variable, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(flywheel)
+    return env
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with every worker it forked or spawned."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    try:  # workers left behind by a parent that exited
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server on a free loopback port, no persistence; returns it and its ``host:port``."""
+    import redis
+
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed: apt-get install -y --no-install-recommends redis-server")
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=(folder / "redis.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    client = redis.Redis(host=HOST, port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"redis-server exited early:\n{(folder / 'redis.log').read_text()}")
+        try:
+            if client.ping():
+                return process, f"{HOST}:{port}"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    stop(process)
+    sys.exit("redis-server did not answer PING in 20 s")
+
+
+def start_until_first_prediction(command: list[str], env: dict[str, str], url: str, body: bytes, log: Path,
+                                 seconds: float = 180) -> tuple[subprocess.Popen, float]:
+    """Start a server and poll ``url`` with ``body`` until it answers 200: (the process, the
+    seconds from its start to that first successful prediction)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    while time.perf_counter() - started < seconds:
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(command)} exited ({process.returncode}) before answering:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return process, time.perf_counter() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.01)
+    stop(process)
+    raise RuntimeError(f"{' '.join(command)} gave no successful prediction in {seconds:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+# ---------------------------------------------------------------- set-up: a small loop, SQLite and Redis
+def run_cli(args: list[str], env: dict[str, str], log: Path) -> None:
+    """One `flywheel` command; its output to ``log``; a failure stops the benchmark with its tail."""
+    with log.open("a") as out:
+        out.write(f"$ flywheel {' '.join(args)}\n")
+        out.flush()
+        code = subprocess.call([sys.executable, "-m", "flywheel.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
+        sys.exit(f"flywheel {' '.join(args)} failed ({code}):\n{log.read_text()[-4000:]}")
+
+
+def set_up(home: Path, rows: int, days: int, redis_connection: str, quick: bool) -> dict[str, dict[str, str]]:
+    """Generate data and run the loop with each online store; the environment of each store."""
+    base = {"FLYWHEEL_HOME": str(home)}
+    if quick:
+        base["FLYWHEEL_TRAINING__EPOCHS"] = "3"
+    envs = {
+        "sqlite": {**base, "FLYWHEEL_FEATURES__ONLINE_STORE": "sqlite"},
+        "redis": {**base, "FLYWHEEL_FEATURES__ONLINE_STORE": "redis", "FLYWHEEL_FEATURES__REDIS_CONNECTION": redis_connection},
+    }
+    log = home / "setup.log"
+    home.mkdir(parents=True, exist_ok=True)
+    source = str(home / "raw" / "bench")
+    started = time.perf_counter()
+    run_cli(["generate", "--rows", str(rows), "--days", str(days), "--seed", "7", "--out", source], clean_env(**base), log)
+    for store in ("sqlite", "redis"):
+        run_cli(["run", "--source", source], clean_env(**envs[store]), log)
+    print(f"set-up: {rows:,} rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})", flush=True)
+    return envs
+
+
+def holdout_transactions(env: dict[str, str], count: int) -> list[dict]:
+    """``count`` real transactions from the production model's holdout (the last ones in time),
+    as v1 instances stamped an hour after the holdout ends."""
+    import pandas as pd
+
+    from flywheel.config import load_settings
+    from flywheel.features.build import latest_training_set
+    from flywheel.storage import Storage
+
+    settings = load_settings(env=clean_env(**env))
+    storage = Storage.from_settings(settings)
+    holdout = storage.read_parquet(latest_training_set(storage).holdout_uri).to_pandas()
+    rows = holdout.sort_values("ts").tail(count)
+    when = (pd.to_datetime(rows["ts"], utc=True).max() + pd.Timedelta(hours=1)).isoformat()
+    return [
+        {"transaction_id": f"bench-{i}", "card_id": r.card_id, "merchant_id": r.merchant_id,
+         "merchant_category": r.merchant_category, "amount": float(r.amount), "ts": when, "channel": r.channel,
+         "lat": float(r.lat), "lon": float(r.lon)}
+        for i, r in enumerate(rows.itertuples())
+    ]
+
+
+# ---------------------------------------------------------------- load
+def wrk(url: str, script: Path, concurrency: int, seconds: int) -> WrkResult:
+    threads = min(2, concurrency)
+    command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", WRK_TIMEOUT,
+               "--latency", "-s", str(script), url]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: dict[str, Path], first_body: bytes,
+                 seconds: int, folder: Path, problems: dict[str, str]) -> dict[str, float]:
+    """Start each server alone (its cold start), keep them all up, then load them in turn at each
+    concurrency, so a change in the machine's background load hits every server alike; then the
+    batch load on every server but the no-op. ``servers``: name -> (command, environment); what
+    went wrong in a load goes to ``problems``."""
+    figures: dict[str, float] = {}
+    urls: dict[str, str] = {}
+    processes: list[subprocess.Popen] = []
+    try:
+        for name, (command, env) in servers.items():
+            port = free_port()
+            urls[name] = f"http://{HOST}:{port}/v1/models/fraud:predict"
+            process, cold = start_until_first_prediction([*command, "--port", str(port)], env, urls[name], first_body,
+                                                         folder / f"{name}.log")
+            processes.append(process)
+            figures[f"{name}_cold_start_s"] = round(cold, 2)
+            print(f"  {name:<10} cold start {cold:.2f} s", flush=True)
+        for url in urls.values():
+            wrk(url, scripts["single"], HEADLINE_CONCURRENCY, 1)  # warm-up, not counted
+        for concurrency in CONCURRENCY:
+            for name, url in urls.items():
+                result = wrk(url, scripts["single"], concurrency, seconds)
+                figures.update(row_figures(f"{name}_c{concurrency}", result, problems))
+                print(f"  {name:<10} c={concurrency:<3} p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  "
+                      f"{result.requests_per_s:9.1f} req/s  errors {result.errors}", flush=True)
+        for name, url in urls.items():
+            if name.startswith("noop"):
+                continue
+            result = wrk(url, scripts["batch"], BATCH_CONCURRENCY, max(seconds, BATCH_MIN_SECONDS))
+            figures.update(row_figures(f"{name}_batch_c{BATCH_CONCURRENCY}", result, problems))
+            figures[f"{name}_batch_rows_per_s"] = round(result.requests_per_s * BATCH_ROWS, 1)
+            print(f"  {name:<10} batch of {BATCH_ROWS} c={BATCH_CONCURRENCY}: p50 {result.p50_ms:.1f} ms  "
+                  f"{result.requests_per_s * BATCH_ROWS:,.0f} rows/s  errors {result.errors}", flush=True)
+    finally:
+        for process in processes:
+            stop(process)
+    return figures
+
+
+def row_figures(prefix: str, result: WrkResult, problems: dict[str, str]) -> dict[str, float]:
+    if result.problem:
+        problems[prefix] = result.problem
+        print(f"  PROBLEM in {prefix}: {result.problem}", flush=True)
+    return {
+        f"{prefix}_p50_ms": round(result.p50_ms, 3),
+        f"{prefix}_p99_ms": round(result.p99_ms, 3),
+        f"{prefix}_rps": round(result.requests_per_s, 1),
+        f"{prefix}_requests": result.requests,
+        f"{prefix}_errors": result.errors,
+    }
+
+
+def ratio(numerator: float, denominator: float, digits: int) -> float:
+    """numerator / denominator, rounded; 0 when the denominator's load completed nothing (a
+    problem the run reports)."""
+    return round(numerator / denominator, digits) if denominator else 0.0
+
+
+def serving_has_workers() -> bool:
+    """Whether the settings know ``serving.workers`` (the predictor's multi-worker support)."""
+    from flywheel.config import ServingSettings
+
+    return "workers" in ServingSettings.model_fields
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="30k rows, 3 epochs, 3 s per load instead of 200k rows, 10 s")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary $FLYWHEEL_HOME and the servers' logs")
+    args = parser.parse_args()
+    rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
+    for tool in ("wrk", "redis-server"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed: apt-get install -y --no-install-recommends {tool}")
+
+    work = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
+    redis_process, redis_connection = start_redis(work / "redis")
+    try:
+        envs = set_up(work / "home", rows, days, redis_connection, args.quick)
+        transactions = holdout_transactions(envs["sqlite"], max(BODIES, BATCH_ROWS))
+        single = [json.dumps({"instances": [tx]}) for tx in transactions[-BODIES:]]
+        batches = [json.dumps({"instances": transactions[-BATCH_ROWS:]})]
+        scripts = {"single": work / "single.lua", "batch": work / "batch.lua"}
+        scripts["single"].write_text(lua_script(single))
+        scripts["batch"].write_text(lua_script(batches))
+        first_body = single[0].encode()
+
+        workers = [1, 2] if serving_has_workers() else [1]
+        figures: dict[str, float] = {"rows": rows, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
+        problems: dict[str, str] = {}
+        serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST]
+        noop = [sys.executable, str(REPO / "benchmarks" / "noop_server.py")]
+        for count in workers:
+            print(f"{count} worker(s):", flush=True)
+            worker_env = {"FLYWHEEL_SERVING__WORKERS": str(count)} if serving_has_workers() else {}
+            servers = {f"noop_w{count}": ([*noop, "--workers", str(count)], clean_env())}
+            servers.update({f"{store}_w{count}": (serve, clean_env(**envs[store], **worker_env)) for store in ("sqlite", "redis")})
+            figures[f"load_avg_1m_w{count}"] = round(os.getloadavg()[0], 2)
+            figures.update(side_by_side(servers, scripts, first_body, seconds, work, problems))
+            for store in ("sqlite", "redis"):
+                name = f"{store}_w{count}"
+                for concurrency in CONCURRENCY:
+                    figures[f"{name}_rps_over_noop_c{concurrency}"] = ratio(
+                        figures[f"{name}_c{concurrency}_rps"], figures[f"noop_w{count}_c{concurrency}_rps"], 4)
+                figures[f"{name}_batch_over_single"] = ratio(
+                    figures[f"{name}_batch_rows_per_s"], figures[f"{name}_c{HEADLINE_CONCURRENCY}_rps"], 2)
+    finally:
+        stop(redis_process)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+    targets = {f"{store}_w1_{goal}": target for store in ("sqlite", "redis") for goal, target in GOALS.items()}
+    goals = judge(figures, targets)
+    for name, goal in goals.items():  # a server whose load failed meets none of its goals
+        server = name.split("_w1_")[0] + "_w1_"
+        if any(load.startswith(server) or load.startswith("noop_w1_") for load in problems):
+            goal["met"] = False
+    if problems:
+        print(f"WARNING: loads with problems (their servers' goals count as not met): {problems}")
+    write_results(RESULTS / ("serving-quick.json" if args.quick else "serving.json"), figures, goals,
+                  quick=args.quick, workers=workers, batch_rows=BATCH_ROWS, batch_concurrency=BATCH_CONCURRENCY,
+                  concurrency=list(CONCURRENCY), problems=problems)
+
+
+if __name__ == "__main__":
+    main()

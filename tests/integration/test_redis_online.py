@@ -1,0 +1,169 @@
+"""The loop with Feast's Redis online store, against a real redis-server on loopback.
+
+The small loop runs with ``features.online_store=redis``; the online features read back through
+flywheel's own read path must equal the offline tables' latest row per entity, computed here with
+pandas (never through Feast); each feature world must be a Redis key space of its own (the Feast
+project ``<project>_<world>``); and ``flywheel serve`` must score over HTTP from Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+from pandas.testing import assert_frame_equal
+
+from flywheel import steps
+from flywheel.config import load_settings
+from flywheel.datagen import generate
+from flywheel.errors import FeatureStoreError
+from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from flywheel.features.store import open_served_store, open_store, online_features
+from flywheel.storage import Storage
+from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop, small_env
+from tests.servers import RedisServer, free_port, wait_until_ready
+
+
+def redis_env(home: Path, redis: RedisServer, **extra: str) -> dict[str, str]:
+    return {**small_env(home), "FLYWHEEL_FEATURES__ONLINE_STORE": "redis",
+            "FLYWHEEL_FEATURES__REDIS_CONNECTION": redis.connection, **extra}
+
+
+def latest_per_entity(table: pd.DataFrame, key: str, names: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """The oracle: each entity's latest offline row (what a materialized online store holds), for
+    the entities whose latest time is not shared by two rows (no tie for a store to break)."""
+    table = table.sort_values([key, "event_timestamp"], kind="stable")
+    latest_time = table.groupby(key)["event_timestamp"].transform("max")
+    latest = table[table["event_timestamp"] == latest_time]
+    unique = latest.groupby(key).filter(lambda rows: len(rows) == 1)
+    return unique.set_index(key)[list(names)].astype("float64").sort_index()
+
+
+@pytest.fixture(scope="module")
+def redis_loop(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> dict[str, Any]:
+    """The small loop (every step, no KFP) with the Redis online store."""
+    home = tmp_path_factory.mktemp("redis-loop")
+    env = redis_env(home, redis_server)
+    settings = load_settings(env=env)
+    assert settings.features.online_store == "redis"
+    storage = Storage.from_settings(settings)
+    source = storage.uri("raw", "small")
+    generate(storage, source, rows=SMALL_ROWS, days=SMALL_DAYS, seed=11)
+    loop = run_loop(settings, source, "redis-1")
+    features = steps.read_step_records(storage, "redis-1")["features"]["artifacts"]
+    return {
+        "home": home, "env": env, "settings": settings, "storage": storage, **loop,
+        "world": loop["model"]["meta"]["feature_world"],
+        "cards": storage.read_parquet(features["card_features"]).to_pandas(),
+        "merchants": storage.read_parquet(features["merchant_features"]).to_pandas(),
+    }
+
+
+def project_keys(redis: RedisServer, project: str) -> list[bytes]:
+    """The Redis keys of one Feast project (Feast appends the project name to each entity key)."""
+    import redis as redis_client
+
+    client = redis_client.Redis(host="127.0.0.1", port=redis.port)
+    try:
+        return list(client.scan_iter(match=b"*" + project.encode(), count=1000))
+    finally:
+        client.close()
+
+
+def test_online_features_read_from_redis_equal_the_offline_tables_latest_rows(redis_loop):
+    """Bug caught: a Redis online store that misses or mangles rows (a materialization window that
+    stops short of the merchants' day-end rows, a wrong entity key serialization, values from an
+    older row winning), or a world that silently reads SQLite instead of Redis."""
+    settings, world = redis_loop["settings"], redis_loop["world"]
+    want_cards = latest_per_entity(redis_loop["cards"], "card_id", CARD_FEATURES)
+    want_merchants = latest_per_entity(redis_loop["merchants"], "merchant_id", MERCHANT_FEATURES)
+    assert len(want_cards) > 500 and len(want_merchants) > 100, (len(want_cards), len(want_merchants))
+
+    store = open_served_store(settings, world)
+    assert store.config.online_store.type == "redis"
+    assert not (Path(settings.features.dir) / "worlds" / world / "online.db").exists(), "the world wrote a SQLite store"
+    # Every card, each paired with a merchant (cycled): one read covers both views' entities.
+    merchants = list(want_merchants.index)
+    rows = [{"card_id": card, "merchant_id": merchants[i % len(merchants)]} for i, card in enumerate(want_cards.index)]
+    online = pd.DataFrame(online_features(store, rows))
+
+    got_cards = online.set_index("card_id")[list(CARD_FEATURES)].astype("float64").sort_index()
+    assert_frame_equal(got_cards, want_cards, rtol=1e-9, check_names=False)
+    got_merchants = (online.drop_duplicates("merchant_id").set_index("merchant_id")[list(MERCHANT_FEATURES)]
+                     .astype("float64").sort_index())
+    assert_frame_equal(got_merchants, want_merchants.loc[got_merchants.index], rtol=1e-9, check_names=False)
+    assert len(got_merchants) == len(want_merchants)
+
+
+def test_a_feature_world_is_a_redis_project_of_its_own(redis_loop, redis_server, tmp_path):
+    """Bug caught: worlds sharing one Redis key space (a fixed project name), so a later run's
+    materialization would overwrite the features the production model reads."""
+    settings, world = redis_loop["settings"], redis_loop["world"]
+    keys = project_keys(redis_server, f"{settings.features.project}_{world}")
+    cards, merchants = redis_loop["cards"]["card_id"].nunique(), redis_loop["merchants"]["merchant_id"].nunique()
+    assert len(keys) == cards + merchants, (len(keys), cards, merchants)
+    # The same definitions under another project, in the same Redis, read none of this world's rows.
+    served = open_served_store(settings, world)
+    other = open_store(load_settings(env=redis_env(tmp_path / "other", redis_server, FLYWHEEL_FEATURES__PROJECT="other")), world)
+    other.apply([*served.list_entities(), *served.list_feature_views()])
+    card, merchant = redis_loop["cards"]["card_id"].iloc[0], redis_loop["merchants"]["merchant_id"].iloc[0]
+    assert online_features(served, [{"card_id": card, "merchant_id": merchant}])[next(iter(CARD_FEATURES))] != [None]
+    values = online_features(other, [{"card_id": card, "merchant_id": merchant}])
+    assert all(values[name] == [None] for name in (*CARD_FEATURES, *MERCHANT_FEATURES)), values
+
+
+def test_a_served_world_with_no_rows_in_redis_is_refused(redis_loop):
+    """Bug caught: serving from a Redis that lost its data (restarted without persistence, flushed,
+    another instance) answers every lookup with "no features" and scores every card as new."""
+    with RedisServer() as empty:
+        settings = load_settings(env=redis_env(redis_loop["home"], empty))
+        with pytest.raises(FeatureStoreError, match="no rows"):
+            open_served_store(settings, redis_loop["world"])
+        # `flywheel serve` says so in one line and exits, rather than serving defaults.
+        done = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+            env=dict(os.environ, **redis_env(redis_loop["home"], empty)), capture_output=True, text=True, timeout=120,
+        )
+    assert done.returncode != 0
+    assert "no rows in the Redis online store" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def redis_server_process(redis_loop):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=dict(os.environ, **redis_loop["env"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, f"{base}/v1/models/fraud")
+    yield base
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_flywheel_serve_scores_a_transaction_over_http_with_redis_features(redis_loop, redis_server_process):
+    """Bug caught: `flywheel serve` ignoring ``features.online_store=redis`` (or failing to open the
+    Redis world): it must answer with the production model from the Redis store."""
+    holdout = redis_loop["storage"].read_parquet(redis_loop["training_set"]["holdout_uri"]).to_pandas()
+    row = holdout.iloc[-1]
+    tx = {
+        "transaction_id": "redis-1", "card_id": row.card_id, "merchant_id": row.merchant_id,
+        "merchant_category": row.merchant_category, "amount": float(row.amount),
+        "ts": (row.ts + pd.Timedelta(hours=1)).isoformat(), "channel": row.channel,
+        "lat": float(row.lat), "lon": float(row.lon),
+    }
+    response = httpx.post(f"{redis_server_process}/v1/models/fraud:predict", json={"instances": [tx]}, timeout=10)
+    assert response.status_code == 200, response.text
+    prediction = response.json()["predictions"][0]
+    assert 0.0 <= prediction["fraud_probability"] <= 1.0
+    assert prediction["model_version"] == redis_loop["model"]["version"]
