@@ -12,6 +12,11 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client import REGISTRY, exposition as prom_exposition
+from prometheus_client import values
+
+# Whether this process's metrics live in the multiprocess folder: decided when prometheus_client was
+# imported. (Feast sets PROMETHEUS_MULTIPROC_DIR when it is unset, later: that must not count.)
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if values.ValueClass is not values.MutexValue else None
 
 # Sub-millisecond buckets: a one-transaction request is about a millisecond end to end.
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -30,8 +35,8 @@ RELOADS = Counter("flywheel_model_reloads", "Production model changes picked up 
 def exposition(accept: str | None) -> tuple[bytes, str]:
     """The metrics page (and its content type): every worker's samples in multiprocess mode."""
     encoder, content_type = prom_exposition.choose_encoder(accept or "")
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if MULTIPROCESS_DIR:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
         return encoder(registry), content_type
     return encoder(REGISTRY), content_type
