@@ -144,7 +144,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import serve
 
     settings = _settings(args)
-    serve(settings, host=args.host or settings.serving.host, port=args.port or settings.serving.port, model_name=args.model_name)
+    serve(
+        settings,
+        host=args.host or settings.serving.host,
+        port=args.port or settings.serving.port,
+        workers=args.workers or settings.serving.workers,
+        model_name=args.model_name,
+        version=args.version,
+    )
     return 0
 
 
@@ -541,8 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the production model with KServe (v1 and v2 protocols)",
                            description="Start the KServe ModelServer with the production model; features come from the Feast online store.")
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=_positive, help="HTTP port (default 8080)")
+    serve.add_argument("--host", help="address to bind (default: settings serving.host, 127.0.0.1)")
+    serve.add_argument("--port", type=_positive, help="HTTP port (default: settings serving.port, 8080)")
+    serve.add_argument("--workers", type=_positive, help="server processes, one torch thread each (default: settings serving.workers, 1)")
+    serve.add_argument("--version", help="serve this registry version, pinned (default: the production version, "
+                                         "followed: a promotion is picked up without a restart)")
     serve.add_argument("--model-name", default=None, help="the name clients use in the URL (default: settings model_name, 'fraud')")
     serve.set_defaults(func=cmd_serve)
 

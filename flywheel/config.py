@@ -224,9 +224,13 @@ class IngestSettings(_Section):
 class ServingSettings(_Section):
     """The KServe predictor."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # KServe alone binds every interface; flywheel binds this address
     port: int = Field(8080, ge=1, le=65535)
-    torch_threads: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=64)  # server processes, each with its own model copy
+    torch_threads: int = Field(1, ge=1)  # per worker: more oversubscribes the cores
+    reload_interval_s: float = Field(10.0, gt=0)  # how often a worker asks the registry for a new production version
+    max_body_bytes: int = Field(1_048_576, ge=1024)  # a larger request body is refused (413) before it is read
+    max_batch: int = Field(1000, ge=1)  # transactions per request
 
 
 class ScoringSettings(_Section):

@@ -1,80 +1,222 @@
-"""The fraud predictor: a `kserve.Model` that joins each transaction with its online features.
+"""The fraud predictor: a `kserve.Model` that scores transactions with their online features.
 
-A request carries transactions; the card's and merchant's features come from the Feast online
-store; the production model (from the registry) returns the fraud probability. Client mistakes
-raise `InvalidInput` (HTTP 400).
+A request carries transactions; the card's and merchant's current features come from the Feast
+online store of the model's feature world; the model returns the fraud probability. The hot path
+builds no DataFrame: the body is parsed once, checked against the request schema into numpy
+columns, the features are read with one online-store call per feature view, and the same
+transform as training (:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the
+whole batch. Client mistakes raise `InvalidInput` (HTTP 400).
+
+The model, its feature store and its version travel together in an immutable :class:`Bundle`.
+A background thread asks the registry for the production version every
+``serving.reload_interval_s``; a new one is loaded and warmed up beside the old one, then one
+reference assignment swaps it in (a request in flight finishes with the bundle it started with).
+A failed load keeps the old model serving. ``--version`` pins a version: no reloading.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import kserve
-import pandas as pd
+import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from flywheel.config import Settings
-from flywheel.errors import RegistryError
+from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
-from flywheel.features.store import online_features, open_served_store
+from flywheel.features.store import OnlineReader, open_served_store
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from flywheel.training.model import load_version
-from serving.requests import json_body, transactions_frame, v1_instances, v2_instances
+from flywheel.training.model import FraudModel, load_version
+from serving import metrics
+from serving.requests import Transactions, parse_json, v1_transactions, v2_transactions
 
 log = logging.getLogger(__name__)
 
+WARM_UP = {"instances": [{"card_id": "warm-up", "merchant_id": "warm-up", "amount": 10.0, "ts": "2026-01-01T12:00:00Z"}]}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything one model version needs to score, swapped in as one reference."""
+
+    version: str
+    model: FraudModel
+    world: str
+    store: Any
+    reader: OnlineReader
+
+
+@dataclass
+class Scored:
+    probabilities: np.ndarray
+    unknown: list[list[str]]  # per transaction: the entities the online store did not know
+
+
+def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Scored:
+    """Fraud probabilities for validated transactions, with their current online features
+    (``record``: count it in the metrics; not for a warm-up)."""
+    started = time.perf_counter()
+    features, known = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
+    looked_up = time.perf_counter()
+    inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
+    transformed = time.perf_counter()
+    probabilities = bundle.model.probabilities(inputs)
+    done = time.perf_counter()
+    unknown_card, unknown_merchant = ~known["card_id"], ~known["merchant_id"]
+    if record:
+        metrics.LOOKUP_SECONDS.observe(looked_up - started)
+        metrics.FORWARD_SECONDS.observe(done - transformed)
+        if unknown_card.any():
+            metrics.UNKNOWN_ENTITIES.labels("card").inc(int(unknown_card.sum()))
+        if unknown_merchant.any():
+            metrics.UNKNOWN_ENTITIES.labels("merchant").inc(int(unknown_merchant.sum()))
+    unknown = [
+        (["card"] if card else []) + (["merchant"] if merchant else [])
+        for card, merchant in zip(unknown_card.tolist(), unknown_merchant.tolist())
+    ]
+    return Scored(probabilities, unknown)
+
+
+def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
+    """Load a registry version (default: production) with its feature world's online store, and
+    prove it scores: a warm-up prediction must give a finite probability."""
+    storage = Storage.from_settings(settings)
+    registry = Registry(storage, settings.model_name)
+    model_version = registry.get(version) if version else registry.production()
+    if model_version is None:
+        raise RegistryError(f"model {settings.model_name!r} has no production version yet: run `flywheel run` first")
+    with tempfile.TemporaryDirectory(prefix="flywheel-serving-") as folder:  # each load its own copy: workers never share files
+        try:
+            model = load_version(registry, model_version, cache_dir=folder)
+        except FlywheelError:
+            raise
+        except Exception as exc:  # a corrupt or incompatible model file
+            raise RegistryError(f"model {settings.model_name!r} version {model_version.version} cannot be loaded: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    world = world_of_model(storage, model_version.meta)
+    store = open_served_store(settings, world)
+    bundle = Bundle(model_version.version, model, world, store, OnlineReader(store))
+    warm = score(bundle, v1_transactions(WARM_UP, 1), record=False).probabilities
+    if warm.shape != (1,) or not np.isfinite(warm).all():
+        raise RegistryError(f"model {settings.model_name!r} version {bundle.version} failed its warm-up prediction: {warm!r}")
+    return bundle
+
 
 class FraudPredictor(kserve.Model):
-    """Scores card transactions with the registry's production model and Feast online features."""
+    """Scores card transactions with a registry model version and Feast online features."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, settings: Settings, version: str | None = None) -> None:
+        super().__init__(name, return_response_headers=True)
         self.settings = settings
-        self.model: Any = None
-        self.store: Any = None
-        self.version: str | None = None
-        self.world: str | None = None
+        self.pinned_version = version  # None: follow the registry's production version
+        self._bundle: Bundle | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def version(self) -> str | None:
+        bundle = self._bundle
+        return bundle.version if bundle else None
 
     def load(self) -> bool:
-        """Load the production model and open the online store of its feature world (the features
-        it was trained with); ready only once both are there."""
+        """Load the model and its online store and warm up; ready only once all three succeeded."""
         import torch
 
         torch.set_num_threads(self.settings.serving.torch_threads)
-        storage = Storage.from_settings(self.settings)
-        registry = Registry(storage, self.settings.model_name)
-        production = registry.production()
-        if production is None:
-            raise RegistryError(
-                f"model {self.settings.model_name!r} has no production version yet: run `flywheel run` first"
-            )
-        self.model = load_version(registry, production, cache_dir=self.settings.home / "serving" / "models")
-        self.version = production.version
-        self.world = world_of_model(storage, production.meta)
-        self.store = open_served_store(self.settings, self.world)
+        self._bundle = load_bundle(self.settings, self.pinned_version)
         self.ready = True
-        log.info("loaded %s version %s", self.name, self.version)
+        log.info("loaded %s version %s (feature world %s)", self.name, self._bundle.version, self._bundle.world)
         return self.ready
 
-    def score(self, transactions: pd.DataFrame) -> list[float]:
-        """Fraud probabilities for validated transactions, with their current online features."""
-        keys = [{"card_id": c, "merchant_id": m} for c, m in zip(transactions["card_id"], transactions["merchant_id"])]
-        features = pd.DataFrame(online_features(self.store, keys)).drop(columns=["card_id", "merchant_id"])
-        frame = pd.concat([transactions.reset_index(drop=True), features.reset_index(drop=True)], axis=1)
-        return [float(p) for p in self.model.score(frame)]
+    def start_reloading(self) -> None:
+        """Follow the registry's production version in a background thread (not when pinned)."""
+        if self.pinned_version or self._poller is not None:
+            return
+        self._poller = threading.Thread(target=self._poll, name="flywheel-model-reload", daemon=True)
+        self._poller.start()
 
-    def predict(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
-        payload = json_body(payload)
+    def stop_reloading(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        storage = Storage.from_settings(self.settings)
+        registry = Registry(storage, self.settings.model_name)
+        while not self._stop.wait(self.settings.serving.reload_interval_s):
+            self.reload_once(registry)
+
+    def reload_once(self, registry: Registry) -> bool:
+        """Swap in the registry's production version if it changed; True when it did."""
+        try:
+            production = registry.production()
+        except Exception as exc:  # the registry is unreachable: keep serving, say why
+            log.warning("cannot read the production version of %s: %s; still serving %s", self.name, exc, self.version)
+            return False
+        if production is None or production.version == self.version:
+            return False
+        try:
+            bundle = load_bundle(self.settings, production.version)
+        except Exception as exc:
+            metrics.RELOADS.labels("failed").inc()
+            log.error("could not load %s version %s (%s: %s); still serving %s",
+                      self.name, production.version, type(exc).__name__, exc, self.version)
+            return False
+        previous, self._bundle = self.version, bundle  # the swap: one reference assignment
+        metrics.RELOADS.labels("loaded").inc()
+        log.warning("now serving %s version %s (was %s)", self.name, bundle.version, previous)
+        return True
+
+    # A worker process gets the predictor pickled (KServe starts workers with multiprocessing's
+    # spawn) without its model; serving.rest calls load_in_worker there before the worker serves.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_bundle=None, _stop=None, _poller=None, ready=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stop = threading.Event()
+
+    def load_in_worker(self) -> None:
+        """In a worker process: its own model (one torch thread, set before the load), warmed up,
+        then its own poller for new production versions."""
+        if not self.ready:
+            self.load()
+        self.start_reloading()
+
+    # ------------------------------------------------------------ scoring
+    def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
+        bundle = self._bundle  # read once: the whole request is scored by one version
+        if bundle is None:
+            raise InvalidInput("the model is not loaded yet")
+        max_batch = self.settings.serving.max_batch
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            # A JSON body sent with another content type (`curl -d` sends a form type) arrives as bytes.
+            payload = parse_json(payload)
+        if response_headers is not None:
+            response_headers["x-model-version"] = bundle.version
         if isinstance(payload, InferRequest):
-            probabilities = self.score(transactions_frame(v2_instances(payload)))
-            output = InferOutput(name="fraud_probability", shape=[len(probabilities)], datatype="FP32", data=probabilities)
-            return InferResponse(
-                response_id=payload.id or "", model_name=self.name, model_version=self.version, infer_outputs=[output]
-            )
-        if isinstance(payload, dict):
-            probabilities = self.score(transactions_frame(v1_instances(payload)))
-            return {"predictions": [{"fraud_probability": p, "model_version": self.version} for p in probabilities]}
-        raise InvalidInput(f"unsupported request body of type {type(payload).__name__}")
+            scored = score(bundle, v2_transactions(payload, max_batch))
+            outputs = [
+                InferOutput(name="fraud_probability", shape=[len(scored.probabilities)], datatype="FP32",
+                            data=scored.probabilities.tolist()),
+                InferOutput(name="unknown_entities", shape=[len(scored.unknown)], datatype="BYTES",
+                            data=[",".join(entities) for entities in scored.unknown]),
+            ]
+            return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
+                                 infer_outputs=outputs)
+        scored = score(bundle, v1_transactions(payload, max_batch))
+        return {
+            "predictions": [
+                {"fraud_probability": p, "model_version": bundle.version, "unknown_entities": entities}
+                for p, entities in zip(scored.probabilities.tolist(), scored.unknown)
+            ]
+        }

@@ -1,130 +1,262 @@
-"""Turning v1 and v2 request bodies into a frame of transactions, or a clear InvalidInput (HTTP 400)."""
+"""The request schema, and turning v1 and v2 bodies into validated transaction columns.
+
+:data:`REQUEST_SCHEMA` is the one place that lists a transaction's fields, their types and their
+ranges; both protocols are checked against it. Every client mistake is a
+``kserve.errors.InvalidInput`` (HTTP 400) whose message names the field (and the instance) at
+fault. What comes out is a :class:`Transactions`: one numpy array per field, in the layout
+:meth:`flywheel.features.transform.FeatureSpec.transform_columns` reads. No pandas on this path.
+"""
 
 from __future__ import annotations
 
-import json
+import datetime as dt
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
+import orjson
 from kserve.errors import InvalidInput
 
-from flywheel.schema import REQUEST_FIELDS, REQUIRED_REQUEST_FIELDS
+from flywheel.schema import REQUEST_FIELDS
 
-MAX_INSTANCES = 1000
-STRING_FIELDS = ["transaction_id", "card_id", "merchant_id", "merchant_category", "channel"]
-NUMBER_FIELDS = {"amount": (0.0, 1e9), "lat": (-90.0, 90.0), "lon": (-180.0, 180.0)}
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# Card authorizations happen now-ish; anything outside these years is a client bug, not a transaction.
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+MAX_STRING = 256  # characters in an id or a category
 
 
-def _check_string(index: int, name: str, value: Any) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if not isinstance(value, str) or (name in REQUIRED_REQUEST_FIELDS and not value.strip()):
-        raise InvalidInput(f"instance {index}: field '{name}' must be a non-empty string, got {value!r}")
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of a transaction as a client sends it."""
+
+    name: str
+    kind: Literal["string", "number", "timestamp"]
+    required: bool
+    low: float = -math.inf
+    high: float = math.inf
+    doc: str = ""
+
+
+REQUEST_SCHEMA: tuple[FieldSpec, ...] = (
+    FieldSpec("transaction_id", "string", False, doc="the client's id, echoed nowhere: for its own logs"),
+    FieldSpec("card_id", "string", True, doc="the card; an unknown card is scored with cold-start defaults"),
+    FieldSpec("merchant_id", "string", True, doc="the merchant; an unknown merchant likewise"),
+    FieldSpec("merchant_category", "string", False, doc="one of flywheel.schema.MERCHANT_CATEGORIES; others count as <other>"),
+    FieldSpec("amount", "number", True, 0.0, 1e9, doc="in the card's currency"),
+    FieldSpec("ts", "timestamp", True, doc="ISO-8601 (naive means UTC), or seconds since the epoch; years 2000-2099"),
+    FieldSpec("channel", "string", False, doc="one of flywheel.schema.CHANNELS"),
+    FieldSpec("lat", "number", False, -90.0, 90.0, doc="where the card was used"),
+    FieldSpec("lon", "number", False, -180.0, 180.0),
+)
+FIELDS = {spec.name: spec for spec in REQUEST_SCHEMA}
+REQUIRED = [spec.name for spec in REQUEST_SCHEMA if spec.required]
+assert sorted(FIELDS) == sorted(REQUEST_FIELDS), "the request schema must list exactly the transaction's fields"
+
+# v2 datatypes each field accepts.
+V2_DATATYPES = {
+    "string": {"BYTES"},
+    "number": {"FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"},
+    "timestamp": {"BYTES", "FP64", "INT64"},
+}
+
+
+@dataclass(frozen=True)
+class Transactions:
+    """Validated transactions: ids as lists, everything else as arrays (``ts`` as datetime64[ns] UTC)."""
+
+    count: int
+    card_ids: list[str]
+    merchant_ids: list[str]
+    columns: dict[str, np.ndarray]
+
+
+def _where(index: int | None, name: str) -> str:
+    return f"field '{name}'" if index is None else f"instance {index}: field '{name}'"
+
+
+def check_string(index: int | None, name: str, value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{_where(index, name)} is not UTF-8 text") from None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{_where(index, name)} must be a string, got {_show(value)}")
+    if FIELDS[name].required and not value.strip():
+        raise InvalidInput(f"{_where(index, name)} must be a non-empty string, got {_show(value)}")
+    if len(value) > MAX_STRING:
+        raise InvalidInput(f"{_where(index, name)} must be at most {MAX_STRING} characters, got {len(value)}")
     return value
 
 
-def _check_number(index: int, name: str, value: Any) -> float:
+def check_number(index: int | None, name: str, value: Any) -> float:
+    spec = FIELDS[name]
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInput(f"instance {index}: field '{name}' must be a number, got {value!r}")
+        raise InvalidInput(f"{_where(index, name)} must be a number, got {_show(value)}")
+    # A huge integer has no float; compare it as an integer first.
+    if isinstance(value, (int, np.integer)) and not spec.low <= value <= spec.high:
+        raise InvalidInput(f"{_where(index, name)} must be between {spec.low:g} and {spec.high:g}, got {_show(value)}")
     number = float(value)
-    low, high = NUMBER_FIELDS[name]
-    if not math.isfinite(number) or not low <= number <= high:
-        raise InvalidInput(f"instance {index}: field '{name}' must be between {low:g} and {high:g}, got {value!r}")
+    if not math.isfinite(number) or not spec.low <= number <= spec.high:
+        raise InvalidInput(f"{_where(index, name)} must be a finite number between {spec.low:g} and {spec.high:g}, got {_show(value)}")
     return number
 
 
-def _check_ts(index: int, value: Any) -> pd.Timestamp:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+def check_timestamp(index: int | None, value: Any) -> int:
+    """A transaction time as integer nanoseconds since the epoch (UTC)."""
+    where = _where(index, "ts")
+    if isinstance(value, (bytes, bytearray)):
+        value = check_string(index, "ts", value)
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidInput(f"{where} must be an ISO-8601 time such as '2026-11-01T12:00:00Z', got {_show(value)}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        try:
+            moment = moment.astimezone(dt.timezone.utc)
+        except OverflowError:
+            moment = EARLIEST - dt.timedelta(days=1)  # 0001-01-01T00:00+01:00 and kin: out of range below
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        seconds = float(value) if abs(value) < 1e12 else math.inf  # seconds since the epoch; huge ints have no float
+        if not math.isfinite(seconds):
+            raise InvalidInput(f"{where} must be a time in years 2000-2099, got {_show(value)}")
+        moment = EPOCH + dt.timedelta(microseconds=round(seconds * 1e6))
+    else:
+        raise InvalidInput(f"{where} must be an ISO-8601 time string or seconds since the epoch, got {_show(value)}")
+    if not EARLIEST <= moment < LATEST:
+        raise InvalidInput(f"{where} must be a time in years 2000-2099, got {_show(value)}")
+    return (moment - EPOCH) // dt.timedelta(microseconds=1) * 1000
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _transactions(count: int, values: dict[str, list[Any]]) -> Transactions:
+    """Columns of checked values (None where an optional field is absent) as a Transactions."""
+    columns: dict[str, np.ndarray] = {"ts": np.array(values["ts"], dtype=np.int64).view("datetime64[ns]")}
+    for spec in REQUEST_SCHEMA:
+        if spec.kind == "number":
+            column = values.get(spec.name)
+            columns[spec.name] = (
+                np.full(count, np.nan) if column is None else np.array([np.nan if v is None else v for v in column], dtype=np.float64)
+            )
+        elif spec.name in ("merchant_category", "channel"):
+            column = values.get(spec.name)
+            columns[spec.name] = np.array(["" if column is None or v is None else v for v in (column or [None] * count)], dtype=object)
+    return Transactions(count, values["card_id"], values["merchant_id"], columns)
+
+
+def _check(index: int | None, name: str, value: Any) -> Any:
+    kind = FIELDS[name].kind
+    if kind == "string":
+        return check_string(index, name, value)
+    if kind == "number":
+        return check_number(index, name, value)
+    return check_timestamp(index, value)
+
+
+def _check_count(count: int, max_batch: int) -> None:
+    if count < 1:
+        raise InvalidInput("a request must carry at least one transaction")
+    if count > max_batch:
+        raise InvalidInput(f"at most {max_batch} transactions per request, got {count}")
+
+
+def parse_json(body: bytes | bytearray | memoryview) -> Any:
+    """A raw body as JSON (orjson: integers beyond 64 bits and non-finite numbers are refused)."""
     try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            ts = pd.Timestamp(float(value), unit="s", tz="UTC")  # seconds since the epoch
-        elif isinstance(value, str) and value.strip():
-            ts = pd.Timestamp(value)
-        else:
-            raise ValueError
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(
-            f"instance {index}: field 'ts' must be an ISO-8601 time such as '2026-11-01T12:00:00Z' "
-            f"or seconds since the epoch, got {value!r}"
-        ) from None
-    if ts is pd.NaT:
-        raise InvalidInput(f"instance {index}: field 'ts' is not a time: {value!r}")
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        return orjson.loads(bytes(body))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
 
 
-def transactions_frame(instances: Any) -> pd.DataFrame:
-    """Validate a list of transaction dicts and return them as a frame with the schema's field names."""
-    if not isinstance(instances, list) or not instances:
-        raise InvalidInput("'instances' must be a non-empty list of transactions")
-    if len(instances) > MAX_INSTANCES:
-        raise InvalidInput(f"at most {MAX_INSTANCES} transactions per request, got {len(instances)}")
-    rows = []
+def v1_transactions(body: Any, max_batch: int) -> Transactions:
+    """The transactions of a v1 body: ``{"instances": [{...transaction...}, ...]}``."""
+    if not isinstance(body, dict) or "instances" not in body:
+        raise InvalidInput('a v1 request must be a JSON object {"instances": [{...transaction...}]}: field \'instances\' is missing')
+    unknown_top = sorted(set(body) - {"instances", "id", "parameters"})
+    if unknown_top:
+        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown_top))} in the request: expected 'instances'")
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise InvalidInput(f"field 'instances' must be a non-empty list of transactions, got {type(instances).__name__}")
+    _check_count(len(instances), max_batch)
+    values: dict[str, list[Any]] = {spec.name: [] for spec in REQUEST_SCHEMA}
     for index, instance in enumerate(instances):
         if not isinstance(instance, dict):
             raise InvalidInput(f"instance {index} must be an object with the transaction's fields, got {type(instance).__name__}")
-        missing = [name for name in REQUIRED_REQUEST_FIELDS if instance.get(name) is None]
+        missing = [name for name in REQUIRED if instance.get(name) is None]
         if missing:
             raise InvalidInput(f"instance {index} is missing required field(s): {', '.join(missing)}")
-        row: dict[str, Any] = {}
-        for name in STRING_FIELDS:
-            if instance.get(name) is not None:
-                row[name] = _check_string(index, name, instance[name])
-        for name in NUMBER_FIELDS:
-            if instance.get(name) is not None:
-                row[name] = _check_number(index, name, instance[name])
-        row["ts"] = _check_ts(index, instance["ts"])
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    for name in REQUEST_FIELDS:
-        if name not in frame:
-            frame[name] = None
-    return frame
+        unknown = sorted(str(name) for name in instance if name not in FIELDS)
+        if unknown:
+            raise InvalidInput(f"instance {index}: unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(FIELDS)}")
+        for name, column in values.items():
+            value = instance.get(name)
+            column.append(None if value is None else _check(index, name, value))
+    return _transactions(len(instances), values)
 
 
-def json_body(body: Any) -> Any:
-    """A request body as JSON, whatever its Content-Type claimed.
-
-    KServe parses a body as JSON only when it is sent as application/json; `curl -d` sends a form
-    type, and such a body reaches the model as bytes. Inference servers accept JSON either way.
-    """
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        try:
-            return json.loads(bytes(body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-    return body
-
-
-def v1_instances(body: Any) -> list[Any]:
-    """The transactions of a v1 body: {"instances": [...]}."""
-    if not isinstance(body, dict) or "instances" not in body:
-        raise InvalidInput('a v1 request must be a JSON object {"instances": [{...transaction...}]}')
-    return body["instances"]
+def _flatten(name: str, data: Any, depth: int = 0) -> list[Any]:
+    """A v2 tensor's data, row-major nested lists or flat, as a flat list of scalars."""
+    if not isinstance(data, list):
+        raise InvalidInput(f"input '{name}': 'data' must be a list, got {type(data).__name__}")
+    if depth > 4:
+        raise InvalidInput(f"input '{name}': 'data' is nested too deeply")
+    if any(isinstance(item, list) for item in data):
+        flat: list[Any] = []
+        for item in data:
+            flat.extend(_flatten(name, item, depth + 1) if isinstance(item, list) else [item])
+        return flat
+    return data
 
 
-def v2_instances(request: Any) -> list[dict[str, Any]]:
-    """The transactions of a v2 InferRequest: one named input per field, all of the same length."""
-    columns: dict[str, list[Any]] = {}
-    for tensor in request.inputs or []:
-        data = tensor.data
-        if data is None:
-            try:
-                data = tensor.as_numpy()
-            except Exception as exc:  # binary tensors that do not decode
-                raise InvalidInput(f"input '{tensor.name}' could not be decoded: {exc}") from None
-        data = list(np.asarray(data, dtype=object).reshape(-1)) if not isinstance(data, list) else data
-        if tensor.name not in REQUEST_FIELDS:
-            raise InvalidInput(f"unknown input '{tensor.name}': expected inputs named {', '.join(REQUEST_FIELDS)}")
-        if tensor.datatype == "BYTES":
-            data = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in data]
-        columns[tensor.name] = data
-    if not columns:
+def v2_transactions(request: Any, max_batch: int) -> Transactions:
+    """The transactions of a v2 InferRequest: one named input per field, each with one value per
+    transaction; the shape must agree with the data and the datatype with the field."""
+    inputs = list(request.inputs or [])
+    if not inputs:
         raise InvalidInput("a v2 request needs inputs, one per transaction field (card_id, merchant_id, amount, ts, ...)")
-    lengths = {name: len(values) for name, values in columns.items()}
-    if len(set(lengths.values())) != 1:
-        raise InvalidInput(f"all inputs must have the same length, got {lengths}")
-    count = next(iter(lengths.values()))
-    return [{name: values[i] for name, values in columns.items()} for i in range(count)]
+    values: dict[str, list[Any]] = {}
+    count: int | None = None
+    for tensor in inputs:
+        name = tensor.name
+        if name not in FIELDS:
+            raise InvalidInput(f"unknown input '{name}': expected inputs named {', '.join(FIELDS)}")
+        if name in values:
+            raise InvalidInput(f"input '{name}' is given twice")
+        spec = FIELDS[name]
+        datatype = str(tensor.datatype).upper()
+        if datatype not in V2_DATATYPES[spec.kind]:
+            raise InvalidInput(f"input '{name}' must have datatype {' or '.join(sorted(V2_DATATYPES[spec.kind]))}, got {tensor.datatype!r}")
+        data = _flatten(name, tensor.data)
+        shape = list(tensor.shape or [])
+        if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or math.prod(shape) != len(data):
+            raise InvalidInput(f"input '{name}': shape {shape} disagrees with its {len(data)} value(s)")
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidInput(f"input '{name}': shape must be [n] or [n, 1] (one value per transaction), got {shape}")
+        if count is None:
+            count = len(data)
+            _check_count(count, max_batch)
+        elif len(data) != count:
+            raise InvalidInput(f"input '{name}' has {len(data)} value(s), but other inputs have {count}: one per transaction")
+        checked = []
+        for index, value in enumerate(data):
+            if datatype == "BYTES" and not isinstance(value, (str, bytes, bytearray)):
+                raise InvalidInput(f"instance {index}: field '{name}' is BYTES but holds {_show(value)}")
+            if datatype.startswith(("INT", "UINT")) and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise InvalidInput(f"instance {index}: field '{name}' is {datatype} but holds {_show(value)}")
+            if datatype.startswith("FP") and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))):
+                raise InvalidInput(f"instance {index}: field '{name}' is {datatype} but holds {_show(value)}")
+            checked.append(_check(index, name, value))
+        values[name] = checked
+    missing = [name for name in REQUIRED if name not in values]
+    if missing:
+        raise InvalidInput(f"the request is missing required input(s): {', '.join(missing)}")
+    return _transactions(count or 0, values)

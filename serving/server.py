@@ -1,9 +1,17 @@
-"""`flywheel serve`: the KServe ModelServer with the fraud predictor, bound to a chosen address."""
+"""`flywheel serve`: KServe's ModelServer with the fraud predictor, on the configured address.
+
+With ``workers`` > 1, KServe's own multi-process server spawns the worker processes (each loads
+its own model: see :class:`serving.predictor.FraudPredictor`); :mod:`serving.rest` is what each of
+them serves with.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from flywheel.config import Settings
@@ -11,51 +19,48 @@ from flywheel.config import Settings
 log = logging.getLogger(__name__)
 
 
-async def _malformed_request(_: Any, exc: Any) -> Any:
-    """A body that is not valid JSON or not the protocol's shape is the client's mistake: 400, not 422."""
-    from fastapi.responses import JSONResponse
+def prepare_environment(settings: Settings) -> str:
+    """Before prometheus_client or torch is imported: a fresh multiprocess metrics folder (workers
+    inherit it, so one scrape sums them all) and one math thread per worker."""
+    folder = tempfile.mkdtemp(prefix="flywheel-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    os.environ["OMP_NUM_THREADS"] = str(settings.serving.torch_threads)
+    return folder
 
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
-    )
-    return JSONResponse(status_code=400, content={"error": f"malformed request: {problems}"})
 
+def build_server(host: str, port: int, workers: int, max_body_bytes: int) -> Any:
+    """A KServe ModelServer (REST only) with ``workers`` processes, binding ``host``."""
+    import asyncio
 
-def build_server(host: str, port: int) -> Any:
-    """A KServe ModelServer (REST only, one worker) that binds ``host`` rather than 0.0.0.0."""
     from kserve import ModelServer
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING
-    from kserve.model_server import app
-    from kserve.protocol.rest.server import RESTServer
-    from fastapi.exceptions import RequestValidationError
-
-    app.add_exception_handler(RequestValidationError, _malformed_request)
+    from serving.rest import FlywheelRESTServer, multiprocess_server_class
 
     class BoundModelServer(ModelServer):
-        """KServe's server binds 0.0.0.0 with no host flag; this one binds the configured address."""
-
         def start(self, models: list[Any]) -> None:
             self._register_and_check_atleast_one_model_is_ready(models)
-            self._rest_server = RESTServer(
-                FASTAPI_APP_IMPORT_STRING,
-                self.dataplane,
-                self.model_repository_extension,
-                self.http_port,
-                access_log_format=self.access_log_format,
-                workers=1,
-                grace_period=self.grace_period,
-                event_loop=self.event_loop,
+            rest = FlywheelRESTServer(
+                FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+                workers=workers, grace_period=self.grace_period, event_loop=self.event_loop,
                 timeout_keep_alive=self.timeout_keep_alive,
-            )
-            self._rest_server.config.host = host
-            self.servers.append(self._rest_server.start())
+            ).configure(host, max_body_bytes)
+            if workers > 1:
+                # KServe's own multi-process server (spawned workers, restarted if one dies), with our RESTServer.
+                self._rest_multiprocess_server = multiprocess_server_class()(
+                    FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
+                    workers=workers, grace_period=self.grace_period, event_loop=self.event_loop,
+                    timeout_keep_alive=self.timeout_keep_alive,
+                )
+                self._rest_multiprocess_server._rest_server = rest
+                self.servers.append(self._rest_multiprocess_server.start())
+            else:
+                self._rest_server = rest
+                self.servers.append(rest.start())
             self.setup_event_loop()
             self.register_signal_handler()
-            import asyncio
-
             asyncio.run(self._serve())
 
-    return BoundModelServer(http_port=port, workers=1, enable_grpc=False)
+    return BoundModelServer(http_port=port, workers=workers, enable_grpc=False, enable_latency_logging=False)
 
 
 def check_address(host: str, port: int) -> None:
@@ -73,15 +78,24 @@ def check_address(host: str, port: int) -> None:
         raise FlywheelError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
 
 
-def serve(settings: Settings, host: str, port: int, model_name: str | None = None) -> None:
-    """Load the production model and serve it until interrupted."""
+def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name: str | None = None,
+          version: str | None = None) -> None:
+    """Load the model (production, or ``version``) and serve it until interrupted."""
     check_address(host, port)
     # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.
     sys.argv = sys.argv[:1]
-    from serving.predictor import FraudPredictor
+    metrics_dir = prepare_environment(settings)
+    try:
+        from serving.predictor import FraudPredictor
 
-    predictor = FraudPredictor(model_name or settings.model_name, settings)
-    predictor.load()
-    print(f"serving {predictor.name} (version {predictor.version}) on http://{host}:{port} "
-          f"(v1: /v1/models/{predictor.name}:predict, v2: /v2/models/{predictor.name}/infer)", flush=True)
-    build_server(host, port).start([predictor])
+        predictor = FraudPredictor(model_name or settings.model_name, settings, version=version)
+        predictor.load()
+        following = f"pinned to version {version}" if version else f"following production every {settings.serving.reload_interval_s:g}s"
+        print(f"serving {predictor.name} (version {predictor.version}, {following}) on http://{host}:{port} with "
+              f"{workers} worker(s) (v1: /v1/models/{predictor.name}:predict, v2: /v2/models/{predictor.name}/infer, "
+              f"metrics: /metrics)", flush=True)
+        if workers == 1:
+            predictor.start_reloading()  # with more, each worker process follows production itself
+        build_server(host, port, workers, settings.serving.max_body_bytes).start([predictor])
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

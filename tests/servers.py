@@ -3,11 +3,17 @@ throw-away redis-server on loopback."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,19 +25,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, seconds: float = 90) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's output if it exits or never does."""
+def wait_until_ready(process: subprocess.Popen, url: str, seconds: float = 90, output=None) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's output if it exits or never does.
+    ``output``: a callable giving the output when it goes to a file rather than a pipe."""
+
+    def said() -> str:
+        if output is not None:
+            return output()
+        return process.stdout.read() if process.stdout else ""
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"the server exited early:\n{process.stdout.read() if process.stdout else ''}")
+            pytest.fail(f"the server exited early:\n{said()}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     process.kill()
-    pytest.fail(f"the server did not become ready in {seconds:.0f}s:\n{process.stdout.read() if process.stdout else ''}")
+    pytest.fail(f"the server did not become ready in {seconds:.0f}s:\n{said()}")
+
+
+@dataclass
+class RunningServer:
+    """A `flywheel serve` process; its output (access log included) goes to a file, never a pipe
+    that a chatty server could fill."""
+
+    process: subprocess.Popen
+    base: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127.0.0.1", seconds: float = 120) -> Iterator[RunningServer]:
+    """`flywheel serve --port <free> *args` with ``env`` over this process's environment, until the
+    block ends; ready once the model answers its health check."""
+    port = free_port()
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), *args],
+            env=dict(os.environ, **env), stdout=sink, stderr=subprocess.STDOUT,
+        )
+    server = RunningServer(process, f"http://{host}:{port}", log)
+    try:
+        wait_until_ready(process, f"{server.base}/v1/models/fraud", seconds, output=server.output)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class RedisServer:

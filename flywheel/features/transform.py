@@ -8,12 +8,12 @@ transaction is compared with itself.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from flywheel.features.compute import unix_seconds
+from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.geo import haversine_km
 from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
 
@@ -41,62 +41,101 @@ NUMERIC_INPUTS = [
 ]
 # One-hot blocks, in this order (a list, not a dict: the order is part of the model's input layout).
 CATEGORY_INPUTS = [("merchant_category", MERCHANT_CATEGORIES), ("channel", CHANNELS)]
+# The numeric columns a transaction joined with its features carries.
+NUMBER_COLUMNS = {"amount", "lat", "lon", *CARD_FEATURES, *MERCHANT_FEATURES}
 
 
-def _column(df: pd.DataFrame, name: str, default: float = np.nan) -> np.ndarray:
-    if name not in df:
-        return np.full(len(df), default, dtype="float64")
-    return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype="float64")
+Columns = Mapping[str, np.ndarray]
+"""Transactions joined with their features as one array per column (the fields of a request or of a
+training row, and the Feast features): numbers as float64 (NaN where missing), ``ts`` as numpy
+datetime64 in UTC, categories as strings ("" where missing). Serving builds this from a request
+without pandas; training gets it from a frame through :func:`frame_columns`."""
 
 
-def derive_inputs(df: pd.DataFrame, category_offsets: dict[str, float] | None = None) -> pd.DataFrame:
-    """Derived numeric inputs from a frame of transactions joined with their features.
+
+def frame_columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """A frame's columns as the arrays :func:`derive_columns` reads (pandas only here, for training)."""
+    columns: dict[str, np.ndarray] = {}
+    for name in df.columns:
+        if name == "ts":
+            columns[name] = pd.to_datetime(df["ts"], utc=True).dt.tz_localize(None).to_numpy()
+        elif name in ("merchant_category", "channel"):
+            columns[name] = df[name].astype("string").fillna("").to_numpy(dtype=object)
+        elif name in NUMBER_COLUMNS:
+            columns[name] = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype="float64")
+    return columns
+
+
+def _number(columns: Columns, name: str, rows: int, default: float = np.nan) -> np.ndarray:
+    values = columns.get(name)
+    return np.full(rows, default, dtype="float64") if values is None else values
+
+
+def _text(columns: Columns, name: str, rows: int) -> np.ndarray:
+    values = columns.get(name)
+    return np.full(rows, "", dtype=object) if values is None else values
+
+
+def epoch_seconds(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTC datetime64 values as (float seconds since the epoch, whole seconds since the epoch).
+
+    Computed from integer nanoseconds, as pandas' ``(ts - epoch).dt.total_seconds()`` did in
+    training before this function existed, so the numbers stay the same to the last bit."""
+    nanoseconds = ts.astype("datetime64[ns]").astype(np.int64)
+    return nanoseconds / 1_000_000_000, nanoseconds // 1_000_000_000
+
+
+def derive_columns(columns: Columns, category_offsets: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Derived numeric inputs (one float64 array per name in NUMERIC_INPUTS) from transactions
+    joined with their features, given as :data:`Columns`.
 
     ``category_offsets``: per merchant category, the usual log ratio of an amount to the card's mean
     (a card spends more at a jeweller than at a pharmacy), learnt by :meth:`FeatureSpec.fit`; an
     amount is an outlier for its card only above the card's normal for that category.
     """
-    amount = _column(df, "amount")
-    card_mean = _column(df, "card_amount_mean_30d")
+    rows = len(columns["ts"])
+    amount = _number(columns, "amount", rows)
+    card_mean = _number(columns, "card_amount_mean_30d", rows)
     card_mean = np.where(np.isnan(card_mean), amount, card_mean)
-    card_std = np.nan_to_num(_column(df, "card_amount_std_30d"), nan=0.0)
-    ts = pd.to_datetime(df["ts"], utc=True)
-    now = unix_seconds(ts)
-    gap = np.clip(np.nan_to_num(now - _column(df, "card_last_txn_unix"), nan=MAX_GAP_S), 0, MAX_GAP_S)
-    hour = (ts.dt.hour + ts.dt.minute / 60.0).to_numpy()
-    lat, lon = _column(df, "lat", 0.0), _column(df, "lon", 0.0)
-    usual_lat, usual_lon = _column(df, "card_lat_mean_30d"), _column(df, "card_lon_mean_30d")
+    card_std = np.nan_to_num(_number(columns, "card_amount_std_30d", rows), nan=0.0)
+    now, whole_seconds = epoch_seconds(columns["ts"])
+    gap = np.clip(np.nan_to_num(now - _number(columns, "card_last_txn_unix", rows), nan=MAX_GAP_S), 0, MAX_GAP_S)
+    second_of_day = whole_seconds % 86_400
+    hour = (second_of_day // 3_600) + (second_of_day % 3_600 // 60) / 60.0
+    lat, lon = _number(columns, "lat", rows, 0.0), _number(columns, "lon", rows, 0.0)
+    usual_lat, usual_lon = _number(columns, "card_lat_mean_30d", rows), _number(columns, "card_lon_mean_30d", rows)
     distance = np.nan_to_num(haversine_km(lat, lon, usual_lat, usual_lon), nan=0.0)
-    merchant_mean = _column(df, "merchant_amount_mean_30d")
+    merchant_mean = _number(columns, "merchant_amount_mean_30d", rows)
     merchant_mean = np.where(np.isnan(merchant_mean), amount, merchant_mean)
     amount_vs_card = np.log1p(amount) - np.log1p(card_mean)
-    category = df["merchant_category"].astype("string").fillna("").to_numpy() if "merchant_category" in df else np.full(len(df), "")
     offsets = category_offsets or {}
-    category_offset = np.array([offsets.get(c, 0.0) for c in category], dtype="float64")
+    category_offset = np.array([offsets.get(c, 0.0) for c in _text(columns, "merchant_category", rows)], dtype="float64")
     rapid = (gap < RAPID_REPEAT_S).astype("float64")
-    count_1h = np.nan_to_num(_column(df, "card_txn_count_1h"), nan=0.0)
-    out = pd.DataFrame(
-        {
-            "log_amount": np.log1p(amount),
-            "amount_vs_card_log": amount_vs_card,
-            "amount_z_card": np.clip((amount - card_mean) / (card_std + 1.0), -10, 50),
-            "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
-            "card_count_1h_log": np.log1p(count_1h),
-            "card_count_24h_log": np.log1p(np.nan_to_num(_column(df, "card_txn_count_24h"), nan=0.0)),
-            "seconds_since_last_log": np.log1p(gap),
-            "rapid_repeat": rapid,
-            "burst_count": rapid * np.minimum(count_1h, 5.0),
-            "hour_sin": np.sin(2 * np.pi * hour / 24),
-            "hour_cos": np.cos(2 * np.pi * hour / 24),
-            "is_night": (hour < 6).astype("float64"),
-            "distance_from_usual_km_log": np.log1p(distance),
-            "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
-            "merchant_count_24h_log": np.log1p(np.nan_to_num(_column(df, "merchant_txn_count_24h"), nan=0.0)),
-            "amount_vs_merchant_log": np.log1p(amount) - np.log1p(merchant_mean),
-        },
-        index=df.index,
-    )
-    return out[NUMERIC_INPUTS]
+    count_1h = np.nan_to_num(_number(columns, "card_txn_count_1h", rows), nan=0.0)
+    return {
+        "log_amount": np.log1p(amount),
+        "amount_vs_card_log": amount_vs_card,
+        "amount_z_card": np.clip((amount - card_mean) / (card_std + 1.0), -10, 50),
+        "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
+        "card_count_1h_log": np.log1p(count_1h),
+        "card_count_24h_log": np.log1p(np.nan_to_num(_number(columns, "card_txn_count_24h", rows), nan=0.0)),
+        "seconds_since_last_log": np.log1p(gap),
+        "rapid_repeat": rapid,
+        "burst_count": rapid * np.minimum(count_1h, 5.0),
+        "hour_sin": np.sin(2 * np.pi * hour / 24),
+        "hour_cos": np.cos(2 * np.pi * hour / 24),
+        "is_night": (hour < 6).astype("float64"),
+        "distance_from_usual_km_log": np.log1p(distance),
+        "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
+        "merchant_count_24h_log": np.log1p(np.nan_to_num(_number(columns, "merchant_txn_count_24h", rows), nan=0.0)),
+        "amount_vs_merchant_log": np.log1p(amount) - np.log1p(merchant_mean),
+    }
+
+
+def derive_inputs(df: pd.DataFrame, category_offsets: dict[str, float] | None = None) -> pd.DataFrame:
+    """:func:`derive_columns` for a frame (training and evaluation): the same code, as a frame."""
+    derived = derive_columns(frame_columns(df), category_offsets)
+    return pd.DataFrame(derived, index=df.index)[NUMERIC_INPUTS]
 
 
 MIN_ROWS_FOR_OFFSET = 20  # fewer rows of a category with card history: no offset (0) for it
@@ -107,9 +146,10 @@ def fit_category_offsets(df: pd.DataFrame) -> list[tuple[str, float]]:
     has history (a list of pairs, sorted by category: the spec's JSON keeps it as it is)."""
     if "merchant_category" not in df or not len(df):
         return []
-    card_mean = _column(df, "card_amount_mean_30d")
+    columns = frame_columns(df)
+    card_mean = _number(columns, "card_amount_mean_30d", len(df))
     known = ~np.isnan(card_mean)
-    ratio = np.log1p(_column(df, "amount")[known]) - np.log1p(card_mean[known])
+    ratio = np.log1p(_number(columns, "amount", len(df))[known]) - np.log1p(card_mean[known])
     category = df["merchant_category"].astype("string").fillna("").to_numpy()[known]
     medians = pd.Series(ratio).groupby(category).agg(["median", "size"])
     return [(str(c), float(row["median"])) for c, row in medians.sort_index().iterrows() if row["size"] >= MIN_ROWS_FOR_OFFSET]
@@ -148,17 +188,22 @@ class FeatureSpec:
         return spec
 
     def transform(self, df: pd.DataFrame) -> np.ndarray:
-        """The model's input matrix (float32, one row per transaction)."""
+        """The model's input matrix (float32, one row per transaction) for a frame (training)."""
+        return self.transform_columns(frame_columns(df))
+
+    def transform_columns(self, columns: Columns) -> np.ndarray:
+        """The model's input matrix (float32, one row per transaction) for :data:`Columns`: the one
+        implementation behind both training (through :meth:`transform`) and serving."""
         if not self.means:
             raise ValueError("FeatureSpec.transform called before fit")
-        derived = derive_inputs(df, self.offsets)
+        derived = derive_columns(columns, self.offsets)
+        rows = len(columns["ts"])
         # Only the inputs this spec was fitted with: a spec saved before an input was added keeps its layout.
-        numeric = (derived[[name for name in self.numeric if name in derived]].to_numpy() - np.asarray(self.means)) / np.asarray(self.stds)
-        blocks = [numeric]
+        stacked = np.column_stack([derived[name] for name in self.numeric if name in derived])
+        blocks = [(stacked - np.asarray(self.means)) / np.asarray(self.stds)]
         for column, vocab in self.categories:
-            values = df[column].astype("string").fillna("").to_numpy() if column in df else np.full(len(df), "")
             index = {v: i for i, v in enumerate(vocab)}
-            codes = np.array([index.get(v, len(vocab)) for v in values], dtype=np.int64)
+            codes = np.array([index.get(v, len(vocab)) for v in _text(columns, column, rows)], dtype=np.int64)
             blocks.append(np.eye(len(vocab) + 1)[codes])
         return np.nan_to_num(np.hstack(blocks), nan=0.0).astype(np.float32)
 

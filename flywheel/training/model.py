@@ -48,9 +48,12 @@ class FraudModel:
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
         """Fraud probabilities for a frame of transactions joined with their features."""
-        inputs = torch.from_numpy(self.spec.transform(frame))
+        return self.probabilities(self.spec.transform(frame))
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """Fraud probabilities for a matrix of model inputs (from the spec's transform): one forward pass."""
         with torch.inference_mode():
-            return torch.sigmoid(self.module(inputs)).numpy().astype("float64")
+            return torch.sigmoid(self.module(torch.from_numpy(inputs))).numpy().astype("float64")
 
     def save(self, folder: str | Path) -> list[Path]:
         """Write the weights and the model card (architecture, spec, training facts) into a folder."""

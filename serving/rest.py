@@ -1,0 +1,259 @@
+"""KServe's REST server as flywheel runs it, in every worker process.
+
+KServe binds 0.0.0.0 with no host flag, and with several workers starts them with multiprocessing's
+spawn, each importing KServe's FastAPI app afresh (so the app must be set up in the worker, not in
+the parent). :class:`FlywheelRESTServer` is KServe's RESTServer with what flywheel adds: the
+configured host, the access log and request ids, the body limit, a 400 (not 422) for a malformed
+v2 body, a 400 without a logged traceback for every client mistake, and a /metrics page that sums
+every worker's samples.
+
+Importing this module imports kserve and prometheus_client: :func:`serving.server.serve` does so
+only after it has set ``PROMETHEUS_MULTIPROC_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from kserve.errors import InvalidInput
+from kserve.protocol.rest.server import RESTServer
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from flywheel.errors import FlywheelError
+from serving import metrics
+
+access_log = logging.getLogger("flywheel.access")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": message}).encode()
+
+
+def _protocol(path: str) -> str | None:
+    if path.startswith("/v1/models/") and path.endswith(":predict"):
+        return "v1"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2"
+    return None
+
+
+class ServingMiddleware:
+    """Pure ASGI, around every request: a request id (the client's X-Request-ID if it is sane, else a
+    new one) echoed in the response, the body limit (413 before the body is parsed), the request
+    metrics and one JSON access-log line."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        path = scope.get("path", "")
+        protocol = _protocol(path)
+        state = {"status": 500, "version": ""}
+
+        async def respond(status: int, body: bytes) -> None:
+            state["status"] = status
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"x-request-id", request_id.encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                out = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-model-version"]
+                state["version"] = next((v.decode() for k, v in message.get("headers", []) if k.lower() == b"x-model-version"), "")
+                out.append((b"x-request-id", request_id.encode()))
+                if state["version"]:
+                    out.append((b"x-model-version", state["version"].encode()))
+                message = dict(message, headers=out)
+            await send(message)
+
+        try:
+            rejection = self._reject_early(headers)
+            if rejection:
+                await respond(*rejection)
+            elif protocol is None:
+                await self.app(scope, receive, send_with_id)
+            else:
+                body, too_large = await self._read_body(receive)
+                if too_large:
+                    await respond(*_error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)"))
+                else:
+                    await self.app(scope, _replay(body), send_with_id)
+        except Exception:
+            state["status"] = 500
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            if protocol is not None:
+                metrics.REQUESTS.labels(protocol, str(state["status"]), state["version"] or "none").inc()
+                metrics.REQUEST_SECONDS.labels(protocol).observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(json.dumps({
+                    "ts": time.time(), "request_id": request_id, "method": scope.get("method"), "path": path,
+                    "status": state["status"], "ms": round(seconds * 1000, 3), "model_version": state["version"] or None,
+                    "client": (scope.get("client") or [None])[0], "pid": os.getpid(),
+                }))
+
+    def _reject_early(self, headers: dict[bytes, bytes]) -> tuple[int, bytes] | None:
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return _error(400, "header 'content-length' must be a whole number of bytes")
+            if int(length) > self.max_body_bytes:
+                return _error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)")
+        if b"inference-header-content-length" in headers:
+            return _error(400, "header 'inference-header-content-length': the v2 binary tensor extension is not supported; send JSON")
+        return None
+
+    async def _read_body(self, receive: Any) -> tuple[bytes, bool]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), False
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _malformed_request(_: Request, exc: Any) -> Response:
+    """A body that is not valid JSON or not the protocol's shape is the client's mistake: 400, not 422."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
+    )
+    return JSONResponse(status_code=400, content={"error": f"malformed request: {problems}"[:2000]})
+
+
+async def _client_mistake(_: Request, exc: Exception) -> Response:
+    """KServe's handler logs a traceback for every 400; a client's mistake is in the access log already."""
+    message = str(exc)
+    if message.startswith("Unrecognized request format: "):  # KServe's words for a JSON body it cannot parse
+        message = "the request body is not valid JSON: " + message.removeprefix("Unrecognized request format: ")
+    return JSONResponse(status_code=400, content={"error": message})
+
+
+async def _http_error(_: Request, exc: HTTPException) -> Response:
+    """Every error body has one shape, {"error": ...}, FastAPI's own (a body it cannot parse, 404, 405) too."""
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+
+
+async def _store_unavailable(_: Request, exc: Exception) -> Response:
+    """The online store or registry failed under a request: the server's trouble, said plainly (503)."""
+    return JSONResponse(status_code=503, content={"error": f"scoring is unavailable: {exc}"})
+
+
+async def _metrics_page(request: Request) -> Response:
+    content, content_type = metrics.exposition(request.headers.get("accept"))
+    return Response(content=content, headers={"content-type": content_type})
+
+
+def _configure_access_log() -> None:
+    """One JSON line per request on stderr, whatever KServe did to the root logger."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
+
+
+class FlywheelRESTServer(RESTServer):
+    """KServe's RESTServer with flywheel's additions, set up in whichever process serves."""
+
+    host: str = "127.0.0.1"
+    max_body_bytes: int = 1_048_576
+
+    def configure(self, host: str, max_body_bytes: int) -> "FlywheelRESTServer":
+        self.host, self.max_body_bytes = host, max_body_bytes
+        self.config.host = host  # KServe hard-codes 0.0.0.0
+        self.config.access_log = False  # flywheel writes its own, with the request id
+        return self
+
+    def run(self, sockets: Any = None) -> None:
+        """A worker process's entry point (KServe's multi-process server): load the model here,
+        where it will serve, before accepting a request."""
+        for model in self.dataplane.model_registry.get_models().values():
+            if hasattr(model, "load_in_worker"):
+                model.load_in_worker()
+        super().run(sockets)
+
+    def _add_middlewares(self, app: Any) -> None:
+        _configure_access_log()
+        logging.getLogger("uvicorn.access").disabled = True  # flywheel's own line replaces it
+        app.add_middleware(ServingMiddleware, max_body_bytes=self.max_body_bytes)
+
+    def _register_endpoints(self, app: Any) -> None:
+        app.add_api_route("/metrics", _metrics_page, methods=["GET"], include_in_schema=False)  # before KServe's own
+        super()._register_endpoints(app)
+
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(RequestValidationError, _malformed_request)
+        app.add_exception_handler(InvalidInput, _client_mistake)
+        app.add_exception_handler(HTTPException, _http_error)
+        app.add_exception_handler(FlywheelError, _store_unavailable)
+
+
+def multiprocess_server_class() -> type:
+    """KServe's multi-process server, giving a starting worker time to load its model: KServe
+    declares a worker hung (and restarts it) when it does not answer a ping within 5 s, which a
+    worker still importing torch and Feast on a busy machine does not."""
+    from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
+
+    class PatientRESTServerMultiProcess(RESTServerMultiProcess):
+        ping_timeout_s = 60.0
+
+        async def keep_subprocess_alive(self, sockets: Any) -> None:
+            if self.should_exit.is_set():
+                return
+            for index, process in enumerate(self._processes):
+                if not process.is_alive(timeout=self.ping_timeout_s):
+                    process.kill()
+                    await process.wait_for_termination()
+                    if self.should_exit.is_set():
+                        return
+                    logging.getLogger("kserve").warning("worker process [%s] died; starting another", process.pid)
+                    process = RESTServerProcess(sockets, self._rest_server.run)
+                    process.start()
+                    self._processes[index] = process
+
+    return PatientRESTServerMultiProcess

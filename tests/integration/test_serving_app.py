@@ -1,0 +1,86 @@
+"""The serving app in process (FastAPI's TestClient, as KServe's own tests do): the schema and error
+paths, the body limit, request ids and the metrics page, without starting a server process."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+V1 = "/v1/models/fraud:predict"
+V2 = "/v2/models/fraud/infer"
+GOOD = {"card_id": "c0000001", "merchant_id": "m000001", "amount": 12.5, "ts": "2026-11-01T12:00:00Z"}
+
+
+@pytest.fixture(scope="module")
+def client(trained_loop):
+    from kserve.model_repository import ModelRepository
+    from kserve.model_server import app
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+
+    from serving.predictor import FraudPredictor
+    from serving.rest import FlywheelRESTServer
+
+    predictor = FraudPredictor("fraud", trained_loop["settings"])
+    predictor.load()
+    repository = ModelRepository()
+    repository.update(predictor)
+    rest = FlywheelRESTServer("kserve.model_server:app", DataPlane(model_registry=repository),
+                              ModelRepositoryExtension(model_registry=repository), 0).configure("127.0.0.1", 4096)
+    rest.create_application()
+    with TestClient(app) as test_client:
+        yield test_client, predictor
+
+
+def test_a_good_request_is_scored_with_its_version(client):
+    http, predictor = client
+    response = http.post(V1, json={"instances": [GOOD]}, headers={"x-request-id": "in-process-1"})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["model_version"] == predictor.version
+    assert response.headers["x-request-id"] == "in-process-1" and response.headers["x-model-version"] == predictor.version
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        (V1, {"instances": [dict(GOOD, ts="now")]}, 400, "field 'ts'"),
+        (V1, {"instances": [dict(GOOD, amount=float("inf"))]}, 400, "the request body is not valid JSON"),
+        (V1, {"instances": [GOOD] * 100}, 413, "larger than 4096 bytes"),
+        (V2, {"inputs": [{"name": "amount", "shape": [2], "datatype": "FP64", "data": [1.0]}]}, 400, "shape \\[2\\] disagrees"),
+        (V2, {"inputs": [{"name": "amount"}]}, 400, "malformed request"),
+    ],
+)
+def test_client_mistakes_are_4xx_naming_the_problem(client, path, body, status, message):
+    import json
+    import re
+
+    http, _ = client
+    response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert re.search(message, response.json()["error"]), response.json()["error"]
+    assert response.headers["x-request-id"]
+
+
+def test_unknown_routes_and_methods_answer_in_the_same_error_shape(client):
+    http, _ = client
+    missing = http.get("/no/such/route")
+    assert missing.status_code == 404 and missing.json()["error"]
+    response = http.get(V2)
+    assert response.status_code == 405 and response.json()["error"]
+
+
+def test_the_metrics_page_counts_requests_by_status(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http, predictor = client
+
+    def count(status: str) -> float:
+        text = http.get("/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "flywheel_requests_total" and s.labels["status"] == status)
+
+    ok, bad = count("200"), count("400")
+    http.post(V1, json={"instances": [GOOD]})
+    http.post(V1, json={"instances": []})
+    http.post(V1, json={"instances": []})
+    assert count("200") == ok + 1 and count("400") == bad + 2

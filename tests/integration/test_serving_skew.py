@@ -1,0 +1,79 @@
+"""No training/serving skew: the serving path (request -> schema-checked columns -> online store ->
+transform -> forward) gives the model exactly the inputs the training path (frame -> Feast
+point-in-time join -> FeatureSpec.transform) gives it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from flywheel.features.store import historical_features
+from serving.predictor import load_bundle, score
+from serving.requests import v1_transactions
+
+FEATURES = [*CARD_FEATURES, *MERCHANT_FEATURES]
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_loop):
+    return load_bundle(trained_loop["settings"])
+
+
+@pytest.fixture(scope="module")
+def holdout(trained_loop):
+    return trained_loop["storage"].read_parquet(trained_loop["training_set"]["holdout_uri"]).to_pandas()
+
+
+def request_of(frame: pd.DataFrame) -> dict:
+    """The v1 body a client would send for these transactions (times as ISO-8601 strings)."""
+    return {"instances": [
+        {"transaction_id": row.transaction_id, "card_id": row.card_id, "merchant_id": row.merchant_id,
+         "merchant_category": row.merchant_category, "amount": float(row.amount), "ts": row.ts.isoformat(),
+         "channel": row.channel, "lat": float(row.lat), "lon": float(row.lon)}
+        for row in frame.itertuples()
+    ]}
+
+
+def test_serving_inputs_equal_training_inputs_on_sampled_holdout_rows(bundle, holdout):
+    sample = holdout.sample(300, random_state=3).reset_index(drop=True)
+    sample.loc[:29, FEATURES] = None  # cold start: a new card and merchant, no history in the store
+    sample.loc[30:59, "card_last_txn_unix"] = None
+    parsed = v1_transactions(request_of(sample), 1000)
+    # The features the training set joined to each row, handed over as the online store hands them.
+    looked_up = {name: pd.to_numeric(sample[name]).to_numpy(dtype="float64", na_value=np.nan) for name in FEATURES}
+    serving = bundle.model.spec.transform_columns({**parsed.columns, **looked_up})
+    training = bundle.model.spec.transform(sample)
+    np.testing.assert_array_equal(serving, training)
+    np.testing.assert_array_equal(bundle.model.probabilities(serving), bundle.model.score(sample))
+
+
+def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout):
+    """A transaction after everything in the store: the online store must hold what the training
+    join (Feast's point-in-time join, the training path) gives for that moment."""
+    pairs = holdout.sample(60, random_state=5)
+    after = holdout["ts"].max() + pd.Timedelta(hours=1)
+    frame = pd.DataFrame({
+        "transaction_id": [f"after-{i}" for i in range(len(pairs))] + ["after-new"],
+        "card_id": [*pairs["card_id"], "card-never-seen"],
+        "merchant_id": [*pairs["merchant_id"], "merchant-never-seen"],
+        "merchant_category": [*pairs["merchant_category"], "grocery"],
+        "amount": [*pairs["amount"], 20.0],
+        # Distinct times: Feast's file store keeps one entity row per (key, time).
+        "ts": [after + pd.Timedelta(seconds=i) for i in range(len(pairs) + 1)],
+        "channel": [*pairs["channel"], "chip"],
+        "lat": [*pairs["lat"], 40.0],
+        "lon": [*pairs["lon"], -74.0],
+    })
+    joined = historical_features(bundle.store, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
+
+    features, known = bundle.reader.read(list(frame["card_id"]), list(frame["merchant_id"]))
+    for name in FEATURES:
+        np.testing.assert_array_equal(features[name], pd.to_numeric(joined[name]).to_numpy(dtype="float64", na_value=np.nan), err_msg=name)
+    assert known["card_id"].tolist() == [True] * len(pairs) + [False]
+    assert known["merchant_id"].tolist() == [True] * len(pairs) + [False]
+
+    scored = score(bundle, v1_transactions(request_of(frame), 1000), record=False)
+    np.testing.assert_allclose(scored.probabilities, bundle.model.score(joined), rtol=1e-6)
+    assert scored.unknown[-1] == ["card", "merchant"] and scored.unknown[0] == []
