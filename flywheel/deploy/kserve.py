@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import yaml
-
 from flywheel.config import Settings
 from flywheel.errors import DeployError
+from flywheel.kube import api_client_from_environment, manifest_yaml
 from flywheel.registry import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -60,12 +58,7 @@ class Manifest:
         return str(self.body["kind"])
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.body, Dumper=_NoAliases, sort_keys=False)
-
-
-class _NoAliases(yaml.SafeDumper):
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
+        return manifest_yaml(self.body)
 
 
 def service_name(settings: Settings) -> str:
@@ -204,7 +197,7 @@ def render_all(settings: Settings, model: ModelVersion, canary_percent: int | No
     """Every object of the deployment as one multi-document YAML (what `flywheel deploy --render` prints)."""
     docs = [render_service_account(settings), render_serving_runtime(settings).body,
             render_inference_service(settings, model, canary_percent).body]
-    return "---\n".join(yaml.dump(doc, Dumper=_NoAliases, sort_keys=False) for doc in docs)
+    return manifest_yaml(*docs)
 
 
 # ------------------------------------------------------------------ applying and watching
@@ -333,16 +326,7 @@ def _failure(status: dict[str, Any], conditions: list[dict[str, Any]]) -> str:
 
 
 def _api_client_from_environment() -> Any:
-    from kubernetes import client, config
-
-    try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    except config.ConfigException as exc:
-        raise DeployError(f"cannot reach a Kubernetes cluster to deploy to ({exc}); set KUBECONFIG, or use --target local") from None
-    return client.ApiClient()
+    return api_client_from_environment(DeployError, "deploy to", "use --target local")
 
 
 def _api_message(exc: Any) -> str:

@@ -15,9 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from flywheel.config import Settings
+from flywheel.kube import manifest_yaml
 from flywheel.training.launcher import RESTART_SAFE_ENV, worker_args
 
 BACKENDS = ("local", "pytorchjob", "trainjob")
@@ -58,14 +57,7 @@ class ClusterJob:
         return str(self.body["kind"])
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.body, Dumper=_NoAliases, sort_keys=False)
-
-
-class _NoAliases(yaml.SafeDumper):
-    """A manifest spells out a repeated block (the labels) rather than as a YAML anchor and alias."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
+        return manifest_yaml(self.body)
 
 
 def job_name(run_id: str) -> str:

@@ -11,12 +11,12 @@ afterwards as ``training.cluster.cleanup`` says (``on_success`` keeps a failed j
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flywheel.config import Settings
+from flywheel import kube
 from flywheel.errors import TrainingError
 from flywheel.training.cluster import ClusterJob
 
@@ -43,20 +43,8 @@ class JobOutcome:
 
 def api_client_from_environment() -> Any:
     """A Kubernetes API client: the pod's service account in a cluster, else ``$KUBECONFIG``/~/.kube/config."""
-    from kubernetes import client, config
-
-    try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            # kubernetes reads $KUBECONFIG once, at import; read it now (it may name several files).
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    except config.ConfigException as exc:
-        raise TrainingError(
-            f"cannot reach a Kubernetes cluster to train on ({exc}); set KUBECONFIG, "
-            "or use training.launcher=local (or `flywheel train --backend local`)"
-        ) from None
-    return client.ApiClient()
+    return kube.api_client_from_environment(
+        TrainingError, "train on", "use training.launcher=local (or `flywheel train --backend local`)")
 
 
 def run_cluster_job(
