@@ -250,7 +250,8 @@ def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay
     assert observed["canary"]["requests"] >= 50
     assert observed["client"]["fallbacks"] == observed["canary"]["errors"]  # each canary failure answered by stable
     if canary == "erroring":
-        assert observed["canary"]["errors"] > 0 and observed["canary"]["timeouts"] == 0
+        # It errs (500s), not merely slow: on a loaded machine a request may also time out now and then.
+        assert observed["canary"]["errors"] > observed["canary"]["timeouts"]
         assert any("canary error rate" in reason for reason in record["reasons"]), record["reasons"]
     else:  # slow: too slow to wait for (a timeout, answered from stable), or slower than the p99 thresholds allow
         c, s = observed["canary"], observed["stable"]

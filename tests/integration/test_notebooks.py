@@ -4,6 +4,7 @@ calls of 02 go to the loopback stand-in of the KFP API (tests/kfp_standin.py).""
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -17,6 +18,20 @@ from tests.kfp_standin import kfp_standin
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 TOKEN = "notebook-token-7d2e"
+
+
+@pytest.fixture(autouse=True)
+def keep_sqlite_adapters():
+    """nbformat (its notebook-signing module, imported as notebooks are run) registers sqlite3's
+    process-wide datetime adapter and converter as ISO strings over Feast's epoch seconds: Feast's
+    SQLite online store in this process then fails every read (`Invalid isoformat string`).
+    Found when the serving and feature tests failed only after this module ran."""
+    adapters, converters = dict(sqlite3.adapters), dict(sqlite3.converters)
+    yield
+    sqlite3.adapters.clear()
+    sqlite3.adapters.update(adapters)
+    sqlite3.converters.clear()
+    sqlite3.converters.update(converters)
 
 
 @pytest.fixture
