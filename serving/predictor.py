@@ -127,6 +127,11 @@ class FraudPredictor(kserve.Model):
         bundle = self._bundle
         return bundle.version if bundle else None
 
+    @property
+    def bundle(self) -> Bundle | None:
+        """What scores now: the model version, its feature world and online store (None before load)."""
+        return self._bundle
+
     def load(self) -> bool:
         """Load the model and its online store and warm up; ready only once all three succeeded."""
         import torch

@@ -133,7 +133,7 @@ def served(settings: Settings, cards: list[str], merchants: list[str]) -> tuple[
     predictor = FraudPredictor("fraud", settings)
     assert predictor.load() and predictor.ready
     rows = [{"card_id": c, "merchant_id": m} for c, m in zip(cards, merchants)]
-    features = pd.DataFrame(online_features(predictor.store, rows))
+    features = pd.DataFrame(online_features(predictor.bundle.store, rows))
     predictions = predictor.predict(request_for(cards, merchants))["predictions"]
     assert {p["model_version"] for p in predictions} == {predictor.version}
     return predictor, features, [p["fraud_probability"] for p in predictions]
@@ -174,7 +174,7 @@ def test_refused_run_leaves_production_reading_its_own_world_and_promotion_moves
     assert registry.production().version == a["model"]["version"]
     predictor, online, scores = served(settings, cards, merchants)
     assert predictor.version == a["model"]["version"]
-    assert predictor.world == a["model"]["meta"]["feature_world"]
+    assert predictor.bundle.world == a["model"]["meta"]["feature_world"]
     assert_frame_equal(online[want_a.columns].astype("float64"), want_a, rtol=1e-9)
     assert scores == pytest.approx(scores_with(storage, settings, a["model"]["version"], want_a, cards, merchants), abs=1e-6)
 
@@ -183,7 +183,7 @@ def test_refused_run_leaves_production_reading_its_own_world_and_promotion_moves
     try:
         predictor, online, scores = served(settings, cards, merchants)
         assert predictor.version == b["model"]["version"]
-        assert predictor.world == b["model"]["meta"]["feature_world"] != a["model"]["meta"]["feature_world"]
+        assert predictor.bundle.world == b["model"]["meta"]["feature_world"] != a["model"]["meta"]["feature_world"]
         assert_frame_equal(online[want_b.columns].astype("float64"), want_b, rtol=1e-9)
         assert scores == pytest.approx(scores_with(storage, settings, b["model"]["version"], want_b, cards, merchants), abs=1e-6)
     finally:
