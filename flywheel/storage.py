@@ -105,6 +105,22 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _synced_temp(path: Path, data: bytes) -> str:
+    """``data`` in a new temp file beside ``path`` (its folder made), flushed to disk: the first half
+    of every atomic local write (the second renames or links it into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 class LocalBackend:
     """Objects as files below a folder; writes are temp-file-then-rename."""
 
@@ -112,12 +128,7 @@ class LocalBackend:
         path = _local_path(uri)
         tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            tmp = _synced_temp(path, data)
             _publish(tmp, path)
         except BaseException as exc:
             if tmp is not None:
@@ -152,12 +163,7 @@ class LocalBackend:
         path = _local_path(uri)
         tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            tmp = _synced_temp(path, data)
             os.chmod(tmp, 0o666 & ~_umask())
             try:
                 os.link(tmp, path)
