@@ -19,6 +19,20 @@ KEY_OF_A_TRAINING_SET = "from flywheel.config import load_settings; from flywhee
     "print(features_key('s' * 64, load_settings(env={'FLYWHEEL_HOME': '/tmp/fw-fingerprint'})))"
 
 
+@pytest.fixture(scope="module")
+def pristine_keys(tmp_path_factory) -> dict[str, str]:
+    """Each program's key over an unedited copy, computed once per module (each costs a fresh process
+    that imports torch): the parametrized edits compare against it."""
+    keys: dict[str, str] = {}
+
+    def key(program: str) -> str:
+        if program not in keys:
+            keys[program] = key_with(tmp_path_factory.mktemp("pristine"), None, program)
+        return keys[program]
+
+    return key
+
+
 def key_with(tmp_path: Path, edit: tuple[str, str, str] | None, program: str = KEY_OF_A_TRAINING_SET) -> str:
     """The training-set key computed in a fresh process over a copy of the package, with one edit:
     (file relative to flywheel/, text to find, replacement)."""
@@ -58,8 +72,8 @@ def test_the_training_set_key_follows_the_modules_its_code_imports():
     ],
     ids=["split_by_time", "aggregates", "feast-ttl", "schema"],
 )
-def test_changing_the_code_of_the_features_stage_changes_the_key(tmp_path, edit):
-    assert key_with(tmp_path / "edited", edit) != key_with(tmp_path / "pristine", None)
+def test_changing_the_code_of_the_features_stage_changes_the_key(tmp_path, edit, pristine_keys):
+    assert key_with(tmp_path / "edited", edit) != pristine_keys(KEY_OF_A_TRAINING_SET)
 
 
 CODE_OF_A_MODEL = "from flywheel.training.train import training_code_hash; print(training_code_hash())"
@@ -74,14 +88,14 @@ CODE_OF_A_MODEL = "from flywheel.training.train import training_code_hash; print
     ],
     ids=["worker", "model", "input-transform"],
 )
-def test_changing_the_code_of_the_training_stage_changes_the_model_key(tmp_path, edit):
+def test_changing_the_code_of_the_training_stage_changes_the_model_key(tmp_path, edit, pristine_keys):
     """The worker runs in torchrun's processes, never imported by the step: it is a root of its own."""
-    assert key_with(tmp_path / "edited", edit, CODE_OF_A_MODEL) != key_with(tmp_path / "pristine", None, CODE_OF_A_MODEL)
+    assert key_with(tmp_path / "edited", edit, CODE_OF_A_MODEL) != pristine_keys(CODE_OF_A_MODEL)
 
 
-def test_a_comment_outside_the_stage_does_not_change_the_key(tmp_path):
+def test_a_comment_outside_the_stage_does_not_change_the_key(tmp_path, pristine_keys):
     """cli.py does not shape a training set: editing it keeps the key (and the reuse)."""
-    assert key_with(tmp_path / "edited", ("cli.py", "def main(", "# a comment\ndef main(")) == key_with(tmp_path / "pristine", None)
+    assert key_with(tmp_path / "edited", ("cli.py", "def main(", "# a comment\ndef main(")) == pristine_keys(KEY_OF_A_TRAINING_SET)
 
 
 def test_settings_that_shape_the_split_change_the_key(tmp_path):
