@@ -117,6 +117,23 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
     return published.to_dict()
 
 
+def validation_outputs(run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """What the validate step of run ``run_id`` shows in the Kubeflow UI: its report as GE's HTML data
+    docs (``html``), a Markdown summary (``markdown``), the pass/fail counts (``metrics``) and where the
+    report is (``meta``: the HTML artifact's metadata)."""
+    from flywheel.validation import report_counts, report_markdown
+
+    settings, storage = _context(settings)
+    folder = join(storage.uri("reports", "validation"), run_id)
+    document = storage.read_json(join(folder, "validation.json"))
+    return {
+        "html": storage.read_bytes(document.get("html_uri") or join(folder, "validation.html")).decode(),
+        "markdown": report_markdown(document),
+        "metrics": report_counts(document),
+        "meta": {key: document.get(key) for key in ("success", "rows", "report_uri", "html_uri")},
+    }
+
+
 def ingest_and_validate(
     source_uri: str, run_id: str, settings: Settings | None = None, lake_uri: str = "", policy: str = ""
 ) -> dict[str, Any]:

@@ -452,6 +452,62 @@ def _drift_results(result: "ExpectationSuiteValidationResult") -> list[dict[str,
     return out
 
 
+def report_counts(document: dict[str, Any]) -> dict[str, float]:
+    """The pass/fail counts of a validation report (``validation.json``), as plain numbers: what the
+    Kubeflow UI shows as the validate step's metrics."""
+    drift = document.get("drift") or []
+    failed = len(document.get("failed") or [])
+    evaluated = int(document.get("evaluated") or 0)
+    return {
+        "passed": 1.0 if document.get("success") else 0.0,
+        "rows_validated": float(document.get("rows") or 0),
+        "checks_evaluated": float(evaluated),
+        "checks_passed": float(evaluated - failed),
+        "checks_failed": float(failed),
+        "drift_checks": float(len(drift)),
+        "drift_checks_failed": float(sum(1 for check in drift if not check.get("success"))),
+    }
+
+
+def report_markdown(document: dict[str, Any]) -> str:
+    """A validation report (``validation.json``) as a short Markdown summary: the verdict and counts,
+    each failed check with what was observed, and the drift checks (observed against expected)."""
+    counts = report_counts(document)
+    snapshot = document.get("snapshot") or {}
+    verdict = "passed" if document.get("success") else "FAILED"
+    lines = [
+        f"# Validation {verdict}: {int(counts['checks_passed'])} of {int(counts['checks_evaluated'])} checks "
+        f"on {int(counts['rows_validated']):,} new rows",
+        "",
+        f"- batch: `{snapshot.get('uri', document.get('snapshot_uri', '?'))}` "
+        f"(snapshot `{str(snapshot.get('sha256', ''))[:12]}`, {int(snapshot.get('rows') or 0):,} rows with the lake)",
+        f"- report: `{document.get('report_uri', '?')}`; data docs: `{document.get('html_uri', '?')}`",
+        f"- drift gate: {int(counts['drift_checks']) - int(counts['drift_checks_failed'])} of "
+        f"{int(counts['drift_checks'])} checks passed"
+        + (f" against the last {document['baseline']['batches']} accepted batch(es)" if (document.get("baseline") or {}).get("batches")
+           else " (no accepted batch yet: no baseline)"),
+    ]
+    if document.get("failed"):
+        lines += ["", "## Failed checks", "", "| expectation | column | observed |", "| --- | --- | --- |"]
+        lines += [f"| `{f['expectation']}` | {f.get('column') or 'table'} | {_cell(f.get('details'))} |" for f in document["failed"]]
+    if document.get("drift"):
+        lines += ["", "## Drift against the recent batches", "", "| | check | column | observed | expected |",
+                  "| --- | --- | --- | --- | --- |"]
+        for check in document["drift"]:
+            column = check.get("column") or "table"
+            if check.get("value") is not None:
+                column = f"{column} = {check['value']}"
+            lines.append(f"| {'✔' if check.get('success') else '✘'} | `{check['expectation']}` | {_cell(column)} | "
+                         f"{_cell(check.get('observed'))} | {_cell(check.get('expected'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    """A value as one Markdown table cell (pipes escaped, long values cut)."""
+    text = value if isinstance(value, str) else _short(_plain(value), 160)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def failure_message(report: ValidationReport, subject: str = "") -> str:
     """The ValidationFailed text: one line per failed expectation, and where the report is."""
     lines = [
