@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import ConfigError, ValidationFailed
+from flywheel.errors import ConfigError, StorageError, ValidationFailed
 from flywheel.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,19 @@ def recorded(storage: Storage, run_id: str, step: str) -> Iterator[dict[str, Any
     except Exception as exc:
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            _write_record(storage, run_id, step, record, started)
+        except StorageError as unwritten:
+            # The store itself failed (the step's error says how): that error is the one to report.
+            log.warning("step %s: its record could not be written either (%s)", step, unwritten)
         raise
-    finally:
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        storage.write_json(storage.uri("runs", run_id, "steps", f"{step}.json"), record)
-        log.info("step %s %s in %.2fs", step, record.get("status"), record["seconds"])
+    _write_record(storage, run_id, step, record, started)
+
+
+def _write_record(storage: Storage, run_id: str, step: str, record: dict[str, Any], started: float) -> None:
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.uri("runs", run_id, "steps", f"{step}.json"), record)
+    log.info("step %s %s in %.2fs", step, record.get("status"), record["seconds"])
 
 
 def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]]:
