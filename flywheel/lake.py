@@ -57,6 +57,15 @@ STAGING_MARKER = "staging.json"
 INDEX = "_index"
 QUARANTINE = "quarantine"
 
+# How a part is written: zstd, and dictionary pages only for the columns that repeat values (ids of
+# cards and merchants, categories, channels, the label). A unique transaction id, an amount or a
+# timestamp fills a dictionary only for the writer to give it up: that costs about a quarter of the
+# write's CPU, for a larger file.
+PART_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": ["card_id", "merchant_id", "merchant_category", "channel", "is_fraud"],
+}
+
 # What reading a part that is not TRANSACTION_SCHEMA parquet can raise.
 _UNREADABLE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError, ValueError, OSError)
 
@@ -380,7 +389,9 @@ def stage(
             raise DataError(f"{final} is already in snapshot {parent.uri if parent else '?'}; it cannot be staged again")
         staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
         if new.table is not None:
-            ref = storage.write_parquet(staged_part, new.table)
+            buffer = io.BytesIO()
+            pq.write_table(new.table, buffer, **PART_WRITE_OPTIONS)
+            ref = storage.write_bytes(staged_part, buffer.getvalue())
         else:
             ref = storage.upload_file(new.path, staged_part)
         hashes = new.id_hashes
