@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="500k rows instead of 5M")
     args = parser.parse_args()
     rows = 500_000 if args.quick else 5_000_000
+    load_before = os.getloadavg()[0]  # other work on the machine slows every figure (ratios less)
     with tempfile.TemporaryDirectory(prefix="flywheel-ingest-bench-") as tmp:
         env = {**os.environ, "FLYWHEEL_HOME": f"{tmp}/home", "PYTHONPATH": str(ROOT)}
         env = {k: v for k, v in env.items() if not k.startswith("FLYWHEEL_") or k in ("FLYWHEEL_HOME",)}
@@ -121,6 +122,9 @@ def main() -> None:
 
     figures = {
         "rows": rows,
+        "load_average_1m_before": round(load_before, 2),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "raw_files_mib": round(raw_mib, 1),
         "baseline_read_write_seconds": round(baseline["seconds"], 2),
         "baseline_rows_per_s": round(rows / baseline["seconds"]),
