@@ -25,14 +25,26 @@ def ingest(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def validate(staged: Input[Dataset], run_id: str, report: Output[Artifact], snapshot: Output[Dataset]):
-    """Great Expectations suite on the staged batch: publishes it into the lake, or discards it and stops the run."""
-    from flywheel.steps import validate_step
-    from flywheel.kfp_io import read_artifact, write_artifact
+def validate(
+    staged: Input[Dataset],
+    run_id: str,
+    report: Output[HTML],
+    summary: Output[Markdown],
+    metrics: Output[Metrics],
+    snapshot: Output[Dataset],
+):
+    """Great Expectations suite on the staged batch: publishes it into the lake, or discards it and stops the run.
+    In the Kubeflow UI: GE's data docs (HTML), a Markdown summary with the drift checks, the pass/fail counts."""
+    from flywheel.steps import validate_step, validation_outputs
+    from flywheel.kfp_io import log_metrics, read_artifact, write_artifact, write_text
 
     published = validate_step(read_artifact(staged), run_id)
     write_artifact(snapshot, published, ["uri", "sha256", "rows"])
-    write_artifact(report, published["validated_by"], ["success", "rows", "report_uri", "html_uri"])
+    shown = validation_outputs(run_id)
+    write_text(report, shown["html"])
+    report.metadata.update(shown["meta"])
+    write_text(summary, shown["markdown"])
+    log_metrics(metrics, shown["metrics"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

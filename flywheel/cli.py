@@ -309,7 +309,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Ingest and validate one delivery: exit 0 accepted, 1 rejected (reasons printed), 2 usage error."""
     from flywheel import steps
-    from flywheel.errors import DataError, ValidationFailed
+    from flywheel.errors import DataError, StorageError, ValidationFailed
     from flywheel.ingest import source_files
     from flywheel.storage import Storage
 
@@ -327,6 +327,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         published = steps.ingest_and_validate(args.source, run_id, settings, lake_uri, policy)
     except (DataError, ValidationFailed) as exc:
         console.print(f"rejected: {len(files)} file(s) seen under {args.source}; nothing entered {lake_uri}", soft_wrap=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StorageError as exc:  # the store failed mid-batch (retried with backoff first): not the data's fault
+        console.print(f"failed: the batch from {args.source} did not complete; readers of {lake_uri} see whole published "
+                      "snapshots only. Run the same command again once the store answers: it completes the batch.", soft_wrap=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     sources = published["source_files"]

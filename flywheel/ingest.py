@@ -280,7 +280,7 @@ def _stream_file(
                 offset += chunk.num_rows
                 for date, part in _partition_by_date(good):
                     if date not in writers:
-                        writers[date] = pq.ParquetWriter(folder / f"date={date}.parquet", TRANSACTION_SCHEMA, compression="zstd")
+                        writers[date] = pq.ParquetWriter(folder / f"date={date}.parquet", TRANSACTION_SCHEMA, **lake.PART_WRITE_OPTIONS)
                         hashes[date] = []
                     writers[date].write_table(part)
                     hashes[date].append(lake.id_hashes(part.column(_ID)))
@@ -361,7 +361,7 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
             raw.parts, raw.part_hashes = {}, {}
             for date, part in _partition_by_date(raw.table):
                 path = folder / f"date={date}.parquet"
-                pq.write_table(part, path, compression="zstd")
+                pq.write_table(part, path, **lake.PART_WRITE_OPTIONS)
                 raw.parts[date] = (str(path), part.num_rows)
         raw.table = None
 

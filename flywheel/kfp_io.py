@@ -44,3 +44,17 @@ def log_evaluation(metrics: Any, classification: Any, evaluation: dict[str, Any]
     if details.get("confusion_matrix"):
         matrix = details["confusion_matrix"]
         classification.log_confusion_matrix(matrix["categories"], matrix["matrix"])
+
+
+def write_text(artifact: Any, text: str) -> None:
+    """An HTML or Markdown artifact's file: the page the Kubeflow UI renders."""
+    os.makedirs(os.path.dirname(artifact.path) or ".", exist_ok=True)
+    with open(artifact.path, "w") as handle:
+        handle.write(text)
+
+
+def log_metrics(metrics: Any, values: dict[str, float]) -> None:
+    """Scalars as a KFP ``Metrics`` artifact (NaN is not a metric and is left out)."""
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and value == value:
+            metrics.log_metric(name, float(value))

@@ -14,7 +14,7 @@ import time
 from typing import Any, Iterator
 
 from flywheel.config import Settings, load_settings
-from flywheel.errors import ConfigError, ValidationFailed
+from flywheel.errors import ConfigError, StorageError, ValidationFailed
 from flywheel.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,19 @@ def recorded(storage: Storage, run_id: str, step: str) -> Iterator[dict[str, Any
     except Exception as exc:
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            _write_record(storage, run_id, step, record, started)
+        except StorageError as unwritten:
+            # The store itself failed (the step's error says how): that error is the one to report.
+            log.warning("step %s: its record could not be written either (%s)", step, unwritten)
         raise
-    finally:
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        storage.write_json(storage.uri("runs", run_id, "steps", f"{step}.json"), record)
-        log.info("step %s %s in %.2fs", step, record.get("status"), record["seconds"])
+    _write_record(storage, run_id, step, record, started)
+
+
+def _write_record(storage: Storage, run_id: str, step: str, record: dict[str, Any], started: float) -> None:
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.uri("runs", run_id, "steps", f"{step}.json"), record)
+    log.info("step %s %s in %.2fs", step, record.get("status"), record["seconds"])
 
 
 def read_step_records(storage: Storage, run_id: str) -> dict[str, dict[str, Any]]:
@@ -115,6 +123,23 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
         published = lake.publish_staged(storage, staged, run_id, validated_by, profile=report.profile)
         record["artifacts"]["lake_snapshot"] = published.uri
     return published.to_dict()
+
+
+def validation_outputs(run_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """What the validate step of run ``run_id`` shows in the Kubeflow UI: its report as GE's HTML data
+    docs (``html``), a Markdown summary (``markdown``), the pass/fail counts (``metrics``) and where the
+    report is (``meta``: the HTML artifact's metadata)."""
+    from flywheel.validation import report_counts, report_markdown
+
+    settings, storage = _context(settings)
+    folder = join(storage.uri("reports", "validation"), run_id)
+    document = storage.read_json(join(folder, "validation.json"))
+    return {
+        "html": storage.read_bytes(document.get("html_uri") or join(folder, "validation.html")).decode(),
+        "markdown": report_markdown(document),
+        "metrics": report_counts(document),
+        "meta": {key: document.get(key) for key in ("success", "rows", "report_uri", "html_uri")},
+    }
 
 
 def ingest_and_validate(

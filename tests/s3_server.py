@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tests.servers import free_port
 
@@ -137,9 +138,14 @@ class SeaweedS3:
             }]
         }
         (self.folder / "identities.json").write_text(json.dumps(identities, indent=2))
-        self.ports = self._free_ports(["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"])
+        # A restart (after stop or kill) keeps the ports: clients and proxies hold the endpoint.
+        self.ports = self.ports or self._free_ports(
+            ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
+        )
+        for name in ("filer.sock", "s3.sock"):  # left behind by a killed server
+            (self.folder / name).unlink(missing_ok=True)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.folder), "TMPDIR": str(self.folder)}
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -187,8 +193,13 @@ class SeaweedS3:
             return f"(no log at {self.log_path})"
         return f"--- last {len(text)} lines of {self.log_path}:\n" + "\n".join(text)
 
+    def restart(self, timeout_s: float = 60.0) -> S3Server:
+        """Start the server again after :meth:`stop`: the same folder (so the same data), the same
+        ports and keys, so the endpoint every client holds works again."""
+        return self.start(timeout_s)
+
     def stop(self) -> None:
-        """Kill the server (its data is thrown away, so there is nothing to shut down cleanly: on a
+        """Kill the server (SIGKILL) (its data is thrown away, so there is nothing to shut down cleanly: on a
         SIGTERM its filer waits for open gRPC streams and does not exit), then remove the gRPC
         sockets it leaves in /tmp, whose names carry our ports."""
         if self.process is not None and self.process.poll() is None:
@@ -216,6 +227,7 @@ class FaultProxy:
         self.upstream = upstream
         self.requests: list[str] = []  # "METHOD /path" of every request, faulted or forwarded
         self._faults: list[tuple[str, int, str | None]] = []
+        self._kill: tuple[str, str, int, Callable[[], None]] | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -229,7 +241,18 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._take(self.command, self.path)
-                status, reason, headers, data = fault if fault else proxy._forward(self.command, self.path, self.headers, body)
+                kill = proxy._take_kill(self.command, self.path) if fault is None else None
+                if kill is not None:
+                    proxy._forward_half_then(kill, self.command, self.path, self.headers, body)
+                try:
+                    if kill is not None:
+                        raise ConnectionResetError("the server was killed in the middle of this request")
+                    status, reason, headers, data = fault if fault else proxy._forward(self.command, self.path, self.headers, body)
+                except OSError:
+                    # The server is gone: the client's connection ends with no answer, as it would
+                    # had the client been talking to the killed server itself.
+                    self.close_connection = True
+                    return
                 self.send_response(status, reason)
                 for name, value in headers:
                     self.send_header(name, value)
@@ -250,6 +273,41 @@ class FaultProxy:
         document naming ``code``, or with no body at all when ``code`` is None."""
         with self._lock:
             self._faults.extend([(method, status, code)] * times)
+
+    def kill_during(self, method: str, path_prefix: str, nth: int, kill: Callable[[], None]) -> None:
+        """On the ``nth`` request with ``method`` whose path starts with ``path_prefix``: send the
+        upstream server the request line, the headers and half the body, run ``kill`` (which kills
+        the server) while that request is in flight, and end the client's connection unanswered."""
+        with self._lock:
+            self._kill = (method, path_prefix, nth, kill)
+
+    def _take_kill(self, method: str, path: str) -> Callable[[], None] | None:
+        with self._lock:
+            if self._kill is None or method != self._kill[0] or not path.startswith(self._kill[1]):
+                return None
+            wanted, prefix, nth, kill = self._kill
+            if nth > 1:
+                self._kill = (wanted, prefix, nth - 1, kill)
+                return None
+            self._kill = None
+            return kill
+
+    def _forward_half_then(self, kill: Callable[[], None], method: str, path: str, headers: object, body: bytes) -> None:
+        import http.client
+
+        host, port = self.upstream.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers.items():  # type: ignore[attr-defined]
+                connection.putheader(name, value)
+            connection.endheaders()
+            connection.send(body[: len(body) // 2])
+        finally:
+            try:
+                kill()
+            finally:
+                connection.close()
 
     def count(self, method: str) -> int:
         return sum(1 for request in self.requests if request.startswith(f"{method} "))

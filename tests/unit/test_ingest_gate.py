@@ -371,3 +371,64 @@ def test_timestamp_window_follows_the_settings() -> None:
     earliest, latest = ts_window(IngestSettings(max_age_days=10, max_future_minutes=30), now)
     assert earliest == dt.datetime(2026, 11, 13, 12, tzinfo=dt.timezone.utc)
     assert latest == dt.datetime(2026, 11, 23, 12, 30, tzinfo=dt.timezone.utc)
+
+
+# ---------------------------------------------------------------- item 8: what the Kubeflow UI shows
+
+
+def test_validate_component_emits_data_docs_a_markdown_summary_and_the_counts_as_metrics(
+    lake: Path, flywheel_home: Settings, tmp_path: Path
+) -> None:
+    """The validate component itself (its Python function, as KFP runs it), on a batch checked
+    against the lake's two accepted batches: GE's HTML data docs, a Markdown summary and the counts
+    as KFP Metrics, agreeing with the JSON report the step wrote."""
+    from kfp import dsl
+
+    from components import steps as components
+    from flywheel.steps import ingest_step
+
+    staged = ingest_step(str(write(batch(5, "e"), tmp_path / "delivery" / "tx.parquet")), "ui-run")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / "staged").write_text(json.dumps(staged))
+    report, summary = dsl.HTML(uri=str(outputs / "report")), dsl.Markdown(uri=str(outputs / "summary"))
+    metrics, snapshot = dsl.Metrics(uri=str(outputs / "metrics")), dsl.Dataset(uri=str(outputs / "snapshot"))
+
+    components.validate.python_func(staged=dsl.Dataset(uri=str(outputs / "staged")), run_id="ui-run",
+                                    report=report, summary=summary, metrics=metrics, snapshot=snapshot)
+
+    document = json.loads((Path(flywheel_home.storage.root) / "reports" / "validation" / "ui-run" / "validation.json").read_text())
+    ge_results = document["result"]["results"]
+    share_checks = [d for d in document["drift"] if d["expectation"] == "share_of_each_value_close_to_baseline"]
+    assert len(ge_results) + len(share_checks) == document["evaluated"] > 20
+    page = (outputs / "report").read_text()
+    assert "<title>Data documentation compiled by Great Expectations</title>" in page  # GE's page, not the fallback
+    assert page == Path(document["html_uri"]).read_text()
+    assert report.metadata["success"] is True and report.metadata["report_uri"].endswith("ui-run/validation.json")
+    text = (outputs / "summary").read_text()
+    assert text.startswith(f"# Validation passed: {document['evaluated']} of {document['evaluated']} checks on 1,000 new rows")
+    assert "| ✔ | `expect_column_quantile_values_to_be_between` | amount |" in text
+    assert text.count("| ✔ |") == len(document["drift"]) and "| ✘ |" not in text
+    assert metrics.metadata == {
+        "passed": 1.0, "rows_validated": 1000.0, "checks_evaluated": float(document["evaluated"]),
+        "checks_passed": float(document["evaluated"]), "checks_failed": 0.0,
+        "drift_checks": float(len(document["drift"])), "drift_checks_failed": 0.0,
+    }
+    assert json.loads((outputs / "snapshot").read_text())["rows"] == 3000
+
+
+def test_a_failed_validation_is_summarized_with_each_failed_check(lake: Path, tmp_path: Path, capsys) -> None:
+    """The summary and counts of a rejected batch (the report the step leaves behind) name the failure."""
+    from flywheel.steps import validation_outputs
+
+    shifted = batch(5, "e").assign(amount=lambda df: df["amount"] * 100)
+    rejected(capsys, lake, write(shifted, tmp_path / "delivery" / "tx.parquet"), "expect_column_quantile_values_to_be_between(amount)")
+    run_id = max((lake.parent / "reports" / "validation").glob("ingest-*"), key=lambda p: p.stat().st_mtime).name
+
+    shown = validation_outputs(run_id)
+
+    assert shown["metrics"]["passed"] == 0.0 and shown["metrics"]["checks_failed"] >= 1
+    assert shown["metrics"]["drift_checks_failed"] >= 1
+    assert shown["markdown"].startswith("# Validation FAILED")
+    assert "| `expect_column_quantile_values_to_be_between` | amount | quantile 0.05: observed" in shown["markdown"]
+    assert "| ✘ | `expect_column_quantile_values_to_be_between` | amount |" in shown["markdown"]

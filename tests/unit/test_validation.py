@@ -173,3 +173,62 @@ def test_html_falls_back_to_a_plain_table_when_ge_cannot_render(
 def test_lake_round_trip_keeps_the_schema(storage: Storage, tmp_path: Path) -> None:
     snapshot = snapshot_of(storage, transactions(50), tmp_path)
     assert read_snapshot(storage, snapshot).schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
+
+
+def _gate_table(df: pd.DataFrame) -> pa.Table:
+    """The batch columns as the gate reads them from the lake (the categorical ones dictionary-encoded)."""
+    from flywheel.validation import BATCH_COLUMNS, CATEGORICAL
+
+    table = pa.Table.from_pandas(df[BATCH_COLUMNS], preserve_index=False)
+    return table.cast(pa.schema([
+        pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in CATEGORICAL else TRANSACTION_SCHEMA.field(c).type)
+        for c in BATCH_COLUMNS
+    ]))
+
+
+def _outcomes(result) -> dict:
+    outcomes = {}
+    for item in result.results:
+        kwargs = {k: v for k, v in item.expectation_config.kwargs.items() if k != "batch_id"}
+        key = (item.expectation_config.type, json.dumps(kwargs, sort_keys=True, default=str))
+        found = item.result or {}
+        outcomes[key] = (item.success, found.get("observed_value"), found.get("unexpected_count"),
+                         found.get("partial_unexpected_list"))
+    return outcomes
+
+
+@pytest.mark.parametrize("corruption", ["none", "bad values in every column", "fraud rate out of its band"])
+def test_the_batch_gate_decides_each_expectation_as_ge_does_on_the_whole_frame(corruption: str) -> None:
+    """The gate runs GE a column at a time and takes column means straight from pandas; GE over the
+    whole frame (the oracle) must reach the same verdict and observe the same values, expectation by
+    expectation, with the drift gate's expectations included."""
+    import datetime as dt
+
+    import great_expectations as gx
+
+    from flywheel.config import IngestSettings
+    from flywheel.validation import (_run_batch_suite, _run_suite, baseline_profile, batch_expectations, batch_profile,
+                                     drift_expectations)
+
+    settings = IngestSettings()
+    now = dt.datetime(2026, 4, 5, tzinfo=dt.timezone.utc)
+    baseline = baseline_profile([batch_profile(transactions(2000, seed=1), [0.05, 0.5, 0.95])], [0.05, 0.5, 0.95])
+    df = transactions(2000, seed=2)
+    if corruption == "bad values in every column":
+        df.loc[[3, 4], "amount"] = [-1.0, 5e7]
+        df.loc[5, "is_fraud"] = 3
+        df.loc[[6, 7], "merchant_category"] = "time_travel"
+        df.loc[8, "channel"] = "telepathy"
+        df.loc[9, "lat"], df.loc[10, "lon"] = 95.0, -200.0
+        df.loc[11, "ts"] = pd.Timestamp("2030-01-01", tz="UTC")
+    elif corruption == "fraud rate out of its band":
+        df.loc[: len(df) // 2, "is_fraud"] = 1
+    expectations = batch_expectations(settings, now) + drift_expectations(baseline, settings.drift, len(df))
+    table = _gate_table(df)
+
+    ours = _run_batch_suite(table, expectations)
+    oracle = _run_suite(table.to_pandas(), gx.ExpectationSuite(name="oracle", expectations=expectations))
+
+    assert _outcomes(ours) == _outcomes(oracle)
+    assert ours.success == oracle.success == (corruption == "none")
+    assert ours.statistics == {k: oracle.statistics[k] for k in ours.statistics}
