@@ -31,7 +31,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from flywheel.config import Settings
 from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
-from flywheel.features.store import OnlineReader, open_served_store
+from flywheel.features.store import OnlineReader, open_online_reader
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import FraudModel, load_version
@@ -50,7 +50,6 @@ class Bundle:
     version: str
     model: FraudModel
     world: str
-    store: Any
     reader: OnlineReader
 
 
@@ -102,8 +101,7 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
             raise RegistryError(f"model {settings.model_name!r} version {model_version.version} cannot be loaded: "
                                 f"{type(exc).__name__}: {exc}") from exc
     world = world_of_model(storage, model_version.meta)
-    store = open_served_store(settings, world)
-    bundle = Bundle(model_version.version, model, world, store, OnlineReader(store))
+    bundle = Bundle(model_version.version, model, world, open_online_reader(settings, world))
     warm = score(bundle, v1_transactions(WARM_UP, 1), record=False).probabilities
     if warm.shape != (1,) or not np.isfinite(warm).all():
         raise RegistryError(f"model {settings.model_name!r} version {bundle.version} failed its warm-up prediction: {warm!r}")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
-from flywheel.features.store import historical_features
+from flywheel.features.store import historical_features, open_served_store
 from serving.predictor import load_bundle, score
 from serving.requests import v1_transactions
 
@@ -49,7 +49,7 @@ def test_serving_inputs_equal_training_inputs_on_sampled_holdout_rows(bundle, ho
     np.testing.assert_array_equal(bundle.model.probabilities(serving), bundle.model.score(sample))
 
 
-def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout):
+def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout, trained_loop):
     """A transaction after everything in the store: the online store must hold what the training
     join (Feast's point-in-time join, the training path) gives for that moment."""
     pairs = holdout.sample(60, random_state=5)
@@ -66,7 +66,8 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
         "lat": [*pairs["lat"], 40.0],
         "lon": [*pairs["lon"], -74.0],
     })
-    joined = historical_features(bundle.store, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
+    feast = open_served_store(trained_loop["settings"], bundle.world)  # Feast's SDK: the oracle of the reader's layout
+    joined = historical_features(feast, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
 
     features, known = bundle.reader.read(list(frame["card_id"]), list(frame["merchant_id"]))
     for name in FEATURES:
