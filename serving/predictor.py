@@ -3,9 +3,10 @@
 A request carries transactions; the card's and merchant's current features come from the Feast
 online store of the model's feature world; the model returns the fraud probability. The hot path
 builds no DataFrame: the body is parsed once, checked against the request schema into numpy
-columns, the features are read with one online-store call per feature view, and the same
-transform as training (:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the
-whole batch. Client mistakes raise `InvalidInput` (HTTP 400).
+columns, the features are read in Feast's online layout without the Feast SDK (one SQLite
+statement or one Redis round trip), and the same transform as training
+(:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the whole batch. Requests that
+arrive together are scored in one such pass (:class:`ScoringPasses`). Client mistakes raise `InvalidInput` (HTTP 400).
 
 The model, its feature store and its version travel together in an immutable :class:`Bundle`.
 A background thread asks the registry for the production version every
@@ -16,6 +17,7 @@ A failed load keeps the old model serving. ``--version`` pins a version: no relo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import threading
@@ -36,7 +38,7 @@ from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import FraudModel, load_version
 from serving import metrics
-from serving.requests import Transactions, parse_json, v1_transactions, v2_transactions
+from serving.requests import Transactions, join_transactions, parse_json, v1_transactions, v2_transactions
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class Bundle:
 class Scored:
     probabilities: np.ndarray
     unknown: list[list[str]]  # per transaction: the entities the online store did not know
+
+    def part(self, start: int, stop: int) -> "Scored":
+        return Scored(self.probabilities[start:stop], self.unknown[start:stop])
 
 
 def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Scored:
@@ -82,6 +87,45 @@ def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Sc
         for card, merchant in zip(unknown_card.tolist(), unknown_merchant.tolist())
     ]
     return Scored(probabilities, unknown)
+
+
+class ScoringPasses:
+    """Scores the requests that arrive together in one pass: one online read, one transform and one
+    forward pass for all their transactions.
+
+    A request is validated on its own, then waits here; the pass runs once the event loop has taken
+    every request that was ready with it (``call_soon``: after the tasks already scheduled), so a lone
+    request waits for nothing, and under load the fixed cost of a pass is shared. Each request gets
+    its own rows back; a request is scored with the bundle it started with (requests on two
+    versions during a swap make two passes); a failed pass fails each of its requests alike.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[Bundle, list[tuple[Transactions, asyncio.Future]]]] = {}
+
+    async def score(self, bundle: Bundle, transactions: Transactions) -> Scored:
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._run)
+        future = loop.create_future()
+        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((transactions, future))
+        return await future
+
+    def _run(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for bundle, requests in waiting.values():
+            try:
+                scored = score(bundle, join_transactions([transactions for transactions, _ in requests]))
+            except Exception as exc:  # the store failed: every request of the pass says so
+                for _, future in requests:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for transactions, future in requests:
+                if not future.done():  # a client that went away cancelled its future
+                    future.set_result(scored.part(start, start + transactions.count))
+                start += transactions.count
 
 
 def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
@@ -118,6 +162,7 @@ class FraudPredictor(kserve.Model):
         self._bundle: Bundle | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._passes = ScoringPasses()
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -181,12 +226,13 @@ class FraudPredictor(kserve.Model):
     # spawn) without its model; serving.rest calls load_in_worker there before the worker serves.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_bundle=None, _stop=None, _poller=None, ready=False)
+        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, ready=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._stop = threading.Event()
+        self._passes = ScoringPasses()
 
     def load_in_worker(self) -> None:
         """In a worker process: its own model (one torch thread, set before the load), warmed up,
@@ -196,7 +242,8 @@ class FraudPredictor(kserve.Model):
         self.start_reloading()
 
     # ------------------------------------------------------------ scoring
-    def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
+        """Score a v1 or v2 request (validated here; scored in a pass with the requests that came with it)."""
         bundle = self._bundle  # read once: the whole request is scored by one version
         if bundle is None:
             raise InvalidInput("the model is not loaded yet")
@@ -207,7 +254,7 @@ class FraudPredictor(kserve.Model):
         if response_headers is not None:
             response_headers["x-model-version"] = bundle.version
         if isinstance(payload, InferRequest):
-            scored = score(bundle, v2_transactions(payload, max_batch))
+            scored = await self._passes.score(bundle, v2_transactions(payload, max_batch))
             outputs = [
                 InferOutput(name="fraud_probability", shape=[len(scored.probabilities)], datatype="FP32",
                             data=scored.probabilities.tolist()),
@@ -216,7 +263,7 @@ class FraudPredictor(kserve.Model):
             ]
             return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
                                  infer_outputs=outputs)
-        scored = score(bundle, v1_transactions(payload, max_batch))
+        scored = await self._passes.score(bundle, v1_transactions(payload, max_batch))
         return {
             "predictions": [
                 {"fraud_probability": p, "model_version": bundle.version, "unknown_entities": entities}

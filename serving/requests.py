@@ -72,6 +72,18 @@ class Transactions:
     columns: dict[str, np.ndarray]
 
 
+def join_transactions(parts: list[Transactions]) -> Transactions:
+    """Several requests' transactions as one, in order (one scoring pass for all of them)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Transactions(
+        sum(part.count for part in parts),
+        [card for part in parts for card in part.card_ids],
+        [merchant for part in parts for merchant in part.merchant_ids],
+        {name: np.concatenate([part.columns[name] for part in parts]) for name in parts[0].columns},
+    )
+
+
 def _where(index: int | None, name: str) -> str:
     return f"field '{name}'" if index is None else f"instance {index}: field '{name}'"
 

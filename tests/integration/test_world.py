@@ -11,6 +11,8 @@ merchant), never through Feast.
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +136,7 @@ def served(settings: Settings, cards: list[str], merchants: list[str]) -> tuple[
     assert predictor.load() and predictor.ready
     rows = [{"card_id": c, "merchant_id": m} for c, m in zip(cards, merchants)]
     features = pd.DataFrame(online_features(open_served_store(settings, predictor.bundle.world), rows))
-    predictions = predictor.predict(request_for(cards, merchants))["predictions"]
+    predictions = asyncio.run(predictor.predict(request_for(cards, merchants)))["predictions"]
     assert {p["model_version"] for p in predictions} == {predictor.version}
     return predictor, features, [p["fraud_probability"] for p in predictions]
 
