@@ -188,6 +188,7 @@ def online_features(store: Any, rows: Sequence[dict[str, str]]) -> dict[str, lis
 # is most of a one-transaction request. tests/unit/test_online_layout.py checks every piece of the
 # layout below against Feast's own functions, and the serving tests read Feast-materialized data.
 VALUE_TYPE_STRING = 2  # feast.types.ValueType.STRING
+MAX_SQL_PARAMETERS = 30_000  # per SQLite statement: below its default limit of 32,766
 _U32 = struct.Struct("<I")
 _DOUBLE, _FLOAT = struct.Struct("<d"), struct.Struct("<f")
 
@@ -307,16 +308,25 @@ class OnlineReader:
 
     def _read_sqlite(self, wanted: list) -> list[dict[str, list[float]]]:
         """Per view, entity id -> its features' values in the view's order (entities with none left
-        out): both views in one statement (one shared lock of the database file, not two)."""
-        parts, parameters, by_key = [], [], []
-        for index, (view, key, _, ids) in enumerate(wanted):
-            keys = {entity_key_bytes(key, entity): entity for entity in set(ids)}
-            parts.append(f'SELECT {index}, entity_key, feature_name, value FROM "{self.project}_{view}" '
-                         f"WHERE entity_key IN ({','.join('?' * len(keys))})")
-            parameters += keys
-            by_key.append(keys)
-        with self._lock:
-            rows = self._sqlite.execute(" UNION ALL ".join(parts), parameters).fetchall()
+        out): both views in one statement (one shared lock of the database file, not two), or in
+        as few as SQLite's limit on a statement's parameters allows for a large batch."""
+        by_key = [{entity_key_bytes(key, entity): entity for entity in set(ids)} for _, key, _, ids in wanted]
+        pieces = [(index, list(keys)[start:start + MAX_SQL_PARAMETERS])
+                  for index, keys in enumerate(by_key) for start in range(0, len(keys), MAX_SQL_PARAMETERS)]
+        statements: list[list[tuple[int, list[bytes]]]] = [[]]
+        for index, piece in pieces:
+            if sum(len(keys) for _, keys in statements[-1]) + len(piece) > MAX_SQL_PARAMETERS:
+                statements.append([])
+            statements[-1].append((index, piece))
+        rows: list[tuple] = []
+        for statement in statements:
+            query = " UNION ALL ".join(
+                f'SELECT {index}, entity_key, feature_name, value FROM "{self.project}_{wanted[index][0]}" '
+                f"WHERE entity_key IN ({','.join('?' * len(keys))})"
+                for index, keys in statement
+            )
+            with self._lock:
+                rows += self._sqlite.execute(query, [key for _, keys in statement for key in keys]).fetchall()
         positions = [{name: column for column, name in enumerate(names)} for _, _, names, _ in wanted]
         found: list[dict[str, list[float]]] = [{} for _ in wanted]
         for index, entity_key, name, raw in rows:

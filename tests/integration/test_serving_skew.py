@@ -78,3 +78,59 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
     scored = score(bundle, v1_transactions(request_of(frame), 1000), record=False)
     np.testing.assert_allclose(scored.probabilities, bundle.model.score(joined), rtol=1e-6)
     assert scored.unknown[-1] == ["card", "merchant"] and scored.unknown[0] == []
+
+
+def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_own_rows(bundle, holdout, monkeypatch):
+    """Bug caught: a scoring pass that hands a request another request's rows (an offset error when
+    splitting the pass), drops one, or scores each request alone (no pass shared under load)."""
+    import asyncio
+
+    import serving.predictor as predictor_module
+    from flywheel.errors import FeatureStoreError
+    from serving.predictor import ScoringPasses
+
+    sizes = [1, 3, 2, 1]
+    frames, start = [], 0
+    for size in sizes:
+        frames.append(holdout.iloc[start:start + size])
+        start += size
+    requests = [v1_transactions(request_of(frame), 1000) for frame in frames]
+    alone = [score(bundle, request, record=False).probabilities for request in requests]
+    passes_made: list[int] = []
+    real_score = predictor_module.score
+
+    def counting_score(scored_bundle, transactions, record=True):
+        passes_made.append(transactions.count)
+        return real_score(scored_bundle, transactions, record)
+
+    monkeypatch.setattr(predictor_module, "score", counting_score)
+    passes = ScoringPasses()
+
+    async def together(batch):
+        return await asyncio.gather(*(passes.score(bundle, request) for request in batch), return_exceptions=True)
+
+    results = asyncio.run(together(requests))
+    assert passes_made == [sum(sizes)]
+    for result, want, frame in zip(results, alone, frames):
+        np.testing.assert_array_equal(result.probabilities, want)
+        assert len(result.unknown) == len(frame)
+
+    def failing_score(*_):
+        raise FeatureStoreError("online read from SQLite failed: disk I/O error")
+
+    monkeypatch.setattr(predictor_module, "score", failing_score)
+    assert [type(error) for error in asyncio.run(together(requests[:2]))] == [FeatureStoreError, FeatureStoreError]
+
+
+def test_a_read_larger_than_one_sqlite_statement_allows_is_split_without_losing_rows(bundle, holdout, monkeypatch):
+    """Bug caught: a batch with more entities than SQLite takes parameters in one statement
+    ("too many SQL variables": a 503 for every large batch), or a split that drops the rows of a piece."""
+    from flywheel.features import store as feast_store
+
+    cards, merchants = list(holdout["card_id"].iloc[:60]), list(holdout["merchant_id"].iloc[:60])
+    whole_features, whole_known = bundle.reader.read(cards, merchants)
+    monkeypatch.setattr(feast_store, "MAX_SQL_PARAMETERS", 7)
+    features, known = bundle.reader.read(cards, merchants)
+    for name in FEATURES:
+        np.testing.assert_array_equal(features[name], whole_features[name], err_msg=name)
+    assert all((known[key] == whole_known[key]).all() for key in known) and whole_known["card_id"].all()
