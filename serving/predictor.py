@@ -97,7 +97,9 @@ class ScoringPasses:
     every request that was ready with it (``call_soon``: after the tasks already scheduled), so a lone
     request waits for nothing, and under load the fixed cost of a pass is shared. Each request gets
     its own rows back; a request is scored with the bundle it started with (requests on two
-    versions during a swap make two passes); a failed pass fails each of its requests alike.
+    versions during a swap make two passes); a failed pass fails each of its requests alike. A
+    probability scored in a pass equals the one scored alone to float32 rounding (about 1e-7:
+    a matrix product rounds by its number of rows).
     """
 
     def __init__(self) -> None:
