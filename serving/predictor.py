@@ -68,15 +68,28 @@ def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Sc
     """Fraud probabilities for validated transactions, with their current online features
     (``record``: count it in the metrics; not for a warm-up)."""
     started = time.perf_counter()
-    features, known = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
-    looked_up = time.perf_counter()
+    looked_up = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
+    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, record)
+
+
+async def score_async(bundle: Bundle, transactions: Transactions) -> Scored:
+    """:func:`score` in an event loop: the online read is awaited (Redis), so the loop serves other
+    requests during the round trip."""
+    started = time.perf_counter()
+    looked_up = await bundle.reader.read_async(transactions.card_ids, transactions.merchant_ids)
+    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, True)
+
+
+def _score_looked_up(bundle: Bundle, transactions: Transactions, looked_up: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                     lookup_seconds: float, record: bool) -> Scored:
+    features, known = looked_up
     inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
     transformed = time.perf_counter()
     probabilities = bundle.model.probabilities(inputs)
     done = time.perf_counter()
     unknown_card, unknown_merchant = ~known["card_id"], ~known["merchant_id"]
     if record:
-        metrics.LOOKUP_SECONDS.observe(looked_up - started)
+        metrics.LOOKUP_SECONDS.observe(lookup_seconds)
         metrics.FORWARD_SECONDS.observe(done - transformed)
         if unknown_card.any():
             metrics.UNKNOWN_ENTITIES.labels("card").inc(int(unknown_card.sum()))
@@ -93,9 +106,10 @@ class ScoringPasses:
     """Scores the requests that arrive together in one pass: one online read, one transform and one
     forward pass for all their transactions.
 
-    A request is validated on its own, then waits here; the pass runs once the event loop has taken
-    every request that was ready with it (``call_soon``: after the tasks already scheduled), so a lone
-    request waits for nothing, and under load the fixed cost of a pass is shared. Each request gets
+    A request is validated on its own, then waits here; the pass (a task) starts once the event loop
+    has taken every request that was ready with it (after the tasks already scheduled), so a lone
+    request waits for nothing, and under load the fixed cost of a pass is shared. While a pass waits
+    for Redis, the requests that arrive meanwhile gather for the next one. Each request gets
     its own rows back; a request is scored with the bundle it started with (requests on two
     versions during a swap make two passes); a failed pass fails each of its requests alike. A
     probability scored in a pass equals the one scored alone to float32 rounding (about 1e-7:
@@ -104,20 +118,23 @@ class ScoringPasses:
 
     def __init__(self) -> None:
         self._waiting: dict[int, tuple[Bundle, list[tuple[Transactions, asyncio.Future]]]] = {}
+        self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
 
     async def score(self, bundle: Bundle, transactions: Transactions) -> Scored:
         loop = asyncio.get_running_loop()
         if not self._waiting:
-            loop.call_soon(self._run)
+            task = loop.create_task(self._run())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         future = loop.create_future()
         self._waiting.setdefault(id(bundle), (bundle, []))[1].append((transactions, future))
         return await future
 
-    def _run(self) -> None:
+    async def _run(self) -> None:
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
-                scored = score(bundle, join_transactions([transactions for transactions, _ in requests]))
+                scored = await score_async(bundle, join_transactions([transactions for transactions, _ in requests]))
             except Exception as exc:  # the store failed: every request of the pass says so
                 for _, future in requests:
                     if not future.done():

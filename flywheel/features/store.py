@@ -9,6 +9,7 @@ production model always reads the features it was trained with.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -16,6 +17,7 @@ import math
 import sqlite3
 import struct
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -245,9 +247,11 @@ def feature_hash_key(view: str, name: str) -> bytes:
     return mmh3.hash(f"{view}:{name}", signed=False).to_bytes(4, "little")
 
 
-def redis_client(connection: str) -> Any:
-    """A redis-py client from Feast's connection string (``host:port[,db=0,password=...,ssl=true]``)."""
+def redis_client(connection: str, asynchronous: bool = False) -> Any:
+    """A redis-py client (``asynchronous``: a redis.asyncio one) from Feast's connection string
+    (``host:port[,db=0,password=...,ssl=true]``)."""
     import redis
+    import redis.asyncio
 
     nodes = [part for part in connection.split(",") if "=" not in part]
     if len(nodes) != 1 or ":" not in nodes[0]:
@@ -261,21 +265,23 @@ def redis_client(connection: str) -> Any:
                 options[name] = json.loads(value)
             except json.JSONDecodeError:
                 options[name] = value
-    return redis.Redis(host=host, port=int(port), **options)
+    return (redis.asyncio.Redis if asynchronous else redis.Redis)(host=host, port=int(port), **options)
 
 
 class OnlineReader:
     """The current card and merchant features of many transactions, read straight from the online
-    store of a served feature world (Feast's tables in SQLite, Feast's hashes in Redis): one query
-    per feature view in SQLite, one pipelined round trip for both views in Redis.
+    store of a served feature world (Feast's tables in SQLite, Feast's hashes in Redis): one
+    statement for both feature views in SQLite, one pipelined round trip for both in Redis.
 
     What :func:`online_features` returns, as numpy arrays, without the Feast SDK; the hot path of
     serving. Open one with :func:`open_online_reader`.
     """
 
-    def __init__(self, project: str, sqlite_path: str | None = None, redis: Any = None) -> None:
+    def __init__(self, project: str, sqlite_path: str | None = None, redis: Any = None, redis_async: Any = None) -> None:
         self.project = project
         self._redis = redis
+        self._redis_async = redis_async  # makes a redis.asyncio client, one per event loop
+        self._async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its client
         self._sqlite = None
         self._queries: dict[str, str] = {}
         if sqlite_path is not None:
@@ -287,13 +293,41 @@ class OnlineReader:
     def read(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(feature name -> float64 array with NaN where the store has no value, key name -> bool
         array saying whether the store knows that entity at all)."""
-        wanted = [(view, key, names, ids) for (view, key, names), ids in zip(VIEWS, (card_ids, merchant_ids))]
+        wanted = self._wanted(card_ids, merchant_ids)
         try:
             found = self._read_redis(wanted) if self._redis is not None else self._read_sqlite(wanted)
         except FeatureStoreError:
             raise
         except Exception as exc:  # the store is down or broken: the caller turns it into a 503
             raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
+        return self._arrays(wanted, found)
+
+    async def read_async(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """:meth:`read` for an event loop: Redis is awaited (the loop serves other requests during
+        the round trip, on a client of that loop's own); SQLite, a local file, is read at once."""
+        if self._redis is None:
+            return self.read(card_ids, merchant_ids)
+        wanted = self._wanted(card_ids, merchant_ids)
+        try:
+            loop = asyncio.get_running_loop()
+            client = self._async_clients.get(loop)
+            if client is None:  # a client (and its connections) belongs to the loop it first ran in
+                client = self._async_clients[loop] = self._redis_async()
+            unique, commands = self._redis_commands(wanted)
+            async with client.pipeline(transaction=False) as pipe:
+                for key, fields in commands:
+                    pipe.hmget(key, fields)
+                replies = await pipe.execute()
+        except Exception as exc:
+            raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
+        return self._arrays(wanted, self._redis_found(unique, replies))
+
+    @staticmethod
+    def _wanted(card_ids: Sequence[str], merchant_ids: Sequence[str]) -> list:
+        return [(view, key, names, ids) for (view, key, names), ids in zip(VIEWS, (card_ids, merchant_ids))]
+
+    @staticmethod
+    def _arrays(wanted: list, found: list[dict[str, list[float]]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         features: dict[str, np.ndarray] = {}
         known: dict[str, np.ndarray] = {}
         for (view, key, names, ids), values in zip(wanted, found):
@@ -335,16 +369,26 @@ class OnlineReader:
                 found[index].setdefault(by_key[index][entity_key], [math.nan] * len(positions[index]))[column] = decode_value(raw)
         return found
 
-    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
-        """Per view, entity id -> its features' values: every entity of both views in one pipeline."""
+    def _redis_commands(self, wanted: list) -> tuple[list[list[str]], list[tuple[bytes, list[bytes]]]]:
+        """Per view its distinct entities, and one HMGET (key, fields) per entity of every view."""
         suffix = self.project.encode()
         unique = [list(set(ids)) for _, _, _, ids in wanted]
+        commands = [(entity_key_bytes(key, entity) + suffix, self._fields[view])
+                    for (view, key, _, _), entities in zip(wanted, unique) for entity in entities]
+        return unique, commands
+
+    @staticmethod
+    def _redis_found(unique: list[list[str]], replies: list) -> list[dict[str, list[float]]]:
+        answers = iter(replies)
+        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
+
+    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
+        """Per view, entity id -> its features' values: every entity of both views in one pipeline."""
+        unique, commands = self._redis_commands(wanted)
         pipe = self._redis.pipeline(transaction=False)
-        for (view, key, _, _), entities in zip(wanted, unique):
-            for entity in entities:
-                pipe.hmget(entity_key_bytes(key, entity) + suffix, self._fields[view])
-        replies = iter(pipe.execute())
-        return [{entity: [decode_value(raw) for raw in next(replies)] for entity in entities} for entities in unique]
+        for key, fields in commands:
+            pipe.hmget(key, fields)
+        return self._redis_found(unique, pipe.execute())
 
 
 def open_online_reader(settings: Settings, world: str) -> OnlineReader:
@@ -357,7 +401,8 @@ def open_online_reader(settings: Settings, world: str) -> OnlineReader:
     if settings.features.online_store == "redis":
         client = redis_client(settings.features.redis_connection)
         _check_redis_holds_world(client, settings, world, project)
-        return OnlineReader(project, redis=client)
+        connection = settings.features.redis_connection
+        return OnlineReader(project, redis=client, redis_async=lambda: redis_client(connection, asynchronous=True))
     path = folder / "online.db"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
