@@ -190,6 +190,7 @@ def online_features(store: Any, rows: Sequence[dict[str, str]]) -> dict[str, lis
 # is most of a one-transaction request. tests/unit/test_online_layout.py checks every piece of the
 # layout below against Feast's own functions, and the serving tests read Feast-materialized data.
 VALUE_TYPE_STRING = 2  # feast.types.ValueType.STRING
+ASYNC_READ_MAX = 64  # transactions: a larger Redis read is made with the blocking client (see read_async)
 MAX_SQL_PARAMETERS = 30_000  # per SQLite statement: below its default limit of 32,766
 _U32 = struct.Struct("<I")
 _DOUBLE, _FLOAT = struct.Struct("<d"), struct.Struct("<f")
@@ -304,8 +305,10 @@ class OnlineReader:
 
     async def read_async(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """:meth:`read` for an event loop: Redis is awaited (the loop serves other requests during
-        the round trip, on a client of that loop's own); SQLite, a local file, is read at once."""
-        if self._redis is None:
+        the round trip, on a client of that loop's own); SQLite, a local file, is read at once, and
+        so is a large Redis read, bound by parsing the replies, which the blocking client does in
+        half the time (1,000 transactions: 19 against 38 ms)."""
+        if self._redis is None or len(card_ids) > ASYNC_READ_MAX:
             return self.read(card_ids, merchant_ids)
         wanted = self._wanted(card_ids, merchant_ids)
         try:
