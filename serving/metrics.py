@@ -1,9 +1,10 @@
 """The predictor's Prometheus metrics, correct across worker processes.
 
-`flywheel serve` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before prometheus_client is
-first imported (see :func:`serving.server.prepare_environment`); every worker then writes its
-samples there and :func:`exposition` sums them, so one scrape answers for the whole server. In a
-process without that variable (the in-process tests) the metrics are ordinary ones.
+With more than one worker, `flywheel serve` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
+before prometheus_client is first imported (see :func:`serving.server.prepare_environment`); every
+worker then writes its samples there and :func:`exposition` sums them, so one scrape answers for the
+whole server. With one worker (and in the in-process tests) the metrics are ordinary in-memory ones:
+that process is the whole server.
 """
 
 from __future__ import annotations

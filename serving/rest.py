@@ -8,7 +8,7 @@ v2 body, a 400 without a logged traceback for every client mistake, and a /metri
 every worker's samples.
 
 Importing this module imports kserve and prometheus_client: :func:`serving.server.serve` does so
-only after it has set ``PROMETHEUS_MULTIPROC_DIR``.
+only after it has set ``PROMETHEUS_MULTIPROC_DIR`` (with more than one worker).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from serving import metrics
 access_log = logging.getLogger("flywheel.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
-
 
 
 def _error(status: int, message: str) -> tuple[int, bytes]:
