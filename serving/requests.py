@@ -96,6 +96,11 @@ def check_string(index: int | None, name: str, value: Any) -> str:
             raise InvalidInput(f"{_where(index, name)} is not UTF-8 text") from None
     if not isinstance(value, str):
         raise InvalidInput(f"{_where(index, name)} must be a string, got {_show(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"), which JSON can spell but UTF-8 cannot
+            raise InvalidInput(f"{_where(index, name)} is not UTF-8 text, got {_show(value)}") from None
     if FIELDS[name].required and not value.strip():
         raise InvalidInput(f"{_where(index, name)} must be a non-empty string, got {_show(value)}")
     if len(value) > MAX_STRING:
@@ -222,7 +227,8 @@ def _checked_column(spec: FieldSpec, raw: list[Any]) -> list[Any]:
     are taken as they are; anything else goes through the field's full check, which raises."""
     check, name = CHECKS[spec.name], spec.name
     if spec.kind == "string":
-        return [value if value is None or (type(value) is str and len(value) <= MAX_STRING and (not spec.required or value.strip()))
+        return [value if value is None or (type(value) is str and value.isascii() and len(value) <= MAX_STRING
+                                           and (not spec.required or value.strip()))
                 else check(index, name, value) for index, value in enumerate(raw)]
     if spec.kind == "number" and math.isfinite(spec.low) and math.isfinite(spec.high):
         low, high = spec.low, spec.high
