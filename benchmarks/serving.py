@@ -305,6 +305,7 @@ def main() -> None:
             servers.update({f"{store}_w{count}": (serve, clean_env(**envs[store], **worker_env)) for store in ("sqlite", "redis")})
             figures[f"load_avg_1m_w{count}"] = round(os.getloadavg()[0], 2)
             figures.update(side_by_side(servers, scripts, first_body, seconds, work, problems))
+            figures[f"load_avg_1m_w{count}_end"] = round(os.getloadavg()[0], 2)  # the machine is shared: how busy it was
             for store in ("sqlite", "redis"):
                 name = f"{store}_w{count}"
                 for concurrency in CONCURRENCY:

@@ -1,9 +1,10 @@
 """The predictor's Prometheus metrics, correct across worker processes.
 
-`flywheel serve` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before prometheus_client is
-first imported (see :func:`serving.server.prepare_environment`); every worker then writes its
-samples there and :func:`exposition` sums them, so one scrape answers for the whole server. In a
-process without that variable (the in-process tests) the metrics are ordinary ones.
+With more than one worker, `flywheel serve` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
+before prometheus_client is first imported (see :func:`serving.server.prepare_environment`); every
+worker then writes its samples there and :func:`exposition` sums them, so one scrape answers for the
+whole server. With one worker (and in the in-process tests) the metrics are ordinary in-memory ones:
+that process is the whole server.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ REQUESTS = Counter(
     ["protocol", "status", "model_version"],
 )
 REQUEST_SECONDS = Histogram("flywheel_request_seconds", "Whole scoring request, body read to response", ["protocol"], buckets=FAST_BUCKETS)
-LOOKUP_SECONDS = Histogram("flywheel_feature_lookup_seconds", "Online feature lookup of one request", buckets=FAST_BUCKETS)
-FORWARD_SECONDS = Histogram("flywheel_forward_seconds", "Model forward pass of one request (all its transactions)", buckets=FAST_BUCKETS)
+LOOKUP_SECONDS = Histogram("flywheel_feature_lookup_seconds", "Online feature lookup of one scoring pass (the requests that arrived together)", buckets=FAST_BUCKETS)
+FORWARD_SECONDS = Histogram("flywheel_forward_seconds", "Model forward pass of one scoring pass (all its transactions)", buckets=FAST_BUCKETS)
 UNKNOWN_ENTITIES = Counter("flywheel_unknown_entities", "Transactions scored with cold-start defaults, by the entity the store did not know", ["entity"])
 RELOADS = Counter("flywheel_model_reloads", "Production model changes picked up without a restart, by outcome", ["outcome"])
 

@@ -3,9 +3,10 @@
 A request carries transactions; the card's and merchant's current features come from the Feast
 online store of the model's feature world; the model returns the fraud probability. The hot path
 builds no DataFrame: the body is parsed once, checked against the request schema into numpy
-columns, the features are read with one online-store call per feature view, and the same
-transform as training (:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the
-whole batch. Client mistakes raise `InvalidInput` (HTTP 400).
+columns, the features are read in Feast's online layout without the Feast SDK (one SQLite
+statement or one Redis round trip), and the same transform as training
+(:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the whole batch. Requests that
+arrive together are scored in one such pass (:class:`ScoringPasses`). Client mistakes raise `InvalidInput` (HTTP 400).
 
 The model, its feature store and its version travel together in an immutable :class:`Bundle`.
 A background thread asks the registry for the production version every
@@ -16,6 +17,7 @@ A failed load keeps the old model serving. ``--version`` pins a version: no relo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import threading
@@ -31,12 +33,12 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from flywheel.config import Settings
 from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
-from flywheel.features.store import OnlineReader, open_served_store
+from flywheel.features.store import OnlineReader, open_online_reader
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import FraudModel, load_version
 from serving import metrics
-from serving.requests import Transactions, parse_json, v1_transactions, v2_transactions
+from serving.requests import Transactions, join_transactions, parse_json, v1_transactions, v2_transactions
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,6 @@ class Bundle:
     version: str
     model: FraudModel
     world: str
-    store: Any
     reader: OnlineReader
 
 
@@ -59,20 +60,36 @@ class Scored:
     probabilities: np.ndarray
     unknown: list[list[str]]  # per transaction: the entities the online store did not know
 
+    def part(self, start: int, stop: int) -> "Scored":
+        return Scored(self.probabilities[start:stop], self.unknown[start:stop])
+
 
 def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Scored:
     """Fraud probabilities for validated transactions, with their current online features
     (``record``: count it in the metrics; not for a warm-up)."""
     started = time.perf_counter()
-    features, known = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
-    looked_up = time.perf_counter()
+    looked_up = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
+    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, record)
+
+
+async def score_async(bundle: Bundle, transactions: Transactions) -> Scored:
+    """:func:`score` in an event loop: the online read is awaited (Redis), so the loop serves other
+    requests during the round trip."""
+    started = time.perf_counter()
+    looked_up = await bundle.reader.read_async(transactions.card_ids, transactions.merchant_ids)
+    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, True)
+
+
+def _score_looked_up(bundle: Bundle, transactions: Transactions, looked_up: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                     lookup_seconds: float, record: bool) -> Scored:
+    features, known = looked_up
     inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
     transformed = time.perf_counter()
     probabilities = bundle.model.probabilities(inputs)
     done = time.perf_counter()
     unknown_card, unknown_merchant = ~known["card_id"], ~known["merchant_id"]
     if record:
-        metrics.LOOKUP_SECONDS.observe(looked_up - started)
+        metrics.LOOKUP_SECONDS.observe(lookup_seconds)
         metrics.FORWARD_SECONDS.observe(done - transformed)
         if unknown_card.any():
             metrics.UNKNOWN_ENTITIES.labels("card").inc(int(unknown_card.sum()))
@@ -83,6 +100,51 @@ def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Sc
         for card, merchant in zip(unknown_card.tolist(), unknown_merchant.tolist())
     ]
     return Scored(probabilities, unknown)
+
+
+class ScoringPasses:
+    """Scores the requests that arrive together in one pass: one online read, one transform and one
+    forward pass for all their transactions.
+
+    A request is validated on its own, then waits here; the pass (a task) starts once the event loop
+    has taken every request that was ready with it (after the tasks already scheduled), so a lone
+    request waits for nothing, and under load the fixed cost of a pass is shared. While a pass waits
+    for Redis, the requests that arrive meanwhile gather for the next one. Each request gets
+    its own rows back; a request is scored with the bundle it started with (requests on two
+    versions during a swap make two passes); a failed pass fails each of its requests alike. A
+    probability scored in a pass equals the one scored alone to float32 rounding (about 1e-7:
+    a matrix product rounds by its number of rows).
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[Bundle, list[tuple[Transactions, asyncio.Future]]]] = {}
+        self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
+
+    async def score(self, bundle: Bundle, transactions: Transactions) -> Scored:
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            task = loop.create_task(self._run())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        future = loop.create_future()
+        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((transactions, future))
+        return await future
+
+    async def _run(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for bundle, requests in waiting.values():
+            try:
+                scored = await score_async(bundle, join_transactions([transactions for transactions, _ in requests]))
+            except Exception as exc:  # the store failed: every request of the pass says so
+                for _, future in requests:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for transactions, future in requests:
+                if not future.done():  # a client that went away cancelled its future
+                    future.set_result(scored.part(start, start + transactions.count))
+                start += transactions.count
 
 
 def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
@@ -102,8 +164,7 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
             raise RegistryError(f"model {settings.model_name!r} version {model_version.version} cannot be loaded: "
                                 f"{type(exc).__name__}: {exc}") from exc
     world = world_of_model(storage, model_version.meta)
-    store = open_served_store(settings, world)
-    bundle = Bundle(model_version.version, model, world, store, OnlineReader(store))
+    bundle = Bundle(model_version.version, model, world, open_online_reader(settings, world))
     warm = score(bundle, v1_transactions(WARM_UP, 1), record=False).probabilities
     if warm.shape != (1,) or not np.isfinite(warm).all():
         raise RegistryError(f"model {settings.model_name!r} version {bundle.version} failed its warm-up prediction: {warm!r}")
@@ -120,6 +181,7 @@ class FraudPredictor(kserve.Model):
         self._bundle: Bundle | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._passes = ScoringPasses()
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -183,12 +245,13 @@ class FraudPredictor(kserve.Model):
     # spawn) without its model; serving.rest calls load_in_worker there before the worker serves.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_bundle=None, _stop=None, _poller=None, ready=False)
+        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, ready=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._stop = threading.Event()
+        self._passes = ScoringPasses()
 
     def load_in_worker(self) -> None:
         """In a worker process: its own model (one torch thread, set before the load), warmed up,
@@ -198,7 +261,8 @@ class FraudPredictor(kserve.Model):
         self.start_reloading()
 
     # ------------------------------------------------------------ scoring
-    def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
+        """Score a v1 or v2 request (validated here; scored in a pass with the requests that came with it)."""
         bundle = self._bundle  # read once: the whole request is scored by one version
         if bundle is None:
             raise InvalidInput("the model is not loaded yet")
@@ -209,7 +273,7 @@ class FraudPredictor(kserve.Model):
         if response_headers is not None:
             response_headers["x-model-version"] = bundle.version
         if isinstance(payload, InferRequest):
-            scored = score(bundle, v2_transactions(payload, max_batch))
+            scored = await self._passes.score(bundle, v2_transactions(payload, max_batch))
             outputs = [
                 InferOutput(name="fraud_probability", shape=[len(scored.probabilities)], datatype="FP32",
                             data=scored.probabilities.tolist()),
@@ -218,7 +282,7 @@ class FraudPredictor(kserve.Model):
             ]
             return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
                                  infer_outputs=outputs)
-        scored = score(bundle, v1_transactions(payload, max_batch))
+        scored = await self._passes.score(bundle, v1_transactions(payload, max_batch))
         return {
             "predictions": [
                 {"fraud_probability": p, "model_version": bundle.version, "unknown_entities": entities}

@@ -72,6 +72,18 @@ class Transactions:
     columns: dict[str, np.ndarray]
 
 
+def join_transactions(parts: list[Transactions]) -> Transactions:
+    """Several requests' transactions as one, in order (one scoring pass for all of them)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Transactions(
+        sum(part.count for part in parts),
+        [card for part in parts for card in part.card_ids],
+        [merchant for part in parts for merchant in part.merchant_ids],
+        {name: np.concatenate([part.columns[name] for part in parts]) for name in parts[0].columns},
+    )
+
+
 def _where(index: int | None, name: str) -> str:
     return f"field '{name}'" if index is None else f"instance {index}: field '{name}'"
 
@@ -84,6 +96,11 @@ def check_string(index: int | None, name: str, value: Any) -> str:
             raise InvalidInput(f"{_where(index, name)} is not UTF-8 text") from None
     if not isinstance(value, str):
         raise InvalidInput(f"{_where(index, name)} must be a string, got {_show(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"), which JSON can spell but UTF-8 cannot
+            raise InvalidInput(f"{_where(index, name)} is not UTF-8 text, got {_show(value)}") from None
     if FIELDS[name].required and not value.strip():
         raise InvalidInput(f"{_where(index, name)} must be a non-empty string, got {_show(value)}")
     if len(value) > MAX_STRING:
@@ -106,14 +123,13 @@ def check_number(index: int | None, name: str, value: Any) -> float:
 
 def check_timestamp(index: int | None, value: Any) -> int:
     """A transaction time as integer nanoseconds since the epoch (UTC)."""
-    where = _where(index, "ts")
     if isinstance(value, (bytes, bytearray)):
         value = check_string(index, "ts", value)
     if isinstance(value, str):
         try:
             moment = dt.datetime.fromisoformat(value.strip())
         except ValueError:
-            raise InvalidInput(f"{where} must be an ISO-8601 time such as '2026-11-01T12:00:00Z', got {_show(value)}") from None
+            raise InvalidInput(f"{_where(index, 'ts')} must be an ISO-8601 time such as '2026-11-01T12:00:00Z', got {_show(value)}") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.timezone.utc)
         try:
@@ -123,12 +139,12 @@ def check_timestamp(index: int | None, value: Any) -> int:
     elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         seconds = float(value) if abs(value) < 1e12 else math.inf  # seconds since the epoch; huge ints have no float
         if not math.isfinite(seconds):
-            raise InvalidInput(f"{where} must be a time in years 2000-2099, got {_show(value)}")
+            raise InvalidInput(f"{_where(index, 'ts')} must be a time in years 2000-2099, got {_show(value)}")
         moment = EPOCH + dt.timedelta(microseconds=round(seconds * 1e6))
     else:
-        raise InvalidInput(f"{where} must be an ISO-8601 time string or seconds since the epoch, got {_show(value)}")
+        raise InvalidInput(f"{_where(index, 'ts')} must be an ISO-8601 time string or seconds since the epoch, got {_show(value)}")
     if not EARLIEST <= moment < LATEST:
-        raise InvalidInput(f"{where} must be a time in years 2000-2099, got {_show(value)}")
+        raise InvalidInput(f"{_where(index, 'ts')} must be a time in years 2000-2099, got {_show(value)}")
     return (moment - EPOCH) // dt.timedelta(microseconds=1) * 1000
 
 
@@ -152,13 +168,18 @@ def _transactions(count: int, values: dict[str, list[Any]]) -> Transactions:
     return Transactions(count, values["card_id"], values["merchant_id"], columns)
 
 
-def _check(index: int | None, name: str, value: Any) -> Any:
-    kind = FIELDS[name].kind
-    if kind == "string":
-        return check_string(index, name, value)
-    if kind == "number":
-        return check_number(index, name, value)
+def _check_timestamp_field(index: int | None, name: str, value: Any) -> int:
     return check_timestamp(index, value)
+
+
+# Each field's check, looked up once per field rather than dispatched on its kind for every value.
+CHECKS = {spec.name: {"string": check_string, "number": check_number, "timestamp": _check_timestamp_field}[spec.kind]
+          for spec in REQUEST_SCHEMA}
+FIELD_NAMES = frozenset(FIELDS)
+
+
+def _check(index: int | None, name: str, value: Any) -> Any:
+    return CHECKS[name](index, name, value)
 
 
 def _check_count(count: int, max_batch: int) -> None:
@@ -187,20 +208,33 @@ def v1_transactions(body: Any, max_batch: int) -> Transactions:
     if not isinstance(instances, list):
         raise InvalidInput(f"field 'instances' must be a non-empty list of transactions, got {type(instances).__name__}")
     _check_count(len(instances), max_batch)
-    values: dict[str, list[Any]] = {spec.name: [] for spec in REQUEST_SCHEMA}
     for index, instance in enumerate(instances):
         if not isinstance(instance, dict):
             raise InvalidInput(f"instance {index} must be an object with the transaction's fields, got {type(instance).__name__}")
         missing = [name for name in REQUIRED if instance.get(name) is None]
         if missing:
             raise InvalidInput(f"instance {index} is missing required field(s): {', '.join(missing)}")
-        unknown = sorted(str(name) for name in instance if name not in FIELDS)
-        if unknown:
+        if not FIELD_NAMES.issuperset(instance):
+            unknown = sorted(str(name) for name in instance if name not in FIELDS)
             raise InvalidInput(f"instance {index}: unknown field(s) {', '.join(map(repr, unknown))}; the fields are {', '.join(FIELDS)}")
-        for name, column in values.items():
-            value = instance.get(name)
-            column.append(None if value is None else _check(index, name, value))
+    # Field by field (a column at a time: a batch of 1,000 is mostly ordinary values, taken at once).
+    values = {spec.name: _checked_column(spec, [instance.get(spec.name) for instance in instances]) for spec in REQUEST_SCHEMA}
     return _transactions(len(instances), values)
+
+
+def _checked_column(spec: FieldSpec, raw: list[Any]) -> list[Any]:
+    """One field's values across the instances, checked (None where absent): plain in-range values
+    are taken as they are; anything else goes through the field's full check, which raises."""
+    check, name = CHECKS[spec.name], spec.name
+    if spec.kind == "string":
+        return [value if value is None or (type(value) is str and value.isascii() and len(value) <= MAX_STRING
+                                           and (not spec.required or value.strip()))
+                else check(index, name, value) for index, value in enumerate(raw)]
+    if spec.kind == "number" and math.isfinite(spec.low) and math.isfinite(spec.high):
+        low, high = spec.low, spec.high
+        return [None if value is None else float(value) if type(value) in (float, int) and low <= value <= high
+                else check(index, name, value) for index, value in enumerate(raw)]
+    return [None if value is None else check(index, name, value) for index, value in enumerate(raw)]
 
 
 def _flatten(name: str, data: Any, depth: int = 0) -> list[Any]:

@@ -8,11 +8,12 @@ v2 body, a 400 without a logged traceback for every client mistake, and a /metri
 every worker's samples.
 
 Importing this module imports kserve and prometheus_client: :func:`serving.server.serve` does so
-only after it has set ``PROMETHEUS_MULTIPROC_DIR``.
+only after it has set ``PROMETHEUS_MULTIPROC_DIR`` (with more than one worker).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from fastapi.exceptions import RequestValidationError
 from kserve.errors import InvalidInput
 from kserve.protocol.rest.server import RESTServer
@@ -47,6 +49,17 @@ def _protocol(path: str) -> str | None:
     if path.startswith("/v2/models/") and path.endswith("/infer"):
         return "v2"
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _requests_counter(protocol: str, status: int, version: str) -> Any:
+    """The request counter's child for these labels (looked up once, not on every request)."""
+    return metrics.REQUESTS.labels(protocol, str(status), version)
+
+
+@functools.lru_cache(maxsize=8)
+def _request_seconds(protocol: str) -> Any:
+    return metrics.REQUEST_SECONDS.labels(protocol)
 
 
 class ServingMiddleware:
@@ -106,14 +119,14 @@ class ServingMiddleware:
         finally:
             seconds = time.perf_counter() - started
             if protocol is not None:
-                metrics.REQUESTS.labels(protocol, str(state["status"]), state["version"] or "none").inc()
-                metrics.REQUEST_SECONDS.labels(protocol).observe(seconds)
+                _requests_counter(protocol, state["status"], state["version"] or "none").inc()
+                _request_seconds(protocol).observe(seconds)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({
+                access_log.info(orjson.dumps({
                     "ts": time.time(), "request_id": request_id, "method": scope.get("method"), "path": path,
                     "status": state["status"], "ms": round(seconds * 1000, 3), "model_version": state["version"] or None,
                     "client": (scope.get("client") or [None])[0], "pid": os.getpid(),
-                }))
+                }).decode())
 
     def _reject_early(self, headers: dict[bytes, bytes]) -> tuple[int, bytes] | None:
         length = headers.get(b"content-length")

@@ -19,12 +19,16 @@ from flywheel.config import Settings
 log = logging.getLogger(__name__)
 
 
-def prepare_environment(settings: Settings) -> str:
-    """Before prometheus_client or torch is imported: a fresh multiprocess metrics folder (workers
-    inherit it, so one scrape sums them all) and one math thread per worker."""
+def prepare_environment(settings: Settings, workers: int) -> str | None:
+    """Before prometheus_client or torch is imported: one math thread per worker and, with several
+    workers, a fresh multiprocess metrics folder (workers inherit it, so one scrape sums them all;
+    returned, to be removed at exit). One worker keeps its metrics in memory: it is the whole server,
+    and an in-memory sample costs a fraction of a file-backed one on every request."""
+    os.environ["OMP_NUM_THREADS"] = str(settings.serving.torch_threads)
+    if workers == 1:
+        return None
     folder = tempfile.mkdtemp(prefix="flywheel-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    os.environ["OMP_NUM_THREADS"] = str(settings.serving.torch_threads)
     return folder
 
 
@@ -84,7 +88,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
     check_address(host, port)
     # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.
     sys.argv = sys.argv[:1]
-    metrics_dir = prepare_environment(settings)
+    metrics_dir = prepare_environment(settings, workers)
     try:
         from serving.predictor import FraudPredictor
 
@@ -98,4 +102,5 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
             predictor.start_reloading()  # with more, each worker process follows production itself
         build_server(host, port, workers, settings.serving.max_body_bytes).start([predictor])
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

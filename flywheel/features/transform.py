@@ -71,6 +71,17 @@ def _number(columns: Columns, name: str, rows: int, default: float = np.nan) -> 
     return np.full(rows, default, dtype="float64") if values is None else values
 
 
+def _fill(values: np.ndarray, default: float) -> np.ndarray:
+    """NaN replaced by ``default`` (what ``np.nan_to_num(values, nan=default)`` gives for the finite
+    numbers these columns hold, at a fraction of its cost: serving calls this on one-row arrays)."""
+    return np.where(np.isnan(values), default, values)
+
+
+def _between(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``np.clip`` without its per-call overhead (NaN stays NaN, as with clip)."""
+    return np.minimum(np.maximum(values, low), high)
+
+
 def _text(columns: Columns, name: str, rows: int) -> np.ndarray:
     values = columns.get(name)
     return np.full(rows, "", dtype=object) if values is None else values
@@ -97,38 +108,40 @@ def derive_columns(columns: Columns, category_offsets: dict[str, float] | None =
     amount = _number(columns, "amount", rows)
     card_mean = _number(columns, "card_amount_mean_30d", rows)
     card_mean = np.where(np.isnan(card_mean), amount, card_mean)
-    card_std = np.nan_to_num(_number(columns, "card_amount_std_30d", rows), nan=0.0)
+    card_std = _fill(_number(columns, "card_amount_std_30d", rows), 0.0)
     now, whole_seconds = epoch_seconds(columns["ts"])
-    gap = np.clip(np.nan_to_num(now - _number(columns, "card_last_txn_unix", rows), nan=MAX_GAP_S), 0, MAX_GAP_S)
+    gap = _between(_fill(now - _number(columns, "card_last_txn_unix", rows), MAX_GAP_S), 0, MAX_GAP_S)
     second_of_day = whole_seconds % 86_400
     hour = (second_of_day // 3_600) + (second_of_day % 3_600 // 60) / 60.0
+    hour_angle = 2 * np.pi * hour / 24
     lat, lon = _number(columns, "lat", rows, 0.0), _number(columns, "lon", rows, 0.0)
     usual_lat, usual_lon = _number(columns, "card_lat_mean_30d", rows), _number(columns, "card_lon_mean_30d", rows)
-    distance = np.nan_to_num(haversine_km(lat, lon, usual_lat, usual_lon), nan=0.0)
+    distance = _fill(haversine_km(lat, lon, usual_lat, usual_lon), 0.0)
     merchant_mean = _number(columns, "merchant_amount_mean_30d", rows)
     merchant_mean = np.where(np.isnan(merchant_mean), amount, merchant_mean)
-    amount_vs_card = np.log1p(amount) - np.log1p(card_mean)
+    log_amount = np.log1p(amount)
+    amount_vs_card = log_amount - np.log1p(card_mean)
     offsets = category_offsets or {}
     category_offset = np.array([offsets.get(c, 0.0) for c in _text(columns, "merchant_category", rows)], dtype="float64")
     rapid = (gap < RAPID_REPEAT_S).astype("float64")
-    count_1h = np.nan_to_num(_number(columns, "card_txn_count_1h", rows), nan=0.0)
+    count_1h = _fill(_number(columns, "card_txn_count_1h", rows), 0.0)
     return {
-        "log_amount": np.log1p(amount),
+        "log_amount": log_amount,
         "amount_vs_card_log": amount_vs_card,
-        "amount_z_card": np.clip((amount - card_mean) / (card_std + 1.0), -10, 50),
+        "amount_z_card": _between((amount - card_mean) / (card_std + 1.0), -10, 50),
         "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
         "card_count_1h_log": np.log1p(count_1h),
-        "card_count_24h_log": np.log1p(np.nan_to_num(_number(columns, "card_txn_count_24h", rows), nan=0.0)),
+        "card_count_24h_log": np.log1p(_fill(_number(columns, "card_txn_count_24h", rows), 0.0)),
         "seconds_since_last_log": np.log1p(gap),
         "rapid_repeat": rapid,
         "burst_count": rapid * np.minimum(count_1h, 5.0),
-        "hour_sin": np.sin(2 * np.pi * hour / 24),
-        "hour_cos": np.cos(2 * np.pi * hour / 24),
+        "hour_sin": np.sin(hour_angle),
+        "hour_cos": np.cos(hour_angle),
         "is_night": (hour < 6).astype("float64"),
         "distance_from_usual_km_log": np.log1p(distance),
         "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
-        "merchant_count_24h_log": np.log1p(np.nan_to_num(_number(columns, "merchant_txn_count_24h", rows), nan=0.0)),
-        "amount_vs_merchant_log": np.log1p(amount) - np.log1p(merchant_mean),
+        "merchant_count_24h_log": np.log1p(_fill(_number(columns, "merchant_txn_count_24h", rows), 0.0)),
+        "amount_vs_merchant_log": log_amount - np.log1p(merchant_mean),
     }
 
 
@@ -199,13 +212,13 @@ class FeatureSpec:
         derived = derive_columns(columns, self.offsets)
         rows = len(columns["ts"])
         # Only the inputs this spec was fitted with: a spec saved before an input was added keeps its layout.
-        stacked = np.column_stack([derived[name] for name in self.numeric if name in derived])
+        stacked = np.stack([derived[name] for name in self.numeric if name in derived], axis=1)
         blocks = [(stacked - np.asarray(self.means)) / np.asarray(self.stds)]
         for column, vocab in self.categories:
             index = {v: i for i, v in enumerate(vocab)}
             codes = np.array([index.get(v, len(vocab)) for v in _text(columns, column, rows)], dtype=np.int64)
             blocks.append(np.eye(len(vocab) + 1)[codes])
-        return np.nan_to_num(np.hstack(blocks), nan=0.0).astype(np.float32)
+        return _fill(np.hstack(blocks), 0.0).astype(np.float32)  # as nan_to_num: infinities become float32 infinities either way
 
     @property
     def offsets(self) -> dict[str, float]:

@@ -35,7 +35,11 @@ class FraudMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        # Each layer's forward directly rather than through nn.Module.__call__ (no hooks are used):
+        # the call machinery was half the time of a one-transaction forward pass when serving.
+        for layer in self.net:
+            x = layer.forward(x)
+        return x.squeeze(-1)
 
 
 @dataclass

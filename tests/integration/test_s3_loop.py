@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uuid
 
 from flywheel import lineage
@@ -37,8 +39,8 @@ def test_the_loop_trains_deploys_and_serves_from_s3(s3_env, aws_env, tmp_path):
     predictor = FraudPredictor("fraud", settings)
     predictor.load()
     holdout = storage.read_parquet(training_set["holdout_uri"]).to_pandas().iloc[-1]
-    answer = predictor.predict({"instances": [{
+    answer = asyncio.run(predictor.predict({"instances": [{
         "card_id": holdout.card_id, "merchant_id": holdout.merchant_id, "amount": float(holdout.amount),
         "ts": holdout.ts.isoformat(), "merchant_category": holdout.merchant_category, "channel": holdout.channel,
-    }]})
+    }]}))
     assert 0.0 <= answer["predictions"][0]["fraud_probability"] <= 1.0

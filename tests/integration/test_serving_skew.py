@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
-from flywheel.features.store import historical_features
+from flywheel.features.store import historical_features, open_served_store
 from serving.predictor import load_bundle, score
 from serving.requests import v1_transactions
 
@@ -49,7 +49,7 @@ def test_serving_inputs_equal_training_inputs_on_sampled_holdout_rows(bundle, ho
     np.testing.assert_array_equal(bundle.model.probabilities(serving), bundle.model.score(sample))
 
 
-def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout):
+def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout, trained_loop):
     """A transaction after everything in the store: the online store must hold what the training
     join (Feast's point-in-time join, the training path) gives for that moment."""
     pairs = holdout.sample(60, random_state=5)
@@ -66,7 +66,8 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
         "lat": [*pairs["lat"], 40.0],
         "lon": [*pairs["lon"], -74.0],
     })
-    joined = historical_features(bundle.store, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
+    feast = open_served_store(trained_loop["settings"], bundle.world)  # Feast's SDK: the oracle of the reader's layout
+    joined = historical_features(feast, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
 
     features, known = bundle.reader.read(list(frame["card_id"]), list(frame["merchant_id"]))
     for name in FEATURES:
@@ -77,3 +78,60 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
     scored = score(bundle, v1_transactions(request_of(frame), 1000), record=False)
     np.testing.assert_allclose(scored.probabilities, bundle.model.score(joined), rtol=1e-6)
     assert scored.unknown[-1] == ["card", "merchant"] and scored.unknown[0] == []
+
+
+def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_own_rows(bundle, holdout, monkeypatch):
+    """Bug caught: a scoring pass that hands a request another request's rows (an offset error when
+    splitting the pass), drops one, or scores each request alone (no pass shared under load)."""
+    import asyncio
+
+    import serving.predictor as predictor_module
+    from flywheel.errors import FeatureStoreError
+    from serving.predictor import ScoringPasses
+
+    sizes = [1, 3, 2, 1]
+    frames, start = [], 0
+    for size in sizes:
+        frames.append(holdout.iloc[start:start + size])
+        start += size
+    requests = [v1_transactions(request_of(frame), 1000) for frame in frames]
+    alone = [score(bundle, request, record=False).probabilities for request in requests]
+    passes_made: list[int] = []
+    real_score = predictor_module.score_async
+
+    async def counting_score(scored_bundle, transactions):
+        passes_made.append(transactions.count)
+        return await real_score(scored_bundle, transactions)
+
+    monkeypatch.setattr(predictor_module, "score_async", counting_score)
+    passes = ScoringPasses()
+
+    async def together(batch):
+        return await asyncio.gather(*(passes.score(bundle, request) for request in batch), return_exceptions=True)
+
+    results = asyncio.run(together(requests))
+    assert passes_made == [sum(sizes)]
+    for result, want, frame in zip(results, alone, frames):
+        # The same as scored alone, to float32 rounding (a matrix product rounds by its row count).
+        np.testing.assert_allclose(result.probabilities, want, rtol=1e-6)
+        assert len(result.unknown) == len(frame)
+
+    async def failing_score(*_):
+        raise FeatureStoreError("online read from SQLite failed: disk I/O error")
+
+    monkeypatch.setattr(predictor_module, "score_async", failing_score)
+    assert [type(error) for error in asyncio.run(together(requests[:2]))] == [FeatureStoreError, FeatureStoreError]
+
+
+def test_a_read_larger_than_one_sqlite_statement_allows_is_split_without_losing_rows(bundle, holdout, monkeypatch):
+    """Bug caught: a batch with more entities than SQLite takes parameters in one statement
+    ("too many SQL variables": a 503 for every large batch), or a split that drops the rows of a piece."""
+    from flywheel.features import store as feast_store
+
+    cards, merchants = list(holdout["card_id"].iloc[:60]), list(holdout["merchant_id"].iloc[:60])
+    whole_features, whole_known = bundle.reader.read(cards, merchants)
+    monkeypatch.setattr(feast_store, "MAX_SQL_PARAMETERS", 7)
+    features, known = bundle.reader.read(cards, merchants)
+    for name in FEATURES:
+        np.testing.assert_array_equal(features[name], whole_features[name], err_msg=name)
+    assert all((known[key] == whole_known[key]).all() for key in known) and whole_known["card_id"].all()

@@ -11,6 +11,8 @@ merchant), never through Feast.
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +129,14 @@ def request_for(cards: list[str], merchants: list[str]) -> dict[str, Any]:
 
 def served(settings: Settings, cards: list[str], merchants: list[str]) -> tuple[Any, pd.DataFrame, list[float]]:
     """A predictor loaded in-process from the registry: (it, its online features, its scores)."""
-    from flywheel.features.store import online_features
+    from flywheel.features.store import online_features, open_served_store
     from serving.predictor import FraudPredictor
 
     predictor = FraudPredictor("fraud", settings)
     assert predictor.load() and predictor.ready
     rows = [{"card_id": c, "merchant_id": m} for c, m in zip(cards, merchants)]
-    features = pd.DataFrame(online_features(predictor.bundle.store, rows))
-    predictions = predictor.predict(request_for(cards, merchants))["predictions"]
+    features = pd.DataFrame(online_features(open_served_store(settings, predictor.bundle.world), rows))
+    predictions = asyncio.run(predictor.predict(request_for(cards, merchants)))["predictions"]
     assert {p["model_version"] for p in predictions} == {predictor.version}
     return predictor, features, [p["fraud_probability"] for p in predictions]
 

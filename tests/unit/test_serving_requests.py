@@ -157,3 +157,14 @@ def test_the_same_instant_parses_to_the_same_time_in_v1_and_v2():
     one = v1(dict(GOOD, ts=moment.isoformat()))
     two = v2(*good_v2(ts=InferInput("ts", [2], "BYTES", [moment.isoformat()] * 2)))
     assert one.columns["ts"][0] == two.columns["ts"][0] == np.datetime64("2026-11-01T12:00:00.123456", "ns")
+
+
+@pytest.mark.parametrize("field", ["card_id", "merchant_id", "merchant_category"])
+def test_a_lone_surrogate_is_a_client_mistake_not_a_store_failure(field):
+    """Bug caught: "\\ud800" (JSON can spell it, UTF-8 cannot) passing the schema and failing the
+    online read's key encoding: a 503 for a client's bad id (found by the v2 fuzz test)."""
+    with pytest.raises(InvalidInput, match=f"instance 1: field '{field}' is not UTF-8 text"):
+        v1(GOOD, dict(GOOD, **{field: "card-\ud800"}))
+    with pytest.raises(InvalidInput, match=f"instance 0: field '{field}' is not UTF-8 text"):
+        v1(dict(GOOD, **{field: "\udfff"}))
+    assert v1(dict(GOOD, **{field: "ünï-卡"})).count == 1  # other non-ASCII text is fine
