@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from flywheel.config import Settings, write_settings
+from flywheel.config import KFP_TOKEN_ENV, NOT_SETTINGS_ENV, SECRET_ENV, Settings, write_settings
 from flywheel.deploy import canary
 from flywheel.deploy.analysis import Thresholds
 from flywheel.deploy.ramp import ramp_canary, v1_bodies
@@ -79,6 +79,14 @@ class ServeProcess:
                 self.process.wait()
 
 
+def server_env() -> dict[str, str]:
+    """This process's environment without its ``FLYWHEEL_*`` settings (the servers get exactly the
+    caller's settings object, as a file), but with the credentials, which never go in a file."""
+    keep = {name for names in SECRET_ENV.values() for name in names} | {KFP_TOKEN_ENV} | NOT_SETTINGS_ENV
+    keep.discard("FLYWHEEL_CONFIG")
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") or k in keep}
+
+
 def start_server(settings_file: Path, settings: Settings, role: str, version: str, logs: Path) -> ServeProcess:
     """`flywheel --config FILE serve --version V` on a free loopback port (its output to a log file)."""
     host = settings.serving.host
@@ -88,19 +96,20 @@ def start_server(settings_file: Path, settings: Settings, role: str, version: st
         process = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "--config", str(settings_file), "serve", "--version", version,
              "--host", host, "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ),
+            stdout=sink, stderr=subprocess.STDOUT, env=server_env(),
         )
     return ServeProcess(role, version, process, f"http://{host}:{port}", log_path)
 
 
 def wait_ready(servers: Sequence[ServeProcess], model_name: str, timeout_s: float) -> dict[str, str]:
-    """Wait until each server's model answers ready; returns, per role, why it did not (empty: all up)."""
+    """Wait until each server's model answers ready; returns, per role, why it did not (empty: all
+    up). A candidate that fails ends the wait at once: there is nothing to judge."""
     import httpx
 
     waiting = {server.role: server for server in servers}
     failed: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
-    while waiting and time.monotonic() < deadline:
+    while waiting and "candidate" not in failed and time.monotonic() < deadline:
         for role, server in list(waiting.items()):
             if server.process.poll() is not None:
                 failed[role] = f"exited with code {server.process.returncode}: {server.tail()}"
@@ -113,6 +122,8 @@ def wait_ready(servers: Sequence[ServeProcess], model_name: str, timeout_s: floa
                 pass
         time.sleep(0.2)
     for role, server in waiting.items():
+        if "candidate" in failed:
+            break
         failed[role] = f"not ready after {timeout_s:g}s (deploy.canary.server_start_timeout_s): {server.tail()}"
     return failed
 
