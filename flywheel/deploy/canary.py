@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from flywheel.errors import DeployError
 from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, WindowObservations, finite, judge, summarise
+from flywheel.errors import DeployError
 from flywheel.registry import ModelVersion
 from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage

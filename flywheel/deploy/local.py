@@ -40,7 +40,7 @@ from flywheel.deploy import canary
 from flywheel.deploy.analysis import Thresholds
 from flywheel.deploy.ramp import ramp_canary, v1_bodies
 from flywheel.deploy.traffic import start_proxy
-from flywheel.errors import CanaryError, DeployError, FlywheelError, first_line
+from flywheel.errors import CanaryError, DeployError, FlywheelError, RegistryConflict, first_line
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 
@@ -207,8 +207,13 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
         raise CanaryError(f"the local release of {candidate.version} failed: {first_line(exc)} (logs in {logs})") from exc
     record.events.append("servers and proxy stopped")
     if record.verdict == canary.PROMOTE:
-        registry.promote(candidate.version, run_id=run_id, reason="canary analysis passed: " + "; ".join(record.reasons),
-                         expected_production=stable.version)
+        try:
+            registry.promote(candidate.version, run_id=run_id, reason="canary analysis passed: " + "; ".join(record.reasons),
+                             expected_production=stable.version)
+        except RegistryConflict as exc:  # another promotion landed while this one was judged: it stands
+            registry.abort_canary(candidate.version, run_id=run_id, reason=str(exc))
+            record.events.append(f"registry: promotion refused ({exc}); canary {candidate.version} archived")
+            return finish(canary.ROLLBACK, [*record.reasons, f"but the promotion was refused: {exc}"], 0)
         record.events.append(f"registry: {candidate.version} is production; {stable.version} archived")
     else:
         registry.abort_canary(candidate.version, run_id=run_id, reason="; ".join(record.reasons))

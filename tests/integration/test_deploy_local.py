@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 
-import httpx
 import pytest
 
 from flywheel.config import load_settings

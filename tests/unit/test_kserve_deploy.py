@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from flywheel.config import load_settings
-from flywheel.deploy import canary
 from flywheel.deploy.kserve import KServeClient, render_all, render_inference_service, render_serving_runtime
 from flywheel.deploy.release import release_on_kserve
 from flywheel.errors import DeployError
