@@ -79,12 +79,18 @@ class ServeProcess:
                 self.process.wait()
 
 
-def server_env() -> dict[str, str]:
+def server_env(settings: Settings) -> dict[str, str]:
     """This process's environment without its ``FLYWHEEL_*`` settings (the servers get exactly the
-    caller's settings object, as a file), but with the credentials, which never go in a file."""
+    caller's settings object, as a file), but with the settings' S3 credentials, which never go in a
+    file."""
     keep = {name for names in SECRET_ENV.values() for name in names} | {KFP_TOKEN_ENV} | NOT_SETTINGS_ENV
     keep.discard("FLYWHEEL_CONFIG")
-    return {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") or k in keep}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") or k in keep}
+    for field, (name, _) in SECRET_ENV.items():
+        secret = getattr(settings.storage, field)
+        if secret is not None:
+            env[name] = secret.get_secret_value()
+    return env
 
 
 def start_server(settings_file: Path, settings: Settings, role: str, version: str, logs: Path) -> ServeProcess:
@@ -96,7 +102,7 @@ def start_server(settings_file: Path, settings: Settings, role: str, version: st
         process = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "--config", str(settings_file), "serve", "--version", version,
              "--host", host, "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env=server_env(),
+            stdout=sink, stderr=subprocess.STDOUT, env=server_env(settings),
         )
     return ServeProcess(role, version, process, f"http://{host}:{port}", log_path)
 
