@@ -1,7 +1,8 @@
 """The local release (`flywheel deploy --target local`, the pipeline's deploy step): a candidate
 rolled out against production between two real `flywheel serve` processes behind the splitting
 proxy, under a replay of the candidate's held-out transactions. The thresholds are the real
-defaults; only the windows are short (settings: 20% then 50%, 60 canary requests each)."""
+defaults; only the windows are short (settings: 20% then 50%, 60 canary requests each). A good
+candidate's promotion is tested through the CLI, verbatim from the README (test_readme_releases.py)."""
 
 from __future__ import annotations
 
@@ -35,23 +36,6 @@ def stored(registry: Registry, record) -> dict:
     data = registry.storage.read_json(record.uri)
     assert data == record.to_dict()
     return data
-
-
-def test_a_good_candidate_is_promoted(home, tmp_path):
-    settings, registry, production = home
-    candidate = copy_version(registry, production, tmp_path)
-    record = release_locally(registry.storage, settings, candidate, "release-good")
-    assert record.verdict == "promote", record.reasons
-    assert registry.production().version == candidate and registry.stage(production) == "archived"
-    assert [w["step"] for w in record.windows] == [20, 50] and record.final_canary_percent == 100
-    for window, step in zip(record.windows, (20, 50)):
-        seen = window["observations"]
-        assert seen["canary"]["requests"] == 60 and seen["client"]["requests"] == 60 * 100 // step  # the split is exact
-        assert seen["canary"]["errors"] == 0 and seen["agreement"]["max_abs_diff"] == 0.0  # the same weights
-    assert record.client["failures"] == 0 and record.client["requests"] == 300 + 120
-    actions = [(e.action, e.version) for e in registry.events()[-2:]]
-    assert actions == [("canary", candidate), ("promote", candidate)]
-    assert stored(registry, record)["target"] == "local"
 
 
 def test_a_ten_times_slower_candidate_is_rolled_back_and_no_request_fails(home, tmp_path):

@@ -1,6 +1,7 @@
 """The README's models-and-releases example, run verbatim: the commands are read from README.md
 (not copied here) and run by bash, one line at a time, on a copy of a trained home where a second
-version (production's weights, published again, evaluated and blessed by the real gate) waits.
+version (production's weights, published again, evaluated and blessed by the real gate) waits: a good
+candidate, promoted by `flywheel deploy --target local` through two real `flywheel serve` processes.
 Only the canary's windows move, through the settings (20% then 50%, 60 canary requests each)."""
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def test_readme_release_example_verbatim(trained_loop, tmp_path):
     record_uri = re.search(r"decision record: (\S+)", deployed).group(1)
     record = registry.storage.read_json(record_uri)
     assert record["verdict"] == "promote" and record["candidate"] == candidate and record["stable"] == production
+    # A good candidate, promoted on what two real `flywheel serve` processes answered through the proxy.
+    assert record["target"] == "local" and [w["step"] for w in record["windows"]] == [20, 50]
+    for window, step in zip(record["windows"], (20, 50)):
+        seen = window["observations"]
+        assert seen["canary"]["requests"] == 60 and seen["client"]["requests"] == 60 * 100 // step  # the split is exact
+        assert seen["canary"]["errors"] == 0 and seen["agreement"]["pairs"] == 60
+        assert seen["agreement"]["max_abs_diff"] == 0.0  # the same weights: the same scores
+    assert record["client"]["failures"] == 0 and record["client"]["requests"] == 300 + 120
+    assert [(e.action, e.version) for e in registry.events()[-3:-1]] == [("canary", candidate), ("promote", candidate)]
     assert re.search(rf"{candidate}\s+production", after) and re.search(rf"{production}\s+archived", after)
     assert f"{production} is production again (was {candidate})" in rolled_back
     assert registry.production().version == production
