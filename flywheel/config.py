@@ -175,10 +175,10 @@ class GateSettings(_Section):
 
     min_roc_auc: float = Field(0.80, ge=0, le=1)
     min_pr_auc: float = Field(0.20, ge=0, le=1)
-    # Brier skill over always predicting the fraud rate. 30k rows: models fit to the real labels
-    # 0.07-0.20 (3-6 epochs, seeds 0-4; 1 epoch: 0.018), fit to shuffled labels -0.002-0.011 (seeds
-    # 0-5), whatever their ranking.
-    min_brier_skill: float = Field(0.03, ge=-1, le=1)
+    # Brier skill over always predicting the fraud rate. Fit to shuffled labels (30k rows, seeds 0-5):
+    # -0.002 to 0.011, whatever their ranking. Fit to the real labels: 30k rows 0.07-0.20 (3-6 epochs;
+    # 1 epoch 0.018), 20k rows with early stopping 0.025 (PR-AUC 0.211). A thin margin on small data.
+    min_brier_skill: float = Field(0.02, ge=-1, le=1)
     recall_at_fpr: float = Field(0.01, gt=0, lt=1)  # the false-positive rate at which recall is compared
     max_pr_auc_regression: float = Field(0.01, ge=0, le=1)  # allowed drops against production
     max_roc_auc_regression: float = Field(0.01, ge=0, le=1)

@@ -35,7 +35,7 @@ def test_the_defaults_are_the_documented_floors():
     settings = load_settings(env={})
     assert settings.gate == DEFAULTS
     assert (DEFAULTS.min_roc_auc, DEFAULTS.min_pr_auc, DEFAULTS.recall_at_fpr) == (0.80, 0.20, 0.01)
-    assert DEFAULTS.min_brier_skill == 0.03
+    assert DEFAULTS.min_brier_skill == 0.02
 
 
 def test_ranking_metrics_of_a_perfect_and_a_reversed_scorer():
@@ -76,7 +76,7 @@ def test_first_model_needs_only_the_floors():
     [
         (good(roc_auc=0.79), "ROC-AUC 0.7900 is below the floor 0.8000"),
         (good(pr_auc=0.19), "PR-AUC 0.1900 is below the floor 0.2000"),
-        (good(brier_skill=0.01), "Brier skill score 0.0100 is below the floor 0.0300 (its probabilities are hardly better "
+        (good(brier_skill=0.01), "Brier skill score 0.0100 is below the floor 0.0200 (its probabilities are hardly better "
                                  "than always predicting the fraud rate: it learned little from the labels)"),
     ],
 )
