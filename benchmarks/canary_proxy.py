@@ -126,7 +126,7 @@ def main() -> None:
             with start_proxy(stable, canary) as proxy:
                 record = ramp_canary(proxy, replay, V1, steps=[10, 50], window_requests=500, concurrency=args.concurrency,
                                      storage=storage, record_uri=storage.uri("canary_decisions", f"{verdict}.json"),
-                                     meta={"stable": "good test model", "candidate": f"{'good' if canary == good else 'erroring'} test model"})
+                                     meta={"stable": "good test model", "candidate": f"{'good' if canary == good else 'erroring'} test model"}).to_dict()
             records[verdict] = record
             figures[f"{verdict}_verdict_is_{verdict}"] = int(record["verdict"] == verdict)
             figures[f"{verdict}_client_failures"] = record["client"]["failures"]

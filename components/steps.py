@@ -99,8 +99,9 @@ def evaluate(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def deploy(model: Input[Model], evaluation: Input[Artifact], run_id: str, deployed: Output[Model], decision: Output[Markdown]):
-    """Release the blessed version (deploy.target): production locally, or a KServe canary that is
-    promoted or rolled back; the decision record is shown in the Kubeflow UI."""
+    """Release the blessed version (deploy.target) as a canary against production, then promote or roll
+    back: locally two `flywheel serve` processes behind a splitting proxy for the release's duration,
+    on KServe the InferenceService. The decision record is shown in the Kubeflow UI."""
     from flywheel.steps import decision_markdown, deploy_step
     from flywheel.kfp_io import read_artifact, write_artifact
 

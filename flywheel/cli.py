@@ -497,9 +497,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _add_deploy_parser(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="release a blessed model version locally or on KServe (canary, then promote or roll back)",
-                            description="Release a model version the gate blessed: locally it becomes production (which "
-                                        "`flywheel serve` follows); on KServe it rolls out as a canary and is promoted or rolled "
-                                        "back by the canary analysis. With --render, print the KServe manifests and change nothing.")
+                            description="Release a model version the gate blessed as a canary against production: locally "
+                                        "between two `flywheel serve` processes behind a splitting proxy (a replay of held-out "
+                                        "requests, for the release only), on KServe through the InferenceService's canary; then "
+                                        "promote it (the registry's production, which `flywheel serve` follows) or roll it back. "
+                                        "Exit 0 promoted, 3 rolled back. With --render, print the KServe manifests and change nothing.")
     deploy.add_argument("--target", choices=["local", "kserve"], help="where to release (default: settings deploy.target, 'local')")
     deploy.add_argument("--version", help="the model version (default: the newest)")
     deploy.add_argument("--render", action="store_true", help="print the ServiceAccount, ServingRuntime and InferenceService YAML and exit")

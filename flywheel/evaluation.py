@@ -1,7 +1,8 @@
 """The evaluate step: metrics on the time-based holdout, the gate, and a report.
 
-The gate blesses a candidate only if it clears absolute floors (ROC-AUC and PR-AUC on its holdout)
-AND is no worse than the production model on PR-AUC, ROC-AUC and recall at a fixed false-positive
+The gate blesses a candidate only if it clears absolute floors (ROC-AUC and PR-AUC on its holdout,
+and the Brier skill score over always predicting the fraud rate: ranking alone can be had without
+labels, skill cannot) AND is no worse than the production model on PR-AUC, ROC-AUC and recall at a fixed false-positive
 rate. The comparison uses only holdout rows that neither model trained on: the candidate's holdout
 from the end of production's training window on. When too few such rows (or fraud cases) remain, or
 production's training window is unknown, the report says why no comparison was possible and the
@@ -30,6 +31,18 @@ from flywheel.training.model import FraudModel, load_version
 
 log = logging.getLogger(__name__)
 COMPARED = ("pr_auc", "roc_auc", "recall_at_fpr")
+
+
+def brier_skill(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Brier skill score against the base rate: 1 - Brier / Brier of always predicting the
+    holdout's fraud rate. 0: no better than knowing the rate; only a model that learned fraud
+    probabilities from labels scores above it."""
+    labels = np.asarray(labels, dtype=float)
+    rate = labels.mean()
+    reference = rate * (1 - rate)
+    if reference == 0:
+        raise DataError("the holdout has only one class: the Brier skill score is undefined")
+    return float(1 - np.mean((np.asarray(probabilities, dtype=float) - labels) ** 2) / reference)
 
 
 def ranking_metrics(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.01) -> dict[str, float]:
@@ -89,6 +102,13 @@ def gate(metrics: dict[str, float], comparison: Comparison | None, cfg: GateSett
         reasons.append(f"ROC-AUC {metrics['roc_auc']:.4f} is below the floor {cfg.min_roc_auc:.4f}")
     if metrics["pr_auc"] < cfg.min_pr_auc:
         reasons.append(f"PR-AUC {metrics['pr_auc']:.4f} is below the floor {cfg.min_pr_auc:.4f}")
+    # The ranking floors alone can be cleared without learning anything from labels: fraud here is
+    # anomalous, and an anomaly ranking (even a net fit to shuffled labels that happens to rank the
+    # tails high) reaches ROC-AUC 0.87 / PR-AUC 0.34 on small data. Skill over the base rate cannot.
+    if "brier_skill" in metrics and metrics["brier_skill"] < cfg.min_brier_skill:
+        reasons.append(f"Brier skill score {metrics['brier_skill']:.4f} is below the floor {cfg.min_brier_skill:.4f} "
+                       "(its probabilities are hardly better than always predicting the fraud rate: it learned "
+                       "little from the labels)")
     if comparison is not None and comparison.possible:
         allowed = {
             "pr_auc": cfg.max_pr_auc_regression,
@@ -227,7 +247,8 @@ def evaluate(
     candidate_version = registry.get(model_version)
     scores = load_version(registry, candidate_version).score(holdout)
     metrics = ranking_metrics(labels, scores, cfg.recall_at_fpr)
-    metrics.update(rows=float(len(holdout)), positives=float(labels.sum()), base_rate=float(labels.mean()))
+    metrics.update(rows=float(len(holdout)), positives=float(labels.sum()), base_rate=float(labels.mean()),
+                   brier_skill=brier_skill(labels, scores))
 
     report_folder = storage.uri("reports", "evaluation", run_id)
     production: ModelVersion | None = registry.production()

@@ -226,8 +226,9 @@ def evaluation_html(evaluation: dict[str, Any], settings: Settings | None = None
 
 
 def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Release the blessed version to ``deploy.target``: production locally, or a canary on KServe that
-    is promoted or rolled back (the decision record is among the step's artifacts)."""
+    """Release the blessed version to ``deploy.target`` as a canary against production (locally: two
+    `flywheel serve` processes behind the splitting proxy, for the release only; on KServe: the
+    InferenceService), promoted or rolled back; the decision record is among the step's artifacts."""
     from flywheel.deploy.promote import release
 
     settings, storage = _context(settings)
@@ -242,13 +243,12 @@ def deploy_step(model: dict[str, Any], evaluation: dict[str, Any], run_id: str, 
 
 
 def decision_markdown(deployed: dict[str, Any]) -> str:
-    """What the deploy step decided, as markdown for the Kubeflow UI: the canary decision record on
-    KServe, or the local promotion."""
+    """What the deploy step decided, as markdown for the Kubeflow UI: the canary decision record."""
     from flywheel.deploy.canary import DecisionRecord
 
     if deployed.get("decision"):
         return DecisionRecord(**deployed["decision"]).to_markdown()
-    return f"# Deployed locally\n\n`{deployed.get('version')}` is the production version (`flywheel serve` follows it).\n"
+    return f"# Deployed\n\n`{deployed.get('version')}` is the production version (`flywheel serve` follows it).\n"
 
 
 # ---------------------------------------------------------------- batch scoring

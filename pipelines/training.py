@@ -129,7 +129,8 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         )
         blessed = evaluate.outputs["Output"]
         with dsl.If(blessed == True, name="blessed"):  # noqa: E712 - KFP condition syntax
-            # Promote the blessed version to production.
+            # Release the blessed version: a canary against production (two `flywheel serve` processes behind the
+            # splitting proxy locally, the InferenceService on KServe), then promote or roll back, with a decision record.
             configure_task(
                 components.deploy(model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"], run_id=run_id),
                 "Deploy", "deploy",

@@ -1,13 +1,12 @@
 """Deploy: moving a blessed version into production, safely.
 
 Modules: ``promote`` (the step's entry: the gate's blessing checked, then released to
-``deploy.target``; locally, the registry's production pointer, which `flywheel serve` follows),
-``kserve`` (the InferenceService and its runtime from the kserve SDK, applied and watched),
-``canary`` (judging windows of observations: promote or rollback, and the decision record),
-``release`` (the canary rollout on KServe with automatic rollback), ``traffic`` (a splitting
-reverse proxy in front of a stable and a canary model server on this machine), ``canary_local``
-(judging a window of what the proxy saw) and ``ramp`` (driving the proxy's canary share through
-steps, then promoting or rolling back, with a decision record).
+``deploy.target``), ``local`` (the local release: two `flywheel serve` processes behind the
+splitting proxy), ``release`` (the release on KServe: the InferenceService's canary), ``kserve``
+(the InferenceService and its runtime from the kserve SDK, applied and watched), ``analysis`` (the
+one pure judge of a canary window, for both targets), ``canary`` (the loop over windows: promote or
+roll back, and the decision record), ``traffic`` (a splitting reverse proxy in front of a stable and
+a canary model server on this machine) and ``ramp`` (driving the proxy's canary share through steps).
 """
 
-__all__ = ["canary", "canary_local", "kserve", "promote", "ramp", "release", "traffic"]
+__all__ = ["analysis", "canary", "kserve", "local", "promote", "ramp", "release", "traffic"]

@@ -1,219 +1,176 @@
-"""Canary analysis: judge windows of observations of the stable and the candidate version against
-thresholds from settings, and decide promote or rollback. The judging is pure (no I/O): the same
-observations always give the same verdict. Observations come from :func:`replay`, which sends the
-same held-out requests to both versions over HTTP; the verdict and everything it was based on is
-written as a decision record (JSON and markdown) to storage.
+"""The canary decision, one for both targets: the loop that judges windows in order
+(:func:`analyse`), the decision record (:class:`DecisionRecord`) and, for KServe's tag-routed
+revisions, observing a window by replaying held-out requests to both (:func:`replay`).
 
-Per window the candidate must keep its error rate under an absolute ceiling and within an allowed
-increase over the stable version's, its p99 latency under an absolute ceiling and within a ratio of
-the stable version's, and agree with the stable version's scores (within ``score_tolerance``) on at
-least ``min_score_agreement`` of the requests both answered. A window too small to judge counts
-against the candidate. ``windows`` good windows promote; the first bad one rolls back.
+Every window, local (the splitting proxy's, :mod:`flywheel.deploy.traffic`) or on KServe, becomes a
+:class:`flywheel.deploy.analysis.WindowObservations` and is judged by the one pure function
+:func:`flywheel.deploy.analysis.judge` against thresholds from ``settings.deploy.canary``. The
+first failed window rolls back; a candidate that passes every planned window is promoted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
-
-from flywheel.config import CanarySettings
+from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, WindowObservations, finite, judge, summarise
+from flywheel.errors import DeployError
+from flywheel.registry import ModelVersion
+from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage
 
-PROMOTE, ROLLBACK, CONTINUE = "promote", "rollback", "continue"
+PROMOTE, ROLLBACK = "promote", "rollback"
+RECORD_KIND = "flywheel.canary-decision/v2"
 
-
-@dataclass(frozen=True)
-class Observation:
-    """One request's outcome at one version: whether it succeeded, how long it took, the score."""
-
-    request: int  # the request's index in the replay, to pair the two versions' answers
-    ok: bool
-    latency_ms: float
-    score: float | None = None
-    error: str = ""
-
-
-@dataclass
-class SideMetrics:
-    requests: int
-    errors: int
-    error_rate: float
-    p50_ms: float
-    p99_ms: float
-
-
-@dataclass
-class WindowMetrics:
-    """What one window showed, for both versions."""
-
-    stable: SideMetrics
-    canary: SideMetrics
-    paired: int  # requests both versions answered
-    score_agreement: float  # share of paired requests whose scores differ by at most the tolerance
-    max_score_difference: float
-    passed: bool = False
-    reasons: list[str] = field(default_factory=list)
-
-
-def _side(observations: Sequence[Observation]) -> SideMetrics:
-    latencies = np.array([o.latency_ms for o in observations if o.ok], dtype=float)
-    errors = sum(not o.ok for o in observations)
-    n = len(observations)
-    return SideMetrics(
-        requests=n,
-        errors=errors,
-        error_rate=errors / n if n else 1.0,
-        p50_ms=float(np.percentile(latencies, 50)) if len(latencies) else math.inf,
-        p99_ms=float(np.percentile(latencies, 99)) if len(latencies) else math.inf,
-    )
-
-
-def window_metrics(stable: Sequence[Observation], canary: Sequence[Observation], cfg: CanarySettings) -> WindowMetrics:
-    """Summarize one window and judge it against the thresholds."""
-    stable_scores = {o.request: o.score for o in stable if o.ok and o.score is not None}
-    pairs = [(stable_scores[o.request], o.score) for o in canary if o.ok and o.score is not None and o.request in stable_scores]
-    differences = np.abs(np.array([a - b for a, b in pairs], dtype=float))
-    metrics = WindowMetrics(
-        stable=_side(stable),
-        canary=_side(canary),
-        paired=len(pairs),
-        score_agreement=float((differences <= cfg.score_tolerance).mean()) if len(pairs) else 0.0,
-        max_score_difference=float(differences.max()) if len(pairs) else math.inf,
-    )
-    metrics.reasons = judge(metrics, cfg)
-    metrics.passed = not metrics.reasons
-    return metrics
-
-
-def judge(metrics: WindowMetrics, cfg: CanarySettings) -> list[str]:
-    """Every threshold the window breaks (empty: the window passed)."""
-    reasons = []
-    c, s = metrics.canary, metrics.stable
-    if c.requests < cfg.min_requests:
-        reasons.append(f"only {c.requests} requests reached the canary (at least {cfg.min_requests} are needed to judge)")
-    if c.error_rate > cfg.max_error_rate:
-        reasons.append(f"canary error rate {c.error_rate:.4f} > {cfg.max_error_rate:.4f}")
-    if c.error_rate > s.error_rate + cfg.max_error_rate_increase:
-        reasons.append(f"canary error rate {c.error_rate:.4f} exceeds stable's {s.error_rate:.4f} by more than {cfg.max_error_rate_increase:.4f}")
-    if c.p99_ms > cfg.max_p99_latency_ms:
-        reasons.append(f"canary p99 latency {c.p99_ms:.1f} ms > {cfg.max_p99_latency_ms:.1f} ms")
-    if math.isfinite(s.p99_ms) and c.p99_ms > s.p99_ms * cfg.max_p99_latency_ratio:
-        reasons.append(f"canary p99 latency {c.p99_ms:.1f} ms > {cfg.max_p99_latency_ratio:g}x stable's {s.p99_ms:.1f} ms")
-    if metrics.score_agreement < cfg.min_score_agreement:
-        reasons.append(
-            f"scores agree (within {cfg.score_tolerance:g}) on {metrics.score_agreement:.1%} of {metrics.paired} paired requests "
-            f"(< {cfg.min_score_agreement:.1%})"
-        )
-    return reasons
-
-
-def decide(windows: Sequence[WindowMetrics], cfg: CanarySettings) -> tuple[str, list[str]]:
-    """``rollback`` at the first failed window, ``promote`` after ``cfg.windows`` passed ones, else
-    ``continue``. Returns the verdict and its reasons."""
-    for index, window in enumerate(windows, start=1):
-        if not window.passed:
-            return ROLLBACK, [f"window {index}: {reason}" for reason in window.reasons]
-    if len(windows) >= cfg.windows:
-        return PROMOTE, [f"{len(windows)} of {cfg.windows} windows passed every threshold"]
-    return CONTINUE, [f"{len(windows)} of {cfg.windows} windows passed so far"]
-
-
-@dataclass
-class DecisionRecord:
-    """Why a candidate was promoted or rolled back: what was seen, against which thresholds."""
-
-    model_name: str
-    candidate: str
-    stable: str | None
-    target: str  # kserve | local
-    run_id: str
-    verdict: str
-    reasons: list[str]
-    thresholds: dict[str, Any]
-    windows: list[dict[str, Any]]
-    traffic_percent: int
-    started_at: str
-    decided_at: str
-    events: list[str] = field(default_factory=list)  # what was done, in order (API calls, registry changes)
-    uri: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# Canary decision: {self.verdict.upper()}",
-            "",
-            f"model **{self.model_name}** candidate `{self.candidate}` against stable `{self.stable}` "
-            f"({self.target}, {self.traffic_percent}% canary traffic), run `{self.run_id}`, decided {self.decided_at}",
-            "",
-            "## Why",
-            *[f"- {reason}" for reason in self.reasons],
-            "",
-            "## Windows",
-            "| window | canary req | canary err | stable err | canary p99 ms | stable p99 ms | agreement | passed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        def ms(value: float | None) -> str:
-            return "none answered" if value is None else f"{value:.1f}"
-
-        for index, w in enumerate(self.windows, start=1):
-            lines.append(
-                f"| {index} | {w['canary']['requests']} | {w['canary']['error_rate']:.4f} | {w['stable']['error_rate']:.4f} | "
-                f"{ms(w['canary']['p99_ms'])} | {ms(w['stable']['p99_ms'])} | {w['score_agreement']:.1%} | {w['passed']} |"
-            )
-        lines += ["", "## Thresholds", *[f"- `{k}`: {v}" for k, v in sorted(self.thresholds.items())],
-                  "", "## What was done", *[f"1. {e}" for e in self.events]]
-        return "\n".join(lines) + "\n"
-
-
-def window_dict(window: WindowMetrics) -> dict[str, Any]:
-    """A window as JSON-safe data (an infinite latency, from a side with no answer, becomes None)."""
-
-    def finite(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: finite(v) for k, v in value.items()}
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    return finite(asdict(window))
+# observe(percent, index) runs one window with the canary at ``percent``% and returns what was seen,
+# plus fields of the caller's own for the window's entry in the record (e.g. the client's statuses).
+ObserveWindow = Callable[[int, int], tuple[WindowObservations, dict[str, Any]]]
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def write_record(storage: Storage, record: DecisionRecord) -> DecisionRecord:
-    """Write the record as ``reports/canary/<run>/decision.json`` and ``decision.md``."""
-    folder = storage.uri("reports", "canary", record.run_id)
-    record.uri = f"{folder}/decision.json"
+@dataclass
+class DecisionRecord:
+    """Why a candidate was promoted or rolled back: every window seen, the thresholds, the verdict
+    and what was done about it, in order. One type for the local and the KServe target."""
+
+    model_name: str
+    candidate: str
+    stable: str | None
+    target: str  # local | kserve
+    run_id: str
+    thresholds: dict[str, Any]
+    steps: list[int]  # the canary's traffic percent in each planned window (KServe: one percent)
+    source: str = "replay"  # replay: held-out requests sent by the analysis; live: clients' own traffic
+    verdict: str = ""
+    reasons: list[str] = field(default_factory=list)
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    client: dict[str, Any] = field(default_factory=dict)  # what the replay's clients got (local)
+    final_canary_percent: int | None = None
+    started_at: str = field(default_factory=now)
+    decided_at: str = ""
+    duration_s: float = 0.0
+    events: list[str] = field(default_factory=list)  # what was done, in order (servers, API calls, registry)
+    meta: dict[str, Any] = field(default_factory=dict)
+    uri: str = ""
+    kind: str = RECORD_KIND
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe (an infinite or missing latency becomes None)."""
+        return finite(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DecisionRecord":
+        return cls(**data)
+
+    def to_markdown(self) -> str:
+        def num(value: Any, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        lines = [
+            f"# Canary decision: {self.verdict.upper()}",
+            "",
+            f"model **{self.model_name}** candidate `{self.candidate}` against stable `{self.stable}` "
+            f"({self.target}, canary at {', '.join(f'{s}%' for s in self.steps)}), run `{self.run_id}`, decided {self.decided_at}",
+            "",
+            "## Why",
+            *[f"- {reason}" for reason in self.reasons],
+            "",
+            "## Windows",
+            "| window | canary % | canary req | canary err | stable err | canary p99 ms | stable p99 ms | score agreement | decision agreement | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for index, w in enumerate(self.windows, start=1):
+            o = w["observations"]
+            c, s, a = o["canary"], o.get("stable_shadow") or o["stable"], o["agreement"]
+            lines.append(
+                f"| {index} | {w['step']} | {c['requests']} | {c['error_rate']:.4f} | {s['error_rate']:.4f} | "
+                f"{num(c['p99_ms'], '.1f')} | {num(s['p99_ms'], '.1f')} | {num(a['score_agreement'], '.1%')} | "
+                f"{num(a['decision_agreement'], '.1%')} | {w['verdict']} |"
+            )
+        if self.client:
+            lines += ["", f"Clients: {self.client.get('requests', 0)} requests, {self.client.get('failures', 0)} failed."]
+        lines += ["", "## Thresholds", *[f"- `{k}`: {v}" for k, v in sorted(self.thresholds.items())],
+                  "", "## What was done", *[f"1. {e}" for e in self.events]]
+        return "\n".join(lines) + "\n"
+
+
+def analyse(record: DecisionRecord, plan: Sequence[int], observe: ObserveWindow, thresholds: Thresholds) -> str:
+    """Run and judge the planned windows in order (``plan``: the canary's percent in each), appending
+    each to ``record.windows``. The first failed window stops it: ``rollback``; every window passed:
+    ``promote``. Sets the record's verdict and reasons and returns the verdict; acting on it (the
+    traffic, the registry) is the caller's."""
+    seen: dict[int, int] = {}
+    for index, percent in enumerate(plan):
+        seen[percent] = seen.get(percent, 0) + 1
+        started = now()
+        observations, extra = observe(percent, index)
+        judgement = judge(observations, thresholds)
+        record.windows.append({
+            "step": percent, "window": seen[percent], "started_at": started, "ended_at": now(), **extra,
+            "observations": observations.to_dict(), "verdict": judgement.verdict, "reasons": judgement.reasons,
+        })
+        if not judgement.passed:
+            record.verdict = ROLLBACK
+            record.reasons = [f"at {percent}% (window {seen[percent]}): {reason}" for reason in judgement.reasons]
+            return ROLLBACK
+    record.verdict = PROMOTE
+    record.reasons = [f"{len(plan)} window(s) at {', '.join(f'{s}%' for s in dict.fromkeys(plan))} passed every threshold"]
+    return PROMOTE
+
+
+def write_record(storage: Storage, record: DecisionRecord, uri: str | None = None) -> DecisionRecord:
+    """Write the record as JSON (default ``reports/canary/<run>/decision.json``) and markdown beside it."""
+    record.uri = uri or storage.uri("reports", "canary", record.run_id, "decision.json")
     storage.write_json(record.uri, record.to_dict())
-    storage.write_bytes(f"{folder}/decision.md", record.to_markdown().encode())
+    markdown_uri = record.uri[: -len(".json")] + ".md" if record.uri.endswith(".json") else record.uri + ".md"
+    storage.write_bytes(markdown_uri, record.to_markdown().encode())
     return record
 
 
-# ------------------------------------------------------------------ observing over HTTP
+def held_out_rows(storage: Storage, model: ModelVersion) -> list[dict[str, Any]]:
+    """The model's holdout rows (transactions it never trained on) as scoring requests' fields, in
+    time order."""
+    training_set_uri = (model.meta.get("training_set") or {}).get("uri")
+    if not training_set_uri:
+        raise DeployError(f"model {model.version} records no training set: no held-out requests to replay")
+    holdout_uri = storage.read_json(f"{training_set_uri}/manifest.json")["holdout_uri"]
+    frame = storage.read_parquet(holdout_uri, columns=REQUEST_FIELDS).to_pandas().sort_values("ts")
+    frame["ts"] = frame["ts"].map(lambda t: t.isoformat())
+    rows = frame.to_dict(orient="records")
+    if not rows:
+        raise DeployError(f"the holdout of model {model.version} is empty: no requests to replay")
+    return rows
+
+
+
+# ------------------------------------------------------------------ observing KServe's revisions over HTTP
 def replay(stable_url: str, canary_url: str, instances: Iterable[dict[str, Any]], model_name: str,
-           timeout_s: float = 5.0, start: int = 0) -> tuple[list[Observation], list[Observation]]:
-    """Send each request (a v1 instance) to both versions, one after the other, and observe each answer."""
+           thresholds: Thresholds, canary_percent: int = 0, timeout_s: float = 5.0) -> WindowObservations:
+    """Send each request (a v1 instance) to both revisions, one after the other, and summarise what
+    each answered as one window (every stable call is the canary's twin: a shadow)."""
     import httpx
 
-    stable: list[Observation] = []
-    canary: list[Observation] = []
+    samples: list[Sample] = []
+    pairs: list[ScorePair] = []
+    requests = 0
     with httpx.Client(timeout=timeout_s) as client:
-        for index, instance in enumerate(instances, start=start):
-            for url, out in ((stable_url, stable), (canary_url, canary)):
-                out.append(_observe(client, f"{url.rstrip('/')}/v1/models/{model_name}:predict", index, instance))
-    return stable, canary
+        for instance in instances:
+            requests += 1
+            stable = _observe(client, f"{stable_url.rstrip('/')}/v1/models/{model_name}:predict", "stable", instance)
+            canary = _observe(client, f"{canary_url.rstrip('/')}/v1/models/{model_name}:predict", "canary", instance)
+            samples += [stable[0], canary[0]]
+            if stable[1] is not None and canary[1] is not None:
+                pairs.append(ScorePair((stable[1],), (canary[1],)))
+    client_counts = {"requests": requests, "to_canary": requests, "answered_by_canary": 0, "fallbacks": 0, "failures": 0}
+    return summarise(samples, pairs, client_counts, thresholds, canary_percent)
 
 
-def _observe(client: Any, url: str, index: int, instance: dict[str, Any]) -> Observation:
+def _observe(client: Any, url: str, arm: str, instance: dict[str, Any]) -> tuple[Sample, float | None]:
     import httpx
 
     started = time.perf_counter()
@@ -221,8 +178,12 @@ def _observe(client: Any, url: str, index: int, instance: dict[str, Any]) -> Obs
         response = client.post(url, json={"instances": [instance]})
         latency = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
-            return Observation(index, False, latency, error=f"HTTP {response.status_code}")
+            return Sample(arm, False, latency, f"HTTP {response.status_code}", shadow=arm == "stable"), None
         score = float(response.json()["predictions"][0]["fraud_probability"])
-        return Observation(index, True, latency, score)
+        return Sample(arm, True, latency, shadow=arm == "stable"), score
+    except httpx.TimeoutException:
+        return Sample(arm, False, (time.perf_counter() - started) * 1000, f"timeout after {client.timeout.read}s", True,
+                      shadow=arm == "stable"), None
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-        return Observation(index, False, (time.perf_counter() - started) * 1000, error=f"{type(exc).__name__}: {exc}")
+        return Sample(arm, False, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}",
+                      shadow=arm == "stable"), None

@@ -1,8 +1,10 @@
 """The deploy step: a version the gate blessed is released to ``deploy.target``.
 
-``local``: it becomes the registry's production version, which `flywheel serve` loads.
-``kserve``: it rolls out on the InferenceService as a canary, is analysed, and is promoted or rolled
-back (:mod:`flywheel.deploy.release`); the decision record says why.
+``local``: it is rolled out against production as a canary between two `flywheel serve` processes
+behind the splitting proxy (:mod:`flywheel.deploy.local`), judged, and promoted to the registry's
+production version (which `flywheel serve` follows) or rolled back. ``kserve``: it rolls out on the
+InferenceService as a canary and is promoted or rolled back the same way
+(:mod:`flywheel.deploy.release`). Either way the decision record says why.
 """
 
 from __future__ import annotations
@@ -28,27 +30,20 @@ def check_blessed(model_version: str, evaluation: dict[str, Any]) -> None:
         )
 
 
-def deploy(storage: Storage, settings: Settings, model_version: str, evaluation: dict[str, Any], run_id: str) -> ModelVersion:
-    """Promote a blessed version to production (locally); refuses a version the gate did not bless."""
-    check_blessed(model_version, evaluation)
-    registry = Registry(storage, settings.model_name)
-    current = registry.production()
-    if current is not None and current.version == model_version:
-        return current
-    return registry.promote(model_version, run_id=run_id, reason="; ".join(evaluation.get("reasons", [])))
-
-
 def release(storage: Storage, settings: Settings, model_version: str, evaluation: dict[str, Any], run_id: str,
             target: str | None = None, api_client: Any = None) -> tuple[ModelVersion | None, dict[str, Any] | None]:
     """Release a blessed version to ``target`` (default ``deploy.target``). Returns the production
-    version afterwards and, on KServe, the canary decision record."""
+    version afterwards and the canary decision record."""
     target = target or settings.deploy.target
-    if target == "local":
-        return deploy(storage, settings, model_version, evaluation, run_id), None
-    from flywheel.deploy.release import release_on_kserve
-
     check_blessed(model_version, evaluation)
-    record = release_on_kserve(storage, settings, model_version, run_id, api_client=api_client)
+    if target == "local":
+        from flywheel.deploy.local import release_locally
+
+        record = release_locally(storage, settings, model_version, run_id)
+    else:
+        from flywheel.deploy.release import release_on_kserve
+
+        record = release_on_kserve(storage, settings, model_version, run_id, api_client=api_client)
     return Registry(storage, settings.model_name).production(), record.to_dict()
 
 

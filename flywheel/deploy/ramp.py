@@ -10,7 +10,6 @@ a canary rollout must never fail a client request.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import math
@@ -18,15 +17,14 @@ import time
 from collections import Counter
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from flywheel.deploy.canary_local import Thresholds, WindowObservations, finite, judge
+from flywheel.deploy.analysis import Thresholds, WindowObservations
+from flywheel.deploy.canary import PROMOTE, DecisionRecord, analyse, now, write_record
 from flywheel.errors import CanaryError, first_line
 from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage
 
 log = logging.getLogger(__name__)
 
-PROMOTE, ROLLBACK = "promote", "rollback"
-RECORD_KIND = "flywheel.canary-decision/local/v1"
 
 
 class TrafficControl(Protocol):
@@ -71,10 +69,6 @@ def _check_steps(steps: Sequence[int]) -> list[int]:
     return steps
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
-
-
 async def _send(url: str, bodies: Sequence[bytes], start: int, count: int, concurrency: int, timeout_s: float) -> Counter[str]:
     """Send ``count`` bodies (from ``start``, cycling) to ``url``, ``concurrency`` at a time; the
     answers' statuses (or the transport error's type) counted."""
@@ -113,6 +107,7 @@ def ramp_canary(
     *,
     steps: Sequence[int] = (10, 50),
     window_requests: int = 500,
+    canary_window_requests: int | None = None,
     windows_per_step: int = 1,
     thresholds: Thresholds | None = None,
     concurrency: int = 16,
@@ -121,22 +116,24 @@ def ramp_canary(
     storage: Storage | None = None,
     record_uri: str | None = None,
     meta: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Ramp the canary through ``steps`` (percents), ``windows_per_step`` windows of
-    ``window_requests`` replayed requests each, judging every window with
-    :func:`flywheel.deploy.canary_local.judge`. The first failed window rolls back (0%, at once);
-    passing them all promotes (100%). Returns the decision record, also written as JSON to
+    record: DecisionRecord | None = None,
+) -> DecisionRecord:
+    """Ramp the canary through ``steps`` (percents), ``windows_per_step`` windows each, judging every
+    window with :func:`flywheel.deploy.analysis.judge` (through :func:`flywheel.deploy.canary.analyse`).
+    The first failed window rolls back (0%, at once); passing them all promotes (100%). Returns the
+    decision record (``record``, filled in, or a new one), also written (JSON and markdown) to
     ``record_uri`` through ``storage`` when both are given.
 
-    ``replay`` None: no requests are sent; each window is the next ``window_requests`` requests of
-    live traffic through the proxy (judged with what came, if fewer came in ``live_window_timeout_s``).
-    ``path``: the predict path requests are sent to through the proxy, e.g.
-    ``/v1/models/fraud:predict``; ``meta``: what the caller adds to the record (model name,
-    versions, run id).
+    A window is ``window_requests`` requests, or with ``canary_window_requests`` as many as give the
+    canary that many at the step's share (100 at 10%: 1,000 requests). ``replay`` None: no requests
+    are sent; each window is the next requests of live traffic through the proxy (judged with what
+    came, if fewer came in ``live_window_timeout_s``). ``path``: the predict path requests are sent
+    to through the proxy, e.g. ``/v1/models/fraud:predict``; ``meta``: what the caller adds to the
+    record.
     """
     steps = _check_steps(steps)
     thresholds = thresholds or Thresholds()
-    if window_requests < 1 or windows_per_step < 1 or concurrency < 1:
+    if window_requests < 1 or windows_per_step < 1 or concurrency < 1 or (canary_window_requests or 1) < 1:
         raise CanaryError("window_requests, windows_per_step and concurrency must each be at least 1")
     if replay is not None and not replay:
         raise CanaryError("the replay has no requests to send (pass None to judge live traffic instead)")
@@ -146,74 +143,55 @@ def ramp_canary(
         raise CanaryError("give both storage and record_uri to write the decision record, or neither")
     bodies = [body if isinstance(body, bytes) else json.dumps(body).encode() for body in replay or []]
     url = proxy.url.rstrip("/") + path
+    meta = dict(meta or {})
+    if record is None:
+        record = DecisionRecord(model_name=str(meta.get("model_name", "")), candidate=str(meta.get("candidate", "")),
+                                stable=meta.get("stable"), target="local", run_id=str(meta.get("run_id", "")),
+                                thresholds={}, steps=[])
+    record.meta.update(meta, proxy=proxy.url, path=path, concurrency=concurrency, windows_per_step=windows_per_step)
+    record.thresholds, record.steps = thresholds.to_dict(), steps
+    record.source = "replay" if replay is not None else "live"
 
-    record: dict[str, Any] = {
-        "kind": RECORD_KIND,
-        "meta": dict(meta or {}),
-        "proxy": proxy.url,
-        "path": path,
-        "steps": steps,
-        "window_requests": window_requests,
-        "windows_per_step": windows_per_step,
-        "source": "replay" if replay is not None else "live",
-        "concurrency": concurrency,
-        "thresholds": thresholds.to_dict(),
-        "windows": [],
-        "client": {"requests": 0, "failures": 0, "statuses": {}},
-        "started_at": _now(),
-    }
+    def size(step: int) -> int:
+        return math.ceil(canary_window_requests * 100 / step) if canary_window_requests else window_requests
+
     clock = time.perf_counter()
     client: Counter[str] = Counter()
-    verdict, reasons = PROMOTE, []
     sent = 0
-    for step in steps:
-        for index in range(windows_per_step):
-            proxy.set_canary_percent(step)  # the counter restarts: the window's split is exact
-            proxy.take_window()  # what came before (live requests under the previous share) is not judged
-            started = _now()
-            if replay is None:
-                outcomes = asyncio.run(_await_live(proxy, window_requests, live_window_timeout_s))
-            else:
-                outcomes = asyncio.run(_send(url, bodies, sent, window_requests, concurrency, request_timeout_s))
-            sent += window_requests
-            client.update(outcomes)
-            observations = proxy.take_window(thresholds)
-            judgement = judge(observations, thresholds)
-            record["windows"].append({
-                "step": step, "window": index + 1, "started_at": started, "ended_at": _now(),
-                "client_statuses": dict(outcomes), "observations": observations.to_dict(),
-                "verdict": judgement.verdict, "reasons": judgement.reasons,
-            })
-            log.info("canary at %d%%, window %d: %s (%s)", step, index + 1, judgement.verdict, "; ".join(judgement.reasons))
-            if not judgement.passed:
-                proxy.set_canary_percent(0)  # roll back first, write down why after
-                verdict = ROLLBACK
-                reasons = [f"at {step}% (window {index + 1}): {reason}" for reason in judgement.reasons]
-                break
-        if verdict == ROLLBACK:
-            break
-    else:
-        proxy.set_canary_percent(100)
-        reasons = [f"{len(record['windows'])} window(s) at {', '.join(f'{s}%' for s in steps)} passed every threshold"]
 
-    record.update(
-        verdict=verdict,
-        reasons=reasons,
-        final_canary_percent=0 if verdict == ROLLBACK else 100,
-        decided_at=_now(),
-        duration_s=round(time.perf_counter() - clock, 3),
-    )
-    record["client"] = {
+    def observe(step: int, _: int) -> tuple[WindowObservations, dict[str, Any]]:
+        nonlocal sent
+        proxy.set_canary_percent(step)  # the counter restarts: the window's split is exact
+        proxy.take_window()  # what came before (live requests under the previous share) is not judged
+        if replay is None:
+            outcomes = asyncio.run(_await_live(proxy, size(step), live_window_timeout_s))
+        else:
+            outcomes = asyncio.run(_send(url, bodies, sent, size(step), concurrency, request_timeout_s))
+        sent += size(step)
+        client.update(outcomes)
+        observations = proxy.take_window(thresholds)
+        log.info("canary at %d%%: %d requests, %d to the canary", step, observations.client.get("requests", 0),
+                 observations.canary.requests)
+        return observations, {"client_statuses": dict(outcomes)}
+
+    plan = [step for step in steps for _ in range(windows_per_step)]
+    verdict = analyse(record, plan, observe, thresholds)
+    # Roll back first (at once), write down why after.
+    record.final_canary_percent = 100 if verdict == PROMOTE else 0
+    proxy.set_canary_percent(record.final_canary_percent)
+    record.events.append(f"proxy: canary traffic {record.final_canary_percent}%")
+    record.decided_at = now()
+    record.duration_s = round(time.perf_counter() - clock, 3)
+    record.client = {
         "requests": sum(client.values()),
         "failures": sum(n for status, n in client.items() if not (status.isdigit() and int(status) < 500)),
         "statuses": dict(client),
     }
-    record = finite(record)
+    log.info("canary %s: %s", verdict, "; ".join(record.reasons))
     if storage is not None and record_uri is not None:
-        record["uri"] = record_uri
         try:
-            storage.write_json(record_uri, record)
+            write_record(storage, record, record_uri)
         except Exception as exc:  # the decision is made and applied; say where its record could not go
-            raise CanaryError(f"the canary's {verdict} was applied (traffic {record['final_canary_percent']}%) but its "
+            raise CanaryError(f"the canary's {verdict} was applied (traffic {record.final_canary_percent}%) but its "
                               f"decision record could not be written to {record_uri}: {first_line(exc)}") from exc
     return record

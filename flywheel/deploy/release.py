@@ -6,7 +6,7 @@
    ``canaryTrafficPercent: 0`` and the registry archives the candidate.
 2. ``windows`` windows of held-out requests (rows of the candidate's holdout, as scoring requests)
    go to both tag-routed revisions (``prev``: stable, ``latest``: canary); each window is judged by
-   :mod:`flywheel.deploy.canary`.
+   :func:`flywheel.deploy.canary.analyse` (the same judge as the local target's).
 3. Promote: ``canaryTrafficPercent: 100`` and the registry makes the candidate production (refused
    if another promotion landed meanwhile). Rollback: 0%, and the candidate is archived.
 The decision record (metrics seen, thresholds, verdict, every action taken) is written to storage.
@@ -20,35 +20,28 @@ from typing import Any, Callable, Iterator
 
 from flywheel.config import Settings
 from flywheel.deploy import canary
+from flywheel.deploy.analysis import Thresholds, WindowObservations
 from flywheel.deploy.kserve import KServeClient, render_inference_service, service_name
 from flywheel.errors import DeployError
 from flywheel.registry import ModelVersion, Registry
-from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage
 
 log = logging.getLogger(__name__)
-Observe = Callable[[str, str, list[dict[str, Any]], int], tuple[list[canary.Observation], list[canary.Observation]]]
+# observe(stable_url, canary_url, instances, canary_percent): one window of both revisions' answers.
+Observe = Callable[[str, str, list[dict[str, Any]], int], WindowObservations]
 
 
 def held_out_requests(storage: Storage, model: ModelVersion) -> Iterator[dict[str, Any]]:
     """The candidate's holdout rows (never trained on) as scoring requests, in time order, forever
     (cycling) so any number of windows can be filled."""
-    training_set_uri = (model.meta.get("training_set") or {}).get("uri")
-    if not training_set_uri:
-        raise DeployError(f"model {model.version} records no training set: no held-out requests to replay")
-    holdout_uri = storage.read_json(f"{training_set_uri}/manifest.json")["holdout_uri"]
-    frame = storage.read_parquet(holdout_uri, columns=REQUEST_FIELDS).to_pandas().sort_values("ts")
-    frame["ts"] = frame["ts"].map(lambda t: t.isoformat())
-    rows = frame.to_dict(orient="records")
-    if not rows:
-        raise DeployError(f"the holdout of model {model.version} is empty: no requests to replay")
+    rows = canary.held_out_rows(storage, model)
     while True:
         yield from rows
 
 
-def http_observer(model_name: str, timeout_s: float = 5.0) -> Observe:
-    def observe(stable_url: str, canary_url: str, instances: list[dict[str, Any]], start: int) -> tuple[list[canary.Observation], list[canary.Observation]]:
-        return canary.replay(stable_url, canary_url, instances, model_name, timeout_s=timeout_s, start=start)
+def http_observer(model_name: str, thresholds: Thresholds, timeout_s: float = 5.0) -> Observe:
+    def observe(stable_url: str, canary_url: str, instances: list[dict[str, Any]], percent: int) -> WindowObservations:
+        return canary.replay(stable_url, canary_url, instances, model_name, thresholds, percent, timeout_s=timeout_s)
 
     return observe
 
@@ -70,15 +63,16 @@ def release_on_kserve(
     stable = registry.production()
     kserve = KServeClient(settings, api_client)
     name = service_name(settings)
-    started = canary.now()
+    thresholds = Thresholds.from_object(cfg)
     record = canary.DecisionRecord(
         model_name=settings.model_name, candidate=candidate.version, stable=stable.version if stable else None,
-        target="kserve", run_id=run_id, verdict="", reasons=[], thresholds=cfg.model_dump(), windows=[],
-        traffic_percent=cfg.traffic_percent, started_at=started, decided_at="",
+        target="kserve", run_id=run_id, thresholds=thresholds.to_dict(), steps=[cfg.traffic_percent],
+        meta={"windows": cfg.windows, "window_requests": cfg.window_requests},
     )
 
     def finish(verdict: str, reasons: list[str]) -> canary.DecisionRecord:
         record.verdict, record.reasons, record.decided_at = verdict, reasons, canary.now()
+        record.final_canary_percent = 100 if verdict == canary.PROMOTE else 0
         canary.write_record(storage, record)
         log.info("deploy: %s %s (%s); record %s", verdict, candidate.version, "; ".join(reasons), record.uri)
         return record
@@ -110,17 +104,14 @@ def release_on_kserve(
     record.events.append(f"InferenceService {name}: the canary revision is Ready")
 
     stable_url, canary_url = status.tag_url("prev"), status.tag_url("latest")
-    observe = observe or http_observer(settings.model_name)
+    observe = observe or http_observer(settings.model_name, thresholds)
     requests = requests if requests is not None else held_out_requests(storage, candidate)
-    windows: list[canary.WindowMetrics] = []
-    verdict, reasons = canary.CONTINUE, []
-    while verdict == canary.CONTINUE:
-        batch = [next(requests) for _ in range(cfg.window_requests)]
-        stable_obs, canary_obs = observe(stable_url, canary_url, batch, len(windows) * cfg.window_requests)
-        window = canary.window_metrics(stable_obs, canary_obs, cfg)
-        windows.append(window)
-        record.windows.append(canary.window_dict(window))
-        verdict, reasons = canary.decide(windows, cfg)
+
+    def window(percent: int, _: int) -> tuple[WindowObservations, dict[str, Any]]:
+        return observe(stable_url, canary_url, [next(requests) for _ in range(cfg.window_requests)], percent), {}
+
+    verdict = canary.analyse(record, [cfg.traffic_percent] * cfg.windows, window, thresholds)
+    reasons = record.reasons
     if verdict == canary.ROLLBACK:
         _rollback(kserve, registry, name, candidate, run_id, "; ".join(reasons), record)
         return finish(verdict, reasons)

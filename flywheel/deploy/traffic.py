@@ -11,7 +11,7 @@ connection, a timeout, an answer without readable scores, a 4xx for a request st
 answered from stable, so a client never sees one. The canary's timeout is ``canary_timeout_s`` if
 set, else ``canary_timeout_factor`` x stable's recent p99 latency (never below
 ``canary_timeout_floor_s``). Both arms' calls and the pairs of scores are recorded;
-:meth:`SplittingProxy.take_window` summarises and resets them (see :mod:`flywheel.deploy.canary_local`).
+:meth:`SplittingProxy.take_window` summarises and resets them (see :mod:`flywheel.deploy.analysis`).
 
 :class:`SplittingProxy` runs on the caller's event loop; :func:`start_proxy` runs one on a
 thread of its own and returns a synchronous handle, :class:`RunningProxy`.
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.deploy.canary_local import Sample, ScorePair, Thresholds, WindowObservations, summarise
+from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, WindowObservations, summarise
 from flywheel.errors import CanaryError, first_line
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from flywheel.deploy.canary_local import Thresholds
+from flywheel.deploy.analysis import Thresholds
 from flywheel.deploy.ramp import ramp_canary, v1_bodies
 from flywheel.deploy.traffic import ARM_HEADER, start_proxy
 from flywheel.errors import CanaryError
@@ -114,6 +114,11 @@ class BackgroundClients:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout=60)
+
+
+def ramp(*args, **options) -> dict:
+    """The ramp's decision record, as the JSON it is written as."""
+    return ramp_canary(*args, **options).to_dict()
 
 
 def arms_of(url: str, bodies: list[dict]) -> list[str]:
@@ -235,7 +240,7 @@ def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay
     storage = Storage(str(tmp_path))
     uri = storage.uri("reports", "canary", f"{canary}.json")
     with rollout(servers, canary) as (proxy, live):
-        record = ramp_canary(proxy, replay, V1, steps=[20, 50], window_requests=250, concurrency=16,
+        record = ramp(proxy, replay, V1, steps=[20, 50], window_requests=250, concurrency=16,
                              storage=storage, record_uri=uri, meta={"candidate": canary})
         assert proxy.canary_percent == 0
         after = arms_of(proxy.url + V1, replay[:30])
@@ -262,7 +267,7 @@ def test_a_bad_canary_is_rolled_back_and_no_client_request_fails(servers, replay
 
 def test_a_canary_that_disagrees_with_stable_is_rolled_back(servers, replay):
     with rollout(servers, "shuffled") as (proxy, live):
-        record = ramp_canary(proxy, replay, V1, steps=[20, 50], window_requests=250)
+        record = ramp(proxy, replay, V1, steps=[20, 50], window_requests=250)
     assert record["verdict"] == "rollback"
     assert any("fraud decisions" in r for r in record["reasons"]) and any("mean |p_stable - p_canary|" in r for r in record["reasons"])
     assert record["client"]["failures"] == 0 and live.failures == 0
@@ -272,13 +277,13 @@ def test_a_good_canary_is_promoted_and_its_record_says_why(servers, replay, tmp_
     storage = Storage(str(tmp_path))
     uri = storage.uri("reports", "canary", "run-1", "decision.json")
     with start_proxy(servers["stable"], servers["good"]) as proxy:
-        record = ramp_canary(proxy, replay, V1, steps=[10, 50], window_requests=500, concurrency=16,
+        record = ramp(proxy, replay, V1, steps=[10, 50], window_requests=500, concurrency=16,
                              storage=storage, record_uri=uri, meta={"candidate": "v2", "stable": "v1"})
         assert proxy.canary_percent == 100
         assert arms_of(proxy.url + V1, replay[:10]) == ["canary"] * 10
     assert record["verdict"] == "promote" and record["final_canary_percent"] == 100, record["reasons"]
     assert record["thresholds"] == Thresholds().to_dict()
-    assert record["meta"] == {"candidate": "v2", "stable": "v1"} and record["steps"] == [10, 50]
+    assert record["meta"]["candidate"] == "v2" and record["meta"]["stable"] == "v1" and record["steps"] == [10, 50]
     assert [w["step"] for w in record["windows"]] == [10, 50]
     for window, share in zip(record["windows"], (50, 250)):  # the counter split is exact
         observed = window["observations"]
@@ -296,7 +301,7 @@ def test_live_traffic_alone_can_judge_and_roll_back_a_canary(servers):
     """No replay: the windows are the live clients' own requests, and none of them fails."""
     with start_proxy(servers["stable"], servers["erroring"]) as proxy:
         with BackgroundClients(proxy.url + V1, threads=6) as live:
-            record = ramp_canary(proxy, None, V1, steps=[20, 50], window_requests=250, live_window_timeout_s=120)
+            record = ramp(proxy, None, V1, steps=[20, 50], window_requests=250, live_window_timeout_s=120)
             assert proxy.canary_percent == 0
     assert record["source"] == "live" and record["verdict"] == "rollback", record["reasons"]
     observed = record["windows"][0]["observations"]

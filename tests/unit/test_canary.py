@@ -1,4 +1,7 @@
-"""The canary decision: a pure function of observation windows and thresholds from settings."""
+"""The canary decision both targets share: the loop over windows (first failure rolls back, all
+passing promotes), the decision record, and observing two revisions over HTTP. The thresholds are
+the real defaults from settings, never lowered for a test; each threshold on its own is tested in
+test_analysis.py."""
 
 from __future__ import annotations
 
@@ -11,74 +14,84 @@ import pytest
 
 from flywheel.config import CanarySettings, load_settings
 from flywheel.deploy import canary
-from flywheel.deploy.canary import Observation, decide, window_metrics
+from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, summarise
 from flywheel.storage import Storage
 
 CFG = CanarySettings()  # the real defaults, never lowered for a test
+THRESHOLDS = Thresholds.from_object(CFG)
+CLIENT = {"requests": 0, "to_canary": 0, "answered_by_canary": 0, "fallbacks": 0, "failures": 0}
 
 
-def side(n, *, errors=0, latency=5.0, score=lambda i: 0.02 + (i % 7) / 100, start=0):
-    return [Observation(start + i, i >= errors, latency + (i % 10) * 0.1, score(i) if i >= errors else None) for i in range(n)]
+def window(n=200, *, errors=0, latency=5.0, canary_latency=None, disagree_every=0, percent=10):
+    """n requests sent to both arms: stable at ``latency`` ms, the canary at ``canary_latency``; the
+    first ``errors`` canary calls fail; every ``disagree_every``-th canary score is 0.9 instead of stable's."""
+    canary_latency = latency if canary_latency is None else canary_latency
+    samples, pairs = [], []
+    for i in range(n):
+        score = 0.02 + (i % 7) / 100
+        samples.append(Sample("stable", True, latency + (i % 10) * 0.1, shadow=True))
+        ok = i >= errors
+        samples.append(Sample("canary", ok, canary_latency + (i % 10) * 0.1, "" if ok else "HTTP 500"))
+        if ok:
+            pairs.append(ScorePair((score,), (0.9 if disagree_every and i % disagree_every == 0 else score,)))
+    return summarise(samples, pairs, CLIENT, THRESHOLDS, percent)
 
 
-def test_a_good_canary_passes_every_window_and_is_promoted():
-    windows = [window_metrics(side(200), side(200, latency=6.0), CFG) for _ in range(CFG.windows)]
-    assert all(w.passed for w in windows)
-    verdict, reasons = decide(windows, CFG)
-    assert verdict == "promote" and "3 of 3 windows passed" in reasons[0]
-    assert decide(windows[:2], CFG)[0] == "continue"
+def record():
+    return canary.DecisionRecord("fraud", "v2", "v1", "kserve", "run-1", THRESHOLDS.to_dict(), [10])
 
 
-def test_an_erroring_canary_is_rolled_back_on_the_first_window():
-    window = window_metrics(side(200), side(200, errors=10), CFG)  # 5% of requests fail
-    assert window.canary.error_rate == pytest.approx(10 / 200) and window.stable.error_rate == 0
-    verdict, reasons = decide([window], CFG)
-    assert verdict == "rollback" and any("canary error rate 0.0500 > 0.0100" in r for r in reasons)
+def test_every_window_passing_promotes_after_the_whole_plan():
+    seen = []
+
+    def observe(percent, index):
+        seen.append((percent, index))
+        return window(percent=percent), {"note": index}
+
+    rec = record()
+    assert canary.analyse(rec, [10, 10, 50], observe, THRESHOLDS) == "promote"
+    assert seen == [(10, 0), (10, 1), (50, 2)]
+    assert [(w["step"], w["window"], w["note"], w["verdict"]) for w in rec.windows] == [(10, 1, 0, "pass"), (10, 2, 1, "pass"), (50, 1, 2, "pass")]
+    assert rec.verdict == "promote" and rec.reasons == ["3 window(s) at 10%, 50% passed every threshold"]
 
 
-def test_a_ten_times_slower_canary_is_rolled_back():
-    window = window_metrics(side(200, latency=5.0), side(200, latency=50.0), CFG)
-    verdict, reasons = decide([window], CFG)
-    assert verdict == "rollback"
-    assert any("p99 latency" in r and "2x stable's" in r for r in reasons)
-    # p99 by the definition (numpy's linear interpolation) computed independently here:
-    latencies = sorted(50.0 + (i % 10) * 0.1 for i in range(200))
-    rank = 0.99 * (len(latencies) - 1)
-    expected = latencies[int(rank)] + (latencies[int(rank) + 1] - latencies[int(rank)]) * (rank - int(rank))
-    assert window.canary.p99_ms == pytest.approx(expected)
-
-
-def test_a_canary_that_disagrees_with_stable_is_rolled_back():
-    window = window_metrics(side(200), side(200, score=lambda i: 0.9 if i % 4 == 0 else 0.02 + (i % 7) / 100), CFG)
-    assert window.score_agreement == pytest.approx(150 / 200)
-    verdict, reasons = decide([window], CFG)
-    assert verdict == "rollback" and any("scores agree" in r for r in reasons)
-
-
-def test_a_window_too_small_to_judge_counts_against_the_canary():
-    verdict, reasons = decide([window_metrics(side(20), side(20), CFG)], CFG)
-    assert verdict == "rollback" and any("only 20 requests reached the canary" in r for r in reasons)
+@pytest.mark.parametrize("bad, reason", [
+    (dict(errors=10), "canary error rate 0.0500 > 0.0100"),  # 5% of requests fail
+    (dict(canary_latency=50.0), "2x stable's on the same requests"),  # ten times slower
+    (dict(disagree_every=4), "scores agree within 0.1 on 75.0%"),
+    (dict(n=20), "only 20 requests reached the canary"),
+])
+def test_the_first_bad_window_rolls_back_and_stops_the_plan(bad, reason):
+    windows = iter([window(), window(**bad), window()])
+    rec = record()
+    assert canary.analyse(rec, [10, 10, 10], lambda p, i: (next(windows), {}), THRESHOLDS) == "rollback"
+    assert len(rec.windows) == 2 and rec.windows[1]["verdict"] == "rollback"
+    assert any(r.startswith("at 10% (window 2): ") and reason in r for r in rec.reasons), rec.reasons
 
 
 def test_thresholds_come_from_settings(tmp_path):
     settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DEPLOY__CANARY__MAX_P99_LATENCY_RATIO": "20",
-                                  "FLYWHEEL_DEPLOY__CANARY__MAX_P99_LATENCY_MS": "1000"})
-    window = window_metrics(side(200, latency=5.0), side(200, latency=50.0), settings.deploy.canary)
-    assert window.passed
+                                  "FLYWHEEL_DEPLOY__CANARY__MAX_P99_LATENCY_MS": "1000",
+                                  "FLYWHEEL_DEPLOY__CANARY__MIN_DECISION_AGREEMENT": "0.5"})
+    thresholds = Thresholds.from_object(settings.deploy.canary)
+    assert (thresholds.max_p99_latency_ratio, thresholds.min_decision_agreement) == (20, 0.5)
+    assert canary.analyse(record(), [10], lambda p, i: (window(canary_latency=50.0), {}), thresholds) == "promote"
+    assert Thresholds.from_object(CanarySettings()) == Thresholds()  # one set of defaults
 
 
 def test_the_decision_record_is_written_as_json_and_markdown(tmp_path):
     storage = Storage(str(tmp_path))
-    windows = [window_metrics(side(200), side(200, errors=10), CFG)]
-    verdict, reasons = decide(windows, CFG)
-    record = canary.DecisionRecord("fraud", "v2", "v1", "kserve", "run-1", verdict, reasons, CFG.model_dump(),
-                                   [canary.window_dict(w) for w in windows], 10, canary.now(), canary.now(), ["patched"])
-    canary.write_record(storage, record)
-    stored = storage.read_json(record.uri)
+    rec = record()
+    canary.analyse(rec, [10], lambda p, i: (window(errors=10), {}), THRESHOLDS)
+    rec.events.append("patched")
+    canary.write_record(storage, rec)
+    stored = storage.read_json(rec.uri)
+    assert rec.uri.endswith("reports/canary/run-1/decision.json")
     assert stored["verdict"] == "rollback" and stored["thresholds"]["max_error_rate"] == 0.01
-    assert stored["windows"][0]["canary"]["errors"] == 10
-    markdown = storage.read_bytes(record.uri.replace(".json", ".md")).decode()
-    assert "# Canary decision: ROLLBACK" in markdown and "| 1 | 200 | 0.0500 |" in markdown
+    assert stored["windows"][0]["observations"]["canary"]["errors"] == 10
+    assert canary.DecisionRecord.from_dict(stored).to_dict() == stored
+    markdown = storage.read_bytes(rec.uri.replace(".json", ".md")).decode()
+    assert "# Canary decision: ROLLBACK" in markdown and "| 1 | 10 | 200 | 0.0500 |" in markdown
 
 
 # ------------------------------------------------------------------ observing over real HTTP
@@ -131,9 +144,9 @@ def predictors():
 def test_replay_sends_each_request_to_both_versions_and_observes_them(predictors):
     good, failing = predictors
     instances = [{"amount": float(a)} for a in (10, 20, 30)]
-    stable, canary_obs = canary.replay(good, failing, instances, "fraud", start=5)
-    assert [o.request for o in stable] == [5, 6, 7] and [o.score for o in stable] == pytest.approx([0.01, 0.02, 0.03])
-    assert all(o.ok and o.latency_ms > 0 for o in stable)
-    assert all(not o.ok and o.error == "HTTP 500" for o in canary_obs)
-    window = window_metrics(stable, canary_obs, CFG)
-    assert window.canary.error_rate == 1.0 and window.paired == 0
+    both_good = canary.replay(good, good, instances, "fraud", THRESHOLDS, 10)
+    assert (both_good.stable.requests, both_good.canary.requests, both_good.agreement.pairs) == (3, 3, 3)
+    assert both_good.agreement.max_abs_diff == 0.0 and both_good.stable.p50_ms > 0
+    observed = canary.replay(good, failing, instances, "fraud", THRESHOLDS, 10)
+    assert observed.stable.errors == 0 and observed.canary.error_rate == 1.0 and observed.agreement.pairs == 0
+    assert observed.canary.error_examples == ["HTTP 500"] and observed.canary_percent == 10

@@ -5,7 +5,7 @@ import pytest
 
 from flywheel.config import GateSettings, load_settings
 from flywheel.errors import DataError
-from flywheel.evaluation import Comparison, gate, ranking_metrics
+from flywheel.evaluation import Comparison, brier_skill, gate, ranking_metrics
 
 DEFAULTS = GateSettings()
 
@@ -26,7 +26,7 @@ def comparison(candidate, production, rows=5000, positives=80):
 
 
 def good(**changes):
-    metrics = {"roc_auc": 0.90, "pr_auc": 0.30, "recall_at_fpr": 0.40}
+    metrics = {"roc_auc": 0.90, "pr_auc": 0.30, "recall_at_fpr": 0.40, "brier_skill": 0.18}
     metrics.update(changes)
     return metrics
 
@@ -35,6 +35,7 @@ def test_the_defaults_are_the_documented_floors():
     settings = load_settings(env={})
     assert settings.gate == DEFAULTS
     assert (DEFAULTS.min_roc_auc, DEFAULTS.min_pr_auc, DEFAULTS.recall_at_fpr) == (0.80, 0.20, 0.01)
+    assert DEFAULTS.min_brier_skill == 0.02
 
 
 def test_ranking_metrics_of_a_perfect_and_a_reversed_scorer():
@@ -52,6 +53,15 @@ def test_recall_at_fpr_matches_a_naive_threshold_sweep(fpr):
     assert ranking_metrics(labels, scores, fpr)["recall_at_fpr"] == pytest.approx(naive_recall_at_fpr(labels, scores, fpr))
 
 
+def test_brier_skill_against_the_base_rate_forecast():
+    labels = np.array([0, 0, 0, 1])  # rate 0.25: the constant forecast's Brier is 0.25 * 0.75
+    assert brier_skill(labels, np.full(4, 0.25)) == pytest.approx(0.0)
+    assert brier_skill(labels, labels.astype(float)) == pytest.approx(1.0)
+    assert brier_skill(labels, np.array([0.1, 0.1, 0.1, 0.7])) == pytest.approx(1 - (3 * 0.01 + 0.09) / 4 / 0.1875)
+    with pytest.raises(DataError, match="only one class"):
+        brier_skill(np.zeros(4), np.zeros(4))
+
+
 def test_one_class_holdout_is_a_clear_error():
     with pytest.raises(DataError, match="only one class"):
         ranking_metrics(np.zeros(10), np.random.rand(10))
@@ -66,6 +76,8 @@ def test_first_model_needs_only_the_floors():
     [
         (good(roc_auc=0.79), "ROC-AUC 0.7900 is below the floor 0.8000"),
         (good(pr_auc=0.19), "PR-AUC 0.1900 is below the floor 0.2000"),
+        (good(brier_skill=0.01), "Brier skill score 0.0100 is below the floor 0.0200 (its probabilities are hardly better "
+                                 "than always predicting the fraud rate: it learned little from the labels)"),
     ],
 )
 def test_below_a_default_floor_is_not_blessed_even_without_production(metrics, message):

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from flywheel.config import load_settings
-from flywheel.deploy import canary
 from flywheel.deploy.kserve import KServeClient, render_all, render_inference_service, render_serving_runtime
 from flywheel.deploy.release import release_on_kserve
 from flywheel.errors import DeployError
@@ -16,7 +15,7 @@ from flywheel.registry import Registry
 from flywheel.storage import Storage
 from tests.crd_schema import assert_conforms, crd_schema, schema_errors
 from tests.kube_standin import Scenario, kube_standin
-from tests.unit.test_canary import side
+from tests.unit.test_canary import window as canary_window
 from tests.unit.test_registry_stages import publish
 
 ISVC_CRD = ("serving.kserve.io_inferenceservices.yaml", "v1beta1")
@@ -101,10 +100,10 @@ def ready(obj, latest_ready=True, reason=""):
 
 
 def observer(canary_errors=0, canary_latency=6.0, seen=None):
-    def observe(stable_url, canary_url, instances, start):
+    def observe(stable_url, canary_url, instances, percent):
         if seen is not None:
             seen.append((stable_url, canary_url, len(instances)))
-        return side(len(instances), start=start), side(len(instances), errors=canary_errors, latency=canary_latency, start=start)
+        return canary_window(len(instances), errors=canary_errors, canary_latency=canary_latency, percent=percent)
 
     return observe
 
@@ -139,7 +138,8 @@ def test_a_good_canary_is_patched_in_watched_analysed_and_promoted(settings, reg
     assert sent[-1] == {"spec": {"predictor": {"canaryTrafficPercent": 100}}}
     assert seen == [(STABLE_URL, CANARY_URL, 200)] * 3  # three windows on the tag-routed revisions
     stored = reg.storage.read_json(record.uri)
-    assert stored["verdict"] == "promote" and len(stored["windows"]) == 3 and stored["thresholds"]["windows"] == 3
+    assert stored["verdict"] == "promote" and len(stored["windows"]) == 3 and stored["meta"]["windows"] == 3
+    assert stored["target"] == "kserve" and stored["steps"] == [10] and stored["final_canary_percent"] == 100
 
 
 def test_an_erroring_canary_is_rolled_back_to_zero_percent(settings, registry):
@@ -261,6 +261,6 @@ def test_the_canary_is_judged_on_real_requests_to_the_tag_routed_revisions(setti
         stop_predictors(servers)
     assert record.verdict == verdict, record.reasons
     assert reg.production().version == (candidate if verdict == "promote" else stable)
-    window = record.windows[0]
+    window = record.windows[0]["observations"]
     assert window["canary"]["requests"] == window["stable"]["requests"] == settings.deploy.canary.window_requests
-    assert window["score_agreement"] == 1.0  # the same scorer behind both URLs
+    assert window["agreement"]["score_agreement"] == 1.0  # the same scorer behind both URLs

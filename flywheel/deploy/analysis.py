@@ -1,14 +1,13 @@
-"""Judging a canary window: what the splitting proxy saw, summarised, against thresholds.
+"""Judging a canary window, the one judge of both targets: what was seen, summarised, against thresholds.
 
-Pure: no I/O and no clock. The proxy (:mod:`flywheel.deploy.traffic`) records raw samples per arm
-(one :class:`Sample` per upstream call) and the score pairs of shadowed requests;
-:func:`summarise` turns them into a :class:`WindowObservations`, and :func:`judge` compares that
-with :class:`Thresholds`. The same samples always give the same verdict.
+Pure: no I/O and no clock. Locally the splitting proxy (:mod:`flywheel.deploy.traffic`) records
+raw samples per arm (one :class:`Sample` per upstream call) and the score pairs of shadowed
+requests; on KServe :func:`flywheel.deploy.canary.replay` records the same for requests sent to
+both revisions. :func:`summarise` turns them into a :class:`WindowObservations`, and :func:`judge`
+compares that with :class:`Thresholds`. The same samples always give the same verdict.
 
-The threshold names follow ``settings.deploy.canary`` (``CanarySettings``), so an object of either
-type can be passed to :func:`judge`; the three that judge score agreement as decisions
-(``decision_threshold``, ``min_decision_agreement``, ``max_mean_score_difference``) are this
-module's additions.
+The thresholds are ``settings.deploy.canary``'s (``Thresholds.from_object(settings.deploy.canary)``),
+with the same defaults.
 """
 
 from __future__ import annotations

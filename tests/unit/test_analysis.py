@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flywheel.deploy.canary_local import (
+from flywheel.deploy.analysis import (
     Sample, ScorePair, Thresholds, WindowObservations, agreement, arm_stats, judge, summarise,
 )
 from flywheel.deploy.ramp import v1_bodies
