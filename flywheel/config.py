@@ -98,6 +98,11 @@ class FeatureSettings(_Section):
     dir: str = ""
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_connection: str = "127.0.0.1:6379"
+    # Feast's offline store for point-in-time training sets: DuckDB (one columnar as-of join of every
+    # view, benchmarks/features.py) or Feast's file (dask) store, kept as the measured baseline.
+    offline_store: Literal["duckdb", "file"] = "duckdb"
+    # Transactions of every training set re-joined with a pandas merge_asof oracle on each build.
+    oracle_sample_rows: int = Field(300, ge=0)
 
 
 class ClusterTrainingSettings(_Section):

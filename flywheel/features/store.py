@@ -43,8 +43,26 @@ def world_dir(settings: Settings, world: str) -> Path:
     return Path(settings.features.dir) / "worlds" / world
 
 
+def offline_store_versions(settings: Settings) -> dict[str, str]:
+    """The offline store that joins training sets and the versions of the engine under it (part of
+    a training set's content key)."""
+    import importlib.metadata
+
+    engine = ["duckdb", "ibis-framework"] if settings.features.offline_store == "duckdb" else ["dask"]
+    versions = {"type": settings.features.offline_store}
+    for package in engine:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise FeatureStoreError(
+                f"features.offline_store={settings.features.offline_store} needs the {package} package: "
+                "install the project's requirements.lock"
+            ) from None
+    return versions
+
+
 def repo_config(settings: Settings, world: str) -> Any:
-    """A Feast RepoConfig for one feature world (SQLite or Redis online store, file offline store)."""
+    """A Feast RepoConfig for one feature world (SQLite or Redis online store, DuckDB or file offline store)."""
     from feast.repo_config import RepoConfig
 
     feast_cfg = settings.features
@@ -59,7 +77,7 @@ def repo_config(settings: Settings, world: str) -> Any:
         provider="local",
         registry=str(folder / "registry.db"),
         online_store=online,
-        offline_store={"type": "file"},
+        offline_store={"type": feast_cfg.offline_store},
         entity_key_serialization_version=3,
         repo_path=str(settings.home),
     )
@@ -141,31 +159,47 @@ def entity_frame(transactions: pd.DataFrame) -> pd.DataFrame:
 
 
 def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int = JOIN_CHUNK_ROWS) -> pd.DataFrame:
-    """Each transaction joined with the card and merchant features as they were just before it.
+    """Each transaction joined with the card and merchant features as they were just before it,
+    through Feast's ``get_historical_features``; the transactions' rows and order are kept, the
+    features come as float64 columns with NaN where a view has no row (yet, or within its TTL).
 
-    Feast's file (dask) store loses every view's values for an entity row that one view has no
-    row for, so each feature view is retrieved on its own (checked against a merge_asof oracle in
-    tests/unit/test_features.py). It also slows down more than linearly
-    with the entity frame, so the frame goes in chunks.
+    On the DuckDB offline store every view is joined in one call (a columnar as-of join). Feast's
+    file (dask) store loses every view's values for an entity row that one view has no row for and
+    slows down more than linearly with the entity frame, so there each view is retrieved on its own,
+    in chunks of ``chunk_rows``. Both are checked against a merge_asof oracle (tests/unit/test_features.py,
+    tests/unit/test_point_in_time.py, and :func:`flywheel.features.oracle.check_sample` on every build).
     """
+    if not transactions["transaction_id"].is_unique:
+        raise FeatureStoreError("the transactions to join repeat transaction ids: each entity row must be one transaction")
     entities = entity_frame(transactions)
+    if store.config.offline_store.type == "duckdb":
+        parts = {"all views": [_retrieve(store, entities, feature_refs(), "all views")]}
+    else:
+        parts = {
+            view: [
+                _retrieve(store, entities.iloc[start : start + chunk_rows][["transaction_id", key, "event_timestamp"]],
+                          [f"{view}:{name}" for name in names], view)
+                for start in range(0, len(entities), chunk_rows)
+            ]
+            for view, key, names in VIEWS
+        }
     out = transactions.copy()
-    for view, key, names in VIEWS:
-        refs = [f"{view}:{name}" for name in names]
-        parts = []
-        for start in range(0, len(entities), chunk_rows):
-            chunk = entities.iloc[start : start + chunk_rows][["transaction_id", key, "event_timestamp"]]
-            try:
-                parts.append(store.get_historical_features(entity_df=chunk, features=refs).to_df())
-            except Exception as exc:
-                raise FeatureStoreError(f"feast point-in-time join of {view} failed: {type(exc).__name__}: {exc}") from exc
-        # Feast neither keeps the entity rows' order nor, with one view, the rows that found no
-        # feature row: align on the transaction id; a missing row means "no earlier features".
-        joined = pd.concat(parts, ignore_index=True).set_index("transaction_id")[list(names)]
+    for what, frames in parts.items():
+        # Feast neither keeps the entity rows' order nor (the file store, with one view) the rows that
+        # found no feature row: align on the transaction id; a missing row means "no earlier features".
+        joined = pd.concat(frames, ignore_index=True).set_index("transaction_id")
+        names = [name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in joined.columns]
         if not joined.index.is_unique or len(joined) > len(transactions):
-            raise FeatureStoreError(f"point-in-time join of {view} returned {len(joined)} rows for {len(transactions)} transactions")
-        out = out.join(joined, on="transaction_id")
+            raise FeatureStoreError(f"point-in-time join of {what} returned {len(joined)} rows for {len(transactions)} transactions")
+        out = out.join(joined[names].astype("float64"), on="transaction_id")
     return out
+
+
+def _retrieve(store: Any, entities: pd.DataFrame, refs: list[str], what: str) -> pd.DataFrame:
+    try:
+        return store.get_historical_features(entity_df=entities, features=refs).to_df()
+    except Exception as exc:  # Feast raises many types; name the step and the cause
+        raise FeatureStoreError(f"feast point-in-time join of {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def online_features(store: Any, rows: Sequence[dict[str, str]]) -> dict[str, list[Any]]:
