@@ -48,7 +48,7 @@ def offline_store_versions(settings: Settings) -> dict[str, str]:
     a training set's content key)."""
     import importlib.metadata
 
-    engine = ["duckdb", "ibis-framework"] if settings.features.offline_store == "duckdb" else ["dask"]
+    engine = ["dask"] if settings.features.offline_store == "file" else ["duckdb", "ibis-framework"]
     versions = {"type": settings.features.offline_store}
     for package in engine:
         try:
@@ -77,10 +77,19 @@ def repo_config(settings: Settings, world: str) -> Any:
         provider="local",
         registry=str(folder / "registry.db"),
         online_store=online,
-        offline_store={"type": feast_cfg.offline_store},
+        offline_store={"type": _offline_store_type(feast_cfg.offline_store)},
         entity_key_serialization_version=3,
         repo_path=str(settings.home),
     )
+
+
+def _offline_store_type(name: str) -> str:
+    """Feast's offline store ``type`` for the settings' name of it."""
+    if name == "duckdb-asof":
+        from flywheel.features.asof_store import STORE_TYPE
+
+        return STORE_TYPE
+    return name
 
 
 def open_store(settings: Settings, world: str) -> Any:
@@ -163,7 +172,7 @@ def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int 
     through Feast's ``get_historical_features``; the transactions' rows and order are kept, the
     features come as float64 columns with NaN where a view has no row (yet, or within its TTL).
 
-    On the DuckDB offline store every view is joined in one call (a columnar as-of join). Feast's
+    On the DuckDB offline stores every view is joined in one call (a columnar as-of join). Feast's
     file (dask) store loses every view's values for an entity row that one view has no row for and
     slows down more than linearly with the entity frame, so there each view is retrieved on its own,
     in chunks of ``chunk_rows``. Both are checked against a merge_asof oracle (tests/unit/test_features.py,
@@ -172,7 +181,7 @@ def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int 
     if not transactions["transaction_id"].is_unique:
         raise FeatureStoreError("the transactions to join repeat transaction ids: each entity row must be one transaction")
     entities = entity_frame(transactions)
-    if store.config.offline_store.type == "duckdb":
+    if store.config.offline_store.type != "file":
         parts = {"all views": [_retrieve(store, entities, feature_refs(), "all views")]}
     else:
         parts = {
