@@ -84,12 +84,9 @@ def repo_config(settings: Settings, world: str) -> Any:
 
 
 def _offline_store_type(name: str) -> str:
-    """Feast's offline store ``type`` for the settings' name of it."""
-    if name == "duckdb-asof":
-        from flywheel.features.asof_store import STORE_TYPE
-
-        return STORE_TYPE
-    return name
+    """Feast's offline store ``type`` for the settings' name of it. (The as-of store's class path is
+    a string here: serving opens stores too, and never needs DuckDB imported.)"""
+    return "flywheel.features.asof_store.AsofDuckDBOfflineStore" if name == "duckdb-asof" else name
 
 
 def open_store(settings: Settings, world: str) -> Any:
@@ -178,6 +175,8 @@ def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int 
     in chunks of ``chunk_rows``. Both are checked against a merge_asof oracle (tests/unit/test_features.py,
     tests/unit/test_point_in_time.py, and :func:`flywheel.features.oracle.check_sample` on every build).
     """
+    from flywheel.features import asof_store  # noqa: F401  (the join's code: part of the training set's key)
+
     if not transactions["transaction_id"].is_unique:
         raise FeatureStoreError("the transactions to join repeat transaction ids: each entity row must be one transaction")
     entities = entity_frame(transactions)
