@@ -116,17 +116,26 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         entities[event_column] = pd.to_datetime(entities[event_column], utc=True).astype("datetime64[us, UTC]")
         if entities[event_column].isna().any():
             raise ValueError(f"the entity DataFrame's {event_column} column has empty timestamps")
-        query, names = _asof_query(feature_views, feature_refs, list(entity_df.columns), event_column, full_feature_names)
+        queries = _asof_queries(feature_views, feature_refs, event_column, full_feature_names)
 
         def compute() -> pyarrow.Table:
+            # Each view's join yields (entity row, its features) in entity row order; the columns
+            # are appended to the entity rows as they are (joining views in one statement and
+            # sorting the wide result back into order took twice as long).
+            table = pyarrow.Table.from_pandas(entities.assign(**{ROW: range(len(entities))}), preserve_index=False)
             con = duckdb.connect()
             try:
-                con.register("entities", pyarrow.Table.from_pandas(entities.assign(**{ROW: range(len(entities))}), preserve_index=False))
-                for index, view in enumerate(feature_views):
+                con.register("entities", table)
+                for index, (view, query) in enumerate(zip(feature_views, queries)):
                     con.register(f"source_{index}", con.read_parquet(str(view.batch_source.path)))
-                return con.sql(query).to_arrow_table()
+                    part = con.sql(query).to_arrow_table()
+                    if not part.column(ROW).equals(table.column(ROW)):
+                        raise RuntimeError(f"the as-of join of {view.name} returned its rows out of entity order")
+                    for name in part.column_names[1:]:
+                        table = table.append_column(name, part.column(name))
             finally:
                 con.close()
+            return table.drop_columns([ROW])
 
         stamps = entities[event_column]
         metadata = RetrievalMetadata(
@@ -138,13 +147,10 @@ class AsofDuckDBOfflineStore(DuckDBOfflineStore):
         return AsofRetrievalJob(compute, full_feature_names, metadata)
 
 
-def _asof_query(
-    feature_views: List[FeatureView], feature_refs: List[str], entity_columns: list[str], event_column: str, full_names: bool
-) -> tuple[str, list[str]]:
-    """One SQL statement: the entity rows, then per view an ``ASOF LEFT JOIN`` on its keys and time."""
-    selects = [f"e.{_quote(c)}" for c in entity_columns]
-    joins: list[str] = []
-    names: list[str] = []
+def _asof_queries(feature_views: List[FeatureView], feature_refs: List[str], event_column: str, full_names: bool) -> list[str]:
+    """Per view, one SQL statement: each entity row's ``ASOF LEFT JOIN`` on the view's keys and
+    time, as (entity row number, the view's features), in entity row order."""
+    queries = []
     event = f"e.{_quote(event_column)}"
     for index, view in enumerate(feature_views):
         prefix = view.projection.name_to_use()
@@ -152,7 +158,6 @@ def _asof_query(
         keys = view.projection.join_key_map or {column.name: column.name for column in view.entity_columns}
         source = view.batch_source
         ts, created = _quote(source.timestamp_field), source.created_timestamp_column
-        alias = f"f{index}"
         # One row per key and event time: on a tie the row created last (Feast's rule); the ASOF
         # join itself would pick any of them.
         order = f"ORDER BY {_quote(created)} DESC" if created else ""
@@ -162,19 +167,21 @@ def _asof_query(
             f"(SELECT {key_list}, {ts} AS __ts, {feature_list} FROM source_{index} "
             f"QUALIFY row_number() OVER (PARTITION BY {key_list}, {ts} {order}) = 1)"
         )
-        on = " AND ".join(f"{alias}.{_quote(k)} = e.{_quote(v)}" for k, v in keys.items())
-        joins.append(f"ASOF LEFT JOIN {view_table} AS {alias} ON {on} AND {alias}.__ts <= {event}")
+        on = " AND ".join(f"f.{_quote(k)} = e.{_quote(v)}" for k, v in keys.items())
         ttl: timedelta | None = view.ttl
+        selects = [f"e.{ROW}"]
         for feature in features:
-            column = f"{alias}.{_quote(feature)}"
+            column = f"f.{_quote(feature)}"
             if ttl and ttl > timedelta(0):
                 micros = int(ttl / timedelta(microseconds=1))
-                column = f"CASE WHEN {alias}.__ts >= {event} - to_microseconds({micros}) THEN {column} END"
+                column = f"CASE WHEN f.__ts >= {event} - to_microseconds({micros}) THEN {column} END"
             name = f"{view.projection.name_alias or view.name}__{feature}" if full_names else feature
             selects.append(f"{column} AS {_quote(name)}")
-            names.append(name)
-    query = f"SELECT {', '.join(selects)} FROM entities AS e {' '.join(joins)} ORDER BY e.{ROW}"
-    return query, names
+        queries.append(
+            f"SELECT {', '.join(selects)} FROM entities AS e ASOF LEFT JOIN {view_table} AS f "
+            f"ON {on} AND f.__ts <= {event} ORDER BY e.{ROW}"
+        )
+    return queries
 
 
 __all__ = ["AsofDuckDBOfflineStore", "AsofDuckDBOfflineStoreConfig", "STORE_TYPE"]

@@ -193,6 +193,11 @@ def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int 
         }
     out = transactions.copy()
     for what, frames in parts.items():
+        if len(frames) == 1 and np.array_equal(frames[0]["transaction_id"].to_numpy(), out["transaction_id"].to_numpy()):
+            # The rows came back as they went in (the as-of store keeps them): no join needed.
+            for name in (name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in frames[0].columns):
+                out[name] = frames[0][name].to_numpy(dtype="float64", na_value=np.nan)
+            continue
         # Feast neither keeps the entity rows' order nor (the file store, with one view) the rows that
         # found no feature row: align on the transaction id; a missing row means "no earlier features".
         joined = pd.concat(frames, ignore_index=True).set_index("transaction_id")
