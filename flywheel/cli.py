@@ -391,6 +391,96 @@ def _add_lake_commands(sub: Any) -> None:
     lin.set_defaults(func=cmd_lineage)
 
 
+# ---------------------------------------------------------------- features
+def _latest_snapshot(settings: Any, lake: str | None) -> tuple[Any, dict[str, Any]]:
+    from flywheel.lake import latest_snapshot
+    from flywheel.storage import Storage
+
+    storage = Storage.from_settings(settings)
+    lake_uri = lake or storage.uri("lake")
+    snapshot = latest_snapshot(storage, lake_uri)
+    if snapshot is None:
+        raise ConfigError(f"the lake {lake_uri} holds no published snapshot: `flywheel ingest SOURCE` first")
+    return storage, snapshot.to_dict()
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """features training-set | apply | materialize, on the lake's latest published snapshot."""
+    from flywheel import steps
+    from flywheel.features import store as feast_store
+    from flywheel.features.build import feature_world, features_key, latest_tables, materialize_window
+
+    settings = _settings(args)
+    storage, snapshot = _latest_snapshot(settings, args.lake)
+    console = _console()
+    if args.features_command == "training-set":
+        run_id = new_run_id().replace("run-", "features-", 1)
+        started = time.perf_counter()
+        built = steps.features_step(snapshot, run_id, settings)
+        written = []
+        for name in ("train", "holdout"):
+            ref = storage.write_bytes(f"{args.out.rstrip('/')}/{name}.parquet", storage.read_bytes(built[f"{name}_uri"]))
+            written.append(ref.uri)
+        console.print(
+            f"training set {built['key'][:16]} ({'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s, "
+            f"offline store {settings.features.offline_store}): {built['train_rows']:,} train + {built['holdout_rows']:,} holdout "
+            f"rows -> {', '.join(written)}",
+            soft_wrap=True,
+        )
+        return 0
+    from flywheel.errors import ArtifactNotFound
+
+    key = features_key(snapshot["sha256"], settings)
+    try:
+        latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
+    except ArtifactNotFound:
+        latest = {}
+    if latest.get("key") != key:
+        raise ConfigError(
+            "the latest feature tables were not computed from the lake's latest snapshot with these settings: "
+            "run `flywheel features training-set --out URI` (or `flywheel run`) first"
+        )
+    world = feature_world(key)
+    card, merchant = latest_tables(storage)
+    store = feast_store.open_store(settings, world)
+    if args.features_command == "apply":
+        feast_store.apply_definitions(store, card, merchant)
+        console.print(f"applied the card and merchant feature views to world {world} ({feast_store.world_dir(settings, world)})", soft_wrap=True)
+        return 0
+    start, end = materialize_window([card, merchant])
+    started = time.perf_counter()
+    feast_store.apply_definitions(store, card, merchant)
+    feast_store.materialize(store, start, end)
+    console.print(
+        f"materialized world {world} ({settings.features.online_store}) from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} "
+        f"with Feast's materialize in {time.perf_counter() - started:.1f} s",
+        soft_wrap=True,
+    )
+    return 0
+
+
+def _add_features_parser(sub: Any) -> None:
+    features = sub.add_parser("features", help="the feature store on the lake's latest snapshot: training set, apply, materialize",
+                              description="Feast on the lake's latest published snapshot: build (or reuse) its point-in-time "
+                                          "training set, apply its feature views, or materialize them into its online store.")
+    fsub = features.add_subparsers(dest="features_command", required=True, metavar="ACTION")
+    training = fsub.add_parser("training-set", help="build (or reuse) the point-in-time training set and copy it to --out",
+                               description="Compute the feature tables, apply and materialize them, join every transaction "
+                                           "with the features as they were just before it (Feast get_historical_features on "
+                                           "features.offline_store), check a sample against a merge_asof oracle, and write "
+                                           "train.parquet and holdout.parquet under --out.")
+    training.add_argument("--out", required=True, metavar="URI", help="a folder or s3://bucket/prefix")
+    apply = fsub.add_parser("apply", help="register the feature views of the latest features step in its world",
+                            description="Apply the card and merchant entities and feature views (over the latest offline "
+                                        "tables) to the feature world of the lake's latest snapshot.")
+    mat = fsub.add_parser("materialize", help="load the latest feature values into the online store (Feast's materialize)",
+                          description="Apply, then materialize the offline tables' whole span into the world's online store "
+                                      "(features.online_store) with Feast's own materialize.")
+    for command in (training, apply, mat):
+        command.add_argument("--lake", help="the lake's URI (default: <storage root>/lake)")
+    features.set_defaults(func=cmd_features)
+
+
 # ---------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     """The registry: list versions with their stages, show one with its history, promote, roll back."""
@@ -615,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
 
 
+    _add_features_parser(sub)
     _add_models_parser(sub)
     _add_deploy_parser(sub)
     return parser

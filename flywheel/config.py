@@ -98,6 +98,12 @@ class FeatureSettings(_Section):
     dir: str = ""
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_connection: str = "127.0.0.1:6379"
+    # Feast's offline store for point-in-time training sets (benchmarks/features.py measures them):
+    # duckdb-asof (Feast's DuckDB store with its join done as a DuckDB ASOF JOIN), duckdb (Feast's
+    # own DuckDB/ibis join) or file (Feast's dask store, one retrieval per view in chunks).
+    offline_store: Literal["duckdb-asof", "duckdb", "file"] = "duckdb-asof"
+    # Transactions of every training set re-joined with a pandas merge_asof oracle on each build.
+    oracle_sample_rows: int = Field(300, ge=0)
 
 
 class ClusterTrainingSettings(_Section):

@@ -22,7 +22,7 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
-from flywheel.features import compute, definitions, store as feast_store
+from flywheel.features import compute, definitions, oracle, store as feast_store
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.schema import LABEL
@@ -95,7 +95,11 @@ def feature_world(key: str) -> str:
 def features_key(snapshot_sha256: str, settings: Settings) -> str:
     """The content key of the offline tables and the training set: the lake snapshot, the code that
     makes them (this module and everything it imports) and the settings that shape them."""
-    shaping = {"holdout_fraction": settings.data.holdout_fraction}
+    shaping = {
+        "holdout_fraction": settings.data.holdout_fraction,
+        # The engine that joins (and its version): equal results are its contract, checked, not assumed.
+        "offline_store": feast_store.offline_store_versions(settings),
+    }
     code = code_fingerprint(__name__)
     return hashlib.sha256(json.dumps([snapshot_sha256, code, shaping], sort_keys=True).encode()).hexdigest()
 
@@ -193,8 +197,12 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     dataset_uri = storage.uri("datasets", "training", key[:16])
     training_set = _reusable_training_set(storage, f"{dataset_uri}/manifest.json", key)
     if training_set is None:
+        joined = feast_store.historical_features(fs, transactions).sort_values("ts", kind="stable")
+        oracle.check_sample(
+            joined, pd.read_parquet(feast_card), pd.read_parquet(feast_merchant), settings.features.oracle_sample_rows, seed=int(key[:8], 16)
+        )
         training_set = _write_training_set(
-            storage, fs, transactions, dataset_uri, key, snapshot, settings.data.holdout_fraction, run_id, [card_uri, merchant_uri]
+            storage, joined, dataset_uri, key, snapshot, settings.data.holdout_fraction, run_id, [card_uri, merchant_uri]
         )
     seconds["training_set"] = time.perf_counter() - started
     log.info("features: %s", ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
@@ -251,8 +259,7 @@ def _reusable_training_set(storage: Storage, manifest_uri: str, key: str) -> Tra
 
 def _write_training_set(
     storage: Storage,
-    fs: Any,
-    transactions: pd.DataFrame,
+    joined: pd.DataFrame,
     dataset_uri: str,
     key: str,
     snapshot: LakeSnapshot,
@@ -260,7 +267,6 @@ def _write_training_set(
     run_id: str,
     table_uris: list[str],
 ) -> TrainingSet:
-    joined = feast_store.historical_features(fs, transactions).sort_values("ts", kind="stable")
     train, holdout, cutoff = split_by_time(joined, holdout_fraction)
     for name, part in (("training", train), ("holdout", holdout)):
         if len(part) == 0 or part[LABEL].sum() == 0:

@@ -1,4 +1,5 @@
-"""Card and merchant aggregates computed from the lake, one feature row per transaction.
+"""Card and merchant aggregates computed from the lake: a card row per transaction (per card and
+instant), a merchant row per active day.
 
 A feature row is stamped with its transaction's time and includes that transaction: it is the state
 of the card right after it. Training joins each transaction to the latest row strictly before it
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from flywheel.features.definitions import CARD_FEATURES, CREATED_COLUMN, MERCHANT_FEATURES
 
 
 EPOCH = pd.Timestamp(0, tz="UTC")
@@ -40,7 +41,11 @@ def card_feature_table(transactions: pd.DataFrame) -> pd.DataFrame:
     out["card_lat_mean_30d"] = _rolling(df, "card_id", "lat", "30D", "mean")
     out["card_lon_mean_30d"] = _rolling(df, "card_id", "lon", "30D", "mean")
     out["card_last_txn_unix"] = unix_seconds(df["ts"])
-    return out[["card_id", "event_timestamp", *CARD_FEATURES]]
+    # Transactions of one card at the same instant: one row, the state after all of them (the last
+    # row of the tie; an earlier one would count only part of that instant).
+    out = out.drop_duplicates(["card_id", "event_timestamp"], keep="last")
+    out[CREATED_COLUMN] = out["event_timestamp"]  # computed in one pass: created at its event
+    return out[["card_id", "event_timestamp", CREATED_COLUMN, *CARD_FEATURES]].reset_index(drop=True)
 
 
 def merchant_feature_table(transactions: pd.DataFrame) -> pd.DataFrame:
@@ -65,4 +70,5 @@ def merchant_feature_table(transactions: pd.DataFrame) -> pd.DataFrame:
         daily.set_index("day").groupby("merchant_id", sort=False)[["count", "sum"]].rolling("30D").sum().to_numpy()
     )
     out["merchant_amount_mean_30d"] = rolling[:, 1] / rolling[:, 0]
-    return out[["merchant_id", "event_timestamp", *MERCHANT_FEATURES]]
+    out[CREATED_COLUMN] = out["event_timestamp"]
+    return out[["merchant_id", "event_timestamp", CREATED_COLUMN, *MERCHANT_FEATURES]]

@@ -23,6 +23,9 @@ MERCHANT_FEATURES = {
     "merchant_txn_count_24h": "Int64",  # the merchant's volume on its last full day (daily batch)
     "merchant_amount_mean_30d": "Float64",  # the merchant's typical ticket over 30 days (daily batch)
 }
+# Each feature row's creation time: a tie on event time goes to the row created last (a recomputed
+# row appended beside the one it corrects wins, in training sets and online alike).
+CREATED_COLUMN = "created_timestamp"
 CARD_VIEW = "card_features"
 MERCHANT_VIEW = "merchant_features"
 FEATURE_TTL = dt.timedelta(days=30)  # older feature rows are not used: a dormant card has no recent history
@@ -47,8 +50,13 @@ def build_definitions(card_table_path: str, merchant_table_path: str) -> list[An
     merchant = Entity(
         name="merchant", join_keys=["merchant_id"], value_type=ValueType.STRING, description="A merchant"
     )
-    card_source = FileSource(name="card_features_source", path=card_table_path, timestamp_field="event_timestamp")
-    merchant_source = FileSource(name="merchant_features_source", path=merchant_table_path, timestamp_field="event_timestamp")
+    card_source = FileSource(
+        name="card_features_source", path=card_table_path, timestamp_field="event_timestamp", created_timestamp_column=CREATED_COLUMN
+    )
+    merchant_source = FileSource(
+        name="merchant_features_source", path=merchant_table_path, timestamp_field="event_timestamp",
+        created_timestamp_column=CREATED_COLUMN,
+    )
     card_view = FeatureView(
         name=CARD_VIEW,
         entities=[card],

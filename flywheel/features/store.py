@@ -50,8 +50,26 @@ def world_dir(settings: Settings, world: str) -> Path:
     return Path(settings.features.dir) / "worlds" / world
 
 
+def offline_store_versions(settings: Settings) -> dict[str, str]:
+    """The offline store that joins training sets and the versions of the engine under it (part of
+    a training set's content key)."""
+    import importlib.metadata
+
+    engine = ["dask"] if settings.features.offline_store == "file" else ["duckdb", "ibis-framework"]
+    versions = {"type": settings.features.offline_store}
+    for package in engine:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise FeatureStoreError(
+                f"features.offline_store={settings.features.offline_store} needs the {package} package: "
+                "install the project's requirements.lock"
+            ) from None
+    return versions
+
+
 def repo_config(settings: Settings, world: str) -> Any:
-    """A Feast RepoConfig for one feature world (SQLite or Redis online store, file offline store)."""
+    """A Feast RepoConfig for one feature world (SQLite or Redis online store, DuckDB or file offline store)."""
     from feast.repo_config import RepoConfig
 
     feast_cfg = settings.features
@@ -66,10 +84,16 @@ def repo_config(settings: Settings, world: str) -> Any:
         provider="local",
         registry=str(folder / "registry.db"),
         online_store=online,
-        offline_store={"type": "file"},
+        offline_store={"type": _offline_store_type(feast_cfg.offline_store)},
         entity_key_serialization_version=3,
         repo_path=str(settings.home),
     )
+
+
+def _offline_store_type(name: str) -> str:
+    """Feast's offline store ``type`` for the settings' name of it. (The as-of store's class path is
+    a string here: serving opens stores too, and never needs DuckDB imported.)"""
+    return "flywheel.features.asof_store.AsofDuckDBOfflineStore" if name == "duckdb-asof" else name
 
 
 def open_store(settings: Settings, world: str) -> Any:
@@ -152,31 +176,54 @@ def entity_frame(transactions: pd.DataFrame) -> pd.DataFrame:
 
 
 def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int = JOIN_CHUNK_ROWS) -> pd.DataFrame:
-    """Each transaction joined with the card and merchant features as they were just before it.
+    """Each transaction joined with the card and merchant features as they were just before it,
+    through Feast's ``get_historical_features``; the transactions' rows and order are kept, the
+    features come as float64 columns with NaN where a view has no row (yet, or within its TTL).
 
-    Feast's file (dask) store loses every view's values for an entity row that one view has no
-    row for, so each feature view is retrieved on its own (checked against a merge_asof oracle in
-    tests/unit/test_features.py). It also slows down more than linearly
-    with the entity frame, so the frame goes in chunks.
+    On the DuckDB offline stores every view is joined in one call (a columnar as-of join). Feast's
+    file (dask) store loses every view's values for an entity row that one view has no row for and
+    slows down more than linearly with the entity frame, so there each view is retrieved on its own,
+    in chunks of ``chunk_rows``. Both are checked against a merge_asof oracle (tests/unit/test_features.py,
+    tests/unit/test_point_in_time.py, and :func:`flywheel.features.oracle.check_sample` on every build).
     """
+    from flywheel.features import asof_store  # noqa: F401  (the join's code: part of the training set's key)
+
+    if not transactions["transaction_id"].is_unique:
+        raise FeatureStoreError("the transactions to join repeat transaction ids: each entity row must be one transaction")
     entities = entity_frame(transactions)
+    if store.config.offline_store.type != "file":
+        parts = {"all views": [_retrieve(store, entities, feature_refs(), "all views")]}
+    else:
+        parts = {
+            view: [
+                _retrieve(store, entities.iloc[start : start + chunk_rows][["transaction_id", key, "event_timestamp"]],
+                          [f"{view}:{name}" for name in names], view)
+                for start in range(0, len(entities), chunk_rows)
+            ]
+            for view, key, names in VIEWS
+        }
     out = transactions.copy()
-    for view, key, names in VIEWS:
-        refs = [f"{view}:{name}" for name in names]
-        parts = []
-        for start in range(0, len(entities), chunk_rows):
-            chunk = entities.iloc[start : start + chunk_rows][["transaction_id", key, "event_timestamp"]]
-            try:
-                parts.append(store.get_historical_features(entity_df=chunk, features=refs).to_df())
-            except Exception as exc:
-                raise FeatureStoreError(f"feast point-in-time join of {view} failed: {type(exc).__name__}: {exc}") from exc
-        # Feast neither keeps the entity rows' order nor, with one view, the rows that found no
-        # feature row: align on the transaction id; a missing row means "no earlier features".
-        joined = pd.concat(parts, ignore_index=True).set_index("transaction_id")[list(names)]
+    for what, frames in parts.items():
+        if len(frames) == 1 and np.array_equal(frames[0]["transaction_id"].to_numpy(), out["transaction_id"].to_numpy()):
+            # The rows came back as they went in (the as-of store keeps them): no join needed.
+            for name in (name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in frames[0].columns):
+                out[name] = frames[0][name].to_numpy(dtype="float64", na_value=np.nan)
+            continue
+        # Feast neither keeps the entity rows' order nor (the file store, with one view) the rows that
+        # found no feature row: align on the transaction id; a missing row means "no earlier features".
+        joined = pd.concat(frames, ignore_index=True).set_index("transaction_id")
+        names = [name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in joined.columns]
         if not joined.index.is_unique or len(joined) > len(transactions):
-            raise FeatureStoreError(f"point-in-time join of {view} returned {len(joined)} rows for {len(transactions)} transactions")
-        out = out.join(joined, on="transaction_id")
+            raise FeatureStoreError(f"point-in-time join of {what} returned {len(joined)} rows for {len(transactions)} transactions")
+        out = out.join(joined[names].astype("float64"), on="transaction_id")
     return out
+
+
+def _retrieve(store: Any, entities: pd.DataFrame, refs: list[str], what: str) -> pd.DataFrame:
+    try:
+        return store.get_historical_features(entity_df=entities, features=refs).to_df()
+    except Exception as exc:  # Feast raises many types; name the step and the cause
+        raise FeatureStoreError(f"feast point-in-time join of {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def online_features(store: Any, rows: Sequence[dict[str, str]]) -> dict[str, list[Any]]:

@@ -47,14 +47,30 @@ def oracle_card_features(tx: pd.DataFrame) -> pd.DataFrame:
 def test_card_features_match_naive_windows():
     tx = make_transactions(300)
     got = compute.card_feature_table(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
+    assert (got.pop("created_timestamp") == got["event_timestamp"]).all()
     want = oracle_card_features(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
     assert_frame_equal(got, want, check_dtype=False, atol=1e-6)
+
+
+def test_transactions_of_a_card_at_one_instant_give_one_row_with_all_of_them():
+    """Bug caught: two feature rows at one event time, the first counting only part of the instant:
+    which one a join or the online store picks is then arbitrary."""
+    tx = make_transactions(40, cards=2)
+    tx.loc[5, ["card_id", "ts"]] = tx.loc[4, ["card_id", "ts"]].to_numpy()
+    table = compute.card_feature_table(tx)
+    assert not table.duplicated(["card_id", "event_timestamp"]).any()
+    got = table[(table.card_id == tx.card_id[4]) & (table.event_timestamp == tx.ts[4])]
+    naive = oracle_card_features(tx)
+    want = naive[(naive.card_id == tx.card_id[4]) & (naive.event_timestamp == tx.ts[4])].iloc[[0]]
+    assert want.card_txn_count_1h.iloc[0] >= 2
+    assert_frame_equal(got.drop(columns="created_timestamp").reset_index(drop=True), want.reset_index(drop=True),
+                       check_dtype=False, atol=1e-6)
 
 
 def test_merchant_features_are_daily_and_stamped_at_day_end():
     tx = make_transactions(300)
     table = compute.merchant_feature_table(tx)
-    assert list(table.columns) == ["merchant_id", "event_timestamp", *MERCHANT_FEATURES]
+    assert list(table.columns) == ["merchant_id", "event_timestamp", "created_timestamp", *MERCHANT_FEATURES]
     assert (table["event_timestamp"].dt.hour == 23).all()
     day = tx.assign(day=tx.ts.dt.floor("D"))
     some = table.iloc[3]
