@@ -11,7 +11,7 @@ from flywheel import cli
 from flywheel.config import Settings
 from flywheel.datagen import generate
 from flywheel.features.definitions import CARD_FEATURES
-from flywheel.features.store import OnlineReader, open_served_store
+from flywheel.features.store import open_online_reader
 from flywheel.storage import Storage
 
 
@@ -47,8 +47,7 @@ def test_features_commands_build_the_training_set_and_materialize_its_world(smal
     assert "materialized world" in capsys.readouterr().out
     latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
     cards = pd.read_parquet(latest["feast_card"]).sort_values("event_timestamp").groupby("card_id").tail(1).set_index("card_id")
-    store = open_served_store(settings, latest["key"][:16])
-    features, known = OnlineReader(store).read(list(cards.index[:50]), ["nobody"] * 50)
+    features, known = open_online_reader(settings, latest["key"][:16]).read(list(cards.index[:50]), ["nobody"] * 50)
     assert known["card_id"].all()
     assert list(features["card_txn_count_24h"]) == list(cards["card_txn_count_24h"].iloc[:50].astype("float64"))
 

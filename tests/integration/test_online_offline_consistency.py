@@ -13,7 +13,7 @@ from pandas.testing import assert_frame_equal
 
 from flywheel import steps
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
-from flywheel.features.store import OnlineReader, open_served_store
+from flywheel.features.store import open_online_reader, open_served_store
 
 
 def latest(table: pd.DataFrame, key: str, names: list[str]) -> pd.DataFrame:
@@ -33,9 +33,9 @@ def test_sampled_entities_online_features_equal_the_latest_offline_rows_sqlite(t
     card_ids = list(rng.choice(cards.index, size=300, replace=False))
     merchant_ids = list(rng.choice(merchants.index, size=300, replace=True))
 
-    store = open_served_store(settings, trained_loop["model"]["meta"]["feature_world"])
-    assert store.config.online_store.type == "sqlite"
-    features, known = OnlineReader(store).read(card_ids, merchant_ids)
+    world = trained_loop["model"]["meta"]["feature_world"]
+    assert open_served_store(settings, world).config.online_store.type == "sqlite"
+    features, known = open_online_reader(settings, world).read(card_ids, merchant_ids)
     assert known["card_id"].all() and known["merchant_id"].all()
     got = pd.DataFrame(features)
     assert_frame_equal(got[list(CARD_FEATURES)], cards.loc[card_ids].reset_index(drop=True), rtol=1e-9)

@@ -66,7 +66,9 @@ def test_readme_release_example_verbatim(trained_loop, tmp_path):
         seen = window["observations"]
         assert seen["canary"]["requests"] == 60 and seen["client"]["requests"] == 60 * 100 // step  # the split is exact
         assert seen["canary"]["errors"] == 0 and seen["agreement"]["pairs"] == 60
-        assert seen["agreement"]["max_abs_diff"] == 0.0  # the same weights: the same scores
+        # The same weights: the same scores, up to float32 rounding (a server scores the requests that
+        # arrive together in one forward pass, and a batch's sums can round differently).
+        assert seen["agreement"]["max_abs_diff"] < 1e-6
     assert record["client"]["failures"] == 0 and record["client"]["requests"] == 300 + 120
     assert [(e.action, e.version) for e in registry.events()[-3:-1]] == [("canary", candidate), ("promote", candidate)]
     assert re.search(rf"{candidate}\s+production", after) and re.search(rf"{production}\s+archived", after)
