@@ -39,10 +39,12 @@ def stored(registry: Registry, record) -> dict:
 
 
 def test_a_ten_times_slower_candidate_is_rolled_back_and_no_request_fails(home, tmp_path):
-    """Same scores, only slow (a network 60x wider, padded with zero weights): the latency
+    """Same scores, only slow (a network about 100x wider, padded with zero weights): the latency
     thresholds alone roll it back, and every replayed request is answered."""
     settings, registry, production = home
-    candidate = wider_copy(registry, production, tmp_path, [4096, 4096])
+    # 6144 wide: one row's forward alone is about 10 ms on one thread (4096: about 5 ms, which on a
+    # quiet machine, with requests scored in passes, came out under 2x stable's p99 and was promoted).
+    candidate = wider_copy(registry, production, tmp_path, [6144, 6144])
     record = release_locally(registry.storage, settings, candidate, "release-slow")
     assert record.verdict == "rollback" and record.final_canary_percent == 0, record.reasons
     assert registry.production().version == production and registry.stage(candidate) == "archived"
