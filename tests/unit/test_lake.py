@@ -206,3 +206,30 @@ def test_a_staged_snapshot_has_the_identity_it_is_published_under(storage_and_la
 @pytest.fixture()
 def storage_and_lake(tmp_path: Path) -> tuple[Storage, str, Path]:
     return Storage(str(tmp_path / "root")), str(tmp_path / "lake"), tmp_path
+
+
+def _id_hash_by_hand(text: str) -> int:
+    """The index's documented hash, one byte at a time: sum of (byte + 1) * 0x100000001B3**i mod
+    2**64, the length mixed in, then splitmix64's finalizer."""
+    mask, value, power = (1 << 64) - 1, 0, 1
+    data = text.encode()
+    for byte in data:
+        value, power = (value + (byte + 1) * power) & mask, (power * 0x100000001B3) & mask
+    value ^= (len(data) * 0x94D049BB133111EB) & mask
+    value ^= value >> 30
+    value = (value * 0xBF58476D1CE4E5B9) & mask
+    value ^= value >> 27
+    value = (value * 0x94D049BB133111EB) & mask
+    return value ^ (value >> 31)
+
+
+@pytest.mark.parametrize("ids", [
+    ["t7-0000000001", "t7-0000000002", "x9-9999999999"],  # one length: the column-at-a-time path
+    ["a", "bb", "", "héllo", "t7-0000000001"],  # mixed lengths (and non-ASCII): the general path
+])
+def test_id_hashes_stay_the_values_the_index_stores(ids: list[str]) -> None:
+    """A changed hash (e.g. in a faster path for ids of one length) would make every published index
+    miss re-delivered ids: both paths, sliced arrays too, must equal the hash computed by hand."""
+    array = pa.chunked_array([pa.array(["zz"] + ids[:1]).slice(1), pa.array(ids[1:])])
+    assert lake.id_hashes(array).tolist() == [_id_hash_by_hand(i) for i in ids]
+    assert lake.id_hashes(pa.array(ids).slice(1)).tolist() == [_id_hash_by_hand(i) for i in ids[1:]]
