@@ -112,35 +112,14 @@ def ingest(
     uris = source_files(storage, source_uri)
     parent = lake.latest_snapshot(storage, lake_uri)
     published = parent.parts if parent else []
-    done = {p["uri"].rsplit("/", 1)[-1]: p for p in published}
 
     with (
         tempfile.TemporaryDirectory(prefix="flywheel-ingest-") as scratch,
         ThreadPoolExecutor(_THREADS, thread_name_prefix="ingest-write") as pool,
         ThreadPoolExecutor(1, thread_name_prefix="ingest-hash") as hasher,
     ):
-        raw_files: list[_RawFile] = []
-        seen: dict[str, str] = {}
         quarantine = _Quarantine(Path(scratch) / "quarantine")
-        # The next file is hashed while this one is read (its hash decides whether it is read at all).
-        next_hash = hasher.submit(_hash, storage, uris[0])
-        for index, uri in enumerate(uris):
-            sha, size = next_hash.result()
-            if index + 1 < len(uris):
-                next_hash = hasher.submit(_hash, storage, uris[index + 1])
-            in_lake = [p for p in published if p["uri"].endswith("/" + lake.part_name(sha))]
-            if lake.part_name(sha) in done or in_lake:
-                # A batch is published whole, so a file with a part in the manifest is in the lake in full.
-                rows = sum(p["rows"] for p in in_lake)
-                raw_files.append(_RawFile(uri, sha, size, rows, None, skipped="already ingested"))
-            elif sha in seen:
-                log.warning("ingest: %s has the same content as %s; ingested once", uri, seen[sha])
-                raw_files.append(_RawFile(uri, sha, size, 0, None, skipped=f"same content as {seen[sha]}"))
-            else:
-                seen[sha] = uri
-                raw_files.append(
-                    _stream_file(storage, uri, sha, size, Path(scratch) / str(index), options, quarantine, pool)
-                )
+        raw_files = _read_files(storage, uris, published, Path(scratch), options, quarantine, pool, hasher)
         read = [f for f in raw_files if not f.skipped]
         new_rows = sum(f.rows for f in read)
         bad_rows = sum(f.quarantined for f in read)
@@ -168,6 +147,47 @@ def ingest(
         staged.uri, time.perf_counter() - started,
     )
     return staged
+
+
+def _read_files(
+    storage: Storage, uris: list[str], published: list[dict[str, Any]], scratch: Path, options: IngestOptions,
+    quarantine: _Quarantine, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor,
+) -> list[_RawFile]:
+    """Hash each raw file, skip those already in the lake (or repeated in the batch), stream the
+    others into local date partitions. Pipelined: the next file is hashed, and the previous file's
+    parts are written, while a file is read."""
+    done = {p["uri"].rsplit("/", 1)[-1] for p in published}
+    raw_files: list[_RawFile] = []
+    seen: dict[str, str] = {}
+    writing: list[_DateParts] = []
+    next_hash = hasher.submit(_hash, storage, uris[0])
+    try:
+        for index, uri in enumerate(uris):
+            sha, size = next_hash.result()
+            if index + 1 < len(uris):
+                next_hash = hasher.submit(_hash, storage, uris[index + 1])
+            in_lake = [p for p in published if p["uri"].endswith("/" + lake.part_name(sha))]
+            if lake.part_name(sha) in done or in_lake:
+                # A batch is published whole, so a file with a part in the manifest is in the lake in full.
+                rows = sum(p["rows"] for p in in_lake)
+                raw_files.append(_RawFile(uri, sha, size, rows, None, skipped="already ingested"))
+            elif sha in seen:
+                log.warning("ingest: %s has the same content as %s; ingested once", uri, seen[sha])
+                raw_files.append(_RawFile(uri, sha, size, 0, None, skipped=f"same content as {seen[sha]}"))
+            else:
+                seen[sha] = uri
+                raw, parts = _stream_file(storage, uri, sha, size, scratch / str(index), options, quarantine, pool)
+                raw_files.append(raw)
+                writing.append(parts)
+                while len(writing) > 1:  # the previous file's parts were written while this one was read
+                    writing.pop(0).close()
+        while writing:
+            writing.pop(0).close()
+    finally:
+        next_hash.cancel()
+        for parts in writing:  # an error: let the writes end before the scratch folder goes
+            parts.abort()
+    return raw_files
 
 
 def source_files(storage: Storage, source_uri: str) -> list[str]:
@@ -260,22 +280,20 @@ class _Quarantine:
 def _stream_file(
     storage: Storage, uri: str, sha: str, size: int, folder: Path, options: IngestOptions, quarantine: _Quarantine,
     pool: ThreadPoolExecutor,
-) -> _RawFile:
+) -> tuple[_RawFile, _DateParts]:
     """Read one raw file a chunk at a time into local date partitions (sorted by ts within a chunk).
 
-    The main thread reads, checks and orders a chunk; ``pool`` gathers, writes and hashes each of its
-    date parts (pyarrow and numpy let go of the GIL there), while the main thread reads the next chunk.
+    The main thread reads, checks and orders a chunk; ``pool`` writes and hashes each of its date
+    parts (pyarrow and numpy let go of the GIL there) while the main thread reads on: the returned
+    parts may still be being written; :meth:`_DateParts.close` finishes them.
     """
     raw = _RawFile(uri=uri, sha256=sha, size=size, rows=0, table=None)
     if size == 0:
         raise DataError(f"{uri} is empty (0 bytes): {ROW_COUNT}(table) expects at least 1 row")
-    writers: dict[str, pq.ParquetWriter] = {}
-    hashes: dict[str, list[Future[np.ndarray]]] = {}
-    pending: list[Future[np.ndarray]] = []
     offset = 0
     quarantine_name = f"{lake.part_name(sha)[:-8]}-{uri.rsplit('/', 1)[-1].rsplit('.', 1)[0][:40]}.parquet"
     limit = max(1, int(options.max_quarantine_fraction * options.chunk_rows) + 1)
-    folder.mkdir(parents=True, exist_ok=True)
+    parts = _DateParts(raw, folder, pool)
     try:
         with storage.open_input(uri) as stream:
             for chunk in iter_tables(uri, stream, options.chunk_rows):
@@ -299,26 +317,53 @@ def _stream_file(
                 else:
                     good = conform(uri, chunk)
                 offset += chunk.num_rows
-                dates = _partition_by_date(good, pool)
-                # A date's writer takes the previous chunk's rows before this chunk's (stable bytes).
-                _finish(pending)
-                for date, part in dates:
-                    if date not in writers:
-                        writers[date] = pq.ParquetWriter(folder / f"date={date}.parquet", TRANSACTION_SCHEMA, **lake.PART_WRITE_OPTIONS)
-                        hashes[date] = []
-                    pending.append(pool.submit(_write_part, writers[date], part))
-                    hashes[date].append(pending[-1])
-                    raw.rows += part.num_rows
-        _finish(pending)
-    finally:
-        wait(pending)  # on an error, no task may still be writing when its writer closes
-        for writer in writers.values():
+                parts.add(_partition_by_date(good, pool))
+    except BaseException:
+        parts.abort()
+        raise
+    return raw, parts
+
+
+class _DateParts:
+    """A raw file's local date partitions, appended to a chunk at a time by a thread pool."""
+
+    def __init__(self, raw: _RawFile, folder: Path, pool: ThreadPoolExecutor) -> None:
+        self.raw, self.folder, self.pool = raw, folder, pool
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.hashes: dict[str, list[Future[np.ndarray]]] = {}
+        self.pending: list[Future[np.ndarray]] = []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, parts: list[tuple[str, pa.Table]]) -> None:
+        """Queue one chunk's rows of each date (after the previous chunk's: stable bytes)."""
+        _finish(self.pending)
+        for date, part in parts:
+            if date not in self.writers:
+                path = self.folder / f"date={date}.parquet"
+                self.writers[date] = pq.ParquetWriter(path, TRANSACTION_SCHEMA, **lake.PART_WRITE_OPTIONS)
+                self.hashes[date] = []
+            self.pending.append(self.pool.submit(_write_part, self.writers[date], part))
+            self.hashes[date].append(self.pending[-1])
+            self.raw.rows += part.num_rows
+
+    def close(self) -> None:
+        """Wait for the writes and close the files; the raw file gets its parts and their id hashes."""
+        try:
+            _finish(self.pending)
+        finally:
+            self.abort()
+        # Each chunk's hashes of a date are sorted: the part's are a few sorted runs (cheap to merge).
+        raw = self.raw
+        raw.part_hashes = {date: np.concatenate([f.result() for f in self.hashes[date]]) for date in sorted(self.hashes)}
+        raw.parts = {date: (str(self.folder / f"date={date}.parquet"), len(h)) for date, h in raw.part_hashes.items()}
+        raw.hashes = np.concatenate(list(raw.part_hashes.values())) if raw.part_hashes else np.zeros(0, np.uint64)
+
+    def abort(self) -> None:
+        """Close the files once no task still writes to them (on an error: what they hold is discarded)."""
+        wait(self.pending)
+        for writer in self.writers.values():
             writer.close()
-    # Each chunk's hashes of a date are sorted: the part's are a few sorted runs (cheap to merge).
-    raw.part_hashes = {date: np.concatenate([f.result() for f in hashes[date]]) for date in sorted(hashes)}
-    raw.parts = {date: (str(folder / f"date={date}.parquet"), len(raw.part_hashes[date])) for date in sorted(writers)}
-    raw.hashes = np.concatenate(list(raw.part_hashes.values())) if hashes else np.zeros(0, np.uint64)
-    return raw
+        self.writers = {}
 
 
 def _write_part(writer: pq.ParquetWriter, part: pa.Table) -> np.ndarray:

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from flywheel import lineage
 from flywheel.errors import ArtifactNotFound, DataError, StorageError, first_line
 from flywheel.schema import TRANSACTION_SCHEMA
-from flywheel.storage import Storage, join, sha256_bytes
+from flywheel.storage import ObjectRef, Storage, join, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -395,23 +395,32 @@ def stage(
     parts = {p["uri"]: dict(p) for p in (parent.parts if parent else [])}
     added = []
     batch_hashes: list[np.ndarray] = []
+    taken = set(parts)
     for new in new_parts:
         final = part_uri(lake_uri, new.date, new.name)
-        if final in parts:  # names come from raw file hashes: a published file is never staged again
+        if final in taken:  # names come from raw file hashes: a published file is never staged again
             raise DataError(f"{final} is already in snapshot {parent.uri if parent else '?'}; it cannot be staged again")
+        taken.add(final)
+
+    def upload(new: NewPart) -> ObjectRef:
         staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
         if new.table is not None:
             buffer = io.BytesIO()
             pq.write_table(new.table, buffer, **PART_WRITE_OPTIONS)
-            ref = storage.write_bytes(staged_part, buffer.getvalue())
-        else:
-            ref = storage.upload_file(new.path, staged_part)
+            return storage.write_bytes(staged_part, buffer.getvalue())
+        return storage.upload_file(new.path, staged_part)
+
+    # Parts are written side by side: copying, hashing and S3 round trips release the GIL.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        refs = list(pool.map(upload, new_parts))
+    for new, ref in zip(new_parts, refs):
+        final, staged_part = part_uri(lake_uri, new.date, new.name), join(area, TRANSACTIONS, f"date={new.date}", new.name)
         hashes = new.id_hashes
         if hashes is None:
             ids = new.table if new.table is not None else pq.read_table(new.path, columns=["transaction_id"])
             hashes = id_hashes(ids.column("transaction_id"))
         start = sum(len(h) for h in batch_hashes)
-        batch_hashes.append(np.sort(hashes))
+        batch_hashes.append(np.sort(hashes, kind="stable"))  # ingest's come sorted (timsort: one pass)
         parts[final] = {
             "uri": final, "sha256": ref.sha256, "rows": new.num_rows, "date": new.date,
             "staged_uri": staged_part, "ids_slice": [start, start + len(hashes)],
