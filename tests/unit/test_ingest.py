@@ -6,6 +6,7 @@ the validated path (stage, validate, publish or discard) is tested in test_lake.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import pytest
 
 from flywheel import lineage
 from flywheel.errors import DataError
-from flywheel.ingest import ingest
-from flywheel.lake import LakeSnapshot, load_snapshot, publish_snapshot, publish_staged, read_snapshot, snapshot_sha256
+from flywheel.ingest import IngestOptions, ingest
+from flywheel.lake import LakeSnapshot, id_hashes, load_snapshot, publish_snapshot, publish_staged, read_id_index, read_snapshot, snapshot_sha256
+from flywheel.lake import part_name as lake_part_name
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
@@ -478,3 +480,26 @@ def test_publish_snapshot_takes_hand_written_parts_as_they_are(storage: Storage,
         write_csv(rows, tmp_path / name / name)
         again = ingest_and_publish(storage, str(tmp_path / name), str(lake), run_id="r2")
         assert again.sha256 == snap.sha256 and again.source_files[0]["duplicates"] == len(rows)
+
+
+def test_a_file_read_in_chunks_keeps_each_chunks_rows_in_order_in_its_date_parts(storage: Storage, tmp_path: Path) -> None:
+    """Files are read a chunk at a time and their date parts written by a thread pool while the next
+    chunk (and file) is read: a chunk's rows written before the previous chunk's, into another file's
+    part, or lost, would show here; the id index must still hold each part's ids."""
+    folder, lake_dir, chunk = tmp_path / "raw", tmp_path / "lake", 200
+    frames = {f"f{i}.parquet": make_transactions(700, seed=i, id_prefix=f"k{i}-") for i in range(2)}
+    for name, df in frames.items():
+        write_parquet(df, folder / name)
+    staged = ingest(storage, str(folder), str(lake_dir), "r1", IngestOptions(chunk_rows=chunk))
+    snap = publish_staged(storage, staged, "r1")
+
+    assert snap.rows == 1400 and len(snap.parts) == 2 * len(DATES)
+    for name, df in frames.items():
+        # The oracle: chunk by chunk, a stable sort by ts; each chunk's rows of a date after the last chunk's.
+        ordered = pd.concat([df.iloc[i:i + chunk].sort_values("ts", kind="stable") for i in range(0, len(df), chunk)])
+        part = lake_part_name(hashlib.sha256((folder / name).read_bytes()).hexdigest())
+        for date, rows in ordered.groupby(ordered["ts"].dt.strftime("%Y-%m-%d")):
+            [entry] = [p for p in snap.parts if p["uri"] == f"{lake_dir}/transactions/date={date}/{part}"]
+            ids = pq.read_table(entry["uri"]).column("transaction_id")
+            assert ids.to_pylist() == rows["transaction_id"].tolist()
+            assert read_id_index(storage, entry).tolist() == sorted(id_hashes(ids).tolist())
