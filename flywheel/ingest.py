@@ -1,7 +1,8 @@
 """Ingest: raw transaction files (csv, parquet, jsonl; local or s3://) staged as a batch of the lake.
 
 Every raw file is streamed a chunk at a time (bounded memory, whatever the file's size), held to
-the schema (:mod:`flywheel.rawfiles`) and written to local date partitions; nothing is written to
+the schema (:mod:`flywheel.rawfiles`) and written to local date partitions (by a thread pool, while
+the main thread reads the next chunk or file: a few chunks in memory at most); nothing is written to
 the lake's storage until every file passed, so bad input leaves no trace. A file whose sha256 is
 already in the lake is skipped unread. With policy ``quarantine``, rows that break the schema or the
 suite's row-level expectations are set aside (with their reason) instead of rejecting the batch. The batch's rows are split into date partitions named after
