@@ -9,7 +9,9 @@ production model always reads the features it was trained with.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -249,9 +251,15 @@ def feast_project(settings: Settings, world: str) -> str:
 
 def entity_key_bytes(join_key: str, entity_id: str) -> bytes:
     """Feast's serialized entity key (``serialize_entity_key``, version 3) of one string join key."""
-    key, value = join_key.encode(), entity_id.encode()
-    return b"".join((_U32.pack(1), _U32.pack(VALUE_TYPE_STRING), _U32.pack(len(key)), key,
-                     _U32.pack(VALUE_TYPE_STRING), _U32.pack(len(value)), value))
+    value = entity_id.encode()
+    return b"".join((_entity_key_head(join_key), _U32.pack(len(value)), value))
+
+
+@functools.lru_cache(maxsize=16)
+def _entity_key_head(join_key: str) -> bytes:
+    """The part of an entity key before its value's length (the same for every entity of a join key)."""
+    key = join_key.encode()
+    return b"".join((_U32.pack(1), _U32.pack(VALUE_TYPE_STRING), _U32.pack(len(key)), key, _U32.pack(VALUE_TYPE_STRING)))
 
 
 def _varint(raw: bytes, at: int) -> int:
@@ -393,24 +401,46 @@ class OnlineReader:
                 found[index].setdefault(by_key[index][entity_key], [math.nan] * len(positions[index]))[column] = decode_value(raw)
         return found
 
-    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
-        """Per view, entity id -> its features' values: one HMGET per distinct entity of both views,
-        all written at once on one pooled connection and read back in order (one round trip).
+    async def read_async(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """:meth:`read` in an event loop: the Redis commands are written at once and the loop serves
+        other requests until the replies have arrived, which are then read without waiting. SQLite,
+        a local file, is read at once."""
+        if self._redis is None:
+            return self.read(card_ids, merchant_ids)
+        wanted = self._wanted(card_ids, merchant_ids)
+        try:
+            found = await self._read_redis_async(wanted)
+        except FeatureStoreError:
+            raise
+        except Exception as exc:  # the store is down or broken: the caller turns it into a 503
+            raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
+        return self._arrays(wanted, found)
 
-        Blocking, in the event loop, on purpose: a local Redis answers a pass in tens of
-        microseconds, less than the asyncio client's machinery costs (a pass of 8 one-transaction
-        requests: about 110 us of CPU here against 350 us awaiting a redis.asyncio pipeline, and
-        against 300 us for redis-py's blocking pipeline, which packs and parses each command in
-        Python). The commands are packed by hiredis; replies are parsed by hiredis through the
-        connection; the client's retry policy (open_online_reader: one immediate retry, for a
-        connection Redis closed) and socket timeouts bound the wait."""
+    def _redis_request(self, wanted: list) -> tuple[list[list[str]], bytes, int]:
+        """Per view its distinct entities; one HMGET per entity of every view, packed by hiredis
+        into one write; the number of replies to read."""
         suffix = self.project.encode()
         unique = [list(set(ids)) for _, _, _, ids in wanted]
         packed = b"".join(
             hiredis.pack_command((b"HMGET", entity_key_bytes(key, entity) + suffix, *self._fields[view]))
             for (view, key, _, _), entities in zip(wanted, unique) for entity in entities
         )
-        count = sum(len(entities) for entities in unique)
+        return unique, packed, sum(len(entities) for entities in unique)
+
+    @staticmethod
+    def _redis_found(unique: list[list[str]], replies: list) -> list[dict[str, list[float]]]:
+        answers = iter(replies)
+        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
+
+    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
+        """Per view, entity id -> its features' values: every HMGET written at once on one pooled
+        connection of the blocking client and read back in order (one round trip; the client's
+        retry policy and socket timeouts, set by open_online_reader, bound it).
+
+        Not a redis-py pipeline, which packs and parses each command in Python: a pass of 8
+        one-transaction requests costs about 110 us of CPU this way, 300 us as a blocking
+        pipeline and 350 us awaiting a redis.asyncio pipeline (its packing, and a timeout per reply)."""
+        unique, packed, count = self._redis_request(wanted)
         pool = self._redis.connection_pool
         connection = pool.get_connection()
         try:
@@ -418,8 +448,49 @@ class OnlineReader:
                                                        lambda error: connection.disconnect())
         finally:
             pool.release(connection)
-        answers = iter(replies)
-        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
+        return self._redis_found(unique, replies)
+
+    async def _read_redis_async(self, wanted: list) -> list[dict[str, list[float]]]:
+        """:meth:`_read_redis` with the round trip awaited: the write, then the event loop watches the
+        connection's socket until the replies are there (a TLS connection, whose socket may be
+        quiet while its own buffer holds the replies, is read blocking). A connection that fails
+        (one Redis closed) is retried on the blocking path, with the client's retry policy."""
+        import redis
+
+        unique, packed, count = self._redis_request(wanted)
+        pool = self._redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            if isinstance(connection, redis.SSLConnection):
+                replies = connection.retry.call_with_retry(lambda: _exchange(connection, packed, count),
+                                                           lambda error: connection.disconnect())
+                return self._redis_found(unique, replies)
+            try:
+                connection.send_packed_command([packed])
+                await _readable(connection._sock, SERVING_REDIS_TIMEOUT_S)  # redis-py keeps its socket private
+                replies = [connection.read_response() for _ in range(count)]
+            except BaseException as exc:
+                connection.disconnect()  # replies left unread would answer the next caller's commands
+                if isinstance(exc, redis.ConnectionError):
+                    return self._read_redis(wanted)
+                raise
+        finally:
+            pool.release(connection)
+        return self._redis_found(unique, replies)
+
+
+async def _readable(sock: Any, timeout: float) -> None:
+    """Wait, in the event loop, until ``sock`` has something to read (at most ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    except TimeoutError:
+        raise TimeoutError(f"no reply in {timeout:g} s") from None
+    finally:
+        loop.remove_reader(sock)
 
 
 def _exchange(connection: Any, packed: bytes, count: int) -> list:
