@@ -467,7 +467,7 @@ class OnlineReader:
                 return self._redis_found(unique, replies)
             try:
                 connection.send_packed_command([packed])
-                await _readable(connection._sock, SERVING_REDIS_TIMEOUT_S)  # redis-py keeps its socket private
+                await _readable(connection._sock.fileno(), SERVING_REDIS_TIMEOUT_S)  # redis-py keeps its socket private
                 replies = [connection.read_response() for _ in range(count)]
             except BaseException as exc:
                 connection.disconnect()  # replies left unread would answer the next caller's commands
@@ -479,18 +479,20 @@ class OnlineReader:
         return self._redis_found(unique, replies)
 
 
-async def _readable(sock: Any, timeout: float) -> None:
-    """Wait, in the event loop, until ``sock`` has something to read (at most ``timeout`` seconds)."""
+async def _readable(fd: int, timeout: float) -> None:
+    """Wait, in the event loop, until the socket ``fd`` has something to read (at most ``timeout``
+    seconds). A file descriptor, not the socket object: the selector formats the object's repr into
+    a KeyError for every descriptor it does not watch yet (tens of microseconds a socket)."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(sock, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
     try:
         async with asyncio.timeout(timeout):
             await ready
     except TimeoutError:
         raise TimeoutError(f"no reply in {timeout:g} s") from None
     finally:
-        loop.remove_reader(sock)
+        loop.remove_reader(fd)
 
 
 def _exchange(connection: Any, packed: bytes, count: int) -> list:
