@@ -457,14 +457,12 @@ class OnlineReader:
         (one Redis closed) is retried on the blocking path, with the client's retry policy."""
         import redis
 
-        unique, packed, count = self._redis_request(wanted)
         pool = self._redis.connection_pool
+        if issubclass(pool.connection_class, redis.SSLConnection):
+            return self._read_redis(wanted)
+        unique, packed, count = self._redis_request(wanted)
         connection = pool.get_connection()
         try:
-            if isinstance(connection, redis.SSLConnection):
-                replies = connection.retry.call_with_retry(lambda: _exchange(connection, packed, count),
-                                                           lambda error: connection.disconnect())
-                return self._redis_found(unique, replies)
             try:
                 connection.send_packed_command([packed])
                 await _readable(connection._sock.fileno(), SERVING_REDIS_TIMEOUT_S)  # redis-py keeps its socket private
@@ -516,9 +514,9 @@ def open_online_reader(settings: Settings, world: str) -> OnlineReader:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        # Reads block the event loop (OnlineReader._read_redis): a Redis that stops answering must
-        # fail the request in a bounded time (a 503), and a failed read is retried once at once
-        # (a connection Redis closed) rather than after backoff sleeps that would stall the server.
+        # A blocking read (OnlineReader._read_redis: warm-up, TLS, a retried pass) holds up the event
+        # loop: a Redis that stops answering must fail it in a bounded time (a 503), and a failed
+        # read is retried once at once (a connection Redis closed), not after backoff sleeps.
         client = redis_client(settings.features.redis_connection, socket_timeout=SERVING_REDIS_TIMEOUT_S,
                               socket_connect_timeout=SERVING_REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
         _check_redis_holds_world(client, settings, world, project)
