@@ -9,7 +9,6 @@ production model always reads the features it was trained with.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import json
@@ -401,46 +400,25 @@ class OnlineReader:
                 found[index].setdefault(by_key[index][entity_key], [math.nan] * len(positions[index]))[column] = decode_value(raw)
         return found
 
-    async def read_async(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """:meth:`read` in an event loop: the Redis commands are written at once and the loop serves
-        other requests until the replies have arrived, which are then read without waiting. SQLite,
-        a local file, is read at once."""
-        if self._redis is None:
-            return self.read(card_ids, merchant_ids)
-        wanted = self._wanted(card_ids, merchant_ids)
-        try:
-            found = await self._read_redis_async(wanted)
-        except FeatureStoreError:
-            raise
-        except Exception as exc:  # the store is down or broken: the caller turns it into a 503
-            raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
-        return self._arrays(wanted, found)
+    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
+        """Per view, entity id -> its features' values: one HMGET per distinct entity of both views,
+        all written at once on one pooled connection and read back in order (one round trip).
 
-    def _redis_request(self, wanted: list) -> tuple[list[list[str]], bytes, int]:
-        """Per view its distinct entities; one HMGET per entity of every view, packed by hiredis
-        into one write; the number of replies to read."""
+        Blocking, in the event loop, on purpose: a local Redis answers a pass in tens of
+        microseconds, less than the asyncio machinery costs. CPU of a pass of 8 one-transaction
+        requests: about 160 us this way (SQLite: 205; benchmarks/online_read.py); measured in
+        process while choosing: 220 us awaiting the replies with the loop watching the socket,
+        350 us awaiting a redis.asyncio pipeline, 300 us with redis-py's blocking pipeline (they
+        pack and parse each command in Python). One transaction: 68, SQLite 52, awaited 133. The commands are packed by hiredis; replies are parsed by hiredis through the
+        connection; the client's retry policy (open_online_reader: one immediate retry, for a
+        connection Redis closed) and socket timeouts bound the wait."""
         suffix = self.project.encode()
         unique = [list(set(ids)) for _, _, _, ids in wanted]
         packed = b"".join(
             hiredis.pack_command((b"HMGET", entity_key_bytes(key, entity) + suffix, *self._fields[view]))
             for (view, key, _, _), entities in zip(wanted, unique) for entity in entities
         )
-        return unique, packed, sum(len(entities) for entities in unique)
-
-    @staticmethod
-    def _redis_found(unique: list[list[str]], replies: list) -> list[dict[str, list[float]]]:
-        answers = iter(replies)
-        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
-
-    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
-        """Per view, entity id -> its features' values: every HMGET written at once on one pooled
-        connection of the blocking client and read back in order (one round trip; the client's
-        retry policy and socket timeouts, set by open_online_reader, bound it).
-
-        Not a redis-py pipeline, which packs and parses each command in Python: a pass of 8
-        one-transaction requests costs about 110 us of CPU this way, 300 us as a blocking
-        pipeline and 350 us awaiting a redis.asyncio pipeline (its packing, and a timeout per reply)."""
-        unique, packed, count = self._redis_request(wanted)
+        count = sum(len(entities) for entities in unique)
         pool = self._redis.connection_pool
         connection = pool.get_connection()
         try:
@@ -448,49 +426,8 @@ class OnlineReader:
                                                        lambda error: connection.disconnect())
         finally:
             pool.release(connection)
-        return self._redis_found(unique, replies)
-
-    async def _read_redis_async(self, wanted: list) -> list[dict[str, list[float]]]:
-        """:meth:`_read_redis` with the round trip awaited: the write, then the event loop watches the
-        connection's socket until the replies are there (a TLS connection, whose socket may be
-        quiet while its own buffer holds the replies, is read blocking). A connection that fails
-        (one Redis closed) is retried on the blocking path, with the client's retry policy."""
-        import redis
-
-        pool = self._redis.connection_pool
-        if issubclass(pool.connection_class, redis.SSLConnection):
-            return self._read_redis(wanted)
-        unique, packed, count = self._redis_request(wanted)
-        connection = pool.get_connection()
-        try:
-            try:
-                connection.send_packed_command([packed])
-                await _readable(connection._sock.fileno(), SERVING_REDIS_TIMEOUT_S)  # redis-py keeps its socket private
-                replies = [connection.read_response() for _ in range(count)]
-            except BaseException as exc:
-                connection.disconnect()  # replies left unread would answer the next caller's commands
-                if isinstance(exc, redis.ConnectionError):
-                    return self._read_redis(wanted)
-                raise
-        finally:
-            pool.release(connection)
-        return self._redis_found(unique, replies)
-
-
-async def _readable(fd: int, timeout: float) -> None:
-    """Wait, in the event loop, until the socket ``fd`` has something to read (at most ``timeout``
-    seconds). A file descriptor, not the socket object: the selector formats the object's repr into
-    a KeyError for every descriptor it does not watch yet (tens of microseconds a socket)."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        async with asyncio.timeout(timeout):
-            await ready
-    except TimeoutError:
-        raise TimeoutError(f"no reply in {timeout:g} s") from None
-    finally:
-        loop.remove_reader(fd)
+        answers = iter(replies)
+        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
 
 
 def _exchange(connection: Any, packed: bytes, count: int) -> list:
@@ -514,9 +451,9 @@ def open_online_reader(settings: Settings, world: str) -> OnlineReader:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        # A blocking read (OnlineReader._read_redis: warm-up, TLS, a retried pass) holds up the event
-        # loop: a Redis that stops answering must fail it in a bounded time (a 503), and a failed
-        # read is retried once at once (a connection Redis closed), not after backoff sleeps.
+        # Reads block the event loop (OnlineReader._read_redis): a Redis that stops answering must
+        # fail the request in a bounded time (a 503), and a failed read is retried once at once
+        # (a connection Redis closed) rather than after backoff sleeps that would stall the server.
         client = redis_client(settings.features.redis_connection, socket_timeout=SERVING_REDIS_TIMEOUT_S,
                               socket_connect_timeout=SERVING_REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
         _check_redis_holds_world(client, settings, world, project)

@@ -188,14 +188,11 @@ def copy_project(source: RedisServer, target: RedisServer, project: str) -> None
         writing.close()
 
 
-@pytest.mark.parametrize("path", ["read", "read_async"])
-def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_error_in_bounded_time(redis_loop, redis_server, path):
-    """Bug caught: a served Redis read hanging the server for as long as Redis does not answer (no
-    socket timeout: a blocking read stalls the event loop); a redis-py exception escaping as a 500
-    instead of the FeatureStoreError the server answers 503 with; or a reader left broken (a dead
-    pooled connection) once Redis is back. ``read`` is the blocking path (large batches, warm-up),
-    ``read_async`` the one a request's scoring pass awaits."""
-    import asyncio
+def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_error_in_bounded_time(redis_loop, redis_server):
+    """Bug caught: serving's Redis read, which blocks the event loop, hanging the server for as long
+    as Redis does not answer (no socket timeout); a redis-py exception escaping as a 500 instead of
+    the FeatureStoreError the server answers 503 with; or a reader left broken (a dead pooled
+    connection) once Redis is back."""
     import signal
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -210,19 +207,15 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
     try:
         copy_project(redis_server, own, project)
         reader = open_online_reader(load_settings(env=redis_env(redis_loop["home"], own)), world)
-
-        def read():
-            return reader.read(cards, merchants) if path == "read" else asyncio.run(reader.read_async(cards, merchants))
-
-        features, known = read()
+        features, known = reader.read(cards, merchants)
         assert known["card_id"].all() and known["merchant_id"].all()
 
         os.kill(own.process.pid, signal.SIGSTOP)  # Redis stops answering; its socket stays open
         started = time.monotonic()
         with ThreadPoolExecutor(1) as pool:
             try:
-                # At most one attempt and one immediate retry, each bounded by the timeout.
-                pending = pool.submit(read)
+                # One attempt and one immediate retry, each bounded by the socket timeout.
+                pending = pool.submit(reader.read, cards, merchants)
                 with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: TimeoutError"):
                     pending.result(timeout=2 * SERVING_REDIS_TIMEOUT_S + 2.0)
             finally:
@@ -233,12 +226,12 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
         own.stop()
         started = time.monotonic()
         with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: ConnectionError"):
-            read()
+            reader.read(cards, merchants)
         assert time.monotonic() - started < 1.0, "a refused connection must fail at once, not after backoff sleeps"
 
         own = RedisServer(port=port).start()  # back, on the same address (its data restored)
         copy_project(redis_server, own, project)
-        again, known_again = read()
+        again, known_again = reader.read(cards, merchants)
         assert known_again["card_id"].all() and known_again["merchant_id"].all()
         for name, values in features.items():
             pd.testing.assert_series_equal(pd.Series(again[name]), pd.Series(values), check_names=False, obj=name)
