@@ -69,21 +69,8 @@ def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Sc
     """Fraud probabilities for validated transactions, with their current online features
     (``record``: count it in the metrics; not for a warm-up)."""
     started = time.perf_counter()
-    looked_up = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
-    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, record)
-
-
-async def score_async(bundle: Bundle, transactions: Transactions) -> Scored:
-    """:func:`score` in an event loop: the online read is awaited (Redis), so the loop serves other
-    requests during the round trip."""
-    started = time.perf_counter()
-    looked_up = await bundle.reader.read_async(transactions.card_ids, transactions.merchant_ids)
-    return _score_looked_up(bundle, transactions, looked_up, time.perf_counter() - started, True)
-
-
-def _score_looked_up(bundle: Bundle, transactions: Transactions, looked_up: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
-                     lookup_seconds: float, record: bool) -> Scored:
-    features, known = looked_up
+    features, known = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
+    lookup_seconds = time.perf_counter() - started
     inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
     transformed = time.perf_counter()
     probabilities = bundle.model.probabilities(inputs)
@@ -109,8 +96,9 @@ class ScoringPasses:
 
     A request is validated on its own, then waits here; the pass (a task) starts once the event loop
     has taken every request that was ready with it (after the tasks already scheduled), so a lone
-    request waits for nothing, and under load the fixed cost of a pass is shared. While a pass waits
-    for Redis, the requests that arrive meanwhile gather for the next one. Each request gets
+    request waits for nothing, and under load the fixed cost of a pass is shared. The pass reads
+    the online store without yielding the loop (a local store answers faster than a yield costs;
+    see OnlineReader); requests that arrive meanwhile gather for the next one. Each request gets
     its own rows back; a request is scored with the bundle it started with (requests on two
     versions during a swap make two passes); a failed pass fails each of its requests alike. A
     probability scored in a pass equals the one scored alone to float32 rounding (about 1e-7:
@@ -135,7 +123,7 @@ class ScoringPasses:
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
-                scored = await score_async(bundle, join_transactions([transactions for transactions, _ in requests]))
+                scored = score(bundle, join_transactions([transactions for transactions, _ in requests]))
             except Exception as exc:  # the store failed: every request of the pass says so
                 for _, future in requests:
                     if not future.done():

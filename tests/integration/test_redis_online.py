@@ -167,3 +167,73 @@ def test_flywheel_serve_scores_a_transaction_over_http_with_redis_features(redis
     prediction = response.json()["predictions"][0]
     assert 0.0 <= prediction["fraud_probability"] <= 1.0
     assert prediction["model_version"] == redis_loop["model"]["version"]
+
+
+def copy_project(source: RedisServer, target: RedisServer, project: str) -> None:
+    """Every key of one Feast project from one redis-server into another (DUMP and RESTORE)."""
+    import redis as redis_client
+
+    keys = project_keys(source, project)
+    reading, writing = redis_client.Redis(port=source.port), redis_client.Redis(port=target.port)
+    try:
+        dumps = reading.pipeline(transaction=False)
+        for key in keys:
+            dumps.dump(key)
+        restores = writing.pipeline(transaction=False)
+        for key, dumped in zip(keys, dumps.execute()):
+            restores.restore(key, 0, dumped, replace=True)
+        restores.execute()
+    finally:
+        reading.close()
+        writing.close()
+
+
+def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_error_in_bounded_time(redis_loop, redis_server):
+    """Bug caught: serving's Redis read, which blocks the event loop, hanging the server for as long
+    as Redis does not answer (no socket timeout); a redis-py exception escaping as a 500 instead of
+    the FeatureStoreError the server answers 503 with; or a reader left broken (a dead pooled
+    connection) once Redis is back."""
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flywheel.features.store import SERVING_REDIS_TIMEOUT_S, open_online_reader
+
+    settings, world = redis_loop["settings"], redis_loop["world"]
+    project = f"{settings.features.project}_{world}"
+    holdout = redis_loop["storage"].read_parquet(redis_loop["training_set"]["holdout_uri"]).to_pandas().iloc[:20]
+    cards, merchants = list(holdout["card_id"]), list(holdout["merchant_id"])
+    own = RedisServer().start()
+    try:
+        copy_project(redis_server, own, project)
+        reader = open_online_reader(load_settings(env=redis_env(redis_loop["home"], own)), world)
+        features, known = reader.read(cards, merchants)
+        assert known["card_id"].all() and known["merchant_id"].all()
+
+        os.kill(own.process.pid, signal.SIGSTOP)  # Redis stops answering; its socket stays open
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                # One attempt and one immediate retry, each bounded by the socket timeout.
+                pending = pool.submit(reader.read, cards, merchants)
+                with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: TimeoutError"):
+                    pending.result(timeout=2 * SERVING_REDIS_TIMEOUT_S + 2.0)
+            finally:
+                os.kill(own.process.pid, signal.SIGCONT)
+        assert time.monotonic() - started < 2 * SERVING_REDIS_TIMEOUT_S + 2.0
+
+        port = own.port
+        own.stop()
+        started = time.monotonic()
+        with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: ConnectionError"):
+            reader.read(cards, merchants)
+        assert time.monotonic() - started < 1.0, "a refused connection must fail at once, not after backoff sleeps"
+
+        own = RedisServer(port=port).start()  # back, on the same address (its data restored)
+        copy_project(redis_server, own, project)
+        again, known_again = reader.read(cards, merchants)
+        assert known_again["card_id"].all() and known_again["merchant_id"].all()
+        for name, values in features.items():
+            pd.testing.assert_series_equal(pd.Series(again[name]), pd.Series(values), check_names=False, obj=name)
+    finally:
+        own.stop()

@@ -97,13 +97,13 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
     requests = [v1_transactions(request_of(frame), 1000) for frame in frames]
     alone = [score(bundle, request, record=False).probabilities for request in requests]
     passes_made: list[int] = []
-    real_score = predictor_module.score_async
+    real_score = predictor_module.score
 
-    async def counting_score(scored_bundle, transactions):
+    def counting_score(scored_bundle, transactions, **options):
         passes_made.append(transactions.count)
-        return await real_score(scored_bundle, transactions)
+        return real_score(scored_bundle, transactions, **options)
 
-    monkeypatch.setattr(predictor_module, "score_async", counting_score)
+    monkeypatch.setattr(predictor_module, "score", counting_score)
     passes = ScoringPasses()
 
     async def together(batch):
@@ -116,10 +116,10 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
         np.testing.assert_allclose(result.probabilities, want, rtol=1e-6)
         assert len(result.unknown) == len(frame)
 
-    async def failing_score(*_):
+    def failing_score(*_, **__):
         raise FeatureStoreError("online read from SQLite failed: disk I/O error")
 
-    monkeypatch.setattr(predictor_module, "score_async", failing_score)
+    monkeypatch.setattr(predictor_module, "score", failing_score)
     assert [type(error) for error in asyncio.run(together(requests[:2]))] == [FeatureStoreError, FeatureStoreError]
 
 
