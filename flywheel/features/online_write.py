@@ -233,7 +233,6 @@ class _SqliteWriter:
         if not path.is_file():
             raise FeatureStoreError(f"the SQLite online store {path} does not exist: apply the feature views first")
         self.connection = sqlite3.connect(path)
-        self.connection.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages: an index's hot path stays cached
         self.table = _quote(f"{config.project}_{view.name}")
         self.view = view
         self.statement = (
