@@ -169,21 +169,23 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def latest_rows(view: _View, start: dt.datetime, end: dt.datetime, chunk_rows: int, memory_mib: int,
-                spill_dir: str | None = None) -> tuple[int, int, Iterator[pa.RecordBatch]]:
+def latest_rows(view: _View, start: dt.datetime, end: dt.datetime, chunk_rows: int,
+                memory_mib: int) -> tuple[int, int, Iterator[pa.RecordBatch]]:
     """(offline rows in [start, end], entities among them, their latest rows in record batches of at
     most ``chunk_rows``). The latest row of an entity is the one with the latest event time, then
     the latest created time (Feast's dedup order); both ends of the window are included, as Feast
     filters them. DuckDB reads the parquet table in its own row groups within ``memory_mib``
-    (spilling to ``spill_dir`` beyond it), so the source's size never has to fit in memory."""
+    (spilling to a temporary folder beyond it), so the source's size never has to fit in memory."""
+    import shutil
+    import tempfile
+
     import duckdb
 
     if not Path(view.path).is_file():
         raise FeatureStoreError(f"the offline table of {view.name} is missing: {view.path}")
-    config = {"memory_limit": f"{memory_mib}MB", "preserve_insertion_order": "false"}
-    if spill_dir:
-        config["temp_directory"] = spill_dir
-    connection = duckdb.connect(config=config)
+    spill = tempfile.mkdtemp(prefix="flywheel-materialize-")  # not DuckDB's default: .tmp in the working folder
+    connection = duckdb.connect(config={"memory_limit": f"{memory_mib}MB", "preserve_insertion_order": "false",
+                                        "temp_directory": spill})
     ts, created, key = _quote(view.timestamp), _quote(view.created) if view.created else None, _quote(view.join_key)
     order = f"{ts} DESC" + (f", {created} DESC" if created else "")
     columns = ", ".join([key, ts] + ([created] if created else []) + [_quote(name) for name, _ in view.features])
@@ -204,6 +206,7 @@ def latest_rows(view: _View, start: dt.datetime, end: dt.datetime, chunk_rows: i
         reader = connection.sql(f"SELECT * FROM latest ORDER BY strlen({key}), {key}").to_arrow_reader(chunk_rows)
     except duckdb.Error as exc:
         connection.close()
+        shutil.rmtree(spill, ignore_errors=True)
         raise FeatureStoreError(f"reading the latest rows of {view.name} from {view.path} failed: {type(exc).__name__}: {exc}") from exc
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -211,6 +214,7 @@ def latest_rows(view: _View, start: dt.datetime, end: dt.datetime, chunk_rows: i
             yield from reader
         finally:
             connection.close()
+            shutil.rmtree(spill, ignore_errors=True)
 
     return int(source_rows), int(entities), batches()
 
@@ -356,29 +360,33 @@ def _aware(moment: dt.datetime, what: str) -> dt.datetime:
 
 
 def _resume_point(view: _View) -> dt.datetime:
-    """Where an incremental run starts: the end of the last materialized interval, else the table's start."""
+    """Where an incremental run starts: the end of the last materialized interval, else the offline
+    table's earliest row (every entity's latest row is loaded the first time)."""
     last = view.feature_view.most_recent_end_time
     if last is not None:
         return _aware(last, "start")
-    import pyarrow.parquet as pq
+    import duckdb
 
     if not Path(view.path).is_file():
         raise FeatureStoreError(f"the offline table of {view.name} is missing: {view.path}")
-    statistics = [pq.ParquetFile(view.path).metadata.row_group(index).column(
-        pq.ParquetFile(view.path).schema_arrow.get_field_index(view.timestamp)).statistics
-        for index in range(pq.ParquetFile(view.path).metadata.num_row_groups)]
-    if statistics and all(stat is not None and stat.has_min_max for stat in statistics):
-        earliest = min(stat.min for stat in statistics)
-        return _aware(earliest if isinstance(earliest, dt.datetime) else dt.datetime.fromtimestamp(0, dt.timezone.utc), "start")
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    with duckdb.connect() as connection:  # min() of a parquet column comes from its statistics
+        earliest = connection.execute(f"SELECT min({_quote(view.timestamp)}) FROM read_parquet($path)",
+                                      {"path": view.path}).fetchall()[0][0]
+    if earliest is None:
+        raise FeatureStoreError(f"the offline table of {view.name} holds no rows: {view.path}")
+    return _aware(earliest, "start")
 
 
 def _materialize_view(store: Any, view: _View, start: dt.datetime, end: dt.datetime, chunk_rows: int,
                       memory_mib: int, progress: Progress | None) -> ViewMaterialized:
     started = time.perf_counter()
     config = store.config
-    source_rows, entities, batches = latest_rows(view, start, end, chunk_rows, memory_mib)
     writer = _SqliteWriter(config, view) if config.online_store.type == "sqlite" else _RedisWriter(config, view)
+    try:
+        source_rows, entities, batches = latest_rows(view, start, end, chunk_rows, memory_mib)
+    except BaseException:
+        writer.close()
+        raise
     written = skipped = 0
     try:
         if progress:
@@ -394,6 +402,7 @@ def _materialize_view(store: Any, view: _View, start: dt.datetime, end: dt.datet
         raise FeatureStoreError(f"writing {view.name} to the {config.online_store.type} online store failed: "
                                 f"{type(exc).__name__}: {exc}") from exc
     finally:
+        batches.close()  # DuckDB's connection and spill folder go with the stream
         writer.close()
     store.registry.apply_materialization(view.feature_view, config.project, start, end)
     seconds = time.perf_counter() - started

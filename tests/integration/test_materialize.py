@@ -186,3 +186,14 @@ def test_bad_materialize_input_is_a_clear_error(tmp_path):
     Path(paths[1]).unlink()
     with pytest.raises(FeatureStoreError, match="offline table of merchant_features is missing"):
         online_write.materialize_views(store, WINDOW[1], WINDOW[0], chunk_rows=10, memory_mib=64)
+
+
+def test_a_view_never_materialized_starts_from_its_tables_first_row(tmp_path):
+    """Bug caught: a first incremental run that starts at now - TTL (Feast's default) and so loads
+    nothing from tables older than that."""
+    paths = offline_tables(tmp_path, cards=6)
+    _, store = world_store(tmp_path / "home", "first", paths)
+    done = {view.view: view for view in online_write.materialize_views(store, WINDOW[1], chunk_rows=100, memory_mib=64)}
+    table = pd.read_parquet(paths[0])
+    assert done[CARD_VIEW].start == table.event_timestamp.min().to_pydatetime()
+    assert done[CARD_VIEW].source_rows == int((table.event_timestamp <= WINDOW[1]).sum())
