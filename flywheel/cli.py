@@ -447,13 +447,35 @@ def cmd_features(args: argparse.Namespace) -> int:
         feast_store.apply_definitions(store, card, merchant)
         console.print(f"applied the card and merchant feature views to world {world} ({feast_store.world_dir(settings, world)})", soft_wrap=True)
         return 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from flywheel.features.online_write import materialize_world
+
     start, end = materialize_window([card, merchant])
+    engine = args.engine or settings.features.materialize_engine
     started = time.perf_counter()
     feast_store.apply_definitions(store, card, merchant)
-    feast_store.materialize(store, start, end)
+    if engine == "feast":
+        materialize_world(store, settings, start, end, engine="feast")
+        done = "with Feast's own materialize"
+    else:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            tasks: dict[str, Any] = {}
+
+            def show(view: str, written: int, total: int) -> None:
+                if view not in tasks:
+                    tasks[view] = bar.add_task(f"{view} entities", total=total)
+                bar.update(tasks[view], completed=written)
+
+            views = materialize_world(store, settings, start, end, engine="flywheel", progress=show) or []
+        done = "with flywheel's streaming engine: " + "; ".join(
+            f"{view.view} {view.entities:,} entities from {view.source_rows:,} rows since {view.start:%Y-%m-%d %H:%M:%S}"
+            for view in views
+        )
     console.print(
-        f"materialized world {world} ({settings.features.online_store}) from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} "
-        f"with Feast's materialize in {time.perf_counter() - started:.1f} s",
+        f"materialized world {world} ({settings.features.online_store}) up to {end:%Y-%m-%d %H:%M} {done} "
+        f"in {time.perf_counter() - started:.1f} s",
         soft_wrap=True,
     )
     return 0
@@ -473,9 +495,14 @@ def _add_features_parser(sub: Any) -> None:
     apply = fsub.add_parser("apply", help="register the feature views of the latest features step in its world",
                             description="Apply the card and merchant entities and feature views (over the latest offline "
                                         "tables) to the feature world of the lake's latest snapshot.")
-    mat = fsub.add_parser("materialize", help="load the latest feature values into the online store (Feast's materialize)",
-                          description="Apply, then materialize the offline tables' whole span into the world's online store "
-                                      "(features.online_store) with Feast's own materialize.")
+    mat = fsub.add_parser("materialize", help="load the latest feature values into the online store",
+                          description="Apply, then materialize the offline tables into the world's online store "
+                                      "(features.online_store). --engine flywheel (the default: features.materialize_engine) "
+                                      "streams each entity's latest row in chunks and continues from the end of the last "
+                                      "materialization (Feast's materialize-incremental); --engine feast runs Feast's own "
+                                      "materialize over the tables' whole span (the baseline).")
+    mat.add_argument("--engine", choices=["flywheel", "feast"], default=None,
+                     help="flywheel (streamed, incremental) or feast (Feast's own materialize); default: features.materialize_engine")
     for command in (training, apply, mat):
         command.add_argument("--lake", help="the lake's URI (default: <storage root>/lake)")
     features.set_defaults(func=cmd_features)

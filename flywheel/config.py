@@ -104,6 +104,13 @@ class FeatureSettings(_Section):
     offline_store: Literal["duckdb-asof", "duckdb", "file"] = "duckdb-asof"
     # Transactions of every training set re-joined with a pandas merge_asof oracle on each build.
     oracle_sample_rows: int = Field(300, ge=0)
+    # How feature values reach the online store: flywheel (streamed in chunks, several times faster,
+    # benchmarks/features.py) or feast (Feast's own materialize, the baseline).
+    materialize_engine: Literal["flywheel", "feast"] = "flywheel"
+    # Entities encoded and written at a time, and DuckDB's memory for picking each entity's latest row
+    # (beyond it, DuckDB spills to disk): together they bound materialization's memory.
+    materialize_chunk_rows: int = Field(100_000, ge=1)
+    materialize_memory_mib: int = Field(512, ge=64)
 
 
 class ClusterTrainingSettings(_Section):

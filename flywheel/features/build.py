@@ -22,7 +22,7 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
-from flywheel.features import compute, definitions, oracle, store as feast_store
+from flywheel.features import compute, definitions, online_write, oracle, store as feast_store
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.schema import LABEL
@@ -145,6 +145,11 @@ def latest_training_set(storage: Storage) -> TrainingSet:
     return training_set
 
 
+def _log_progress(view: str, written: int, total: int) -> None:
+    """Materialization's progress in the step's log (the CLI shows a bar instead)."""
+    log.info("materialize %s: %d of %d entities written", view, written, total)
+
+
 def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime]:
     """The span of the offline tables' own feature rows, a second wider at each end: the window that
     loads every entity's latest row into the online store. (The transactions' span is not enough: a
@@ -190,7 +195,8 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     started = time.perf_counter()
     fs = feast_store.open_store(settings, world)
     feast_store.apply_definitions(fs, feast_card, feast_merchant)
-    feast_store.materialize(fs, *materialize_window([feast_card, feast_merchant]))
+    online_write.materialize_world(fs, settings, *materialize_window([feast_card, feast_merchant]),
+                                   progress=_log_progress)
     seconds["apply_materialize"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -44,7 +44,16 @@ def test_features_commands_build_the_training_set_and_materialize_its_world(smal
 
     assert cli.main(["features", "apply"]) == 0
     assert cli.main(["features", "materialize"]) == 0
-    assert "materialized world" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "materialized world" in said and "flywheel's streaming engine" in said
+    # A second run has nothing new to load: it continues from where the first ended.
+    assert cli.main(["features", "materialize"]) == 0
+    assert "card_features 0 entities from 0 rows" in capsys.readouterr().out
+    assert cli.main(["features", "materialize", "--engine", "feast"]) == 0
+    assert "with Feast's own materialize" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["features", "materialize", "--engine", "spark"])
+    assert exit_code.value.code == 2 and "invalid choice: 'spark'" in capsys.readouterr().err
     latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
     cards = pd.read_parquet(latest["feast_card"]).sort_values("event_timestamp").groupby("card_id").tail(1).set_index("card_id")
     features, known = open_online_reader(settings, latest["key"][:16]).read(list(cards.index[:50]), ["nobody"] * 50)

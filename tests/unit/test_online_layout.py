@@ -80,3 +80,56 @@ def test_a_world_whose_online_tables_were_never_materialized_is_refused(tmp_path
     sqlite3.connect(folder / "online.db").close()
     with pytest.raises(FeatureStoreError, match="has no online table for card_features, merchant_features"):
         feast_store.open_online_reader(settings, "abc123")
+
+
+# ---------------------------------------------------------------- the writer's side (flywheel.features.online_write)
+@pytest.mark.parametrize(
+    "feast_type, field, values",
+    [("Int64", "int64_val", [0, 1, -1, 127, 128, 300, 2**63 - 1, -(2**63), None, 16384, -300]),
+     ("Int32", "int32_val", [0, -5, 2**31 - 1, -(2**31), None]),
+     ("Float64", "double_val", [0.0, -0.0, 1.5, 1e308, -2.5e-300, math.inf, -math.inf, math.nan, None, 0.1]),
+     ("Float32", "float_val", [0.0, 0.25, -3.5, 0.1, None, math.nan]),
+     ("Bool", "bool_val", [True, False, None])],
+)
+def test_values_are_encoded_as_feasts_protobuf_and_value_text(feast_type, field, values):
+    """Bug caught: a value encoded column-wise that differs from Feast's message by one byte (a
+    negative int64's ten-byte varint, a float's width, a zero left out) or a NaN/null written as a
+    number; the SQLite value_text not ``str`` of the value (Feast's extract_text_and_num)."""
+    import pyarrow as pa
+    from feast.infra.online_stores.helpers import extract_text_and_num
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from flywheel.features import online_write
+
+    kind = {"Int64": pa.int64(), "Int32": pa.int32(), "Float64": pa.float64(), "Float32": pa.float32(), "Bool": pa.bool_()}
+    encoded, texts = online_write.encode_values(pa.array(values, type=kind[feast_type]), feast_type)
+    for value, raw, text in zip(values, encoded, texts):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            want = Value()  # Feast writes a missing value as an empty message
+        else:
+            want = Value(**{field: value})
+        assert raw == want.SerializeToString(), (value, raw)
+        assert text == extract_text_and_num(want, False)[0], (value, text)
+
+
+def test_event_times_are_encoded_as_feasts_redis_timestamps():
+    """Bug caught: the ``_ts:<view>`` field written differently from Feast's Timestamp, so Feast's
+    staleness check (and its reads of event times) would misread it."""
+    import numpy as np
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from flywheel.features import online_write
+
+    micros = np.array([0, 1, 999_999, 1_000_000, 1_790_812_800_123_456, 1_790_812_800_000_000, 4_102_444_800_000_001])
+    for instant, raw in zip(micros.tolist(), online_write.timestamp_bytes(micros)):
+        want = Timestamp(seconds=instant // 1_000_000, nanos=(instant % 1_000_000) * 1000)
+        assert raw == want.SerializeToString(), (instant, raw)
+
+
+def test_a_feature_type_the_writer_cannot_encode_is_refused():
+    import pyarrow as pa
+
+    from flywheel.features import online_write
+
+    with pytest.raises(FeatureStoreError, match="use --engine feast"):
+        online_write.encode_values(pa.array(["a"]), "String")
