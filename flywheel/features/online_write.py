@@ -152,7 +152,7 @@ def _view_of(feature_view: Any) -> _View:
     if path is None or type(source).__name__ != "FileSource":
         raise FeatureStoreError(f"feature view {feature_view.name} reads {type(source).__name__}: flywheel's materialization "
                                 "reads FileSource parquet tables; use --engine feast")
-    keys = [column for column in feature_view.entity_columns]
+    keys = list(feature_view.entity_columns)
     if len(keys) != 1 or keys[0].dtype.to_value_type().value != VALUE_TYPE_STRING:
         raise FeatureStoreError(f"feature view {feature_view.name} must have one string join key for flywheel's "
                                 f"materialization (it has {[key.name for key in keys]}); use --engine feast")
