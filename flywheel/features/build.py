@@ -97,6 +97,7 @@ def features_key(snapshot_sha256: str, settings: Settings) -> str:
     makes them (this module and everything it imports) and the settings that shape them."""
     shaping = {
         "holdout_fraction": settings.data.holdout_fraction,
+        "label_delay_s": settings.features.label_delay.total_seconds(),  # which labels the fraud rate may use
         # The engine that joins (and its version): equal results are its contract, checked, not assumed.
         "offline_store": feast_store.offline_store_versions(settings),
     }
