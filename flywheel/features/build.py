@@ -22,7 +22,7 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
-from flywheel.features import compute, definitions, oracle, store as feast_store
+from flywheel.features import definitions, incremental, oracle, store as feast_store
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.schema import LABEL
@@ -178,7 +178,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     seconds["read_lake"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, run_id)
+    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, settings.features.label_delay, run_id)
     # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
     feast_dir = feast_store.world_dir(settings, world) / "offline"
     feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
@@ -217,9 +217,12 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     )
 
 
-def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, run_id: str) -> tuple[str, str]:
+def _offline_tables(
+    storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str
+) -> tuple[str, str]:
     """The card and merchant offline tables of this key: reused (after re-hashing them against their
-    manifest) or computed and published with a manifest written last."""
+    manifest) or assembled day by day (only days whose inputs changed are computed, see
+    :mod:`flywheel.features.incremental`) and published with a manifest written last."""
     tables_uri = storage.uri("features", "offline", key[:16])
     card_uri = f"{tables_uri}/card_features.parquet"
     merchant_uri = f"{tables_uri}/merchant_features.parquet"
@@ -233,13 +236,14 @@ def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snap
             storage.verify(uri, sha)
         log.info("features: reusing offline tables %s (verified)", tables_uri)
         return card_uri, merchant_uri
+    days = incremental.feature_tables(storage, transactions, snapshot, label_delay, run_id)
     snapshot_ref = {"uri": snapshot.uri, "sha256": snapshot.sha256}
     files = {}
-    for uri, table in ((card_uri, compute.card_feature_table(transactions)), (merchant_uri, compute.merchant_feature_table(transactions))):
+    for uri, table in ((card_uri, days.card), (merchant_uri, days.merchant)):
         ref = storage.write_parquet(uri, table)
         lineage.record(storage, ref, step="features", run_id=run_id, inputs=[snapshot_ref], params={"key": key})
         files[uri] = ref.sha256
-    storage.write_json(manifest_uri, {"key": key, "files": files})
+    storage.write_json(manifest_uri, {"key": key, "files": files, "days_computed": days.computed, "days_reused": days.reused})
     return card_uri, merchant_uri
 
 
