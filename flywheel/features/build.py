@@ -148,8 +148,7 @@ def latest_training_set(storage: Storage) -> TrainingSet:
 
 def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime]:
     """The span of the offline tables' own feature rows, a second wider at each end: the window that
-    loads every entity's latest row into the online store. (The transactions' span is not enough: a
-    merchant's day row is stamped at the end of its day, after the day's last transaction.)"""
+    loads every entity's latest row into the online store, whatever time a view stamps its rows with."""
     stamps = [pd.read_parquet(path, columns=["event_timestamp"])["event_timestamp"] for path in table_paths]
     start = min(pd.Timestamp(s.min()) for s in stamps).to_pydatetime()
     end = max(pd.Timestamp(s.max()) for s in stamps).to_pydatetime()
