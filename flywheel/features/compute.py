@@ -50,6 +50,36 @@ def _rolling(df: pd.DataFrame, key: str, column: str, window: str, how: str) -> 
     return getattr(rolled, how)().to_numpy()
 
 
+def _walk_back(window_rows: np.ndarray):
+    """For rows whose windows are rows ``i - window_rows[i] + 1 .. i``: yields (rows, rows - back)
+    for back = 0, 1, ...: the rows whose window still reaches that far back, and the row it reaches.
+    Rows are visited longest window first, so each step touches only the rows still active."""
+    order = np.argsort(-window_rows, kind="stable")
+    longest_first = window_rows[order]
+    for back in range(int(longest_first[0]) if len(order) else 0):
+        active = order[: np.searchsorted(-longest_first, -back, side="left")]
+        yield active, active - back
+
+
+def _window_mean_std(values: np.ndarray, window_rows: np.ndarray, spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's mean and sample spread (NaN for one row) of ``values`` over its window, summed
+    newest row first in a fixed order: the same window gives the same bits wherever a computation
+    starts. (A running sum, as pandas' rolling keeps, rounds differently depending on the rows before
+    the window; then an incremental build would not equal a whole one.)"""
+    total = np.zeros(len(values))
+    for rows, reached in _walk_back(window_rows):
+        total[rows] += values[reached]
+    mean = total / np.maximum(window_rows, 1)
+    if not spread:
+        return mean, np.full(len(values), np.nan)
+    squares = np.zeros(len(values))
+    for rows, reached in _walk_back(window_rows):
+        squares[rows] += (values[reached] - mean[rows]) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(window_rows > 1, np.sqrt(squares / np.maximum(window_rows - 1, 1)), np.nan)
+    return mean, std
+
+
 def _distinct_in_window(key_sorted: np.ndarray, other: np.ndarray, window_rows: np.ndarray) -> np.ndarray:
     """Per row, how many distinct ``other`` values the window's rows hold: the window of row i being
     rows ``i - window_rows[i] + 1 .. i`` (rows sorted by key and time, windows within one key).
@@ -79,10 +109,12 @@ def card_feature_table(transactions: pd.DataFrame) -> pd.DataFrame:
     count_24h = _rolling(df, "card_id", "one", "24h", "count").astype("int64")
     out["card_txn_count_24h"] = count_24h
     out["card_txn_count_7d"] = _rolling(df, "card_id", "one", "7D", "count").astype("int64")
-    out["card_amount_mean_30d"] = _rolling(df, "card_id", "amount", "30D", "mean")
-    out["card_amount_std_30d"] = np.nan_to_num(_rolling(df, "card_id", "amount", "30D", "std"), nan=0.0)
-    out["card_lat_mean_30d"] = _rolling(df, "card_id", "lat", "30D", "mean")
-    out["card_lon_mean_30d"] = _rolling(df, "card_id", "lon", "30D", "mean")
+    count_30d = _rolling(df, "card_id", "one", "30D", "count").astype("int64")
+    amount_mean, amount_std = _window_mean_std(df["amount"].to_numpy(dtype="float64"), count_30d)
+    out["card_amount_mean_30d"] = amount_mean
+    out["card_amount_std_30d"] = np.nan_to_num(amount_std, nan=0.0)
+    out["card_lat_mean_30d"] = _window_mean_std(df["lat"].to_numpy(dtype="float64"), count_30d, spread=False)[0]
+    out["card_lon_mean_30d"] = _window_mean_std(df["lon"].to_numpy(dtype="float64"), count_30d, spread=False)[0]
     out["card_distinct_merchants_24h"] = _distinct_in_window(
         df["card_id"].to_numpy(), df["merchant_id"].to_numpy(), count_24h
     )
@@ -127,7 +159,8 @@ def merchant_feature_table(transactions: pd.DataFrame, label_delay: dt.timedelta
     df[LABEL] = df[LABEL].astype("int64")
     out = pd.DataFrame({"merchant_id": df["merchant_id"], "event_timestamp": df["ts"]})
     out["merchant_txn_count_24h"] = _rolling(df, "merchant_id", "one", "24h", "count").astype("int64")
-    out["merchant_amount_mean_30d"] = _rolling(df, "merchant_id", "amount", "30D", "mean")
+    count_30d = _rolling(df, "merchant_id", "one", "30D", "count").astype("int64")
+    out["merchant_amount_mean_30d"] = _window_mean_std(df["amount"].to_numpy(dtype="float64"), count_30d, spread=False)[0]
     labelled, frauds = _known_labels(df, pd.Timedelta(label_delay))
     out["merchant_labelled_count_30d"] = labelled
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -5,10 +5,10 @@ A day's feature rows (card and merchant rows stamped that UTC day) depend on the
 day and of the :func:`flywheel.features.compute.lookback_days` days before it (the 30-day windows,
 and the label delay before the fraud rate's window), on the code that computes them, and on the
 settings that shape them (the label delay). Its content key is the hash of exactly that: the code
-fingerprint of :mod:`flywheel.features.compute`, the label delay, and the sha256s of the lake parts
-of every date in ``[day - lookback, day]``. A new day therefore computes that day only; a part
-added to (or changed in) an earlier day invalidates that day and every day whose lookback reaches
-it, and nothing else. A reused day is re-hashed against the sha256 recorded when it was written.
+fingerprint of this module (which imports :mod:`flywheel.features.compute`), the label delay, and
+the sha256s of the lake parts of every date in ``[day - lookback, day]``. A new day therefore
+computes that day only; a part added to (or changed in) an earlier day invalidates that day and
+every day whose lookback reaches it, and nothing else. A reused day is re-hashed against the sha256 recorded when it was written.
 
 The lake contract makes this exact: a ``date=YYYY-MM-DD`` partition holds the transactions of that
 UTC day (:mod:`flywheel.ingest` splits by ``ts``), and the windows only look back, so the rows of a
@@ -66,7 +66,7 @@ def day_keys(snapshot: LakeSnapshot, label_delay: dt.timedelta) -> dict[str, str
         if not date:
             raise DataError(f"lake part {part.get('uri')} names no date=YYYY-MM-DD partition; re-run ingest into a fresh lake")
         by_date.setdefault(date, []).append(part["sha256"])
-    code = code_fingerprint(compute.__name__)
+    code = code_fingerprint(__name__)  # this module, compute and everything they import
     lookback = compute.lookback_days(label_delay)
     dates = sorted(by_date)
     keys = {}
