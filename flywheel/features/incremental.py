@@ -163,11 +163,12 @@ def _compute_days(
         for name in TABLES:
             table = computed[name][stamped[name] == date].reset_index(drop=True)
             ref = storage.write_parquet(f"{day_uri(storage, key)}/{name}_features.parquet", table)
-            lineage.record(storage, ref, step="features", run_id=run_id, inputs=inputs, params={"day": date, "day_key": key})
             files[name] = [ref.uri, ref.sha256]
             out[name].append(table)
-        # The manifest is the publication point: a day without one is computed again.
-        storage.write_json(f"{day_uri(storage, key)}/manifest.json", {"key": key, "date": date, "files": files})
+        # The manifest is the publication point (a day without one is computed again) and carries the
+        # day's lineage: its tables' sha256s, and the lake parts they came from.
+        manifest = storage.write_json(f"{day_uri(storage, key)}/manifest.json", {"key": key, "date": date, "files": files})
+        lineage.record(storage, manifest, step="features", run_id=run_id, inputs=inputs, params={"day": date, "day_key": key})
     return out
 
 
