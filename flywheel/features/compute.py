@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,7 @@ def _rolling(df: pd.DataFrame, key: str, column: str, window: str, how: str) -> 
     return getattr(rolled, how)().to_numpy()
 
 
-def _walk_back(window_rows: np.ndarray):
+def _walk_back(window_rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For rows whose windows are rows ``i - window_rows[i] + 1 .. i``: yields (rows, rows - back)
     for back = 0, 1, ...: the rows whose window still reaches that far back, and the row it reaches.
     Rows are visited longest window first, so each step touches only the rows still active."""
@@ -85,17 +86,13 @@ def _distinct_in_window(key_sorted: np.ndarray, other: np.ndarray, window_rows: 
     rows ``i - window_rows[i] + 1 .. i`` (rows sorted by key and time, windows within one key).
 
     A row j of the window is counted when it is the last row of its value up to row i, i.e. the
-    next row with the same (key, value) comes after i. Windows are short (a card's day), so this
-    walks back at most the longest window, vectorized over all rows at each step."""
+    next row with the same (key, value) comes after i."""
     rows = len(key_sorted)
-    position = np.arange(rows)
-    pairs = pd.DataFrame({"key": key_sorted, "other": other, "position": position})
+    pairs = pd.DataFrame({"key": key_sorted, "other": other, "position": np.arange(rows)})
     next_same = pairs.groupby(["key", "other"], sort=False)["position"].shift(-1).fillna(rows).to_numpy(dtype=np.int64)
     distinct = np.zeros(rows, dtype=np.int64)
-    for back in range(int(window_rows.max(initial=0))):
-        inside = window_rows > back
-        j = position[inside] - back
-        distinct[inside] += next_same[j] > position[inside]
+    for active, reached in _walk_back(window_rows):
+        distinct[active] += next_same[reached] > active
     return distinct
 
 
