@@ -52,15 +52,16 @@ PREPARE = """
 import sys, glob
 import pandas as pd
 from flywheel.datagen import generate
+from flywheel.config import load_settings
 from flywheel.features import compute
 from flywheel.storage import Storage
 rows, out = int(sys.argv[1]), sys.argv[2]
 generate(Storage(out + "/raw"), out + "/raw", rows=rows, days=30, seed=11)
-columns = ["transaction_id", "card_id", "merchant_id", "ts", "amount", "lat", "lon"]
+columns = ["transaction_id", "card_id", "merchant_id", "ts", "amount", "lat", "lon", "is_fraud"]
 tx = pd.concat([pd.read_parquet(p, columns=columns) for p in sorted(glob.glob(out + "/raw/*.parquet"))], ignore_index=True)
 tx.to_parquet(out + "/transactions.parquet")
 compute.card_feature_table(tx).to_parquet(out + "/card.parquet")
-compute.merchant_feature_table(tx).to_parquet(out + "/merchant.parquet")
+compute.merchant_feature_table(tx, load_settings(env={}).features.label_delay).to_parquet(out + "/merchant.parquet")
 """
 
 JOIN = """

@@ -5,8 +5,9 @@ deployment during the run cannot mix versions) and splits the range into chunks;
 on its own (in parallel on a cluster) and writes its days' partitions; a summary gathers the chunks.
 
 A chunk scores exactly as training saw its rows: the card and merchant aggregates are computed from
-the lake with the training code (:mod:`flywheel.features.compute`) over the chunk and the
-``HISTORY_DAYS`` before it (the longest window), and joined point-in-time through Feast
+the lake with the training code (:mod:`flywheel.features.compute`) over the chunk and the days
+before it that the features read (:func:`flywheel.features.compute.lookback_days`, and a margin),
+and joined point-in-time through Feast
 (:func:`flywheel.features.store.historical_features`), so each transaction gets the features as they
 were just before it. Results land under ``<out>/date=YYYY-MM-DD/scores.parquet``, each with a lineage
 record naming the lake parts and the model it came from; ``<out>/summary.json`` is written last.
@@ -34,8 +35,7 @@ from flywheel.storage import Storage, join
 from flywheel.training.model import load_version
 
 log = logging.getLogger(__name__)
-# The longest trailing window of a feature (the card's 30-day statistics), plus a day of margin.
-HISTORY_DAYS = 31
+HISTORY_MARGIN_DAYS = 1  # read a day more than the features' lookback
 SCORE_COLUMNS = ["transaction_id", "card_id", "merchant_id", "ts", "amount", "fraud_probability", "model_version"]
 
 
@@ -80,7 +80,7 @@ def score_chunk(storage: Storage, settings: Settings, chunk: dict[str, str], sco
     """Score the transactions of one chunk of days and write one partition per day."""
     started = time.perf_counter()
     first, last = _date(chunk["start"], "chunk start"), _date(chunk["end"], "chunk end")
-    history_from = (first - dt.timedelta(days=HISTORY_DAYS)).isoformat()
+    history_from = (first - dt.timedelta(days=compute.lookback_days(settings.features.label_delay) + HISTORY_MARGIN_DAYS)).isoformat()
     snapshot = LakeSnapshot.from_dict(storage.read_json(scoring["snapshot_uri"]))
     if snapshot.sha256 != scoring["snapshot_sha256"]:
         raise DataError(f"{scoring['snapshot_uri']} changed during the scoring run (sha256 mismatch)")
@@ -124,7 +124,7 @@ def _point_in_time(settings: Settings, history: pd.DataFrame, target: pd.DataFra
     card_path, merchant_path = folder / "offline" / "card_features.parquet", folder / "offline" / "merchant_features.parquet"
     try:
         compute.card_feature_table(history).to_parquet(card_path, index=False)
-        compute.merchant_feature_table(history).to_parquet(merchant_path, index=False)
+        compute.merchant_feature_table(history, settings.features.label_delay).to_parquet(merchant_path, index=False)
         fs = feast_store.open_store(settings, world)
         feast_store.apply_definitions(fs, str(card_path), str(merchant_path))
         return feast_store.historical_features(fs, target.reset_index(drop=True))

@@ -22,7 +22,7 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
-from flywheel.features import compute, definitions, online_write, oracle, store as feast_store
+from flywheel.features import definitions, incremental, online_write, oracle, store as feast_store
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.schema import LABEL
@@ -97,6 +97,7 @@ def features_key(snapshot_sha256: str, settings: Settings) -> str:
     makes them (this module and everything it imports) and the settings that shape them."""
     shaping = {
         "holdout_fraction": settings.data.holdout_fraction,
+        "label_delay_s": settings.features.label_delay.total_seconds(),  # which labels the fraud rate may use
         # The engine that joins (and its version): equal results are its contract, checked, not assumed.
         "offline_store": feast_store.offline_store_versions(settings),
     }
@@ -152,8 +153,7 @@ def _log_progress(view: str, written: int, total: int) -> None:
 
 def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime]:
     """The span of the offline tables' own feature rows, a second wider at each end: the window that
-    loads every entity's latest row into the online store. (The transactions' span is not enough: a
-    merchant's day row is stamped at the end of its day, after the day's last transaction.)"""
+    loads every entity's latest row into the online store, whatever time a view stamps its rows with."""
     stamps = [pd.read_parquet(path, columns=["event_timestamp"])["event_timestamp"] for path in table_paths]
     start = min(pd.Timestamp(s.min()) for s in stamps).to_pydatetime()
     end = max(pd.Timestamp(s.max()) for s in stamps).to_pydatetime()
@@ -182,7 +182,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     seconds["read_lake"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, run_id)
+    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, settings.features.label_delay, run_id)
     # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
     feast_dir = feast_store.world_dir(settings, world) / "offline"
     feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
@@ -222,9 +222,12 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     )
 
 
-def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, run_id: str) -> tuple[str, str]:
+def _offline_tables(
+    storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str
+) -> tuple[str, str]:
     """The card and merchant offline tables of this key: reused (after re-hashing them against their
-    manifest) or computed and published with a manifest written last."""
+    manifest) or assembled day by day (only days whose inputs changed are computed, see
+    :mod:`flywheel.features.incremental`) and published with a manifest written last."""
     tables_uri = storage.uri("features", "offline", key[:16])
     card_uri = f"{tables_uri}/card_features.parquet"
     merchant_uri = f"{tables_uri}/merchant_features.parquet"
@@ -238,13 +241,14 @@ def _offline_tables(storage: Storage, transactions: pd.DataFrame, key: str, snap
             storage.verify(uri, sha)
         log.info("features: reusing offline tables %s (verified)", tables_uri)
         return card_uri, merchant_uri
+    days = incremental.feature_tables(storage, transactions, snapshot, label_delay, run_id)
     snapshot_ref = {"uri": snapshot.uri, "sha256": snapshot.sha256}
     files = {}
-    for uri, table in ((card_uri, compute.card_feature_table(transactions)), (merchant_uri, compute.merchant_feature_table(transactions))):
+    for uri, table in ((card_uri, days.card), (merchant_uri, days.merchant)):
         ref = storage.write_parquet(uri, table)
         lineage.record(storage, ref, step="features", run_id=run_id, inputs=[snapshot_ref], params={"key": key})
         files[uri] = ref.sha256
-    storage.write_json(manifest_uri, {"key": key, "files": files})
+    storage.write_json(manifest_uri, {"key": key, "files": files, "days_computed": days.computed, "days_reused": days.reused})
     return card_uri, merchant_uri
 
 

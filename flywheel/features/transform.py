@@ -20,6 +20,10 @@ from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
 MAX_GAP_S = 30 * 24 * 3600.0  # "never seen before" is treated as a 30-day gap
 RAPID_REPEAT_S = 600.0  # a transaction within 10 minutes of the card's previous one: part of a burst
 FAR_FROM_USUAL_KM = 300.0  # farther than this from where the card is usually used: out of its region
+# A merchant's fraud rate is shrunk towards this prior with the weight of this many labelled
+# transactions: a merchant with 3 known labels, one of them fraud, is not a 33% merchant.
+PRIOR_FRAUD_RATE = 0.02
+PRIOR_LABELS = 50.0
 
 NUMERIC_INPUTS = [
     "log_amount",
@@ -28,6 +32,8 @@ NUMERIC_INPUTS = [
     "amount_excess_for_category_log",  # above the card's normal for this kind of merchant (0 if below)
     "card_count_1h_log",  # velocity
     "card_count_24h_log",
+    "card_count_7d_log",
+    "card_merchants_24h_log",  # how many different merchants the card paid in the last 24 hours
     "seconds_since_last_log",
     "rapid_repeat",  # within minutes of the card's previous transaction
     "burst_count",  # how many card transactions in the last hour, when this one is a rapid repeat
@@ -38,6 +44,7 @@ NUMERIC_INPUTS = [
     "far_from_usual",
     "merchant_count_24h_log",
     "amount_vs_merchant_log",
+    "merchant_fraud_logit",  # the merchant's known fraud rate (labels older than the label delay), shrunk
 ]
 # One-hot blocks, in this order (a list, not a dict: the order is part of the model's input layout).
 CATEGORY_INPUTS = [("merchant_category", MERCHANT_CATEGORIES), ("channel", CHANNELS)]
@@ -125,6 +132,9 @@ def derive_columns(columns: Columns, category_offsets: dict[str, float] | None =
     category_offset = np.array([offsets.get(c, 0.0) for c in _text(columns, "merchant_category", rows)], dtype="float64")
     rapid = (gap < RAPID_REPEAT_S).astype("float64")
     count_1h = _fill(_number(columns, "card_txn_count_1h", rows), 0.0)
+    labelled = _fill(_number(columns, "merchant_labelled_count_30d", rows), 0.0)
+    frauds = _fill(_number(columns, "merchant_fraud_rate_30d", rows), 0.0) * labelled
+    fraud_rate = (frauds + PRIOR_FRAUD_RATE * PRIOR_LABELS) / (labelled + PRIOR_LABELS)
     return {
         "log_amount": log_amount,
         "amount_vs_card_log": amount_vs_card,
@@ -132,6 +142,8 @@ def derive_columns(columns: Columns, category_offsets: dict[str, float] | None =
         "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
         "card_count_1h_log": np.log1p(count_1h),
         "card_count_24h_log": np.log1p(_fill(_number(columns, "card_txn_count_24h", rows), 0.0)),
+        "card_count_7d_log": np.log1p(_fill(_number(columns, "card_txn_count_7d", rows), 0.0)),
+        "card_merchants_24h_log": np.log1p(_fill(_number(columns, "card_distinct_merchants_24h", rows), 0.0)),
         "seconds_since_last_log": np.log1p(gap),
         "rapid_repeat": rapid,
         "burst_count": rapid * np.minimum(count_1h, 5.0),
@@ -142,6 +154,7 @@ def derive_columns(columns: Columns, category_offsets: dict[str, float] | None =
         "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
         "merchant_count_24h_log": np.log1p(_fill(_number(columns, "merchant_txn_count_24h", rows), 0.0)),
         "amount_vs_merchant_log": log_amount - np.log1p(merchant_mean),
+        "merchant_fraud_logit": np.log(fraud_rate / (1.0 - fraud_rate)),
     }
 
 

@@ -20,6 +20,9 @@ def make_transactions(n: int = 600, cards: int = 12, merchants: int = 5, days: i
     return factories.make_transactions(n, seed=seed, days=days, cards=cards, merchants=merchants, in_time_order=True)
 
 
+LABEL_DELAY = pd.Timedelta(days=3)  # the setting's default
+
+
 def oracle_card_features(tx: pd.DataFrame) -> pd.DataFrame:
     """Naive: for each transaction, aggregate the card's transactions in the trailing windows, itself included."""
     rows = []
@@ -34,22 +37,92 @@ def oracle_card_features(tx: pd.DataFrame) -> pd.DataFrame:
                 "event_timestamp": row.ts,
                 "card_txn_count_1h": len(window(pd.Timedelta(hours=1))),
                 "card_txn_count_24h": len(window(pd.Timedelta(hours=24))),
+                "card_txn_count_7d": len(window(pd.Timedelta(days=7))),
                 "card_amount_mean_30d": w30.amount.mean(),
                 "card_amount_std_30d": w30.amount.std() if len(w30) > 1 else 0.0,
                 "card_lat_mean_30d": w30.lat.mean(),
                 "card_lon_mean_30d": w30.lon.mean(),
+                "card_distinct_merchants_24h": window(pd.Timedelta(hours=24)).merchant_id.nunique(),
                 "card_last_txn_unix": row.ts.timestamp(),
             }
         )
     return pd.DataFrame(rows)
 
 
+def oracle_merchant_features(tx: pd.DataFrame, label_delay: pd.Timedelta) -> pd.DataFrame:
+    """Naive: per transaction, the merchant's trailing windows, and its fraud rate over the labels of
+    transactions at least ``label_delay`` old, within 30 days before that horizon."""
+    rows = []
+    for _, row in tx.iterrows():
+        same = tx[tx.merchant_id == row.merchant_id]
+        day = same[(same.ts > row.ts - pd.Timedelta(hours=24)) & (same.ts <= row.ts)]
+        month = same[(same.ts > row.ts - pd.Timedelta(days=30)) & (same.ts <= row.ts)]
+        horizon = row.ts - label_delay
+        known = same[(same.ts <= horizon) & (same.ts > horizon - pd.Timedelta(days=30))]
+        rows.append(
+            {
+                "merchant_id": row.merchant_id,
+                "event_timestamp": row.ts,
+                "merchant_txn_count_24h": len(day),
+                "merchant_amount_mean_30d": month.amount.mean(),
+                "merchant_labelled_count_30d": len(known),
+                "merchant_fraud_rate_30d": known.is_fraud.mean() if len(known) else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def test_card_features_match_naive_windows():
-    tx = make_transactions(300)
+    tx = make_transactions(300, days=12, merchants=4)
     got = compute.card_feature_table(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
     assert (got.pop("created_timestamp") == got["event_timestamp"]).all()
     want = oracle_card_features(tx).sort_values(["card_id", "event_timestamp"]).reset_index(drop=True)
+    assert want.card_txn_count_7d.nunique() > 5 and (want.card_distinct_merchants_24h < want.card_txn_count_24h).any()
     assert_frame_equal(got, want, check_dtype=False, atol=1e-6)
+
+
+def test_distinct_merchants_count_each_merchant_once_and_forget_it_after_24_hours():
+    at = pd.Timestamp("2026-10-01", tz="UTC")
+    hours = [0, 1, 2, 3, 20, 26]
+    tx = pd.DataFrame({
+        "card_id": "c1", "merchant_id": ["m1", "m2", "m1", "m3", "m1", "m1"],
+        "ts": [at + pd.Timedelta(hours=h) for h in hours], "amount": 10.0, "lat": 0.0, "lon": 0.0,
+    })
+    table = compute.card_feature_table(tx)
+    # At 26h the window (2h, 26h] holds m1 (20h, 26h) and m3 (3h): m2 (1h) has left it.
+    assert table.card_distinct_merchants_24h.tolist() == [1, 2, 2, 3, 3, 2]
+
+
+def test_merchant_features_match_naive_windows():
+    """Bugs caught: a daily count instead of a trailing 24 hours, a fraud rate that reads labels
+    newer than the delay allows (or a window anchored at the row instead of the label horizon)."""
+    tx = factories.make_transactions(400, seed=1, days=40, cards=30, merchants=4, in_time_order=True, fraud_every=7)
+    table = compute.merchant_feature_table(tx, LABEL_DELAY)
+    assert list(table.columns) == ["merchant_id", "event_timestamp", "created_timestamp", *MERCHANT_FEATURES]
+    got = table.sort_values(["merchant_id", "event_timestamp"]).reset_index(drop=True)
+    assert (got.pop("created_timestamp") == got["event_timestamp"]).all()
+    want = oracle_merchant_features(tx, LABEL_DELAY).sort_values(["merchant_id", "event_timestamp"]).reset_index(drop=True)
+    assert want.merchant_fraud_rate_30d.isna().any() and want.merchant_fraud_rate_30d.nunique() > 10
+    assert_frame_equal(got, want, check_dtype=False, atol=1e-9)
+
+
+def test_fraud_label_inside_the_delay_is_never_used():
+    """A fraud whose transaction is within the label delay of a row's time changes nothing in that
+    row (its label was not known yet: using it is leakage); moved just outside the delay, it counts."""
+    at = pd.Timestamp("2026-10-10", tz="UTC")
+    def merchant_rate(fraud_at: pd.Timestamp) -> float:
+        tx = pd.DataFrame({
+            "merchant_id": "m1",
+            "ts": [at - pd.Timedelta(days=d) for d in (20, 10, 5)] + [fraud_at, at],
+            "amount": 10.0, "is_fraud": [0, 0, 0, 1, 0],
+        })
+        table = compute.merchant_feature_table(tx, LABEL_DELAY)
+        return table.set_index("event_timestamp").loc[at, "merchant_fraud_rate_30d"]
+
+    inside = merchant_rate(at - LABEL_DELAY + pd.Timedelta(minutes=1))
+    assert inside == 0.0  # three known labels, none fraud: the fraud's label is still to come
+    outside = merchant_rate(at - LABEL_DELAY - pd.Timedelta(minutes=1))
+    assert outside == pytest.approx(1 / 4)
 
 
 def test_transactions_of_a_card_at_one_instant_give_one_row_with_all_of_them():
@@ -67,26 +140,13 @@ def test_transactions_of_a_card_at_one_instant_give_one_row_with_all_of_them():
                        check_dtype=False, atol=1e-6)
 
 
-def test_merchant_features_are_daily_and_stamped_at_day_end():
-    tx = make_transactions(300)
-    table = compute.merchant_feature_table(tx)
-    assert list(table.columns) == ["merchant_id", "event_timestamp", "created_timestamp", *MERCHANT_FEATURES]
-    assert (table["event_timestamp"].dt.hour == 23).all()
-    day = tx.assign(day=tx.ts.dt.floor("D"))
-    some = table.iloc[3]
-    same_day = day[(day.merchant_id == some.merchant_id) & (day.day == some.event_timestamp.floor("D"))]
-    assert some.merchant_txn_count_24h == len(same_day)
-    upto = day[(day.merchant_id == some.merchant_id) & (day.ts <= some.event_timestamp) & (day.ts > some.event_timestamp.floor("D") - pd.Timedelta(days=29))]
-    assert some.merchant_amount_mean_30d == pytest.approx(upto.amount.mean())
-
-
 @pytest.fixture(scope="module")
 def feast_join(tmp_path_factory):
     """Apply the real feature views to Feast (SQLite online store) and run the point-in-time join."""
     home = tmp_path_factory.mktemp("feast")
     settings = load_settings(env={"FLYWHEEL_HOME": str(home)})
     tx = make_transactions()
-    card_table, merchant_table = compute.card_feature_table(tx), compute.merchant_feature_table(tx)
+    card_table, merchant_table = compute.card_feature_table(tx), compute.merchant_feature_table(tx, LABEL_DELAY)
     card_table.to_parquet(home / "card.parquet")
     merchant_table.to_parquet(home / "merchant.parquet")
     store = feast_store.open_store(settings, "testworld")
@@ -165,8 +225,8 @@ def test_online_store_serves_latest_values_after_materialize(feast_join):
 
 
 def test_materialize_window_loads_every_merchants_day_end_row(feast_join, tmp_path):
-    """Bug caught: a window taken from the transactions' span, which ends before the merchants'
-    day rows (stamped at the end of their day), so serving reads the day before's aggregates."""
+    """Bug caught: a window that misses some entity's latest feature row, so serving reads an older
+    one (the window is taken from the tables' own rows, not from the transactions' span)."""
     _, card_table, merchant_table, _, store = feast_join
     paths = [str(tmp_path / "card.parquet"), str(tmp_path / "merchant.parquet")]
     card_table.to_parquet(paths[0])

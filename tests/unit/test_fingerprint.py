@@ -105,6 +105,8 @@ def test_settings_that_shape_the_split_change_the_key(tmp_path):
     assert features_key("s" * 64, base) != features_key("s" * 64, other)
     assert features_key("s" * 64, base) == features_key("s" * 64, serving)
     assert features_key("s" * 64, base) != features_key("t" * 64, base)  # another lake snapshot
+    delayed = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_FEATURES__LABEL_DELAY": "P5D"})
+    assert features_key("s" * 64, base) != features_key("s" * 64, delayed)  # which labels the fraud rate may use
 
 
 def test_an_unknown_root_is_a_clear_error():

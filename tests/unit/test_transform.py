@@ -16,6 +16,8 @@ def frame(**overrides):
         "card_lat_mean_30d": 40.0, "card_lon_mean_30d": -100.0,
         "card_last_txn_unix": pd.Timestamp("2026-10-05T02:00:00Z").timestamp(),
         "merchant_txn_count_24h": 100, "merchant_amount_mean_30d": 45.0,
+        "card_txn_count_7d": 9, "card_distinct_merchants_24h": 2,
+        "merchant_labelled_count_30d": 400, "merchant_fraud_rate_30d": 0.01,
     }
     row.update(overrides)
     return pd.DataFrame([row])
@@ -33,7 +35,7 @@ def test_spec_round_trips_through_json_and_gives_the_same_inputs():
 def test_a_new_card_without_features_gets_finite_neutral_inputs():
     spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True))
     new_card = frame()
-    for column in [c for c in new_card.columns if c.startswith(("card_", "merchant_txn", "merchant_amount"))]:
+    for column in [c for c in new_card.columns if c.startswith(("card_", "merchant_"))]:
         new_card[column] = np.nan
     inputs = spec.transform(new_card)
     assert np.isfinite(inputs).all()
@@ -78,3 +80,21 @@ def test_a_repeat_within_minutes_counts_as_a_burst():
     slow = derive_inputs(frame()).iloc[0]  # an hour after the previous one
     assert quick["rapid_repeat"] == 1.0 and quick["burst_count"] == 3.0
     assert slow["rapid_repeat"] == 0.0 and slow["burst_count"] == 0.0
+
+
+def test_a_merchants_fraud_rate_is_shrunk_towards_the_prior_by_how_many_labels_back_it():
+    """Bug caught: a merchant with one known label, a fraud, read as a 100% fraud merchant (or an
+    unknown merchant as a 0% one): the raw rate is only as good as the labels behind it."""
+    from flywheel.features.transform import PRIOR_FRAUD_RATE
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    def seen(**overrides):
+        return derive_inputs(frame(**overrides))["merchant_fraud_logit"].iloc[0]
+
+    assert seen(merchant_labelled_count_30d=np.nan, merchant_fraud_rate_30d=np.nan) == logit(PRIOR_FRAUD_RATE)
+    one_fraud = seen(merchant_labelled_count_30d=1, merchant_fraud_rate_30d=1.0)
+    assert logit(PRIOR_FRAUD_RATE) < one_fraud < logit(0.05)
+    risky = seen(merchant_labelled_count_30d=1000, merchant_fraud_rate_30d=0.2)
+    assert logit(0.18) < risky < logit(0.2)
