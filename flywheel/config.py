@@ -100,8 +100,12 @@ class FeatureSettings(_Section):
     redis_connection: str = "127.0.0.1:6379"
     # Feast's offline store for point-in-time training sets (benchmarks/features.py measures them):
     # duckdb-asof (Feast's DuckDB store with its join done as a DuckDB ASOF JOIN), duckdb (Feast's
-    # own DuckDB/ibis join) or file (Feast's dask store, one retrieval per view in chunks).
-    offline_store: Literal["duckdb-asof", "duckdb", "file"] = "duckdb-asof"
+    # own DuckDB/ibis join), file (Feast's dask store, one retrieval per view in chunks) or ray
+    # (Feast's Ray offline store and compute engine, flywheel/features/ray_store.py: the cluster path).
+    offline_store: Literal["duckdb-asof", "duckdb", "file", "ray"] = "duckdb-asof"
+    # With offline_store: ray, the Ray cluster to run on (e.g. ray://raycluster-head:10001); empty:
+    # a local Ray started in the process on 127.0.0.1.
+    ray_address: str = ""
     # Transactions of every training set re-joined with a pandas merge_asof oracle on each build.
     oracle_sample_rows: int = Field(300, ge=0)
 

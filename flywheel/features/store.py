@@ -55,7 +55,7 @@ def offline_store_versions(settings: Settings) -> dict[str, str]:
     a training set's content key)."""
     import importlib.metadata
 
-    engine = ["dask"] if settings.features.offline_store == "file" else ["duckdb", "ibis-framework"]
+    engine = {"file": ["dask"], "ray": ["ray"]}.get(settings.features.offline_store, ["duckdb", "ibis-framework"])
     versions = {"type": settings.features.offline_store}
     for package in engine:
         try:
@@ -79,15 +79,28 @@ def repo_config(settings: Settings, world: str) -> Any:
         online: dict[str, Any] = {"type": "sqlite", "path": str(folder / "online.db")}
     else:
         online = {"type": "redis", "connection_string": feast_cfg.redis_connection}
+    engines: dict[str, Any] = {"offline_store": {"type": _offline_store_type(feast_cfg.offline_store)}}
+    if feast_cfg.offline_store == "ray":
+        engines = ray_engines(feast_cfg.ray_address)
     return RepoConfig(
         project=feast_project(settings, world),
         provider="local",
         registry=str(folder / "registry.db"),
         online_store=online,
-        offline_store={"type": _offline_store_type(feast_cfg.offline_store)},
         entity_key_serialization_version=3,
         repo_path=str(settings.home),
+        **engines,
     )
+
+
+def ray_engines(address: str) -> dict[str, Any]:
+    """Feast's offline store and batch engine settings for Ray (flywheel/features/ray_store.py): on
+    the Ray cluster at ``address``, or an empty address: a local Ray on 127.0.0.1."""
+    ray = {"ray_address": address or None}
+    return {
+        "offline_store": {"type": "flywheel.features.ray_store.FlywheelRayOfflineStore", **ray},
+        "batch_engine": {"type": "flywheel.features.ray_store.FlywheelRayComputeEngine", **ray},
+    }
 
 
 def _offline_store_type(name: str) -> str:
