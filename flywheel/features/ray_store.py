@@ -15,7 +15,11 @@ tests/unit/test_point_in_time.py's tables; tests/integration/test_ray_engine.py 
   second, not 6, the one created last);
 - its compute engine's materialization filters rows older than *now* minus the TTL (so data whose
   latest row is older than 30 days materializes nothing, silently) and deduplicates per block on
-  event time alone, leaving a cross-block tie to whichever write lands last.
+  event time alone, leaving a cross-block tie to whichever write lands last;
+- its distributed online write converts only the first chunk of each Arrow batch (Feast's
+  ``_convert_arrow_to_proto`` takes ``to_batches()[0]``; after Ray's groupby a batch has a chunk per
+  group: 1 of 5 cards was written), cannot ship a SQLite store that holds a connection, and logs a
+  failed write while reporting success.
 
 So :class:`FlywheelRayOfflineStore` replaces ``get_historical_features`` for what flywheel asks of it
 (feature views over parquet ``FileSource``s, an entity DataFrame): per view, entity rows and feature
@@ -35,7 +39,9 @@ import pandas as pd
 import pyarrow as pa
 from feast.feature_view import FeatureView
 from feast.infra.compute_engines.ray.compute import RayComputeEngine
+from feast.infra.common.materialization_job import MaterializationJobStatus
 from feast.infra.compute_engines.ray.config import RayComputeEngineConfig
+from feast.infra.compute_engines.ray.job import RayMaterializationJob
 from feast.infra.offline_stores import offline_utils
 from feast.infra.offline_stores.contrib.ray_offline_store.ray import (
     RayOfflineStore,
@@ -46,6 +52,7 @@ from feast.infra.offline_stores.file_source import FileSource
 from feast.infra.offline_stores.offline_store import RetrievalJob
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import RepoConfig
+from feast.utils import _convert_arrow_to_proto, _get_column_names
 from pydantic import StrictStr
 
 STORE_TYPE = "flywheel.features.ray_store.FlywheelRayOfflineStore"
@@ -176,8 +183,40 @@ class FlywheelRayOfflineStore(RayOfflineStore):
 
 
 class FlywheelRayComputeEngine(RayComputeEngine):
-    """Feast's Ray compute engine, materializing through the offline store's latest-row pull (the
-    created-time tie honoured, no "now minus TTL" filter) and Feast's per-worker online writes."""
+    """Feast's Ray compute engine, materializing each view as the latest row per entity in the
+    window (Feast's ``pull_latest_from_table_or_query`` on the Ray store: grouped, the created-time
+    tie honoured, no "now minus TTL" filter), written to the online store by the Ray workers, each
+    its shard. A failed write fails the materialization (Feast's own distributed write logs it and
+    reports success), and each worker opens the online store afresh (the driver's store holds a
+    connection that cannot be shipped: Feast's write failed on it for SQLite)."""
 
     def _materialize_one(self, registry: BaseRegistry, task: Any, from_offline_store: bool = False, **kwargs: Any) -> Any:
-        return super()._materialize_one(registry, task, from_offline_store=True, **kwargs)
+        view = task.feature_view
+        job_id = f"{view.name}-{task.start_time}-{task.end_time}"
+        try:
+            written = self._write_latest(registry, view, task.start_time, task.end_time, task.project)
+        except Exception as exc:  # the provider raises it again
+            return RayMaterializationJob(job_id=job_id, status=MaterializationJobStatus.ERROR, error=exc)
+        return RayMaterializationJob(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED, result=written)
+
+    def _write_latest(self, registry: BaseRegistry, view: FeatureView, start: Any, end: Any, project: str) -> int:
+        entities = [registry.get_entity(name, project) for name in view.entities]
+        join_keys, features, timestamp_field, created_column = _get_column_names(view, entities)
+        latest = self.offline_store.pull_latest_from_table_or_query(
+            config=self.repo_config, data_source=view.batch_source, join_key_columns=join_keys,
+            feature_name_columns=features, timestamp_field=timestamp_field,
+            created_timestamp_column=created_column, start_date=start, end_date=end,
+        )
+        store_class, config = type(self.online_store), self.repo_config
+        key_types = {column.name: column.dtype.to_value_type() for column in view.entity_columns}
+
+        def write(batch: pa.Table) -> pa.Table:
+            # Feast converts only the first chunk of a Table (its ``to_batches()[0]``; a grouped
+            # Ray batch has one chunk per group): hand it the record batches one by one.
+            rows = [row for chunk in batch.to_batches() for row in _convert_arrow_to_proto(chunk, view, key_types)]
+            if rows:
+                store_class().online_write_batch(config=config, table=view, data=rows, progress=None)
+            return pa.table({"written": [len(rows)]})
+
+        written = latest.to_ray_dataset().map_batches(write, batch_format="pyarrow", zero_copy_batch=True).to_pandas()
+        return int(written["written"].sum())
