@@ -191,6 +191,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     fs = feast_store.open_store(settings, world)
     feast_store.apply_definitions(fs, feast_card, feast_merchant)
     feast_store.materialize(fs, *materialize_window([feast_card, feast_merchant]))
+    feast_store.point_feast_cli_at(settings, world)  # `feast` in feature_repo/ now reads this world
     seconds["apply_materialize"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -109,6 +109,28 @@ def _offline_store_type(name: str) -> str:
     return "flywheel.features.asof_store.AsofDuckDBOfflineStore" if name == "duckdb-asof" else name
 
 
+def point_feast_cli_at(settings: Settings, world: str) -> Path:
+    """Point the `feast` CLI of feature_repo/ at a feature world: write ``<features dir>/latest.env``,
+    the variables feature_repo/feature_store.yaml expands (Feast expands ``${VAR}`` in it): the
+    world's Feast project, its folder (registry and SQLite online store) and the offline store.
+    The features step calls it for the world it built; the file is replaced atomically."""
+    import os
+    import shlex
+
+    offline = settings.features.offline_store
+    values = {
+        "FLYWHEEL_FEAST_PROJECT": feast_project(settings, world),
+        "FLYWHEEL_FEAST_WORLD": str(world_dir(settings, world).resolve()),
+        # The ray store needs its engine's settings too: the CLI joins and materializes on DuckDB.
+        "FLYWHEEL_FEAST_OFFLINE_STORE": _offline_store_type("duckdb-asof" if offline == "ray" else offline),
+    }
+    path = Path(settings.features.dir) / "latest.env"
+    partial = path.with_name(f".latest.env.{os.getpid()}")
+    partial.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items()))
+    os.replace(partial, path)
+    return path
+
+
 def open_store(settings: Settings, world: str) -> Any:
     """The Feast FeatureStore of one feature world."""
     from feast import FeatureStore
