@@ -24,7 +24,10 @@ from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings fields.
-NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR"}
+# What feature_repo/feature_store.yaml expands for the `feast` CLI (written by the features step to
+# <features dir>/latest.env, see flywheel.features.store.point_feast_cli_at): not settings.
+FEAST_CLI_ENV = ("FLYWHEEL_FEAST_PROJECT", "FLYWHEEL_FEAST_WORLD", "FLYWHEEL_FEAST_OFFLINE_STORE")
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR", *FEAST_CLI_ENV}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
