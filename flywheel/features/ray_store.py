@@ -28,6 +28,8 @@ group is joined with pandas ``merge_asof`` (latest event time at or before the e
 the latest created time, nothing beyond the TTL). :class:`FlywheelRayComputeEngine` materializes
 through Feast's own ``pull_latest_from_table_or_query`` (a grouped latest-row pick that honours the
 created-time tie) and Feast's distributed online write, which every Ray worker does for its shard.
+The join's features come back as float64 (NaN where a view has no row), in the entity rows' order,
+collected on the driver (the features step writes the training set from there).
 """
 
 from __future__ import annotations
