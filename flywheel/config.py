@@ -25,7 +25,10 @@ from flywheel.errors import ConfigError
 
 ENV_PREFIX = "FLYWHEEL_"
 # FLYWHEEL_* variables that are not settings fields.
-NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR"}
+# What feature_repo/feature_store.yaml expands for the `feast` CLI (written by the features step to
+# <features dir>/latest.env, see flywheel.features.store.point_feast_cli_at): not settings.
+FEAST_CLI_ENV = ("FLYWHEEL_FEAST_PROJECT", "FLYWHEEL_FEAST_WORLD", "FLYWHEEL_FEAST_OFFLINE_STORE")
+NOT_SETTINGS_ENV = {"FLYWHEEL_CONFIG", "FLYWHEEL_CODE_VERSION", "FLYWHEEL_ACTOR", *FEAST_CLI_ENV}
 SECRET_ENV = {
     "access_key": ("FLYWHEEL_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("FLYWHEEL_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
@@ -101,8 +104,12 @@ class FeatureSettings(_Section):
     redis_connection: str = "127.0.0.1:6379"
     # Feast's offline store for point-in-time training sets (benchmarks/features.py measures them):
     # duckdb-asof (Feast's DuckDB store with its join done as a DuckDB ASOF JOIN), duckdb (Feast's
-    # own DuckDB/ibis join) or file (Feast's dask store, one retrieval per view in chunks).
-    offline_store: Literal["duckdb-asof", "duckdb", "file"] = "duckdb-asof"
+    # own DuckDB/ibis join), file (Feast's dask store, one retrieval per view in chunks) or ray
+    # (Feast's Ray offline store and compute engine, flywheel/features/ray_store.py: the cluster path).
+    offline_store: Literal["duckdb-asof", "duckdb", "file", "ray"] = "duckdb-asof"
+    # With offline_store: ray, the Ray cluster to run on (e.g. ray://raycluster-head:10001); empty:
+    # a local Ray started in the process on 127.0.0.1.
+    ray_address: str = ""
     # Transactions of every training set re-joined with a pandas merge_asof oracle on each build.
     oracle_sample_rows: int = Field(300, ge=0)
     # How feature values reach the online store: flywheel (streamed in chunks, several times faster,

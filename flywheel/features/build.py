@@ -197,6 +197,7 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     feast_store.apply_definitions(fs, feast_card, feast_merchant)
     online_write.materialize_world(fs, settings, *materialize_window([feast_card, feast_merchant]),
                                    progress=_log_progress)
+    feast_store.point_feast_cli_at(settings, world)  # `feast` in feature_repo/ now reads this world
     seconds["apply_materialize"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -416,10 +416,12 @@ def materialize_world(store: Any, settings: Any, start: dt.datetime, end: dt.dat
     """Materialize a feature world with the chosen engine (``features.materialize_engine`` unless
     given): ``flywheel`` continues each view from its last materialized end (from ``start`` the first
     time) up to ``end``; ``feast`` is Feast's own ``materialize`` of [start, end], the baseline (it
-    reports nothing back)."""
+    reports nothing back). With ``features.offline_store: ray`` the step's engine is Feast's
+    materialize, which runs on the Ray compute engine (the cluster path: its workers write)."""
     from flywheel.features import store as feast_store
 
-    engine = engine or settings.features.materialize_engine
+    if engine is None:
+        engine = "feast" if settings.features.offline_store == "ray" else settings.features.materialize_engine
     if engine == "feast":
         started = time.perf_counter()
         feast_store.materialize(store, start, end)

@@ -55,7 +55,7 @@ def offline_store_versions(settings: Settings) -> dict[str, str]:
     a training set's content key)."""
     import importlib.metadata
 
-    engine = ["dask"] if settings.features.offline_store == "file" else ["duckdb", "ibis-framework"]
+    engine = {"file": ["dask"], "ray": ["ray"]}.get(settings.features.offline_store, ["duckdb", "ibis-framework"])
     versions = {"type": settings.features.offline_store}
     for package in engine:
         try:
@@ -79,21 +79,56 @@ def repo_config(settings: Settings, world: str) -> Any:
         online: dict[str, Any] = {"type": "sqlite", "path": str(folder / "online.db")}
     else:
         online = {"type": "redis", "connection_string": feast_cfg.redis_connection}
+    engines: dict[str, Any] = {"offline_store": {"type": _offline_store_type(feast_cfg.offline_store)}}
+    if feast_cfg.offline_store == "ray":
+        engines = ray_engines(feast_cfg.ray_address)
     return RepoConfig(
         project=feast_project(settings, world),
         provider="local",
         registry=str(folder / "registry.db"),
         online_store=online,
-        offline_store={"type": _offline_store_type(feast_cfg.offline_store)},
         entity_key_serialization_version=3,
         repo_path=str(settings.home),
+        **engines,
     )
+
+
+def ray_engines(address: str) -> dict[str, Any]:
+    """Feast's offline store and batch engine settings for Ray (flywheel/features/ray_store.py): on
+    the Ray cluster at ``address``, or an empty address: a local Ray on 127.0.0.1."""
+    ray = {"ray_address": address or None}
+    return {
+        "offline_store": {"type": "flywheel.features.ray_store.FlywheelRayOfflineStore", **ray},
+        "batch_engine": {"type": "flywheel.features.ray_store.FlywheelRayComputeEngine", **ray},
+    }
 
 
 def _offline_store_type(name: str) -> str:
     """Feast's offline store ``type`` for the settings' name of it. (The as-of store's class path is
     a string here: serving opens stores too, and never needs DuckDB imported.)"""
     return "flywheel.features.asof_store.AsofDuckDBOfflineStore" if name == "duckdb-asof" else name
+
+
+def point_feast_cli_at(settings: Settings, world: str) -> Path:
+    """Point the `feast` CLI of feature_repo/ at a feature world: write ``<features dir>/latest.env``,
+    the variables feature_repo/feature_store.yaml expands (Feast expands ``${VAR}`` in it): the
+    world's Feast project, its folder (registry and SQLite online store) and the offline store.
+    The features step calls it for the world it built; the file is replaced atomically."""
+    import os
+    import shlex
+
+    offline = settings.features.offline_store
+    values = {
+        "FLYWHEEL_FEAST_PROJECT": feast_project(settings, world),
+        "FLYWHEEL_FEAST_WORLD": str(world_dir(settings, world).resolve()),
+        # The ray store needs its engine's settings too: the CLI joins and materializes on DuckDB.
+        "FLYWHEEL_FEAST_OFFLINE_STORE": _offline_store_type("duckdb-asof" if offline == "ray" else offline),
+    }
+    path = Path(settings.features.dir) / "latest.env"
+    partial = path.with_name(f".latest.env.{os.getpid()}")
+    partial.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items()))
+    os.replace(partial, path)
+    return path
 
 
 def open_store(settings: Settings, world: str) -> Any:
