@@ -346,7 +346,7 @@ def materialize_views(store: Any, end: dt.datetime, start: dt.datetime | None = 
     done = []
     for name in views or sorted(known):
         view = _view_of(known[name])
-        view_start = _aware(start, "start") if start is not None else _resume_point(view)
+        view_start = _aware(start, "start") if start is not None else _resume_point(store, view)
         if view_start > end:
             raise FeatureStoreError(f"materialize {view.name}: start {view_start} is after end {end}")
         done.append(_materialize_view(store, view, view_start, end, chunk_rows, memory_mib, progress))
@@ -359,12 +359,48 @@ def _aware(moment: dt.datetime, what: str) -> dt.datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
 
 
-def _resume_point(view: _View) -> dt.datetime:
-    """Where an incremental run starts: the end of the last materialized interval, else the offline
-    table's earliest row (every entity's latest row is loaded the first time)."""
-    last = view.feature_view.most_recent_end_time
+def online_store_holds(config: Any, view_name: str, join_key: str) -> bool:
+    """Whether the online store holds any row of a view of this project. The registry's record of
+    what was materialized lives beside it, not in it: a world's registry can say "done" for a store
+    that never got the rows (the same world written to SQLite, then to Redis) or lost them (a Redis
+    restarted without persistence). Then an incremental run must start from the beginning."""
+    try:
+        if config.online_store.type == "sqlite":
+            path = Path(config.online_store.path)
+            if not path.is_absolute():
+                path = Path(config.repo_path or ".") / path
+            if not path.is_file():
+                return False
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+                table = f"{config.project}_{view_name}"
+                if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall():
+                    return False
+                return bool(connection.execute(f"SELECT 1 FROM {_quote(table)} LIMIT 1").fetchall())
+        client = redis_client(config.online_store.connection_string)
+        try:
+            # An entity's key holds its join key's name and ends with the project (see entity_key_bytes).
+            pattern = b"*" + join_key.encode() + b"*" + config.project.encode()
+            return any(client.hexists(key, f"_ts:{view_name}") for key in client.scan_iter(match=pattern, count=1000))
+        finally:
+            client.close()
+    except Exception as exc:  # the store is down or unreadable: name it rather than guess
+        raise FeatureStoreError(f"cannot read the {config.online_store.type} online store: {type(exc).__name__}: {exc}") from exc
+
+
+def _recorded_end(store: Any, feature_view: Any) -> dt.datetime | None:
+    """The end of the view's last materialization, if the online store still holds its rows."""
+    last = feature_view.most_recent_end_time
+    if last is None or not online_store_holds(store.config, feature_view.name, _view_of(feature_view).join_key):
+        return None
+    return _aware(last, "start")
+
+
+def _resume_point(store: Any, view: _View) -> dt.datetime:
+    """Where an incremental run starts: the end of the last materialized interval (if the online
+    store holds it), else the offline table's earliest row (every entity's latest row is loaded)."""
+    last = _recorded_end(store, view.feature_view)
     if last is not None:
-        return _aware(last, "start")
+        return last
     import duckdb
 
     if not Path(view.path).is_file():
@@ -433,8 +469,8 @@ def materialize_world(store: Any, settings: Any, start: dt.datetime, end: dt.dat
     known = {view.name: view for view in store.list_feature_views()}
     done = []
     for name in sorted(known):
-        resume = known[name].most_recent_end_time
-        done += materialize_views(store, end, _aware(resume, "start") if resume is not None else start,
+        resume = _recorded_end(store, known[name])
+        done += materialize_views(store, end, resume if resume is not None else start,
                                   chunk_rows=settings.features.materialize_chunk_rows,
                                   memory_mib=settings.features.materialize_memory_mib, progress=progress, views=[name])
     return done

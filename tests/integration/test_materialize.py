@@ -197,3 +197,32 @@ def test_a_view_never_materialized_starts_from_its_tables_first_row(tmp_path):
     table = pd.read_parquet(paths[0])
     assert done[CARD_VIEW].start == table.event_timestamp.min().to_pydatetime()
     assert done[CARD_VIEW].source_rows == int((table.event_timestamp <= WINDOW[1]).sum())
+
+
+def test_a_world_materialized_into_sqlite_is_loaded_whole_into_redis_and_again_after_redis_loses_it(tmp_path, redis_server):
+    """Bug caught (found by benchmarks/serving.py): a world's registry records what was materialized,
+    but the rows live in the online store. The same world (same data, same key) written to SQLite
+    and then served from Redis got nothing written to Redis (the registry said "done"), and the
+    server refused the empty world; so would a Redis that restarted without persistence."""
+    import redis
+
+    paths = offline_tables(tmp_path)
+    home = tmp_path / "home"
+    settings, sqlite_store = world_store(home, "shared", paths)
+    online_write.materialize_world(sqlite_store, settings, *WINDOW)
+    env = {"FLYWHEEL_FEATURES__ONLINE_STORE": "redis", "FLYWHEEL_FEATURES__REDIS_CONNECTION": redis_server.connection}
+    redis_settings, redis_store = world_store(home, "shared", paths, **env)
+    project = feast_store.feast_project(redis_settings, "shared")
+    first = online_write.materialize_world(redis_store, redis_settings, *WINDOW)
+    table = pd.read_parquet(paths[0])
+    inside = table[(table.event_timestamp >= WINDOW[0]) & (table.event_timestamp <= WINDOW[1])]
+    assert {view.view: view.entities for view in first}[CARD_VIEW] == inside.card_id.nunique()
+    loaded = redis_hashes(redis_server, project)
+    assert len(loaded) == inside.card_id.nunique() + 9
+    again = online_write.materialize_world(redis_store, redis_settings, *WINDOW)  # holds it: nothing new
+    assert all(view.entities == 0 for view in again)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    client.delete(*client.scan_iter(match=b"*" + project.encode()))
+    client.close()
+    online_write.materialize_world(redis_store, redis_settings, *WINDOW)
+    assert redis_hashes(redis_server, project) == loaded
