@@ -121,12 +121,26 @@ def test_a_rerun_with_the_same_inputs_does_no_new_work(two_runs):
 
 
 def test_another_generated_size_in_the_same_home_is_its_own_world(two_runs):
+    """`flywheel run --rows N` once mixed every generated size into one lake. The run's own lake is
+    checked on the 30k runs (the pipeline is handed it); another size gets its own data and lake, and
+    ingesting it leaves the 30k lake as it was. (A third whole pipeline run here cost about a minute.)"""
+    from flywheel import steps
+    from flywheel.datagen import demo_dataset
+
     home, env, _, _ = two_runs
-    result = flywheel("run", "--rows", "20000", env=env, cwd=home)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    latest = summaries(home)[-1]
-    assert latest["steps"][0]["rows"] == 20000  # not mixed with the 30k dataset's lake
-    assert "/demo/generated-r20000-d14-s7/lake/_snapshots/" in latest["steps"][1]["artifacts"]["lake_snapshot"]
+    first = summaries(home)[0]
+    assert "/demo/generated-r30000-d14-s7/lake/_snapshots/" in first["steps"][1]["artifacts"]["lake_snapshot"]
+    settings = load_settings(env=env)
+    storage = Storage.from_settings(settings)
+    lake_30k = storage.uri("demo", "generated-r30000-d14-s7", "lake")
+    before = {uri: storage.stat(uri).sha256 for uri in storage.list(lake_30k)}
+    source, lake, _ = demo_dataset(storage, 5000, 14, settings.data.seed)
+    assert lake != lake_30k and "/demo/generated-r5000-d14-s7/lake" in lake
+    staged = steps.ingest_step(source, "run-other-size", settings, lake)
+    published = steps.validate_step(staged, "run-other-size", settings)
+    assert "/demo/generated-r5000-d14-s7/lake/_snapshots/" in published["uri"]
+    assert published["rows"] == 5000  # not mixed with the 30k dataset's lake
+    assert {uri: storage.stat(uri).sha256 for uri in storage.list(lake_30k)} == before
 
 
 def test_a_validation_failure_stops_the_run_with_the_expectation_named(tmp_path):
