@@ -10,7 +10,9 @@ the canary's answer when the canary answers in time; a canary failure (a 5xx, a 
 connection, a timeout, an answer without readable scores, a 4xx for a request stable answered) is
 answered from stable, so a client never sees one. The canary's timeout is ``canary_timeout_s`` if
 set, else ``canary_timeout_factor`` x stable's recent p99 latency (never below
-``canary_timeout_floor_s``). Both arms' calls and the pairs of scores are recorded;
+``canary_timeout_floor_s``); a canary timeout in a stall that stable's calls of the same moment
+suffered too is not held against the canary (:func:`flywheel.deploy.analysis.shared_stalls`).
+Both arms' calls and the pairs of scores are recorded;
 :meth:`SplittingProxy.take_window` summarises and resets them (see :mod:`flywheel.deploy.analysis`).
 
 :class:`SplittingProxy` runs on the caller's event loop; :func:`start_proxy` runs one on a
@@ -106,6 +108,8 @@ class Upstream:
     latency_ms: float
     error: str = ""  # a transport failure; empty when an answer came back
     timeout: bool = False
+    started_s: float | None = None  # time.perf_counter() when the call was sent
+    limit_ms: float | None = None  # the timeout it was held to
 
 
 class _Window:
@@ -272,7 +276,7 @@ class SplittingProxy:
                         async with self._session.request(method, base + path_qs, data=body or None, headers=headers) as response:
                             data = await response.read()
                             return Upstream(response.status, data, response.headers.get("Content-Type", "application/json"),
-                                            (time.perf_counter() - started) * 1000)
+                                            (time.perf_counter() - started) * 1000, started_s=started, limit_ms=timeout_s * 1000)
                     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                         # A kept-alive connection the server closed: KServe (uvicorn) closes it after a
                         # handler raised, without saying so in its 500. Once, on a new connection; a
@@ -282,14 +286,16 @@ class SplittingProxy:
                 raise AssertionError("unreachable")
         except TimeoutError:
             elapsed = (time.perf_counter() - started) * 1000
-            return Upstream(504, b"", "", elapsed, error=f"timeout after {timeout_s * 1000:.0f} ms", timeout=True)
+            return Upstream(504, b"", "", elapsed, error=f"timeout after {timeout_s * 1000:.0f} ms", timeout=True,
+                            started_s=started, limit_ms=timeout_s * 1000)
         except aiohttp.ClientError as exc:
-            return Upstream(502, b"", "", (time.perf_counter() - started) * 1000, error=f"connection: {first_line(exc)}")
+            return Upstream(502, b"", "", (time.perf_counter() - started) * 1000, error=f"connection: {first_line(exc)}",
+                            started_s=started, limit_ms=timeout_s * 1000)
 
     def _record_stable(self, window: _Window, answer: Upstream, shadow: bool = False) -> None:
         ok = not answer.error and answer.status < 500
         window.samples.append(Sample("stable", ok, answer.latency_ms, answer.error or ("" if ok else f"HTTP {answer.status}"),
-                                     answer.timeout, shadow))
+                                     answer.timeout, shadow, answer.started_s, answer.limit_ms))
         if ok:
             self._stable_recent.append(answer.latency_ms)
             self._since_p99 += 1
@@ -348,7 +354,8 @@ class SplittingProxy:
                 return self._reply(stable, "stable", self.stable_url, w)
             w.client["answered_by_canary"] += 1
             return self._reply(canary, "canary", self.canary_url, w)
-        w.samples.append(Sample("canary", failure is None, canary.latency_ms, failure or "", canary.timeout))
+        w.samples.append(Sample("canary", failure is None, canary.latency_ms, failure or "", canary.timeout,
+                                started_s=canary.started_s, limit_ms=canary.limit_ms))
         if failure is not None:
             w.client["fallbacks"] += 1
             stable = await shadow

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from tests.servers import free_port, wait_until_ready
 ROOT = Path(__file__).resolve().parents[2]
 V1 = "/v1/models/fraud:predict"
 BEHAVIOURS = ("good", "erroring", "slow", "shuffled")
+PIDS: dict[str, int] = {}  # the servers fixture's processes, by name
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
                     env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                 )
             started[name] = (process, f"http://127.0.0.1:{port}", log)
+            PIDS[name] = process.pid
         for name, (process, base, log) in started.items():
             try:
                 wait_until_ready(process, f"{base}/v1/models/fraud", 120)
@@ -288,9 +292,10 @@ def test_a_good_canary_is_promoted_and_its_record_says_why(servers, replay, tmp_
     for window, share in zip(record["windows"], (50, 250)):  # the counter split is exact
         observed = window["observations"]
         assert window["verdict"] == "pass"
-        assert observed["canary"]["requests"] == share and observed["canary"]["errors"] == 0
+        # No error of its own: a timeout in a stall stable's calls suffered too is the machine's.
+        assert observed["canary"]["requests"] == share and observed["canary"]["errors"] == observed["canary"]["shared_stalls"]
         assert observed["stable"]["requests"] == 500  # the rest routed, plus a shadow per canary request
-        assert observed["agreement"]["pairs"] == share and observed["agreement"]["mean_abs_diff"] == 0.0
+        assert observed["agreement"]["pairs"] == share - observed["canary"]["errors"] and observed["agreement"]["mean_abs_diff"] == 0.0
         assert observed["agreement"]["decision_agreement"] == 1.0
     assert record["client"] == {"requests": 1000, "failures": 0, "statuses": {"200": 1000}}
     assert record["started_at"] <= record["decided_at"]
@@ -308,3 +313,56 @@ def test_live_traffic_alone_can_judge_and_roll_back_a_canary(servers):
     assert observed["client"]["requests"] >= 250 and observed["canary"]["requests"] >= 50
     assert observed["canary"]["errors"] > 0 and observed["client"]["failures"] == 0
     assert live.failures == 0 and sum(live.statuses.values()) >= 250, live.statuses
+
+
+@contextmanager
+def stalls(names: list[str], every_s: float = 0.5, for_s: float = 0.4) -> Iterator[list[int]]:
+    """Freeze the named model servers (SIGSTOP, then SIGCONT) for ``for_s`` out of every
+    ``every_s + for_s`` seconds while the block runs: a stall made for real. Yields the list the
+    number of stalls is counted in."""
+    pids, done, count = [PIDS[name] for name in names], threading.Event(), [0]
+
+    def run() -> None:
+        while not done.wait(every_s):
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(for_s)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            count[0] += 1
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("frozen", [["stable", "good"], ["good"]], ids=["both-arms", "canary-alone"])
+def test_stalls_both_arms_suffer_are_not_held_against_a_good_canary(servers, replay, frozen):
+    """The canary is held to a 250 ms timeout, stable to 30 s. Freezing both servers for 400 ms at
+    a time makes the canary's calls time out and stable's merely slow: those timeouts are the
+    moment's, and the good canary is promoted. Freezing the canary alone is the canary's problem:
+    rolled back, its timeouts counted."""
+    with start_proxy(servers["stable"], servers["good"], canary_timeout_s=0.25) as proxy:
+        with stalls(frozen) as count:
+            record = ramp(proxy, replay, V1, steps=[20, 50], window_requests=250, concurrency=16)
+    assert count[0] >= 1, count
+    assert record["client"]["failures"] == 0, record["client"]
+    first = record["windows"][0]["observations"]["canary"]
+    assert first["timeouts"] > 0, first  # the stalls were seen by the canary
+    if frozen == ["good"]:
+        assert record["verdict"] == "rollback", record["reasons"]
+        assert first["shared_stalls"] < first["timeouts"]
+        assert any("canary error rate" in r for r in record["reasons"]), record["reasons"]
+    else:
+        assert record["verdict"] == "promote", record["reasons"]
+        for window in record["windows"]:
+            canary = window["observations"]["canary"]
+            assert canary["errors"] == canary["timeouts"] == canary["shared_stalls"], canary

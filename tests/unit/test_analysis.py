@@ -144,3 +144,48 @@ def test_canary_latency_is_compared_with_stables_on_the_same_requests():
     assert any("> 2x stable's on the same requests 120.0 ms" in r for r in judge(slower, Thresholds()).reasons)
     no_shadows = summarise(quiet + canary, pairs, CLIENT)  # without shadow calls: stable's calls overall
     assert any("> 2x stable's 10.0 ms" in r for r in judge(no_shadows, Thresholds()).reasons)
+
+
+def call(arm: str, start_s: float, ms: float, timeout: bool = False, limit_ms: float | None = None) -> Sample:
+    error = f"timeout after {limit_ms:.0f} ms" if timeout else ""
+    return Sample(arm, not timeout, ms, error, timeout, arm == "stable", start_s, limit_ms)
+
+
+def test_a_stall_both_arms_suffered_is_not_the_canarys_error():
+    """Only the canary is held to a short timeout; stable's calls wait up to 30 s. When a stall
+    slows every call in flight, the canary's time out and stable's do not, so counting those
+    timeouts against the canary alone rolls back a good canary (2 stalls in 250 requests: 0.008 >
+    stable's 0 + 0.005). A canary timeout beside a stable call that took at least the canary's
+    limit is named but not the canary's error; one beside stable calls that answered in time is."""
+    # Steady traffic: a stable call every 10 ms taking 5 ms, a canary call every 40 ms taking 5 ms.
+    stable = [call("stable", k / 100, 5.0) for k in range(1000)]
+    canary = [call("canary", k / 25 + 0.001, 5.0, limit_ms=250) for k in range(250)]
+    pairs = [ScorePair((0.2,), (0.2,))] * 248
+    # Two stalls of 400 ms at 2.0 s and 6.0 s: the stable calls in flight took 400 ms, the canary's timed out.
+    stalled = {k for k in range(1000) if k / 100 in (2.0, 6.0)}
+    stable = [call("stable", c.started_s, 400.0) if k in stalled else c for k, c in enumerate(stable)]
+    in_stall = {k for k, c in enumerate(canary) if c.started_s in (2.001, 6.001)}
+    assert len(in_stall) == 2
+    shared = [call("canary", c.started_s, 250.0, timeout=True, limit_ms=250) if k in in_stall else c for k, c in enumerate(canary)]
+    window = summarise(stable + shared, pairs, CLIENT)
+    assert (window.canary.errors, window.canary.timeouts, window.canary.shared_stalls) == (2, 2, 2)
+    verdict = judge(window, Thresholds())
+    assert verdict.passed, verdict.reasons
+    assert any("2 timeouts not counted" in r for r in verdict.reasons), verdict.reasons
+    # The same canary timeouts while stable answered in time: the canary's own.
+    own = summarise([call("stable", k / 100, 5.0) for k in range(1000)] + shared, pairs, CLIENT)
+    assert own.canary.shared_stalls == 0
+    assert judge(own, Thresholds()).reasons == ["canary error rate 0.0080 exceeds stable's 0.0000 by more than 0.0050"]
+    # A stable call slower than usual but within the canary's limit excuses nothing.
+    near = [call("stable", c.started_s, 240.0) if k in stalled else c for k, c in enumerate(stable)]
+    assert summarise(near + shared, pairs, CLIENT).canary.shared_stalls == 0
+    # Nor does a slow stable call that was not in flight at the same time as the canary's.
+    apart = [call("stable", c.started_s + 0.3, 400.0) if k in stalled else c for k, c in enumerate(stable)]
+    assert summarise(apart + shared, pairs, CLIENT).canary.shared_stalls == 0
+    # A shared stall excuses only itself: 3 errors of the canary's own on 100 calls still roll back.
+    mixed = [c for k, c in enumerate(shared) if k not in in_stall][:95] + [shared[k] for k in sorted(in_stall)] \
+        + [Sample("canary", False, 5.0, "HTTP 500")] * 3
+    mixed_window = summarise(stable + mixed, pairs[:95], CLIENT)
+    assert mixed_window.canary.shared_stalls == 2 and mixed_window.canary.errors == 5
+    reasons = judge(mixed_window, Thresholds()).reasons
+    assert any("canary error rate 0.0300 > 0.0100 (3 of 100; 0 timeouts" in r for r in reasons), reasons
