@@ -1,4 +1,5 @@
-"""Reading what `wrk --latency` prints, and writing the Lua script that feeds it request bodies.
+"""Reading what `wrk --latency` prints, writing the Lua script that feeds it request bodies, and
+the figures of a load run in rounds (:func:`round_figures`).
 
 Pure functions (no processes, no files), so tests/unit/test_bench_serving.py checks them on wrk
 output captured from real runs. `benchmarks/serving.py` imports this module by its plain name.
@@ -7,6 +8,7 @@ output captured from real runs. `benchmarks/serving.py` imports this module by i
 from __future__ import annotations
 
 import re
+import statistics
 from dataclasses import dataclass
 
 # wrk prints times with these units (its format_time_us) and counts with metric suffixes.
@@ -109,3 +111,25 @@ def lua_script(bodies: list[str]) -> str:
         "  return wrk.format(nil, nil, nil, bodies[i])\n"
         "end\n"
     )
+
+
+def round_figures(prefix: str, results: list[WrkResult], problems: dict[str, str]) -> dict[str, float]:
+    """One load's figures: with several rounds, the median of each figure over the rounds (requests
+    and errors summed), and each round's requests/s and p99 beside it."""
+    for number, result in enumerate(results):
+        if result.problem:
+            where = prefix if len(results) == 1 else f"{prefix}_round{number + 1}"
+            problems[where] = result.problem
+            print(f"  PROBLEM in {where}: {result.problem}", flush=True)
+    figures = {
+        f"{prefix}_p50_ms": round(statistics.median(r.p50_ms for r in results), 3),
+        f"{prefix}_p99_ms": round(statistics.median(r.p99_ms for r in results), 3),
+        f"{prefix}_rps": round(statistics.median(r.requests_per_s for r in results), 1),
+        f"{prefix}_requests": sum(r.requests for r in results),
+        f"{prefix}_errors": sum(r.errors for r in results),
+    }
+    if len(results) > 1:
+        for number, result in enumerate(results):
+            figures[f"{prefix}_round{number + 1}_rps"] = round(result.requests_per_s, 1)
+            figures[f"{prefix}_round{number + 1}_p99_ms"] = round(result.p99_ms, 3)
+    return figures

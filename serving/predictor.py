@@ -43,6 +43,7 @@ from serving.requests import Transactions, join_transactions, parse_json, v1_tra
 
 log = logging.getLogger(__name__)
 
+GATHER_TURNS = 3  # turns of the event loop a scoring pass waits for requests still coming in (ScoringPasses)
 WARM_UP = {"instances": [{"card_id": "warm-up", "merchant_id": "warm-up", "amount": 10.0, "ts": "2026-01-01T12:00:00Z"}]}
 
 
@@ -95,8 +96,9 @@ class ScoringPasses:
     forward pass for all their transactions.
 
     A request is validated on its own, then waits here; the pass (a task) starts once the event loop
-    has taken every request that was ready with it (after the tasks already scheduled), so a lone
-    request waits for nothing, and under load the fixed cost of a pass is shared. The pass reads
+    has taken every request that was ready with it and those still coming in behind it (it yields
+    the loop while a turn brings more, at most ``GATHER_TURNS`` turns), so a lone request waits one
+    turn of the loop, and under load the fixed cost of a pass is shared. The pass reads
     the online store without yielding the loop (a local store answers faster than a yield costs;
     see OnlineReader); requests that arrive meanwhile gather for the next one. Each request gets
     its own rows back; a request is scored with the bundle it started with (requests on two
@@ -109,6 +111,9 @@ class ScoringPasses:
         self._waiting: dict[int, tuple[Bundle, list[tuple[Transactions, asyncio.Future]]]] = {}
         self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
 
+    def _count(self) -> int:
+        return sum(len(requests) for _, requests in self._waiting.values())
+
     async def score(self, bundle: Bundle, transactions: Transactions) -> Scored:
         loop = asyncio.get_running_loop()
         if not self._waiting:
@@ -120,6 +125,17 @@ class ScoringPasses:
         return await future
 
     async def _run(self) -> None:
+        # Requests already on their way in (received, still being parsed and validated a turn or two
+        # of the loop behind) join this pass: yield while the last turn brought more, a few turns at
+        # most. A lone request waits one turn. At concurrency 8 on one worker, side by side over 5
+        # rounds (2026-11-24): 2,084 requests/s against 1,756 with no turn (Redis), p99 6.96 ms
+        # against 7.84; at concurrency 1 the same p50.
+        count = self._count()
+        for _ in range(GATHER_TURNS):
+            await asyncio.sleep(0)
+            if self._count() == count:
+                break
+            count = self._count()
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:

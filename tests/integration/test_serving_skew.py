@@ -125,6 +125,59 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
     assert [type(error) for error in asyncio.run(together(requests[:2]))] == [FeatureStoreError, FeatureStoreError]
 
 
+def test_requests_still_coming_in_join_the_pass_a_lone_one_does_not_wait_long(bundle, holdout, monkeypatch):
+    """Bug caught: a pass that starts before the requests right behind it (received, still a turn of
+    the loop away from it) have joined: under load each pass then scores a request or two, and its
+    fixed cost (the online read, the transform, the forward pass) is paid again for each."""
+    import asyncio
+
+    import serving.predictor as predictor_module
+    from serving.predictor import GATHER_TURNS, ScoringPasses
+
+    requests = [v1_transactions(request_of(holdout.iloc[k:k + 1]), 1000) for k in range(4)]
+    passes_made: list[int] = []
+    real_score = predictor_module.score
+
+    def counting_score(scored_bundle, transactions, **options):
+        passes_made.append(transactions.count)
+        return real_score(scored_bundle, transactions, **options)
+
+    monkeypatch.setattr(predictor_module, "score", counting_score)
+    passes = ScoringPasses()
+
+    async def arriving(turns_behind: int, request):
+        for _ in range(turns_behind):  # a request still being parsed: it reaches the pass this many turns later
+            await asyncio.sleep(0)
+        return await passes.score(bundle, request)
+
+    async def staggered(lags):
+        return await asyncio.gather(*(arriving(lag, request) for lag, request in zip(lags, requests)))
+
+    asyncio.run(staggered([0, 1, 2, 2]))
+    assert passes_made == [4]  # one pass, though they came in over three turns
+    passes_made.clear()
+    asyncio.run(staggered([0, GATHER_TURNS + 2, GATHER_TURNS + 2, GATHER_TURNS + 2]))
+    assert passes_made == [1, 3]  # a pass waits a few turns, not for ever
+
+    async def lone():
+        loop = asyncio.get_running_loop()
+        turns = 0
+
+        def tick():
+            nonlocal turns
+            turns += 1
+            if not done.is_set():
+                loop.call_soon(tick)
+
+        done = asyncio.Event()
+        loop.call_soon(tick)
+        await passes.score(bundle, requests[0])
+        done.set()
+        return turns
+
+    assert asyncio.run(lone()) <= 3  # a request alone is scored within a turn or two of the loop
+
+
 def test_a_read_larger_than_one_sqlite_statement_allows_is_split_without_losing_rows(bundle, holdout, monkeypatch):
     """Bug caught: a batch with more entities than SQLite takes parameters in one statement
     ("too many SQL variables": a 503 for every large batch), or a split that drops the rows of a piece."""

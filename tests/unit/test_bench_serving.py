@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from benchmarks.wrk_output import WrkOutputError, lua_script, parse_wrk, time_ms
+from benchmarks.wrk_output import WrkOutputError, WrkResult, lua_script, parse_wrk, round_figures, time_ms
 
 NOOP_C1 = """\
 Running 2s test @ http://127.0.0.1:18731/v1/models/fraud:predict
@@ -202,3 +202,20 @@ def test_wrk_posts_every_body_in_turn(tmp_path):
     order = [bodies.index(body.decode()) for body in received]
     assert set(order) == set(range(len(bodies)))
     assert all((after - before) % len(bodies) == 1 for before, after in zip(order, order[1:])), order[:20]
+
+
+def test_a_load_in_rounds_reports_the_median_of_each_figure_and_every_round():
+    """One slow round (a noisy moment of the shared machine) neither sets the figure nor hides: the
+    medians are the figures, each round's requests/s and p99 are kept, a failed round is named."""
+    def run(rps, p99, non_2xx=0):
+        return WrkResult(requests=int(rps * 10), seconds=10.0, requests_per_s=rps, p50_ms=p99 / 2, p75_ms=p99 / 1.5,
+                         p90_ms=p99 / 1.2, p99_ms=p99, non_2xx=non_2xx)
+    problems: dict[str, str] = {}
+    figures = round_figures("redis_w1_c8", [run(1800.0, 7.0), run(900.0, 30.0), run(1700.0, 8.0, non_2xx=2)], problems)
+    assert figures["redis_w1_c8_rps"] == 1700.0 and figures["redis_w1_c8_p99_ms"] == 8.0 and figures["redis_w1_c8_p50_ms"] == 4.0
+    assert figures["redis_w1_c8_requests"] == 18000 + 9000 + 17000 and figures["redis_w1_c8_errors"] == 2
+    assert [figures[f"redis_w1_c8_round{k}_rps"] for k in (1, 2, 3)] == [1800.0, 900.0, 1700.0]
+    assert figures["redis_w1_c8_round2_p99_ms"] == 30.0
+    assert list(problems) == ["redis_w1_c8_round3"] and "2 of" in problems["redis_w1_c8_round3"]
+    single = round_figures("noop_w1_c1", [run(2000.0, 1.0)], problems)
+    assert single["noop_w1_c1_rps"] == 2000.0 and not any("round" in name for name in single)
