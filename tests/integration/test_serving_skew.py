@@ -82,6 +82,21 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
     assert scored.unknown[-1] == ["card", "merchant"] and scored.unknown[0] == []
 
 
+def count_passes(monkeypatch) -> list[int]:
+    """Record the number of transactions of each scoring pass (the real scoring still runs)."""
+    import serving.predictor as predictor_module
+
+    passes_made: list[int] = []
+    real_score = predictor_module.score
+
+    def counting_score(scored_bundle, transactions, **options):
+        passes_made.append(transactions.count)
+        return real_score(scored_bundle, transactions, **options)
+
+    monkeypatch.setattr(predictor_module, "score", counting_score)
+    return passes_made
+
+
 def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_own_rows(bundle, holdout, monkeypatch):
     """Bug caught: a scoring pass that hands a request another request's rows (an offset error when
     splitting the pass), drops one, or scores each request alone (no pass shared under load)."""
@@ -98,14 +113,7 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
         start += size
     requests = [v1_transactions(request_of(frame), 1000) for frame in frames]
     alone = [score(bundle, request, record=False).probabilities for request in requests]
-    passes_made: list[int] = []
-    real_score = predictor_module.score
-
-    def counting_score(scored_bundle, transactions, **options):
-        passes_made.append(transactions.count)
-        return real_score(scored_bundle, transactions, **options)
-
-    monkeypatch.setattr(predictor_module, "score", counting_score)
+    passes_made = count_passes(monkeypatch)
     passes = ScoringPasses()
 
     async def together(batch):
@@ -131,18 +139,10 @@ def test_requests_still_coming_in_join_the_pass_a_lone_one_does_not_wait_long(bu
     fixed cost (the online read, the transform, the forward pass) is paid again for each."""
     import asyncio
 
-    import serving.predictor as predictor_module
     from serving.predictor import GATHER_TURNS, ScoringPasses
 
     requests = [v1_transactions(request_of(holdout.iloc[k:k + 1]), 1000) for k in range(4)]
-    passes_made: list[int] = []
-    real_score = predictor_module.score
-
-    def counting_score(scored_bundle, transactions, **options):
-        passes_made.append(transactions.count)
-        return real_score(scored_bundle, transactions, **options)
-
-    monkeypatch.setattr(predictor_module, "score", counting_score)
+    passes_made = count_passes(monkeypatch)
     passes = ScoringPasses()
 
     async def arriving(turns_behind: int, request):
