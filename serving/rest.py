@@ -4,8 +4,10 @@ KServe binds 0.0.0.0 with no host flag, and with several workers starts them wit
 spawn, each importing KServe's FastAPI app afresh (so the app must be set up in the worker, not in
 the parent). :class:`FlywheelRESTServer` is KServe's RESTServer with what flywheel adds: the
 configured host, the access log and request ids, the body limit, a 400 (not 422) for a malformed
-v2 body, a 400 without a logged traceback for every client mistake, and a /metrics page that sums
-every worker's samples.
+v2 body, a 400 without a logged traceback for every client mistake, v2's versioned paths (the
+served version answers there; another is a 404, where KServe answers 501), no model management
+routes (KServe's unload would let any caller take the model out of service) and no explain route,
+and a /metrics page that sums every worker's samples.
 
 Importing this module imports kserve and prometheus_client: :func:`serving.server.serve` does so
 only after it has set ``PROMETHEUS_MULTIPROC_DIR`` (with more than one worker).
@@ -37,6 +39,8 @@ from serving import metrics
 access_log = logging.getLogger("flywheel.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+# KServe routes these but answers every one with 501 ("Model versioning not supported yet").
+VERSIONED_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/ready|/infer)?")
 
 
 def _error(status: int, message: str) -> tuple[int, bytes]:
@@ -67,9 +71,10 @@ class ServingMiddleware:
     new one) echoed in the response, the body limit (413 before the body is parsed), the request
     metrics and one JSON access-log line."""
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, served_version: Any = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.served_version = served_version or (lambda name: None)  # model name -> the version it serves now
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -80,6 +85,18 @@ class ServingMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         path = scope.get("path", "")
+        versioned = VERSIONED_PATH.fullmatch(path)
+        wrong_version = None
+        if versioned:
+            # The version this server serves answers on its versioned paths too; any other is not here.
+            name, version, rest = versioned["name"], versioned["version"], versioned["rest"] or ""
+            served = self.served_version(name)
+            if served is not None and version == served:
+                path = f"/v2/models/{name}{rest}"
+                scope = dict(scope, path=path, raw_path=path.encode())
+            else:
+                wrong_version = (f"model {name!r} version {version!r} is not served here" +
+                                 (f" (this server serves version {served!r})" if served is not None else ""))
         protocol = _protocol(path)
         state = {"status": 500, "version": ""}
 
@@ -102,7 +119,8 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            rejection = self._reject_early(headers)
+            rejection = (_error(404, wrong_version) if wrong_version else _error(404, "Not Found") if _unserved(path)
+                         else self._reject_early(headers))
             if rejection:
                 await respond(*rejection)
             elif protocol is None:
@@ -153,6 +171,14 @@ class ServingMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks), False
+
+
+def _unserved(path: str) -> bool:
+    """KServe routes this server does not offer: its model repository extension lets any caller
+    unload the model (every prediction a 404 until a restart) or load it again, and the model has
+    no explainer (KServe answers :explain with a 501). They answer 404, as an unknown path does.
+    (Refused here: FastAPI keeps included routers' routes where they cannot be removed.)"""
+    return path.startswith("/v2/repository/") or path.endswith(":explain")
 
 
 def _replay(body: bytes) -> Any:
@@ -232,7 +258,13 @@ class FlywheelRESTServer(RESTServer):
     def _add_middlewares(self, app: Any) -> None:
         _configure_access_log()
         logging.getLogger("uvicorn.access").disabled = True  # flywheel's own line replaces it
-        app.add_middleware(ServingMiddleware, max_body_bytes=self.max_body_bytes)
+        app.add_middleware(ServingMiddleware, max_body_bytes=self.max_body_bytes, served_version=self._served_version)
+
+    def _served_version(self, name: str) -> str | None:
+        """The version the model of this name serves now in this process (None: no such model)."""
+        model = self.dataplane.model_registry.get_model(name)
+        version = getattr(model, "version", None) if model is not None else None
+        return str(version) if version is not None else None
 
     def _register_endpoints(self, app: Any) -> None:
         app.add_api_route("/metrics", _metrics_page, methods=["GET"], include_in_schema=False)  # before KServe's own

@@ -84,3 +84,41 @@ def test_the_metrics_page_counts_requests_by_status(client):
     http.post(V1, json={"instances": []})
     http.post(V1, json={"instances": []})
     assert count("200") == ok + 1 and count("400") == bad + 2
+
+
+def test_v2_versioned_paths_answer_for_the_served_version_and_404_for_another(client):
+    """Bug caught: KServe routes /v2/models/<name>/versions/<v>/... and answers every one with a 501
+    ("Model versioning not supported yet"): a server error for a client naming a version. The
+    version being served answers there as on the plain paths; any other is a 404 that says which
+    version is served."""
+    http, predictor = client
+    body = {"inputs": [{"name": "card_id", "shape": [1], "datatype": "BYTES", "data": [GOOD["card_id"]]},
+                       {"name": "merchant_id", "shape": [1], "datatype": "BYTES", "data": [GOOD["merchant_id"]]},
+                       {"name": "amount", "shape": [1], "datatype": "FP64", "data": [GOOD["amount"]]},
+                       {"name": "ts", "shape": [1], "datatype": "BYTES", "data": [GOOD["ts"]]}]}
+    served = f"/v2/models/fraud/versions/{predictor.version}"
+    plain = http.post(V2, json=body)
+    versioned = http.post(f"{served}/infer", json=body)
+    assert versioned.status_code == 200, versioned.text
+    assert versioned.json()["outputs"] == plain.json()["outputs"] and versioned.json()["model_version"] == predictor.version
+    assert http.get(f"{served}/ready").status_code == 200
+    assert http.get(served).json()["name"] == "fraud"
+    for path in ("/v2/models/fraud/versions/no-such-version/infer", "/v2/models/fraud/versions/1/ready", "/v2/models/fraud/versions/1"):
+        answer = http.post(path, json=body) if path.endswith("infer") else http.get(path)
+        assert answer.status_code == 404, (path, answer.text)
+        assert f"this server serves version {predictor.version!r}" in answer.json()["error"], answer.text
+    other = http.post("/v2/models/other/versions/1/infer", json=body)
+    assert other.status_code == 404 and "model 'other' version '1' is not served here" in other.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v2/repository/models/fraud/unload", "/v2/repository/models/fraud/load", "/v1/models/fraud:explain"])
+def test_no_caller_can_unload_the_model_and_there_is_no_explain_route(client, path):
+    """Bug caught: KServe's model repository extension answers POST .../fraud/unload by taking the
+    model out of service (every prediction then a 404 until a restart), for any caller; and
+    :explain, which the model does not have, is a 501. Both are unknown paths here (404)."""
+    http, predictor = client
+    answer = http.post(path, json={"instances": [GOOD]})
+    assert answer.status_code == 404 and answer.json()["error"], answer.text
+    scored = http.post(V1, json={"instances": [GOOD]})
+    assert scored.status_code == 200 and scored.json()["predictions"][0]["model_version"] == predictor.version
+    assert predictor.ready
