@@ -153,6 +153,9 @@ class ServingMiddleware:
                 return _error(400, "header 'content-length' must be a whole number of bytes")
             if int(length) > self.max_body_bytes:
                 return _error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)")
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):
+            return _error(415, f"header 'content-encoding': {encoding.decode('latin-1')[:40]!r} bodies are not supported; send plain JSON")
         if b"inference-header-content-length" in headers:
             return _error(400, "header 'inference-header-content-length': the v2 binary tensor extension is not supported; send JSON")
         return None

@@ -122,3 +122,17 @@ def test_no_caller_can_unload_the_model_and_there_is_no_explain_route(client, pa
     scored = http.post(V1, json={"instances": [GOOD]})
     assert scored.status_code == 200 and scored.json()["predictions"][0]["model_version"] == predictor.version
     assert predictor.ready
+
+
+def test_a_compressed_body_is_refused_by_name_not_parsed_as_json(client):
+    """Bug caught: a gzip body (Content-Encoding: gzip) read as JSON: a 400 saying the body is not
+    valid UTF-8, which names the wrong problem."""
+    import gzip
+    import json
+
+    http, _ = client
+    body = gzip.compress(json.dumps({"instances": [GOOD]}).encode())
+    answer = http.post(V1, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert answer.status_code == 415 and "content-encoding" in answer.json()["error"] and "'gzip'" in answer.json()["error"]
+    plain = http.post(V1, json={"instances": [GOOD]}, headers={"content-encoding": "identity"})
+    assert plain.status_code == 200, plain.text
