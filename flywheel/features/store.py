@@ -444,7 +444,9 @@ class OnlineReader:
         requests: about 160 us this way (SQLite: 205; benchmarks/online_read.py); measured in
         process while choosing: 220 us awaiting the replies with the loop watching the socket,
         350 us awaiting a redis.asyncio pipeline, 300 us with redis-py's blocking pipeline (they
-        pack and parse each command in Python). One transaction: 68, SQLite 52, awaited 133. The commands are packed by hiredis; replies are parsed by hiredis through the
+        pack and parse each command in Python). One transaction: 68, SQLite 52, awaited 133. Under
+        wrk at concurrency 8 on one worker, side by side (2026-11-24): 1,830 requests/s this way,
+        1,647 awaiting the socket. The commands are packed by hiredis; replies are parsed by hiredis through the
         connection; the client's retry policy (open_online_reader: one immediate retry, for a
         connection Redis closed) and socket timeouts bound the wait."""
         suffix = self.project.encode()
