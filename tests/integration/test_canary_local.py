@@ -323,7 +323,7 @@ def stalls(names: list[str], every_s: float = 0.5, for_s: float = 0.4) -> Iterat
     pids, done, count = [PIDS[name] for name in names], threading.Event(), [0]
 
     def run() -> None:
-        while not done.wait(every_s):
+        while not done.is_set():  # the first stall at once: a fast machine's first window is short
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
             try:
@@ -332,6 +332,7 @@ def stalls(names: list[str], every_s: float = 0.5, for_s: float = 0.4) -> Iterat
                 for pid in pids:
                     os.kill(pid, signal.SIGCONT)
             count[0] += 1
+            done.wait(every_s)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
