@@ -127,9 +127,9 @@ class ScoringPasses:
     async def _run(self) -> None:
         # Requests already on their way in (received, still being parsed and validated a turn or two
         # of the loop behind) join this pass: yield while the last turn brought more, a few turns at
-        # most. A lone request waits one turn. At concurrency 8 on one worker, side by side over 5
-        # rounds (2026-11-24): 2,084 requests/s against 1,756 with no turn (Redis), p99 6.96 ms
-        # against 7.84; at concurrency 1 the same p50.
+        # most. A lone request waits one turn. Redis, concurrency 8, one worker, medians of 5 rounds
+        # side by side (2026-11-24): one turn 1,927 requests/s against 1,756 with none; in another
+        # run, up to three turns 2,084 against one turn's 1,785. At concurrency 1 the same p50.
         count = self._count()
         for _ in range(GATHER_TURNS):
             await asyncio.sleep(0)
