@@ -231,7 +231,7 @@ def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: 
             wrk(url, scripts["single"], HEADLINE_CONCURRENCY, 1)  # warm-up, not counted
         for concurrency in CONCURRENCY:
             rounds: dict[str, list[WrkResult]] = {name: [] for name in urls}
-            for round_number in range(ROUNDS if concurrency == HEADLINE_CONCURRENCY else 1):
+            for _ in range(ROUNDS if concurrency == HEADLINE_CONCURRENCY else 1):
                 for name, url in urls.items():
                     result = wrk(url, scripts["single"], concurrency, seconds)
                     rounds[name].append(result)
@@ -240,7 +240,7 @@ def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: 
             for name, results in rounds.items():
                 figures.update(round_figures(f"{name}_c{concurrency}", results, problems))
         batches: dict[str, list[WrkResult]] = {name: [] for name in urls if not name.startswith("noop")}
-        for round_number in range(ROUNDS):
+        for _ in range(ROUNDS):
             for name in batches:
                 result = wrk(urls[name], scripts["batch"], BATCH_CONCURRENCY, max(seconds, BATCH_MIN_SECONDS))
                 batches[name].append(result)

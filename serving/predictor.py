@@ -133,9 +133,9 @@ class ScoringPasses:
         count = self._count()
         for _ in range(GATHER_TURNS):
             await asyncio.sleep(0)
-            if self._count() == count:
+            count, before = self._count(), count
+            if count == before:
                 break
-            count = self._count()
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
