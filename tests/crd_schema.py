@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-# The CI runs in a clone with shared/ beside it: <repo>/../shared/crds.
-CRDS = Path(__file__).resolve().parents[1] / ".." / "shared" / "crds"
+# Upstream's CRD files, kept in the repository: where each came from is in tests/crds/SOURCE.md.
+CRDS = Path(__file__).resolve().parent / "crds"
 # The root's metadata is an ObjectMeta, which the server validates itself (the CRD says only "object").
 OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences"}
 TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "integer": int, "number": (int, float)}

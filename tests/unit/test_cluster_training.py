@@ -1,5 +1,5 @@
 """Training on Kubernetes without a cluster: the PyTorchJob and TrainJob manifests against the CRD
-schemas in ../shared/crds, and the launcher's watch against a stand-in API server that plays a job
+schemas in tests/crds, and the launcher's watch against a stand-in API server that plays a job
 that succeeds, fails, runs past the timeout or cannot start. The real kubernetes client is used
 throughout; only the server is a stand-in.
 """
