@@ -14,7 +14,9 @@ PYTEST_ARGS ?=
 
 .PHONY: setup run test compile lock clean
 
+# The venv, then the programs the tests run besides Python: where each was found, or how to install it.
 setup: $(STAMP)
+	@$(PY) -m tests.tools
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "==> creating $(VENV) from requirements.lock (about 2 minutes the first time)"

