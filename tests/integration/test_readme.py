@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 
+from tests import tools
 from tests.servers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ def port_is_free(port: int) -> bool:
 
 def test_readme_serve_and_curl_example_verbatim(trained_loop):
     serve, curl, answer = readme_serve_example()
+    tools.require("curl")
     assert serve.startswith(".venv/bin/flywheel serve") and "localhost:8080" in curl and " -d '" in curl
     env = dict(os.environ, **trained_loop["env"])
     if not port_is_free(8080):  # only the port moves, through the settings, never the commands' text

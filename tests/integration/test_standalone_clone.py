@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import tools
+
 REPO = Path(__file__).resolve().parents[2]
 DOTS = re.compile(r"(?<![\w./])((?:\.\./)+[\w.\-/]*)")  # a relative path that climbs: ../x, ../../base
 CLIMB = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?(?P<up>(?:\.parent\b)+|\.parents\[(?P<index>\d+)\])"
@@ -95,7 +97,7 @@ def room(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         pytest.fail(f"{REPO} is not a git checkout: this test clones it (git clone <url> flywheel)", pytrace=False)
     room = tmp_path_factory.mktemp("room")
     clone = room / "flywheel"
-    done = subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([tools.require("git"), "clone", "--quiet", str(REPO), str(clone)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     shutil.copytree(clone / "tests" / "crds", room / "shared" / "crds")
     return room, clone
