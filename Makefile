@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@echo "==> creating $(VENV) from requirements.lock (about 2 minutes the first time)"
+	@[ -n "$(PIP_LINKS)" ] || echo "note: no $(WHEELS) folder: pip must find torch==2.13.0+cpu (the CPU build the lock pins; PyPI has none) through its own configuration, PIP_EXTRA_INDEX_URL, or a folder given as make WHEELS=DIR"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" $(QUIET_PIP)
 	$(PY) -m pip install -q $(PIP_LINKS) --no-deps -r requirements.lock $(QUIET_PIP)
