@@ -80,3 +80,9 @@ def first_line(exc: BaseException) -> str:
     """An exception's first line (or its type's name), for messages that quote what a library said."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class UseCaseError(FlywheelError):
+    """A use case's declaration (its folder, its contract) is missing or invalid."""
+
+    exit_code = 2

@@ -1,0 +1,257 @@
+"""A use case's data contract, declared as data: the first piece of the use-case API (issue 19).
+
+A team describes its raw rows once, in its own folder (``usecases/<name>/contract.yaml``): each
+column's type, nullability, range and category set, which column is the id and which the event time,
+the label(s) and when a row's label becomes known (a fixed delay after the event, or a column that
+holds the time), the entities (join keys), and what happens to a row that has no label. From that
+one declaration come the Arrow schema the lake enforces, the fields a scoring request carries, and
+(in later steps) the default expectations and the request schema.
+
+:func:`infer_contract` writes a first contract from a sample of the team's data, as TFX's SchemaGen
+does: types, nullability, observed ranges and small category sets, for a person to review.
+
+This module names no use case: the platform reads a contract; use cases declare one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flywheel.errors import UseCaseError
+
+ColumnType = Literal["string", "bool", "int8", "int16", "int32", "int64", "float32", "float64", "timestamp"]
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "timestamp": pa.timestamp("us", tz="UTC"),  # the lake stores every time as UTC microseconds
+}
+NUMERIC = {"int8", "int16", "int32", "int64", "float32", "float64"}
+CONTRACT_FILE = "contract.yaml"
+MAX_CATEGORIES = 50  # inference: a string column with at most this many distinct values is a category
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Column(_Strict):
+    """One column of the raw rows."""
+
+    type: ColumnType
+    nullable: bool = False
+    min: float | None = None  # inclusive bounds on a number (the lake refuses a row outside them)
+    max: float | None = None
+    strict_min: bool = False  # the bound ``min`` itself is outside (an amount must be > 0)
+    categories: list[str] | None = None  # the closed vocabulary of a string column
+    categories_mostly: float = Field(1.0, gt=0.0, le=1.0)  # the share of rows that must be in it
+    request: Literal["required", "optional", "absent"] | None = None  # default: see Contract.request_fields
+    doc: str = ""
+
+    @model_validator(mode="after")
+    def _bounds_fit_the_type(self) -> "Column":
+        if (self.min is not None or self.max is not None) and self.type not in NUMERIC:
+            raise ValueError(f"min/max bound numbers, and this column is {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.categories is not None:
+            if self.type != "string":
+                raise ValueError(f"categories are a string column's vocabulary, and this column is {self.type}")
+            if not self.categories or len(set(self.categories)) != len(self.categories):
+                raise ValueError("categories must be a non-empty list without repeats")
+        return self
+
+
+class LabelKnown(_Strict):
+    """When a row's label becomes known: ``delay`` after its event time (chargebacks), or at the time
+    held in ``column`` (a flight's arrival). Exactly one of the two."""
+
+    delay: dt.timedelta | None = Field(None, ge=dt.timedelta(0))
+    column: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LabelKnown":
+        if (self.delay is None) == (self.column is None):
+            raise ValueError("give exactly one of delay (ISO 8601, e.g. P3D) and column")
+        return self
+
+
+class Contract(_Strict):
+    """What a use case's raw rows look like, and what each column means to the loop."""
+
+    columns: dict[str, Column]  # in the order the lake stores them
+    id: str | None = None  # unique per row, when the data has one
+    timestamp: str  # the event time: what "as of t" means for every feature of the row
+    labels: list[str] = Field(min_length=1)
+    label_known: LabelKnown = LabelKnown(delay=dt.timedelta(0))
+    entities: dict[str, str] = {}  # entity name -> its join key column
+    # A row whose label is null: "reject" (bad data), "drop" (not a row of this use case), or "keep"
+    # (a real event that features may count, never a training target: a cancelled flight).
+    unlabelled: Literal["reject", "drop", "keep"] = "reject"
+
+    @model_validator(mode="after")
+    def _names_are_columns(self) -> "Contract":
+        problems = []
+
+        def column(role: str, name: str, types: set[str] | None = None) -> None:
+            if name not in self.columns:
+                problems.append(f"{role} {name!r} is not a column (columns: {', '.join(self.columns)})")
+            elif types is not None and self.columns[name].type not in types:
+                problems.append(f"{role} {name!r} must be of type {' or '.join(sorted(types))}, not {self.columns[name].type}")
+
+        if not self.columns:
+            problems.append("columns: the contract declares no column")
+        if self.id is not None:
+            column("id", self.id, {"string", "int64", "int32"})
+        column("timestamp", self.timestamp, {"timestamp"})
+        for label in self.labels:
+            column("label", label)
+        if self.label_known.column is not None:
+            column("label_known.column", self.label_known.column, {"timestamp"})
+        for entity, key in self.entities.items():
+            column(f"entity {entity}'s join key", key, {"string", "int64", "int32"})
+        roles = [self.timestamp, *self.labels, *self.entities.values()] + ([self.id] if self.id else [])
+        if len(set(self.labels)) != len(self.labels):
+            problems.append("labels: a label is named twice")
+        overlap = set(self.labels) & ({self.timestamp, self.id} | set(self.entities.values()))
+        if overlap:
+            problems.append(f"labels: {', '.join(sorted(overlap))} is also the id, the timestamp or a join key")
+        for name in roles:
+            if name in self.columns and self.columns[name].nullable and name not in self.labels:
+                problems.append(f"{name!r} identifies or times a row, so it cannot be nullable")
+        if self.unlabelled == "reject":
+            problems += [f"label {label!r} is nullable, but unlabelled is reject (say drop or keep)"
+                         for label in self.labels if label in self.columns and self.columns[label].nullable]
+        for name in [*self.labels, *( [self.label_known.column] if self.label_known.column else [])]:
+            if name in self.columns and self.columns[name].request in ("required", "optional"):
+                problems.append(f"{name!r} is not known when a row is scored, so a request cannot carry it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def arrow_schema(self) -> pa.Schema:
+        """The schema of the rows in the lake: the columns in their declared order."""
+        return pa.schema([pa.field(name, ARROW_TYPES[c.type], nullable=c.nullable) for name, c in self.columns.items()])
+
+    def not_known_at_scoring(self) -> set[str]:
+        """The columns a scoring request never carries: the labels and the time they become known."""
+        return set(self.labels) | ({self.label_known.column} if self.label_known.column else set())
+
+    def request_fields(self) -> dict[str, bool]:
+        """Each field a scoring request may carry -> whether it must. By default a column is required
+        when it is not nullable, except the id; labels (and when they are known) are never sent."""
+        hidden = self.not_known_at_scoring()
+        fields = {}
+        for name, column in self.columns.items():
+            mode = column.request or ("absent" if name in hidden else
+                                      "optional" if column.nullable or name == self.id else "required")
+            if mode != "absent":
+                fields[name] = mode == "required"
+        return fields
+
+
+def _describe(err: Any) -> str:
+    where = ".".join(str(part) for part in err["loc"]) or "contract"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where} is not a field of a contract here"
+    return f"{where}: {message}"
+
+
+def parse_contract(data: Any, source: str) -> Contract:
+    """A :class:`Contract` from already-parsed YAML/JSON; :class:`UseCaseError` names every problem."""
+    if not isinstance(data, dict):
+        raise UseCaseError(f"{source} must hold a mapping (columns, timestamp, labels, ...), not {type(data).__name__}")
+    try:
+        return Contract.model_validate(data)
+    except ValidationError as exc:
+        raise UseCaseError(f"invalid contract {source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def load_contract(folder: str | Path) -> Contract:
+    """The contract of the use case in ``folder`` (its ``contract.yaml``)."""
+    path = Path(folder) / CONTRACT_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UseCaseError(f"{path} does not exist: a use case folder holds its {CONTRACT_FILE}") from None
+    except yaml.YAMLError as exc:
+        raise UseCaseError(f"{path} is not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise UseCaseError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    return parse_contract(data, str(path))
+
+
+def dump_contract(contract: Contract) -> str:
+    """The contract as YAML, in declaration order, without the defaults it does not change."""
+    data = contract.model_dump(mode="json", exclude_defaults=True)
+    data.setdefault("labels", contract.labels)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _column_type(name: str, arrow: pa.DataType) -> str:
+    if pa.types.is_dictionary(arrow):
+        arrow = arrow.value_type
+    if pa.types.is_string(arrow) or pa.types.is_large_string(arrow):
+        return "string"
+    if pa.types.is_boolean(arrow):
+        return "bool"
+    if pa.types.is_timestamp(arrow) or pa.types.is_date(arrow):
+        return "timestamp"
+    for kind in NUMERIC:
+        if arrow == ARROW_TYPES[kind]:
+            return kind
+    if pa.types.is_unsigned_integer(arrow):
+        return "int64"
+    if pa.types.is_floating(arrow):
+        return "float64"
+    raise UseCaseError(f"column {name!r} has type {arrow}, which a contract cannot hold "
+                       f"(types: {', '.join(ARROW_TYPES)}): convert it in the sample, or leave the column out")
+
+
+def infer_contract(sample: pa.Table, *, label: str, timestamp: str, id: str | None = None,
+                   entities: dict[str, str] | None = None, max_categories: int = MAX_CATEGORIES) -> Contract:
+    """A first contract from a sample of the data: each column's type, whether it had nulls, the
+    observed range of numbers, and the vocabulary of string columns with few distinct values (never
+    of the id or a join key). A sample shows what was seen, not what may come: review the ranges."""
+    entities = dict(entities or {})
+    named = [label, timestamp, *entities.values()] + ([id] if id else [])
+    missing = [name for name in named if name not in sample.column_names]
+    if missing:
+        raise UseCaseError(f"the sample has no column {', '.join(map(repr, missing))} (columns: {', '.join(sample.column_names)})")
+    if sample.num_rows == 0:
+        raise UseCaseError("the sample has no rows: a contract is inferred from data")
+    keys = set(entities.values()) | ({id} if id else set())
+    columns: dict[str, Column] = {}
+    for name in sample.column_names:
+        values = sample.column(name)
+        kind = _column_type(name, values.type)
+        spec: dict[str, Any] = {"type": kind, "nullable": values.null_count > 0}
+        if kind in NUMERIC and values.null_count < len(values):
+            low, high = pc.min_max(values).values()
+            low, high = low.as_py(), high.as_py()
+            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+                spec.update(min=low, max=high)
+        if kind == "string" and name not in keys:
+            distinct = pc.unique(values.cast(pa.string()) if pa.types.is_dictionary(values.type) else values).drop_null()
+            if 0 < len(distinct) <= max_categories and len(distinct) < max(2, sample.num_rows // 2):
+                spec["categories"] = sorted(distinct.to_pylist())
+        columns[name] = Column(**spec)
+    unlabelled = "keep" if columns[label].nullable else "reject"
+    try:
+        return Contract(columns=columns, id=id, timestamp=timestamp, labels=[label], entities=entities, unlabelled=unlabelled)
+    except ValidationError as exc:
+        raise UseCaseError("the sample does not make a valid contract: " + "; ".join(_describe(err) for err in exc.errors())) from None
