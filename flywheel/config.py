@@ -374,6 +374,7 @@ class CanarySettings(_Section):
     max_error_rate_increase: float = Field(0.005, ge=0, le=1)  # above the stable version's
     max_p99_latency_ms: float = Field(250.0, gt=0)  # the candidate's p99, absolute
     max_p99_latency_ratio: float = Field(2.0, ge=1)  # the candidate's p99 / the stable version's
+    max_p50_latency_ratio: float = Field(3.0, ge=1)  # its median / stable's (a stall moves a p99, not a median)
     score_tolerance: float = Field(0.1, gt=0, le=1)  # scores closer than this agree
     min_score_agreement: float = Field(0.9, ge=0, le=1)  # share of requests on which both agree
     max_mean_score_difference: float = Field(0.05, ge=0, le=1)  # mean |p_stable - p_canary|

@@ -30,6 +30,10 @@ class Thresholds:
     max_error_rate_increase: float = 0.005  # above the stable version's error rate
     max_p99_latency_ms: float = 250.0  # the canary's p99, absolute
     max_p99_latency_ratio: float = 2.0  # the canary's p99 / the stable version's
+    # The canary's median / the stable version's. A window's p99 over some 50 calls is about its
+    # slowest call, so one stalled stable call lifts stable's p99 enough to hide a canary that is
+    # slow on every call; the median is not moved by a stall.
+    max_p50_latency_ratio: float = 3.0
     score_tolerance: float = 0.1  # two scores closer than this agree
     min_score_agreement: float = 0.9  # share of paired scores that agree within the tolerance
     max_mean_score_difference: float = 0.05  # mean |p_stable - p_canary| over the pairs
@@ -52,6 +56,7 @@ class ThresholdsLike(Protocol):
     max_error_rate_increase: float
     max_p99_latency_ms: float
     max_p99_latency_ratio: float
+    max_p50_latency_ratio: float
     score_tolerance: float
     min_score_agreement: float
 
@@ -224,7 +229,7 @@ class Judgement:
 def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsLike) -> Judgement:
     """Judge one window. The canary fails it by being unjudgeable (too few requests, no answered
     pairs), by erring (absolute, or above stable's), by being slow (p99 absolute, or against
-    stable's), or by disagreeing with stable's scores (within the tolerance, on the mean difference,
+    stable's; the median against stable's), or by disagreeing with stable's scores (within the tolerance, on the mean difference,
     or on the fraud decision)."""
     t = thresholds if isinstance(thresholds, Thresholds) else Thresholds.from_object(thresholds)
     c, s, a = observations.canary, observations.stable, observations.agreement
@@ -261,6 +266,11 @@ def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsL
             check(c.p99_ms <= base * t.max_p99_latency_ratio,
                   f"canary p99 {c.p99_ms:.1f} ms <= {t.max_p99_latency_ratio:g}x {which} {base:.1f} ms",
                   f"canary p99 latency {c.p99_ms:.1f} ms > {t.max_p99_latency_ratio:g}x {which} {base:.1f} ms")
+        median = shadow.p50_ms if shadow is not None and shadow.p50_ms is not None else s.p50_ms
+        if median is not None and c.p50_ms is not None:
+            check(c.p50_ms <= median * t.max_p50_latency_ratio,
+                  f"canary p50 {c.p50_ms:.1f} ms <= {t.max_p50_latency_ratio:g}x {which} {median:.1f} ms",
+                  f"canary median latency {c.p50_ms:.1f} ms > {t.max_p50_latency_ratio:g}x {which} {median:.1f} ms")
     if a.pairs == 0:
         if c.requests:
             broken.append("no request was answered by both stable and canary: score agreement cannot be judged")

@@ -146,6 +146,23 @@ def test_canary_latency_is_compared_with_stables_on_the_same_requests():
     assert any("> 2x stable's 10.0 ms" in r for r in judge(no_shadows, Thresholds()).reasons)
 
 
+def test_a_canary_slow_on_every_call_is_rolled_back_even_when_one_stable_stall_lifts_stables_p99():
+    """Bug caught (a flaky rollback a window late in the local canary test): about 50 canary calls at
+    200 ms against stable's 20 ms passed the window, because two stable calls stalled for 150 ms and a
+    p99 over 50 calls is about their slowest (200 <= 2 x 150). The median judges every call."""
+    stable = [Sample("stable", True, 20.0, shadow=True)] * 48 + [Sample("stable", True, 150.0, shadow=True)] * 2
+    canary = [Sample("canary", True, 200.0)] * 50
+    pairs = [ScorePair((0.2,), (0.2,))] * 50
+    window = summarise(stable + canary, pairs, CLIENT)
+    assert window.stable_shadow.p99_ms > 100 and window.canary.p99_ms <= 2 * window.stable_shadow.p99_ms  # p99 alone passes it
+    verdict = judge(window, Thresholds())
+    assert verdict.verdict == "rollback"
+    assert verdict.reasons == ["canary median latency 200.0 ms > 3x stable's on the same requests 20.0 ms"], verdict.reasons
+    # A canary as fast as stable passes the same window, its stall and all; so does one 2.9x slower.
+    for ms in (20.0, 58.0):
+        assert judge(summarise(stable + [Sample("canary", True, ms)] * 50, pairs, CLIENT), Thresholds()).passed, ms
+
+
 def call(arm: str, start_s: float, ms: float, timeout: bool = False, limit_ms: float | None = None) -> Sample:
     error = f"timeout after {limit_ms:.0f} ms" if timeout else ""
     return Sample(arm, not timeout, ms, error, timeout, arm == "stable", start_s, limit_ms)

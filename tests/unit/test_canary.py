@@ -71,6 +71,7 @@ def test_the_first_bad_window_rolls_back_and_stops_the_plan(bad, reason):
 
 def test_thresholds_come_from_settings(tmp_path):
     settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DEPLOY__CANARY__MAX_P99_LATENCY_RATIO": "20",
+                                  "FLYWHEEL_DEPLOY__CANARY__MAX_P50_LATENCY_RATIO": "20",
                                   "FLYWHEEL_DEPLOY__CANARY__MAX_P99_LATENCY_MS": "1000",
                                   "FLYWHEEL_DEPLOY__CANARY__MIN_DECISION_AGREEMENT": "0.5"})
     thresholds = Thresholds.from_object(settings.deploy.canary)
