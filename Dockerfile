@@ -29,6 +29,9 @@ RUN groupadd --system --gid 10001 flywheel \
     && useradd --system --uid 10001 --gid flywheel --create-home --home-dir /home/flywheel flywheel
 COPY --from=build /opt/venv /opt/venv
 COPY feature_repo /opt/flywheel/feature_repo
+# The repository's use cases, until a step can fetch its use case's folder from storage (issue 19):
+# the default one is the settings' default, found from the working directory.
+COPY usecases /home/flywheel/usecases
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FLYWHEEL_HOME=/home/flywheel/.flywheel

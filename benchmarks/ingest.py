@@ -84,7 +84,9 @@ storage = Storage.from_settings(settings)
 staged = lake.LakeSnapshot.from_dict(json.load(open(sys.argv[1])))
 validation._import_gx()  # the import (about 4 s, once per process) is not validation
 started = time.perf_counter()
-report = validation.validate_batch(storage, staged, storage.uri("reports", "validation"), sys.argv[2], settings.ingest)
+from flywheel.usecase import load_usecase
+contract = load_usecase(settings.usecase).contract
+report = validation.validate_batch(storage, staged, storage.uri("reports", "validation"), sys.argv[2], contract, settings.ingest)
 validate_s = time.perf_counter() - started
 assert report.success, report.failed
 started = time.perf_counter()

@@ -11,10 +11,12 @@ import argparse
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 import sys
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from flywheel.errors import ConfigError, FlywheelError, PipelineError
 
@@ -24,6 +26,14 @@ log = logging.getLogger("flywheel")
 def _settings(args: argparse.Namespace) -> Any:
     from flywheel.config import load_settings
 
+    usecase = getattr(args, "usecase", None)
+    if usecase:
+        # Through the environment, so that every process the command starts (pipeline steps, torchrun
+        # workers, server workers) runs the same use case.
+        os.environ["FLYWHEEL_USECASE"] = str(Path(usecase).expanduser().resolve())
+        from flywheel.usecase import load_usecase
+
+        load_usecase(usecase)  # a wrong path is named now, before any work starts
     return load_settings(args.config)
 
 
@@ -636,6 +646,21 @@ def _positive(value: str) -> int:
     return number
 
 
+USECASE_HELP = ("the use case: a folder holding its contract.yaml (default: $FLYWHEEL_USECASE, else the "
+                "settings' usecase, usecases/fraud)")
+
+
+def _add_usecase_option(subparsers: Any) -> None:
+    """``--usecase PATH`` on every command, after its name as well as before it (``flywheel run
+    --usecase usecases/flights``); given in neither place, the settings decide."""
+    for parser in subparsers.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_usecase_option(nested[0])
+        else:
+            parser.add_argument("--usecase", metavar="PATH", default=argparse.SUPPRESS, help=USECASE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flywheel",
@@ -643,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="settings YAML (default: $FLYWHEEL_CONFIG or $FLYWHEEL_HOME/flywheel.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show every step's own output")
+    parser.add_argument("--usecase", metavar="PATH", help=USECASE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="write seeded synthetic card transactions (and their true fraud probabilities)",
@@ -735,7 +761,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features_parser(sub)
     _add_models_parser(sub)
     _add_deploy_parser(sub)
+    _add_usecase_option(sub)
     return parser
+
+
+@contextlib.contextmanager
+def _env_restored(name: str) -> Iterator[None]:
+    """Put an environment variable back as it was once the command is done (``main`` also runs in
+    process, from tests and notebooks: ``--usecase`` must not outlive its command)."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -746,7 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        with _env_restored("FLYWHEEL_USECASE"):
+            return args.func(args)
     except FlywheelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

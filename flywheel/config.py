@@ -218,17 +218,18 @@ class DriftSettings(_Section):
 
     enabled: bool = True
     window: int = Field(5, ge=1)  # how many of the last accepted batches make the baseline
-    # Distributions (quantiles, shares, fraud rate) are compared only for batches at least this big:
-    # smaller samples are noise. Shares and the fraud rate also get 3 standard errors of slack.
+    # What is compared, column by column, the use case's contract says (Contract.drift_checks).
+    # Distributions (quantiles, shares, rates) are compared only for batches at least this big:
+    # smaller samples are noise. Shares and rates also get 3 standard errors of slack.
     min_rows: int = Field(500, ge=1)
-    amount_quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
-    # Each amount quantile may differ from the baseline's by this share of it (0.5: 50%).
-    amount_quantile_tolerance: float = Field(0.5, gt=0)
-    # Per-category and per-channel shares: largest allowed absolute change of one value's share,
-    # and the KL divergence of the whole distribution from the baseline's.
+    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    # Each quantile of a number may differ from the baseline's by this share of it (0.5: 50%).
+    quantile_tolerance: float = Field(0.5, gt=0)
+    # A vocabulary's shares: largest allowed absolute change of one value's share, and the KL
+    # divergence of the whole distribution from the baseline's.
     max_share_change: float = Field(0.1, gt=0, le=1)
     max_kl_divergence: float = Field(0.1, gt=0)
-    max_fraud_rate_change: float = Field(0.05, gt=0, le=1)  # absolute
+    max_rate_change: float = Field(0.05, gt=0, le=1)  # a 0/1 column's rate of 1s, absolute
     # Row count against the recent mean: at least min_rows_ratio and at most max_rows_ratio times it.
     min_rows_ratio: float = Field(0.001, ge=0)
     max_rows_ratio: float = Field(1000.0, gt=0)
@@ -246,7 +247,6 @@ class IngestSettings(_Section):
     # Timestamps: at most this far ahead of the ingest time (clock skew) or behind it.
     max_future_minutes: float = Field(60.0, ge=0)
     max_age_days: float = Field(3650.0, gt=0)
-    max_amount: float = Field(1_000_000.0, gt=0)
     drift: DriftSettings = Field(default_factory=DriftSettings)
 
 
@@ -423,10 +423,26 @@ class DeploySettings(_Section):
         return self
 
 
+DEFAULT_USECASE = Path("usecases") / "fraud"
+
+
+def default_usecase() -> Path:
+    """``usecases/fraud`` below the working directory (the project image's, or a checkout's) when it
+    is there, else the one in the checkout this flywheel is imported from (commands run from another
+    folder, as the README's examples are), else the first (a clear error names it when it is used)."""
+    here = Path.cwd() / DEFAULT_USECASE
+    checkout = Path(__file__).resolve().parents[1] / DEFAULT_USECASE
+    return checkout if not here.is_dir() and checkout.is_dir() else here
+
+
 class Settings(_Section):
     """Everything flywheel needs to know, in one place."""
 
     home: Path = Path(".flywheel")
+    # The use case the loop runs: a folder holding its contract.yaml (flywheel.usecase), relative to
+    # the working directory unless absolute. Also FLYWHEEL_USECASE or --usecase. Default: see
+    # default_usecase (the repository's first use case, so `make run` in a checkout runs it).
+    usecase: Path = Field(default_factory=lambda: default_usecase())
     model_name: str = "fraud"
     image: str = "ghcr.io/flywheel-ml/flywheel:0.1.0"
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -443,6 +459,7 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":
         self.home = self.home.expanduser().resolve()
+        self.usecase = self.usecase.expanduser().resolve()
         if not self.storage.root:
             self.storage.root = str(self.home / "store")
         if not self.features.dir:

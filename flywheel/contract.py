@@ -59,6 +59,11 @@ class Column(_Strict):
     categories: list[str] | None = None  # the closed vocabulary of a string column
     categories_mostly: float = Field(1.0, gt=0.0, le=1.0)  # the share of rows that must be in it
     request: Literal["required", "optional", "absent"] | None = None  # default: see Contract.request_fields
+    # Validation: the column's mean must lie in [low, high] (a label's base rate: a labelling or
+    # sampling bug moves it), and how the drift gate compares a batch with the last accepted ones
+    # (default: see Contract.drift_checks).
+    mean: tuple[float, float] | None = None
+    drift: Literal["quantiles", "shares", "rate", "none"] | None = None
     doc: str = ""
 
     @model_validator(mode="after")
@@ -67,12 +72,27 @@ class Column(_Strict):
             raise ValueError(f"min/max bound numbers, and this column is {self.type}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.mean is not None:
+            if self.type not in NUMERIC and self.type != "bool":
+                raise ValueError(f"mean bounds a number's average, and this column is {self.type}")
+            if self.mean[0] > self.mean[1]:
+                raise ValueError(f"mean: {self.mean[0]} is above {self.mean[1]}")
+        if self.drift == "quantiles" and self.type not in NUMERIC:
+            raise ValueError(f"drift: quantiles compares numbers, and this column is {self.type}")
+        if self.drift == "shares" and self.type != "string":
+            raise ValueError(f"drift: shares compares a string column's values, and this column is {self.type}")
+        if self.drift == "rate" and not self.is_binary():
+            raise ValueError("drift: rate compares the share of 1s of a 0/1 column: say type bool, or an integer with min 0 and max 1")
         if self.categories is not None:
             if self.type != "string":
                 raise ValueError(f"categories are a string column's vocabulary, and this column is {self.type}")
             if not self.categories or len(set(self.categories)) != len(self.categories):
                 raise ValueError("categories must be a non-empty list without repeats")
         return self
+
+    def is_binary(self) -> bool:
+        """Whether the column holds 0/1 values (a bool, or an integer bounded to [0, 1])."""
+        return self.type == "bool" or (self.type.startswith("int") and self.min == 0 and self.max == 1)
 
 
 class LabelKnown(_Strict):
@@ -145,6 +165,38 @@ class Contract(_Strict):
     def arrow_schema(self) -> pa.Schema:
         """The schema of the rows in the lake: the columns in their declared order."""
         return pa.schema([pa.field(name, ARROW_TYPES[c.type], nullable=c.nullable) for name, c in self.columns.items()])
+
+    def timestamp_columns(self) -> list[str]:
+        """The columns that hold times (read from Arrow timestamps or ISO 8601 text, stored as UTC)."""
+        return [name for name, c in self.columns.items() if c.type == "timestamp"]
+
+    def dictionary_columns(self) -> list[str]:
+        """The columns whose values repeat (every string column but the id, and integer labels): the
+        lake writes them with dictionary pages. A unique id, an amount or a time fills a dictionary
+        only for the writer to give it up, which costs about a quarter of a write's CPU."""
+        return [name for name, c in self.columns.items()
+                if (c.type == "string" and name != self.id) or (name in self.labels and c.type.startswith("int"))]
+
+    def drift_checks(self) -> dict[str, str]:
+        """Each column the drift gate compares -> how: ``quantiles`` (numbers: each quantile within a
+        tolerance of the baseline's), ``shares`` (a vocabulary's value shares and their KL divergence)
+        or ``rate`` (a 0/1 column's share of 1s). A column's ``drift`` says; by default a vocabulary
+        is compared by shares, a 0/1 column by rate and a non-negative number (an amount, a count, a
+        duration: ``min`` >= 0) by quantiles, whose tolerance is relative; ids, join keys and times are not."""
+        keys = set(self.entities.values()) | ({self.id} if self.id else set())
+        checks = {}
+        for name, c in self.columns.items():
+            how = c.drift
+            if how is None and name not in keys:
+                if c.categories is not None:
+                    how = "shares"
+                elif c.is_binary():
+                    how = "rate"
+                elif c.type in NUMERIC and c.min is not None and c.min >= 0:
+                    how = "quantiles"
+            if how and how != "none":
+                checks[name] = how
+        return checks
 
     def not_known_at_scoring(self) -> set[str]:
         """The columns a scoring request never carries: the labels and the time they become known."""

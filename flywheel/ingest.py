@@ -1,7 +1,7 @@
-"""Ingest: raw transaction files (csv, parquet, jsonl; local or s3://) staged as a batch of the lake.
+"""Ingest: raw files (csv, parquet, jsonl; local or s3://) staged as a batch of the use case's lake.
 
 Every raw file is streamed a chunk at a time (bounded memory, whatever the file's size), held to
-the schema (:mod:`flywheel.rawfiles`) and written to local date partitions (by a thread pool, while
+the use case's contract (:mod:`flywheel.contract`, :mod:`flywheel.rawfiles`) and written to local date partitions (by a thread pool, while
 the main thread reads the next chunk or file: a few chunks in memory at most); nothing is written to
 the lake's storage until every file passed, so bad input leaves no trace. A file whose sha256 is
 already in the lake is skipped unread. With policy ``quarantine``, rows that break the schema or the
@@ -11,7 +11,7 @@ snapshot: nothing a reader sees changes until the validate step publishes the ba
 that validation rejects is discarded. Re-ingesting files whose parts are already published stages
 no new part and yields the same snapshot sha256.
 
-``transaction_id`` is unique in the lake. A row whose id is already in the published lake, in an
+The contract's ``id`` (when it names one) is unique in the lake. A row whose id is already in the published lake, in an
 earlier file of the same batch, or earlier in the same file is a re-delivery when its content is
 identical (it is dropped, so overlapping exports and re-sent files are idempotent) and a conflict
 when it is not (the whole batch is refused with a DataError naming the file, the ids and where the
@@ -39,10 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flywheel import lake
+from flywheel.contract import Contract
 from flywheel.errors import DataError
 from flywheel.lake import LakeSnapshot, NewPart
 from flywheel.rawfiles import ROW_COUNT, SUFFIXES, check_columns, conform, conform_rows, iter_tables
-from flywheel.schema import TIMESTAMP, TRANSACTION_SCHEMA
 from flywheel.storage import ObjectRef, Storage
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class IngestOptions:
 
 
 def ingest(
-    storage: Storage, source_uri: str, lake_uri: str, run_id: str, options: IngestOptions | None = None
+    storage: Storage, source_uri: str, lake_uri: str, run_id: str, options: IngestOptions | None = None, *,
+    contract: Contract,
 ) -> LakeSnapshot:
     """Read every raw file under ``source_uri``, enforce the schema, drop re-delivered rows and stage
     the new date partitions as a batch of ``lake_uri``; returns the staged snapshot (the published
@@ -100,13 +101,13 @@ def ingest(
     ``source_uri`` is a file, a folder or a glob (``*``, ``?``, ``[...]`` in the last segments).
     Files are streamed a chunk at a time into local date partitions, so memory stays bounded by the
     chunk size, not the file. A file whose content (sha256) is already in the lake is skipped
-    unread. ``transaction_id`` is checked against the lake through its id index. With policy
+    unread. The contract's id is checked against the lake through its id index. With policy
     ``quarantine``, rows that break the schema or ``options.row_check`` are set aside with their
     reason instead of rejecting the batch, as long as their share is at most the threshold.
 
     Files and folders whose names start with '_' or '.' are skipped. Raises :class:`DataError` when
-    there is nothing to ingest or any file is unreadable, breaks the schema or reuses a transaction
-    id with other content; then nothing is written.
+    there is nothing to ingest or any file is unreadable, breaks the contract or reuses a row id with
+    other content; then nothing is written.
     """
     options = options or IngestOptions()
     started = time.perf_counter()
@@ -119,8 +120,8 @@ def ingest(
         ThreadPoolExecutor(_THREADS, thread_name_prefix="ingest-write") as pool,
         ThreadPoolExecutor(1, thread_name_prefix="ingest-hash") as hasher,
     ):
-        quarantine = _Quarantine(Path(scratch) / "quarantine")
-        raw_files = _read_files(storage, uris, published, Path(scratch), options, quarantine, pool, hasher)
+        quarantine = _Quarantine(Path(scratch) / "quarantine", contract)
+        raw_files = _read_files(storage, uris, published, Path(scratch), options, contract, quarantine, pool, hasher)
         read = [f for f in raw_files if not f.skipped]
         new_rows = sum(f.rows for f in read)
         bad_rows = sum(f.quarantined for f in read)
@@ -134,13 +135,13 @@ def ingest(
             )
         if bad_rows:
             quarantine.decide(source_uri, new_rows + bad_rows, options.max_quarantine_fraction)
-        # transaction_id stays unique: drop re-delivered rows, refuse conflicting ones (nothing written yet).
-        _hold_ids_unique(storage, published, read, Path(scratch))
+        # The id stays unique: drop re-delivered rows, refuse conflicting ones (nothing written yet).
+        _hold_ids_unique(storage, published, read, Path(scratch), contract)
 
         stage_started = time.perf_counter()
         new_parts = [part for raw in read for part in _new_parts(raw, source_uri)]
         staged = lake.stage(
-            storage, lake_uri, run_id, parent, new_parts, [f.summary() for f in raw_files], quarantine.files(),
+            storage, lake_uri, run_id, parent, new_parts, contract, [f.summary() for f in raw_files], quarantine.files(),
         )
     log.info(
         "ingest: staged %d new parts in %.2fs; snapshot %s (%d parts, %d rows) at %s, %.2fs total",
@@ -152,7 +153,7 @@ def ingest(
 
 def _read_files(
     storage: Storage, uris: list[str], published: list[dict[str, Any]], scratch: Path, options: IngestOptions,
-    quarantine: _Quarantine, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor,
+    contract: Contract, quarantine: _Quarantine, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor,
 ) -> list[_RawFile]:
     """Hash each raw file, skip those already in the lake (or repeated in the batch), stream the
     others into local date partitions. Pipelined: the next file is hashed, and the previous file's
@@ -177,7 +178,7 @@ def _read_files(
                 raw_files.append(_RawFile(uri, sha, size, 0, None, skipped=f"same content as {seen[sha]}"))
             else:
                 seen[sha] = uri
-                raw, parts = _stream_file(storage, uri, sha, size, scratch / str(index), options, quarantine, pool)
+                raw, parts = _stream_file(storage, uri, sha, size, scratch / str(index), options, contract, quarantine, pool)
                 raw_files.append(raw)
                 writing.append(parts)
                 while len(writing) > 1:  # the previous file's parts were written while this one was read
@@ -228,11 +229,11 @@ def _hash(storage: Storage, uri: str) -> tuple[str, int]:
 class _Quarantine:
     """Rows a batch sets aside: their raw values (as text), the source file and row, and the reason."""
 
-    SCHEMA = pa.schema([("source_uri", pa.string()), ("source_row", pa.int64()), ("reason", pa.string()),
-                        *[(name, pa.string()) for name in TRANSACTION_SCHEMA.names]])
-
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, contract: Contract) -> None:
         self.folder = folder
+        self.names = list(contract.columns)
+        self.schema = pa.schema([("source_uri", pa.string()), ("source_row", pa.int64()), ("reason", pa.string()),
+                                 *[(name, pa.string()) for name in self.names]])
         self.written: dict[str, tuple[pq.ParquetWriter, Path]] = {}
         self.counts: dict[str, int] = {}
         self.reasons: dict[str, list[Any]] = {}  # "expectation(column)" -> [count, examples]
@@ -243,14 +244,14 @@ class _Quarantine:
             return
         columns = {"source_uri": pa.array([uri] * len(rows)), "source_row": pa.array(rows + offset, pa.int64()),
                    "reason": pa.array(reasons, pa.string())}
-        for field_name in TRANSACTION_SCHEMA.names:
+        for field_name in self.names:
             values = chunk.column(field_name).take(pa.array(rows))
             columns[field_name] = values.cast(pa.string()) if not pa.types.is_string(values.type) else values
-        table = pa.table(columns, schema=self.SCHEMA)
+        table = pa.table(columns, schema=self.schema)
         if name not in self.written:
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / name
-            self.written[name] = (pq.ParquetWriter(path, self.SCHEMA, compression="zstd"), path)
+            self.written[name] = (pq.ParquetWriter(path, self.schema, compression="zstd"), path)
         self.written[name][0].write_table(table)
         self.counts[name] = self.counts.get(name, 0) + len(rows)
         for reason in reasons:
@@ -279,10 +280,10 @@ class _Quarantine:
 
 
 def _stream_file(
-    storage: Storage, uri: str, sha: str, size: int, folder: Path, options: IngestOptions, quarantine: _Quarantine,
-    pool: ThreadPoolExecutor,
+    storage: Storage, uri: str, sha: str, size: int, folder: Path, options: IngestOptions, contract: Contract,
+    quarantine: _Quarantine, pool: ThreadPoolExecutor,
 ) -> tuple[_RawFile, _DateParts]:
-    """Read one raw file a chunk at a time into local date partitions (sorted by ts within a chunk).
+    """Read one raw file a chunk at a time into local date partitions (sorted by event time within a chunk).
 
     The main thread reads, checks and orders a chunk; ``pool`` writes and hashes each of its date
     parts (pyarrow and numpy let go of the GIL there) while the main thread reads on: the returned
@@ -294,13 +295,14 @@ def _stream_file(
     offset = 0
     quarantine_name = f"{lake.part_name(sha)[:-8]}-{uri.rsplit('/', 1)[-1].rsplit('.', 1)[0][:40]}.parquet"
     limit = max(1, int(options.max_quarantine_fraction * options.chunk_rows) + 1)
-    parts = _DateParts(raw, folder, pool)
+    parts = _DateParts(raw, folder, pool, contract)
+    schema = contract.arrow_schema()
     try:
         with storage.open_input(uri) as stream:
-            for chunk in iter_tables(uri, stream, options.chunk_rows):
-                check_columns(uri, chunk.column_names)
+            for chunk in iter_tables(uri, stream, options.chunk_rows, schema):
+                check_columns(uri, chunk.column_names, schema)
                 if options.policy == "quarantine":
-                    good, bad_mask, reasons = conform_rows(chunk, limit)
+                    good, bad_mask, reasons = conform_rows(chunk, limit, schema)
                     bad_rows = np.flatnonzero(bad_mask.to_numpy(zero_copy_only=False))
                     if options.row_check is not None and good.num_rows:
                         failing, more = options.row_check(good)
@@ -316,9 +318,9 @@ def _stream_file(
                     if raw.quarantined > limit * 4 and raw.quarantined > options.max_quarantine_fraction * (offset + chunk.num_rows):
                         quarantine.decide(uri, offset + chunk.num_rows, options.max_quarantine_fraction)
                 else:
-                    good = conform(uri, chunk)
+                    good = conform(uri, chunk, schema)
                 offset += chunk.num_rows
-                parts.add(_partition_by_date(good, pool))
+                parts.add(_partition_by_date(good, contract.timestamp, pool))
     except BaseException:
         parts.abort()
         raise
@@ -328,8 +330,9 @@ def _stream_file(
 class _DateParts:
     """A raw file's local date partitions, appended to a chunk at a time by a thread pool."""
 
-    def __init__(self, raw: _RawFile, folder: Path, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, raw: _RawFile, folder: Path, pool: ThreadPoolExecutor, contract: Contract) -> None:
         self.raw, self.folder, self.pool = raw, folder, pool
+        self.schema, self.options, self.id = contract.arrow_schema(), lake.part_write_options(contract), contract.id
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.hashes: dict[str, list[Future[np.ndarray]]] = {}
         self.pending: list[Future[np.ndarray]] = []
@@ -341,9 +344,9 @@ class _DateParts:
         for date, part in parts:
             if date not in self.writers:
                 path = self.folder / f"date={date}.parquet"
-                self.writers[date] = pq.ParquetWriter(path, TRANSACTION_SCHEMA, **lake.PART_WRITE_OPTIONS)
+                self.writers[date] = pq.ParquetWriter(path, self.schema, **self.options)
                 self.hashes[date] = []
-            self.pending.append(self.pool.submit(_write_part, self.writers[date], part))
+            self.pending.append(self.pool.submit(_write_part, self.writers[date], part, self.id))
             self.hashes[date].append(self.pending[-1])
             self.raw.rows += part.num_rows
 
@@ -367,10 +370,13 @@ class _DateParts:
         self.writers = {}
 
 
-def _write_part(writer: pq.ParquetWriter, part: pa.Table) -> np.ndarray:
-    """Append rows to a date part; returns their id hashes, sorted (as the index keeps them)."""
+def _write_part(writer: pq.ParquetWriter, part: pa.Table, id_column: str | None) -> np.ndarray:
+    """Append rows to a date part; returns their id hashes, sorted (as the index keeps them), or as
+    many zeros when the contract names no id (nothing is looked up then)."""
     writer.write_table(part)
-    return np.sort(lake.id_hashes(part.column(_ID)))
+    if id_column is None:
+        return np.zeros(part.num_rows, dtype=np.uint64)
+    return np.sort(lake.id_hashes(part.column(id_column)))
 
 
 def _finish(tasks: list[Future[Any]]) -> None:
@@ -405,12 +411,15 @@ def _new_parts(raw: _RawFile, source_uri: str) -> list[NewPart]:
     ]
 
 
-def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: list[_RawFile], scratch: Path) -> None:
+def _hold_ids_unique(
+    storage: Storage, published: list[dict[str, Any]], files: list[_RawFile], scratch: Path, contract: Contract
+) -> None:
     """Look the batch's id hashes up in each other and in the lake's id index; the files with a hit
     (and the parts that hold it) are read back and compared row by row (:func:`_drop_redeliveries`),
-    their local partitions rewritten without the re-delivered rows. No hit, no rows read."""
+    their local partitions rewritten without the re-delivered rows. No hit, no rows read. A contract
+    without an id has nothing to hold unique (a re-sent file is still known by its sha256)."""
     files = [f for f in files if f.rows]
-    if not files:
+    if not files or contract.id is None:
         return
     started = time.perf_counter()
     batch = np.concatenate([f.hashes for f in files])
@@ -423,7 +432,7 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
     hit_parts = []
     if published:
         cache: dict[str, np.ndarray] = {}
-        indexes = [lake.read_id_index(storage, part, cache) for part in published]
+        indexes = [lake.read_id_index(storage, part, contract, cache) for part in published]
         lake_hashes = np.concatenate(indexes)
         known = np.sort(lake_hashes, kind="stable")  # the index's slices are sorted runs too
         # The shorter of the two sorted lists looked up in the longer (sorted needles: one pass).
@@ -442,36 +451,36 @@ def _hold_ids_unique(storage: Storage, published: list[dict[str, Any]], files: l
     for raw in chosen:
         raw.table = pa.concat_tables([pq.read_table(path) for path, _ in raw.parts.values()])
         raw.rows = raw.table.num_rows
-    _drop_redeliveries(storage, hit_parts, chosen)
+    _drop_redeliveries(storage, hit_parts, chosen, contract)
     for raw in chosen:
         if raw.duplicates:
             folder = scratch / f"{raw.sha256[:16]}-deduplicated"
             folder.mkdir(exist_ok=True)
             raw.parts, raw.part_hashes = {}, {}
-            for date, part in _partition_by_date(raw.table):
+            for date, part in _partition_by_date(raw.table, contract.timestamp):
                 path = folder / f"date={date}.parquet"
-                pq.write_table(part, path, **lake.PART_WRITE_OPTIONS)
+                pq.write_table(part, path, **lake.part_write_options(contract))
                 raw.parts[date] = (str(path), part.num_rows)
         raw.table = None
 
 
-# --- keeping transaction_id unique ----------------------------------------------------------------
+# --- keeping the id unique -----------------------------------------------------------------------
 
-_ID = "transaction_id"
-_VALUES = [name for name in TRANSACTION_SCHEMA.names if name != _ID]
 _OLD = "_old"  # suffix of the other row's columns in a comparison
 _FILE, _ROW, _PART = "__file", "__row", "__part"  # helper columns: file index, batch row index, lake part index
 _KEEP, _IN_FILE, _IN_BATCH, _IN_LAKE = 0, 1, 2, 3  # what happens to a batch row
 _FIX = "fix the source, or ingest into a fresh lake / FLYWHEEL_HOME"
 
 
-def _drop_redeliveries(storage: Storage, published: list[dict[str, Any]], files: list[_RawFile]) -> None:
-    """Hold ``transaction_id`` unique across the published lake and the new ``files`` (modified in place).
+def _drop_redeliveries(
+    storage: Storage, published: list[dict[str, Any]], files: list[_RawFile], contract: Contract
+) -> None:
+    """Hold the contract's id unique across the published lake and the new ``files`` (modified in place).
 
     A row whose id appeared before (earlier in its file, in an earlier file of the batch, or in a
     published part) is dropped when all its columns equal that row's, and refused with a DataError
     when they do not. Vectorized: one group-by over the batch, and hash joins on the ids that
-    collide; of the lake, only the transaction_id column is read, plus the parts that hold a collision.
+    collide; of the lake, only the id column is read, plus the parts that hold a collision.
     """
     files = [f for f in files if f.table is not None and f.table.num_rows]
     if not files:
@@ -485,58 +494,60 @@ def _drop_redeliveries(storage: Storage, published: list[dict[str, Any]], files:
     batch = batch.append_column(_ROW, pa.array(np.arange(offsets[-1], dtype=np.int64)))
     fate = np.full(offsets[-1], _KEEP, dtype=np.int8)
 
-    _mark_repeats_in_batch(batch, fate, files)
-    _mark_repeats_of_the_lake(storage, published, batch.filter(pa.array(fate == _KEEP)), fate, files)
+    _mark_repeats_in_batch(batch, fate, files, contract)
+    _mark_repeats_of_the_lake(storage, published, batch.filter(pa.array(fate == _KEEP)), fate, files, contract)
     for index, raw in enumerate(files):
         _keep_new_rows(raw, tables[index], fate[offsets[index]:offsets[index + 1]])
-    log.info("ingest: checked transaction_id uniqueness against %d published parts in %.2fs",
-             len(published), time.perf_counter() - started)
+    log.info("ingest: checked %s uniqueness against %d published parts in %.2fs",
+             contract.id, len(published), time.perf_counter() - started)
 
 
-def _mark_repeats_in_batch(batch: pa.Table, fate: np.ndarray, files: list[_RawFile]) -> None:
+def _mark_repeats_in_batch(batch: pa.Table, fate: np.ndarray, files: list[_RawFile], contract: Contract) -> None:
     """The first row of each id stays; a later one must repeat it exactly (then it is dropped)."""
-    first_rows = batch.group_by(_ID).aggregate([(_ROW, "min")]).column(f"{_ROW}_min")
+    first_rows = batch.group_by(contract.id).aggregate([(_ROW, "min")]).column(f"{_ROW}_min")
     if len(first_rows) == batch.num_rows:
         return
     is_first = pc.is_in(batch.column(_ROW), value_set=first_rows)
-    same, conflicts = _compare(batch.filter(pc.invert(is_first)), batch.filter(is_first))
+    same, conflicts = _compare(batch.filter(pc.invert(is_first)), batch.filter(is_first), contract)
     if conflicts.num_rows:
         first_bad = pc.min(conflicts.column(_FILE)).as_py()
         bad = conflicts.filter(pc.equal(conflicts.column(_FILE), first_bad))
         raise _conflict(files[first_bad].uri, bad, lambda row: (
             "more than once within the file" if row[_FILE + _OLD] == row[_FILE]
             else f"also in {files[row[_FILE + _OLD]].uri}"
-        ))
+        ), contract)
     rows = same.column(_ROW).to_numpy()
     within = same.column(_FILE).to_numpy() == same.column(_FILE + _OLD).to_numpy()
     fate[rows] = np.where(within, _IN_FILE, _IN_BATCH)
 
 
 def _mark_repeats_of_the_lake(
-    storage: Storage, parts: list[dict[str, Any]], survivors: pa.Table, fate: np.ndarray, files: list[_RawFile]
+    storage: Storage, parts: list[dict[str, Any]], survivors: pa.Table, fate: np.ndarray, files: list[_RawFile],
+    contract: Contract,
 ) -> None:
     """Rows whose id a published part holds: dropped when identical, refused otherwise."""
     if not parts or not survivors.num_rows:
         return
-    part_ids = [lake.read_part(storage, part, [_ID]).column(_ID) for part in parts]
-    lake_ids = pa.chunked_array([c for ids in part_ids for c in ids.chunks], type=pa.string())
-    hit = pc.is_in(survivors.column(_ID), value_set=lake_ids)
+    id_column, schema = contract.id, contract.arrow_schema()
+    part_ids = [lake.read_part(storage, part, schema, [id_column]).column(id_column) for part in parts]
+    lake_ids = pa.chunked_array([c for ids in part_ids for c in ids.chunks], type=schema.field(id_column).type)
+    hit = pc.is_in(survivors.column(id_column), value_set=lake_ids)
     if not pc.any(hit).as_py():
         return
     new = survivors.filter(hit)
-    hit_ids = pc.unique(new.column(_ID))
+    hit_ids = pc.unique(new.column(id_column))
     part_of_id = np.repeat(np.arange(len(parts)), [len(ids) for ids in part_ids])
     holding = np.unique(part_of_id[pc.is_in(lake_ids, value_set=hit_ids).to_numpy(zero_copy_only=False)])
     old = []
     for index in holding:
-        rows = lake.read_part(storage, parts[index]).filter(pc.is_in(pc.field(_ID), value_set=hit_ids))
+        rows = lake.read_part(storage, parts[index], schema).filter(pc.is_in(pc.field(id_column), value_set=hit_ids))
         old.append(rows.append_column(_PART, pa.array(np.full(rows.num_rows, index, dtype=np.int32))))
-    same, conflicts = _compare(new, pa.concat_tables(old))
+    same, conflicts = _compare(new, pa.concat_tables(old), contract)
     if conflicts.num_rows:
         first_bad = pc.min(conflicts.column(_FILE)).as_py()
         bad = conflicts.filter(pc.equal(conflicts.column(_FILE), first_bad))
         raise _conflict(
-            files[first_bad].uri, bad, lambda row: f"already in the lake (in {parts[row[_PART + _OLD]]['uri']})"
+            files[first_bad].uri, bad, lambda row: f"already in the lake (in {parts[row[_PART + _OLD]]['uri']})", contract
         )
     fate[same.column(_ROW).to_numpy()] = _IN_LAKE
 
@@ -555,50 +566,63 @@ def _keep_new_rows(raw: _RawFile, table: pa.Table, fates: np.ndarray) -> None:
     )
 
 
-def _compare(new: pa.Table, old: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Join ``new`` rows to the ``old`` rows with their transaction_id (old columns get ``_old``).
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Row by row, whether two columns hold the same value: two nulls (or two NaNs) are the same."""
+    both_missing = pc.and_(pc.is_null(a, nan_is_null=True), pc.is_null(b, nan_is_null=True))
+    return pc.or_(pc.fill_null(pc.equal(a, b), False), both_missing)
 
-    Returns the joined rows where every schema column is equal (one per identical new row), and,
+
+def _compare(new: pa.Table, old: pa.Table, contract: Contract) -> tuple[pa.Table, pa.Table]:
+    """Join ``new`` rows to the ``old`` rows with their id (old columns get ``_old``).
+
+    Returns the joined rows where every contract column is equal (one per identical new row), and,
     for the new rows equal to none of their old rows, the joined rows (conflicts, sorted by id).
     """
-    old = old.rename_columns([name if name == _ID else name + _OLD for name in old.column_names])
-    joined = new.join(old, keys=_ID, join_type="inner", use_threads=True)
-    equal = functools.reduce(pc.and_, [pc.equal(joined.column(n), joined.column(n + _OLD)) for n in _VALUES])
+    id_column = contract.id
+    values = [name for name in contract.columns if name != id_column]
+    old = old.rename_columns([name if name == id_column else name + _OLD for name in old.column_names])
+    joined = new.join(old, keys=id_column, join_type="inner", use_threads=True)
+    equal = functools.reduce(pc.and_, [_same(joined.column(n), joined.column(n + _OLD)) for n in values])
     same = joined.filter(equal)
     # Old rows may repeat an id (a lake from before this check): one equal match is enough.
     _, first = np.unique(same.column(_ROW).to_numpy(), return_index=True)
     same = same.take(pa.array(first))
     conflicts = joined.filter(pc.invert(pc.is_in(joined.column(_ROW), value_set=same.column(_ROW))))
-    return same, conflicts.sort_by([(_ID, "ascending"), (_ROW, "ascending")])
+    return same, conflicts.sort_by([(id_column, "ascending"), (_ROW, "ascending")])
 
 
-def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], str]) -> DataError:
-    """The DataError for a file's rows whose transaction_id is taken by a row with other content."""
-    ids = pc.unique(conflicts.column(_ID)).to_pylist()
+def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], str], contract: Contract) -> DataError:
+    """The DataError for a file's rows whose id is taken by a row with other content."""
+    id_column = contract.id
+    ids = pc.unique(conflicts.column(id_column)).to_pylist()
     first = conflicts.slice(0, 1).to_pylist()[0]
-    differs = ", ".join(f"{n} {first[n + _OLD]!r} vs {first[n]!r}" for n in _VALUES if first[n] != first[n + _OLD])
+    differs = ", ".join(f"{n} {first[n + _OLD]!r} vs {first[n]!r}" for n in contract.columns
+                        if n != id_column and first[n] != first[n + _OLD])
     examples = ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "")
     return DataError(
-        f"{uri}: {len(ids)} transaction id(s) with different content {where(first)} "
-        f"(expect_column_values_to_be_unique(transaction_id)): {examples} "
-        f"(e.g. {ids[0]!r} differs in {differs}). A transaction_id must be unique in the lake: an identical "
+        f"{uri}: {len(ids)} {id_column} value(s) with different content {where(first)} "
+        f"(expect_column_values_to_be_unique({id_column})): {examples} "
+        f"(e.g. {ids[0]!r} differs in {differs}). A {id_column} must be unique in the lake: an identical "
         f"re-delivery is skipped, a changed row is refused and nothing was written; {_FIX}"
     )
 
 
-def _partition_by_date(table: pa.Table | None, pool: ThreadPoolExecutor | None = None) -> list[tuple[str, pa.Table]]:
-    """Split rows by their UTC date; each part sorted by ts (ties in file order, for stable bytes).
+def _partition_by_date(
+    table: pa.Table | None, timestamp: str, pool: ThreadPoolExecutor | None = None
+) -> list[tuple[str, pa.Table]]:
+    """Split rows by the UTC date of their event time (the contract's ``timestamp``); each part sorted
+    by it (ties in file order, for stable bytes).
     With ``pool``, the columns are put in order in parallel."""
     if table is None or table.num_rows == 0:
         return []
     # One numeric sort key: Arrow's sort is stable, so rows with equal ts keep their file order and
     # the same file always gives the same bytes (a string tie-break doubled the cost of ingest).
-    order = pc.sort_indices(table.column(TIMESTAMP))
+    order = pc.sort_indices(table.column(timestamp))
     if pool is None:
         table = table.take(order)
     else:  # one take of the whole chunk per column (taking each date's rows apart costs 1.5x)
         table = pa.Table.from_arrays(list(pool.map(lambda column: column.take(order), table.columns)), schema=table.schema)
-    days = pc.cast(table.column(TIMESTAMP), pa.date32())
+    days = pc.cast(table.column(timestamp), pa.date32())
     # Sorted by ts, so each date is one contiguous run of rows.
     day_numbers = days.cast(pa.int32()).to_numpy()
     starts = np.concatenate([[0], np.flatnonzero(np.diff(day_numbers)) + 1])

@@ -1,4 +1,4 @@
-"""The lake contract: how transactions are laid out, identified, staged, published and read.
+"""The lake: how a use case's rows are laid out, identified, staged, published and read.
 
 The lake looks like::
 
@@ -7,10 +7,11 @@ The lake looks like::
     <lake>/_snapshots/latest.json                the newest published manifest: what readers read
     <lake>/_staging/<run id>/...                 a batch that is not published yet (invisible); an area
                                                  staged on an older lake state is removed at the next publish
-    <lake>/_index/transaction_id/<part sha>.u64  each part's transaction ids as sorted 64-bit hashes
+    <lake>/_index/id/<batch index sha>.u64       each part's row ids as sorted 64-bit hashes
     <lake>/quarantine/<batch>/<file>.parquet     rows a batch set aside (policy quarantine), with reasons
 
-The id index lets ingest hold ``transaction_id`` unique against the whole lake without reading its
+The rows are held to the use case's contract (:mod:`flywheel.contract`): its columns, in its order.
+The id index lets ingest hold the contract's id unique against the whole lake without reading its
 parts: a batch's id hashes are looked up in the hashes of the parts the latest manifest lists (8
 bytes an id); only a hit (a re-delivery, a conflict or, rarely, a hash collision) reads the parts
 that hold it. Each manifest also keeps its batch's profile (row count, shares, quantiles), which the
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 
 from flywheel import lineage
 from flywheel.errors import ArtifactNotFound, DataError, StorageError, first_line
-from flywheel.schema import TRANSACTION_SCHEMA
+from flywheel.contract import Contract
 from flywheel.storage import ObjectRef, Storage, join, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,15 @@ STAGING_MARKER = "staging.json"
 INDEX = "_index"
 QUARANTINE = "quarantine"
 
-# How a part is written: zstd, and dictionary pages only for the columns that repeat values (ids of
-# cards and merchants, categories, channels, the label). A unique transaction id, an amount or a
-# timestamp fills a dictionary only for the writer to give it up: that costs about a quarter of the
-# write's CPU, for a larger file.
-PART_WRITE_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "use_dictionary": ["card_id", "merchant_id", "merchant_category", "channel", "is_fraud"],
-}
 
-# What reading a part that is not TRANSACTION_SCHEMA parquet can raise.
+
+def part_write_options(contract: Contract) -> dict[str, Any]:
+    """How a part is written: zstd, and dictionary pages only for the columns whose values repeat
+    (:meth:`~flywheel.contract.Contract.dictionary_columns`)."""
+    return {"compression": "zstd", "use_dictionary": contract.dictionary_columns()}
+
+
+# What reading a part that is not parquet of the contract's schema can raise.
 _UNREADABLE = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError, ValueError, OSError)
 
 
@@ -126,8 +126,8 @@ class LakeSnapshot:
 
 @dataclass
 class NewPart:
-    """A part a batch adds: where it goes, its rows (a table, or a local parquet file of
-    TRANSACTION_SCHEMA rows), and the lineage it gets once published."""
+    """A part a batch adds: where it goes, its rows (a table, or a local parquet file of the
+    contract's rows), and the lineage it gets once published."""
 
     date: str
     name: str
@@ -143,7 +143,7 @@ class NewPart:
         return self.table.num_rows if self.table is not None else self.rows
 
 
-# --- the transaction id index ---------------------------------------------------------------------
+# --- the row id index ------------------------------------------------------------------------------
 
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _BASE = np.uint64(0x100000001B3)
@@ -190,13 +190,17 @@ def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def index_uri(lake_uri: str, index_sha256: str) -> str:
     """Where a published batch's id index is (named by its content)."""
-    return join(lake_uri, INDEX, "transaction_id", f"{index_sha256[:32]}.u64")
+    return join(lake_uri, INDEX, "id", f"{index_sha256[:32]}.u64")
 
 
-def read_id_index(storage: Storage, part: dict[str, Any], cache: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def read_id_index(
+    storage: Storage, part: dict[str, Any], contract: Contract, cache: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
     """A part's sorted id hashes: its slice of its batch's index (``cache`` keeps index files read
     for other parts of the batch), or (a part from before the index, or a hand-written one) computed
-    from its transaction_id column."""
+    from its id column (the contract's ``id``)."""
+    if contract.id is None:
+        raise DataError("the use case's contract names no id column, so the lake keeps no id index")
     uri = part.get("staged_ids") or part.get("ids")
     cache = {} if cache is None else cache
     if uri and "ids_slice" in part:
@@ -207,7 +211,8 @@ def read_id_index(storage: Storage, part: dict[str, Any], cache: dict[str, np.nd
             return cache[uri][start:end]
         except ArtifactNotFound:
             log.warning("lake: id index %s is missing; reading the ids of %s instead", uri, part["uri"])
-    return np.sort(id_hashes(read_part(storage, part, ["transaction_id"]).column("transaction_id")))
+    schema = contract.arrow_schema()
+    return np.sort(id_hashes(read_part(storage, part, schema, [contract.id]).column(contract.id)))
 
 
 def quarantine_uri(lake_uri: str, batch: str) -> str:
@@ -288,8 +293,10 @@ def latest_snapshot(storage: Storage, lake_uri: str) -> LakeSnapshot | None:
         ) from None
 
 
-def read_part(storage: Storage, part: dict[str, Any], columns: list[str] | None = None, *, of: str = "") -> pa.Table:
-    """One part's rows (``columns`` of TRANSACTION_SCHEMA, or all), after checking its sha256.
+def read_part(
+    storage: Storage, part: dict[str, Any], schema: pa.Schema, columns: list[str] | None = None, *, of: str = ""
+) -> pa.Table:
+    """One part's rows (``columns`` of ``schema``, the contract's, or all), after checking its sha256.
 
     A staged part is read where it is staged or, once a publish has moved it, at its lake URI.
     ``of`` names the snapshot in error messages.
@@ -305,13 +312,14 @@ def read_part(storage: Storage, part: dict[str, Any], columns: list[str] | None 
         uri, data = part["uri"], _read_or_explain(storage, part["uri"], part["staged_uri"])
     if sha256_bytes(data) != part["sha256"]:
         raise DataError(f"{uri} changed since snapshot {of or '?'} was taken (sha256 mismatch); re-run ingest")
-    names = columns or TRANSACTION_SCHEMA.names
+    names = columns or schema.names
     try:
         table = pq.read_table(io.BytesIO(data), columns=columns)
-        return table.select(names).cast(pa.schema([TRANSACTION_SCHEMA.field(n) for n in names]))
+        return table.select(names).cast(pa.schema([schema.field(n) for n in names]))
     except _UNREADABLE as exc:
         raise DataError(
-            f"lake part {uri} is not TRANSACTION_SCHEMA parquet ({first_line(exc)}); remove it and re-run"
+            f"lake part {uri} is not parquet of the use case's contract ({first_line(exc)}): a part written "
+            "under another contract, or by hand? Ingest into a fresh lake, or remove the part and re-run"
         ) from None
 
 
@@ -324,23 +332,22 @@ def _read_or_explain(storage: Storage, uri: str, staged: str) -> bytes:
         ) from None
 
 
-def read_snapshot(storage: Storage, snapshot: LakeSnapshot, columns: list[str] | None = None) -> pa.Table:
+def read_snapshot(storage: Storage, snapshot: LakeSnapshot, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """All rows of a snapshot as one table (parts in URI order), checking each part's sha256."""
-    schema = TRANSACTION_SCHEMA if columns is None else pa.schema([TRANSACTION_SCHEMA.field(c) for c in columns])
-    tables = [read_part(storage, part, columns, of=snapshot.uri) for part in snapshot.parts]
+    tables = [read_part(storage, part, schema, columns, of=snapshot.uri) for part in snapshot.parts]
     if not tables:
-        return schema.empty_table()
+        return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
     return pa.concat_tables(tables)
 
 
 def read_new_rows(
-    storage: Storage, snapshot: LakeSnapshot, columns: list[str], dictionary: list[str] | None = None
+    storage: Storage, snapshot: LakeSnapshot, schema: pa.Schema, columns: list[str], dictionary: list[str] | None = None
 ) -> pa.Table:
     """The rows a staged batch adds (its new parts only), ``columns`` of them, sha256-checked; the
     ``dictionary`` columns come dictionary-encoded (categoricals in pandas: compact)."""
     new = set(snapshot.new_parts)
     schema = pa.schema([
-        pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in (dictionary or []) else TRANSACTION_SCHEMA.field(c).type)
+        pa.field(c, pa.dictionary(pa.int32(), pa.string()) if c in (dictionary or []) else schema.field(c).type)
         for c in columns
     ])
 
@@ -358,7 +365,7 @@ def read_new_rows(
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         tables = list(pool.map(read, [part for part in snapshot.parts if part["uri"] in new]))
     if not tables:
-        return pa.schema([pa.field(c, TRANSACTION_SCHEMA.field(c).type) for c in columns]).empty_table()
+        return pa.schema([pa.field(c, schema.field(c).type) for c in columns]).empty_table()
     return pa.concat_tables(tables)
 
 
@@ -380,6 +387,7 @@ def stage(
     run_id: str,
     parent: LakeSnapshot | None,
     new_parts: list[NewPart],
+    contract: Contract,
     source_files: list[dict[str, Any]] | None = None,
     quarantined: list[tuple[str, str, int]] | None = None,
 ) -> LakeSnapshot:
@@ -406,7 +414,7 @@ def stage(
         staged_part = join(area, TRANSACTIONS, f"date={new.date}", new.name)
         if new.table is not None:
             buffer = io.BytesIO()
-            pq.write_table(new.table, buffer, **PART_WRITE_OPTIONS)
+            pq.write_table(new.table, buffer, **part_write_options(contract))
             return storage.write_bytes(staged_part, buffer.getvalue())
         return storage.upload_file(new.path, staged_part)
 
@@ -415,22 +423,24 @@ def stage(
         refs = list(pool.map(upload, new_parts))
     for new, ref in zip(new_parts, refs):
         final, staged_part = part_uri(lake_uri, new.date, new.name), join(area, TRANSACTIONS, f"date={new.date}", new.name)
-        hashes = new.id_hashes
-        if hashes is None:
-            ids = new.table if new.table is not None else pq.read_table(new.path, columns=["transaction_id"])
-            hashes = id_hashes(ids.column("transaction_id"))
-        start = sum(len(h) for h in batch_hashes)
-        batch_hashes.append(np.sort(hashes, kind="stable"))  # ingest's come sorted (timsort: one pass)
         parts[final] = {
-            "uri": final, "sha256": ref.sha256, "rows": new.num_rows, "date": new.date,
-            "staged_uri": staged_part, "ids_slice": [start, start + len(hashes)],
+            "uri": final, "sha256": ref.sha256, "rows": new.num_rows, "date": new.date, "staged_uri": staged_part,
             "lineage": {"step": "ingest", "run_id": run_id, "inputs": new.inputs, "params": new.params},
         }
         added.append(final)
+        if contract.id is None:
+            continue  # no id column: no index (a re-delivered file is still known by its sha256)
+        hashes = new.id_hashes
+        if hashes is None:
+            ids = new.table if new.table is not None else pq.read_table(new.path, columns=[contract.id])
+            hashes = id_hashes(ids.column(contract.id))
+        start = sum(len(h) for h in batch_hashes)
+        batch_hashes.append(np.sort(hashes, kind="stable"))  # ingest's come sorted (timsort: one pass)
+        parts[final]["ids_slice"] = [start, start + len(hashes)]
     if batch_hashes:
         # One index file per batch (each part's sorted hashes, one after the other), named by its content.
         data = np.concatenate(batch_hashes).astype("<u8").tobytes()
-        staged_ids = join(area, INDEX, "transaction_id.u64")
+        staged_ids = join(area, INDEX, "ids.u64")
         storage.write_bytes(staged_ids, data)
         final_ids = index_uri(lake_uri, sha256_bytes(data))
         for uri in added:

@@ -1,9 +1,10 @@
-"""Reading raw transaction files: csv, parquet and jsonl bytes into TRANSACTION_SCHEMA tables.
+"""Reading raw files: csv, parquet and jsonl bytes into tables of the use case's schema.
 
-Every value is held to :data:`flywheel.schema.TRANSACTION_SCHEMA`: missing columns, values that do
-not cast and nulls are refused with a :class:`~flywheel.errors.DataError` that names the file, the
-column and the first bad value. Timestamps (Arrow timestamps or ISO-8601 text with ``Z``, an offset,
-or none for UTC) become ``timestamp[us, UTC]``.
+Every value is held to the schema the use case's contract gives (:meth:`flywheel.contract.Contract.
+arrow_schema`): missing columns, values that do not cast and nulls in a column that may not be null
+are refused with a :class:`~flywheel.errors.DataError` that names the file, the column and the first
+bad value. Timestamps (Arrow timestamps or ISO-8601 text with ``Z``, an offset, or none for UTC)
+become ``timestamp[us, UTC]``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flywheel.errors import DataError, first_line
-from flywheel.schema import TIMESTAMP, TRANSACTION_SCHEMA
 
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -35,12 +35,12 @@ READABLE = "expect_file_to_be_readable"  # not a GE expectation: the file itself
 BLOCK_BYTES = 16 << 20
 
 
-def read_table(uri: str, data: bytes) -> pa.Table:
-    """A raw file's bytes as a TRANSACTION_SCHEMA table (extra columns dropped); DataError if it cannot be."""
-    return conform(uri, parse(uri, data))
+def read_table(uri: str, data: bytes, schema: pa.Schema) -> pa.Table:
+    """A raw file's bytes as a ``schema`` table (extra columns dropped); DataError if it cannot be."""
+    return conform(uri, parse(uri, data, schema), schema)
 
 
-def parse(uri: str, data: bytes) -> pa.Table:
+def parse(uri: str, data: bytes, schema: pa.Schema) -> pa.Table:
     """Bytes to an Arrow table, by file suffix; an unreadable file is a DataError naming it."""
     kind = uri.rsplit(".", 1)[-1].lower()
     try:
@@ -52,7 +52,7 @@ def parse(uri: str, data: bytes) -> pa.Table:
             # Read the schema's columns as text and cast them ourselves: type inference would turn
             # ids like "0042" into integers and gives worse messages on bad values.
             convert = pcsv.ConvertOptions(
-                column_types={f.name: pa.string() for f in TRANSACTION_SCHEMA},
+                column_types={f.name: pa.string() for f in schema},
                 strings_can_be_null=True,
             )
             return pcsv.read_csv(io.BytesIO(data), convert_options=convert)
@@ -69,7 +69,7 @@ def parse(uri: str, data: bytes) -> pa.Table:
         raise DataError(f"{uri} could not be read as {kind}: {first_line(exc)}") from None
 
 
-def iter_tables(uri: str, stream: IO[bytes], chunk_rows: int) -> Iterator[pa.Table]:
+def iter_tables(uri: str, stream: IO[bytes], chunk_rows: int, schema: pa.Schema) -> Iterator[pa.Table]:
     """A raw file's parsed (not yet conformed) rows, a chunk at a time, from a seekable binary stream:
     parquet by row batches, csv and jsonl by blocks, so a file of any size is never whole in memory.
     (A .json file holding one JSON array is the exception: it is parsed whole.) An unreadable file
@@ -86,14 +86,14 @@ def iter_tables(uri: str, stream: IO[bytes], chunk_rows: int) -> Iterator[pa.Tab
             import pyarrow.csv as pcsv
 
             convert = pcsv.ConvertOptions(
-                column_types={f.name: pa.string() for f in TRANSACTION_SCHEMA}, strings_can_be_null=True
+                column_types={f.name: pa.string() for f in schema}, strings_can_be_null=True
             )
             reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES), convert_options=convert)
         else:
             head = stream.read(64)
             stream.seek(0)
             if head.lstrip()[:1] == b"[":
-                yield parse(uri, stream.read())
+                yield parse(uri, stream.read(), schema)
                 return
             import pyarrow.json as pjson
 
@@ -104,20 +104,24 @@ def iter_tables(uri: str, stream: IO[bytes], chunk_rows: int) -> Iterator[pa.Tab
         raise DataError(f"{uri} could not be read as {kind} ({READABLE}): {first_line(exc)}") from None
 
 
-def check_columns(uri: str, column_names: list[str]) -> None:
-    """Refuse a table that lacks a column of TRANSACTION_SCHEMA (missing, or renamed)."""
-    missing = [f.name for f in TRANSACTION_SCHEMA if f.name not in column_names]
+def check_columns(uri: str, column_names: list[str], schema: pa.Schema) -> None:
+    """Refuse a table that lacks a column of ``schema`` (missing, or renamed)."""
+    missing = [f.name for f in schema if f.name not in column_names]
     if missing:
-        unexpected = [name for name in column_names if name not in TRANSACTION_SCHEMA.names]
+        unexpected = [name for name in column_names if name not in schema.names]
         raise DataError(
             f"{uri} is missing required columns {missing} ({COLUMNS_MATCH}); it has {column_names}"
             f"{f' (unexpected: {unexpected}: renamed?)' if unexpected else ''}; "
-            f"expected the columns of TRANSACTION_SCHEMA: {TRANSACTION_SCHEMA.names}"
+            f"expected the columns of the use case's contract: {schema.names}"
         )
 
 
-def conform_rows(table: pa.Table, limit: int) -> tuple[pa.Table, pa.Array, list[str]]:
-    """Hold a parsed table to TRANSACTION_SCHEMA row by row: (the rows that conform, a boolean mask
+def _converter(target: pa.Field) -> Callable[[pa.ChunkedArray], pa.ChunkedArray]:
+    return _timestamp if pa.types.is_timestamp(target.type) else _caster(target.type)
+
+
+def conform_rows(table: pa.Table, limit: int, schema: pa.Schema) -> tuple[pa.Table, pa.Array, list[str]]:
+    """Hold a parsed table to ``schema`` row by row: (the rows that conform, a boolean mask
     of the rows that do not, and each such row's reason). A value that does not cast or a null in a
     required column makes its row bad; the columns must be there (see :func:`check_columns`).
     Finding bad rows stops after ``limit`` of them (the batch is rejected past that anyway)."""
@@ -125,9 +129,9 @@ def conform_rows(table: pa.Table, limit: int) -> tuple[pa.Table, pa.Array, list[
     bad = np.zeros(n, dtype=bool)
     reasons: dict[int, str] = {}
     columns = []
-    for target in TRANSACTION_SCHEMA:
+    for target in schema:
         values = table.column(target.name)
-        convert = _timestamp if target.name == TIMESTAMP else _caster(target.type)
+        convert = _converter(target)
         try:
             column = convert(values)
         except BAD_DATA:
@@ -147,8 +151,8 @@ def conform_rows(table: pa.Table, limit: int) -> tuple[pa.Table, pa.Array, list[
                 reasons.setdefault(int(row), f"{NOT_NULL}({target.name}): null")
             bad |= missing
         columns.append(column)
-    conformed = pa.Table.from_arrays(columns, schema=pa.schema([f.with_nullable(True) for f in TRANSACTION_SCHEMA]))
-    good = conformed.filter(pa.array(~bad)).cast(TRANSACTION_SCHEMA)
+    conformed = pa.Table.from_arrays(columns, schema=pa.schema([f.with_nullable(True) for f in schema]))
+    good = conformed.filter(pa.array(~bad)).cast(schema)
     return good, pa.array(bad), [reasons.get(int(row), "") for row in np.flatnonzero(bad)]
 
 
@@ -179,13 +183,14 @@ def _bad_rows(values: pa.ChunkedArray, convert: Callable[[pa.ChunkedArray], Any]
     return sorted(found)
 
 
-def conform(uri: str, table: pa.Table) -> pa.Table:
-    """Hold a parsed table to TRANSACTION_SCHEMA: extra columns dropped, values cast, nulls refused."""
-    check_columns(uri, table.column_names)
+def conform(uri: str, table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Hold a parsed table to ``schema``: extra columns dropped, values cast, nulls refused where the
+    schema says a column may not be null."""
+    check_columns(uri, table.column_names, schema)
     columns = []
-    for target in TRANSACTION_SCHEMA:
+    for target in schema:
         values = table.column(target.name)
-        convert = _timestamp if target.name == TIMESTAMP else _caster(target.type)
+        convert = _converter(target)
         try:
             column = convert(values)
         except BAD_DATA as exc:
@@ -204,7 +209,7 @@ def conform(uri: str, table: pa.Table) -> pa.Table:
                     f"but may not be null ({NOT_NULL})"
                 )
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=TRANSACTION_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _caster(target: pa.DataType) -> Callable[[pa.ChunkedArray], pa.ChunkedArray]:

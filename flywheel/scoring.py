@@ -30,6 +30,7 @@ from flywheel.config import Settings
 from flywheel.errors import DataError, RegistryError
 from flywheel.features import compute, store as feast_store
 from flywheel.lake import LakeSnapshot, latest_snapshot, read_part
+from flywheel.usecase import load_usecase
 from flywheel.registry import Registry
 from flywheel.storage import Storage, join
 from flywheel.training.model import load_version
@@ -85,7 +86,8 @@ def score_chunk(storage: Storage, settings: Settings, chunk: dict[str, str], sco
     if snapshot.sha256 != scoring["snapshot_sha256"]:
         raise DataError(f"{scoring['snapshot_uri']} changed during the scoring run (sha256 mismatch)")
     parts = [p for p in snapshot.parts if history_from <= p["date"] <= chunk["end"]]
-    frames = [read_part(storage, part, of=snapshot.uri).to_pandas() for part in parts]
+    schema = load_usecase(settings.usecase).contract.arrow_schema()
+    frames = [read_part(storage, part, schema, of=snapshot.uri).to_pandas() for part in parts]
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     dates = history["ts"].dt.strftime("%Y-%m-%d") if len(history) else pd.Series(dtype=str)
     target = history[(dates >= chunk["start"]) & (dates <= chunk["end"])] if len(history) else history

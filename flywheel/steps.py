@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from flywheel.config import Settings, load_settings
 from flywheel.errors import ConfigError, StorageError, ValidationFailed
 from flywheel.storage import Storage, join
+from flywheel.usecase import load_usecase
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def ingest_step(
     from flywheel.validation import row_check
 
     settings, storage = _context(settings)
+    contract = load_usecase(settings.usecase).contract
     policy = policy or settings.ingest.policy
     if policy not in ("fail", "quarantine"):
         raise ConfigError(f"unknown policy {policy!r}: choose fail or quarantine")
@@ -79,10 +81,10 @@ def ingest_step(
         policy=policy,
         max_quarantine_fraction=settings.ingest.max_quarantine_fraction,
         chunk_rows=settings.ingest.chunk_rows,
-        row_check=row_check(settings.ingest) if policy == "quarantine" else None,
+        row_check=row_check(contract, settings.ingest) if policy == "quarantine" else None,
     )
     with recorded(storage, run_id, "ingest") as record:
-        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id, options)
+        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id, options, contract=contract)
         record.update(
             rows=staged.rows,
             new_parts=len(staged.new_parts),
@@ -105,7 +107,8 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
     settings, storage = _context(settings)
     staged = lake.LakeSnapshot.from_dict(snapshot)
     with recorded(storage, run_id, "validate") as record:
-        report = validate_batch(storage, staged, storage.uri("reports", "validation"), run_id, settings.ingest)
+        contract = load_usecase(settings.usecase).contract
+        report = validate_batch(storage, staged, storage.uri("reports", "validation"), run_id, contract, settings.ingest)
         record.update(
             rows=report.rows,
             expectations=report.evaluated,

@@ -1,7 +1,9 @@
 """Validate: a Great Expectations suite over a lake snapshot; a failure stops the pipeline.
 
-The suite is the data contract's second half: :mod:`flywheel.schema` fixes the columns and types at
-ingest, this suite checks what types cannot (ranges, sets, uniqueness, the fraud rate). Results are
+The suite is the use case's data contract (:mod:`flywheel.contract`) as expectations: ingest holds
+rows to its columns and types; this suite checks what types cannot (ranges, vocabularies, nulls,
+uniqueness, a label's base rate, event times neither in the future nor absurdly old), and the drift
+gate compares each batch with the last accepted ones in the ways the contract says. Results are
 written as JSON and as HTML data docs below ``<reports>/<run_id>/`` before any failure is raised, so
 a failed run always leaves its evidence behind. This module only checks and reports: the validate
 step (:func:`flywheel.steps.validate_step`) publishes a staged batch that passes and discards one
@@ -21,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel import lineage
+from flywheel.contract import Contract
 from flywheel.errors import ArtifactNotFound, ValidationFailed
-from flywheel.schema import CHANNELS, ID, LABEL, MERCHANT_CATEGORIES, TIMESTAMP, TRANSACTION_SCHEMA
 from flywheel.storage import ObjectRef, Storage, join
 
 if TYPE_CHECKING:
@@ -37,10 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUITE_NAME = "transactions"
-NOT_NULL = [ID, "card_id", "merchant_id", "amount", TIMESTAMP, LABEL]
-MAX_AMOUNT = 1_000_000.0
-FRAUD_RATE = (0.0005, 0.2)
+SUITE_NAME = "contract"
 # How many unexpected values a result keeps (and the failure message shows at most 3 of them).
 PARTIAL_UNEXPECTED = 5
 
@@ -66,52 +65,44 @@ class ValidationReport:
 
 
 def build_suite(
+    contract: Contract,
     name: str = SUITE_NAME,
     *,
-    max_amount: float = MAX_AMOUNT,
-    fraud_rate: tuple[float, float] = FRAUD_RATE,
-    category_mostly: float = 0.99,
     ts_window: "tuple[dt.datetime, dt.datetime] | None" = None,
 ) -> "ExpectationSuite":
-    """The production suite for card transactions (one expectation per line, each with its reason).
-    ``ts_window`` (earliest, latest) adds the check that timestamps are neither in the future nor
-    absurdly old."""
+    """The use case's suite, derived from its contract: its exact columns and at least one row; no
+    nulls where a column may not be null; a unique id; each declared range, vocabulary (with its
+    ``categories_mostly``) and mean band. ``ts_window`` (earliest, latest) adds the check that event
+    times are neither in the future (a clock or time-zone bug) nor absurdly old (a unit bug)."""
     gx = _import_gx()
     import great_expectations.expectations as gxe
 
     expectations = [
-        # The shape: exactly the contract's columns, and something to train on.
-        gxe.ExpectTableColumnsToMatchSet(column_set=list(TRANSACTION_SCHEMA.names), exact_match=True),
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(contract.columns), exact_match=True),
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        # Identity and the fields every feature and the label depend on.
-        *[gxe.ExpectColumnValuesToNotBeNull(column=column) for column in NOT_NULL],
-        gxe.ExpectColumnValuesToBeUnique(column=ID),
-        # A card payment is positive and bounded; anything else is a unit or sign bug upstream.
-        gxe.ExpectColumnValuesToBeBetween(column="amount", min_value=0, max_value=max_amount, strict_min=True),
-        # The label is binary, and a fraud rate outside this band means a labelling or sampling bug.
-        gxe.ExpectColumnValuesToBeInSet(column=LABEL, value_set=[0, 1]),
-        gxe.ExpectColumnMeanToBeBetween(column=LABEL, min_value=fraud_rate[0], max_value=fraud_rate[1]),
-        # Coordinates on the globe.
-        gxe.ExpectColumnValuesToBeBetween(column="lat", min_value=-90, max_value=90),
-        gxe.ExpectColumnValuesToBeBetween(column="lon", min_value=-180, max_value=180),
-        # Closed vocabularies; new merchant categories appear in the wild, so a few are tolerated.
-        gxe.ExpectColumnValuesToBeInSet(column="channel", value_set=list(CHANNELS)),
-        gxe.ExpectColumnValuesToBeInSet(
-            column="merchant_category", value_set=list(MERCHANT_CATEGORIES), mostly=category_mostly
-        ),
+        *[gxe.ExpectColumnValuesToNotBeNull(column=name) for name, c in contract.columns.items() if not c.nullable],
     ]
+    if contract.id is not None:
+        expectations.append(gxe.ExpectColumnValuesToBeUnique(column=contract.id))
+    for column, c in contract.columns.items():
+        if c.min is not None or c.max is not None:
+            expectations.append(gxe.ExpectColumnValuesToBeBetween(
+                column=column, min_value=c.min, max_value=c.max, strict_min=c.strict_min))
+        if c.categories is not None:
+            expectations.append(gxe.ExpectColumnValuesToBeInSet(
+                column=column, value_set=list(c.categories), mostly=c.categories_mostly))
+        if c.mean is not None:
+            expectations.append(gxe.ExpectColumnMeanToBeBetween(column=column, min_value=c.mean[0], max_value=c.mean[1]))
     if ts_window is not None:
-        # A transaction from the future is a clock or time-zone bug; one from decades ago, a unit bug.
-        expectations.append(
-            gxe.ExpectColumnValuesToBeBetween(column=TIMESTAMP, min_value=ts_window[0], max_value=ts_window[1])
-        )
+        expectations.append(gxe.ExpectColumnValuesToBeBetween(
+            column=contract.timestamp, min_value=ts_window[0], max_value=ts_window[1]))
     # Passed to the constructor: suite.add_expectation() looks for an active data context (GE's
     # global project) to save into, and raises DataContextRequiredError when there is none.
     return gx.ExpectationSuite(name=name, expectations=expectations)
 
 
 def validate_frame(
-    df: "pd.DataFrame", suite: "ExpectationSuite | None" = None
+    df: "pd.DataFrame", suite: "ExpectationSuite"
 ) -> tuple[bool, list[dict[str, Any]], dict[str, Any]]:
     """Run the suite over a DataFrame: (success, failed expectations, GE's result as a JSON dict)."""
     result = _run_suite(df, suite)
@@ -123,6 +114,7 @@ def validate_snapshot(
     snapshot: "LakeSnapshot",
     reports_uri: str,
     run_id: str,
+    contract: Contract,
     raise_on_failure: bool = True,
 ) -> ValidationReport:
     """Validate every row of a lake snapshot; write ``validation.json`` and ``validation.html`` under
@@ -131,9 +123,9 @@ def validate_snapshot(
     from flywheel.lake import read_snapshot
 
     started = time.perf_counter()
-    df = read_snapshot(storage, snapshot).to_pandas()
+    df = read_snapshot(storage, snapshot, contract.arrow_schema()).to_pandas()
     read_s = time.perf_counter() - started
-    result = _run_suite(df)
+    result = _run_suite(df, build_suite(contract))
     result.meta["run_id"] = _run_identifier(run_id)  # names the run in the data docs
     validate_s = time.perf_counter() - started - read_s
     failed = summarize_failures(result)
@@ -182,9 +174,6 @@ def validate_snapshot(
 
 # --- the batch gate: the new rows, and drift against the last accepted batches ---------------------
 
-# The columns the batch gate reads (ids are held non-null by the schema and unique by ingest's index).
-BATCH_COLUMNS = ["amount", LABEL, "merchant_category", "channel", "lat", "lon", TIMESTAMP]
-CATEGORICAL = ["merchant_category", "channel"]
 # Enforced by ingest before any row is staged: every column is there, each id is unique in the lake.
 ENFORCED_AT_INGEST = {"expect_table_columns_to_match_set", "expect_column_values_to_be_unique"}
 # Expectations about single values: a row that breaks one can be set aside on its own.
@@ -199,25 +188,36 @@ def ts_window(settings: "IngestSettings", now: dt.datetime | None = None) -> tup
     return now - dt.timedelta(days=settings.max_age_days), now + dt.timedelta(minutes=settings.max_future_minutes)
 
 
-def batch_expectations(settings: "IngestSettings", now: dt.datetime | None = None) -> list[Any]:
-    """The production suite as the batch gate runs it: the expectations on the columns it reads,
-    with the timestamp window, less those ingest already enforces."""
-    suite = build_suite(max_amount=settings.max_amount, ts_window=ts_window(settings, now))
+def batch_columns(contract: Contract) -> list[str]:
+    """The columns the batch gate reads: the event time and those with a range, a vocabulary, a mean
+    band or a drift check. The others (an id, a join key) have nothing left to check once ingest has
+    held them to the schema (types, nulls) and the id unique through its index."""
+    drift = contract.drift_checks()
+    return [name for name, c in contract.columns.items()
+            if name == contract.timestamp or name in drift or c.min is not None or c.max is not None
+            or c.categories is not None or c.mean is not None]
+
+
+def batch_expectations(contract: Contract, settings: "IngestSettings", now: dt.datetime | None = None) -> list[Any]:
+    """The suite as the batch gate runs it: the expectations on the columns it reads, with the
+    timestamp window, less those ingest already enforces."""
+    suite = build_suite(contract, ts_window=ts_window(settings, now))
+    columns = batch_columns(contract)
     return [
         e for e in suite.expectations
-        if e.expectation_type not in ENFORCED_AT_INGEST and getattr(e, "column", None) in (None, *BATCH_COLUMNS)
+        if e.expectation_type not in ENFORCED_AT_INGEST and getattr(e, "column", None) in (None, *columns)
     ]
 
 
-def row_check(settings: "IngestSettings", now: dt.datetime | None = None) -> Any:
+def row_check(contract: Contract, settings: "IngestSettings", now: dt.datetime | None = None) -> Any:
     """The suite's row-level expectations (not null, between, in set) as a vectorized check over a
-    TRANSACTION_SCHEMA table: returns (a mask of the rows breaking any, each such row's reason, as
+    table of the contract's rows: returns (a mask of the rows breaking any, each such row's reason, as
     ``expectation(column): value``). Ingest's policy quarantine sets those rows aside."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    checks = [e for e in batch_expectations(settings, now) if e.expectation_type in ROW_LEVEL]
+    checks = [e for e in batch_expectations(contract, settings, now) if e.expectation_type in ROW_LEVEL]
 
     def failing(e: Any, column: "pa.ChunkedArray") -> "pa.ChunkedArray":
         if e.expectation_type == "expect_column_values_to_not_be_null":
@@ -247,38 +247,48 @@ def row_check(settings: "IngestSettings", now: dt.datetime | None = None) -> Any
     return check
 
 
-def batch_profile(df: "pd.DataFrame", quantiles: list[float]) -> dict[str, Any]:
-    """What the drift gate compares: row count, amount quantiles, value shares, fraud rate."""
+def batch_profile(df: "pd.DataFrame", contract: Contract, quantiles: list[float]) -> dict[str, Any]:
+    """What the drift gate compares (:meth:`~flywheel.contract.Contract.drift_checks`): the row
+    count, and per column its quantiles, its values' shares or its rate of 1s (nulls left out)."""
     if not len(df):
         return {"rows": 0}
-    values = df["amount"].quantile(quantiles).tolist()
-    return {
-        "rows": int(len(df)),
-        "amount_quantiles": {str(q): float(v) for q, v in zip(quantiles, values)},
-        "shares": {c: {str(k): float(v) for k, v in df[c].value_counts(normalize=True).items() if v > 0} for c in CATEGORICAL},
-        "fraud_rate": float(df[LABEL].mean()),
-    }
+    profile: dict[str, Any] = {"rows": int(len(df)), "quantiles": {}, "shares": {}, "rates": {}}
+    for column, how in contract.drift_checks().items():
+        values = df[column].dropna()
+        if not len(values):
+            continue
+        if how == "quantiles":
+            profile["quantiles"][column] = {str(q): float(v) for q, v in zip(quantiles, values.quantile(quantiles).tolist())}
+        elif how == "shares":
+            profile["shares"][column] = {str(k): float(v) for k, v in values.value_counts(normalize=True).items() if v > 0}
+        else:
+            profile["rates"][column] = float(values.astype("float64").mean())
+    return profile
 
 
-def baseline_profile(profiles: list[dict[str, Any]], quantiles: list[float]) -> dict[str, Any]:
-    """The mean of the last accepted batches' profiles."""
+def baseline_profile(profiles: list[dict[str, Any]], contract: Contract, quantiles: list[float]) -> dict[str, Any]:
+    """The mean of the last accepted batches' profiles, column by column (a batch whose profile lacks
+    a column, such as one accepted under an older contract, does not count for that column)."""
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    shares: dict[str, dict[str, float]] = {}
-    for column in CATEGORICAL:
-        keys = sorted({k for p in profiles for k in p.get("shares", {}).get(column, {})})
-        shares[column] = {k: mean([p.get("shares", {}).get(column, {}).get(k, 0.0) for p in profiles]) for k in keys}
-    return {
-        "batches": len(profiles),
-        "rows": mean([p["rows"] for p in profiles]),
-        "amount_quantiles": {
-            str(q): mean([p["amount_quantiles"][str(q)] for p in profiles if str(q) in p.get("amount_quantiles", {})] or [0.0])
-            for q in quantiles
-        },
-        "shares": shares,
-        "fraud_rate": mean([p.get("fraud_rate", 0.0) for p in profiles]),
-    }
+    baseline: dict[str, Any] = {"batches": len(profiles), "rows": mean([p["rows"] for p in profiles]),
+                                "quantiles": {}, "shares": {}, "rates": {}}
+    for column, how in contract.drift_checks().items():
+        if how == "quantiles":
+            seen = [p["quantiles"][column] for p in profiles if column in p.get("quantiles", {})]
+            if seen and all(str(q) in s for s in seen for q in quantiles):
+                baseline["quantiles"][column] = {str(q): mean([s[str(q)] for s in seen]) for q in quantiles}
+        elif how == "shares":
+            seen = [p["shares"][column] for p in profiles if column in p.get("shares", {})]
+            keys = sorted({k for s in seen for k in s})
+            if seen:
+                baseline["shares"][column] = {k: mean([s.get(k, 0.0) for s in seen]) for k in keys}
+        else:
+            seen = [p["rates"][column] for p in profiles if column in p.get("rates", {})]
+            if seen:
+                baseline["rates"][column] = mean(seen)
+    return baseline
 
 
 def _slack(share: float, rows: int) -> float:
@@ -292,8 +302,7 @@ def drift_expectations(baseline: dict[str, Any], drift: Any, rows: int) -> list[
     _import_gx()
     import great_expectations.expectations as gxe
 
-    tolerance = drift.amount_quantile_tolerance
-    quantiles = [float(q) for q in baseline["amount_quantiles"]]
+    tolerance = drift.quantile_tolerance
     meta = {"drift": True, "baseline_batches": baseline["batches"]}
     expectations = [
         # A delivery far smaller or larger than usual: a partial export, or one sent twice over.
@@ -304,23 +313,23 @@ def drift_expectations(baseline: dict[str, Any], drift: Any, rows: int) -> list[
     ]
     if rows < drift.min_rows:
         return expectations
-    rate = baseline["fraud_rate"]
-    expectations += [
-        # Amounts in another unit (cents for dollars) or another population.
-        gxe.ExpectColumnQuantileValuesToBeBetween(
-            column="amount",
+    for column, values in baseline.get("quantiles", {}).items():
+        # Numbers in another unit (cents for dollars, minutes for hours) or from another population.
+        expectations.append(gxe.ExpectColumnQuantileValuesToBeBetween(
+            column=column,
             quantile_ranges={
-                "quantiles": quantiles,
-                "value_ranges": [[v * (1 - tolerance), v * (1 + tolerance)] for v in baseline["amount_quantiles"].values()],
+                "quantiles": [float(q) for q in values],
+                "value_ranges": [[v - tolerance * abs(v), v + tolerance * abs(v)] for v in values.values()],
             },
             meta=meta,
-        ),
-        gxe.ExpectColumnMeanToBeBetween(
-            column=LABEL, min_value=max(0.0, rate - drift.max_fraud_rate_change - _slack(rate, rows)),
-            max_value=rate + drift.max_fraud_rate_change + _slack(rate, rows), meta=meta,
-        ),
-    ]
-    for column in CATEGORICAL:
+        ))
+    for column, rate in baseline.get("rates", {}).items():
+        # A 0/1 column (a label's base rate) that moved: a labelling bug, or another population.
+        expectations.append(gxe.ExpectColumnMeanToBeBetween(
+            column=column, min_value=max(0.0, rate - drift.max_rate_change - _slack(rate, rows)),
+            max_value=rate + drift.max_rate_change + _slack(rate, rows), meta=meta,
+        ))
+    for column in baseline.get("shares", {}):
         shares = baseline["shares"].get(column) or {}
         if shares:
             # A sample of n rows over k values has an expected KL of about (k - 1) / 2n by chance alone.
@@ -332,13 +341,13 @@ def drift_expectations(baseline: dict[str, Any], drift: Any, rows: int) -> list[
 
 
 def share_checks(profile: dict[str, Any], baseline: dict[str, Any], drift: Any) -> list[dict[str, Any]]:
-    """Per-category and per-channel shares against the baseline's (GE has no such expectation);
-    none for a batch under ``drift.min_rows``."""
+    """Each value's share of each vocabulary column against the baseline's (GE has no such
+    expectation); none for a batch under ``drift.min_rows``."""
     checks: list[dict[str, Any]] = []
     rows = profile.get("rows", 0)
     if rows < drift.min_rows:
         return checks
-    for column in CATEGORICAL:
+    for column in baseline.get("shares", {}):
         observed, expected = profile.get("shares", {}).get(column, {}), baseline["shares"].get(column, {})
         for value in sorted(set(observed) | set(expected)):
             got, want = observed.get(value, 0.0), expected.get(value, 0.0)
@@ -355,6 +364,7 @@ def validate_batch(
     staged: "LakeSnapshot",
     reports_uri: str,
     run_id: str,
+    contract: Contract,
     settings: "IngestSettings",
     now: dt.datetime | None = None,
 ) -> ValidationReport:
@@ -365,18 +375,19 @@ def validate_batch(
     from flywheel.lake import load_snapshot, manifest_uri, read_new_rows, recent_profiles
 
     started = time.perf_counter()
-    table = read_new_rows(storage, staged, BATCH_COLUMNS, dictionary=CATEGORICAL)
+    vocabularies = [name for name, how in contract.drift_checks().items() if how == "shares"]
+    table = read_new_rows(storage, staged, contract.arrow_schema(), batch_columns(contract), dictionary=vocabularies)
     rows = table.num_rows
     read_s = time.perf_counter() - started
-    quantiles = list(settings.drift.amount_quantiles)
-    profile = batch_profile(table.select(["amount", LABEL, *CATEGORICAL]).to_pandas(), quantiles)
+    quantiles = list(settings.drift.quantiles)
+    profile = batch_profile(table.select(list(contract.drift_checks())).to_pandas(), contract, quantiles)
     baseline: dict[str, Any] = {}
     if settings.drift.enabled and staged.parent and rows:
         parent = load_snapshot(storage, manifest_uri(staged.lake_uri, staged.parent))
         history = recent_profiles(storage, parent, settings.drift.window)
         if history:
-            baseline = baseline_profile(history, quantiles)
-    expectations = batch_expectations(settings, now)
+            baseline = baseline_profile(history, contract, quantiles)
+    expectations = batch_expectations(contract, settings, now)
     if baseline:
         expectations += drift_expectations(baseline, settings.drift, rows)
     result = _run_batch_suite(table, expectations) if rows else None
@@ -637,7 +648,7 @@ def _import_gx() -> Any:
     return great_expectations
 
 
-def _run_suite(df: "pd.DataFrame", suite: "ExpectationSuite | None" = None) -> "ExpectationSuiteValidationResult":
+def _run_suite(df: "pd.DataFrame", suite: "ExpectationSuite") -> "ExpectationSuiteValidationResult":
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -656,14 +667,14 @@ def _run_suite(df: "pd.DataFrame", suite: "ExpectationSuite | None" = None) -> "
         batch_parameters={"dataframe": df},
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_UNEXPECTED},
     )
-    result = validator.validate_expectation_suite(suite or build_suite())
+    result = validator.validate_expectation_suite(suite)
     log.debug("validate: GE ran %d expectations in %.2fs", len(result.results), time.perf_counter() - started)
     return result
 
 
 # Column means GE computes as pandas' Series.mean(), after scanning every value in Python for a
 # decimal.Decimal (about 0.4 µs a row: 2 s of a 5M-row batch). The batch's columns come typed from
-# TRANSACTION_SCHEMA parquet, where no Decimal can be, so the mean is taken straight from pandas.
+# lake parquet, where no Decimal can be, so the mean is taken straight from pandas.
 DIRECT = {"expect_column_mean_to_be_between"}
 
 

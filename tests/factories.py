@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
+from flywheel.usecase import load_usecase
+
+REPO = Path(__file__).resolve().parents[1]
+# The repository's first use case, as the platform loads it (the settings' default use case).
+FRAUD = load_usecase(REPO / "usecases" / "fraud")
+FRAUD_CONTRACT = FRAUD.contract
+FRAUD_SCHEMA = FRAUD_CONTRACT.arrow_schema()
 
 
 def make_transactions(

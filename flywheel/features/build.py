@@ -25,6 +25,7 @@ from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
 from flywheel.features import definitions, incremental, online_write, oracle, store as feast_store
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
+from flywheel.usecase import load_usecase
 from flywheel.schema import LABEL
 from flywheel.storage import ObjectRef, Storage
 
@@ -100,6 +101,7 @@ def features_key(snapshot_sha256: str, settings: Settings) -> str:
         "label_delay_s": settings.features.label_delay.total_seconds(),  # which labels the fraud rate may use
         # The engine that joins (and its version): equal results are its contract, checked, not assumed.
         "offline_store": feast_store.offline_store_versions(settings),
+        "usecase": load_usecase(settings.usecase).digest,  # every file of the use case's folder
     }
     code = code_fingerprint(__name__)
     return hashlib.sha256(json.dumps([snapshot_sha256, code, shaping], sort_keys=True).encode()).hexdigest()
@@ -176,13 +178,14 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     world = feature_world(key)
 
     started = time.perf_counter()
-    transactions = read_snapshot(storage, snapshot).to_pandas()
+    transactions = read_snapshot(storage, snapshot, load_usecase(settings.usecase).contract.arrow_schema()).to_pandas()
     if transactions.empty:
         raise DataError(f"lake snapshot {snapshot.uri} holds no transactions")
     seconds["read_lake"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, settings.features.label_delay, run_id)
+    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, settings.features.label_delay, run_id,
+                                             load_usecase(settings.usecase).digest)
     # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
     feast_dir = feast_store.world_dir(settings, world) / "offline"
     feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
@@ -224,7 +227,8 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
 
 
 def _offline_tables(
-    storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str
+    storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str,
+    usecase_digest: str,
 ) -> tuple[str, str]:
     """The card and merchant offline tables of this key: reused (after re-hashing them against their
     manifest) or assembled day by day (only days whose inputs changed are computed, see
@@ -242,7 +246,7 @@ def _offline_tables(
             storage.verify(uri, sha)
         log.info("features: reusing offline tables %s (verified)", tables_uri)
         return card_uri, merchant_uri
-    days = incremental.feature_tables(storage, transactions, snapshot, label_delay, run_id)
+    days = incremental.feature_tables(storage, transactions, snapshot, label_delay, run_id, usecase_digest=usecase_digest)
     snapshot_ref = {"uri": snapshot.uri, "sha256": snapshot.sha256}
     files = {}
     for uri, table in ((card_uri, days.card), (merchant_uri, days.merchant)):

@@ -57,9 +57,10 @@ class DayTables:
     reused: list[str] = field(default_factory=list)  # days read back from an earlier build
 
 
-def day_keys(snapshot: LakeSnapshot, label_delay: dt.timedelta) -> dict[str, str]:
-    """Each lake date's content key: the feature code, the label delay, and the parts of every
-    date from ``lookback_days`` before it up to it (dates in the snapshot only)."""
+def day_keys(snapshot: LakeSnapshot, label_delay: dt.timedelta, *, usecase_digest: str) -> dict[str, str]:
+    """Each lake date's content key: the feature code, the use case's files (``usecase_digest``,
+    :attr:`flywheel.usecase.UseCase.digest`), the label delay, and the parts of every date from
+    ``lookback_days`` before it up to it (dates in the snapshot only)."""
     by_date: dict[str, list[str]] = {}
     for part in snapshot.parts:
         date = part.get("date") or ""
@@ -73,7 +74,7 @@ def day_keys(snapshot: LakeSnapshot, label_delay: dt.timedelta) -> dict[str, str
     for date in dates:
         first = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback)).isoformat()
         inputs = [(other, sorted(by_date[other])) for other in dates if first <= other <= date]
-        material = [code, label_delay.total_seconds(), inputs]
+        material = [code, usecase_digest, label_delay.total_seconds(), inputs]
         keys[date] = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return keys
 
@@ -83,13 +84,14 @@ def day_uri(storage: Storage, key: str) -> str:
 
 
 def feature_tables(
-    storage: Storage, transactions: pd.DataFrame, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str
+    storage: Storage, transactions: pd.DataFrame, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str,
+    *, usecase_digest: str,
 ) -> DayTables:
     """The snapshot's card and merchant tables (``transactions`` are its rows): days computed
     before with the same key are read back (verified), the others computed from their lookback and
     stored; the result equals :func:`compute.card_feature_table` / :func:`compute.merchant_feature_table`
     over all of ``transactions``."""
-    keys = day_keys(snapshot, label_delay)
+    keys = day_keys(snapshot, label_delay, usecase_digest=usecase_digest)
     day_of_row = _dates(transactions["ts"])
     unknown = sorted(set(np.unique(day_of_row)) - set(keys))
     if unknown:

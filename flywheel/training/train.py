@@ -26,6 +26,7 @@ from flywheel.training.cluster import ClusterJob, JobInputs, cluster_world, rend
 from flywheel.training.failures import clear_failure
 from flywheel.training.launcher import WORKER_MODULE, launch
 from flywheel.training.split import split_validation
+from flywheel.usecase import load_usecase
 
 if TYPE_CHECKING:
     from flywheel.features.build import TrainingSet
@@ -69,7 +70,8 @@ def training_code_hash() -> str:
 def training_key(training_set: TrainingSet, settings: Settings) -> str:
     """The model's content key: the training data, the settings that shape it, the training code."""
     params = training_params(settings)
-    return hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash()], sort_keys=True).encode()).hexdigest()
+    usecase = load_usecase(settings.usecase).digest  # its model, task and metrics shape the model
+    return hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash(), usecase], sort_keys=True).encode()).hexdigest()
 
 
 def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str) -> TrainResult:

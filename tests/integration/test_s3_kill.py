@@ -24,6 +24,7 @@ from flywheel.cli import main
 from flywheel.config import load_settings
 from flywheel.storage import Storage
 from tests import factories
+from tests.factories import FRAUD_SCHEMA
 from tests.s3_server import FaultProxy, SeaweedS3
 
 LAKE = "s3://lake/tx"
@@ -55,7 +56,7 @@ def what_a_reader_sees(storage: Storage) -> dict[str, object]:
     """A reader of the lake: the latest snapshot, every part it lists read whole (sha256-checked)."""
     snapshot = lake.latest_snapshot(storage, LAKE)
     assert snapshot is not None
-    table = lake.read_snapshot(storage, snapshot)
+    table = lake.read_snapshot(storage, snapshot, FRAUD_SCHEMA)
     return {"sha256": snapshot.sha256, "rows": table.num_rows, "ids": sorted(table.column("transaction_id").to_pylist())}
 
 

@@ -39,6 +39,7 @@ def key_with(tmp_path: Path, edit: tuple[str, str, str] | None, program: str = K
     copy = tmp_path / "src"
     if not copy.exists():
         shutil.copytree(ROOT / "flywheel", copy / "flywheel", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "usecases", copy / "usecases")  # the settings' default use case, from cwd
     if edit:
         path = copy / "flywheel" / edit[0]
         text = path.read_text()

@@ -17,6 +17,7 @@ from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
 
+USECASE = factories.FRAUD
 DELAY = dt.timedelta(days=3)
 LOOKBACK = compute.lookback_days(DELAY)  # 33 days
 
@@ -44,13 +45,13 @@ def snapshot_of(storage: Storage, tx: pd.DataFrame, name: str) -> LakeSnapshot:
 
 
 def build(storage: Storage, snapshot: LakeSnapshot, delay: dt.timedelta = DELAY) -> incremental.DayTables:
-    rows = read_snapshot(storage, snapshot).to_pandas()
-    return incremental.feature_tables(storage, rows, snapshot, delay, run_id="test")
+    rows = read_snapshot(storage, snapshot, factories.FRAUD_SCHEMA).to_pandas()
+    return incremental.feature_tables(storage, rows, snapshot, delay, run_id="test", usecase_digest=USECASE.digest)
 
 
 def whole(storage: Storage, snapshot: LakeSnapshot, delay: dt.timedelta = DELAY) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The oracle: every feature row computed at once from the whole snapshot."""
-    rows = read_snapshot(storage, snapshot).to_pandas()
+    rows = read_snapshot(storage, snapshot, factories.FRAUD_SCHEMA).to_pandas()
     return compute.card_feature_table(rows), compute.merchant_feature_table(rows, delay)
 
 
@@ -101,7 +102,7 @@ def test_a_changed_label_delay_reuses_nothing(storage, transactions):
 def test_a_stored_day_that_changed_on_disk_is_refused(storage, transactions):
     snapshot = snapshot_of(storage, transactions[transactions.ts < "2026-09-08"], "a")
     build(storage, snapshot)
-    key = incremental.day_keys(snapshot, DELAY)[dates(transactions)[5]]
+    key = incremental.day_keys(snapshot, DELAY, usecase_digest=USECASE.digest)[dates(transactions)[5]]
     uri = f"{incremental.day_uri(storage, key)}/card_features.parquet"
     storage.write_bytes(uri, storage.read_bytes(uri) + b"x")
     with pytest.raises(Exception, match="sha256 mismatch"):

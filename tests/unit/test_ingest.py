@@ -23,6 +23,7 @@ from flywheel.lake import part_name as lake_part_name
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
+from tests.factories import FRAUD_CONTRACT, FRAUD_SCHEMA
 
 DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
 
@@ -34,7 +35,7 @@ def make_transactions(rows: int = 300, seed: int = 0, id_prefix: str = "t") -> p
 
 def ingest_and_publish(storage: Storage, source: str, lake: str, run_id: str) -> LakeSnapshot:
     """Ingest a batch and publish it without validation."""
-    return publish_staged(storage, ingest(storage, source, lake, run_id), run_id)
+    return publish_staged(storage, ingest(storage, source, lake, run_id, contract=FRAUD_CONTRACT), run_id)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
@@ -104,14 +105,14 @@ def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage,
         assert ts.is_monotonic_increasing
         assert set(ts.dt.strftime("%Y-%m-%d")) == {part["date"]}
 
-    table = read_snapshot(storage, snap)
+    table = read_snapshot(storage, snap, FRAUD_SCHEMA)
     assert table.schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
     got = table.to_pandas().sort_values("transaction_id").reset_index(drop=True)
     want = expected.sort_values("transaction_id").reset_index(drop=True)
     # Same instants whatever the source format (csv with Z, jsonl with +02:00 offsets).
     pd.testing.assert_series_equal(got["ts"], want["ts"].astype("datetime64[us, UTC]"), check_names=False)
     pd.testing.assert_frame_equal(got.drop(columns="ts"), want.drop(columns="ts"), check_dtype=False)
-    assert read_snapshot(storage, snap, columns=["amount"]).column_names == ["amount"]
+    assert read_snapshot(storage, snap, FRAUD_SCHEMA, columns=["amount"]).column_names == ["amount"]
 
 
 def test_manifest_is_published_and_loadable(storage: Storage, raw, tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ def test_parts_no_manifest_names_are_staged_again_not_trusted(storage: Storage, 
     for manifest in (lake / "_snapshots").iterdir():  # the parts are there, but no manifest names them
         manifest.unlink()
 
-    staged = ingest(storage, str(folder), str(lake), run_id="r2")
+    staged = ingest(storage, str(folder), str(lake), run_id="r2", contract=FRAUD_CONTRACT)
     assert sorted(staged.new_parts) == [p["uri"] for p in first.parts]  # through staging (and validation) again
     second = publish_staged(storage, staged, "r2")
 
@@ -201,7 +202,7 @@ def test_extra_columns_are_dropped_and_naive_timestamps_are_utc(storage: Storage
     path = write_parquet(df, tmp_path / "raw" / "naive.parquet")
 
     snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
-    table = read_snapshot(storage, snap)
+    table = read_snapshot(storage, snap, FRAUD_SCHEMA)
 
     assert table.column_names == TRANSACTION_SCHEMA.names
     assert sorted(table.column("ts").to_pylist()) == sorted(
@@ -222,7 +223,7 @@ def test_mixed_iso_strings_parse_to_the_same_instants(storage: Storage, tmp_path
     ]
     path = write_csv(df, tmp_path / "raw" / "mixed.csv")
     snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
-    got = read_snapshot(storage, snap).column("ts").to_pylist()
+    got = read_snapshot(storage, snap, FRAUD_SCHEMA).column("ts").to_pylist()
     assert got == [dt.datetime(2026, 3, 1, 10, tzinfo=dt.timezone.utc)] * 5
 
 
@@ -231,7 +232,7 @@ def test_csv_ids_keep_leading_zeros(storage: Storage, tmp_path: Path) -> None:
     df["transaction_id"] = [f"{i:06d}" for i in range(20)]
     path = write_csv(df, tmp_path / "raw" / "ids.csv")
     snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
-    assert sorted(read_snapshot(storage, snap).column("transaction_id").to_pylist())[0] == "000000"
+    assert sorted(read_snapshot(storage, snap, FRAUD_SCHEMA).column("transaction_id").to_pylist())[0] == "000000"
 
 
 def _assert_refused(storage: Storage, folder: Path, lake: Path, *fragments: str) -> str:
@@ -336,7 +337,7 @@ def lake_state(lake: Path) -> dict[Path, bytes]:
 
 
 def snapshot_ids(storage: Storage, snap: LakeSnapshot) -> list[str]:
-    return read_snapshot(storage, snap, columns=["transaction_id"]).column("transaction_id").to_pylist()
+    return read_snapshot(storage, snap, FRAUD_SCHEMA, columns=["transaction_id"]).column("transaction_id").to_pylist()
 
 
 @pytest.fixture()
@@ -397,7 +398,7 @@ def test_conflicting_redelivery_is_refused_and_the_lake_is_unchanged(
         ingest_and_publish(storage, str(folder), str(lake), run_id="bad")
 
     message = str(info.value)
-    for fragment in ("b_changed.parquet", "1 transaction id", "'p00007'", "amount", "/transactions/date=",
+    for fragment in ("b_changed.parquet", "1 transaction_id value", "'p00007'", "amount", "/transactions/date=",
                      "fix the source", "fresh lake"):
         assert fragment in message, message
     assert lake_state(lake) == before, "a conflict must leave the lake untouched"
@@ -412,7 +413,7 @@ def test_conflict_message_names_up_to_three_examples(storage: Storage, lake_with
     with pytest.raises(DataError) as info:
         ingest_and_publish(storage, str(tmp_path / "resent"), str(lake), run_id="bad")
     message = str(info.value)
-    assert "10 transaction id(s)" in message and "'p00000', 'p00001', 'p00002', ..." in message
+    assert "10 transaction_id value(s)" in message and "'p00000', 'p00001', 'p00002', ..." in message
     assert "'p00003'" not in message
 
 
@@ -490,7 +491,7 @@ def test_a_file_read_in_chunks_keeps_each_chunks_rows_in_order_in_its_date_parts
     frames = {f"f{i}.parquet": make_transactions(700, seed=i, id_prefix=f"k{i}-") for i in range(2)}
     for name, df in frames.items():
         write_parquet(df, folder / name)
-    staged = ingest(storage, str(folder), str(lake_dir), "r1", IngestOptions(chunk_rows=chunk))
+    staged = ingest(storage, str(folder), str(lake_dir), "r1", IngestOptions(chunk_rows=chunk), contract=FRAUD_CONTRACT)
     snap = publish_staged(storage, staged, "r1")
 
     assert snap.rows == 1400 and len(snap.parts) == 2 * len(DATES)
@@ -502,4 +503,4 @@ def test_a_file_read_in_chunks_keeps_each_chunks_rows_in_order_in_its_date_parts
             [entry] = [p for p in snap.parts if p["uri"] == f"{lake_dir}/transactions/date={date}/{part}"]
             ids = pq.read_table(entry["uri"]).column("transaction_id")
             assert ids.to_pylist() == rows["transaction_id"].tolist()
-            assert read_id_index(storage, entry).tolist() == sorted(id_hashes(ids).tolist())
+            assert read_id_index(storage, entry, FRAUD_CONTRACT).tolist() == sorted(id_hashes(ids).tolist())

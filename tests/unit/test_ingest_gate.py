@@ -334,7 +334,7 @@ def test_a_big_file_is_read_a_chunk_at_a_time(flywheel_home: Settings, tmp_path:
     monkeypatch.setenv("FLYWHEEL_INGEST__CHUNK_ROWS", "1000")
     seen: list[int] = []
     original = ingest_module.conform
-    monkeypatch.setattr(ingest_module, "conform", lambda uri, table: seen.append(table.num_rows) or original(uri, table))
+    monkeypatch.setattr(ingest_module, "conform", lambda uri, table, schema: seen.append(table.num_rows) or original(uri, table, schema))
     source = tmp_path / "big" / "tx.parquet"
     source.parent.mkdir()
     pq.write_table(pa.Table.from_pandas(batch(6, "f", rows=12_000), preserve_index=False), source, row_group_size=4000)

@@ -18,6 +18,7 @@ from flywheel.ingest import ingest
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
+from tests.factories import FRAUD_CONTRACT, FRAUD_SCHEMA
 
 
 def batch(rows: int, prefix: str, seed: int, **kwargs) -> pd.DataFrame:
@@ -43,7 +44,7 @@ def lake_state(lake_dir: Path) -> dict[str, bytes | None]:
 
 def latest_ids(storage: Storage, lake_uri: str) -> set[str]:
     snapshot = lake.latest_snapshot(storage, lake_uri)
-    return set(lake.read_snapshot(storage, snapshot, ["transaction_id"]).column("transaction_id").to_pylist())
+    return set(lake.read_snapshot(storage, snapshot, FRAUD_SCHEMA, ["transaction_id"]).column("transaction_id").to_pylist())
 
 
 @pytest.fixture()
@@ -169,8 +170,8 @@ def test_parts_no_manifest_names_are_never_published(clean_lake, tmp_path: Path,
 
 def test_a_batch_staged_on_an_older_lake_is_refused(storage_and_lake) -> None:
     storage, lake_uri, tmp_path = storage_and_lake
-    first = ingest(storage, deliver(batch(40, "p", 1), tmp_path / "p"), lake_uri, "run-1")
-    second = ingest(storage, deliver(batch(40, "q", 2), tmp_path / "q"), lake_uri, "run-2")  # staged on the same (empty) lake
+    first = ingest(storage, deliver(batch(40, "p", 1), tmp_path / "p"), lake_uri, "run-1", contract=FRAUD_CONTRACT)
+    second = ingest(storage, deliver(batch(40, "q", 2), tmp_path / "q"), lake_uri, "run-2", contract=FRAUD_CONTRACT)  # staged on the same (empty) lake
     lake.publish_staged(storage, first, "run-1")
     before = lake_state(Path(lake_uri) / "_snapshots")
 
@@ -178,12 +179,12 @@ def test_a_batch_staged_on_an_older_lake_is_refused(storage_and_lake) -> None:
         lake.publish_staged(storage, second, "run-2")
 
     assert lake_state(Path(lake_uri) / "_snapshots") == before
-    assert lake.publish_staged(storage, ingest(storage, str(tmp_path / "q"), lake_uri, "run-3"), "run-3").rows == 80
+    assert lake.publish_staged(storage, ingest(storage, str(tmp_path / "q"), lake_uri, "run-3", contract=FRAUD_CONTRACT), "run-3").rows == 80
 
 
 def test_a_staged_snapshot_has_the_identity_it_is_published_under(storage_and_lake) -> None:
     storage, lake_uri, tmp_path = storage_and_lake
-    staged = ingest(storage, deliver(batch(40, "p", 1), tmp_path / "p"), lake_uri, "run-1")
+    staged = ingest(storage, deliver(batch(40, "p", 1), tmp_path / "p"), lake_uri, "run-1", contract=FRAUD_CONTRACT)
     assert staged.uri == f"{lake_uri}/_staging/run-1/snapshot.json" and staged.staged
     assert all(p["staged_uri"].startswith(f"{lake_uri}/_staging/run-1/transactions/date=") for p in staged.parts)
     assert lake.latest_snapshot(storage, lake_uri) is None and not (Path(lake_uri) / "transactions").exists()
@@ -197,10 +198,10 @@ def test_a_staged_snapshot_has_the_identity_it_is_published_under(storage_and_la
     assert all(Path(p["ids"]).is_file() and p["ids"].startswith(f"{lake_uri}/_index/") for p in published.parts)
     for part in published.parts:  # each part's slice of the batch's id index holds exactly its ids
         ids = pq.read_table(part["uri"]).column("transaction_id")
-        assert lake.read_id_index(storage, part).tolist() == sorted(lake.id_hashes(ids).tolist())
+        assert lake.read_id_index(storage, part, FRAUD_CONTRACT).tolist() == sorted(lake.id_hashes(ids).tolist())
     assert len(set(lake.id_hashes(pa.array([f"t{i}" for i in range(100_000)])).tolist())) == 100_000
     assert lake.publish_staged(storage, staged, "run-1") == published  # idempotent
-    assert lake.read_snapshot(storage, published).num_rows == 40
+    assert lake.read_snapshot(storage, published, FRAUD_SCHEMA).num_rows == 40
 
 
 @pytest.fixture()
