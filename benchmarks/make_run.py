@@ -55,7 +55,7 @@ def main() -> None:
     else:
         setup_s = timed(["make", "setup"], clone, env)
     run_s = timed(["make", "run"], clone, env)
-    summary_path = max((clone / ".flywheel" / "store" / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+    summary_path = max((clone / ".flywheel" / "store" / "fraud" / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     summary = json.loads(summary_path.read_text())
     metrics, truth = summary["metrics"], summary["truth"]
     figures = {

@@ -443,7 +443,7 @@ class Settings(_Section):
     # the working directory unless absolute. Also FLYWHEEL_USECASE or --usecase. Default: see
     # default_usecase (the repository's first use case, so `make run` in a checkout runs it).
     usecase: Path = Field(default_factory=lambda: default_usecase())
-    model_name: str = "fraud"
+    model_name: str = ""  # what clients name the model in URLs, and its registry's name; empty: the use case's name
     image: str = "ghcr.io/flywheel-ml/flywheel:0.1.0"
     storage: StorageSettings = Field(default_factory=StorageSettings)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -460,11 +460,20 @@ class Settings(_Section):
     def _fill_defaults_under_home(self) -> "Settings":
         self.home = self.home.expanduser().resolve()
         self.usecase = self.usecase.expanduser().resolve()
+        if not self.model_name:
+            self.model_name = self.namespace
         if not self.storage.root:
             self.storage.root = str(self.home / "store")
         if not self.features.dir:
             self.features.dir = str(self.home / "feast")
         return self
+
+
+    @property
+    def namespace(self) -> str:
+        """The use case's name (its folder's): every artifact of the use case lives below this folder
+        of the storage root and of the Feast folder, so several use cases share one storage root."""
+        return self.usecase.name
 
 
 def write_settings(settings: Settings, path: str | os.PathLike[str]) -> Path:

@@ -516,7 +516,9 @@ class Storage:
                 backoff_s=cfg.retry_backoff_s,
                 timeout_s=cfg.timeout_s,
             )
-        return cls(cfg.root, s3)
+        # Each use case has its own folder of the root (lake, features, training sets, registry,
+        # reports, runs, lineage): several share one root without seeing each other's artifacts.
+        return cls(join(cfg.root, settings.namespace), s3)
 
     @property
     def s3(self) -> S3Backend | None:

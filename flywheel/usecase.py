@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.aggregations import Features, load_features
 from flywheel.contract import CONTRACT_FILE, Contract, load_contract
 from flywheel.errors import UseCaseError
 
@@ -37,6 +38,7 @@ class UseCase:
     folder: Path  # absolute
     name: str  # the folder's name
     contract: Contract
+    features: Features  # its windowed aggregations per entity (features.yaml; none when absent)
     digest: str  # sha256 over the folder's files: part of every content key the use case shapes
     files: tuple[str, ...]  # the files the digest covers, relative to the folder
 
@@ -91,10 +93,11 @@ def _load(path: Path, signature: tuple[tuple[str, int, int], ...]) -> UseCase:
                            "cluster, so it must be lower-case letters, digits, '-' and '_' (at most 63), starting "
                            "with a letter or digit: rename the folder")
     contract = load_contract(path)
+    features = load_features(path, contract)
     files = use_case_files(path)
     try:
         digest = folder_digest(path, files)
     except OSError as exc:
         raise UseCaseError(f"use case {path} cannot be read: {exc.strerror or exc}") from None
-    return UseCase(folder=path, name=path.name, contract=contract, digest=digest,
+    return UseCase(folder=path, name=path.name, contract=contract, features=features, digest=digest,
                    files=tuple(p.relative_to(path).as_posix() for p in files))

@@ -43,11 +43,16 @@ JOIN_CHUNK_ROWS = 25_000
 VIEWS = [(CARD_VIEW, "card_id", CARD_FEATURES), (MERCHANT_VIEW, "merchant_id", MERCHANT_FEATURES)]
 
 
+def feast_home(settings: Settings) -> Path:
+    """The use case's folder of Feast files (its feature worlds, and the latest world's env file)."""
+    return Path(settings.features.dir) / settings.namespace
+
+
 def world_dir(settings: Settings, world: str) -> Path:
     """The folder of one feature world (its registry, and its SQLite online store)."""
     if not world or not world.isalnum():
         raise FeatureStoreError(f"invalid feature world {world!r}: expected the hex key of a training set")
-    return Path(settings.features.dir) / "worlds" / world
+    return feast_home(settings) / "worlds" / world
 
 
 def offline_store_versions(settings: Settings) -> dict[str, str]:
@@ -124,7 +129,8 @@ def point_feast_cli_at(settings: Settings, world: str) -> Path:
         # The ray store needs its engine's settings too: the CLI joins and materializes on DuckDB.
         "FLYWHEEL_FEAST_OFFLINE_STORE": _offline_store_type("duckdb-asof" if offline == "ray" else offline),
     }
-    path = Path(settings.features.dir) / "latest.env"
+    path = feast_home(settings) / "latest.env"
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".latest.env.{os.getpid()}")
     partial.write_text("".join(f"{name}={shlex.quote(value)}\n" for name, value in values.items()))
     os.replace(partial, path)

@@ -178,9 +178,10 @@ def worker_args(settings: Settings, data: str, spec: str, out: str) -> list[str]
 
 def storage_env(settings: Settings) -> dict[str, str]:
     """The storage settings as the workers' environment (what the cluster jobs set from the settings
-    and a Secret): the workers build the same Storage from them."""
+    and a Secret): the workers build the same Storage from them, in the same use case's namespace."""
     store = settings.storage
     env = {
+        "FLYWHEEL_USECASE": str(settings.usecase),
         "FLYWHEEL_STORAGE__ROOT": store.root,
         "FLYWHEEL_STORAGE__S3_ENDPOINT": store.s3_endpoint,
         "FLYWHEEL_STORAGE__S3_SECURE": str(store.s3_secure).lower(),

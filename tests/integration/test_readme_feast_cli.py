@@ -35,7 +35,7 @@ def test_feast_cli_in_feature_repo_lists_and_materializes_the_latest_world_verba
     [script] = blocks("Feast's CLI on flywheel's registry", "sh")
     settings = trained_loop["settings"]
     world = latest_training_set(trained_loop["storage"]).world
-    assert (Path(settings.features.dir) / "latest.env").read_text() == (
+    assert (Path(settings.features.dir) / "fraud" / "latest.env").read_text() == (
         f"FLYWHEEL_FEAST_PROJECT={feast_store.feast_project(settings, world)}\n"
         f"FLYWHEEL_FEAST_WORLD={feast_store.world_dir(settings, world).resolve()}\n"
         "FLYWHEEL_FEAST_OFFLINE_STORE=flywheel.features.asof_store.AsofDuckDBOfflineStore\n"

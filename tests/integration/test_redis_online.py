@@ -87,7 +87,7 @@ def test_online_features_read_from_redis_equal_the_offline_tables_latest_rows(re
 
     store = open_served_store(settings, world)
     assert store.config.online_store.type == "redis"
-    assert not (Path(settings.features.dir) / "worlds" / world / "online.db").exists(), "the world wrote a SQLite store"
+    assert not (Path(settings.features.dir) / settings.namespace / "worlds" / world / "online.db").exists(), "the world wrote a SQLite store"
     # Every card, each paired with a merchant (cycled): one read covers both views' entities.
     merchants = list(want_merchants.index)
     rows = [{"card_id": card, "merchant_id": merchants[i % len(merchants)]} for i, card in enumerate(want_cards.index)]

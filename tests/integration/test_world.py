@@ -64,7 +64,7 @@ def step_record(storage: Storage, run_id: str, step: str) -> dict[str, Any]:
 
 
 def worlds_on_disk(settings: Settings) -> set[str]:
-    folder = Path(settings.features.dir) / "worlds"
+    folder = Path(settings.features.dir) / settings.namespace / "worlds"
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
 

@@ -49,7 +49,8 @@ def two_runs(tmp_path_factory):
 
 
 def store_of(home: Path) -> Path:
-    return home / "custom-store" if (home / "custom-store").exists() else home / "store"
+    root = home / "custom-store" if (home / "custom-store").exists() else home / "store"
+    return root / "fraud"  # the use case's namespace
 
 
 def summaries(home: Path) -> list[dict]:
@@ -67,7 +68,7 @@ def test_a_settings_file_is_honoured_by_every_step(two_runs):
     for step in summary["steps"]:
         for uri in step.get("artifacts", {}).values():
             assert uri.startswith(str(home / "custom-store")), (step["step"], uri)
-        assert (home / "custom-store" / "runs" / summary["run_id"] / "steps" / f"{step['step']}.json").is_file()
+        assert (home / "custom-store" / "fraud" / "runs" / summary["run_id"] / "steps" / f"{step['step']}.json").is_file()
     model = Registry(Storage.from_settings(load_settings(env=env)), "fraud").get(summary["model_version"])
     assert model.meta["params"]["epochs"] == CUSTOM_EPOCHS and len(model.meta["epochs"]) == CUSTOM_EPOCHS
 

@@ -37,7 +37,7 @@ def settings(tmp_path):
 
 @pytest.fixture
 def registry(settings, tmp_path):
-    registry = Registry(Storage(settings.storage.root), "fraud")
+    registry = Registry(Storage.from_settings(settings), "fraud")
     stable, candidate = (publish(registry, tmp_path / f"m{n}", n) for n in range(2))
     registry.promote(stable, run_id="r0")
     return registry, stable, candidate
@@ -191,7 +191,7 @@ def test_a_canary_that_never_becomes_ready_times_out_and_is_rolled_back(settings
 
 
 def test_the_first_version_is_created_at_full_traffic_and_promoted(settings, tmp_path):
-    reg = Registry(Storage(settings.storage.root), "fraud")
+    reg = Registry(Storage.from_settings(settings), "fraud")
     first = publish(reg, tmp_path / "m", 0)
     with kube_standin(Scenario(status=lambda n, obj: ready(obj))) as standin:
         record = release_on_kserve(reg.storage, settings, first, "run-first", api_client=standin.api_client())

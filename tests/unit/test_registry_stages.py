@@ -162,7 +162,7 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_models_cli_lists_shows_promotes_and_rolls_back(tmp_path):
     home = tmp_path / "home"
-    registry = Registry(Storage(str(home / "store")), "fraud")
+    registry = Registry(Storage(str(home / "store" / "fraud")), "fraud")
     v0, v1 = (publish(registry, tmp_path / f"m{n}", n) for n in range(2))
     assert cli(home, "promote", v0, "--reason", "first").returncode == 0
     result = cli(home, "promote", v1, "--reason", "better")

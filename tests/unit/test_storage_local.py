@@ -26,7 +26,7 @@ def leftovers(folder: Path) -> list[Path]:
 
 
 def test_from_settings_is_local_under_home(storage: Storage, flywheel_home: Settings) -> None:
-    assert storage.root == str(flywheel_home.home / "store")
+    assert storage.root == str(flywheel_home.home / "store" / "fraud")  # the use case's namespace
     assert storage.s3 is None
 
 

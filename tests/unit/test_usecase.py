@@ -128,14 +128,16 @@ def test_the_use_case_is_chosen_by_settings_environment_or_option(tmp_path, monk
     for argv in (["ingest", str(source), "--usecase", "readings"], ["--usecase", str(folder), "ingest", str(source)]):
         assert main(argv) == 0, capsys.readouterr().err
         assert "FLYWHEEL_USECASE" not in os.environ
-    lake = tmp_path / "home" / "store" / "lake"
+    lake = tmp_path / "home" / "store" / "readings" / "lake"  # the use case's namespace
     latest = json.loads((lake / "_snapshots" / "latest.json").read_text())
     assert latest["rows"] == 300  # the second ingest found the file already in the lake
-    # Without the option, the default (fraud) contract refuses these rows, naming the columns.
+    # Without the option, the default (fraud) use case, in the same storage root: its own lake (the
+    # file is new to it), whose contract refuses these rows, naming the columns.
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "fraud-home"))
     assert main(["ingest", str(source)]) == 1
     assert "missing required columns" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "store" / "fraud" / "lake" / "_snapshots").exists()
+    assert json.loads((lake / "_snapshots" / "latest.json").read_text())["rows"] == 300
 
 
 def test_an_unknown_use_case_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch, capsys):
