@@ -1,0 +1,336 @@
+"""The aggregation engine (flywheel/features/engine.py) against an oracle written naively here: for
+every entity, instant and aggregation, the events in (t - window, t] picked out one by one. Plus the
+edge cases of the semantics (flywheel/aggregations.py), each named after the bug it catches, the
+day-by-day computation against a whole one, and fraud's hand-written tables expressed as declarations."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import statistics
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pandas.testing import assert_frame_equal
+
+from flywheel.aggregations import Aggregation, Features, parse_features, parse_window
+from flywheel.contract import parse_contract
+from flywheel.errors import UseCaseError
+from flywheel.features import compute
+from flywheel.features.engine import CREATED_TIMESTAMP, EVENT_TIMESTAMP, entity_table, known_times, lookback
+from tests import factories
+
+# Flights-like: a label known at a time in a column (nullable: not landed), two entities.
+LEGS = parse_contract(yaml.safe_load("""
+columns:
+  tail: {type: string}
+  origin: {type: string}
+  departs: {type: timestamp}
+  lands: {type: timestamp, nullable: true}
+  distance: {type: float64, min: 0}
+  carrier: {type: string, nullable: true}
+  delay: {type: float64, nullable: true}
+timestamp: departs
+labels: [delay]
+label_known: {column: lands}
+entities: {tail: tail, origin: origin}
+unlabelled: keep
+"""), "legs")
+
+ALL_OPS = [
+    {"op": "count", "window": "3h"},
+    {"op": "sum", "column": "distance", "window": "3h"},
+    {"op": "mean", "column": "distance", "window": "1d"},
+    {"op": "std", "column": "distance", "window": "1d"},
+    {"op": "min", "column": "distance", "window": "6h"},
+    {"op": "max", "column": "distance", "window": "6h"},
+    {"op": "distinct", "column": "carrier", "window": "12h"},
+    {"op": "last", "column": "carrier", "window": "1d"},
+    {"op": "last_time", "window": "2d"},
+    {"op": "mean", "column": "delay", "window": "1d"},
+    {"op": "count", "window": "90m", "name": "recent_departures"},
+    {"op": "count", "column": "carrier", "window": "6h"},
+    {"op": "count", "column": "delay", "window": "1d"},
+    {"op": "max", "column": "delay", "window": "6h", "fill": -1},
+    {"op": "last", "column": "delay", "window": "2d"},
+]
+
+
+def legs(rows: int, seed: int, days: int = 3) -> pd.DataFrame:
+    """Random legs on a coarse clock (every 15 minutes), so instants tie and windows end exactly on
+    events; some carriers and delays missing; some never land."""
+    rng = np.random.default_rng(seed)
+    departs = pd.Timestamp("2026-05-01", tz="UTC") + pd.to_timedelta(rng.integers(0, days * 96, rows) * 15, unit="min")
+    lands = departs + pd.to_timedelta(rng.integers(2, 12, rows) * 15, unit="min")
+    landed = rng.random(rows) > 0.1
+    return pd.DataFrame({
+        "tail": rng.choice(["N1", "N2", "N3", "N4"], rows),
+        "origin": rng.choice(["EWR", "JFK"], rows),
+        "departs": departs.astype("datetime64[us, UTC]"),
+        "lands": pd.Series(lands.astype("datetime64[us, UTC]")).where(landed),
+        "distance": rng.choice([200.0, 750.5, 1200.25, 2500.0], rows),
+        "carrier": pd.Series(rng.choice(["AA", "B6", "UA"], rows)).where(rng.random(rows) > 0.15),
+        "delay": pd.Series(rng.normal(10, 30, rows).round(1)).where(landed),
+    })
+
+
+def oracle(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Aggregation]]) -> pd.DataFrame:
+    """The table computed the slow, obvious way."""
+    key = contract.entities[entity]
+    known = known_times(rows, contract)
+    streams = {}  # stream -> list of (key, time, row position)
+    events = [(k, t, i) for i, (k, t) in enumerate(zip(rows[key], rows[contract.timestamp]))]
+    labelled = {label: [(k, t, i) for i, (k, t, v) in enumerate(zip(rows[key], known, rows[label]))
+                        if not pd.isna(v) and not pd.isna(t)] for label in contract.labels}
+    for _, a in named:
+        stream = a.column if a.column in contract.labels else "events"
+        streams[stream] = labelled[stream] if stream != "events" else events
+    instants = sorted({(k, t) for stream in streams.values() for k, t, _ in stream})
+    table = []
+    for k, t in instants:
+        row = {key: k, EVENT_TIMESTAMP: t, CREATED_TIMESTAMP: t}
+        for name, a in named:
+            stream = streams[a.column if a.column in contract.labels else "events"]
+            inside = [i for kk, tt, i in stream if kk == k and t - a.window < tt <= t]
+            inside.sort(key=lambda i: ((known if a.column in contract.labels else rows[contract.timestamp]).iloc[i], i))
+            values = [rows[a.column].iloc[i] for i in inside] if a.column else []
+            present = [v for v in values if not pd.isna(v)]
+            if a.op == "count":
+                value = len(present) if a.column else len(inside)
+            elif a.op == "sum":
+                value = float(sum(present))
+            elif a.op == "mean":
+                value = statistics.fmean(present) if present else math.nan
+            elif a.op == "std":
+                value = statistics.stdev(present) if len(present) > 1 else math.nan
+            elif a.op == "min":
+                value = min(present) if present else math.nan
+            elif a.op == "max":
+                value = max(present) if present else math.nan
+            elif a.op == "distinct":
+                value = len(set(present))
+            elif a.op == "last":
+                value = present[-1] if present else math.nan
+            else:  # last_time
+                times = [rows[contract.timestamp].iloc[i] for i in inside]
+                value = max(times).timestamp() if times else math.nan
+            if a.fill is not None and isinstance(value, float) and math.isnan(value):
+                value = a.fill
+            row[name] = value
+        table.append(row)
+    out = pd.DataFrame(table, columns=[key, EVENT_TIMESTAMP, CREATED_TIMESTAMP, *[n for n, _ in named]])
+    for column in (EVENT_TIMESTAMP, CREATED_TIMESTAMP):
+        out[column] = pd.to_datetime(out[column], utc=True).astype("datetime64[us, UTC]")
+    for name, a in named:
+        if a.op in ("count", "distinct"):
+            out[name] = out[name].astype("int64")
+        elif a.op == "last" and a.column == "carrier":
+            out[name] = out[name].astype(object).where(out[name].notna(), np.nan)
+        else:
+            out[name] = out[name].astype("float64")
+    return out
+
+
+def declared(contract, entity: str, specs: list[dict]) -> list[tuple[str, Aggregation]]:
+    return parse_features({"aggregations": {entity: specs}}, contract, "test").named()[entity]
+
+
+@pytest.mark.parametrize("entity", ["tail", "origin"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_operation_equals_the_naive_oracle(entity, seed):
+    rows = legs(160, seed)
+    named = [(n, a) for n, a in declared(LEGS, entity, ALL_OPS) if not (a.op == "last" and a.column == "carrier")]
+    got = entity_table(rows, LEGS, entity, named)
+    want = oracle(rows, LEGS, entity, named)
+    assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=1e-9)
+
+
+def test_the_last_value_of_a_text_column_equals_the_oracle():
+    rows = legs(120, 5)
+    named = declared(LEGS, "tail", [{"op": "last", "column": "carrier", "window": "15m"}])
+    got = entity_table(rows, LEGS, "tail", named)
+    want = oracle(rows, LEGS, "tail", named)
+    assert got["tail_carrier_last_15m"].fillna("-").tolist() == want["tail_carrier_last_15m"].fillna("-").tolist()
+    assert got["tail_carrier_last_15m"].isna().any()  # windows with no carrier known
+
+
+# --- the semantics' edge cases -----------------------------------------------------------------------
+
+def tiny(times: list[str], tails: list[str] | None = None, lands: list[str | None] | None = None,
+         delays: list[float | None] | None = None) -> pd.DataFrame:
+    n = len(times)
+    departs = pd.to_datetime(times, utc=True).astype("datetime64[us, UTC]")
+    return pd.DataFrame({
+        "tail": tails or ["N1"] * n, "origin": ["EWR"] * n, "departs": departs,
+        "lands": pd.Series(pd.to_datetime(lands or [None] * n, utc=True)).astype("datetime64[us, UTC]"),
+        "distance": [100.0 * (i + 1) for i in range(n)], "carrier": ["AA"] * n,
+        "delay": pd.Series(delays or [None] * n, dtype="float64"),
+    })
+
+
+def test_an_event_exactly_one_window_before_is_not_in_the_window():
+    rows = tiny(["2026-05-01T00:00", "2026-05-01T01:00"])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "count", "window": "1h"}]))
+    assert table["tail_count_1h"].tolist() == [1, 1]  # (01:00 - 1h, 01:00] leaves out 00:00
+
+
+def test_events_at_the_same_instant_are_one_row_that_counts_them_all():
+    rows = tiny(["2026-05-01T00:00", "2026-05-01T00:30", "2026-05-01T00:30"])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "count", "window": "1h"},
+                                                                      {"op": "sum", "column": "distance", "window": "1h"}]))
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["00:00", "00:30"]
+    assert table["tail_count_1h"].tolist() == [1, 3] and table["tail_distance_sum_1h"].tolist() == [100.0, 600.0]
+
+
+def read_as_serving_does(table: pd.DataFrame, rows: pd.DataFrame, key: str = "tail") -> pd.DataFrame:
+    """Each row's features as a request at its event time reads them: the latest row strictly before."""
+    requests = rows[[key, "departs"]].rename(columns={"departs": EVENT_TIMESTAMP}).sort_values(EVENT_TIMESTAMP)
+    return pd.merge_asof(requests, table, on=EVENT_TIMESTAMP, by=key, allow_exact_matches=False)
+
+
+def test_a_label_counts_only_from_when_it_is_known_and_is_a_row_of_its_own():
+    """The first leg lands at 03:00 with a delay of 40: the tail's next departure at 02:00 knows
+    nothing of it, a row appears at 03:00, and the departure at 04:00 sees it."""
+    rows = tiny(["2026-05-01T01:00", "2026-05-01T02:00", "2026-05-01T04:00"],
+                lands=["2026-05-01T03:00", None, None], delays=[40.0, None, None])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "mean", "column": "delay", "window": "24h"},
+                                                                      {"op": "count", "window": "24h"}]))
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["01:00", "02:00", "03:00", "04:00"]
+    seen = read_as_serving_does(table, rows)
+    assert seen["tail_delay_mean_24h"].fillna(-1).tolist() == [-1, -1, 40.0]
+    assert seen["tail_count_24h"].fillna(-1).tolist() == [-1, 1, 2]
+
+
+def test_an_entity_with_label_aggregations_only_has_rows_when_labels_arrive():
+    rows = tiny(["2026-05-01T01:00", "2026-05-01T04:00"], lands=["2026-05-01T03:00", None], delays=[40.0, None])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "mean", "column": "delay", "window": "24h"}]))
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["03:00"]
+    assert read_as_serving_does(table, rows)["tail_delay_mean_24h"].fillna(-1).tolist() == [-1, 40.0]
+
+
+def test_a_rows_own_label_never_feeds_its_features_even_when_known_at_once():
+    """Read as serving reads (the latest row strictly before the request), a leg whose delay is known
+    the instant it departs (lands == departs) still does not see its own label."""
+    rows = tiny(["2026-05-01T01:00", "2026-05-01T02:00"], lands=["2026-05-01T01:00", "2026-05-01T02:00"],
+                delays=[5.0, 99.0])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "max", "column": "delay", "window": "36h"}]))
+    seen = read_as_serving_does(table, rows)
+    assert seen["tail_delay_max_36h"].isna().tolist() == [True, False] and seen["tail_delay_max_36h"].iloc[1] == 5.0
+
+
+def test_a_label_known_before_its_event_counts_from_the_event():
+    rows = tiny(["2026-05-01T05:00"], lands=["2026-05-01T04:00"], delays=[7.0])  # a clock error upstream
+    assert known_times(rows, LEGS).iloc[0] == rows["departs"].iloc[0]
+
+
+def test_missing_values_are_skipped_and_an_empty_window_is_zero_or_null():
+    rows = tiny(["2026-05-01T00:00", "2026-05-01T00:10"])
+    rows.loc[1, "distance"] = np.nan
+    named = declared(LEGS, "tail", [{"op": "count", "window": "1h"}, {"op": "sum", "column": "distance", "window": "1h"},
+                                    {"op": "mean", "column": "distance", "window": "1h"},
+                                    {"op": "std", "column": "distance", "window": "1h"},
+                                    {"op": "std", "column": "distance", "window": "1h", "fill": 0, "name": "spread"}])
+    table = entity_table(rows, LEGS, "tail", named)
+    last = table.iloc[-1]
+    assert last["tail_count_1h"] == 2 and last["tail_distance_sum_1h"] == 100.0 and last["tail_distance_mean_1h"] == 100.0
+    assert math.isnan(last["tail_distance_std_1h"]) and last["spread"] == 0.0
+
+
+# --- day by day equals whole -----------------------------------------------------------------------
+
+def test_each_day_from_its_lookback_equals_the_same_day_of_a_whole_computation():
+    """Bug caught: a window that reads past the lookback (a day computed alone misses rows), or sums
+    that round differently depending on where the computation starts."""
+    rows = legs(600, 3, days=6)
+    named = declared(LEGS, "tail", ALL_OPS)
+    whole = entity_table(rows, LEGS, "tail", named)
+    reach = lookback([a for _, a in named], LEGS, label_lag=dt.timedelta(hours=3))
+    days = []
+    for day in pd.date_range("2026-05-01", periods=7, freq="D", tz="UTC"):
+        start, end = day, day + pd.Timedelta(days=1)
+        needed = rows[(rows["departs"] >= start - reach) & (rows["departs"] < end)]
+        days.append(entity_table(needed, LEGS, "tail", named, since=start, until=end))
+    pieced = pd.concat(days, ignore_index=True).sort_values(["tail", EVENT_TIMESTAMP], kind="stable").reset_index(drop=True)
+    assert_frame_equal(pieced, whole, check_exact=True)
+
+
+# --- fraud's hand-written tables, declared ------------------------------------------------------------
+
+CARD = [
+    {"op": "count", "window": "1h", "name": "card_txn_count_1h"},
+    {"op": "count", "window": "24h", "name": "card_txn_count_24h"},
+    {"op": "count", "window": "7d", "name": "card_txn_count_7d"},
+    {"op": "mean", "column": "amount", "window": "30d", "name": "card_amount_mean_30d"},
+    {"op": "std", "column": "amount", "window": "30d", "fill": 0, "name": "card_amount_std_30d"},
+    {"op": "mean", "column": "lat", "window": "30d", "name": "card_lat_mean_30d"},
+    {"op": "mean", "column": "lon", "window": "30d", "name": "card_lon_mean_30d"},
+    {"op": "distinct", "column": "merchant_id", "window": "24h", "name": "card_distinct_merchants_24h"},
+    {"op": "last_time", "window": "30d", "name": "card_last_txn_unix"},
+]
+
+
+def test_frauds_card_table_declared_equals_the_hand_written_one():
+    """The engine generalizes compute.card_feature_table: declared as aggregations (the use case's
+    features.yaml), the same table."""
+    tx = factories.make_transactions(3000, seed=4, start="2026-09-01", days=40, cards=30, merchants=12)
+    contract = factories.FRAUD_CONTRACT
+    named = factories.FRAUD.features.named()["card"]
+    assert named == declared(contract, "card", CARD)
+    got = entity_table(tx, contract, "card", named)
+    want = compute.card_feature_table(tx)
+    assert_frame_equal(got, want, check_exact=False, rtol=1e-12)
+
+
+def test_frauds_merchant_rates_declared_equal_the_hand_written_ones_at_each_transaction():
+    """The fraud rate over the labels known at each transaction (chargebacks arrive 3 days later)
+    equals compute.merchant_feature_table's; the engine adds a row when each label arrives."""
+    tx = factories.make_transactions(3000, seed=5, start="2026-09-01", days=40, cards=30, merchants=12, fraud_every=7)
+    contract = factories.FRAUD_CONTRACT
+    got = entity_table(tx, contract, "merchant", factories.FRAUD.features.named()["merchant"])
+    want = compute.merchant_feature_table(tx, dt.timedelta(days=3))
+    at_transactions = want[["merchant_id", EVENT_TIMESTAMP]].merge(got, on=["merchant_id", EVENT_TIMESTAMP], how="left")
+    for name in ("merchant_txn_count_24h", "merchant_amount_mean_30d"):
+        # At a label-only instant the event aggregations are as of that instant too: compare at transactions.
+        assert np.allclose(at_transactions[name], want[name], rtol=1e-12, equal_nan=True), name
+    for name in ("merchant_labelled_count_30d", "merchant_fraud_rate_30d"):
+        assert np.allclose(at_transactions[name], want[name], rtol=1e-12, equal_nan=True), name
+    arrivals = (tx["ts"] + pd.Timedelta(days=3)).astype("datetime64[us, UTC]")
+    assert len(got) == len(pd.concat([tx[["merchant_id"]].assign(t=tx["ts"]), tx[["merchant_id"]].assign(t=arrivals)])
+                           .drop_duplicates())
+
+
+# --- the declaration ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("1h", 3600), ("24h", 86400), ("30d", 2_592_000), ("90s", 90),
+                                           ("15min", 900), ("PT1H", 3600), ("P7D", 604_800), (120, 120)])
+def test_windows_are_read_in_the_usual_spellings(text, seconds):
+    assert parse_window(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("specs, message", [
+    ({"plane": [{"op": "count", "window": "1h"}]}, "plane: not an entity of the contract"),
+    ({"tail": [{"op": "mean", "column": "wind", "window": "1h"}]}, "'wind' is not a column"),
+    ({"tail": [{"op": "mean", "column": "carrier", "window": "1h"}]}, "mean needs a number, and carrier is string"),
+    ({"tail": [{"op": "sum", "column": "lands", "window": "1h"}]}, "needs a number"),
+    ({"tail": [{"op": "count", "window": "1h"}, {"op": "count", "window": "60m"}]}, "the name tail_count_1h is also"),
+    ({"tail": [{"op": "count", "window": "1h", "name": "distance"}]}, "is a column of the contract"),
+    ({"tail": [{"op": "last_time", "column": "distance", "window": "1h"}]}, "last_time takes no column"),
+    ({"tail": [{"op": "mean", "window": "1h"}]}, "mean needs a column"),
+    ({"tail": [{"op": "median", "column": "distance", "window": "1h"}]}, "op"),
+    ({"tail": [{"op": "count", "window": "-1h"}]}, "is not a duration"),
+    ({"tail": [{"op": "count", "window": "0s"}]}, "a window must be positive"),
+    ({"tail": [{"op": "count"}]}, "window"),
+])
+def test_an_invalid_declaration_is_refused_naming_the_problem(specs, message):
+    with pytest.raises(UseCaseError) as info:
+        parse_features({"aggregations": specs}, LEGS, "features.yaml")
+    assert message in str(info.value) and "features.yaml" in str(info.value), str(info.value)
+
+
+def test_names_default_to_entity_column_op_and_window():
+    named = declared(LEGS, "tail", [{"op": "count", "window": "24h"}, {"op": "mean", "column": "delay", "window": "P30D"},
+                                    {"op": "max", "column": "distance", "window": "90m"}])
+    assert [n for n, _ in named] == ["tail_count_24h", "tail_delay_mean_30d", "tail_distance_max_90m"]
+    assert Features().named() == {}
