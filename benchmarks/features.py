@@ -49,23 +49,34 @@ OURS = "duckdb-asof"
 STORES = ["file", "duckdb", OURS]  # features.offline_store values
 NAMES = {"file": "file_store", "duckdb": "feast_duckdb", OURS: "ours"}
 
-PREPARE = """
+# Fraud's feature views and contract, as the loop builds them from usecases/fraud (each program runs alone).
+FRAUD_PRELUDE = f"""
+from pathlib import Path
+from flywheel.features.views import views_of
+from flywheel.usecase import load_usecase
+FRAUD = load_usecase(Path({str(ROOT)!r}) / "usecases" / "fraud")
+FRAUD_VIEWS, FRAUD_CONTRACT = views_of(FRAUD), FRAUD.contract
+def fraud_tables(card, merchant):
+    return {{"card_features": card, "merchant_features": merchant}}
+"""
+
+PREPARE = FRAUD_PRELUDE + """
 import sys, glob
 import pandas as pd
 from flywheel.datagen import generate
 from flywheel.config import load_settings
-from flywheel.features import compute
+from flywheel.features import engine
 from flywheel.storage import Storage
 rows, out = int(sys.argv[1]), sys.argv[2]
 generate(Storage(out + "/raw"), out + "/raw", rows=rows, days=30, seed=11)
 columns = ["transaction_id", "card_id", "merchant_id", "ts", "amount", "lat", "lon", "is_fraud"]
 tx = pd.concat([pd.read_parquet(p, columns=columns) for p in sorted(glob.glob(out + "/raw/*.parquet"))], ignore_index=True)
 tx.to_parquet(out + "/transactions.parquet")
-compute.card_feature_table(tx).to_parquet(out + "/card.parquet")
-compute.merchant_feature_table(tx, load_settings(env={}).features.label_delay).to_parquet(out + "/merchant.parquet")
+for view in FRAUD_VIEWS:  # the loop's tables: the use case's declared aggregations, by flywheel's engine
+    engine.entity_table(tx, FRAUD_CONTRACT, view.entity, list(view.aggregations)).to_parquet(out + f"/{view.entity}.parquet")
 """
 
-JOIN = """
+JOIN = FRAUD_PRELUDE + """
 import json, resource, sys, time
 import pandas as pd
 from flywheel.config import load_settings
@@ -74,11 +85,11 @@ from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 data, world, save = sys.argv[1], sys.argv[2], sys.argv[3]
 settings = load_settings()
 fs = feast_store.open_store(settings, world)
-feast_store.apply_definitions(fs, data + "/card.parquet", data + "/merchant.parquet")
+feast_store.apply_definitions(fs, FRAUD_VIEWS, fraud_tables(data + "/card.parquet", data + "/merchant.parquet"))
 tx = pd.read_parquet(data + "/transactions.parquet")
-feast_store.historical_features(fs, tx.head(10))  # warm: imports and first-call set-up are not the join
+feast_store.historical_features(fs, tx.head(10), FRAUD_VIEWS, FRAUD_CONTRACT)  # warm: imports and first-call set-up are not the join
 started = time.perf_counter()
-joined = feast_store.historical_features(fs, tx)
+joined = feast_store.historical_features(fs, tx, FRAUD_VIEWS, FRAUD_CONTRACT)
 seconds = time.perf_counter() - started
 if save:
     joined[["transaction_id", *CARD_FEATURES, *MERCHANT_FEATURES]].to_parquet(save)
@@ -115,7 +126,7 @@ write(out + "/card.parquet", "card_id", "c", CARD_FEATURES, rows, max(rows // 10
 write(out + "/merchant.parquet", "merchant_id", "m", MERCHANT_FEATURES, max(rows // 20, 1), max(rows // 400, 1))
 """
 
-MATERIALIZE = """
+MATERIALIZE = FRAUD_PRELUDE + """
 import json, resource, sys, time
 import numpy as np, pyarrow.parquet as pq
 from flywheel.config import load_settings
@@ -125,7 +136,7 @@ data, world, engine, reads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv
 settings = load_settings()
 tables = [data + "/card.parquet", data + "/merchant.parquet"]
 fs = feast_store.open_store(settings, world)
-feast_store.apply_definitions(fs, *tables)
+feast_store.apply_definitions(fs, FRAUD_VIEWS, fraud_tables(*tables))
 start, end = materialize_window(tables)
 started, cpu = time.perf_counter(), time.process_time()
 online_write.materialize_world(fs, settings, start, end, engine=engine)

@@ -25,12 +25,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from features import PREPARE, ROOT, run
+from features import FRAUD_PRELUDE, PREPARE, ROOT, run
 from results_table import write_results
 
 ENGINES = {"duckdb-asof": "embedded", "ray": "ray"}
 
-STEP = """
+STEP = FRAUD_PRELUDE + """
 import json, resource, sys, time
 import pandas as pd
 from flywheel.config import load_settings
@@ -41,12 +41,12 @@ data, save = sys.argv[1], sys.argv[2]
 settings = load_settings()
 began = time.perf_counter()
 fs = feast_store.open_store(settings, "bench")
-feast_store.apply_definitions(fs, data + "/card.parquet", data + "/merchant.parquet")
+feast_store.apply_definitions(fs, FRAUD_VIEWS, fraud_tables(data + "/card.parquet", data + "/merchant.parquet"))
 tx = pd.read_parquet(data + "/transactions.parquet")
-feast_store.historical_features(fs, tx.head(10))  # imports, first-call set-up, Ray's start
+feast_store.historical_features(fs, tx.head(10), FRAUD_VIEWS, FRAUD_CONTRACT)  # imports, first-call set-up, Ray's start
 out = {"startup_seconds": time.perf_counter() - began}
 cpu, started = time.process_time(), time.perf_counter()
-joined = feast_store.historical_features(fs, tx)
+joined = feast_store.historical_features(fs, tx, FRAUD_VIEWS, FRAUD_CONTRACT)
 out.update(join_seconds=time.perf_counter() - started, join_cpu_seconds=time.process_time() - cpu)
 joined[["transaction_id", *CARD_FEATURES, *MERCHANT_FEATURES]].to_parquet(save)
 cpu, started = time.process_time(), time.perf_counter()

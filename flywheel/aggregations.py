@@ -176,6 +176,10 @@ def check_against(features: Features, contract: Contract, source: str) -> Featur
                     problems.append(f"{where}: {aggregation.op} needs a number, and {column} is {kind}")
                 if column == contract.label_known.column:
                     problems.append(f"{where}: {column} is when a label becomes known, not a value to aggregate")
+                if column in contract.labels and contract.label_known.column and contract.label_known.within is None:
+                    problems.append(f"{where}: aggregating the label {column} needs label_known.within in the contract "
+                                    f"(the longest {contract.label_known.column} may come after the event), so that "
+                                    "a day's features know how far back to read")
             if name in seen:
                 problems.append(f"{where}: the name {name} is also {seen[name]}'s: give one a name")
             elif name in contract.columns:

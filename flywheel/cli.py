@@ -451,20 +451,24 @@ def cmd_features(args: argparse.Namespace) -> int:
             "run `flywheel features training-set --out URI` (or `flywheel run`) first"
         )
     world = feature_world(key)
-    card, merchant = latest_tables(storage)
+    tables = latest_tables(storage)
+    from flywheel.features.views import views_of
+    from flywheel.usecase import load_usecase
+
+    views = views_of(load_usecase(settings.usecase))
     store = feast_store.open_store(settings, world)
     if args.features_command == "apply":
-        feast_store.apply_definitions(store, card, merchant)
-        console.print(f"applied the card and merchant feature views to world {world} ({feast_store.world_dir(settings, world)})", soft_wrap=True)
+        feast_store.apply_definitions(store, views, tables)
+        console.print(f"applied the feature views {', '.join(tables)} to world {world} ({feast_store.world_dir(settings, world)})", soft_wrap=True)
         return 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from flywheel.features.online_write import materialize_world
 
-    start, end = materialize_window([card, merchant])
+    start, end = materialize_window(list(tables.values()))
     engine = args.engine or settings.features.materialize_engine
     started = time.perf_counter()
-    feast_store.apply_definitions(store, card, merchant)
+    feast_store.apply_definitions(store, views, tables)
     if engine == "feast":
         materialize_world(store, settings, start, end, engine="feast")
         done = "with Feast's own materialize"

@@ -119,10 +119,6 @@ class FeatureSettings(_Section):
     # (beyond it, DuckDB spills to disk): together they bound materialization's memory.
     materialize_chunk_rows: int = Field(100_000, ge=1)
     materialize_memory_mib: int = Field(512, ge=64)
-    # How long after its transaction a fraud label is known (chargebacks take days): the merchant's
-    # fraud rate at time t uses only labels of transactions up to t - label_delay. ISO 8601 ("P3D",
-    # "PT12H") or seconds. It shapes the feature tables, so it is part of their content key.
-    label_delay: dt.timedelta = Field(dt.timedelta(days=3), ge=dt.timedelta(0), le=dt.timedelta(days=365))
 
 
 class ClusterTrainingSettings(_Section):

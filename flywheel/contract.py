@@ -101,11 +101,16 @@ class LabelKnown(_Strict):
 
     delay: dt.timedelta | None = Field(None, ge=dt.timedelta(0))
     column: str | None = None
+    # With a column: the longest a label may take to become known after its event (a flight lands
+    # within a day). Features that aggregate labels read this far back; validation holds rows to it.
+    within: dt.timedelta | None = Field(None, gt=dt.timedelta(0))
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "LabelKnown":
         if (self.delay is None) == (self.column is None):
             raise ValueError("give exactly one of delay (ISO 8601, e.g. P3D) and column")
+        if self.within is not None and self.column is None:
+            raise ValueError("within bounds a label time held in a column; a fixed delay is its own bound")
         return self
 
 

@@ -4,9 +4,9 @@ The batch pattern: a plan pins the model version (the production one when the ru
 deployment during the run cannot mix versions) and splits the range into chunks; each chunk is scored
 on its own (in parallel on a cluster) and writes its days' partitions; a summary gathers the chunks.
 
-A chunk scores exactly as training saw its rows: the card and merchant aggregates are computed from
-the lake with the training code (:mod:`flywheel.features.compute`) over the chunk and the days
-before it that the features read (:func:`flywheel.features.compute.lookback_days`, and a margin),
+A chunk scores exactly as training saw its rows: the use case's aggregates are computed from the
+lake with the training code (:mod:`flywheel.features.engine`) over the chunk and the days before it
+that the features read (:func:`flywheel.features.incremental.lookback_days`, and a margin),
 and joined point-in-time through Feast
 (:func:`flywheel.features.store.historical_features`), so each transaction gets the features as they
 were just before it. Results land under ``<out>/date=YYYY-MM-DD/scores.parquet``, each with a lineage
@@ -28,7 +28,8 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import DataError, RegistryError
-from flywheel.features import compute, store as feast_store
+from flywheel.features import engine, incremental, store as feast_store
+from flywheel.features.views import views_of
 from flywheel.lake import LakeSnapshot, latest_snapshot, read_part
 from flywheel.usecase import load_usecase
 from flywheel.registry import Registry
@@ -81,12 +82,13 @@ def score_chunk(storage: Storage, settings: Settings, chunk: dict[str, str], sco
     """Score the transactions of one chunk of days and write one partition per day."""
     started = time.perf_counter()
     first, last = _date(chunk["start"], "chunk start"), _date(chunk["end"], "chunk end")
-    history_from = (first - dt.timedelta(days=compute.lookback_days(settings.features.label_delay) + HISTORY_MARGIN_DAYS)).isoformat()
+    usecase = load_usecase(settings.usecase)
+    history_from = (first - dt.timedelta(days=incremental.lookback_days(usecase) + HISTORY_MARGIN_DAYS)).isoformat()
     snapshot = LakeSnapshot.from_dict(storage.read_json(scoring["snapshot_uri"]))
     if snapshot.sha256 != scoring["snapshot_sha256"]:
         raise DataError(f"{scoring['snapshot_uri']} changed during the scoring run (sha256 mismatch)")
     parts = [p for p in snapshot.parts if history_from <= p["date"] <= chunk["end"]]
-    schema = load_usecase(settings.usecase).contract.arrow_schema()
+    schema = usecase.contract.arrow_schema()
     frames = [read_part(storage, part, schema, of=snapshot.uri).to_pandas() for part in parts]
     history = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     dates = history["ts"].dt.strftime("%Y-%m-%d") if len(history) else pd.Series(dtype=str)
@@ -123,13 +125,18 @@ def _point_in_time(settings: Settings, history: pd.DataFrame, target: pd.DataFra
     world = f"scoring{key}"  # a throwaway world: this chunk's registry and tables, removed after the join
     folder = feast_store.world_dir(settings, world)
     (folder / "offline").mkdir(parents=True, exist_ok=True)
-    card_path, merchant_path = folder / "offline" / "card_features.parquet", folder / "offline" / "merchant_features.parquet"
+    usecase = load_usecase(settings.usecase)
+    views = views_of(usecase)
+    until = pd.Timestamp(chunk["end"], tz="UTC") + pd.Timedelta(days=1)
     try:
-        compute.card_feature_table(history).to_parquet(card_path, index=False)
-        compute.merchant_feature_table(history, settings.features.label_delay).to_parquet(merchant_path, index=False)
+        paths = {}
+        for view in views:
+            paths[view.name] = str(folder / "offline" / f"{view.name}.parquet")
+            table = engine.entity_table(history, usecase.contract, view.entity, list(view.aggregations), until=until)
+            table.to_parquet(paths[view.name], index=False)
         fs = feast_store.open_store(settings, world)
-        feast_store.apply_definitions(fs, str(card_path), str(merchant_path))
-        return feast_store.historical_features(fs, target.reset_index(drop=True))
+        feast_store.apply_definitions(fs, views, paths)
+        return feast_store.historical_features(fs, target.reset_index(drop=True), views, usecase.contract)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -172,9 +172,9 @@ def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
             train_rows=ts.train_rows,
             holdout_rows=ts.holdout_rows,
             reused=ts.reused,
-            materialized={"cards": result.materialized_cards, "merchants": result.materialized_merchants},
+            materialized=result.materialized,
             timings={k: round(v, 2) for k, v in result.seconds.items()},
-            artifacts={"training_set": ts.uri, "card_features": result.card_table_uri, "merchant_features": result.merchant_table_uri},
+            artifacts={"training_set": ts.uri, **result.tables},
         )
     return ts.to_dict()
 

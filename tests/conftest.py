@@ -87,9 +87,12 @@ def s3_env(s3_server: S3Server, tmp_path: Path) -> Callable[..., dict[str, str]]
 
 @pytest.fixture
 def s3_storage(s3_env: Callable[..., dict[str, str]], aws_env: None) -> Storage:
-    """Storage rooted at ``s3://<fresh bucket>/flywheel`` on the test server, built from settings."""
+    """Storage of settings whose root is ``s3://<fresh bucket>/flywheel`` on the test server, built
+    from settings: rooted at the use case's folder of it (``.../flywheel/fraud``). ``settings_root``
+    is the settings' root, for ``s3_env``."""
     bucket = f"flywheel-test-{uuid.uuid4().hex[:12]}"
     storage = Storage.from_settings(load_settings(env=s3_env(f"s3://{bucket}/flywheel")))
+    storage.settings_root = f"s3://{bucket}/flywheel"  # type: ignore[attr-defined]
     assert storage.s3 is not None
     storage.s3.ensure_bucket(bucket)
     return storage

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
+from flywheel.features.views import views_of
 from flywheel.usecase import load_usecase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 FRAUD = load_usecase(REPO / "usecases" / "fraud")
 FRAUD_CONTRACT = FRAUD.contract
 FRAUD_SCHEMA = FRAUD_CONTRACT.arrow_schema()
+FRAUD_VIEWS = views_of(FRAUD)  # card_features and merchant_features, from its features.yaml
+
+
+def fraud_tables(card_table: object, merchant_table: object) -> dict[str, str]:
+    """Fraud's offline tables by view name (paths, or frames), as the features code takes them."""
+    return {"card_features": str(card_table) if not hasattr(card_table, "columns") else card_table,
+            "merchant_features": str(merchant_table) if not hasattr(merchant_table, "columns") else merchant_table}
 
 
 def make_transactions(

@@ -1,4 +1,5 @@
-"""The features step: aggregates from the lake, Feast apply + materialize, a point-in-time training set.
+"""The features step: the use case's declared aggregations from the lake (one offline table per
+entity, :mod:`flywheel.features.engine`), Feast apply + materialize, a point-in-time training set.
 
 Everything here is content-addressed by one key: the lake snapshot, the code that computes features
 and joins them (derived from this module's imports, see :mod:`flywheel.fingerprint`) and the
@@ -22,12 +23,13 @@ import pandas as pd
 from flywheel import lineage
 from flywheel.config import Settings
 from flywheel.errors import ArtifactNotFound, DataError, FeatureStoreError
-from flywheel.features import definitions, incremental, online_write, oracle, store as feast_store
+from flywheel.contract import Contract
+from flywheel.features import incremental, online_write, oracle, store as feast_store
+from flywheel.features.views import View, feature_refs, views_of
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot, read_snapshot
-from flywheel.usecase import load_usecase
-from flywheel.schema import LABEL
 from flywheel.storage import ObjectRef, Storage
+from flywheel.usecase import UseCase, load_usecase
 
 log = logging.getLogger(__name__)
 # Rows per row group of the training set: each training worker reads the row groups of its own shard.
@@ -50,7 +52,7 @@ class TrainingSet:
     holdout_positives: int
     cutoff: str
     snapshot_sha256: str
-    feature_refs: list[str] = field(default_factory=definitions.feature_refs)
+    feature_refs: list[str] = field(default_factory=list)  # view:feature, every feature the set holds
     files: dict[str, str] = field(default_factory=dict)  # train/holdout URI -> sha256
     reused: bool = False
 
@@ -81,10 +83,8 @@ class TrainingSet:
 @dataclass
 class FeaturesResult:
     training_set: TrainingSet
-    card_table_uri: str
-    merchant_table_uri: str
-    materialized_cards: int
-    materialized_merchants: int
+    tables: dict[str, str]  # view name -> its offline table's URI
+    materialized: dict[str, int]  # entity -> how many of them the online store now holds
     seconds: dict[str, float]
 
 
@@ -98,7 +98,6 @@ def features_key(snapshot_sha256: str, settings: Settings) -> str:
     makes them (this module and everything it imports) and the settings that shape them."""
     shaping = {
         "holdout_fraction": settings.data.holdout_fraction,
-        "label_delay_s": settings.features.label_delay.total_seconds(),  # which labels the fraud rate may use
         # The engine that joins (and its version): equal results are its contract, checked, not assumed.
         "offline_store": feast_store.offline_store_versions(settings),
         "usecase": load_usecase(settings.usecase).digest,  # every file of the use case's folder
@@ -124,13 +123,15 @@ def world_of_model(storage: Storage, model_meta: dict[str, Any]) -> str:
     return feature_world(key)
 
 
-def latest_tables(storage: Storage) -> tuple[str, str]:
-    """The card and merchant offline tables (as Feast reads them) that the latest features step applied."""
+def latest_tables(storage: Storage) -> dict[str, str]:
+    """The offline tables (view name -> the local file Feast reads) that the latest features step applied."""
     try:
         latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
     except ArtifactNotFound:
         raise FeatureStoreError("no feature tables yet: run `flywheel run` first") from None
-    return latest["feast_card"], latest["feast_merchant"]
+    if "feast" not in latest:
+        raise FeatureStoreError("the latest features step predates declared features: run `flywheel run` again")
+    return dict(latest["feast"])
 
 
 def latest_training_set(storage: Storage) -> TrainingSet:
@@ -162,44 +163,43 @@ def materialize_window(table_paths: list[str]) -> tuple[dt.datetime, dt.datetime
     return start - dt.timedelta(seconds=1), end + dt.timedelta(seconds=1)
 
 
-def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
+def split_by_time(frame: pd.DataFrame, holdout_fraction: float, timestamp: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
     """The last ``holdout_fraction`` of the time span is the holdout; everything before is training."""
-    ts = pd.to_datetime(frame["ts"], utc=True)
+    ts = pd.to_datetime(frame[timestamp], utc=True)
     start, end = ts.min(), ts.max()
     cutoff = start + (end - start) * (1 - holdout_fraction)
     return frame[ts < cutoff], frame[ts >= cutoff], cutoff
 
 
 def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot, run_id: str) -> FeaturesResult:
-    """Compute feature tables from a lake snapshot, apply and materialize them into the snapshot's
-    feature world, and build the point-in-time training set."""
+    """Compute the use case's feature tables from a lake snapshot, apply and materialize them into the
+    snapshot's feature world, and build the point-in-time training set."""
     seconds: dict[str, float] = {}
+    usecase = load_usecase(settings.usecase)
+    views = views_of(usecase)
+    if not views:
+        raise DataError(f"use case {usecase.folder} declares no features: its features.yaml names no aggregations")
     key = features_key(snapshot.sha256, settings)
     world = feature_world(key)
 
     started = time.perf_counter()
-    transactions = read_snapshot(storage, snapshot, load_usecase(settings.usecase).contract.arrow_schema()).to_pandas()
-    if transactions.empty:
-        raise DataError(f"lake snapshot {snapshot.uri} holds no transactions")
+    rows = read_snapshot(storage, snapshot, usecase.contract.arrow_schema()).to_pandas()
+    if rows.empty:
+        raise DataError(f"lake snapshot {snapshot.uri} holds no rows")
     seconds["read_lake"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    card_uri, merchant_uri = _offline_tables(storage, transactions, key, snapshot, settings.features.label_delay, run_id,
-                                             load_usecase(settings.usecase).digest)
+    tables = _offline_tables(storage, rows, key, snapshot, usecase, views, run_id)
     # Feast's file offline store reads local files: tables kept in S3 are read through a local copy.
     feast_dir = feast_store.world_dir(settings, world) / "offline"
-    feast_card, feast_merchant = (str(storage.local_copy(uri, feast_dir)) for uri in (card_uri, merchant_uri))
-    storage.write_json(
-        storage.uri("features", "offline", "latest.json"),
-        {"card": card_uri, "merchant": merchant_uri, "feast_card": feast_card, "feast_merchant": feast_merchant, "key": key},
-    )
+    feast_paths = {name: str(storage.local_copy(uri, feast_dir)) for name, uri in tables.items()}
+    storage.write_json(storage.uri("features", "offline", "latest.json"), {"tables": tables, "feast": feast_paths, "key": key})
     seconds["compute"] = time.perf_counter() - started
 
     started = time.perf_counter()
     fs = feast_store.open_store(settings, world)
-    feast_store.apply_definitions(fs, feast_card, feast_merchant)
-    online_write.materialize_world(fs, settings, *materialize_window([feast_card, feast_merchant]),
-                                   progress=_log_progress)
+    feast_store.apply_definitions(fs, views, feast_paths)
+    online_write.materialize_world(fs, settings, *materialize_window(list(feast_paths.values())), progress=_log_progress)
     feast_store.point_feast_cli_at(settings, world)  # `feast` in feature_repo/ now reads this world
     seconds["apply_materialize"] = time.perf_counter() - started
 
@@ -207,35 +207,33 @@ def build_features(storage: Storage, settings: Settings, snapshot: LakeSnapshot,
     dataset_uri = storage.uri("datasets", "training", key[:16])
     training_set = _reusable_training_set(storage, f"{dataset_uri}/manifest.json", key)
     if training_set is None:
-        joined = feast_store.historical_features(fs, transactions).sort_values("ts", kind="stable")
-        oracle.check_sample(
-            joined, pd.read_parquet(feast_card), pd.read_parquet(feast_merchant), settings.features.oracle_sample_rows, seed=int(key[:8], 16)
-        )
+        contract = usecase.contract
+        labelled = rows[rows[contract.labels[0]].notna()] if contract.unlabelled == "keep" else rows
+        joined = feast_store.historical_features(fs, labelled, views, contract).sort_values(contract.timestamp, kind="stable")
+        offline = {name: pd.read_parquet(path) for name, path in feast_paths.items()}
+        oracle.check_sample(joined, views, offline, contract, settings.features.oracle_sample_rows, seed=int(key[:8], 16))
         training_set = _write_training_set(
-            storage, joined, dataset_uri, key, snapshot, settings.data.holdout_fraction, run_id, [card_uri, merchant_uri]
+            storage, joined, dataset_uri, key, snapshot, settings.data.holdout_fraction, run_id, list(tables.values()),
+            contract, feature_refs(views),
         )
     seconds["training_set"] = time.perf_counter() - started
     log.info("features: %s", ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return FeaturesResult(
         training_set=training_set,
-        card_table_uri=card_uri,
-        merchant_table_uri=merchant_uri,
-        materialized_cards=int(transactions["card_id"].nunique()),
-        materialized_merchants=int(transactions["merchant_id"].nunique()),
+        tables=tables,
+        materialized={view.entity: int(rows[view.join_key].nunique()) for view in views},
         seconds=seconds,
     )
 
 
 def _offline_tables(
-    storage: Storage, transactions: pd.DataFrame, key: str, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str,
-    usecase_digest: str,
-) -> tuple[str, str]:
-    """The card and merchant offline tables of this key: reused (after re-hashing them against their
+    storage: Storage, rows: pd.DataFrame, key: str, snapshot: LakeSnapshot, usecase: UseCase, views: list[View], run_id: str,
+) -> dict[str, str]:
+    """The offline tables of this key (view name -> URI): reused (after re-hashing them against their
     manifest) or assembled day by day (only days whose inputs changed are computed, see
     :mod:`flywheel.features.incremental`) and published with a manifest written last."""
     tables_uri = storage.uri("features", "offline", key[:16])
-    card_uri = f"{tables_uri}/card_features.parquet"
-    merchant_uri = f"{tables_uri}/merchant_features.parquet"
+    uris = {view.name: f"{tables_uri}/{view.name}.parquet" for view in views}
     manifest_uri = f"{tables_uri}/manifest.json"
     try:
         manifest = storage.read_json(manifest_uri)
@@ -245,16 +243,16 @@ def _offline_tables(
         for uri, sha in manifest["files"].items():
             storage.verify(uri, sha)
         log.info("features: reusing offline tables %s (verified)", tables_uri)
-        return card_uri, merchant_uri
-    days = incremental.feature_tables(storage, transactions, snapshot, label_delay, run_id, usecase_digest=usecase_digest)
+        return uris
+    days = incremental.feature_tables(storage, rows, snapshot, usecase, run_id)
     snapshot_ref = {"uri": snapshot.uri, "sha256": snapshot.sha256}
     files = {}
-    for uri, table in ((card_uri, days.card), (merchant_uri, days.merchant)):
-        ref = storage.write_parquet(uri, table)
+    for name, uri in uris.items():
+        ref = storage.write_parquet(uri, days.tables[name])
         lineage.record(storage, ref, step="features", run_id=run_id, inputs=[snapshot_ref], params={"key": key})
         files[uri] = ref.sha256
     storage.write_json(manifest_uri, {"key": key, "files": files, "days_computed": days.computed, "days_reused": days.reused})
-    return card_uri, merchant_uri
+    return uris
 
 
 def _reusable_training_set(storage: Storage, manifest_uri: str, key: str) -> TrainingSet | None:
@@ -281,13 +279,19 @@ def _write_training_set(
     holdout_fraction: float,
     run_id: str,
     table_uris: list[str],
+    contract: Contract,
+    refs_of_features: list[str],
 ) -> TrainingSet:
-    train, holdout, cutoff = split_by_time(joined, holdout_fraction)
+    train, holdout, cutoff = split_by_time(joined, holdout_fraction, contract.timestamp)
+    label = contract.labels[0]
+    binary = contract.columns[label].is_binary()
     for name, part in (("training", train), ("holdout", holdout)):
-        if len(part) == 0 or part[LABEL].sum() == 0:
+        positives = int(part[label].sum()) if len(part) and binary else None
+        if len(part) == 0 or positives == 0:
+            found = f" and {positives} positive labels ({label} = 1)" if binary else ""
             raise DataError(
-                f"the {name} split has {len(part)} rows and {int(part[LABEL].sum()) if len(part) else 0} fraud cases: "
-                "too little data to train and evaluate a fraud model; ingest more days or rows"
+                f"the {name} split has {len(part)} labelled rows{found}: too little data to train and evaluate "
+                "a model; ingest more days or rows"
             )
     inputs = [storage.stat(uri).to_dict() for uri in table_uris] + [{"uri": snapshot.uri, "sha256": snapshot.sha256}]
     refs: list[ObjectRef] = []
@@ -305,10 +309,11 @@ def _write_training_set(
         rows=len(joined),
         train_rows=len(train),
         holdout_rows=len(holdout),
-        positives=int(train[LABEL].sum()),
-        holdout_positives=int(holdout[LABEL].sum()),
+        positives=int(train[label].sum()) if binary else 0,
+        holdout_positives=int(holdout[label].sum()) if binary else 0,
         cutoff=cutoff.isoformat(),
         snapshot_sha256=snapshot.sha256,
+        feature_refs=refs_of_features,
     )
     # The manifest is the publication point: a training set without one does not exist.
     manifest = storage.write_json(training_set.manifest_uri, training_set.to_dict())

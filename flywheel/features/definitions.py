@@ -1,13 +1,19 @@
-"""Feast definitions: the card and merchant entities and their feature views.
+"""Feast definitions: the use case's entities and feature views (:mod:`flywheel.features.views`).
 
 They are built by a function, not at import time, because the offline tables' location changes with
 every lake snapshot (the tables are content-addressed). `feature_repo/features.py` calls this for the `feast` CLI.
+
+The card and merchant names below are the fraud model's inputs as its input transform and the
+predictor still read them (issue 19 moves those into the use case); tests/unit/test_engine.py holds
+them equal to the views that usecases/fraud/features.yaml declares.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
+
+from flywheel.features.views import View
 
 # Feature name -> Feast type name; the order is the order of the offline table's columns.
 CARD_FEATURES = {
@@ -37,48 +43,30 @@ MERCHANT_VIEW = "merchant_features"
 FEATURE_TTL = dt.timedelta(days=30)  # older feature rows are not used: a dormant card has no recent history
 
 
-def feature_refs() -> list[str]:
-    """Every feature as 'view:name', as Feast's retrieval calls want them."""
-    return [f"{CARD_VIEW}:{name}" for name in CARD_FEATURES] + [
-        f"{MERCHANT_VIEW}:{name}" for name in MERCHANT_FEATURES
-    ]
-
-
-def build_definitions(card_table_path: str, merchant_table_path: str) -> list[Any]:
-    """The Feast objects to apply, reading the offline tables at the given paths."""
+def build_definitions(views: list[View], tables: dict[str, str]) -> list[Any]:
+    """The Feast objects to apply: each view's entity and feature view, reading the offline table at
+    ``tables[view.name]``."""
     from feast import Entity, FeatureView, Field, FileSource, ValueType
     from feast import types as feast_types
 
-    def fields(spec: dict[str, str]) -> list[Any]:
-        return [Field(name=name, dtype=getattr(feast_types, kind)) for name, kind in spec.items()]
-
-    card = Entity(name="card", join_keys=["card_id"], value_type=ValueType.STRING, description="A payment card")
-    merchant = Entity(
-        name="merchant", join_keys=["merchant_id"], value_type=ValueType.STRING, description="A merchant"
-    )
-    card_source = FileSource(
-        name="card_features_source", path=card_table_path, timestamp_field="event_timestamp", created_timestamp_column=CREATED_COLUMN
-    )
-    merchant_source = FileSource(
-        name="merchant_features_source", path=merchant_table_path, timestamp_field="event_timestamp",
-        created_timestamp_column=CREATED_COLUMN,
-    )
-    card_view = FeatureView(
-        name=CARD_VIEW,
-        entities=[card],
-        ttl=FEATURE_TTL,
-        schema=fields(CARD_FEATURES),
-        source=card_source,
-        online=True,
-        description="Rolling aggregates of a card's own history",
-    )
-    merchant_view = FeatureView(
-        name=MERCHANT_VIEW,
-        entities=[merchant],
-        ttl=FEATURE_TTL,
-        schema=fields(MERCHANT_FEATURES),
-        source=merchant_source,
-        online=True,
-        description="Rolling aggregates of a merchant's traffic",
-    )
-    return [card, merchant, card_view, merchant_view]
+    objects: list[Any] = []
+    entities: dict[str, Any] = {}
+    for view in views:
+        if view.entity not in entities:
+            value_type = ValueType.STRING if view.key_type == "string" else ValueType.INT64
+            entities[view.entity] = Entity(name=view.entity, join_keys=[view.join_key], value_type=value_type,
+                                           description=f"the use case's {view.entity} (join key {view.join_key})")
+            objects.append(entities[view.entity])
+    for view in views:
+        source = FileSource(name=f"{view.name}_source", path=tables[view.name], timestamp_field="event_timestamp",
+                            created_timestamp_column=CREATED_COLUMN)
+        objects.append(FeatureView(
+            name=view.name,
+            entities=[entities[view.entity]],
+            ttl=view.ttl,
+            schema=[Field(name=name, dtype=getattr(feast_types, kind)) for name, kind in view.features.items()],
+            source=source,
+            online=True,
+            description=f"windowed aggregations of each {view.entity}'s events (the use case's features.yaml)",
+        ))
+    return objects

@@ -36,7 +36,6 @@ from flywheel.contract import Contract
 EVENT_TIMESTAMP = "event_timestamp"
 CREATED_TIMESTAMP = "created_timestamp"
 _EVENTS = "__events__"  # the stream of an entity's events (label streams are named by their label)
-_MICROS = np.int64(1_000_000)
 
 
 def known_times(rows: pd.DataFrame, contract: Contract) -> pd.Series:

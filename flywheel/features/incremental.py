@@ -1,23 +1,28 @@
 """Incremental feature computation: the offline tables are kept day by day, and a build computes
 only the days whose inputs changed.
 
-A day's feature rows (card and merchant rows stamped that UTC day) depend on the lake's rows of that
-day and of the :func:`flywheel.features.compute.lookback_days` days before it (the 30-day windows,
-and the label delay before the fraud rate's window), on the code that computes them, and on the
-settings that shape them (the label delay). Its content key is the hash of exactly that: the code
-fingerprint of this module (which imports :mod:`flywheel.features.compute`), the label delay, and
-the sha256s of the lake parts of every date in ``[day - lookback, day]``. A new day therefore
-computes that day only; a part added to (or changed in) an earlier day invalidates that day and
-every day whose lookback reaches it, and nothing else. A reused day is re-hashed against the sha256 recorded when it was written.
+A day's feature rows (each view's rows stamped that UTC day, :mod:`flywheel.features.engine`) depend
+on the lake's rows of that day and of the :func:`lookback_days` days before it (the longest window,
+plus how long a label may take to become known), on the code that computes them, and on the use
+case's files (its contract and feature declaration). Its content key is the hash of exactly that:
+the code fingerprint of this module (which imports the engine), the use case's digest, and the
+sha256s of the lake parts of every date in ``[day - lookback, day]``. A new day therefore computes
+that day only; a part added to (or changed in) an earlier day invalidates that day and every day
+whose lookback reaches it, and nothing else. A reused day is re-hashed against the sha256 recorded
+when it was written.
 
-The lake contract makes this exact: a ``date=YYYY-MM-DD`` partition holds the transactions of that
-UTC day (:mod:`flywheel.ingest` splits by ``ts``), and the windows only look back, so the rows of a
+The days run from the lake's first date to its last, gaps included (a label that becomes known on a
+day without events is a row of that day), and no row is stamped after the last date: labels known
+after the lake's present are not known yet.
+
+The lake contract makes this exact: a ``date=YYYY-MM-DD`` partition holds the rows of that UTC day
+(:mod:`flywheel.ingest` splits by the event time), and the windows only look back, so the rows of a
 day computed from its lookback equal the same rows of a computation over the whole lake
 (tests/unit/test_incremental_features.py compares the two frames exactly).
 
 Layout::
 
-    <root>/features/offline/days/<day key[:16]>/{card,merchant}_features.parquet + manifest.json
+    <root>/<use case>/features/offline/days/<day key[:16]>/<view>.parquet + manifest.json
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,45 +42,57 @@ import pyarrow.parquet as pq
 
 from flywheel import lineage
 from flywheel.errors import ArtifactNotFound, DataError
-from flywheel.features import compute
+from flywheel.features import engine
+from flywheel.features.views import View, views_of
 from flywheel.fingerprint import code_fingerprint
 from flywheel.lake import LakeSnapshot
 from flywheel.storage import Storage, sha256_bytes
+from flywheel.usecase import UseCase
 
 log = logging.getLogger(__name__)
 
-TABLES = ("card", "merchant")
-KEYS = {"card": "card_id", "merchant": "merchant_id"}
-
-
 @dataclass
 class DayTables:
-    """The card and merchant offline tables of a whole snapshot, assembled from its days."""
+    """The offline tables of a snapshot (view name -> table), and which days this build computed."""
 
-    card: pd.DataFrame
-    merchant: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
     computed: list[str] = field(default_factory=list)  # days computed by this build
     reused: list[str] = field(default_factory=list)  # days read back from an earlier build
 
 
-def day_keys(snapshot: LakeSnapshot, label_delay: dt.timedelta, *, usecase_digest: str) -> dict[str, str]:
-    """Each lake date's content key: the feature code, the use case's files (``usecase_digest``,
-    :attr:`flywheel.usecase.UseCase.digest`), the label delay, and the parts of every date from
-    ``lookback_days`` before it up to it (dates in the snapshot only)."""
+def lookback_days(usecase: UseCase) -> int:
+    """Whole days of lake rows before a day that its feature rows read: the longest window, plus how
+    long a label may take to become known for label aggregations (:func:`engine.lookback`), rounded up."""
+    aggregations = [a for named in usecase.features.named().values() for _, a in named]
+    reach = engine.lookback(aggregations, usecase.contract, usecase.contract.label_known.within)
+    return math.ceil(reach / dt.timedelta(days=1))
+
+
+def lake_days(snapshot: LakeSnapshot) -> tuple[list[str], dict[str, list[str]]]:
+    """Every date from the snapshot's first to its last, gaps included, and each date's part sha256s."""
     by_date: dict[str, list[str]] = {}
     for part in snapshot.parts:
         date = part.get("date") or ""
         if not date:
             raise DataError(f"lake part {part.get('uri')} names no date=YYYY-MM-DD partition; re-run ingest into a fresh lake")
         by_date.setdefault(date, []).append(part["sha256"])
-    code = code_fingerprint(__name__)  # this module, compute and everything they import
-    lookback = compute.lookback_days(label_delay)
-    dates = sorted(by_date)
+    if not by_date:
+        return [], by_date
+    first, last = dt.date.fromisoformat(min(by_date)), dt.date.fromisoformat(max(by_date))
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)], by_date
+
+
+def day_keys(snapshot: LakeSnapshot, usecase: UseCase) -> dict[str, str]:
+    """Each day's content key: the feature code, the use case's files, and the parts of every date
+    from ``lookback_days`` before it up to it."""
+    dates, by_date = lake_days(snapshot)
+    code = code_fingerprint(__name__)  # this module, the engine and everything they import
+    lookback = lookback_days(usecase)
     keys = {}
     for date in dates:
         first = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback)).isoformat()
-        inputs = [(other, sorted(by_date[other])) for other in dates if first <= other <= date]
-        material = [code, usecase_digest, label_delay.total_seconds(), inputs]
+        inputs = [(other, sorted(shas)) for other, shas in sorted(by_date.items()) if first <= other <= date]
+        material = [code, usecase.digest, inputs]
         keys[date] = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return keys
 
@@ -83,36 +101,34 @@ def day_uri(storage: Storage, key: str) -> str:
     return storage.uri("features", "offline", "days", key[:16])
 
 
-def feature_tables(
-    storage: Storage, transactions: pd.DataFrame, snapshot: LakeSnapshot, label_delay: dt.timedelta, run_id: str,
-    *, usecase_digest: str,
-) -> DayTables:
-    """The snapshot's card and merchant tables (``transactions`` are its rows): days computed
-    before with the same key are read back (verified), the others computed from their lookback and
-    stored; the result equals :func:`compute.card_feature_table` / :func:`compute.merchant_feature_table`
-    over all of ``transactions``."""
-    keys = day_keys(snapshot, label_delay, usecase_digest=usecase_digest)
-    day_of_row = _dates(transactions["ts"])
+def feature_tables(storage: Storage, rows: pd.DataFrame, snapshot: LakeSnapshot, usecase: UseCase, run_id: str) -> DayTables:
+    """The snapshot's offline tables, one per view of the use case (``rows`` are the snapshot's rows):
+    days computed before with the same key are read back (verified), the others computed from their
+    lookback and stored; the result equals :func:`engine.entity_table` over all of ``rows`` up to the
+    end of the lake's last day."""
+    views = views_of(usecase)
+    keys = day_keys(snapshot, usecase)
+    day_of_row = _dates(rows[usecase.contract.timestamp])
     unknown = sorted(set(np.unique(day_of_row)) - set(keys))
     if unknown:
-        raise DataError(f"snapshot {snapshot.uri} holds transactions of {unknown[:3]} but no partition of those dates")
-    frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+        raise DataError(f"snapshot {snapshot.uri} holds rows of {unknown[:3]} but no partition of those dates")
+    frames: dict[str, list[pd.DataFrame]] = {view.name: [] for view in views}
     missing: list[str] = []
     reused: list[str] = []
     for date, key in keys.items():
-        tables = _read_day(storage, key)
+        tables = _read_day(storage, key, views)
         if tables is None:
             missing.append(date)
             continue
         reused.append(date)
-        for name in TABLES:
-            frames[name].append(tables[name])
+        for name, table in tables.items():
+            frames[name].append(table)
     if missing:
-        for name, table in _compute_days(storage, transactions, day_of_row, snapshot, keys, missing, label_delay, run_id).items():
-            frames[name].extend(table)
+        for name, tables in _compute_days(storage, rows, day_of_row, snapshot, usecase, views, keys, missing, run_id).items():
+            frames[name].extend(tables)
     log.info("features: %d days computed, %d reused", len(missing), len(reused))
-    card, merchant = (_assemble(frames[name], KEYS[name]) for name in TABLES)
-    return DayTables(card=card, merchant=merchant, computed=missing, reused=reused)
+    assembled = {view.name: _assemble(frames[view.name], view) for view in views}
+    return DayTables(tables=assembled, computed=missing, reused=reused)
 
 
 def _dates(ts: pd.Series) -> np.ndarray:
@@ -122,7 +138,7 @@ def _dates(ts: pd.Series) -> np.ndarray:
     return np.array([day.strftime("%Y-%m-%d") for day in uniques], dtype=object)[codes] if len(uniques) else np.array([], dtype=object)
 
 
-def _read_day(storage: Storage, key: str) -> dict[str, pd.DataFrame] | None:
+def _read_day(storage: Storage, key: str, views: list[View]) -> dict[str, pd.DataFrame] | None:
     """A stored day's tables, each re-hashed against its manifest; None if the day was never stored."""
     try:
         manifest = storage.read_json(f"{day_uri(storage, key)}/manifest.json")
@@ -131,42 +147,47 @@ def _read_day(storage: Storage, key: str) -> dict[str, pd.DataFrame] | None:
     if manifest.get("key") != key:
         raise DataError(f"{day_uri(storage, key)}/manifest.json describes day key {str(manifest.get('key'))[:16]}; delete it to rebuild")
     tables = {}
-    for name in TABLES:
-        uri, sha = manifest["files"][name]
+    for view in views:
+        uri, sha = manifest["files"][view.name]
         data = storage.read_bytes(uri)
         if sha256_bytes(data) != sha:
             raise DataError(f"{uri} changed since it was written (sha256 mismatch); delete {day_uri(storage, key)} to rebuild")
-        tables[name] = pq.read_table(io.BytesIO(data)).to_pandas()
+        tables[view.name] = pq.read_table(io.BytesIO(data)).to_pandas()
     return tables
 
 
 def _compute_days(
     storage: Storage,
-    transactions: pd.DataFrame,
+    rows: pd.DataFrame,
     day_of_row: np.ndarray,
     snapshot: LakeSnapshot,
+    usecase: UseCase,
+    views: list[View],
     keys: dict[str, str],
     missing: list[str],
-    label_delay: dt.timedelta,
     run_id: str,
 ) -> dict[str, list[pd.DataFrame]]:
     """Compute the missing days from the rows of their span and its lookback, and store each day."""
-    lookback = compute.lookback_days(label_delay)
+    lookback = lookback_days(usecase)
     first = (dt.date.fromisoformat(missing[0]) - dt.timedelta(days=lookback)).isoformat()
-    span = transactions[(day_of_row >= first) & (day_of_row <= missing[-1])]
-    computed = {"card": compute.card_feature_table(span), "merchant": compute.merchant_feature_table(span, label_delay)}
-    stamped = {name: _dates(table["event_timestamp"]) for name, table in computed.items()}
-    out: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+    span = rows[(day_of_row >= first) & (day_of_row <= missing[-1])]
+    since = pd.Timestamp(missing[0], tz="UTC")
+    until = pd.Timestamp(missing[-1], tz="UTC") + pd.Timedelta(days=1)
+    computed = {view.name: engine.entity_table(span, usecase.contract, view.entity, list(view.aggregations),
+                                               since=since, until=until)
+                for view in views}
+    stamped = {name: _dates(table[engine.EVENT_TIMESTAMP]) for name, table in computed.items()}
+    out: dict[str, list[pd.DataFrame]] = {view.name: [] for view in views}
     for date in missing:
         key = keys[date]
         window = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback)).isoformat()
         inputs = [{"uri": p["uri"], "sha256": p["sha256"]} for p in snapshot.parts if window <= p["date"] <= date]
         files: dict[str, Any] = {}
-        for name in TABLES:
-            table = computed[name][stamped[name] == date].reset_index(drop=True)
-            ref = storage.write_parquet(f"{day_uri(storage, key)}/{name}_features.parquet", table)
-            files[name] = [ref.uri, ref.sha256]
-            out[name].append(table)
+        for view in views:
+            table = computed[view.name][stamped[view.name] == date].reset_index(drop=True)
+            ref = storage.write_parquet(f"{day_uri(storage, key)}/{view.name}.parquet", table)
+            files[view.name] = [ref.uri, ref.sha256]
+            out[view.name].append(table)
         # The manifest is the publication point (a day without one is computed again) and carries the
         # day's lineage: its tables' sha256s, and the lake parts they came from.
         manifest = storage.write_json(f"{day_uri(storage, key)}/manifest.json", {"key": key, "date": date, "files": files})
@@ -174,10 +195,10 @@ def _compute_days(
     return out
 
 
-def _assemble(days: list[pd.DataFrame], key: str) -> pd.DataFrame:
+def _assemble(days: list[pd.DataFrame], view: View) -> pd.DataFrame:
     """Days' rows as one table in the order a whole computation gives: by entity, then time."""
     table = pd.concat(days, ignore_index=True)
-    return table.sort_values([key, "event_timestamp"], kind="stable").reset_index(drop=True)
+    return table.sort_values([view.join_key, engine.EVENT_TIMESTAMP], kind="stable").reset_index(drop=True)
 
 
-__all__ = ["DayTables", "day_keys", "feature_tables"]
+__all__ = ["DayTables", "day_keys", "feature_tables", "lookback_days"]

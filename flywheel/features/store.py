@@ -26,14 +26,8 @@ import pandas as pd
 
 from flywheel.config import Settings
 from flywheel.errors import FeatureStoreError
-from flywheel.features.definitions import (
-    CARD_FEATURES,
-    CARD_VIEW,
-    MERCHANT_FEATURES,
-    MERCHANT_VIEW,
-    build_definitions,
-    feature_refs,
-)
+from flywheel.features.definitions import CARD_FEATURES, CARD_VIEW, MERCHANT_FEATURES, MERCHANT_VIEW, build_definitions
+from flywheel.features.views import View, feature_refs
 
 log = logging.getLogger(__name__)
 # Training joins each transaction to the feature rows strictly before it: the state the online
@@ -188,10 +182,10 @@ def _check_redis_holds_world(client: Any, settings: Settings, world: str, projec
         )
 
 
-def apply_definitions(store: Any, card_table_path: str, merchant_table_path: str) -> None:
-    """Register the entities and feature views, reading the given offline tables."""
+def apply_definitions(store: Any, views: list[View], tables: dict[str, str]) -> None:
+    """Register the use case's entities and feature views, each reading its offline table."""
     try:
-        store.apply(build_definitions(card_table_path, merchant_table_path))
+        store.apply(build_definitions(views, tables))
     except Exception as exc:  # Feast raises many types; name the step and the cause
         raise FeatureStoreError(f"feast apply failed: {type(exc).__name__}: {exc}") from exc
 
@@ -204,22 +198,24 @@ def materialize(store: Any, start: dt.datetime, end: dt.datetime) -> None:
         raise FeatureStoreError(f"feast materialize {start}..{end} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def entity_frame(transactions: pd.DataFrame) -> pd.DataFrame:
-    """The entity rows for a point-in-time join: one per transaction, just before its time."""
-    return pd.DataFrame(
-        {
-            "transaction_id": transactions["transaction_id"].to_numpy(),
-            "card_id": transactions["card_id"].to_numpy(),
-            "merchant_id": transactions["merchant_id"].to_numpy(),
-            "event_timestamp": pd.to_datetime(transactions["ts"], utc=True) - JOIN_OFFSET,
-        }
-    )
+ROW = "__row"  # each entity row's position: how Feast's answer is put back in the rows' order
 
 
-def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int = JOIN_CHUNK_ROWS) -> pd.DataFrame:
-    """Each transaction joined with the card and merchant features as they were just before it,
-    through Feast's ``get_historical_features``; the transactions' rows and order are kept, the
-    features come as float64 columns with NaN where a view has no row (yet, or within its TTL).
+def entity_frame(rows: pd.DataFrame, views: list[View], timestamp: str) -> pd.DataFrame:
+    """The entity rows for a point-in-time join: one per row, with every view's join key, just before
+    its event time."""
+    frame = pd.DataFrame({ROW: np.arange(len(rows), dtype=np.int64)})
+    for key in dict.fromkeys(view.join_key for view in views):
+        frame[key] = rows[key].to_numpy()
+    frame["event_timestamp"] = (pd.to_datetime(rows[timestamp], utc=True) - JOIN_OFFSET).to_numpy()
+    return frame
+
+
+def historical_features(store: Any, rows: pd.DataFrame, views: list[View], contract: Any,
+                        chunk_rows: int = JOIN_CHUNK_ROWS) -> pd.DataFrame:
+    """Each row joined with every view's features as they were just before it, through Feast's
+    ``get_historical_features``; the rows and their order are kept, numbers come as float64 columns
+    with NaN where a view has no row (yet, or within its TTL), text as objects.
 
     On the DuckDB offline stores every view is joined in one call (a columnar as-of join). Feast's
     file (dask) store loses every view's values for an entity row that one view has no row for and
@@ -229,34 +225,39 @@ def historical_features(store: Any, transactions: pd.DataFrame, chunk_rows: int 
     """
     from flywheel.features import asof_store  # noqa: F401  (the join's code: part of the training set's key)
 
-    if not transactions["transaction_id"].is_unique:
-        raise FeatureStoreError("the transactions to join repeat transaction ids: each entity row must be one transaction")
-    entities = entity_frame(transactions)
+    rows = rows.reset_index(drop=True)
+    entities = entity_frame(rows, views, contract.timestamp)
+    kinds = {name: kind for view in views for name, kind in view.features.items()}
     if store.config.offline_store.type != "file":
-        parts = {"all views": [_retrieve(store, entities, feature_refs(), "all views")]}
+        parts = {"all views": [_retrieve(store, entities, feature_refs(views), "all views")]}
     else:
         parts = {
-            view: [
-                _retrieve(store, entities.iloc[start : start + chunk_rows][["transaction_id", key, "event_timestamp"]],
-                          [f"{view}:{name}" for name in names], view)
+            view.name: [
+                _retrieve(store, entities.iloc[start: start + chunk_rows][[ROW, view.join_key, "event_timestamp"]],
+                          view.refs(), view.name)
                 for start in range(0, len(entities), chunk_rows)
             ]
-            for view, key, names in VIEWS
+            for view in views
         }
-    out = transactions.copy()
+    out = rows.copy()
+
+    def typed(values: pd.Series, name: str) -> Any:
+        return values.to_numpy(dtype=object) if kinds[name] == "String" else values.to_numpy(dtype="float64", na_value=np.nan)
+
     for what, frames in parts.items():
-        if len(frames) == 1 and np.array_equal(frames[0]["transaction_id"].to_numpy(), out["transaction_id"].to_numpy()):
+        if len(frames) == 1 and np.array_equal(frames[0][ROW].to_numpy(), np.arange(len(out))):
             # The rows came back as they went in (the as-of store keeps them): no join needed.
-            for name in (name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in frames[0].columns):
-                out[name] = frames[0][name].to_numpy(dtype="float64", na_value=np.nan)
+            for name in (name for name in kinds if name in frames[0].columns):
+                out[name] = typed(frames[0][name], name)
             continue
         # Feast neither keeps the entity rows' order nor (the file store, with one view) the rows that
-        # found no feature row: align on the transaction id; a missing row means "no earlier features".
-        joined = pd.concat(frames, ignore_index=True).set_index("transaction_id")
-        names = [name for name in (*CARD_FEATURES, *MERCHANT_FEATURES) if name in joined.columns]
-        if not joined.index.is_unique or len(joined) > len(transactions):
-            raise FeatureStoreError(f"point-in-time join of {what} returned {len(joined)} rows for {len(transactions)} transactions")
-        out = out.join(joined[names].astype("float64"), on="transaction_id")
+        # found no feature row: align on the row; a missing row means "no earlier features".
+        joined = pd.concat(frames, ignore_index=True).set_index(ROW)
+        if not joined.index.is_unique or len(joined) > len(rows):
+            raise FeatureStoreError(f"point-in-time join of {what} returned {len(joined)} rows for {len(rows)} rows")
+        joined = joined.reindex(np.arange(len(out)))
+        for name in (name for name in kinds if name in joined.columns):
+            out[name] = typed(joined[name], name)
     return out
 
 
@@ -267,9 +268,9 @@ def _retrieve(store: Any, entities: pd.DataFrame, refs: list[str], what: str) ->
         raise FeatureStoreError(f"feast point-in-time join of {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def online_features(store: Any, rows: Sequence[dict[str, str]]) -> dict[str, list[Any]]:
-    """The current features of each (card_id, merchant_id) row from the online store."""
-    return store.get_online_features(features=feature_refs(), entity_rows=list(rows)).to_dict()
+def online_features(store: Any, rows: Sequence[dict[str, Any]], views: list[View]) -> dict[str, list[Any]]:
+    """The current features of each row (its join keys) from the online store, through Feast's SDK."""
+    return store.get_online_features(features=feature_refs(views), entity_rows=list(rows)).to_dict()
 
 
 # ---------------------------------------------------------------- the served read path, without the Feast SDK

@@ -18,6 +18,7 @@ from flywheel.config import load_settings
 from flywheel.errors import FeatureStoreError
 from flywheel.features import online_write, store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, CARD_VIEW, CREATED_COLUMN, MERCHANT_FEATURES, MERCHANT_VIEW
+from tests.factories import FRAUD_VIEWS, fraud_tables
 
 T0 = pd.Timestamp("2026-10-01", tz="UTC")
 
@@ -73,7 +74,7 @@ WINDOW = (T0.to_pydatetime() - dt.timedelta(days=1), T0.to_pydatetime() + dt.tim
 def world_store(home: Path, world: str, paths: tuple[str, str], **env: str):
     settings = load_settings(env={"FLYWHEEL_HOME": str(home), **env})
     store = feast_store.open_store(settings, world)
-    feast_store.apply_definitions(store, *paths)
+    feast_store.apply_definitions(store, FRAUD_VIEWS, fraud_tables(*paths))
     return settings, store
 
 
@@ -101,7 +102,7 @@ def read_everything(store, paths: tuple[str, str]) -> pd.DataFrame:
     merchants = sorted(pd.read_parquet(paths[1])["merchant_id"].unique())
     rows = [{"card_id": card, "merchant_id": merchants[i % len(merchants)]} for i, card in enumerate(cards)]
     rows += [{"card_id": cards[0], "merchant_id": merchant} for merchant in merchants]
-    return pd.DataFrame(feast_store.online_features(store, rows))
+    return pd.DataFrame(feast_store.online_features(store, rows, FRAUD_VIEWS))
 
 
 @pytest.mark.parametrize("online", ["sqlite", "redis"])

@@ -20,6 +20,7 @@ from pandas.testing import assert_frame_equal
 from flywheel.config import load_settings
 from flywheel.features import store as feast_store
 from tests.unit.test_point_in_time import (
+from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
     CARD_TABLE, CARDS, MERCHANT_TABLE, MERCHANTS, T0, TRANSACTIONS, card_row, merchant_row, oracle, typed,
 )
 
@@ -63,9 +64,9 @@ def both_paths(tmp_path_factory) -> dict:
             merchant_table.to_parquet(home / "merchant.parquet")
             settings = load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_FEATURES__OFFLINE_STORE": engine})
             store = feast_store.open_store(settings, "dist")
-            feast_store.apply_definitions(store, str(home / "card.parquet"), str(home / "merchant.parquet"))
+            feast_store.apply_definitions(store, FRAUD_VIEWS, fraud_tables(str(home / "card.parquet"), str(home / "merchant.parquet")))
             began = time.perf_counter()
-            joined = feast_store.historical_features(store, transactions)
+            joined = feast_store.historical_features(store, transactions, FRAUD_VIEWS, FRAUD_CONTRACT)
             feast_store.materialize(store, start, end)
             result["seconds"][engine] = round(time.perf_counter() - began, 1)
             reader = feast_store.open_online_reader(settings, "dist")

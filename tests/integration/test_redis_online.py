@@ -28,6 +28,7 @@ from flywheel.features.store import open_served_store, open_store, online_featur
 from flywheel.storage import Storage
 from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop, small_env
 from tests.servers import RedisServer, free_port, wait_until_ready
+from tests.factories import FRAUD_VIEWS
 
 
 def redis_env(home: Path, redis: RedisServer, **extra: str) -> dict[str, str]:
@@ -91,7 +92,7 @@ def test_online_features_read_from_redis_equal_the_offline_tables_latest_rows(re
     # Every card, each paired with a merchant (cycled): one read covers both views' entities.
     merchants = list(want_merchants.index)
     rows = [{"card_id": card, "merchant_id": merchants[i % len(merchants)]} for i, card in enumerate(want_cards.index)]
-    online = pd.DataFrame(online_features(store, rows))
+    online = pd.DataFrame(online_features(store, rows, FRAUD_VIEWS))
 
     got_cards = online.set_index("card_id")[list(CARD_FEATURES)].astype("float64").sort_index()
     assert_frame_equal(got_cards, want_cards, rtol=1e-9, check_names=False)
@@ -113,8 +114,8 @@ def test_a_feature_world_is_a_redis_project_of_its_own(redis_loop, redis_server,
     other = open_store(load_settings(env=redis_env(tmp_path / "other", redis_server, FLYWHEEL_FEATURES__PROJECT="other")), world)
     other.apply([*served.list_entities(), *served.list_feature_views()])
     card, merchant = redis_loop["cards"]["card_id"].iloc[0], redis_loop["merchants"]["merchant_id"].iloc[0]
-    assert online_features(served, [{"card_id": card, "merchant_id": merchant}])[next(iter(CARD_FEATURES))] != [None]
-    values = online_features(other, [{"card_id": card, "merchant_id": merchant}])
+    assert online_features(served, [{"card_id": card, "merchant_id": merchant}], FRAUD_VIEWS)[next(iter(CARD_FEATURES))] != [None]
+    values = online_features(other, [{"card_id": card, "merchant_id": merchant}], FRAUD_VIEWS)
     assert all(values[name] == [None] for name in (*CARD_FEATURES, *MERCHANT_FEATURES)), values
 
 

@@ -37,7 +37,7 @@ def closed_loopback_port() -> int:
 
 
 def test_storage_is_on_s3(s3_storage: Storage) -> None:
-    assert s3_storage.root.startswith("s3://flywheel-test-") and s3_storage.root.endswith("/flywheel")
+    assert s3_storage.root.startswith("s3://flywheel-test-") and s3_storage.root.endswith("/flywheel/fraud")
     assert s3_storage.s3 is not None and s3_storage.s3.endpoint.startswith("127.0.0.1:")
 
 
@@ -195,7 +195,7 @@ def test_wrong_credentials_are_a_clear_storage_error(
     # The server knows one key pair (tests/s3_server.py): an unknown access key is InvalidAccessKeyId,
     # the right one with a wrong secret is SignatureDoesNotMatch.
     access = "AKIAWRONGWRONGWRONG1" if wrong == "access key" else s3_server.access_key
-    env = s3_env(s3_storage.root, FLYWHEEL_S3_ACCESS_KEY=access, FLYWHEEL_S3_SECRET_KEY="wrong")
+    env = s3_env(s3_storage.settings_root, FLYWHEEL_S3_ACCESS_KEY=access, FLYWHEEL_S3_SECRET_KEY="wrong")
     wrong = Storage.from_settings(load_settings(env=env))
     for action in (lambda: wrong.write_bytes(wrong.uri("x.bin"), b"x"), lambda: wrong.read_bytes(wrong.uri("x.bin"))):
         with pytest.raises(StorageError) as info:
@@ -242,7 +242,7 @@ def test_unreachable_endpoint_fails_after_retries(
 
 def test_endpoint_may_be_a_url(s3_env: Callable[..., dict[str, str]], s3_storage: Storage, s3_server) -> None:
     # "http://host:port" is what people paste; the scheme decides TLS (S3_SECURE stays at its default).
-    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=s3_server.url)
+    env = s3_env(s3_storage.settings_root, FLYWHEEL_STORAGE__S3_ENDPOINT=s3_server.url)
     del env["FLYWHEEL_STORAGE__S3_SECURE"]
     storage = Storage.from_settings(load_settings(env=env))
     storage.write_bytes(storage.uri("via-url.txt"), b"ok")
@@ -256,7 +256,7 @@ def test_endpoint_may_be_a_url(s3_env: Callable[..., dict[str, str]], s3_storage
 def faulty(s3_storage: Storage, s3_env: Callable[..., dict[str, str]], s3_server) -> Iterator[tuple[FaultProxy, Storage]]:
     """A fault proxy in front of the test server, and a Storage on the same bucket that goes through it."""
     proxy = FaultProxy(s3_server.endpoint)
-    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint, FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001")
+    env = s3_env(s3_storage.settings_root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint, FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001")
     try:
         yield proxy, Storage.from_settings(load_settings(env=env))
     finally:
@@ -290,7 +290,7 @@ def test_retries_give_up_with_a_storage_error(
     s3_storage: Storage, s3_env: Callable[..., dict[str, str]], faulty: tuple[FaultProxy, Storage]
 ) -> None:
     proxy, _ = faulty
-    env = s3_env(s3_storage.root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint,
+    env = s3_env(s3_storage.settings_root, FLYWHEEL_STORAGE__S3_ENDPOINT=proxy.endpoint,
                  FLYWHEEL_STORAGE__RETRY_BACKOFF_S="0.001", FLYWHEEL_STORAGE__RETRIES="2")
     storage = Storage.from_settings(load_settings(env=env))
     proxy.fail("PUT", 10, 503, "SlowDown")

@@ -25,7 +25,7 @@ def test_the_worker_trains_from_s3_checkpoints_mid_epoch_there_and_resumes_from_
     """Catches a worker that reads local paths only, copies the whole file per rank, writes its
     checkpoint to a local folder, or cannot resume from one in S3."""
     storage = s3_storage
-    env = s3_env(storage.root, FLYWHEEL_HOME=str(tmp_path / "home"), **FAST, FLYWHEEL_TRAINING__EPOCHS="3",
+    env = s3_env(storage.settings_root, FLYWHEEL_HOME=str(tmp_path / "home"), **FAST, FLYWHEEL_TRAINING__EPOCHS="3",
                  FLYWHEEL_TRAINING__BATCH_SIZE=str(BATCH), FLYWHEEL_TRAINING__CHECKPOINT_EVERY_STEPS="4")
     settings = load_settings(env=env)
     table = transactions(ROWS)

@@ -10,6 +10,7 @@ import pytest
 
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.features.store import historical_features, open_served_store
+from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS
 from serving.predictor import load_bundle, score
 from serving.requests import v1_transactions
 
@@ -69,7 +70,7 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
         "lon": [*pairs["lon"], -74.0],
     })
     feast = open_served_store(trained_loop["settings"], bundle.world)  # Feast's SDK: the oracle of the reader's layout
-    joined = historical_features(feast, frame).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
+    joined = historical_features(feast, frame, FRAUD_VIEWS, FRAUD_CONTRACT).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
 
     features, known = bundle.reader.read(list(frame["card_id"]), list(frame["merchant_id"]))
     for name in FEATURES:

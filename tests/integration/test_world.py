@@ -29,6 +29,7 @@ from flywheel.errors import IntegrityError
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.registry import Registry
 from flywheel.storage import Storage
+from tests.factories import FRAUD_VIEWS
 
 DAYS = 14
 A_ROWS, A_SEED = 30_000, 11
@@ -135,7 +136,7 @@ def served(settings: Settings, cards: list[str], merchants: list[str]) -> tuple[
     predictor = FraudPredictor("fraud", settings)
     assert predictor.load() and predictor.ready
     rows = [{"card_id": c, "merchant_id": m} for c, m in zip(cards, merchants)]
-    features = pd.DataFrame(online_features(open_served_store(settings, predictor.bundle.world), rows))
+    features = pd.DataFrame(online_features(open_served_store(settings, predictor.bundle.world), rows, FRAUD_VIEWS))
     predictions = asyncio.run(predictor.predict(request_for(cards, merchants)))["predictions"]
     assert {p["model_version"] for p in predictions} == {predictor.version}
     return predictor, features, [p["fraud_probability"] for p in predictions]

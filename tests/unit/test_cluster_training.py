@@ -236,7 +236,7 @@ def test_on_the_cluster_the_content_key_decides_reuse_no_job_for_a_trained_key_o
     from flywheel.training.train import train
     from tests.unit.test_training import tiny_training_set
 
-    root = s3_storage.root
+    root = s3_storage.settings_root
     env = s3_env(root, FLYWHEEL_TRAINING__LAUNCHER="pytorchjob",
                  **{f"FLYWHEEL_TRAINING__CLUSTER__{k}": v for k, v in FAST_WATCH.items()})
     settings = load_settings(env=env)
@@ -293,7 +293,7 @@ def publish_latest_training_set(storage: Storage):
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
 def test_train_render_prints_a_manifest_that_conforms_and_needs_no_cluster(s3_storage, s3_env, monkeypatch, capsys, backend):
     training_set = publish_latest_training_set(s3_storage)
-    for name, value in s3_env(s3_storage.root).items():
+    for name, value in s3_env(s3_storage.settings_root).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("KUBECONFIG", "/nonexistent")  # any API call would fail
     assert main(["train", "--backend", backend, "--render"]) == 0

@@ -355,12 +355,8 @@ def test_bad_kfp_settings_are_named(tmp_path: Path, name: str, value: str, probl
         load_settings(env={"FLYWHEEL_HOME": str(tmp_path), name: value})
 
 
-def test_label_delay_is_a_duration_and_a_bad_one_is_named():
-    import datetime as dt
-
-    assert load_settings(env={}).features.label_delay == dt.timedelta(days=3)
-    assert load_settings(env={"FLYWHEEL_FEATURES__LABEL_DELAY": "PT12H"}).features.label_delay == dt.timedelta(hours=12)
-    assert load_settings(env={"FLYWHEEL_FEATURES__LABEL_DELAY": "86400"}).features.label_delay == dt.timedelta(days=1)
-    for bad in ("soon", "-P1D"):
-        with pytest.raises(ConfigError, match="features.label_delay"):
-            load_settings(env={"FLYWHEEL_FEATURES__LABEL_DELAY": bad})
+def test_the_label_delay_is_the_use_cases_not_a_setting():
+    """It moved into the use case's contract (label_known): the old variable is refused by name
+    rather than silently ignored."""
+    with pytest.raises(ConfigError, match="features.label_delay is not a setting"):
+        load_settings(env={"FLYWHEEL_FEATURES__LABEL_DELAY": "P5D"})

@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from flywheel import schema
-from flywheel.config import Settings
 from flywheel.contract import Contract, dump_contract, infer_contract, load_contract, parse_contract
 from flywheel.datagen import generate
 from flywheel.errors import UseCaseError
@@ -44,6 +43,7 @@ def test_the_fraud_contract_declares_the_schema_the_lake_enforces(fraud):
     assert (fraud.id, fraud.timestamp, fraud.labels) == (schema.ID, schema.TIMESTAMP, [schema.LABEL])
     assert fraud.columns["channel"].categories == schema.CHANNELS
     assert fraud.columns["merchant_category"].categories == schema.MERCHANT_CATEGORIES
+    assert fraud.entities == {"card": "card_id", "merchant": "merchant_id"} and fraud.label_known.delay == dt.timedelta(days=3)
 
 
 def test_the_fraud_contract_declares_the_request_serving_accepts(fraud):
@@ -57,11 +57,6 @@ def test_the_fraud_contract_declares_the_request_serving_accepts(fraud):
         column = fraud.columns[spec.name]
         if column.min is not None:  # serving never refuses a value the lake accepts
             assert column.min == spec.low and (column.max if column.max is not None else spec.high) <= spec.high, spec.name
-
-
-def test_the_fraud_contract_declares_the_label_delay_the_features_use(fraud):
-    assert fraud.label_known.delay == Settings().features.label_delay == dt.timedelta(days=3)
-    assert fraud.entities == {"card": "card_id", "merchant": "merchant_id"}
 
 
 def test_a_contract_survives_being_written_and_read_back(fraud, sample, tmp_path):

@@ -34,7 +34,7 @@ columns:
   delay: {type: float64, nullable: true}
 timestamp: departs
 labels: [delay]
-label_known: {column: lands}
+label_known: {column: lands, within: PT3H}
 entities: {tail: tail, origin: origin}
 unlabelled: keep
 """), "legs")
@@ -327,6 +327,20 @@ def test_an_invalid_declaration_is_refused_naming_the_problem(specs, message):
     with pytest.raises(UseCaseError) as info:
         parse_features({"aggregations": specs}, LEGS, "features.yaml")
     assert message in str(info.value) and "features.yaml" in str(info.value), str(info.value)
+
+
+def test_aggregating_a_label_known_at_a_column_needs_the_bound_on_when():
+    """Without label_known.within, a day computed alone could not know how far back a label that
+    becomes known that day may lie: the declaration is refused, naming what to add."""
+    data = LEGS.model_dump(mode="json")
+    data["label_known"] = {"column": "lands"}
+    contract = parse_contract(data, "legs")
+    assert contract.label_known.within is None
+    with pytest.raises(UseCaseError, match="needs label_known.within"):
+        parse_features({"aggregations": {"tail": [{"op": "mean", "column": "delay", "window": "1d"}]}}, contract, "f")
+    parse_features({"aggregations": {"tail": [{"op": "mean", "column": "distance", "window": "1d"}]}}, contract, "f")
+    with pytest.raises(UseCaseError, match="within bounds a label time held in a column"):
+        parse_contract({**data, "label_known": {"delay": "P1D", "within": "P2D"}}, "legs")
 
 
 def test_names_default_to_entity_column_op_and_window():

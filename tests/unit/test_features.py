@@ -14,6 +14,7 @@ from flywheel.features.build import materialize_window, split_by_time
 from flywheel.features import store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
 from tests import factories
+from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
 
 
 def make_transactions(n: int = 600, cards: int = 12, merchants: int = 5, days: int = 6, seed: int = 0) -> pd.DataFrame:
@@ -150,8 +151,8 @@ def feast_join(tmp_path_factory):
     card_table.to_parquet(home / "card.parquet")
     merchant_table.to_parquet(home / "merchant.parquet")
     store = feast_store.open_store(settings, "testworld")
-    feast_store.apply_definitions(store, str(home / "card.parquet"), str(home / "merchant.parquet"))
-    joined = feast_store.historical_features(store, tx, chunk_rows=250)
+    feast_store.apply_definitions(store, FRAUD_VIEWS, fraud_tables(str(home / "card.parquet"), str(home / "merchant.parquet")))
+    joined = feast_store.historical_features(store, tx, FRAUD_VIEWS, FRAUD_CONTRACT, chunk_rows=250)
     return tx, card_table, merchant_table, joined, store
 
 
@@ -217,7 +218,7 @@ def test_online_store_serves_latest_values_after_materialize(feast_join):
     feast_store.materialize(store, tx.ts.min().to_pydatetime(), tx.ts.max().to_pydatetime() + pd.Timedelta(seconds=1))
     card = tx.card_id.iloc[0]
     latest = card_table[card_table.card_id == card].sort_values("event_timestamp").iloc[-1]
-    online = feast_store.online_features(store, [{"card_id": card, "merchant_id": "m-unknown"}])
+    online = feast_store.online_features(store, [{"card_id": card, "merchant_id": "m-unknown"}], FRAUD_VIEWS)
     assert online["card_txn_count_24h"][0] == latest.card_txn_count_24h
     assert online["card_amount_mean_30d"][0] == pytest.approx(latest.card_amount_mean_30d)
     assert online["merchant_amount_mean_30d"][0] is None  # an unknown merchant has no features
@@ -234,12 +235,12 @@ def test_materialize_window_loads_every_merchants_day_end_row(feast_join, tmp_pa
     feast_store.materialize(store, *materialize_window(paths))
     latest = merchant_table.sort_values("event_timestamp").groupby("merchant_id").tail(1).set_index("merchant_id")
     rows = [{"card_id": "c-unknown", "merchant_id": m} for m in latest.index]
-    online = pd.DataFrame(feast_store.online_features(store, rows)).set_index("merchant_id")
+    online = pd.DataFrame(feast_store.online_features(store, rows, FRAUD_VIEWS)).set_index("merchant_id")
     assert_frame_equal(online[list(MERCHANT_FEATURES)].astype("float64"), latest[list(MERCHANT_FEATURES)].astype("float64"), atol=1e-9)
 
 def test_split_by_time_holds_out_the_last_fraction():
     tx = make_transactions(500)
-    train, holdout, cutoff = split_by_time(tx, 0.25)
+    train, holdout, cutoff = split_by_time(tx, 0.25, "ts")
     assert len(train) + len(holdout) == len(tx)
     assert train.ts.max() < cutoff <= holdout.ts.min()
     span = tx.ts.max() - tx.ts.min()

@@ -53,10 +53,10 @@ def key_with(tmp_path: Path, edit: tuple[str, str, str] | None, program: str = K
 
 def test_the_training_set_key_follows_the_modules_its_code_imports():
     names = {name for name, _ in project_modules("flywheel.features.build")}
-    # split_by_time's module, the aggregates, the Feast definitions and join, and the lake reader
-    # (imported inside a function) all shape the training set.
-    assert {"flywheel.features.build", "flywheel.features.compute", "flywheel.features.definitions",
-            "flywheel.features.store", "flywheel.schema"} <= names
+    # split_by_time's module, the aggregation engine, the views and Feast definitions, the join, the
+    # declarations' and contract's readers and the lake reader all shape the training set.
+    assert {"flywheel.features.build", "flywheel.features.engine", "flywheel.features.views", "flywheel.features.definitions",
+            "flywheel.features.store", "flywheel.aggregations", "flywheel.contract", "flywheel.usecase"} <= names
     assert any(name in names for name in ("flywheel.lake", "flywheel.ingest"))
     assert "flywheel.cli" not in names and "flywheel.steps" not in names  # callers do not shape it
 
@@ -67,11 +67,11 @@ def test_the_training_set_key_follows_the_modules_its_code_imports():
         # The defect the review found: split_by_time's code was not in the key.
         ("features/build.py", "cutoff = start + (end - start) * (1 - holdout_fraction)",
          "cutoff = start + (end - start) * (1 - holdout_fraction * 1.0)"),
-        ("features/compute.py", '"24h", "count"', '"25h", "count"'),
-        ("features/definitions.py", "FEATURE_TTL = dt.timedelta(days=30)", "FEATURE_TTL = dt.timedelta(days=31)"),
-        ("schema.py", '"grocery",', '"groceries",'),
+        ("features/engine.py", "q_code, q_time - window)", "q_code, q_time - window + 1)"),
+        ("features/views.py", "ttl=max(a.window for _, a in named),", "ttl=max(a.window for _, a in named) * 2,"),
+        ("contract.py", '"timestamp": pa.timestamp("us", tz="UTC")', '"timestamp": pa.timestamp("ms", tz="UTC")'),
     ],
-    ids=["split_by_time", "aggregates", "feast-ttl", "schema"],
+    ids=["split_by_time", "aggregates", "feast-ttl", "contract"],
 )
 def test_changing_the_code_of_the_features_stage_changes_the_key(tmp_path, edit, pristine_keys):
     assert key_with(tmp_path / "edited", edit) != pristine_keys(KEY_OF_A_TRAINING_SET)
@@ -106,8 +106,6 @@ def test_settings_that_shape_the_split_change_the_key(tmp_path):
     assert features_key("s" * 64, base) != features_key("s" * 64, other)
     assert features_key("s" * 64, base) == features_key("s" * 64, serving)
     assert features_key("s" * 64, base) != features_key("t" * 64, base)  # another lake snapshot
-    delayed = load_settings(env={"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_FEATURES__LABEL_DELAY": "P5D"})
-    assert features_key("s" * 64, base) != features_key("s" * 64, delayed)  # which labels the fraud rate may use
 
 
 def test_an_unknown_root_is_a_clear_error():

@@ -60,7 +60,7 @@ def lake(flywheel_home: Settings, tmp_path: Path) -> Path:
     """A lake holding two accepted batches of 1,000 rows (ids a*, b*)."""
     for seed, prefix in [(1, "a"), (2, "b")]:
         assert ingest(str(write(batch(seed, prefix), tmp_path / "deliveries" / prefix / "tx.parquet"))) == 0
-    path = Path(flywheel_home.storage.root) / "lake"
+    path = Path(_storage(flywheel_home).root) / "lake"
     assert lake_module.load_snapshot(_storage(flywheel_home), str(path / "_snapshots" / "latest.json")).rows == 2000
     return path
 
@@ -283,7 +283,7 @@ def test_accepted_batch_prints_what_it_did_and_reports_drift(lake: Path, flywhee
 
     out = capsys.readouterr().out
     assert "accepted: 2 file(s) seen, 0 skipped as already ingested, 2,000 rows accepted, 0 quarantined, 0 rejected" in out
-    report_path = max((Path(flywheel_home.storage.root) / "reports" / "validation").glob("ingest-*/validation.json"),
+    report_path = max((Path(_storage(flywheel_home).root) / "reports" / "validation").glob("ingest-*/validation.json"),
                       key=lambda p: p.stat().st_mtime)
     report = json.loads(report_path.read_text())
     assert report["success"] and report["rows"] == 2000 and report["baseline"]["batches"] == 2
@@ -397,7 +397,7 @@ def test_validate_component_emits_data_docs_a_markdown_summary_and_the_counts_as
     components.validate.python_func(staged=dsl.Dataset(uri=str(outputs / "staged")), run_id="ui-run",
                                     report=report, summary=summary, metrics=metrics, snapshot=snapshot)
 
-    document = json.loads((Path(flywheel_home.storage.root) / "reports" / "validation" / "ui-run" / "validation.json").read_text())
+    document = json.loads((Path(_storage(flywheel_home).root) / "reports" / "validation" / "ui-run" / "validation.json").read_text())
     ge_results = document["result"]["results"]
     share_checks = [d for d in document["drift"] if d["expectation"] == "share_of_each_value_close_to_baseline"]
     assert len(ge_results) + len(share_checks) == document["evaluated"] > 20

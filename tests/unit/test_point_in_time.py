@@ -17,6 +17,7 @@ from flywheel.errors import FeatureStoreError
 from flywheel.features import oracle as build_oracle
 from flywheel.features import store as feast_store
 from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
 
 T0 = pd.Timestamp("2026-10-10 12:00", tz="UTC")
 CARDS = list(CARD_FEATURES)
@@ -100,8 +101,8 @@ def joined(request, tmp_path_factory) -> pd.DataFrame:
     CARD_TABLE.to_parquet(home / "card.parquet")
     MERCHANT_TABLE.to_parquet(home / "merchant.parquet")
     store = feast_store.open_store(settings, "pitcases")
-    feast_store.apply_definitions(store, str(home / "card.parquet"), str(home / "merchant.parquet"))
-    return feast_store.historical_features(store, TRANSACTIONS).set_index("transaction_id")
+    feast_store.apply_definitions(store, FRAUD_VIEWS, fraud_tables(str(home / "card.parquet"), str(home / "merchant.parquet")))
+    return feast_store.historical_features(store, TRANSACTIONS, FRAUD_VIEWS, FRAUD_CONTRACT).set_index("transaction_id")
 
 
 def card_value(joined: pd.DataFrame, transaction: str) -> float:
@@ -164,8 +165,8 @@ def test_entity_with_no_feature_row_yet_keeps_other_views_values(joined):
 def test_the_builds_oracle_check_passes_the_join_and_catches_a_wrong_value(joined):
     """Bug caught: a sample check that cannot fail, or misses a leaked future value."""
     frame = joined.reset_index()
-    assert build_oracle.check_sample(frame, CARD_TABLE, MERCHANT_TABLE, rows=len(frame)) == len(frame)
+    assert build_oracle.check_sample(frame, FRAUD_VIEWS, fraud_tables(CARD_TABLE, MERCHANT_TABLE), FRAUD_CONTRACT, rows=len(frame)) == len(frame)
     leaked = frame.copy()
     leaked.loc[leaked.transaction_id == "after-1", CARDS] = 2.0  # the row after its time
-    with pytest.raises(FeatureStoreError, match="after-1 card_txn_count_1h: training set 2.0, oracle 1.0"):
-        build_oracle.check_sample(leaked, CARD_TABLE, MERCHANT_TABLE, rows=len(frame))
+    with pytest.raises(FeatureStoreError, match="transaction_id 'after-1' card_txn_count_1h: training set 2.0, oracle 1.0"):
+        build_oracle.check_sample(leaked, FRAUD_VIEWS, fraud_tables(CARD_TABLE, MERCHANT_TABLE), FRAUD_CONTRACT, rows=len(frame))

@@ -362,7 +362,7 @@ def test_the_cpu_path_does_not_autocast_and_a_gpu_one_would_in_bf16():
 def test_the_validation_rows_are_the_end_of_the_training_span_and_never_the_holdout():
     """Catches a random validation draw, one cut from the holdout, or one that overlaps the fit rows."""
     table = transactions(1000).sample(frac=1.0, random_state=0)  # file order is not time order
-    train_rows, holdout, _ = split_by_time(table, 0.2)
+    train_rows, holdout, _ = split_by_time(table, 0.2, "ts")
     fit, validation = split_validation(train_rows, 0.15)
     assert len(fit) + len(validation) == len(train_rows)
     assert fit["ts"].max() < validation["ts"].min()

@@ -164,9 +164,7 @@ def test_a_use_case_edit_changes_the_keys_it_shapes_and_another_use_case_does_no
 
     def keys() -> tuple:
         settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_USECASE": str(mine)})
-        usecase = load_usecase(settings.usecase)
-        return (features_key(snapshot.sha256, settings),
-                day_keys(snapshot, settings.features.label_delay, usecase_digest=usecase.digest)["2026-03-01"])
+        return features_key(snapshot.sha256, settings), day_keys(snapshot, load_usecase(settings.usecase))["2026-03-01"]
 
     before = keys()
     (other / "features.py").write_text("X = 2\n")
