@@ -43,7 +43,7 @@ lock:
 	rm -rf /tmp/flywheel-lock && $(PYTHON) -m venv /tmp/flywheel-lock
 	/tmp/flywheel-lock/bin/pip install -q --upgrade pip setuptools wheel
 	/tmp/flywheel-lock/bin/pip install -q $(PIP_LINKS) torch==2.13.0
-	/tmp/flywheel-lock/bin/pip install -q $(PIP_LINKS) -c constraints.txt -e ".[test]"
+	/tmp/flywheel-lock/bin/pip install -q $(PIP_LINKS) -c constraints.txt -e ".[test,usecases]"
 	/tmp/flywheel-lock/bin/pip freeze --all --exclude-editable | grep -v -E "^pip==" > requirements.lock
 
 clean:

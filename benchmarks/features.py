@@ -155,7 +155,7 @@ if reads:
             for card_ids, merchant_ids in batches:
                 began = time.perf_counter()
                 if path == "feast":
-                    got = feast_store.online_features(fs, [{"card_id": c, "merchant_id": m} for c, m in zip(card_ids, merchant_ids)])
+                    got = feast_store.online_features(fs, [{"card_id": c, "merchant_id": m} for c, m in zip(card_ids, merchant_ids)], FRAUD_VIEWS)
                     assert got["card_txn_count_24h"][0] is not None
                 else:
                     features, known = reader.read(card_ids, merchant_ids)

@@ -3,13 +3,13 @@
 A team declares, per entity of its contract, the aggregations the model reads::
 
     aggregations:
-      card:                                            # an entity of the contract (join key card_id)
-        - {op: count, window: 1h}                      # -> card_count_1h
-        - {op: mean, column: amount, window: 30d}      # -> card_amount_mean_30d
-        - {op: distinct, column: merchant_id, window: 24h}
-        - {op: last_time, window: 30d}                 # the time of the card's last event
-      merchant:
-        - {op: mean, column: is_fraud, window: 30d, name: merchant_fraud_rate_30d}
+      customer:                                        # an entity of the contract (its join key)
+        - {op: count, window: 1h}                      # -> customer_count_1h
+        - {op: mean, column: order_total, window: 30d} # -> customer_order_total_mean_30d
+        - {op: distinct, column: shop, window: 24h}
+        - {op: last_time, window: 30d}                 # the time of the customer's last event
+      shop:
+        - {op: mean, column: returned, window: 30d, name: shop_return_rate_30d}  # a label
 
 flywheel's engine (:mod:`flywheel.features.engine`) computes them point-in-time correct, day by day,
 and registers them as Feast feature views. The semantics, written down here and tested against a
@@ -30,6 +30,9 @@ windows:
 - **Reading.** A request (or a training row) at time ``T`` reads the latest row *strictly before*
   ``T``: nothing that happens at ``T`` itself, not even the request's own event, feeds its features.
   Since a label is known no earlier than its event, a row's own label can never feed its features.
+  The windows read are that row's: they end at the entity's last change before ``T``, not at ``T``
+  (a count does not decay between an entity's events), the same in training and serving; a row
+  older than its view's longest window (the view's TTL) is not read at all.
 - **Empty windows.** ``count``, ``distinct`` and ``sum`` are 0; ``mean``, ``std``, ``min``, ``max``,
   ``last`` and ``last_time`` are null (``fill`` replaces a null). ``std`` is the sample standard
   deviation: null for one value. Null values of a column are skipped (``count`` counts events).

@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
-    from flywheel.datagen import demo_dataset
+    from flywheel.demo import demo_dataset
     from flywheel.report import console_on, output_to, print_summary, progress, run_summary
     from flywheel.steps import read_step_records
     from flywheel.storage import Storage, join
@@ -86,14 +86,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = Storage.from_settings(settings)
     console = _console()
     run_id = new_run_id()
-    rows = args.rows or settings.data.rows
     generated_s = None
     lake = ""  # the settings' lake
     if args.source:
         source = args.source
     else:
-        console.print(f"[bold]generating[/] {rows:,} synthetic transactions over {settings.data.days} days")
-        source, lake, generated_s = demo_dataset(storage, rows, settings.data.days, settings.data.seed)
+        from flywheel.usecase import load_usecase
+
+        usecase = load_usecase(settings.usecase)
+        size = f"{args.rows:,} rows" if args.rows else "its default size"
+        console.print(f"[bold]preparing[/] use case {usecase.name}'s demo data ({size})")
+        source, lake, generated_s = demo_dataset(storage, usecase, args.rows, settings.data)
     truth_uri = join(source, "_truth")
     if not storage.list(truth_uri):
         truth_uri = ""
@@ -687,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the training pipeline locally with kfp.local and print a summary",
                          description="Run ingest -> validate -> features -> train -> evaluate -> deploy with kfp.local. Without --source, generates data first.")
-    run.add_argument("--rows", type=_positive, help="rows to generate when no --source is given (default: settings data.rows)")
+    run.add_argument("--rows", type=_positive, help="rows of the use case's demo data when no --source is given (default: the use case's, for fraud settings data.rows)")
     run.add_argument("--source", help="raw files to ingest: a folder, a file or s3://bucket/prefix")
     run.set_defaults(func=cmd_run)
 

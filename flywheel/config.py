@@ -568,8 +568,34 @@ def _describe_error(err: Any) -> str:
     return f"{where} is not a setting (from {env} or the settings file){f'; valid here: {valid}' if valid else ''}"
 
 
+USECASE_SETTINGS = "settings.yaml"
+# What a use case's settings.yaml may not set: where it is, and where everything is stored.
+NOT_USECASE_SETTINGS = {"usecase", "home", "storage", "kfp", "image"}
+
+
+def _usecase_settings_file(data: Mapping[str, Any]) -> Path | None:
+    """The chosen use case's ``settings.yaml``, when it has one."""
+    chosen = data.get("usecase")
+    if chosen is not None and not isinstance(chosen, (str, os.PathLike)):
+        return None  # validation names the bad value
+    folder = Path(chosen).expanduser() if chosen else default_usecase()
+    path = folder / USECASE_SETTINGS
+    return path if path.is_file() else None
+
+
+def _read_usecase_settings(path: Path) -> dict[str, Any]:
+    data = _read_yaml(path)
+    refused = sorted(NOT_USECASE_SETTINGS & set(data))
+    if refused:
+        raise ConfigError(f"use case settings {path} sets {', '.join(refused)}: a use case's settings.yaml holds what "
+                          "its loop needs (ingest, features, training, gate, ...), not where things are; remove them")
+    return data
+
+
 def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, an optional YAML file and ``FLYWHEEL_*`` variables.
+    """Build the settings from defaults, the chosen use case's ``settings.yaml`` (what its loop needs,
+    such as a timestamp window for historical data), an optional YAML file and ``FLYWHEEL_*``
+    variables, each over the one before.
 
     ``env`` replaces ``os.environ`` (tests pass a dict). Raises :class:`ConfigError` naming the
     offending field when a value is invalid, and when the YAML file is missing, unreadable, not a
@@ -584,6 +610,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         config_path = home / "flywheel.yaml"
     data: dict[str, Any] = _read_yaml(config_path) if config_path else {}
     data = _deep_merge(data, overrides)
+    usecase_file = _usecase_settings_file(data)
+    if usecase_file is not None:
+        data = _deep_merge(_read_usecase_settings(usecase_file), data)
     for field, names in SECRET_ENV.items():
         for name in names:
             if env.get(name):

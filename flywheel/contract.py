@@ -148,7 +148,9 @@ class Contract(_Strict):
             column("label_known.column", self.label_known.column, {"timestamp"})
         for entity, key in self.entities.items():
             column(f"entity {entity}'s join key", key, {"string", "int64", "int32"})
-        roles = [self.timestamp, *self.labels, *self.entities.values()] + ([self.id] if self.id else [])
+        # An entity's join key may be missing (an aircraft not yet assigned): the row is then no event
+        # of that entity. The id and the event time never may.
+        roles = [self.timestamp] + ([self.id] if self.id else [])
         if len(set(self.labels)) != len(self.labels):
             problems.append("labels: a label is named twice")
         overlap = set(self.labels) & ({self.timestamp, self.id} | set(self.entities.values()))
@@ -187,15 +189,16 @@ class Contract(_Strict):
         tolerance of the baseline's), ``shares`` (a vocabulary's value shares and their KL divergence)
         or ``rate`` (a 0/1 column's share of 1s). A column's ``drift`` says; by default a vocabulary
         is compared by shares, a 0/1 column by rate and a non-negative number (an amount, a count, a
-        duration: ``min`` >= 0) by quantiles, whose tolerance is relative; ids, join keys and times are not."""
+        duration: ``min`` >= 0) by quantiles, whose tolerance is relative; ids, times and join keys
+        without a vocabulary are not."""
         keys = set(self.entities.values()) | ({self.id} if self.id else set())
         checks = {}
         for name, c in self.columns.items():
             how = c.drift
-            if how is None and name not in keys:
-                if c.categories is not None:
-                    how = "shares"
-                elif c.is_binary():
+            if how is None and c.categories is not None:
+                how = "shares"  # a closed vocabulary, even of a join key (an airport, an airline)
+            elif how is None and name not in keys:
+                if c.is_binary():
                     how = "rate"
                 elif c.type in NUMERIC and c.min is not None and c.min >= 0:
                     how = "quantiles"

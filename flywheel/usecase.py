@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from flywheel.aggregations import Features, load_features
 from flywheel.contract import CONTRACT_FILE, Contract, load_contract
@@ -101,3 +104,26 @@ def _load(path: Path, signature: tuple[tuple[str, int, int], ...]) -> UseCase:
         raise UseCaseError(f"use case {path} cannot be read: {exc.strerror or exc}") from None
     return UseCase(folder=path, name=path.name, contract=contract, features=features, digest=digest,
                    files=tuple(p.relative_to(path).as_posix() for p in files))
+
+
+def load_module(usecase: UseCase, name: str) -> ModuleType | None:
+    """The use case's Python module ``<folder>/<name>.py`` (None when it has none), imported once per
+    process under a name of its own (``flywheel_usecase_<use case>_<digest>_<name>``), so that two use
+    cases' modules of the same name never meet, nor two versions of one. An error in it is a UseCaseError naming the file."""
+    path = usecase.folder / f"{name}.py"
+    if not path.is_file():
+        return None
+    qualified = f"flywheel_usecase_{usecase.name.replace('-', '_')}_{usecase.digest[:12]}_{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    spec = importlib.util.spec_from_file_location(qualified, path)
+    if spec is None or spec.loader is None:
+        raise UseCaseError(f"{path} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the team's code: name the file and the cause
+        del sys.modules[qualified]
+        raise UseCaseError(f"{path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module

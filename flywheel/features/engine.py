@@ -186,16 +186,17 @@ def entity_table(
     for name, aggregation in aggregations:
         stream = aggregation.column if aggregation.column in contract.labels else _EVENTS
         by_stream.setdefault(stream, []).append((name, aggregation))
+    keyed = rows[rows[key].notna()] if rows[key].isna().any() else rows  # a row without the key is no event of it
     for stream in by_stream:
         columns = sorted({a.column for _, a in by_stream[stream] if a.column})
         if stream == _EVENTS:
-            frame = pd.DataFrame({"key": rows[key].to_numpy(), "time": _micros(rows[contract.timestamp])})
+            source = keyed
+            frame = pd.DataFrame({"key": source[key].to_numpy(), "time": _micros(source[contract.timestamp])})
         else:
-            known = known_times(rows, contract)
-            keep = (rows[stream].notna() & known.notna()).to_numpy()
-            frame = pd.DataFrame({"key": rows[key].to_numpy()[keep], "time": _micros(known[keep])})
-            rows_of_stream = rows[keep]
-        source = rows if stream == _EVENTS else rows_of_stream
+            known = known_times(keyed, contract)
+            keep = (keyed[stream].notna() & known.notna()).to_numpy()
+            source = keyed[keep]
+            frame = pd.DataFrame({"key": source[key].to_numpy(), "time": _micros(known[keep])})
         for column in columns:
             frame[column] = source[column].to_numpy()
         streams[stream] = frame

@@ -13,9 +13,11 @@ import yaml
 
 from flywheel import lineage
 from flywheel.config import load_settings
+from flywheel.demo import demo_base
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from tests.conftest import small_env
+from tests.factories import FRAUD
 
 GOLDEN = Path(__file__).parent / "golden" / "flywheel-training.yaml"
 
@@ -96,7 +98,7 @@ def test_model_lineage_walks_back_to_the_raw_files(two_runs):
     model = Registry(storage, "fraud").production()
     tree = lineage.trace(storage, model.manifest_uri)
     raw = {leaf["uri"] for leaf in lineage.leaves(tree)}
-    generated = set(storage.iter_objects(storage.uri("demo", "generated-r30000-d14-s7", "raw"), (".parquet",)))
+    generated = set(storage.iter_objects(f"{demo_base(storage, FRAUD, 30000, settings.data)}/raw", (".parquet",)))
     assert generated and generated <= raw
     steps = set()
 
@@ -126,20 +128,21 @@ def test_another_generated_size_in_the_same_home_is_its_own_world(two_runs):
     checked on the 30k runs (the pipeline is handed it); another size gets its own data and lake, and
     ingesting it leaves the 30k lake as it was. (A third whole pipeline run here cost about a minute.)"""
     from flywheel import steps
-    from flywheel.datagen import demo_dataset
+    from flywheel.demo import demo_dataset
 
     home, env, _, _ = two_runs
     first = summaries(home)[0]
-    assert "/demo/generated-r30000-d14-s7/lake/_snapshots/" in first["steps"][1]["artifacts"]["lake_snapshot"]
     settings = load_settings(env=env)
     storage = Storage.from_settings(settings)
-    lake_30k = storage.uri("demo", "generated-r30000-d14-s7", "lake")
+    lake_30k = f"{demo_base(storage, FRAUD, 30000, settings.data)}/lake"
+    assert "/demo/generated-r30000-d14-s7-" in lake_30k
+    assert first["steps"][1]["artifacts"]["lake_snapshot"].startswith(f"{lake_30k}/_snapshots/")
     before = {uri: storage.stat(uri).sha256 for uri in storage.list(lake_30k)}
-    source, lake, _ = demo_dataset(storage, 5000, 14, settings.data.seed)
-    assert lake != lake_30k and "/demo/generated-r5000-d14-s7/lake" in lake
+    source, lake, _ = demo_dataset(storage, FRAUD, 5000, settings.data)
+    assert lake != lake_30k and "/demo/generated-r5000-d14-s7-" in lake
     staged = steps.ingest_step(source, "run-other-size", settings, lake)
     published = steps.validate_step(staged, "run-other-size", settings)
-    assert "/demo/generated-r5000-d14-s7/lake/_snapshots/" in published["uri"]
+    assert published["uri"].startswith(f"{lake}/_snapshots/")
     assert published["rows"] == 5000  # not mixed with the 30k dataset's lake
     assert {uri: storage.stat(uri).sha256 for uri in storage.list(lake_30k)} == before
 

@@ -12,13 +12,14 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from flywheel.config import load_settings
-from flywheel.features import compute, engine, incremental
+from flywheel.features import engine, incremental
 from flywheel.features.views import views_of
 from flywheel.lake import LakeSnapshot, read_snapshot, snapshot_sha256
 from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from flywheel.usecase import UseCase, load_usecase
 from tests import factories
+from tests import fraud_tables as compute  # fraud's hand-written tables: a second oracle
 
 USECASE = factories.FRAUD
 LOOKBACK = incremental.lookback_days(USECASE)  # 30-day windows and the 3-day label delay: 33 days

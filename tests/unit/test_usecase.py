@@ -16,11 +16,12 @@ import pytest
 
 from flywheel.cli import main
 from flywheel.config import load_settings
-from flywheel.errors import DataError, UseCaseError
+from flywheel.demo import demo_dataset
+from flywheel.errors import ConfigError, DataError, UseCaseError
 from flywheel.ingest import ingest
 from flywheel.lake import publish_staged, read_snapshot
 from flywheel.storage import Storage
-from flywheel.usecase import load_usecase
+from flywheel.usecase import load_module, load_usecase
 from flywheel.validation import build_suite, validate_batch, validate_frame
 from tests.factories import FRAUD, REPO
 
@@ -269,3 +270,59 @@ def test_an_identical_redelivery_with_missing_values_is_dropped_not_refused(tmp_
     pq.write_table(pa.Table.from_pandas(changed, preserve_index=False), path)
     with pytest.raises(DataError, match="1 reading_id value"):
         ingest(storage, str(path.parent), lake, "run-c", contract=contract)
+
+
+# --- a use case's own settings, modules and demo data ------------------------------------------------
+
+def test_a_use_cases_settings_sit_under_the_users(tmp_path):
+    """Bug caught: a use case that cannot say what its loop needs (historical data outside the
+    default event-time window), or one that overrides what the user set or where things are stored."""
+    folder = readings_usecase(tmp_path)
+    (folder / "settings.yaml").write_text("ingest: {max_age_days: 40000}\ntraining: {epochs: 2}\n")
+    env = {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_USECASE": str(folder)}
+    settings = load_settings(env=env)
+    assert settings.ingest.max_age_days == 40000 and settings.training.epochs == 2
+    assert load_settings(env={**env, "FLYWHEEL_TRAINING__EPOCHS": "5"}).training.epochs == 5
+    user = tmp_path / "mine.yaml"
+    user.write_text("ingest: {max_age_days: 100}\n")
+    assert load_settings(user, env=env).ingest.max_age_days == 100
+    (folder / "settings.yaml").write_text("storage: {root: /elsewhere}\n")
+    with pytest.raises(ConfigError, match="sets storage"):
+        load_settings(env=env)
+    (folder / "settings.yaml").write_text("ingest: {max_age_dayz: 1}\n")
+    with pytest.raises(ConfigError, match="ingest.max_age_dayz is not a setting"):
+        load_settings(env=env)
+
+
+def test_a_use_cases_module_is_its_own_and_a_broken_one_is_named(tmp_path):
+    first, second = readings_usecase(tmp_path, "first"), readings_usecase(tmp_path, "second")
+    (first / "source.py").write_text("WHO = 'first'\n")
+    (second / "source.py").write_text("WHO = 'second'\n")
+    assert load_module(load_usecase(first), "source").WHO == "first"
+    assert load_module(load_usecase(second), "source").WHO == "second"
+    assert load_module(load_usecase(first), "model") is None
+    (first / "source.py").write_text("WHO = 'edited'\n")  # a new version of the file is a new module
+    assert load_module(load_usecase(first), "source").WHO == "edited"
+    (second / "source.py").write_text("import a_package_that_is_not_there\n")
+    with pytest.raises(UseCaseError, match=r"second/source.py failed to import: ModuleNotFoundError"):
+        load_module(load_usecase(second), "source")
+
+
+def test_demo_data_comes_from_the_use_cases_source_once_and_without_one_the_run_says_what_to_do(tmp_path):
+    folder = readings_usecase(tmp_path)
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_USECASE": str(folder)})
+    storage = Storage.from_settings(settings)
+    with pytest.raises(UseCaseError, match="has no demo data.*--source"):
+        demo_dataset(storage, load_usecase(folder), None, settings.data)
+    (folder / "source.py").write_text(
+        "import pyarrow as pa, pyarrow.parquet as pq, io\n"
+        "CALLS = []\n"
+        "def write_demo(storage, out_uri, *, rows, data):\n"
+        "    CALLS.append(rows)\n"
+        "    storage.write_bytes(out_uri + '/x.txt', b'made')\n")
+    usecase = load_usecase(folder)
+    source, lake, seconds = demo_dataset(storage, usecase, 10, settings.data)
+    again = demo_dataset(storage, usecase, 10, settings.data)
+    assert again == (source, lake, 0.0) and load_module(usecase, "source").CALLS == [10]
+    assert storage.read_bytes(source + "/x.txt") == b"made" and lake.endswith("/lake") and source.endswith("/raw")
+    assert demo_dataset(storage, usecase, 20, settings.data)[0] != source  # another size, another dataset

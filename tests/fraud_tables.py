@@ -1,4 +1,8 @@
-"""Card and merchant aggregates computed from the lake: one card row per transaction (per card and
+"""Fraud's feature tables written by hand, before features were declared (usecases/fraud/features.yaml)
+and computed by flywheel's engine: kept as a second, independent oracle of the engine's semantics
+(tests/unit/test_engine.py, benchmarks/engine.py).
+
+Card and merchant aggregates computed from the lake: one card row per transaction (per card and
 instant) and one merchant row per transaction (per merchant and instant).
 
 A feature row is stamped with its transaction's time and includes that transaction: it is the state

