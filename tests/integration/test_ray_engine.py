@@ -19,8 +19,8 @@ from pandas.testing import assert_frame_equal
 
 from flywheel.config import load_settings
 from flywheel.features import store as feast_store
-from tests.unit.test_point_in_time import (
 from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
+from tests.unit.test_point_in_time import (
     CARD_TABLE, CARDS, MERCHANT_TABLE, MERCHANTS, T0, TRANSACTIONS, card_row, merchant_row, oracle, typed,
 )
 

@@ -1,0 +1,112 @@
+"""The platform names no use case's columns, entities, labels or features (issue 19).
+
+Every name the use cases under usecases/ declare (contract columns, entities, labels; declared
+features and their views) is looked for in the platform's code (flywheel/, serving/, components/,
+pipelines/): as a string literal anywhere, and, when the name is distinctive (it holds an underscore
+or a digit: ``card_id``, ``arr_delay``, ``card_txn_count_1h``), as an identifier too. A one-word name
+(``amount``, ``tail``, ``origin``) is an English word the platform may use in its own sense (a log's
+tail, a model card), so as an identifier it is not a finding; as a string (``df["amount"]``) it is.
+
+The platform still carries the fraud model's own code in the files of ``STILL_FRAUD`` (its input
+transform, predictor, request schema, generator, metrics); issue 19's next steps move each into the
+use case, and this list only shrinks: a file that no longer names any is a failure until it is taken
+off, and any other file that starts naming one fails at once.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from pathlib import Path
+
+from flywheel.usecase import load_usecase
+from tests.factories import REPO
+
+PLATFORM = ("flywheel", "serving", "components", "pipelines")
+STILL_FRAUD = {
+    "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
+    "flywheel/deploy/canary.py": "the canary replays fraud requests (their ts)",
+    "flywheel/training/split.py": "the validation split reads fraud's event time, ts (moves with the task)",
+    "flywheel/training/worker.py": "the worker orders fraud rows by ts (moves with the task)",
+    "serving/rest.py": "its access-log records have a field called ts (the platform's own, named like fraud's column)",
+    "flywheel/evaluation.py": "binary metrics over transactions (moves with the task declaration)",
+    "flywheel/evaluation_report.py": "the fraud report's slices (moves with the evaluation declaration)",
+    "flywheel/features/definitions.py": "the fraud model's feature names for the input transform and predictor",
+    "flywheel/features/store.py": "the served read path's two fraud views (moves with serving)",
+    "flywheel/features/transform.py": "fraud's input transform (moves to the use case's request-time inputs)",
+    "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
+    "flywheel/scoring.py": "batch scoring's output columns (moves with the task's outputs)",
+    "serving/predictor.py": "the fraud predictor (moves with the task and request declaration)",
+    "serving/requests.py": "the fraud request schema (to be derived from the contract)",
+}
+
+
+def declared_names() -> dict[str, set[str]]:
+    """Every name a use case declares -> the use cases that declare it."""
+    names: dict[str, set[str]] = {}
+    for folder in sorted((REPO / "usecases").iterdir()):
+        if not (folder / "contract.yaml").is_file():
+            continue
+        usecase = load_usecase(folder)
+        contract = usecase.contract
+        declared = [*contract.columns, *contract.entities, *contract.labels]
+        for entity, named in usecase.features.named().items():
+            declared += [name for name, _ in named] + [f"{entity}_features"]
+        for name in declared:
+            names.setdefault(name, set()).add(usecase.name)
+    return names
+
+
+def distinctive(name: str) -> bool:
+    return "_" in name or any(ch.isdigit() for ch in name)
+
+
+def names_in(path: Path, names: dict[str, set[str]]) -> set[str]:
+    """The declared names ``path`` uses: as string literals, and (distinctive ones) as identifiers
+    other than attributes, keyword arguments and definitions' own names."""
+    found = set()
+    tokens = list(tokenize.generate_tokens(io.StringIO(path.read_text()).readline))
+    for i, token in enumerate(tokens):
+        if token.type == tokenize.STRING:
+            try:
+                value = ast.literal_eval(token.string)
+            except (ValueError, SyntaxError):
+                continue  # an f-string: its pieces are tokens of their own on 3.12, text here
+            if isinstance(value, str) and value in names:
+                found.add(value)
+        elif token.type == tokenize.NAME and token.string in names and distinctive(token.string):
+            before = tokens[i - 1].string if i else ""
+            after = tokens[i + 1].string if i + 1 < len(tokens) else ""
+            if before not in (".", "def", "class") and after != "=":
+                found.add(token.string)
+    return found
+
+
+def scan() -> dict[str, set[str]]:
+    names = declared_names()
+    hits = {}
+    for root in PLATFORM:
+        for path in sorted((REPO / root).rglob("*.py")):
+            found = names_in(path, names)
+            if found:
+                hits[path.relative_to(REPO).as_posix()] = found
+    return hits
+
+
+def test_the_platform_names_no_use_cases_names_beyond_the_fraud_code_still_to_move():
+    hits = scan()
+    new = {path: sorted(found) for path, found in hits.items() if path not in STILL_FRAUD}
+    assert not new, f"platform files name a use case's columns, entities, labels or features: {new}"
+    moved = sorted(set(STILL_FRAUD) - set(hits))
+    assert not moved, f"these files no longer name a use case's names: take them off STILL_FRAUD: {moved}"
+
+
+def test_the_scan_finds_a_name_where_one_is_written(tmp_path):
+    """The scan can fail: a platform-like file that reads a declared column by name is found."""
+    names = declared_names()
+    assert {"card_id", "arr_delay", "tail_arr_delay_last_24h", "route"} <= set(names)
+    code = tmp_path / "leaky.py"
+    code.write_text('def score(frame):\n    late = frame["arr_delay"] > 15\n    card_id = frame.card_id\n'
+                    '    return late, card_id, frame.tail(3), dict(route=1)\n')
+    assert names_in(code, names) == {"arr_delay", "card_id"}
