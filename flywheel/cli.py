@@ -73,6 +73,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- run
+def cmd_init(args: argparse.Namespace) -> int:
+    from flywheel.scaffold import init_usecase
+
+    written = init_usecase(Path(args.path), Path(args.sample), label=args.label, timestamp=args.timestamp,
+                           id=args.id, entities=args.entity)
+    console = _console()
+    console.print(f"wrote use case {Path(args.path).name}: {', '.join(p.name for p in written)} in {Path(args.path)}", soft_wrap=True)
+    console.print("review them (ranges and vocabularies are the sample's), then: "
+                  f"flywheel run --usecase {args.path} --source YOUR_DATA", soft_wrap=True, markup=False)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flywheel.demo import demo_dataset
     from flywheel.report import console_on, output_to, print_summary, progress, run_summary
@@ -687,6 +699,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet", help="raw file format")
     gen.add_argument("--out", required=True, help="where to write: a folder or s3://bucket/prefix")
     gen.set_defaults(func=cmd_generate)
+
+    init = sub.add_parser("init", help="write a new use case's folder from a sample of its data (contract, features)",
+                          description="Write a new use case into PATH: its contract inferred from a sample (types, "
+                                      "nullability, ranges, vocabularies), a starting set of features per entity, and "
+                                      "settings when the sample is history. Review every file, then run it with "
+                                      "`flywheel run --usecase PATH --source URI`.")
+    init.add_argument("path", metavar="PATH", help="the new use case's folder (its name names it: lower-case, digits, - and _)")
+    init.add_argument("--from", dest="sample", required=True, metavar="SAMPLE_FILE", help="a parquet, csv or jsonl sample")
+    init.add_argument("--label", required=True, help="the column the model learns to predict")
+    init.add_argument("--timestamp", required=True, help="the column holding each row's event time")
+    init.add_argument("--id", help="a column unique per row, when there is one")
+    init.add_argument("--entity", action="append", default=[], metavar="COLUMN",
+                      help="a join key to aggregate features by (repeat for several)")
+    init.set_defaults(func=cmd_init)
 
     run = sub.add_parser("run", help="run the training pipeline locally with kfp.local and print a summary",
                          description="Run ingest -> validate -> features -> train -> evaluate -> deploy with kfp.local. Without --source, generates data first.")

@@ -53,8 +53,8 @@ def build_definitions(views: list[View], tables: dict[str, str]) -> list[Any]:
     entities: dict[str, Any] = {}
     for view in views:
         if view.entity not in entities:
-            value_type = ValueType.STRING if view.key_type == "string" else ValueType.INT64
-            entities[view.entity] = Entity(name=view.entity, join_keys=[view.join_key], value_type=value_type,
+            # Join keys are text in the feature store, whatever their type in the contract (engine.join_key_text).
+            entities[view.entity] = Entity(name=view.entity, join_keys=[view.join_key], value_type=ValueType.STRING,
                                            description=f"the use case's {view.entity} (join key {view.join_key})")
             objects.append(entities[view.entity])
     for view in views:

@@ -237,6 +237,16 @@ def entity_table(
             results[name] = result
     for name, _ in aggregations:
         out[name] = results[name]
-    if key in contract.columns and contract.columns[key].type != "string":
-        out[key] = out[key].astype(rows[key].dtype)
+    if contract.columns[key].type != "string":
+        out[key] = join_key_text(out[key])
     return out
+
+
+def join_key_text(values: pd.Series) -> pd.Series:
+    """Join keys as the feature store holds them: text (an integer key as its decimal digits), so
+    that a table, a training row and a request name an entity the same way; a missing key stays missing."""
+    if values.dtype == object and values.map(lambda v: isinstance(v, str) or v is None).all():
+        return values
+    if pd.api.types.is_float_dtype(values):  # integers with gaps come out of pandas as floats
+        return values.map(lambda v: None if pd.isna(v) else str(int(v))).astype(object)
+    return values.map(lambda v: None if pd.isna(v) else str(v)).astype(object)

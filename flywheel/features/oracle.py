@@ -19,6 +19,7 @@ import pandas as pd
 
 from flywheel.errors import FeatureStoreError
 from flywheel.features.definitions import CREATED_COLUMN
+from flywheel.features.engine import join_key_text
 from flywheel.features.store import JOIN_OFFSET
 from flywheel.features.views import View
 
@@ -71,7 +72,8 @@ def check_sample(joined: pd.DataFrame, views: list[View], tables: dict[str, pd.D
     for view in views:
         table = tables[view.name]
         names = list(view.features)
-        want = as_of_join(sample, table[table[view.join_key].isin(sample[view.join_key].unique())], view.join_key, names,
+        keyed = sample.assign(**{view.join_key: join_key_text(sample[view.join_key])})  # the store's keys are text
+        want = as_of_join(keyed, table[table[view.join_key].isin(keyed[view.join_key].unique())], view.join_key, names,
                           contract.timestamp, pd.Timedelta(view.ttl))
         for name in names:
             bad = np.flatnonzero(_differ(sample[name], want[name], view.features[name]))

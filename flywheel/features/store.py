@@ -204,9 +204,13 @@ ROW = "__row"  # each entity row's position: how Feast's answer is put back in t
 def entity_frame(rows: pd.DataFrame, views: list[View], timestamp: str) -> pd.DataFrame:
     """The entity rows for a point-in-time join: one per row, with every view's join key, just before
     its event time."""
+    from flywheel.features.engine import join_key_text
+
     frame = pd.DataFrame({ROW: np.arange(len(rows), dtype=np.int64)})
-    for key in dict.fromkeys(view.join_key for view in views):
-        frame[key] = rows[key].to_numpy()
+    for view in views:
+        if view.join_key not in frame:
+            keys = rows[view.join_key]
+            frame[view.join_key] = (keys if view.key_type == "string" else join_key_text(keys)).to_numpy()
     frame["event_timestamp"] = (pd.to_datetime(rows[timestamp], utc=True) - JOIN_OFFSET).to_numpy()
     return frame
 

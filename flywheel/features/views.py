@@ -21,7 +21,7 @@ class View:
     name: str
     entity: str
     join_key: str
-    key_type: str  # the join key's contract type (string, int64, ...)
+    key_type: str  # the join key's contract type (string, int64, ...); the feature store holds it as text
     features: dict[str, str]  # feature name -> Feast type name (Int64, Float64, String), in order
     aggregations: tuple[tuple[str, Aggregation], ...]
     ttl: dt.timedelta

@@ -348,3 +348,15 @@ def test_names_default_to_entity_column_op_and_window():
                                     {"op": "max", "column": "distance", "window": "90m"}])
     assert [n for n, _ in named] == ["tail_count_24h", "tail_delay_mean_30d", "tail_distance_max_90m"]
     assert Features().named() == {}
+
+
+def test_an_integer_join_key_is_text_in_the_table_and_a_missing_key_is_no_event():
+    """The feature store names every entity by text (a table, a training row and a request alike);
+    a row without the key (an aircraft not yet assigned) is not an event of any entity."""
+    contract = parse_contract({**LEGS.model_dump(mode="json"),
+                               "columns": {**LEGS.model_dump(mode="json")["columns"], "tail": {"type": "int64", "nullable": True}}},
+                              "legs")
+    rows = tiny(["2026-05-01T00:00", "2026-05-01T00:10", "2026-05-01T00:20"])
+    rows["tail"] = pd.array([7, None, 7], dtype="Int64")
+    table = entity_table(rows, contract, "tail", declared(contract, "tail", [{"op": "count", "window": "1h"}]))
+    assert table["tail"].tolist() == ["7", "7"] and table["tail_count_1h"].tolist() == [1, 2]
