@@ -74,11 +74,32 @@ def training_key(training_set: TrainingSet, settings: Settings) -> str:
     return hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash(), usecase], sort_keys=True).encode()).hexdigest()
 
 
+def require_the_models_inputs(settings: Settings) -> None:
+    """The model and its input transform (flywheel/features/transform.py) are still the first use
+    case's: a binary label and its own columns and features. Another use case stops here with what is
+    missing, before anything is written, until its task, inputs and model are declared (issue 19)."""
+    from flywheel.features.transform import NUMBER_COLUMNS
+
+    usecase = load_usecase(settings.usecase)
+    label = usecase.contract.labels[0]
+    available = set(usecase.contract.columns) | {name for named in usecase.features.named().values() for name, _ in named}
+    missing = sorted(NUMBER_COLUMNS - available)
+    if not usecase.contract.columns[label].is_binary() or missing:
+        why = (f"its label {label} is {usecase.contract.columns[label].type}, not 0/1"
+               if not usecase.contract.columns[label].is_binary() else f"it has no {', '.join(missing[:4])}")
+        raise TrainingError(
+            f"use case {usecase.name} cannot be trained yet: the platform's model still learns a 0/1 label from the "
+            f"first use case's inputs, and {why}. Ingest, validation and features work for it; declaring a use "
+            "case's task, inputs and model comes next"
+        )
+
+
 def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str) -> TrainResult:
     """Train on a training set and publish the model; the same inputs reuse the existing version."""
     from flywheel.registry import Registry
     from flywheel.training.worker import HISTORY
 
+    require_the_models_inputs(settings)
     registry = Registry(storage, settings.model_name)
     training_set.verify(storage)  # the data must be what its sha256 (part of the key) says
     key = training_key(training_set, settings)

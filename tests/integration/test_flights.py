@@ -117,3 +117,14 @@ def test_an_earlier_leg_counts_only_once_it_has_landed(flights_loop):
         if len(earlier) and earlier["arrival"].iloc[-1] >= t:
             seen_late += 1
     assert seen_late > 0
+
+
+def test_training_says_plainly_that_the_flights_task_is_not_learnt_yet(flights_loop):
+    """The model still learns the first use case's 0/1 label from its inputs: the train step stops
+    with that, naming the use case and its label, before writing anything (not a KeyError deep in
+    the input transform)."""
+    from flywheel.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="use case flights cannot be trained yet.*arr_delay is float64, not 0/1"):
+        steps.train_step(flights_loop["training_set"], "flights-1", flights_loop["settings"])
+    assert not flights_loop["storage"].exists(flights_loop["storage"].uri("models"))
