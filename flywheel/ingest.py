@@ -58,6 +58,7 @@ class _RawFile:
     duplicates: int = 0  # re-delivered rows dropped: already in the lake, the batch or the file
     skipped: str = ""  # why the file was not read: "already ingested" or "same content as <uri>"
     quarantined: int = 0  # rows set aside (policy quarantine)
+    unlabelled: int = 0  # rows without a label, dropped (the contract's unlabelled: drop)
     parts: dict[str, tuple[str, int]] = field(default_factory=dict)  # date -> (local parquet, rows)
     hashes: np.ndarray | None = None  # the id hashes of its rows (in part order)
     part_hashes: dict[str, np.ndarray] = field(default_factory=dict)  # date -> the id hashes of that part
@@ -70,6 +71,8 @@ class _RawFile:
             entry["skipped"] = self.skipped
         if self.quarantined:
             entry["quarantined"] = self.quarantined
+        if self.unlabelled:
+            entry["unlabelled_dropped"] = self.unlabelled
         return entry
 
 
@@ -320,6 +323,10 @@ def _stream_file(
                 else:
                     good = conform(uri, chunk, schema)
                 offset += chunk.num_rows
+                if contract.unlabelled == "drop":  # not a row of this use case: it never enters the lake
+                    labelled = functools.reduce(pc.and_, [_has_value(good.column(label)) for label in contract.labels])
+                    raw.unlabelled += good.num_rows - pc.sum(labelled).as_py() if good.num_rows else 0
+                    good = good.filter(labelled)
                 parts.add(_partition_by_date(good, contract.timestamp, pool))
     except BaseException:
         parts.abort()
@@ -605,6 +612,12 @@ def _conflict(uri: str, conflicts: pa.Table, where: Callable[[dict[str, Any]], s
         f"(e.g. {ids[0]!r} differs in {differs}). A {id_column} must be unique in the lake: an identical "
         f"re-delivery is skipped, a changed row is refused and nothing was written; {_FIX}"
     )
+
+
+def _has_value(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Row by row, whether a value is there (not null, and not NaN for a float)."""
+    present = pc.is_valid(values)
+    return pc.and_(present, pc.invert(pc.fill_null(pc.is_nan(values), False))) if pa.types.is_floating(values.type) else present
 
 
 def _partition_by_date(

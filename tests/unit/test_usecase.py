@@ -326,3 +326,22 @@ def test_demo_data_comes_from_the_use_cases_source_once_and_without_one_the_run_
     assert again == (source, lake, 0.0) and load_module(usecase, "source").CALLS == [10]
     assert storage.read_bytes(source + "/x.txt") == b"made" and lake.endswith("/lake") and source.endswith("/raw")
     assert demo_dataset(storage, usecase, 20, settings.data)[0] != source  # another size, another dataset
+
+
+def test_rows_without_a_label_are_dropped_when_the_contract_says_drop_and_counted(tmp_path):
+    """Bug caught: unlabelled: drop accepted by the contract but ignored, so unlabelled rows reach
+    the lake and the training set as NaN targets."""
+    folder = readings_usecase(tmp_path)
+    (folder / "contract.yaml").write_text(READINGS.replace("unlabelled: keep", "unlabelled: drop"))
+    contract = load_usecase(folder).contract
+    storage = Storage(str(tmp_path / "root"))
+    df = readings(400)
+    missing = int(df["rainfall_mm"].isna().sum())
+    raw = tmp_path / "raw" / "r.parquet"
+    raw.parent.mkdir()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), raw)
+    staged = ingest(storage, str(raw), str(tmp_path / "lake"), "r1", contract=contract)
+    assert missing > 0 and staged.rows == 400 - missing
+    assert staged.source_files[0]["unlabelled_dropped"] == missing
+    lake = read_snapshot(storage, staged, contract.arrow_schema()).to_pandas()
+    assert lake["rainfall_mm"].notna().all()
