@@ -73,6 +73,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- run
+def cmd_gc(args: argparse.Namespace) -> int:
+    from flywheel.gc import collect
+    from flywheel.storage import Storage
+
+    settings = _settings(args)
+    result = collect(Storage.from_settings(settings), settings, dry_run=args.dry_run)
+    console = _console()
+    verb = "would remove" if args.dry_run else "removed"
+    for key, why in sorted(result.keep.items()):
+        console.print(f"keep {key}: {why}", soft_wrap=True, markup=False)
+    for uri in result.remove_sets + result.remove_days:
+        console.print(f"{verb} {uri}", soft_wrap=True, markup=False)
+    for world in result.remove_worlds:
+        console.print(f"{verb} feature world {world}", soft_wrap=True, markup=False)
+    console.print(f"{verb} {len(result.remove_sets)} training sets and tables, {len(result.remove_days)} day tables, "
+                  f"{len(result.remove_worlds)} feature worlds", soft_wrap=True)
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from flywheel.scaffold import init_usecase
 
@@ -699,6 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet", help="raw file format")
     gen.add_argument("--out", required=True, help="where to write: a folder or s3://bucket/prefix")
     gen.set_defaults(func=cmd_generate)
+
+    gc = sub.add_parser("gc", help="remove the training sets, tables and feature worlds no kept model or recent run needs",
+                        description="Remove the use case's training sets, offline and day tables and feature worlds "
+                                    "that no kept model version (production, canary, recent productions, the newest), "
+                                    "the latest features step or a recent run needs; never what a kept model's "
+                                    "lineage names (settings gc: keep_previous, keep_newest, keep_days).")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, and why the rest stays")
+    gc.set_defaults(func=cmd_gc)
 
     init = sub.add_parser("init", help="write a new use case's folder from a sample of its data (contract, features)",
                           description="Write a new use case into PATH: its contract inferred from a sample (types, "

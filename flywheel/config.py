@@ -258,6 +258,14 @@ class ServingSettings(_Section):
     max_batch: int = Field(1000, ge=1)  # transactions per request
 
 
+class GcSettings(_Section):
+    """`flywheel gc`: what stays besides production and the canary (flywheel/gc.py)."""
+
+    keep_previous: int = Field(2, ge=0)  # versions that were production last: rollback targets
+    keep_newest: int = Field(3, ge=0)  # the newest versions, which a person may still promote
+    keep_days: float = Field(7.0, ge=0)  # whatever was made this recently (a run in progress)
+
+
 class ScoringSettings(_Section):
     """Batch scoring of a date range of the lake (`flywheel-scoring` pipeline)."""
 
@@ -451,6 +459,7 @@ class Settings(_Section):
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     kfp: KfpSettings = Field(default_factory=KfpSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)
+    gc: GcSettings = Field(default_factory=GcSettings)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":
