@@ -193,9 +193,32 @@ def batch_columns(contract: Contract) -> list[str]:
     band or a drift check. The others (an id, a join key) have nothing left to check once ingest has
     held them to the schema (types, nulls) and the id unique through its index."""
     drift = contract.drift_checks()
+    known = contract.label_known.column if contract.label_known.within is not None else None
     return [name for name, c in contract.columns.items()
-            if name == contract.timestamp or name in drift or c.min is not None or c.max is not None
+            if name in (contract.timestamp, known) or name in drift or c.min is not None or c.max is not None
             or c.categories is not None or c.mean is not None]
+
+
+KNOWN_WITHIN = "label_known_within_its_bound"  # no GE expectation compares two times: computed here
+
+
+def known_within_check(table: "pa.Table", contract: Contract) -> dict[str, Any] | None:
+    """The contract's ``label_known.within``: a row's label time lies between its event time and
+    that bound after it (features read that far back for labels; a later one would be missed by a day
+    computed alone). None when the contract has no such bound."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    bound = contract.label_known.within
+    column = contract.label_known.column
+    if bound is None or column is None or table.num_rows == 0:
+        return None
+    lag = pc.subtract(table.column(column), table.column(contract.timestamp))
+    outside = pc.or_(pc.less(lag, pa.scalar(dt.timedelta(0), pa.duration("us"))),
+                     pc.greater(lag, pa.scalar(bound, pa.duration("us"))))
+    bad = int(pc.sum(pc.fill_null(outside, False)).as_py() or 0)
+    return {"expectation": KNOWN_WITHIN, "column": column, "success": bad == 0, "observed": bad,
+            "expected": f"{column} between {contract.timestamp} and {bound} after it"}
 
 
 def batch_expectations(contract: Contract, settings: "IngestSettings", now: dt.datetime | None = None) -> list[Any]:
@@ -391,11 +414,15 @@ def validate_batch(
     if baseline:
         expectations += drift_expectations(baseline, settings.drift, rows)
     result = _run_batch_suite(table, expectations) if rows else None
+    within = known_within_check(table, contract)
     del table
     validate_s = time.perf_counter() - started - read_s
 
     shares = share_checks(profile, baseline, settings.drift) if baseline else []
     failed = summarize_failures(result) if result is not None else []
+    if within is not None and not within["success"]:
+        failed.append({"expectation": KNOWN_WITHIN, "column": within["column"],
+                       "details": f"{within['observed']} rows outside: expected {within['expected']}"})
     failed += [
         {"expectation": c["expectation"], "column": c["column"],
          "details": f"share of {c['value']!r} observed {c['observed']}, expected {c['expected']}"}
@@ -408,7 +435,7 @@ def validate_batch(
         success=not failed,
         run_id=run_id,
         rows=rows,
-        evaluated=int(statistics.get("evaluated_expectations", 0)) + len(shares),
+        evaluated=int(statistics.get("evaluated_expectations", 0)) + len(shares) + (within is not None),
         failed=failed,
         report_uri=join(folder, "validation.json"),
         html_uri=join(folder, "validation.html"),

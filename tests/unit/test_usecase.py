@@ -345,3 +345,26 @@ def test_rows_without_a_label_are_dropped_when_the_contract_says_drop_and_counte
     assert staged.source_files[0]["unlabelled_dropped"] == missing
     lake = read_snapshot(storage, staged, contract.arrow_schema()).to_pandas()
     assert lake["rainfall_mm"].notna().all()
+
+
+def test_a_label_known_outside_its_bound_fails_validation_naming_it(tmp_path):
+    """Bug caught: a label time later than label_known.within (or before its event) accepted, so a
+    day of features computed from its lookback silently misses that label."""
+    folder = readings_usecase(tmp_path)
+    (folder / "contract.yaml").write_text(READINGS.replace("label_known: {column: settled_at}",
+                                                           "label_known: {column: settled_at, within: PT2H}"))
+    contract = load_usecase(folder).contract
+    settings = load_settings(env={}).ingest
+    for name, shift, ok in (("fine", pd.Timedelta(hours=1), True), ("late", pd.Timedelta(hours=5), False)):
+        df = readings(300)
+        df.loc[7, "settled_at"] = df.loc[7, "observed_at"] + shift
+        storage = Storage(str(tmp_path / name))
+        raw = tmp_path / name / "raw" / "r.parquet"
+        raw.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), raw)
+        staged = ingest(storage, str(raw), str(tmp_path / name / "lake"), "r1", contract=contract)
+        report = validate_batch(storage, staged, str(tmp_path / name / "reports"), "r1", contract, settings)
+        assert report.success is ok, report.failed
+        if not ok:
+            [failure] = report.failed
+            assert failure["column"] == "settled_at" and "1 rows outside" in failure["details"] and "2:00:00" in failure["details"]
