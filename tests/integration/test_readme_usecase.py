@@ -1,0 +1,47 @@
+"""The README's "Bring your own use case" commands, verbatim, on generated web-shop orders: from a
+data file to a training set and a materialized online store, for a use case the platform has never
+seen."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from tests.factories import REPO
+from tests.integration.test_init import orders
+
+
+def commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = re.search(r"^## Bring your own use case\n(.*?)^## ", text, re.S | re.M).group(1)
+    [block] = re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_bring_your_own_use_case_verbatim(tmp_path):
+    lines = commands()
+    assert [line.split()[1] for line in lines] == ["init", "ingest", "features", "features", "gc"]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)  # the commands say .venv/bin/flywheel
+    orders(2000).to_csv(checkout / "orders.csv", index=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(FLYWHEEL_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
+    outputs = []
+    for line in lines:
+        result = subprocess.run(["bash", "-c", line], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr
+        outputs.append(result.stdout)
+    assert (checkout / "usecases" / "returns" / "contract.yaml").is_file()
+    assert "2,000 rows accepted" in outputs[1]
+    train = pd.read_parquet(checkout / "returns-training-set" / "train.parquet")
+    assert {"customer_count_24h", "customer_returned_mean_30d", "shop_order_total_mean_7d"} <= set(train.columns)
+    assert "materialized world" in outputs[3]
+    assert (tmp_path / "home" / "store" / "returns" / "lake").is_dir()  # the use case's own namespace
+    assert "keep" in outputs[4] and "would remove" in outputs[4]
