@@ -128,3 +128,27 @@ def test_training_says_plainly_that_the_flights_task_is_not_learnt_yet(flights_l
     with pytest.raises(TrainingError, match="use case flights cannot be trained yet.*arr_delay is float64, not 0/1"):
         steps.train_step(flights_loop["training_set"], "flights-1", flights_loop["settings"])
     assert not flights_loop["storage"].exists(flights_loop["storage"].uri("models"))
+
+
+def test_two_use_cases_share_one_storage_root_and_feast_folder_without_meeting(flights_loop, tmp_path):
+    """Bug caught: a second use case in the same FLYWHEEL_HOME reusing the first one's lake, feature
+    tables, latest world pointer or registry (one root, one Kubeflow namespace, several teams)."""
+    from flywheel.features import store as feast_store
+    from flywheel.features.build import latest_tables
+
+    flights_settings = flights_loop["settings"]
+    fraud_settings = load_settings(env={"FLYWHEEL_HOME": str(flights_settings.home), "FLYWHEEL_USECASE": str(REPO / "usecases" / "fraud")})
+    assert fraud_settings.storage.root == flights_settings.storage.root
+    fraud_storage = Storage.from_settings(fraud_settings)
+    source, lake, _ = demo_dataset(fraud_storage, load_usecase(fraud_settings.usecase), 3000, fraud_settings.data)
+    published = steps.validate_step(steps.ingest_step(source, "fraud-1", fraud_settings, lake), "fraud-1", fraud_settings)
+    fraud_set = steps.features_step(published, "fraud-1", fraud_settings)
+    assert fraud_storage.root.endswith("/fraud") and flights_loop["storage"].root.endswith("/flights")
+    assert set(latest_tables(fraud_storage)) == {"card_features", "merchant_features"}
+    assert set(latest_tables(flights_loop["storage"])) == {"tail_features", "origin_features", "dest_features",
+                                                           "carrier_features", "route_features"}
+    assert feast_store.feast_home(fraud_settings) != feast_store.feast_home(flights_settings)
+    for settings in (fraud_settings, flights_settings):
+        assert (feast_store.feast_home(settings) / "latest.env").is_file()
+    assert fraud_set["key"] != flights_loop["training_set"]["key"]
+    assert flights_settings.model_name == "flights" and fraud_settings.model_name == "fraud"
