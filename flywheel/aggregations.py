@@ -50,10 +50,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flywheel.contract import NUMERIC, Contract
+from flywheel.contract import NUMERIC, Contract, read_usecase_yaml
 from flywheel.errors import UseCaseError
 
 FEATURES_FILE = "features.yaml"
@@ -216,10 +215,4 @@ def load_features(folder: Path, contract: Contract) -> Features:
     path = folder / FEATURES_FILE
     if not path.exists():
         return Features()
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UseCaseError(f"{path} is not valid YAML: {exc}") from None
-    except OSError as exc:
-        raise UseCaseError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    return parse_features(data, contract, str(path))
+    return parse_features(read_usecase_yaml(path), contract, str(path))

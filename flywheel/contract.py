@@ -241,18 +241,23 @@ def parse_contract(data: Any, source: str) -> Contract:
         raise UseCaseError(f"invalid contract {source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
 
 
-def load_contract(folder: str | Path) -> Contract:
-    """The contract of the use case in ``folder`` (its ``contract.yaml``)."""
-    path = Path(folder) / CONTRACT_FILE
+def read_usecase_yaml(path: Path) -> Any:
+    """A use case file's YAML; :class:`UseCaseError` names the file when it is missing, unreadable or
+    not YAML."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UseCaseError(f"{path} does not exist: a use case folder holds its {CONTRACT_FILE}") from None
     except yaml.YAMLError as exc:
         raise UseCaseError(f"{path} is not valid YAML: {exc}") from None
     except OSError as exc:
         raise UseCaseError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    return parse_contract(data, str(path))
+
+
+def load_contract(folder: str | Path) -> Contract:
+    """The contract of the use case in ``folder`` (its ``contract.yaml``)."""
+    path = Path(folder) / CONTRACT_FILE
+    return parse_contract(read_usecase_yaml(path), str(path))
 
 
 def dump_contract(contract: Contract) -> str:

@@ -117,7 +117,7 @@ def check_columns(uri: str, column_names: list[str], schema: pa.Schema) -> None:
 
 
 def _converter(target: pa.Field) -> Callable[[pa.ChunkedArray], pa.ChunkedArray]:
-    return _timestamp if pa.types.is_timestamp(target.type) else _caster(target.type)
+    return utc_timestamps if pa.types.is_timestamp(target.type) else _caster(target.type)
 
 
 def conform_rows(table: pa.Table, limit: int, schema: pa.Schema) -> tuple[pa.Table, pa.Array, list[str]]:
@@ -228,7 +228,7 @@ def _caster(target: pa.DataType) -> Callable[[pa.ChunkedArray], pa.ChunkedArray]
     return cast
 
 
-def _timestamp(values: pa.ChunkedArray) -> pa.ChunkedArray:
+def utc_timestamps(values: pa.ChunkedArray) -> pa.ChunkedArray:
     """Timestamps or ISO-8601 strings (Z, offsets, or naive = UTC) to timestamp[us, UTC]."""
     kind = values.type
     if pa.types.is_dictionary(kind):

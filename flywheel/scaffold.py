@@ -53,10 +53,10 @@ def _as_utc(table: pa.Table, column: str) -> pa.Table:
     if pa.types.is_timestamp(values.type) and values.type.tz is None:
         values = values.cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC"))
     elif not pa.types.is_timestamp(values.type):
-        from flywheel.rawfiles import _timestamp
+        from flywheel.rawfiles import utc_timestamps
 
         try:
-            values = _timestamp(values)
+            values = utc_timestamps(values)
         except (ValueError, TypeError, pa.ArrowInvalid) as exc:
             raise UseCaseError(f"the timestamp column {column!r} does not hold times: {exc}") from None
     return table.set_column(table.schema.get_field_index(column), column, values)
