@@ -95,11 +95,12 @@ def gradient_boosted(settings, train: pd.DataFrame, holdout: pd.DataFrame, seed:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from flywheel.features.transform import FeatureSpec
+    from flywheel.usecase import load_usecase
     from flywheel.schema import LABEL
     from flywheel.training.split import split_validation
 
-    fit, validation = split_validation(train, settings.training.validation_fraction)
-    spec = FeatureSpec.fit(fit)
+    fit, validation = split_validation(train, settings.training.validation_fraction, "ts")
+    spec = FeatureSpec.fit(fit, load_usecase(settings.usecase))
     x = np.vstack([spec.transform(fit), spec.transform(validation)])
     y = np.concatenate([fit[LABEL].to_numpy(), validation[LABEL].to_numpy()])
     # Its own early stopping, on exactly the MLP's validation rows (the last ones, not a random draw).
@@ -146,15 +147,16 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
     from torch.utils.data import DataLoader, TensorDataset
 
     from flywheel.features.transform import FeatureSpec
+    from flywheel.usecase import load_usecase
     from flywheel.training import worker
     from flywheel.training.launcher import worker_args
     from flywheel.training.split import split_validation
 
     cfg = settings.training
     torch.set_num_threads(cfg.threads_per_worker)
-    fit, _ = split_validation(storage.read_parquet(training_set.train_uri).to_pandas(), cfg.validation_fraction)
+    fit, _ = split_validation(storage.read_parquet(training_set.train_uri).to_pandas(), cfg.validation_fraction, "ts")
     spec_uri = str(work / "spec.json")
-    storage.write_bytes(spec_uri, json.dumps(FeatureSpec.fit(fit).to_dict()).encode())
+    storage.write_bytes(spec_uri, json.dumps(FeatureSpec.fit(fit, load_usecase(settings.usecase)).to_dict()).encode())
     del fit
     args = worker.parse_args(worker_args(settings, training_set.train_uri, spec_uri, str(work / "out"))[2:])
 

@@ -27,7 +27,7 @@ from flywheel.features.build import TrainingSet
 from flywheel.registry import ModelVersion, Registry
 from flywheel.schema import ID, LABEL, TIMESTAMP
 from flywheel.storage import Storage
-from flywheel.training.model import FraudModel, load_version
+from flywheel.training.model import Model, load_version
 
 log = logging.getLogger(__name__)
 COMPARED = ("pr_auc", "roc_auc", "recall_at_fpr")
@@ -172,7 +172,7 @@ def compare_with_production(
             f"{cfg.min_comparison_positives} fraud cases are needed to compare"
         )
         return comparison
-    production_model: FraudModel = load_version(registry, production)
+    production_model: Model = load_version(registry, production)
     comparison.candidate = ranking_metrics(labels, candidate_scores[unseen], cfg.recall_at_fpr)
     production_scores = production_model.score(rows)
     comparison.production = ranking_metrics(labels, production_scores, cfg.recall_at_fpr)

@@ -2,7 +2,8 @@
 
 From the sample come the contract (:func:`flywheel.contract.infer_contract`: types, nullability,
 observed ranges and small vocabularies, as TFX's SchemaGen), a commented starting set of features
-per entity (its events' count, the label's mean over the labels known, a number's mean), and, when
+per entity (its events' count, the label's mean over the labels known, a number's mean), the task
+inferred from the label (binary, multiclass or regression, with its loss and early stopping), and, when
 the sample is older than the default event-time window, the settings that let it in. Every file is
 meant to be read and edited: the ranges are what the sample showed, not what may come.
 """
@@ -19,6 +20,7 @@ from flywheel.aggregations import FEATURES_FILE, parse_features
 from flywheel.config import USECASE_SETTINGS, IngestSettings
 from flywheel.contract import CONTRACT_FILE, NUMERIC, Contract, dump_contract, infer_contract, parse_contract
 from flywheel.errors import UseCaseError
+from flywheel.task import LOSSES, STOPPING, TASK_FILE, TaskFile, infer_kind, resolve_task
 from flywheel.usecase import NAME_PATTERN
 
 
@@ -94,6 +96,25 @@ def starting_features(contract: Contract) -> str:
     return "\n".join(lines) + "\n"
 
 
+def starting_task(contract: Contract, label: str) -> str:
+    """A task.yaml inferred from the label (a 0/1 label: binary; a string with categories: multiclass;
+    another number: regression), with the choices a team may change written out as comments."""
+    kind = infer_kind(contract, label)
+    task = resolve_task(TaskFile(task=kind, label=label), contract, TASK_FILE)  # the defaults, as they load
+    choices = ", ".join(LOSSES[kind])
+    return (f"# What the model predicts (flywheel/task.py), inferred from the label {label}.\n"
+            f"task: {task.kind}\n"
+            f"label: {task.label}\n"
+            f"output: {task.output}          # what serving answers per row\n"
+            f"loss: {task.loss}              # {kind}: {choices}\n"
+            f"early_stopping: {task.early_stopping}      # the validation figure that picks the best epoch: "
+            f"{', '.join(STOPPING[kind])}\n"
+            "# network: network.py   # your own torch.nn.Module: build(width, outputs, hidden) in that file\n"
+            "# Inputs: without an inputs.py the model reads every number column and feature, the time since\n"
+            "# an entity's last event, the hour of day and one-hots of the columns with categories; write\n"
+            "# inputs.py (derive(columns, fitted), optional fit(columns) and CATEGORIES) to choose your own.\n")
+
+
 def init_usecase(folder: Path, sample: Path, *, label: str, timestamp: str, id: str | None = None,
                  entities: list[str] | None = None, now: dt.datetime | None = None) -> list[Path]:
     """Write a new use case into ``folder`` (which must not exist, or be empty) from ``sample``;
@@ -121,6 +142,7 @@ def init_usecase(folder: Path, sample: Path, *, label: str, timestamp: str, id: 
     parse_features(yaml.safe_load(features_text), parse_contract(yaml.safe_load(files[CONTRACT_FILE]), CONTRACT_FILE),
                    FEATURES_FILE)  # what init writes must load
     files[FEATURES_FILE] = features_text
+    files[TASK_FILE] = starting_task(contract, label)
     oldest = table.column(timestamp).to_pandas().min()
     now = now or dt.datetime.now(dt.timezone.utc)
     age_days = (now - oldest.to_pydatetime()).days if oldest is not None and oldest == oldest else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import linecache
 import os
 import re
 import sys
@@ -26,6 +27,7 @@ from types import ModuleType
 from flywheel.aggregations import Features, load_features
 from flywheel.contract import CONTRACT_FILE, Contract, load_contract
 from flywheel.errors import UseCaseError
+from flywheel.task import Task, load_task
 
 # The name becomes a namespace in storage and in Kubernetes object names: keep it plain.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -42,6 +44,7 @@ class UseCase:
     name: str  # the folder's name
     contract: Contract
     features: Features  # its windowed aggregations per entity (features.yaml; none when absent)
+    task: Task  # what its model predicts and how it learns (task.yaml; defaults from the contract)
     digest: str  # sha256 over the folder's files: part of every content key the use case shapes
     files: tuple[str, ...]  # the files the digest covers, relative to the folder
 
@@ -97,12 +100,13 @@ def _load(path: Path, signature: tuple[tuple[str, int, int], ...]) -> UseCase:
                            "with a letter or digit: rename the folder")
     contract = load_contract(path)
     features = load_features(path, contract)
+    task = load_task(path, contract)
     files = use_case_files(path)
     try:
         digest = folder_digest(path, files)
     except OSError as exc:
         raise UseCaseError(f"use case {path} cannot be read: {exc.strerror or exc}") from None
-    return UseCase(folder=path, name=path.name, contract=contract, features=features, digest=digest,
+    return UseCase(folder=path, name=path.name, contract=contract, features=features, task=task, digest=digest,
                    files=tuple(p.relative_to(path).as_posix() for p in files))
 
 
@@ -126,4 +130,25 @@ def load_module(usecase: UseCase, name: str) -> ModuleType | None:
     except Exception as exc:  # the team's code: name the file and the cause
         del sys.modules[qualified]
         raise UseCaseError(f"{path} failed to import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def import_source(source: str, filename: str) -> ModuleType:
+    """A module from its source text (a use case's code as a model's spec carries it), imported once
+    per process under a name from its sha256, so two versions never meet. Tracebacks show its lines
+    under ``filename``. An error in it is a UseCaseError naming the file."""
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    qualified = f"flywheel_code_{digest[:20]}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    label = f"<use case {filename} {digest[:12]}>"
+    linecache.cache[label] = (len(source), None, source.splitlines(True), label)
+    module = ModuleType(qualified)
+    module.__file__ = label
+    sys.modules[qualified] = module
+    try:
+        exec(compile(source, label, "exec"), module.__dict__)
+    except Exception as exc:  # the team's code: name the file and the cause
+        del sys.modules[qualified]
+        raise UseCaseError(f"the use case's {filename} failed to import: {type(exc).__name__}: {exc}") from exc
     return module

@@ -37,7 +37,7 @@ from flywheel.features.build import world_of_model
 from flywheel.features.store import OnlineReader, open_online_reader
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from flywheel.training.model import FraudModel, load_version
+from flywheel.training.model import Model, load_version
 from serving import metrics
 from serving.requests import Transactions, join_transactions, parse_json, v1_transactions, v2_transactions
 
@@ -52,7 +52,7 @@ class Bundle:
     """Everything one model version needs to score, swapped in as one reference."""
 
     version: str
-    model: FraudModel
+    model: Model
     world: str
     reader: OnlineReader
 
@@ -74,7 +74,7 @@ def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Sc
     lookup_seconds = time.perf_counter() - started
     inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
     transformed = time.perf_counter()
-    probabilities = bundle.model.probabilities(inputs)
+    probabilities = bundle.model.predict(inputs)
     done = time.perf_counter()
     unknown_card, unknown_merchant = ~known["card_id"], ~known["merchant_id"]
     if record:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flywheel.registry import Registry
-from flywheel.training.model import WEIGHTS_FILE, FraudMLP, FraudModel
+from flywheel.training.model import WEIGHTS_FILE, TabularMLP, Model
 
 
 def copy_version(registry: Registry, version: str, folder: Path, *, corrupt: bool = False) -> str:
@@ -31,11 +31,11 @@ def wider_copy(registry: Registry, version: str, folder: Path, hidden: list[int]
     """Publish ``version`` as a network with hidden layers of ``hidden`` units (at least the
     original's): the original weights in the top-left corner of each layer, zeros elsewhere."""
     model, files = registry.download(version, folder / uuid.uuid4().hex)
-    original = FraudModel.load(files)
+    original = Model.load(files)
     widths = original.meta["hidden"]
     if len(hidden) != len(widths) or any(h < w for h, w in zip(hidden, widths)):
         raise ValueError(f"hidden {hidden} must have as many layers as {widths}, each at least as wide")
-    wide = FraudMLP(original.spec.width, hidden)
+    wide = TabularMLP(original.spec.width, hidden)
     small_layers = [m for m in original.module.net if isinstance(m, torch.nn.Linear)]
     wide_layers = [m for m in wide.net if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
@@ -48,7 +48,7 @@ def wider_copy(registry: Registry, version: str, folder: Path, hidden: list[int]
     out = folder / uuid.uuid4().hex
     for stale in files.iterdir():  # the exported and quantized copies are of the narrow network: not published
         stale.unlink()
-    FraudModel(wide.eval(), original.spec, dict(original.meta, hidden=list(hidden))).save(out)
+    Model(wide.eval(), original.spec, dict(original.meta, hidden=list(hidden))).save(out)
     assert (out / WEIGHTS_FILE).exists()
     return registry.publish(out, training_key=uuid.uuid4().hex, run_id="release-test", inputs=[],
                             meta=dict(model.meta, hidden=list(hidden))).version

@@ -1,197 +1,261 @@
-"""From a transaction plus its Feast features to the model's input vector.
+"""From rows joined with their features to the model's input matrix, and from labels to its targets.
 
-One code path for training, evaluation and serving, so the model sees at serving time exactly what
-it saw in training. Missing features (a new card, a new merchant) get neutral values: the
-transaction is compared with itself.
+One code path for training, evaluation and serving, so the model sees at serving time exactly what it
+saw in training. What is specific to a use case (its request-time inputs: ratios, distances, cyclic
+time, gaps since an entity's last event) is the use case's own ``inputs.py``, as TFX's
+``preprocessing_fn`` or Feast's on-demand views::
+
+    CATEGORIES = ["merchant_category", "channel"]  # optional: one-hot blocks, vocabularies from the contract
+
+    def fit(columns):                              # optional: constants learnt once from the fit rows
+        return {"offsets": ...}                    #   (JSON-able: they are saved with the model)
+
+    def derive(columns, fitted):                   # the numeric inputs, vectorized
+        return {"log_amount": np.log1p(number(columns, "amount")), ...}
+
+``columns`` are :data:`Columns`: one numpy array per column of the contract (labels excluded) and per
+feature. ``derive`` is called with a whole training set and with the one to few rows of a serving
+pass: keep it to numpy (pandas on a one-row hot path is the cost, FIELD-NOTES). Without an
+``inputs.py`` the inputs are :func:`default_derive`'s: every number column and feature as it is,
+features that hold a time as the log seconds before the row, and the hour of day as a cycle.
+
+The fitted :class:`FeatureSpec` carries the source of the use case's code (``inputs.py``, and the
+network file when the task names one) with its scaling and vocabularies. The training workers, the
+registry's model files and the predictor therefore run the code the model was trained with, read
+from storage, never from whatever the use case folder holds today (TFX saves its transform graph
+with the model for the same reason).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
-from flywheel.geo import haversine_km
-from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
+from flywheel.errors import DataError, UseCaseError
+from flywheel.task import Task
 
-MAX_GAP_S = 30 * 24 * 3600.0  # "never seen before" is treated as a 30-day gap
-RAPID_REPEAT_S = 600.0  # a transaction within 10 minutes of the card's previous one: part of a burst
-FAR_FROM_USUAL_KM = 300.0  # farther than this from where the card is usually used: out of its region
-# A merchant's fraud rate is shrunk towards this prior with the weight of this many labelled
-# transactions: a merchant with 3 known labels, one of them fraud, is not a 33% merchant.
-PRIOR_FRAUD_RATE = 0.02
-PRIOR_LABELS = 50.0
+if TYPE_CHECKING:
+    from flywheel.usecase import UseCase
 
-NUMERIC_INPUTS = [
-    "log_amount",
-    "amount_vs_card_log",  # how far the amount is from the card's own normal
-    "amount_z_card",
-    "amount_excess_for_category_log",  # above the card's normal for this kind of merchant (0 if below)
-    "card_count_1h_log",  # velocity
-    "card_count_24h_log",
-    "card_count_7d_log",
-    "card_merchants_24h_log",  # how many different merchants the card paid in the last 24 hours
-    "seconds_since_last_log",
-    "rapid_repeat",  # within minutes of the card's previous transaction
-    "burst_count",  # how many card transactions in the last hour, when this one is a rapid repeat
-    "hour_sin",
-    "hour_cos",
-    "is_night",
-    "distance_from_usual_km_log",  # how far from where the card is usually used
-    "far_from_usual",
-    "merchant_count_24h_log",
-    "amount_vs_merchant_log",
-    "merchant_fraud_logit",  # the merchant's known fraud rate (labels older than the label delay), shrunk
-]
-# One-hot blocks, in this order (a list, not a dict: the order is part of the model's input layout).
-CATEGORY_INPUTS = [("merchant_category", MERCHANT_CATEGORIES), ("channel", CHANNELS)]
-# The numeric columns a transaction joined with its features carries.
-NUMBER_COLUMNS = {"amount", "lat", "lon", *CARD_FEATURES, *MERCHANT_FEATURES}
-
+INPUTS_FILE = "inputs.py"
+MAX_AGE_S = 30 * 24 * 3600.0  # default inputs: a time older than this (or none) counts as this old
 
 Columns = Mapping[str, np.ndarray]
-"""Transactions joined with their features as one array per column (the fields of a request or of a
-training row, and the Feast features): numbers as float64 (NaN where missing), ``ts`` as numpy
-datetime64 in UTC, categories as strings ("" where missing). Serving builds this from a request
-without pandas; training gets it from a frame through :func:`frame_columns`."""
+"""Rows joined with their features as one array per column: numbers (and 0/1 flags) as float64 (NaN
+where missing), timestamps as numpy datetime64 in UTC, text as objects ("" where missing). Serving
+builds this from a request without pandas; training gets it from a frame through :func:`frame_columns`."""
 
 
-
-def frame_columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
-    """A frame's columns as the arrays :func:`derive_columns` reads (pandas only here, for training)."""
-    columns: dict[str, np.ndarray] = {}
-    for name in df.columns:
-        if name == "ts":
-            columns[name] = pd.to_datetime(df["ts"], utc=True).dt.tz_localize(None).to_numpy()
-        elif name in ("merchant_category", "channel"):
-            columns[name] = df[name].astype("string").fillna("").to_numpy(dtype=object)
-        elif name in NUMBER_COLUMNS:
-            columns[name] = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype="float64")
-    return columns
+# ------------------------------------------------------------------- helpers for a use case's inputs
+def row_count(columns: Columns) -> int:
+    """How many rows the columns hold."""
+    return len(next(iter(columns.values())))
 
 
-def _number(columns: Columns, name: str, rows: int, default: float = np.nan) -> np.ndarray:
+def number(columns: Columns, name: str, rows: int | None = None, default: float = np.nan) -> np.ndarray:
+    """A number column (float64), or ``default`` everywhere when the rows do not carry it."""
     values = columns.get(name)
-    return np.full(rows, default, dtype="float64") if values is None else values
+    if values is None:
+        return np.full(row_count(columns) if rows is None else rows, default, dtype="float64")
+    return values
 
 
-def _fill(values: np.ndarray, default: float) -> np.ndarray:
+def text(columns: Columns, name: str, rows: int | None = None) -> np.ndarray:
+    """A text column, or "" everywhere when the rows do not carry it."""
+    values = columns.get(name)
+    return np.full(row_count(columns) if rows is None else rows, "", dtype=object) if values is None else values
+
+
+def fill(values: np.ndarray, default: float) -> np.ndarray:
     """NaN replaced by ``default`` (what ``np.nan_to_num(values, nan=default)`` gives for the finite
     numbers these columns hold, at a fraction of its cost: serving calls this on one-row arrays)."""
     return np.where(np.isnan(values), default, values)
 
 
-def _between(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def between(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``np.clip`` without its per-call overhead (NaN stays NaN, as with clip)."""
     return np.minimum(np.maximum(values, low), high)
 
 
-def _text(columns: Columns, name: str, rows: int) -> np.ndarray:
-    values = columns.get(name)
-    return np.full(rows, "", dtype=object) if values is None else values
-
-
 def epoch_seconds(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """UTC datetime64 values as (float seconds since the epoch, whole seconds since the epoch).
-
-    Computed from integer nanoseconds, as pandas' ``(ts - epoch).dt.total_seconds()`` did in
-    training before this function existed, so the numbers stay the same to the last bit."""
+    """UTC datetime64 values as (float seconds since the epoch, whole seconds since the epoch), from
+    integer nanoseconds (the same numbers, to the last bit, as pandas' ``total_seconds``)."""
     nanoseconds = ts.astype("datetime64[ns]").astype(np.int64)
     return nanoseconds / 1_000_000_000, nanoseconds // 1_000_000_000
 
 
-def derive_columns(columns: Columns, category_offsets: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Derived numeric inputs (one float64 array per name in NUMERIC_INPUTS) from transactions
-    joined with their features, given as :data:`Columns`.
-
-    ``category_offsets``: per merchant category, the usual log ratio of an amount to the card's mean
-    (a card spends more at a jeweller than at a pharmacy), learnt by :meth:`FeatureSpec.fit`; an
-    amount is an outlier for its card only above the card's normal for that category.
-    """
-    rows = len(columns["ts"])
-    amount = _number(columns, "amount", rows)
-    card_mean = _number(columns, "card_amount_mean_30d", rows)
-    card_mean = np.where(np.isnan(card_mean), amount, card_mean)
-    card_std = _fill(_number(columns, "card_amount_std_30d", rows), 0.0)
-    now, whole_seconds = epoch_seconds(columns["ts"])
-    gap = _between(_fill(now - _number(columns, "card_last_txn_unix", rows), MAX_GAP_S), 0, MAX_GAP_S)
-    second_of_day = whole_seconds % 86_400
-    hour = (second_of_day // 3_600) + (second_of_day % 3_600 // 60) / 60.0
-    hour_angle = 2 * np.pi * hour / 24
-    lat, lon = _number(columns, "lat", rows, 0.0), _number(columns, "lon", rows, 0.0)
-    usual_lat, usual_lon = _number(columns, "card_lat_mean_30d", rows), _number(columns, "card_lon_mean_30d", rows)
-    distance = _fill(haversine_km(lat, lon, usual_lat, usual_lon), 0.0)
-    merchant_mean = _number(columns, "merchant_amount_mean_30d", rows)
-    merchant_mean = np.where(np.isnan(merchant_mean), amount, merchant_mean)
-    log_amount = np.log1p(amount)
-    amount_vs_card = log_amount - np.log1p(card_mean)
-    offsets = category_offsets or {}
-    category_offset = np.array([offsets.get(c, 0.0) for c in _text(columns, "merchant_category", rows)], dtype="float64")
-    rapid = (gap < RAPID_REPEAT_S).astype("float64")
-    count_1h = _fill(_number(columns, "card_txn_count_1h", rows), 0.0)
-    labelled = _fill(_number(columns, "merchant_labelled_count_30d", rows), 0.0)
-    frauds = _fill(_number(columns, "merchant_fraud_rate_30d", rows), 0.0) * labelled
-    fraud_rate = (frauds + PRIOR_FRAUD_RATE * PRIOR_LABELS) / (labelled + PRIOR_LABELS)
-    return {
-        "log_amount": log_amount,
-        "amount_vs_card_log": amount_vs_card,
-        "amount_z_card": _between((amount - card_mean) / (card_std + 1.0), -10, 50),
-        "amount_excess_for_category_log": np.maximum(0.0, amount_vs_card - category_offset),
-        "card_count_1h_log": np.log1p(count_1h),
-        "card_count_24h_log": np.log1p(_fill(_number(columns, "card_txn_count_24h", rows), 0.0)),
-        "card_count_7d_log": np.log1p(_fill(_number(columns, "card_txn_count_7d", rows), 0.0)),
-        "card_merchants_24h_log": np.log1p(_fill(_number(columns, "card_distinct_merchants_24h", rows), 0.0)),
-        "seconds_since_last_log": np.log1p(gap),
-        "rapid_repeat": rapid,
-        "burst_count": rapid * np.minimum(count_1h, 5.0),
-        "hour_sin": np.sin(hour_angle),
-        "hour_cos": np.cos(hour_angle),
-        "is_night": (hour < 6).astype("float64"),
-        "distance_from_usual_km_log": np.log1p(distance),
-        "far_from_usual": (distance > FAR_FROM_USUAL_KM).astype("float64"),
-        "merchant_count_24h_log": np.log1p(_fill(_number(columns, "merchant_txn_count_24h", rows), 0.0)),
-        "amount_vs_merchant_log": log_amount - np.log1p(merchant_mean),
-        "merchant_fraud_logit": np.log(fraud_rate / (1.0 - fraud_rate)),
-    }
+def hour_of_day(ts: np.ndarray) -> np.ndarray:
+    """The UTC hour of day with minutes as a fraction (0 <= h < 24)."""
+    _, whole = epoch_seconds(ts)
+    second_of_day = whole % 86_400
+    return (second_of_day // 3_600) + (second_of_day % 3_600 // 60) / 60.0
 
 
-def derive_inputs(df: pd.DataFrame, category_offsets: dict[str, float] | None = None) -> pd.DataFrame:
-    """:func:`derive_columns` for a frame (training and evaluation): the same code, as a frame."""
-    derived = derive_columns(frame_columns(df), category_offsets)
-    return pd.DataFrame(derived, index=df.index)[NUMERIC_INPUTS]
+# ------------------------------------------------------------------------- the default inputs
+def default_fit(usecase: "UseCase") -> dict[str, Any]:
+    """What :func:`default_derive` reads, decided once from the contract and the features."""
+    contract = usecase.contract
+    hidden = contract.not_known_at_scoring() | {contract.id}
+    numbers = [n for n, c in contract.columns.items() if n not in hidden and c.type not in ("string", "timestamp")]
+    times = [n for n in contract.timestamp_columns() if n not in hidden and n != contract.timestamp]
+    from flywheel.features.views import views_of
+
+    ages, features = [], []
+    for view in views_of(usecase):
+        for name, aggregation in view.aggregations:
+            if view.features[name] != "String":
+                (ages if aggregation.op == "last_time" else features).append(name)
+    return {"time": contract.timestamp, "numbers": numbers, "features": features, "ages": ages, "times": times}
 
 
-MIN_ROWS_FOR_OFFSET = 20  # fewer rows of a category with card history: no offset (0) for it
+def default_derive(columns: Columns, fitted: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inputs for a use case without ``inputs.py``: each number column and numeric feature as it is
+    (scaled later), each feature holding an entity's last event time as ``log1p`` of the seconds since
+    (a month when none), each other known time as hours from the event, and the hour of day as sine
+    and cosine."""
+    rows = row_count(columns)
+    now, _ = epoch_seconds(columns[fitted["time"]])
+    derived = {name: number(columns, name, rows) for name in (*fitted["numbers"], *fitted["features"])}
+    for name in fitted["ages"]:
+        derived[f"{name}_age_log"] = np.log1p(between(fill(now - number(columns, name, rows), MAX_AGE_S), 0, MAX_AGE_S))
+    for name in fitted["times"]:
+        other = columns.get(name)
+        derived[f"{name}_hours_from_event"] = (np.full(rows, np.nan) if other is None
+                                               else (epoch_seconds(other)[0] - now) / 3600.0)
+    angle = 2 * np.pi * hour_of_day(columns[fitted["time"]]) / 24
+    derived["hour_sin"], derived["hour_cos"] = np.sin(angle), np.cos(angle)
+    return derived
 
 
-def fit_category_offsets(df: pd.DataFrame) -> list[tuple[str, float]]:
-    """Per merchant category, the median of ``log1p(amount) - log1p(card mean)`` over rows whose card
-    has history (a list of pairs, sorted by category: the spec's JSON keeps it as it is)."""
-    if "merchant_category" not in df or not len(df):
-        return []
-    columns = frame_columns(df)
-    card_mean = _number(columns, "card_amount_mean_30d", len(df))
-    known = ~np.isnan(card_mean)
-    ratio = np.log1p(_number(columns, "amount", len(df))[known]) - np.log1p(card_mean[known])
-    category = df["merchant_category"].astype("string").fillna("").to_numpy()[known]
-    medians = pd.Series(ratio).groupby(category).agg(["median", "size"])
-    return [(str(c), float(row["median"])) for c, row in medians.sort_index().iterrows() if row["size"] >= MIN_ROWS_FOR_OFFSET]
+# --------------------------------------------------------------------------- the use case's code
+def import_code(code: Mapping[str, str], name: str) -> ModuleType | None:
+    """The module ``name`` (``inputs.py``) from a spec's code, or None when the spec carries none."""
+    from flywheel.usecase import import_source
+
+    source = code.get(name)
+    return None if source is None else import_source(source, name)
 
 
+# ------------------------------------------------------------------------------------- the spec
 @dataclass
 class FeatureSpec:
-    """How to turn a frame into model inputs: the numeric inputs' scaling and the categories' vocabularies."""
+    """How rows become model inputs and labels become targets: the columns read and their kinds, the
+    use case's code and what it learnt, the numeric inputs' scaling, the one-hot vocabularies, and the
+    task (with a regression target's centre and scale)."""
 
-    numeric: list[str] = field(default_factory=lambda: list(NUMERIC_INPUTS))
+    task: dict[str, Any]
+    time: str  # the event-time column
+    numbers: list[str] = field(default_factory=list)  # columns read as float64
+    texts: list[str] = field(default_factory=list)  # columns read as text
+    times: list[str] = field(default_factory=list)  # other columns read as UTC datetime64
+    code: dict[str, str] = field(default_factory=dict)  # file name -> source: the use case's inputs.py, network file
+    fitted: dict[str, Any] = field(default_factory=dict)  # what the inputs' fit() learnt
+    numeric: list[str] = field(default_factory=list)  # the derived numeric inputs, in the input layout's order
     means: list[float] = field(default_factory=list)
     stds: list[float] = field(default_factory=list)
-    categories: list[tuple[str, list[str]]] = field(default_factory=lambda: [(k, list(v)) for k, v in CATEGORY_INPUTS])
-    # Per merchant category, the median log ratio of an amount to the card's mean (see derive_inputs).
-    category_offsets: list[tuple[str, float]] = field(default_factory=list)
+    categories: list[tuple[str, list[str]]] = field(default_factory=list)  # one-hot blocks (a list: the order is the layout)
+    target: tuple[float, float] = (0.0, 1.0)  # regression: the label's centre and scale (the model learns (y - c) / s)
 
+    def __post_init__(self) -> None:
+        self._task = Task.model_validate(self.task)
+        module = import_code(self.code, INPUTS_FILE)
+        self._derive = module.derive if module is not None else default_derive
+        self._fit = getattr(module, "fit", None) if module is not None else None
+
+    # ------------------------------------------------------------------ building one
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, usecase: "UseCase") -> "FeatureSpec":
+        """Read the use case's code, learn its constants, then the numeric inputs' mean and spread and
+        (regression) the target's centre and scale, from the fit rows."""
+        contract, task = usecase.contract, usecase.task
+        hidden = contract.not_known_at_scoring()
+        columns = [n for n in contract.columns if n not in hidden and n != contract.id]
+        from flywheel.features.views import views_of
+
+        features = {name: kind for view in views_of(usecase) for name, kind in view.features.items()}
+        numbers = [n for n in columns if contract.columns[n].type not in ("string", "timestamp")]
+        numbers += [name for name, kind in features.items() if kind != "String"]
+        texts = [n for n in columns if contract.columns[n].type == "string"]
+        texts += [name for name, kind in features.items() if kind == "String"]
+        times = [n for n in columns if contract.columns[n].type == "timestamp" and n != contract.timestamp]
+        code = {}
+        inputs_path = usecase.folder / INPUTS_FILE
+        if inputs_path.is_file():
+            code[INPUTS_FILE] = inputs_path.read_text()
+        if task.network:
+            code[task.network] = (usecase.folder / task.network).read_text()
+        spec = cls(task=task.model_dump(mode="json"), time=contract.timestamp, numbers=numbers, texts=texts,
+                   times=times, code=code)
+        module = import_code(code, INPUTS_FILE)
+        declared = getattr(module, "CATEGORIES", None) if module is not None else None
+        if declared is None:
+            declared = [n for n in texts if contract.columns[n].categories and n not in usecase.contract.entities.values()]
+        for name in declared:
+            if name not in contract.columns or not contract.columns[name].categories:
+                raise UseCaseError(f"{usecase.folder / INPUTS_FILE}: CATEGORIES names {name}, which is not a column "
+                                   "of the contract with categories (the one-hot vocabulary comes from them)")
+        spec.categories = [(name, list(contract.columns[name].categories or [])) for name in declared]
+        data = spec.columns_of(frame)
+        if module is None:
+            spec.fitted = default_fit(usecase)
+        elif spec._fit is not None:
+            spec.fitted = spec._fit(data)
+        derived = spec._derive(data, spec.fitted)
+        spec.numeric = list(derived)
+        if not spec.numeric:
+            raise UseCaseError(f"use case {usecase.name}: its inputs derive no numeric input")
+        stacked = np.stack([np.asarray(derived[name], dtype="float64") for name in spec.numeric], axis=1)
+        with np.errstate(invalid="ignore"):
+            finite = np.where(np.isfinite(stacked), stacked, np.nan)
+            means = np.nanmean(finite, axis=0) if len(frame) else np.zeros(len(spec.numeric))
+            stds = np.nanstd(finite, axis=0) if len(frame) else np.ones(len(spec.numeric))
+        spec.means = [float(m) if np.isfinite(m) else 0.0 for m in means]
+        spec.stds = [float(s) if np.isfinite(s) and s > 1e-9 else 1.0 for s in stds]
+        if task.kind == "regression":
+            labels = pd.to_numeric(frame[task.label], errors="coerce").dropna().to_numpy(dtype="float64")
+            if not len(labels):
+                raise DataError(f"no row to fit on has a label {task.label}")
+            centre = float(np.median(labels)) if task.loss == "l1" else float(labels.mean())
+            scale = float(labels.std()) if labels.std() > 1e-9 else 1.0
+            spec.target = (centre, scale)
+        return spec
+
+    # ------------------------------------------------------------------ reading rows
+    @property
+    def objective(self) -> Task:
+        """The task, as the typed object."""
+        return self._task
+
+    def columns_of(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """A frame's columns as :data:`Columns` (pandas only here, for training and evaluation)."""
+        columns: dict[str, np.ndarray] = {}
+        for name in (self.time, *self.times):
+            if name in frame:
+                columns[name] = pd.to_datetime(frame[name], utc=True).dt.tz_localize(None).to_numpy()
+        for name in self.texts:
+            if name in frame:
+                columns[name] = frame[name].astype("string").fillna("").to_numpy(dtype=object)
+        for name in self.numbers:
+            if name in frame:
+                columns[name] = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype="float64")
+        if self.time not in columns:
+            raise DataError(f"the rows have no {self.time} column (the event time the inputs are derived at)")
+        return columns
+
+    def derive(self, columns: Columns) -> dict[str, np.ndarray]:
+        """The use case's derived numeric inputs for :data:`Columns`."""
+        return self._derive(columns, self.fitted)
+
+    def derive_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """:meth:`derive` for a frame, as a frame (inspection and tests)."""
+        derived = self.derive(self.columns_of(frame))
+        return pd.DataFrame({name: derived[name] for name in self.numeric}, index=frame.index)
+
+    # ------------------------------------------------------------------ the input layout
     @property
     def input_names(self) -> list[str]:
         names = list(self.numeric)
@@ -203,46 +267,68 @@ class FeatureSpec:
     def width(self) -> int:
         return len(self.input_names)
 
-    @classmethod
-    def fit(cls, df: pd.DataFrame) -> "FeatureSpec":
-        """Learn the categories' amount offsets, then the numeric inputs' mean and spread, from training rows."""
-        spec = cls()
-        spec.category_offsets = fit_category_offsets(df)
-        derived = derive_inputs(df, spec.offsets)
-        spec.means = [float(x) for x in derived.mean().to_numpy()]
-        spec.stds = [float(x) if x > 1e-9 else 1.0 for x in derived.std(ddof=0).to_numpy()]
-        return spec
-
-    def transform(self, df: pd.DataFrame) -> np.ndarray:
-        """The model's input matrix (float32, one row per transaction) for a frame (training)."""
-        return self.transform_columns(frame_columns(df))
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """The model's input matrix (float32, one row per row of the frame)."""
+        return self.transform_columns(self.columns_of(frame))
 
     def transform_columns(self, columns: Columns) -> np.ndarray:
-        """The model's input matrix (float32, one row per transaction) for :data:`Columns`: the one
-        implementation behind both training (through :meth:`transform`) and serving."""
+        """The model's input matrix (float32, one row per row) for :data:`Columns`: the one
+        implementation behind training (through :meth:`transform`) and serving."""
         if not self.means:
             raise ValueError("FeatureSpec.transform called before fit")
-        derived = derive_columns(columns, self.offsets)
-        rows = len(columns["ts"])
-        # Only the inputs this spec was fitted with: a spec saved before an input was added keeps its layout.
-        stacked = np.stack([derived[name] for name in self.numeric if name in derived], axis=1)
+        derived = self._derive(columns, self.fitted)
+        rows = len(columns[self.time])
+        try:
+            stacked = np.stack([derived[name] for name in self.numeric], axis=1)
+        except KeyError as exc:
+            raise UseCaseError(f"the model's input {exc.args[0]} is not one its inputs derive "
+                               f"(they derive {', '.join(derived)}): the spec and its code disagree") from None
         blocks = [(stacked - np.asarray(self.means)) / np.asarray(self.stds)]
         for column, vocab in self.categories:
             index = {v: i for i, v in enumerate(vocab)}
-            codes = np.array([index.get(v, len(vocab)) for v in _text(columns, column, rows)], dtype=np.int64)
+            codes = np.array([index.get(v, len(vocab)) for v in text(columns, column, rows)], dtype=np.int64)
             blocks.append(np.eye(len(vocab) + 1)[codes])
-        return _fill(np.hstack(blocks), 0.0).astype(np.float32)  # as nan_to_num: infinities become float32 infinities either way
+        # NaN (a missing feature) becomes the mean; infinities stay (float32 infinities), as nan_to_num left them.
+        return fill(np.hstack(blocks), 0.0).astype(np.float32)
 
-    @property
-    def offsets(self) -> dict[str, float]:
-        return dict(self.category_offsets)
+    # ------------------------------------------------------------------ labels
+    def targets(self, frame: pd.DataFrame) -> np.ndarray:
+        """The frame's labels as the network learns them: 0/1 float32 (binary), class indices int64
+        (multiclass), the centred and scaled label float32 (regression). A row without a label, or with
+        a class the contract does not list, is a :class:`DataError` naming it."""
+        task = self._task
+        if task.label not in frame:
+            raise DataError(f"the rows have no label column {task.label}")
+        values = frame[task.label]
+        missing = values.isna()
+        if missing.any():
+            raise DataError(f"{int(missing.sum())} row(s) have no label {task.label}: a training set holds labelled rows only")
+        if task.kind == "multiclass":
+            index = {c: i for i, c in enumerate(task.classes)}
+            codes = values.astype("string").map(index)
+            if codes.isna().any():
+                unknown = sorted(set(values.astype("string")[codes.isna()]))[:5]
+                raise DataError(f"label {task.label} holds {unknown}, not among the contract's classes {list(task.classes)}")
+            return codes.to_numpy(dtype="int64")
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64")
+        if task.kind == "regression":
+            return ((numbers - self.target[0]) / self.target[1]).astype("float32")
+        return numbers.astype("float32")
 
+    def label_values(self, frame: pd.DataFrame) -> np.ndarray:
+        """The labels in the task's own terms: 0/1 (binary), class indices (multiclass), the label in
+        its own units (regression)."""
+        if self._task.kind == "regression":
+            return pd.to_numeric(frame[self._task.label], errors="coerce").to_numpy(dtype="float64")
+        return self.targets(frame)
+
+    # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
         data = dict(data)
-        data["categories"] = [(column, list(vocab)) for column, vocab in data["categories"]]
-        data["category_offsets"] = [(column, float(offset)) for column, offset in data.get("category_offsets", [])]
+        data["categories"] = [(column, list(vocab)) for column, vocab in data.get("categories", [])]
+        data["target"] = tuple(data.get("target", (0.0, 1.0)))
         return cls(**data)

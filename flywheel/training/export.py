@@ -9,7 +9,7 @@ Three forms of one model, each loadable without unpickling arbitrary objects:
   activations quantized on the fly), loadable with ``weights_only=True`` into
   :func:`quantized_module`.
 
-:func:`compare_variants` measures each form's size, latency and PR-AUC side by side.
+:func:`compare_variants` measures each form's size, latency and PR-AUC side by side (a binary model).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from flywheel.training.model import FraudMLP, FraudModel
+from flywheel.features.transform import FeatureSpec
+from flywheel.training.model import Model, build_network
 
 PROGRAM_FILE = "model.pt2"
 INT8_FILE = "model_int8.pt"
@@ -46,7 +47,7 @@ def quantized_module(module: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def write_exports(model: FraudModel, folder: str | Path) -> list[Path]:
+def write_exports(model: Model, folder: str | Path) -> list[Path]:
     """Write the program and the INT8 state dict next to the float weights; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,9 +56,9 @@ def write_exports(model: FraudModel, folder: str | Path) -> list[Path]:
     return [folder / PROGRAM_FILE, folder / INT8_FILE]
 
 
-def load_int8(folder: str | Path, width: int, hidden: list[int]) -> nn.Module:
+def load_int8(folder: str | Path, spec: FeatureSpec, hidden: list[int]) -> nn.Module:
     """The INT8 model from its state dict (``weights_only=True``: no arbitrary unpickling)."""
-    module = quantized_module(FraudMLP(width, hidden))
+    module = quantized_module(build_network(spec, hidden))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module.load_state_dict(torch.load(Path(folder) / INT8_FILE, map_location="cpu", weights_only=True))
@@ -83,7 +84,7 @@ def _latency_us(forward: Any, inputs: torch.Tensor, repeats: int) -> float:
     return float(np.median(times) * 1e6)
 
 
-def compare_variants(model: FraudModel, inputs: np.ndarray, labels: np.ndarray, repeats: int = 300) -> dict[str, dict[str, float]]:
+def compare_variants(model: Model, inputs: np.ndarray, labels: np.ndarray, repeats: int = 300) -> dict[str, dict[str, float]]:
     """Size (bytes), latency (µs per call, batch 1 and 256) and PR-AUC/ROC-AUC of the float model,
     its exported program and its INT8 copy, on the same input matrix."""
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))

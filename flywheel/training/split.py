@@ -12,15 +12,16 @@ import pandas as pd
 from flywheel.errors import DataError
 
 
-def split_validation(frame: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(fit rows, validation rows): validation is the last ``fraction`` of the rows' time span.
+def split_validation(frame: pd.DataFrame, fraction: float, time: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(fit rows, validation rows): validation is the last ``fraction`` of the span of the rows' event
+    time (column ``time``).
 
     ``fraction`` 0 gives no validation rows (no early stopping). Raises DataError when a non-zero
     fraction leaves either side empty (every row at one instant, or too few rows).
     """
     if fraction <= 0:
         return frame, frame.iloc[:0]
-    ts = pd.to_datetime(frame["ts"], utc=True)
+    ts = pd.to_datetime(frame[time], utc=True)
     start, end = ts.min(), ts.max()
     cutoff = start + (end - start) * (1 - fraction)
     fit, validation = frame[ts < cutoff], frame[ts >= cutoff]

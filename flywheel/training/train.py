@@ -74,32 +74,12 @@ def training_key(training_set: TrainingSet, settings: Settings) -> str:
     return hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash(), usecase], sort_keys=True).encode()).hexdigest()
 
 
-def require_the_models_inputs(settings: Settings) -> None:
-    """The model and its input transform (flywheel/features/transform.py) are still the first use
-    case's: a binary label and its own columns and features. Another use case stops here with what is
-    missing, before anything is written, until its task, inputs and model are declared (issue 19)."""
-    from flywheel.features.transform import NUMBER_COLUMNS
-
-    usecase = load_usecase(settings.usecase)
-    label = usecase.contract.labels[0]
-    available = set(usecase.contract.columns) | {name for named in usecase.features.named().values() for name, _ in named}
-    missing = sorted(NUMBER_COLUMNS - available)
-    if not usecase.contract.columns[label].is_binary() or missing:
-        why = (f"its label {label} is {usecase.contract.columns[label].type}, not 0/1"
-               if not usecase.contract.columns[label].is_binary() else f"it has no {', '.join(missing[:4])}")
-        raise TrainingError(
-            f"use case {usecase.name} cannot be trained yet: the platform's model still learns a 0/1 label from the "
-            f"first use case's inputs, and {why}. Ingest, validation and features work for it; declaring a use "
-            "case's task, inputs and model comes next"
-        )
-
-
 def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str) -> TrainResult:
     """Train on a training set and publish the model; the same inputs reuse the existing version."""
     from flywheel.registry import Registry
     from flywheel.training.worker import HISTORY
 
-    require_the_models_inputs(settings)
+    usecase = load_usecase(settings.usecase)
     registry = Registry(storage, settings.model_name)
     training_set.verify(storage)  # the data must be what its sha256 (part of the key) says
     key = training_key(training_set, settings)
@@ -116,8 +96,8 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
         inputs = job_inputs(storage, training_set, run_id)
         # Fitted on the rows the workers fit on: the validation rows stay unseen, like the holdout.
         rows = storage.read_parquet(training_set.train_uri).to_pandas()
-        fit_rows, _ = split_validation(rows, settings.training.validation_fraction)
-        spec = FeatureSpec.fit(fit_rows)
+        fit_rows, _ = split_validation(rows, settings.training.validation_fraction, usecase.contract.timestamp)
+        spec = FeatureSpec.fit(fit_rows, usecase)
         del rows, fit_rows
         storage.write_bytes(inputs.spec, json.dumps(spec.to_dict()).encode())
         claim_out(storage, inputs.out, key)
@@ -141,6 +121,8 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             # Production comparisons use only rows after this window; serving reads this feature world.
             "training_window": {"end": training_set.cutoff},
             "feature_world": training_set.world,
+            "task": usecase.task.model_dump(mode="json"),
+            "usecase": {"name": usecase.name, "digest": usecase.digest},
             "run_id": run_id,
         }
         saved = save_model(spec, out, work / "model", meta)
@@ -212,11 +194,12 @@ def save_model(spec: FeatureSpec, out: Path, folder: Path, meta: dict[str, Any])
     import torch
 
     from flywheel.training.export import write_exports
-    from flywheel.training.model import WEIGHTS_FILE, FraudMLP, FraudModel
+    from flywheel.training.model import WEIGHTS_FILE, Model, build_network
 
-    module = FraudMLP(spec.width, meta["hidden"])
+    module = build_network(spec, meta["hidden"])
     module.load_state_dict(torch.load(out / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    model = FraudModel(module, spec, meta)
+    module.eval()
+    model = Model(module, spec, meta)
     model.save(folder)
     write_exports(model, folder)
     return folder

@@ -12,7 +12,9 @@ rows (a contiguous block of them; S3: ranged GETs, no local copy). Rank 0 also r
 rows, which it scores. The sampler shuffles each rank's block per epoch (seeded), so a rank never
 leaves its shard. Rows and bytes read per rank are in the history.
 
-Training: after every epoch rank 0 scores the validation rows (PR-AUC) and broadcasts the figure, so
+Training: the task's loss (binary cross-entropy, cross-entropy, or the regression loss the use case
+declares). After every epoch rank 0 scores the validation rows (the task's early-stopping figure:
+PR-AUC for fraud, mean absolute error for flight delays) and broadcasts the figure, so
 every rank keeps the same best-so-far state and stops together after ``--patience`` epochs without
 improvement; the final weights are the best epoch's. On a GPU (NCCL) the forward pass runs under
 bf16 autocast.
@@ -50,10 +52,9 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from flywheel.config import load_settings
 from flywheel.features.transform import FeatureSpec
-from flywheel.schema import LABEL
 from flywheel.storage import Storage, join
 from flywheel.training.failures import record_failure, refuse_after_recorded_failure
-from flywheel.training.model import WEIGHTS_FILE, FraudMLP
+from flywheel.training.model import WEIGHTS_FILE, build_network, output_layer
 from flywheel.training.split import split_validation
 
 log = logging.getLogger("flywheel.training.worker")
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", default="64,32")
     parser.add_argument("--validation-fraction", type=float, default=0.0,
                         help="the last fraction of the training span, by time, held out for early stopping (0: none)")
-    parser.add_argument("--patience", type=int, default=4, help="epochs without a better validation PR-AUC before stopping")
+    parser.add_argument("--patience", type=int, default=4, help="epochs without a better validation figure before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="process group (collective) timeout")
@@ -190,13 +191,13 @@ class Shard:
     """This rank's view of the training data."""
 
     spec: FeatureSpec
-    dataset: TensorDataset  # (inputs, labels, position among the fit rows)
+    dataset: TensorDataset  # (inputs, targets, position among the fit rows)
     sampler: ShardSampler
     loader: DataLoader
-    base_rate: float
+    priors: list[float]  # binary: the positive rate; multiclass: each class's share (none for regression)
     fit_rows: int  # over every rank
     validation_x: torch.Tensor  # rank 0 only (it scores them); empty elsewhere
-    validation_y: np.ndarray
+    validation_y: np.ndarray  # the validation rows' targets (as the network learns them)
     validating: bool  # every rank: whether there are validation rows
     rows_read: int = 0
     bytes_read: int = 0
@@ -204,19 +205,20 @@ class Shard:
 
 def load_shard(args: argparse.Namespace, rank: int, world: int, storage: Storage) -> Shard:
     """Read the spec; the time and label columns of every row (to cut the validation rows off the
-    end and agree on the base rate); then only this rank's block of fit rows, and on rank 0 the
-    validation rows."""
+    end and agree on the base rate or class priors); then only this rank's block of fit rows, and on
+    rank 0 the validation rows."""
     spec = FeatureSpec.from_dict(json.loads(storage.read_bytes(args.spec)))
+    label = spec.objective.label
     data = TrainingFile(storage, args.data)
     try:
-        index = data.columns(["ts", LABEL] if args.validation_fraction > 0 else [LABEL])
-        fit, validation = split_validation(index, args.validation_fraction)
+        index = data.columns([spec.time, label] if args.validation_fraction > 0 else [label])
+        fit, validation = split_validation(index, args.validation_fraction, spec.time)
         fit_numbers, validation_numbers = fit.index.to_numpy(), validation.index.to_numpy()
         block, per_rank = shard_block(len(fit_numbers), rank, world)
         unique, inverse = np.unique(block, return_inverse=True)
         mine = data.rows(fit_numbers[unique])
         x = torch.from_numpy(spec.transform(mine))[torch.from_numpy(inverse)]
-        y = torch.from_numpy(mine[LABEL].to_numpy(dtype="float32"))[torch.from_numpy(inverse)]
+        y = torch.from_numpy(spec.targets(mine))[torch.from_numpy(inverse)]
         scored = data.rows(validation_numbers) if rank == 0 else data.rows(validation_numbers[:0])
         rows_read, bytes_read = data.rows_read, data.bytes_read
     finally:
@@ -226,11 +228,34 @@ def load_shard(args: argparse.Namespace, rank: int, world: int, storage: Storage
     # A generator of its own: creating the loader's iterator must not draw from torch's global RNG.
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=False,
                         generator=torch.Generator().manual_seed(args.seed))
-    labels = torch.from_numpy(fit[LABEL].to_numpy(dtype="float32"))
     validation_x = torch.from_numpy(spec.transform(scored)) if len(scored) else torch.zeros(0, spec.width)
-    return Shard(spec, dataset, sampler, loader, float(labels.mean().clamp(1e-6, 1 - 1e-6)), len(fit_numbers),
-                 validation_x, scored[LABEL].to_numpy(dtype="float32") if len(scored) else np.zeros(0, "float32"),
+    validation_y = spec.targets(scored) if len(scored) else spec.targets(fit.iloc[:0])
+    return Shard(spec, dataset, sampler, loader, priors(spec, fit), len(fit_numbers), validation_x, validation_y,
                  len(validation_numbers) > 0, rows_read, bytes_read)
+
+
+def priors(spec: FeatureSpec, fit: pd.DataFrame) -> list[float]:
+    """What the output layer's bias starts from, from every fit row's label (the same on every rank):
+    the positive rate (binary), each class's share (multiclass), nothing (regression: the target is
+    already centred)."""
+    task = spec.objective
+    if task.kind == "regression":
+        return []
+    targets = spec.targets(fit)
+    if task.kind == "binary":
+        return [float(np.clip(targets.mean(), 1e-6, 1 - 1e-6))]
+    counts = np.bincount(targets, minlength=task.outputs).astype("float64")
+    return [float(np.clip(c / max(counts.sum(), 1.0), 1e-6, 1.0)) for c in counts]
+
+
+def loss_function(spec: FeatureSpec) -> torch.nn.Module:
+    """The task's loss on the network's raw outputs."""
+    task = spec.objective
+    if task.kind == "binary":
+        return torch.nn.BCEWithLogitsLoss()
+    if task.kind == "multiclass":
+        return torch.nn.CrossEntropyLoss()
+    return {"huber": torch.nn.HuberLoss(), "l1": torch.nn.L1Loss(), "mse": torch.nn.MSELoss()}[task.loss]
 
 
 # ------------------------------------------------------------------------------- early stopping
@@ -244,7 +269,7 @@ class BestSoFar:
     bad_epochs: int = 0  # epochs since the best one
     stopped: bool = False
 
-    def update(self, metric: float, epoch: int, model: FraudMLP, patience: int) -> None:
+    def update(self, metric: float, epoch: int, model: torch.nn.Module, patience: int) -> None:
         if metric > self.metric:
             self.metric, self.epoch, self.bad_epochs = metric, epoch, 0
             self.model = {name: tensor.detach().clone().cpu() for name, tensor in model.state_dict().items()}
@@ -261,36 +286,58 @@ class BestSoFar:
         return cls(**state) if state else cls()
 
 
-def validation_metric(model: FraudMLP, shard: Shard, device: torch.device) -> tuple[str, float]:
-    """Rank 0: the validation PR-AUC (the metric the model is judged by); the negated log loss when
-    the validation rows hold one class only (PR-AUC is undefined there)."""
-    from sklearn.metrics import average_precision_score
+def validation_metric(model: torch.nn.Module, shard: Shard, device: torch.device) -> tuple[str, float]:
+    """Rank 0: the task's early-stopping figure on the validation rows, oriented so that higher is
+    better (``neg_mae``: the mean absolute error, negated). A binary figure that needs both classes
+    falls back to the negated log loss when the validation rows hold one class only."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
+    task = shard.spec.objective
     model.eval()
     with torch.inference_mode(), autocast(device):
-        logits = model(shard.validation_x.to(device)).float().cpu()
-    labels = shard.validation_y
-    if 0 < labels.sum() < len(labels):
-        return "pr_auc", float(average_precision_score(labels, logits.numpy()))
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels))
-    return "neg_log_loss", -float(loss)
+        raw = model(shard.validation_x.to(device)).float().cpu()
+    targets = shard.validation_y
+    if task.kind == "binary":
+        if task.early_stopping != "log_loss" and 0 < targets.sum() < len(targets):
+            score = average_precision_score if task.early_stopping == "pr_auc" else roc_auc_score
+            return task.early_stopping, float(score(targets, raw.numpy()))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(raw, torch.from_numpy(targets))
+        return "neg_log_loss", -float(loss)
+    if task.kind == "multiclass":
+        if task.early_stopping == "accuracy":
+            return "accuracy", float((raw.argmax(dim=-1).numpy() == targets).mean())
+        return "neg_log_loss", -float(torch.nn.functional.cross_entropy(raw, torch.from_numpy(targets)))
+    error = (raw.numpy().astype("float64") - targets) * shard.spec.target[1]  # in the label's own units
+    if task.early_stopping == "rmse":
+        return "neg_rmse", -float(np.sqrt(np.mean(error ** 2)))
+    return "neg_mae", -float(np.mean(np.abs(error)))
 
 
-def agree_on_validation(model: FraudMLP, shard: Shard, device: torch.device, rank: int) -> tuple[str, float]:
+def agree_on_validation(model: torch.nn.Module, shard: Shard, device: torch.device, rank: int) -> tuple[str, float]:
     """Rank 0 scores the validation rows and broadcasts the figure: every rank then takes the same
-    early-stopping decision (the broadcast is a collective, bound by the process group's timeout)."""
+    early-stopping decision (the broadcast is a collective, bound by the process group's timeout).
+    The figure's name is the task's, or the binary fallback (``neg_log_loss``)."""
     name, value = validation_metric(model, shard, device) if rank == 0 else ("", 0.0)
-    figure = torch.tensor([value, 1.0 if name == "pr_auc" else 0.0], dtype=torch.float64, device=device)
+    fallback = shard.spec.objective.kind == "binary" and name == "neg_log_loss"
+    figure = torch.tensor([value, 0.0 if fallback else 1.0], dtype=torch.float64, device=device)
     dist.broadcast(figure, src=0)
-    return ("pr_auc" if figure[1].item() == 1.0 else "neg_log_loss"), float(figure[0].item())
+    task = shard.spec.objective
+    primary = {"mae": "neg_mae", "rmse": "neg_rmse", "log_loss": "neg_log_loss"}.get(task.early_stopping, task.early_stopping)
+    return (primary if figure[1].item() == 1.0 else "neg_log_loss"), float(figure[0].item())
 
 
-def build_model(width: int, hidden: str, base_rate: float) -> FraudMLP:
-    model = FraudMLP(width, [int(h) for h in hidden.split(",") if h])
-    # Start from the base rate's log-odds: with ~1% positives, steps then go to ranking, not to
-    # pulling the output down from 0.5 (every rank reads the same label column, so the same bias).
-    with torch.no_grad():
-        model.net[-1].bias.fill_(float(np.log(base_rate / (1 - base_rate))))
+def build_model(spec: FeatureSpec, hidden: str, priors: list[float]) -> torch.nn.Module:
+    model = build_network(spec, [int(h) for h in hidden.split(",") if h])
+    # Start from the base rate's log-odds (binary) or the classes' log shares (multiclass): with ~1%
+    # positives, steps then go to ranking, not to pulling the output down from 0.5 (every rank reads
+    # the same label column, so the same bias). A regression target is centred already.
+    last = output_layer(model)
+    if priors and last is not None and last.bias is not None:
+        with torch.no_grad():
+            if len(priors) == 1:
+                last.bias.fill_(float(np.log(priors[0] / (1 - priors[0]))))
+            elif last.bias.shape[0] == len(priors):
+                last.bias.copy_(torch.log(torch.tensor(priors, dtype=last.bias.dtype)))
     return model
 
 
@@ -320,7 +367,7 @@ class Run:
     world: int
     device: torch.device
     shard: Shard
-    model: FraudMLP
+    model: torch.nn.Module
     ddp: DistributedDataParallel
     optimizer: torch.optim.Optimizer
     best: BestSoFar
@@ -405,7 +452,7 @@ def train_epoch(run: Run, progress: Progress) -> dict | None:
     shard, args = run.shard, run.args
     shard.sampler.set_epoch(progress.epoch, progress.step)
     run.ddp.train()
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = loss_function(shard.spec)
     total = torch.zeros(2, device=run.device)
     total[0], total[1] = progress.loss_sum, progress.samples  # rank 0 carries the sums of a resumed epoch
     seen = torch.zeros(shard.fit_rows, dtype=torch.int32, device=run.device)
@@ -418,7 +465,7 @@ def train_epoch(run: Run, progress: Progress) -> dict | None:
         run.optimizer.zero_grad(set_to_none=True)
         with autocast(run.device):
             logits = run.ddp(features)
-        loss = loss_fn(logits.float(), labels)
+        loss = loss_fn(logits.float(), labels)  # labels: the task's targets (float, or class indices)
         loss.backward()
         run.optimizer.step()
         total[0] += loss.detach() * len(labels)
@@ -490,7 +537,7 @@ def train_rank(args: argparse.Namespace, storage: Storage) -> None:
 
     shard = load_shard(args, rank, world, storage)
     rows_read, bytes_read = reads_per_rank(shard, device, world)
-    model = build_model(shard.spec.width, args.hidden, shard.base_rate).to(device)
+    model = build_model(shard.spec, args.hidden, shard.priors).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if backend == "nccl" else None)
     run = Run(args, storage, args.out, rank, world, device, shard, model, ddp, optimizer, BestSoFar(), [])

@@ -119,15 +119,31 @@ def test_an_earlier_leg_counts_only_once_it_has_landed(flights_loop):
     assert seen_late > 0
 
 
-def test_training_says_plainly_that_the_flights_task_is_not_learnt_yet(flights_loop):
-    """The model still learns the first use case's 0/1 label from its inputs: the train step stops
-    with that, naming the use case and its label, before writing anything (not a KeyError deep in
-    the input transform)."""
-    from flywheel.errors import TrainingError
+def test_the_train_step_learns_the_arrival_delay_in_minutes_with_the_use_cases_inputs(flights_loop):
+    """The same train step and workers as fraud's, on flights' task: a regression of arr_delay with
+    an L1 loss, stopped on the validation MAE, through usecases/flights/inputs.py (carried in the
+    model's spec). Bug caught: a platform that still learnt a 0/1 label, or answered in standardised
+    units instead of minutes."""
+    import numpy as np
 
-    with pytest.raises(TrainingError, match="use case flights cannot be trained yet.*arr_delay is float64, not 0/1"):
-        steps.train_step(flights_loop["training_set"], "flights-1", flights_loop["settings"])
-    assert not flights_loop["storage"].exists(flights_loop["storage"].uri("models"))
+    from flywheel.registry import Registry
+    from flywheel.training.model import load_version
+
+    settings, storage = flights_loop["settings"], flights_loop["storage"]
+    model = steps.train_step(flights_loop["training_set"], "flights-1", settings)
+    version = Registry(storage, "flights").get(model["version"])
+    assert version.meta["task"]["kind"] == "regression" and version.meta["usecase"]["name"] == "flights"
+    assert all("validation_neg_mae" in epoch for epoch in version.meta["epochs"])
+    loaded = load_version(Registry(storage, "flights"), version)
+    assert loaded.spec.code["inputs.py"] == (FLIGHTS / "inputs.py").read_text()
+    assert ("carrier", list(flights_loop["usecase"].contract.columns["carrier"].categories)) in loaded.spec.categories
+    holdout = storage.read_parquet(flights_loop["training_set"]["holdout_uri"]).to_pandas()
+    predicted = loaded.score(holdout)
+    assert np.isfinite(predicted).all()
+    # Minutes: January's early-arrival median and its delayed tail, not a standardised score near 0.
+    assert -30 < np.median(predicted) < 30 and predicted.max() - predicted.min() > 20
+    mae = np.abs(predicted - holdout["arr_delay"]).mean()
+    assert mae < np.abs(holdout["arr_delay"]).mean()  # better than calling every flight on time
 
 
 def test_two_use_cases_share_one_storage_root_and_feast_folder_without_meeting(flights_loop, tmp_path):

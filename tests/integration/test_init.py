@@ -60,6 +60,12 @@ def test_init_writes_a_use_case_that_the_loop_runs_on_unseen_data(tmp_path, monk
     assert {"customer_count_24h", "customer_returned_mean_30d", "shop_order_total_mean_7d"} <= set(train.columns)
     assert train["shop_order_total_mean_7d"].notna().mean() > 0.9
 
+    # The task follows from the 0/1 label; the default inputs need no code: the same workers train it.
+    assert (usecase.task.kind, usecase.task.output, usecase.task.loss) == ("binary", "returned_probability", "bce")
+    assert "task: binary" in (folder / "task.yaml").read_text()
+    model = steps.train_step(training_set, "r1", settings)
+    assert model["meta"]["task"]["label"] == "returned" and model["meta"]["usecase"]["name"] == "returns"
+
 
 def test_init_refuses_what_it_cannot_do_naming_the_problem(tmp_path, capsys):
     sample = tmp_path / "orders.csv"

@@ -12,6 +12,7 @@ import torch
 
 from flywheel.config import load_settings
 from flywheel.features.transform import FeatureSpec
+from tests.factories import FRAUD
 from flywheel.storage import Storage
 from flywheel.training.launcher import OK, launch
 from tests.unit.test_training import FAST, run_until_step, transactions
@@ -31,7 +32,7 @@ def test_the_worker_trains_from_s3_checkpoints_mid_epoch_there_and_resumes_from_
     table = transactions(ROWS)
     data = storage.write_parquet(storage.uri("ds", "train.parquet"), table, row_group_size=ROW_GROUP).uri
     spec = storage.uri("runs", "r1", "train", "spec.json")
-    storage.write_bytes(spec, json.dumps(FeatureSpec.fit(table).to_dict()).encode())
+    storage.write_bytes(spec, json.dumps(FeatureSpec.fit(table, FRAUD).to_dict()).encode())
     out = storage.uri("runs", "r1", "train", "out")
 
     run_until_step(settings, data, spec, out, tmp_path / "logs1", 20)  # epoch 1, step 3

@@ -49,7 +49,7 @@ def test_serving_inputs_equal_training_inputs_on_sampled_holdout_rows(bundle, ho
     serving = bundle.model.spec.transform_columns({**parsed.columns, **looked_up})
     training = bundle.model.spec.transform(sample)
     np.testing.assert_array_equal(serving, training)
-    np.testing.assert_array_equal(bundle.model.probabilities(serving), bundle.model.score(sample))
+    np.testing.assert_array_equal(bundle.model.predict(serving), bundle.model.score(sample))
 
 
 def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_event(bundle, holdout, trained_loop):

@@ -216,14 +216,14 @@ def writes_outputs_on_create(storage: Storage, settings: Settings):
     import torch
 
     from flywheel.features.transform import FeatureSpec
-    from flywheel.training.model import WEIGHTS_FILE, FraudMLP
+    from flywheel.training.model import WEIGHTS_FILE, TabularMLP
 
     def on_create(body: dict) -> None:
         container = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
         flags = dict(zip(container["command"][5::2], container["command"][6::2]))
         spec = FeatureSpec.from_dict(storage.read_json(flags["--spec"]))
         buffer = io.BytesIO()
-        torch.save(FraudMLP(spec.width, settings.training.hidden).state_dict(), buffer)
+        torch.save(TabularMLP(spec.width, settings.training.hidden).state_dict(), buffer)
         storage.write_bytes(f"{flags['--out']}/{WEIGHTS_FILE}", buffer.getvalue())
         storage.write_bytes(f"{flags['--out']}/history.jsonl", b'{"epoch": 0, "loss": 0.5}\n')
 

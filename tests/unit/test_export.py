@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from flywheel.features.transform import FeatureSpec
+from tests.factories import FRAUD
 from flywheel.training.export import INT8_FILE, PROGRAM_FILE, compare_variants, load_int8, write_exports
-from flywheel.training.model import FraudMLP, FraudModel
+from flywheel.training.model import TabularMLP, Model
 from tests.unit.test_transform import frame
 
 
 @pytest.fixture
-def model() -> FraudModel:
+def model() -> Model:
     torch.manual_seed(0)
-    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=90.0), frame(amount=3.0)], ignore_index=True))
-    return FraudModel(FraudMLP(spec.width, [64, 32]), spec, {"hidden": [64, 32]})
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=90.0), frame(amount=3.0)], ignore_index=True), FRAUD)
+    return Model(TabularMLP(spec.width, [64, 32]), spec, {"hidden": [64, 32]})
 
 
 def test_the_exported_program_scores_like_the_model_at_any_batch_size(model, tmp_path):
@@ -47,7 +48,7 @@ def test_the_program_runs_without_flywheel_installed(model, tmp_path):
 def test_the_int8_copy_loads_with_weights_only_and_stays_close(model, tmp_path):
     write_exports(model, tmp_path)
     torch.load(tmp_path / INT8_FILE, weights_only=True)  # raises on anything but tensors and containers
-    int8 = load_int8(tmp_path, model.spec.width, [64, 32])
+    int8 = load_int8(tmp_path, model.spec, [64, 32])
     x = torch.randn(500, model.spec.width)
     with torch.inference_mode():
         float_scores, int8_scores = torch.sigmoid(model.module(x)), torch.sigmoid(int8(x))

@@ -83,9 +83,9 @@ CODE_OF_A_MODEL = "from flywheel.training.train import training_code_hash; print
 @pytest.mark.parametrize(
     "edit",
     [
-        ("training/worker.py", "loss_fn = torch.nn.BCEWithLogitsLoss()", "loss_fn = torch.nn.BCEWithLogitsLoss(reduction='mean')"),
+        ("training/worker.py", "return torch.nn.BCEWithLogitsLoss()", "return torch.nn.BCEWithLogitsLoss(reduction='mean')"),
         ("training/model.py", "layers += [nn.Linear(previous, size), nn.ReLU()]", "layers += [nn.Linear(previous, size), nn.GELU()]"),
-        ("features/transform.py", "MAX_GAP_S = 30 * 24 * 3600.0", "MAX_GAP_S = 31 * 24 * 3600.0"),
+        ("features/transform.py", "MAX_AGE_S = 30 * 24 * 3600.0", "MAX_AGE_S = 31 * 24 * 3600.0"),
     ],
     ids=["worker", "model", "input-transform"],
 )

@@ -5,16 +5,17 @@ import pytest
 
 from flywheel.errors import IntegrityError, RegistryError
 from flywheel.features.transform import FeatureSpec
+from tests.factories import FRAUD
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from flywheel.training.model import FraudMLP, FraudModel, load_version
+from flywheel.training.model import TabularMLP, Model, load_version
 from tests.unit.test_transform import frame
 
 
 @pytest.fixture
 def saved_model(tmp_path):
-    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=90.0)], ignore_index=True))
-    model = FraudModel(FraudMLP(spec.width, [8]), spec, {"hidden": [8]})
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=90.0)], ignore_index=True), FRAUD)
+    model = Model(TabularMLP(spec.width, [8]), spec, {"hidden": [8]})
     model.save(tmp_path / "model")
     return tmp_path / "model", model
 

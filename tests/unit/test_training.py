@@ -22,6 +22,7 @@ from flywheel.config import Settings, load_settings
 from flywheel.errors import DataError, IntegrityError, TrainingError
 from flywheel.features.build import TrainingSet, split_by_time
 from flywheel.features.transform import FeatureSpec
+from tests.factories import FRAUD
 from flywheel.storage import Storage
 from flywheel.training import launcher
 from flywheel.training.launcher import OK, launch
@@ -67,7 +68,7 @@ def write_inputs(folder: Path, rows: int) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     table = transactions(rows)
     table.to_parquet(folder / "train.parquet", row_group_size=ROW_GROUP)
-    (folder / "spec.json").write_text(json.dumps(FeatureSpec.fit(table).to_dict()))
+    (folder / "spec.json").write_text(json.dumps(FeatureSpec.fit(table, FRAUD).to_dict()))
     return folder / "train.parquet", folder / "spec.json"
 
 
@@ -204,8 +205,8 @@ def test_a_missing_label_column_fails_the_train_step_at_once_with_the_workers_ex
     assert "worker pid" not in Path(storage.uri("runs", "r1", "train", "attempt-2", "rank-0", "stderr.log")).read_text()
 
 
-def test_a_spec_wider_than_its_inputs_fails_inside_the_model_and_is_not_retried(tmp_path, count_launches):
-    """A spec naming one input more than the transform makes: the model's first layer raises."""
+def test_a_spec_naming_an_input_its_code_does_not_derive_fails_once_and_is_not_retried(tmp_path, count_launches):
+    """A spec naming one input more than its inputs code derives: the transform says which, once."""
     data, spec = write_inputs(tmp_path / "in", 50)
     corrupt = json.loads(spec.read_text())
     corrupt["numeric"].append("not_a_derived_input")  # the width grows; the transform's output does not
@@ -214,8 +215,9 @@ def test_a_spec_wider_than_its_inputs_fails_inside_the_model_and_is_not_retried(
     with pytest.raises(TrainingError) as caught:
         launch(settings, Storage.from_settings(settings), "r1", data, spec, tmp_path / "out", tmp_path / "logs")
     message = str(caught.value)
-    assert re.search(r"rank \d raised RuntimeError: mat1 and mat2 shapes cannot be multiplied", message), message
-    assert 'flywheel/training/model.py", line' in message and "deterministic failure" in message
+    assert re.search(r"rank \d raised UseCaseError: the model's input not_a_derived_input is not one its inputs derive",
+                     message), message
+    assert 'flywheel/features/transform.py", line' in message and "deterministic failure" in message
     assert len(count_launches) == 1
 
 
@@ -324,7 +326,7 @@ def test_early_stopping_stops_after_patience_epochs_and_publishes_the_best_epoch
     assert epochs[-1]["early_stop"] and not any(e["early_stop"] for e in epochs[:-1])
     assert figures[best] == max(figures) and figures.index(max(figures)) == best  # the first best
     # The workers fit on the rows before the validation cut only.
-    fit, _ = split_validation(pd.read_parquet(data), 0.2)
+    fit, _ = split_validation(pd.read_parquet(data), 0.2, "ts")
     assert all(e["samples"] == len(fit) for e in epochs)
     # Oracle: the same run cut off at the best epoch ends with that epoch's weights.
     cut = settings_at(tmp_path, epochs=best + 1, batch_size=32, learning_rate=0.01, patience=patience, validation_fraction=0.2)
@@ -363,16 +365,16 @@ def test_the_validation_rows_are_the_end_of_the_training_span_and_never_the_hold
     """Catches a random validation draw, one cut from the holdout, or one that overlaps the fit rows."""
     table = transactions(1000).sample(frac=1.0, random_state=0)  # file order is not time order
     train_rows, holdout, _ = split_by_time(table, 0.2, "ts")
-    fit, validation = split_validation(train_rows, 0.15)
+    fit, validation = split_validation(train_rows, 0.15, "ts")
     assert len(fit) + len(validation) == len(train_rows)
     assert fit["ts"].max() < validation["ts"].min()
     assert validation["ts"].max() < holdout["ts"].min()
     assert not set(validation["transaction_id"]) & set(holdout["transaction_id"])
     assert len(validation) == pytest.approx(0.15 * len(train_rows), abs=2)
-    assert split_validation(train_rows, 0.0)[1].empty  # 0: no validation, every row fits
+    assert split_validation(train_rows, 0.0, "ts")[1].empty  # 0: no validation, every row fits
 
 
 def test_a_validation_split_of_rows_at_one_instant_is_refused_with_the_setting_to_change():
     one_instant = transactions(50).assign(ts=pd.Timestamp("2026-10-01T00:00:00Z"))
     with pytest.raises(DataError, match="training.validation_fraction"):
-        split_validation(one_instant, 0.15)
+        split_validation(one_instant, 0.15, "ts")

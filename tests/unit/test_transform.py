@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pandas as pd
 
-from flywheel.features.transform import FeatureSpec, derive_inputs
+from flywheel.features.transform import FeatureSpec
+from flywheel.usecase import load_module
+from tests.factories import FRAUD
+
+INPUTS = load_module(FRAUD, "inputs")  # usecases/fraud/inputs.py
 
 
 def frame(**overrides):
@@ -23,9 +27,21 @@ def frame(**overrides):
     return pd.DataFrame([row])
 
 
+def derive_inputs(df, fitted=None):
+    """The fraud use case's derived inputs for a frame, with what fit() learnt (none by default)."""
+    spec = FeatureSpec.fit(frame(), FRAUD)
+    return pd.DataFrame(INPUTS.derive(spec.columns_of(df), fitted or {}), index=df.index)
+
+
+def derive_inputs(df, fitted=None):
+    """The fraud use case's derived inputs for a frame, with what fit() learnt (none by default)."""
+    spec = FeatureSpec.fit(frame(), FRAUD)
+    return pd.DataFrame(INPUTS.derive(spec.columns_of(df), fitted or {}), index=df.index)
+
+
 def test_spec_round_trips_through_json_and_gives_the_same_inputs():
     data = pd.concat([frame(amount=a) for a in (10.0, 50.0, 500.0)], ignore_index=True)
-    spec = FeatureSpec.fit(data)
+    spec = FeatureSpec.fit(data, FRAUD)
     again = FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     np.testing.assert_array_equal(spec.transform(data), again.transform(data))
     assert spec.transform(data).shape == (3, spec.width)
@@ -33,7 +49,7 @@ def test_spec_round_trips_through_json_and_gives_the_same_inputs():
 
 
 def test_a_new_card_without_features_gets_finite_neutral_inputs():
-    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True))
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True), FRAUD)
     new_card = frame()
     for column in [c for c in new_card.columns if c.startswith(("card_", "merchant_"))]:
         new_card[column] = np.nan
@@ -45,7 +61,7 @@ def test_a_new_card_without_features_gets_finite_neutral_inputs():
 
 
 def test_unknown_category_and_channel_fall_into_other():
-    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True))
+    spec = FeatureSpec.fit(pd.concat([frame(), frame(amount=80.0)], ignore_index=True), FRAUD)
     inputs = spec.transform(frame(merchant_category="spaceships", channel=None))
     names = spec.input_names
     assert inputs[0, names.index("merchant_category=<other>")] == 1.0
@@ -66,10 +82,10 @@ def test_derived_inputs_capture_the_fraud_signals():
 def test_an_amount_is_an_outlier_only_above_the_cards_normal_for_its_category():
     """Catches an excess measured against the card's mean alone (a card spends more on jewellery)."""
     rows = [frame(merchant_category="jewelry", amount=160.0), frame(merchant_category="grocery", amount=40.0)]
-    spec = FeatureSpec.fit(pd.concat(rows * 20, ignore_index=True))  # jewelry: 4x the card's mean
+    spec = FeatureSpec.fit(pd.concat(rows * 20, ignore_index=True), FRAUD)  # jewelry: 4x the card's mean
     names = spec.numeric
-    usual_jewel = derive_inputs(frame(merchant_category="jewelry", amount=160.0), spec.offsets).iloc[0]
-    spiked_grocery = derive_inputs(frame(merchant_category="grocery", amount=160.0), spec.offsets).iloc[0]
+    usual_jewel = derive_inputs(frame(merchant_category="jewelry", amount=160.0), spec.fitted).iloc[0]
+    spiked_grocery = derive_inputs(frame(merchant_category="grocery", amount=160.0), spec.fitted).iloc[0]
     assert "amount_excess_for_category_log" in names
     assert usual_jewel["amount_excess_for_category_log"] == 0.0
     assert spiked_grocery["amount_excess_for_category_log"] > 1.0
@@ -85,7 +101,7 @@ def test_a_repeat_within_minutes_counts_as_a_burst():
 def test_a_merchants_fraud_rate_is_shrunk_towards_the_prior_by_how_many_labels_back_it():
     """Bug caught: a merchant with one known label, a fraud, read as a 100% fraud merchant (or an
     unknown merchant as a 0% one): the raw rate is only as good as the labels behind it."""
-    from flywheel.features.transform import PRIOR_FRAUD_RATE
+    PRIOR_FRAUD_RATE = INPUTS.PRIOR_FRAUD_RATE
 
     def logit(p):
         return np.log(p / (1 - p))

@@ -1,0 +1,155 @@
+"""A use case's task: what its model predicts, under which name, and how it learns (issue 19).
+
+Declared in ``usecases/<name>/task.yaml`` (every field optional: without the file the task follows
+from the contract's label)::
+
+    task: regression          # binary | multiclass | regression (default: from the label's type)
+    label: arr_delay          # default: the contract's first label
+    output: arr_delay_minutes # what serving calls the prediction (default: <label>_prediction,
+                              #   <label>_probability for a binary or multiclass task)
+    loss: l1                  # binary: bce; multiclass: cross_entropy; regression: huber (default), l1, mse
+    early_stopping: mae       # the validation figure that picks the best epoch (defaults below)
+    network: network.py       # optional: the team's own torch.nn.Module factory (see below)
+
+A binary label is a 0/1 column; a multiclass label is a string column whose contract lists its
+``categories`` (the classes, in that order); a regression label is a number. The loss and the
+early-stopping figure follow the task: a binary model learns binary cross-entropy and stops on the
+validation PR-AUC; a multiclass one, cross-entropy and log-loss; a regression one, the declared loss
+and the mean absolute error. A regression model learns the label centred and scaled (its median and
+spread on the fit rows) and answers in the label's own units.
+
+``network``: a Python file of the use case defining ``build(width: int, outputs: int, hidden:
+list[int]) -> torch.nn.Module``, a module mapping a float32 matrix (rows x width) to its outputs
+(rows, for one output; rows x outputs otherwise). Without it, the platform's MLP with the training
+settings' ``hidden`` layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from flywheel.contract import NUMERIC, Contract, read_usecase_yaml
+from flywheel.errors import UseCaseError
+
+TASK_FILE = "task.yaml"
+TaskKind = Literal["binary", "multiclass", "regression"]
+LOSSES: dict[str, tuple[str, ...]] = {
+    "binary": ("bce",),
+    "multiclass": ("cross_entropy",),
+    "regression": ("huber", "l1", "mse"),
+}
+# The validation figures early stopping may watch, the first being the task's default, and whether
+# higher is better.
+STOPPING: dict[str, dict[str, bool]] = {
+    "binary": {"pr_auc": True, "roc_auc": True, "log_loss": False},
+    "multiclass": {"log_loss": False, "accuracy": True},
+    "regression": {"mae": False, "rmse": False},
+}
+
+
+class TaskFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskKind | None = None
+    label: str | None = None
+    output: str | None = None
+    loss: str | None = None
+    early_stopping: str | None = None
+    network: str | None = None
+
+
+class Task(BaseModel):
+    """The task as the platform reads it: every default resolved."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: TaskKind
+    label: str
+    output: str
+    loss: str
+    early_stopping: str
+    classes: tuple[str, ...] = ()  # multiclass: the label's categories, in the contract's order
+    network: str | None = None  # the use case's network file, relative to its folder
+
+    @property
+    def outputs(self) -> int:
+        """The network's output width."""
+        return len(self.classes) if self.kind == "multiclass" else 1
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger early-stopping figure is a better model."""
+        return STOPPING[self.kind][self.early_stopping]
+
+
+def infer_kind(contract: Contract, label: str) -> str:
+    """The task a label implies: 0/1 -> binary, a string with categories -> multiclass, a number -> regression."""
+    column = contract.columns[label]
+    if column.is_binary():
+        return "binary"
+    if column.type == "string" and column.categories:
+        return "multiclass"
+    if column.type in NUMERIC:
+        return "regression"
+    raise UseCaseError(f"label {label} is {column.type}{' without categories' if column.type == 'string' else ''}: "
+                       "no task follows from it (a 0/1 number is binary, a string with categories multiclass, "
+                       "another number regression); declare the label's categories or range in contract.yaml")
+
+
+def resolve_task(declared: TaskFile, contract: Contract, source: str) -> Task:
+    """Fill the defaults in and check that the declaration fits the contract."""
+    label = declared.label or contract.labels[0]
+    if label not in contract.labels:
+        raise UseCaseError(f"{source}: label {label} is not one of the contract's labels ({', '.join(contract.labels)})")
+    kind = declared.task or infer_kind(contract, label)
+    column = contract.columns[label]
+    classes: tuple[str, ...] = ()
+    if kind == "binary" and not column.is_binary():
+        raise UseCaseError(f"{source}: a binary task needs a 0/1 label, and {label} is {column.type} "
+                           f"with bounds [{column.min}, {column.max}] (declare min: 0 and max: 1 in contract.yaml)")
+    if kind == "multiclass":
+        if not column.categories:
+            raise UseCaseError(f"{source}: a multiclass task needs the label's classes: list {label}'s categories "
+                               "in contract.yaml")
+        classes = tuple(column.categories)
+        if len(classes) < 2:
+            raise UseCaseError(f"{source}: a multiclass task needs at least two classes; {label} lists {len(classes)}")
+    if kind == "regression" and column.type not in NUMERIC:
+        raise UseCaseError(f"{source}: a regression task needs a numeric label, and {label} is {column.type}")
+    loss = declared.loss or LOSSES[kind][0]
+    if loss not in LOSSES[kind]:
+        raise UseCaseError(f"{source}: loss {loss!r} does not fit a {kind} task (one of: {', '.join(LOSSES[kind])})")
+    stopping = declared.early_stopping or next(iter(STOPPING[kind]))
+    if stopping not in STOPPING[kind]:
+        raise UseCaseError(f"{source}: early_stopping {stopping!r} is not a {kind} figure "
+                           f"(one of: {', '.join(STOPPING[kind])})")
+    output = declared.output or (f"{label}_prediction" if kind == "regression" else f"{label}_probability")
+    if not output.isidentifier():
+        raise UseCaseError(f"{source}: output {output!r} must be a plain name (letters, digits, '_')")
+    return Task(kind=kind, label=label, output=output, loss=loss, early_stopping=stopping, classes=classes,
+                network=declared.network)
+
+
+def load_task(folder: Path, contract: Contract) -> Task:
+    """The task of the use case in ``folder`` (``task.yaml``; defaults from the contract when absent)."""
+    path = folder / TASK_FILE
+    data: Any = read_usecase_yaml(path) if path.exists() else {}
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UseCaseError(f"{path} must hold a mapping (task, label, output, ...), not {type(data).__name__}")
+    try:
+        declared = TaskFile.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "task"
+            problems.append(f"{where} is not a field of a task here" if err["type"] == "extra_forbidden"
+                            else f"{where}: {err['msg']}")
+        raise UseCaseError(f"invalid task {path}: " + "; ".join(problems)) from None
+    task = resolve_task(declared, contract, str(path))
+    if task.network is not None and not (folder / task.network).is_file():
+        raise UseCaseError(f"{path}: network {task.network} is not a file of the use case folder {folder}")
+    return task
