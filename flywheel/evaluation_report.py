@@ -1,9 +1,17 @@
-"""What a reviewer reads about a candidate: detailed metrics (Brier score, calibration, recall at
-several false-positive rates, metrics per merchant category and channel), plots (ROC, PR,
-calibration, score histograms against production) and an HTML report with a model card.
+"""What a reviewer reads about a candidate, per task: detailed metrics, metrics per value of the
+use case's slice columns, plots, and an HTML report with a model card.
 
-Pure functions over labels and scores, plus :func:`write_report`, which renders the plots as PNG
-(matplotlib, headless) and embeds them in one self-contained HTML file.
+- binary: Brier score, calibration, recall at several false-positive rates, ROC-AUC and PR-AUC per
+  slice (with each slice's rows and positives: a slice with one class has none); plots: ROC, PR,
+  calibration and score histograms against production;
+- regression: error quantiles, MAE and bias per slice; plots: predicted against actual (a 2-D
+  histogram, both axes in the label's units, the diagonal drawn) and the errors' histogram against
+  production;
+- multiclass: the confusion matrix, per-class F1, accuracy and log-loss per slice; plot: the
+  confusion matrix (rows: the true class, shares of the row).
+
+Pure functions over labels and predictions, plus :func:`render_html`, which embeds the plots (PNG,
+matplotlib headless) in one self-contained HTML file.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score, log_loss,
+                             precision_recall_curve, roc_auc_score, roc_curve)
+
+from flywheel.task import Task
 
 FPRS = (0.001, 0.005, 0.01, 0.05)
 CALIBRATION_BINS = 10
-SEGMENTS = ("merchant_category", "channel")
 ROC_POINTS = 200  # the ROC curve handed to KFP is thinned to about this many points
 
 
@@ -31,21 +41,21 @@ def recall_at_fprs(labels: np.ndarray, scores: np.ndarray, fprs: tuple[float, ..
 
 
 def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
-    """Reliability by score quantile bins (equal counts: fraud scores crowd near 0): each bin's mean
-    score, observed fraud rate and size, and the expected calibration error (count-weighted |gap|)."""
+    """Reliability by score quantile bins (equal counts: rare-event scores crowd near 0): each bin's mean
+    score, observed positive rate and size, and the expected calibration error (count-weighted |gap|)."""
     order = np.argsort(scores, kind="stable")
     table = []
     for chunk in np.array_split(order, bins):
         if not len(chunk):
             continue
-        table.append({"mean_score": float(scores[chunk].mean()), "fraud_rate": float(labels[chunk].mean()), "rows": int(len(chunk))})
+        table.append({"mean_score": float(scores[chunk].mean()), "positive_rate": float(labels[chunk].mean()), "rows": int(len(chunk))})
     total = sum(b["rows"] for b in table)
-    ece = sum(b["rows"] * abs(b["mean_score"] - b["fraud_rate"]) for b in table) / total if total else math.nan
+    ece = sum(b["rows"] * abs(b["mean_score"] - b["positive_rate"]) for b in table) / total if total else math.nan
     return {"bins": table, "expected_calibration_error": float(ece)}
 
 
-def segment_metrics(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, columns: tuple[str, ...] = SEGMENTS) -> dict[str, list[dict[str, Any]]]:
-    """ROC-AUC and PR-AUC per value of each segment column (None where a segment has one class)."""
+def segment_metrics(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, columns: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """ROC-AUC and PR-AUC per value of each slice column (None where a slice has one class)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for column in columns:
         if column not in frame:
@@ -65,8 +75,61 @@ def segment_metrics(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray,
     return out
 
 
-def details(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, fpr: float) -> dict[str, Any]:
-    """Every detailed metric of one model on one set of rows, plus what the KFP UI plots: a thinned
+def regression_slices(frame: pd.DataFrame, labels: np.ndarray, predictions: np.ndarray, columns: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """MAE, bias and rows per value of each slice column."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    error = np.asarray(predictions, dtype=float) - np.asarray(labels, dtype=float)
+    for column in columns:
+        if column not in frame:
+            continue
+        values = frame[column].astype(str).to_numpy()
+        out[column] = [{"value": value, "rows": int((values == value).sum()), "mae": float(np.mean(np.abs(error[values == value]))),
+                        "bias": float(np.mean(error[values == value]))} for value in sorted(set(values))]
+    return out
+
+
+def multiclass_slices(frame: pd.DataFrame, labels: np.ndarray, probabilities: np.ndarray, columns: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """Accuracy, log-loss and rows per value of each slice column."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    classes = list(range(probabilities.shape[1]))
+    clipped = np.clip(probabilities, 1e-12, 1.0)
+    clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    for column in columns:
+        if column not in frame:
+            continue
+        values = frame[column].astype(str).to_numpy()
+        rows = []
+        for value in sorted(set(values)):
+            mask = values == value
+            rows.append({"value": value, "rows": int(mask.sum()),
+                         "accuracy": float(np.mean(probabilities[mask].argmax(axis=1) == labels[mask])),
+                         "log_loss": float(log_loss(labels[mask], clipped[mask], labels=classes))})
+        out[column] = rows
+    return out
+
+
+def details(task: Task, frame: pd.DataFrame, labels: np.ndarray, predictions: np.ndarray, fpr: float) -> dict[str, Any]:
+    """Every detailed metric of one model on one set of rows, per its task (see the module)."""
+    slices = task.evaluation.slices
+    if task.kind == "regression":
+        error = np.asarray(predictions, dtype=float) - np.asarray(labels, dtype=float)
+        quantiles = (0.05, 0.25, 0.5, 0.75, 0.95)
+        return {"error_quantiles": {f"p{round(q * 100)}": float(np.quantile(error, q)) for q in quantiles},
+                "segments": regression_slices(frame, labels, predictions, slices)}
+    if task.kind == "multiclass":
+        labels = np.asarray(labels).astype(int)
+        classes = list(range(len(task.classes)))
+        predicted = predictions.argmax(axis=1)
+        matrix = confusion_matrix(labels, predicted, labels=classes)
+        f1 = f1_score(labels, predicted, labels=classes, average=None, zero_division=0)
+        return {"per_class": [{"class": c, "rows": int((labels == i).sum()), "f1": float(f1[i])} for i, c in enumerate(task.classes)],
+                "segments": multiclass_slices(frame, labels, predictions, slices),
+                "confusion_matrix": {"categories": list(task.classes), "matrix": matrix.tolist()}}
+    return binary_details(frame, labels, predictions, fpr, slices)
+
+
+def binary_details(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, fpr: float, slices: tuple[str, ...]) -> dict[str, Any]:
+    """Every detailed metric of a binary model on one set of rows, plus what the KFP UI plots: a thinned
     ROC curve and the confusion matrix at the threshold that gives false-positive rate ``fpr``."""
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=float)
@@ -81,10 +144,10 @@ def details(frame: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, fpr: fl
         "brier": float(brier_score_loss(labels, scores)),
         **recall_at_fprs(labels, scores),
         "calibration": calibration(labels, scores),
-        "segments": segment_metrics(frame, labels, scores),
+        "segments": segment_metrics(frame, labels, scores, slices),
         "roc_curve": {"fpr": false_positive_rate[keep].tolist(), "tpr": true_positive_rate[keep].tolist(),
                       "threshold": [min(float(t), 1.0) for t in thresholds[keep]]},
-        "confusion_matrix": {"categories": ["legit", "fraud"], "matrix": matrix, "threshold": threshold, "at_fpr": fpr},
+        "confusion_matrix": {"categories": ["negative", "positive"], "matrix": matrix, "threshold": threshold, "at_fpr": fpr},
     }
 
 
@@ -98,9 +161,73 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def plots(labels: np.ndarray, scores: np.ndarray, production: tuple[np.ndarray, np.ndarray] | None) -> dict[str, bytes]:
-    """ROC, PR, calibration and score histogram PNGs; production's curves drawn on its own rows
-    (the rows neither model trained on) when it was compared."""
+def plots(task: Task, labels: np.ndarray, predictions: np.ndarray, production: tuple[np.ndarray, np.ndarray] | None) -> dict[str, bytes]:
+    """The task's plots (see the module) as PNG; production drawn on its own rows (the rows neither
+    model trained on) when it was compared."""
+    if task.kind == "regression":
+        return regression_plots(task, labels, predictions, production)
+    if task.kind == "multiclass":
+        return multiclass_plots(task, labels, predictions)
+    return binary_plots(labels, predictions, production)
+
+
+def regression_plots(task: Task, labels: np.ndarray, predictions: np.ndarray,
+                     production: tuple[np.ndarray, np.ndarray] | None) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, predictions = np.asarray(labels, dtype=float), np.asarray(predictions, dtype=float)
+    out: dict[str, bytes] = {}
+    # Both axes over the same range (the 1st to 99th percentile of both): the diagonal is "exact".
+    low = float(min(np.quantile(labels, 0.01), np.quantile(predictions, 0.01)))
+    high = float(max(np.quantile(labels, 0.99), np.quantile(predictions, 0.99)))
+    high = high if high > low else low + 1.0
+    figure, axis = plt.subplots(figsize=(5, 4))
+    counts = axis.hist2d(labels, predictions, bins=60, range=[[low, high], [low, high]], cmin=1, norm=matplotlib.colors.LogNorm())
+    figure.colorbar(counts[3], ax=axis, label="rows (log)")
+    axis.plot([low, high], [low, high], linestyle=":", color="black", label="predicted = actual")
+    axis.set(xlabel=f"actual {task.label}", ylabel=f"predicted {task.label}", title="predicted against actual (1st-99th percentile)")
+    axis.legend(loc="upper left")
+    out["predicted_vs_actual"] = _png(figure)
+    figure, axis = plt.subplots(figsize=(5, 4))
+    curves = [("candidate", labels, predictions)] + ([("production", *production)] if production is not None else [])
+    errors = [np.asarray(p, dtype=float) - np.asarray(y, dtype=float) for _, y, p in curves]
+    span = max(float(np.quantile(np.abs(e), 0.99)) for e in errors) or 1.0
+    edges = np.linspace(-span, span, 61)
+    for (name, _, _), error in zip(curves, errors):
+        axis.hist(error, bins=edges, alpha=0.5, label=f"{name} (MAE {np.mean(np.abs(error)):.2f})")
+    axis.axvline(0, linestyle=":", color="grey")
+    axis.set(xlabel=f"error: predicted - actual {task.label}", ylabel="rows", title="errors (99% of them)")
+    axis.legend()
+    out["errors"] = _png(figure)
+    return out
+
+
+def multiclass_plots(task: Task, labels: np.ndarray, probabilities: np.ndarray) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(range(len(task.classes)))
+    matrix = confusion_matrix(np.asarray(labels).astype(int), probabilities.argmax(axis=1), labels=classes).astype(float)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
+    figure, axis = plt.subplots(figsize=(5, 4))
+    image = axis.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+    figure.colorbar(image, ax=axis, label="share of the true class's rows")
+    axis.set_xticks(classes, task.classes, rotation=45)
+    axis.set_yticks(classes, task.classes)
+    for i in classes:
+        for j in classes:
+            axis.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
+    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    return {"confusion": _png(figure)}
+
+
+def binary_plots(labels: np.ndarray, scores: np.ndarray, production: tuple[np.ndarray, np.ndarray] | None) -> dict[str, bytes]:
+    """ROC, PR, calibration and score histogram PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display in a pipeline step
@@ -129,11 +256,11 @@ def plots(labels: np.ndarray, scores: np.ndarray, production: tuple[np.ndarray, 
     top = 0.0
     for name, y, s in curves:
         bins = calibration(np.asarray(y).astype(int), np.asarray(s, dtype=float))["bins"]
-        xs, ys = [b["mean_score"] for b in bins], [b["fraud_rate"] for b in bins]
+        xs, ys = [b["mean_score"] for b in bins], [b["positive_rate"] for b in bins]
         top = max(top, *xs, *ys)
         axis.plot(xs, ys, marker="o", label=name)
     axis.plot([0, top], [0, top], linestyle=":", color="grey", label="perfectly calibrated")
-    axis.set(xlabel="mean score (quantile bin)", ylabel="observed fraud rate", title="calibration")
+    axis.set(xlabel="mean score (quantile bin)", ylabel="observed positive rate", title="calibration")
     axis.legend()
     out["calibration"] = _png(figure)
     figure, axis = plt.subplots(figsize=(5, 4))
@@ -166,34 +293,65 @@ def render_html(evaluation: dict[str, Any], model_card: dict[str, Any], images: 
     """One self-contained HTML page: verdict, metrics, plots (embedded PNG), segments, model card."""
     m, d = evaluation["metrics"], evaluation["details"]
     verdict = "BLESSED" if evaluation["blessed"] else "NOT blessed"
-    headline = [{"metric": k, "candidate": m.get(k), "production (compared rows)": (evaluation.get("production_metrics") or {}).get(k)}
-                for k in ("roc_auc", "pr_auc", "recall_at_fpr")]
-    headline += [{"metric": k, "candidate": d[k], "production (compared rows)": (d.get("production") or {}).get(k)}
-                 for k in ("brier", *(f"recall_at_fpr_{f:g}" for f in FPRS))]
-    truth = evaluation.get("truth") or {}
-    if truth:
-        headline.append({"metric": "PR-AUC share of the best achievable", "candidate": truth.get("pr_auc_vs_truth"), "production (compared rows)": None})
+    task = evaluation.get("task") or {"kind": "binary", "label": "label"}
+    kind = task["kind"]
+    compared = evaluation.get("production_metrics") or {}
+    headline = [{"metric": k, "candidate": m.get(k), "production (compared rows)": compared.get(k)}
+                for k in REPORTED[kind] if k in m]
+    extra = ""
+    if kind == "binary":
+        headline += [{"metric": k, "candidate": d[k], "production (compared rows)": (d.get("production") or {}).get(k)}
+                     for k in ("brier", *(f"recall_at_fpr_{f:g}" for f in FPRS))]
+        truth = evaluation.get("truth") or {}
+        if truth:
+            headline.append({"metric": "PR-AUC share of the best achievable", "candidate": truth.get("pr_auc_vs_truth"), "production (compared rows)": None})
+        matrix = d["confusion_matrix"]
+        extra = (f"<p>Expected calibration error: {d['calibration']['expected_calibration_error']:.4f}.\n"
+                 f"Confusion matrix at threshold {matrix['threshold']:.4f} (false-positive rate {matrix['at_fpr']:g}):\n"
+                 + _table([{"": c, **dict(zip(["predicted negative", "predicted positive"], row))}
+                           for c, row in zip(["negative", "positive"], matrix["matrix"])])
+                 + f"</p>\n<h2>Calibration bins</h2>{_table(d['calibration']['bins'])}")
+        rows = f"{int(m['rows']):,} rows, {int(m['positives']):,} positive ({html.escape(task['label'])} = 1)"
+    elif kind == "regression":
+        extra = f"<h2>Errors (predicted - actual {html.escape(task['label'])})</h2>" + _table([d["error_quantiles"]])
+        if m.get("constant_mae") is not None:
+            extra += (f"<p>Always predicting the training labels' median would give an MAE of {m['constant_mae']:.4f}; "
+                      f"the MAE skill is the share of that error the model removes.</p>")
+        rows = f"{int(m['rows']):,} rows"
+    else:
+        matrix = d["confusion_matrix"]
+        extra = ("<h2>Confusion matrix (rows: the true class)</h2>"
+                 + _table([{"": c, **{f"predicted {p}": n for p, n in zip(matrix["categories"], row)}}
+                           for c, row in zip(matrix["categories"], matrix["matrix"])])
+                 + "<h2>Per class</h2>" + _table(d["per_class"]))
+        rows = f"{int(m['rows']):,} rows"
     pictures = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"/><figcaption>{name}</figcaption></figure>'
         for name, data in images.items()
     )
-    segments = "".join(f"<h3>by {html.escape(col)}</h3>{_table(rows)}" for col, rows in d["segments"].items())
+    segments = "".join(f"<h3>by {html.escape(col)}</h3>{_table(rows_)}" for col, rows_ in d["segments"].items()) or "<p>none declared</p>"
     card = _table([{"field": k, "value": v if not isinstance(v, (dict, list)) else str(v)} for k, v in model_card.items()])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>evaluation {html.escape(evaluation['model_version'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 figure{{display:inline-block;margin:0 1em 1em 0}}</style></head><body>
 <h1>Model {html.escape(evaluation['model_version'])}: {verdict}</h1>
+<p>{html.escape(kind)} task: {html.escape(task['label'])}{f" ({html.escape(task['output'])})" if task.get("output") else ""}</p>
 <ul>{''.join(f'<li>{html.escape(r)}</li>' for r in evaluation['reasons'])}</ul>
-<h2>Metrics (holdout: {int(m['rows']):,} rows, {int(m['positives']):,} fraud)</h2>{_table(headline)}
-<p>Expected calibration error: {d['calibration']['expected_calibration_error']:.4f}.
-Confusion matrix at threshold {d['confusion_matrix']['threshold']:.4f} (false-positive rate {d['confusion_matrix']['at_fpr']:g}):
-{_table([{'': c, **dict(zip(['predicted legit', 'predicted fraud'], row))} for c, row in zip(['legit', 'fraud'], d['confusion_matrix']['matrix'])])}</p>
+<h2>Metrics (holdout: {rows})</h2>{_table(headline)}
+{extra}
 <h2>Plots</h2>{pictures}
 <h2>Segments</h2>{segments}
-<h2>Calibration bins</h2>{_table(d['calibration']['bins'])}
 <h2>Model card</h2>{card}
 </body></html>
 """
+
+
+# The metrics the report's table shows first, per task (the evaluation's own, in this order).
+REPORTED = {
+    "binary": ("roc_auc", "pr_auc", "recall_at_fpr", "brier_skill"),
+    "regression": ("mae", "rmse", "median_ae", "bias", "within_tolerance", "mae_skill"),
+    "multiclass": ("log_loss", "accuracy", "macro_f1", "log_loss_skill"),
+}
 
 
 def model_card(model: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -211,8 +369,7 @@ def model_card(model: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
         "training window": meta.get("training_window"),
         "features": meta.get("features") or meta.get("feature_names") or meta.get("spec"),
         "parameters": meta.get("params"),
-        "holdout ROC-AUC": evaluation["metrics"].get("roc_auc"),
-        "holdout PR-AUC": evaluation["metrics"].get("pr_auc"),
+        **{f"holdout {name}": evaluation["metrics"].get(name) for name in REPORTED[(evaluation.get("task") or {}).get("kind", "binary")][:2]},
         "production compared with": evaluation.get("production_version"),
         "evaluation": evaluation.get("report_uri"),
     }

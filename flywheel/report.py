@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from flywheel.task import headline
+
 STEP_ORDER = ["ingest", "validate", "features", "train", "evaluate", "deploy"]
 
 
@@ -107,8 +109,7 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
         if record.get("reused"):
             notes.append("reused (same inputs)")
         if record["step"] == "evaluate" and record.get("metrics"):
-            m = record["metrics"]
-            notes.append(f"ROC-AUC {m['roc_auc']:.4f}  PR-AUC {m['pr_auc']:.4f}  blessed={record.get('blessed')}")
+            notes.append(f"{headline(record['metrics'])}  blessed={record.get('blessed')}")
         if record["step"] in ("train", "deploy") and record.get("model_version"):
             notes.append(f"model {record['model_version']}")
         if record.get("error"):
@@ -118,7 +119,8 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
     console.print(table)
     if summary.get("metrics"):
         m = summary["metrics"]
-        line = f"holdout: {int(m['rows']):,} rows, {int(m['positives']):,} fraud; ROC-AUC {m['roc_auc']:.4f}, PR-AUC {m['pr_auc']:.4f}"
+        positives = f", {int(m['positives']):,} positive" if "positives" in m else ""
+        line = f"holdout: {int(m['rows']):,} rows{positives}; {headline(m, ', ')}"
         truth = summary.get("truth")
         if truth:
             line += f"; best achievable PR-AUC {truth['truth_pr_auc']:.4f} (model reaches {truth['pr_auc_vs_truth']:.1%} of it)"

@@ -10,6 +10,12 @@ from the contract's label)::
     loss: l1                  # binary: bce; multiclass: cross_entropy; regression: huber (default), l1, mse
     early_stopping: mae       # the validation figure that picks the best epoch (defaults below)
     network: network.py       # optional: the team's own torch.nn.Module factory (see below)
+    evaluation:               # optional: how a model is judged (see below)
+      slices: [carrier, origin]       # metrics per value of these columns, in the report
+      floors: {mae_skill: 0.05}       # the least a model must reach
+      regressions: {mae: 0.25}        # how much worse than production it may be, in the metric's units
+      tolerance: 15                   # regression: the share of predictions within 15 (label units)
+      min_comparison_rows: 500        # fewer rows neither model trained on: no comparison
 
 A binary label is a 0/1 column; a multiclass label is a string column whose contract lists its
 ``categories`` (the classes, in that order); a regression label is a number. The loss and the
@@ -17,6 +23,13 @@ early-stopping figure follow the task: a binary model learns binary cross-entrop
 validation PR-AUC; a multiclass one, cross-entropy and log-loss; a regression one, the declared loss
 and the mean absolute error. A regression model learns the label centred and scaled (its median and
 spread on the fit rows) and answers in the label's own units.
+
+The metrics per task (:data:`METRICS`): binary ROC-AUC, PR-AUC, recall at a false-positive rate
+and the Brier skill over the base rate; multiclass log-loss, accuracy, macro-F1 and the log-loss skill
+over the classes' shares; regression MAE, RMSE, median absolute error, bias, the share within the
+tolerance and the MAE skill over the training labels' median. A binary task's floors and allowed
+regressions default to the ``gate`` settings; the others' to beating that constant (skill above 0)
+and at most 0.01 of skill worse than production.
 
 ``network``: a Python file of the use case defining ``build(width: int, outputs: int, hidden:
 list[int]) -> torch.nn.Module``, a module mapping a float32 matrix (rows x width) to its outputs
@@ -50,6 +63,53 @@ STOPPING: dict[str, dict[str, bool]] = {
 }
 
 
+# Every figure the evaluation reports per task -> whether higher is better (None: neither; reported,
+# never gated). Floors and allowed regressions may name the ones with a direction.
+METRICS: dict[str, dict[str, bool | None]] = {
+    "binary": {"roc_auc": True, "pr_auc": True, "recall_at_fpr": True, "brier_skill": True},
+    "multiclass": {"log_loss": False, "accuracy": True, "macro_f1": True, "log_loss_skill": True},
+    "regression": {"mae": False, "rmse": False, "median_ae": False, "within_tolerance": True, "mae_skill": True,
+                   "bias": None},
+}
+# How a person reads each metric's name (the gate's reasons, the report).
+LABELS = {
+    "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC", "recall_at_fpr": "recall at FPR {fpr:g}", "brier_skill": "Brier skill score",
+    "log_loss": "log-loss", "accuracy": "accuracy", "macro_f1": "macro-F1",
+    "log_loss_skill": "log-loss skill (over the classes' shares)",
+    "mae": "MAE", "rmse": "RMSE", "median_ae": "median absolute error", "bias": "bias (mean error)",
+    "within_tolerance": "share within the tolerance", "mae_skill": "MAE skill (over the training labels' median)",
+}
+# The figures a summary line shows first, per task.
+HEADLINE = {"binary": ("roc_auc", "pr_auc"), "multiclass": ("log_loss", "macro_f1", "accuracy"),
+            "regression": ("mae", "rmse", "mae_skill")}
+
+
+def headline(metrics: dict[str, float], separator: str = "  ") -> str:
+    """The first figures of an evaluation's metrics, named for a person ("ROC-AUC 0.9312  PR-AUC ...")."""
+    kind = next((k for k, names in HEADLINE.items() if names[0] in metrics), None)
+    if kind is None:
+        return ""
+    return separator.join(f"{LABELS[name].format(fpr=0.01)} {metrics[name]:.4f}" for name in HEADLINE[kind] if name in metrics)
+
+
+# Without a declaration (a declared one replaces these): a model must beat the constant it could have learnt without inputs (the
+# training labels' median, or the classes' shares), and may be at most 1% of that constant's error
+# worse than production (a binary task's floors and regressions are the gate settings).
+DEFAULT_FLOORS = {"binary": {}, "multiclass": {"log_loss_skill": 0.0}, "regression": {"mae_skill": 0.0}}
+DEFAULT_REGRESSIONS = {"binary": {}, "multiclass": {"log_loss_skill": 0.01, "macro_f1": 0.01},
+                       "regression": {"mae_skill": 0.01}}
+
+
+class EvaluationFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slices: list[str] = []
+    floors: dict[str, float] = {}
+    regressions: dict[str, float] = {}
+    tolerance: float | None = None
+    min_comparison_rows: int | None = None
+
+
 class TaskFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +119,22 @@ class TaskFile(BaseModel):
     loss: str | None = None
     early_stopping: str | None = None
     network: str | None = None
+    evaluation: EvaluationFile = EvaluationFile()
+
+
+class EvaluationRules(BaseModel):
+    """How a model of the task is judged: the columns its metrics are sliced by, the floors it must
+    clear, how much worse than production it may be (in each metric's own units), a regression's
+    tolerance (the share of predictions within it is reported), and how many rows neither model
+    trained on a comparison with production needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    slices: tuple[str, ...] = ()
+    floors: dict[str, float] = {}
+    regressions: dict[str, float] = {}
+    tolerance: float | None = None
+    min_comparison_rows: int = 200
 
 
 class Task(BaseModel):
@@ -73,6 +149,7 @@ class Task(BaseModel):
     early_stopping: str
     classes: tuple[str, ...] = ()  # multiclass: the label's categories, in the contract's order
     network: str | None = None  # the use case's network file, relative to its folder
+    evaluation: EvaluationRules = EvaluationRules()
 
     @property
     def outputs(self) -> int:
@@ -130,7 +207,35 @@ def resolve_task(declared: TaskFile, contract: Contract, source: str) -> Task:
     if not output.isidentifier():
         raise UseCaseError(f"{source}: output {output!r} must be a plain name (letters, digits, '_')")
     return Task(kind=kind, label=label, output=output, loss=loss, early_stopping=stopping, classes=classes,
-                network=declared.network)
+                network=declared.network, evaluation=resolve_evaluation(declared.evaluation, kind, contract, source))
+
+
+def resolve_evaluation(declared: EvaluationFile, kind: str, contract: Contract, source: str) -> EvaluationRules:
+    """The evaluation's rules, defaults filled in, held to the task's metrics and the contract's columns."""
+    hidden = contract.not_known_at_scoring()
+    for column in declared.slices:
+        if column not in contract.columns or column in hidden:
+            raise UseCaseError(f"{source}: evaluation.slices names {column}, which is not a column known when a "
+                               "row is scored")
+    for what, values in (("floors", declared.floors), ("regressions", declared.regressions)):
+        for name, value in values.items():
+            if METRICS[kind].get(name) is None:
+                gated = [m for m, higher in METRICS[kind].items() if higher is not None]
+                raise UseCaseError(f"{source}: evaluation.{what} names {name}, not a {kind} metric with a direction "
+                                   f"(one of: {', '.join(gated)})")
+            if what == "regressions" and value < 0:
+                raise UseCaseError(f"{source}: evaluation.regressions.{name} is {value}: an allowed worsening is >= 0")
+    if declared.tolerance is not None and (kind != "regression" or declared.tolerance <= 0):
+        raise UseCaseError(f"{source}: evaluation.tolerance is a regression's error margin in the label's units (> 0)")
+    if declared.min_comparison_rows is not None and declared.min_comparison_rows < 1:
+        raise UseCaseError(f"{source}: evaluation.min_comparison_rows must be at least 1")
+    return EvaluationRules(
+        slices=tuple(declared.slices),
+        floors=dict(declared.floors) if "floors" in declared.model_fields_set else DEFAULT_FLOORS[kind],
+        regressions=dict(declared.regressions) if "regressions" in declared.model_fields_set else DEFAULT_REGRESSIONS[kind],
+        tolerance=declared.tolerance,
+        min_comparison_rows=declared.min_comparison_rows or 200,
+    )
 
 
 def load_task(folder: Path, contract: Contract) -> Task:

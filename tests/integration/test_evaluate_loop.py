@@ -87,7 +87,7 @@ def test_no_clean_rows_means_no_comparison_and_the_floors_decide(trained_loop, w
     settings = load_settings(env=dict(loop["env"], FLYWHEEL_GATE__MIN_COMPARISON_POSITIVES="100000"))
     evaluation = steps.evaluate_step(training_set, model, "too-few", "", settings)
     comparison = evaluation["comparison"]
-    assert not comparison["possible"] and "at least 100000 fraud cases are needed" in comparison["reason"]
+    assert not comparison["possible"] and "at least 100000 positive cases are needed" in comparison["reason"]
     assert evaluation["production_metrics"] is None
     assert any(reason.startswith("no comparison with production") for reason in evaluation["reasons"])
     assert evaluation["blessed"] == (

@@ -146,6 +146,36 @@ def test_the_train_step_learns_the_arrival_delay_in_minutes_with_the_use_cases_i
     assert mae < np.abs(holdout["arr_delay"]).mean()  # better than calling every flight on time
 
 
+def test_the_evaluate_step_judges_the_flights_model_by_its_minutes(flights_loop):
+    """The evaluate step on a regression: MAE, RMSE, the share within the use case's 15 minutes and
+    the skill over the training median, computed against the holdout independently here; the gate
+    holds the model to usecases/flights/task.yaml's floor; the report slices by carrier and origin."""
+    import numpy as np
+
+    from flywheel.registry import Registry
+    from flywheel.training.model import load_version
+
+    settings, storage = flights_loop["settings"], flights_loop["storage"]
+    model = steps.train_step(flights_loop["training_set"], "flights-1", settings)  # reused: same inputs
+    evaluation = steps.evaluate_step(flights_loop["training_set"], model, "flights-1", settings=settings)
+    metrics = evaluation["metrics"]
+    holdout = storage.read_parquet(flights_loop["training_set"]["holdout_uri"]).to_pandas()
+    train = storage.read_parquet(flights_loop["training_set"]["train_uri"]).to_pandas()
+    predicted = load_version(Registry(storage, "flights"), model["version"]).score(holdout)
+    error = predicted - holdout["arr_delay"].to_numpy()
+    assert metrics["mae"] == pytest.approx(np.abs(error).mean())
+    assert metrics["within_tolerance"] == pytest.approx((np.abs(error) <= 15).mean())
+    constant = np.abs(np.median(train["arr_delay"]) - holdout["arr_delay"]).mean()
+    assert metrics["mae_skill"] == pytest.approx(1 - np.abs(error).mean() / constant)
+    assert evaluation["blessed"] == (metrics["mae_skill"] >= 0.05)
+    if not evaluation["blessed"]:
+        assert any(r.startswith("MAE skill (over the training labels' median)") and "below the floor 0.0500" in r
+                   for r in evaluation["reasons"])
+    page = storage.read_bytes(evaluation["html_uri"]).decode()
+    assert "regression task: arr_delay" in page and "by carrier" in page and "by origin" in page
+    assert page.count('src="data:image/png;base64,') == 2
+
+
 def test_two_use_cases_share_one_storage_root_and_feast_folder_without_meeting(flights_loop, tmp_path):
     """Bug caught: a second use case in the same FLYWHEEL_HOME reusing the first one's lake, feature
     tables, latest world pointer or registry (one root, one Kubeflow namespace, several teams)."""

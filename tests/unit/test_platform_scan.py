@@ -7,8 +7,8 @@ or a digit: ``card_id``, ``arr_delay``, ``card_txn_count_1h``), as an identifier
 (``amount``, ``tail``, ``origin``) is an English word the platform may use in its own sense (a log's
 tail, a model card), so as an identifier it is not a finding; as a string (``df["amount"]``) it is.
 
-The platform still carries the fraud model's own code in the files of ``STILL_FRAUD`` (its input
-predictor, request schema, generator, metrics); issue 19's next steps move each into the
+The platform still carries the fraud model's own code in the files of ``STILL_FRAUD`` (its
+predictor, request schema, generator); issue 19's next steps move each into the
 use case, and this list only shrinks: a file that no longer names any is a failure until it is taken
 off, and any other file that starts naming one fails at once.
 """
@@ -28,8 +28,6 @@ STILL_FRAUD = {
     "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
     "flywheel/deploy/canary.py": "the canary replays fraud requests (their ts)",
     "serving/rest.py": "its access-log records have a field called ts (the platform's own, named like fraud's column)",
-    "flywheel/evaluation.py": "binary metrics over transactions (moves with the task declaration)",
-    "flywheel/evaluation_report.py": "the fraud report's slices (moves with the evaluation declaration)",
     "flywheel/features/definitions.py": "the fraud model's feature names for the input transform and predictor",
     "flywheel/features/store.py": "the served read path's two fraud views (moves with serving)",
     "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
