@@ -31,7 +31,10 @@ from benchmarks.results_table import judge, write_results  # noqa: E402
 from flywheel.deploy.ramp import ramp_canary, v1_bodies  # noqa: E402
 from flywheel.deploy.traffic import start_proxy  # noqa: E402
 from flywheel.storage import Storage  # noqa: E402
+from tests.factories import FRAUD_CONTRACT  # noqa: E402
 from tests.servers import free_port  # noqa: E402
+
+FRAUD_FIELDS = list(FRAUD_CONTRACT.request_fields())  # what a fraud request carries
 
 V1 = "/v1/models/fraud:predict"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,7 +105,7 @@ def main() -> None:
     try:
         for process, base in servers.values():
             wait_ready(base, process)
-        replay = v1_bodies(transactions(400))
+        replay = v1_bodies(transactions(400), fields=FRAUD_FIELDS)
         bodies = [json.dumps(b).encode() for b in replay]
         stable, good, erroring = (servers[n][1] for n in ("stable", "good", "erroring"))
         figures: dict[str, float] = {}

@@ -81,7 +81,7 @@ import json, resource, sys, time
 import pandas as pd
 from flywheel.config import load_settings
 from flywheel.features import store as feast_store
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 data, world, save = sys.argv[1], sys.argv[2], sys.argv[3]
 settings = load_settings()
 fs = feast_store.open_store(settings, world)
@@ -101,7 +101,8 @@ print(json.dumps({"seconds": seconds, "rows": len(joined),
 MAKE_TABLES = """
 import sys
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES, CREATED_COLUMN
+from flywheel.features.definitions import CREATED_COLUMN
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 rows, out = int(sys.argv[1]), sys.argv[2]
 rng = np.random.default_rng(7)
 START = 1_790_812_800_000_000  # 2026-10-01 UTC, microseconds
@@ -158,7 +159,7 @@ if reads:
                     got = feast_store.online_features(fs, [{"card_id": c, "merchant_id": m} for c, m in zip(card_ids, merchant_ids)], FRAUD_VIEWS)
                     assert got["card_txn_count_24h"][0] is not None
                 else:
-                    features, known = reader.read(card_ids, merchant_ids)
+                    features, known = reader.read({"card_id": card_ids, "merchant_id": merchant_ids})
                     assert known["card_id"].all()
                 timings.append((time.perf_counter() - began) * 1000)
             out[f"{path}_{size}_p50_ms"] = float(np.percentile(timings[len(timings) // 10:], 50))  # the first tenth warms up

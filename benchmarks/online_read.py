@@ -31,6 +31,7 @@ from serving import start_redis, stop
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from flywheel.features import store  # noqa: E402
+from tests.factories import FRAUD_VIEWS  # noqa: E402  (the fraud use case's two views)
 
 PROJECT = "flywheel_bench"
 
@@ -50,7 +51,7 @@ def fill(client, path: Path, cards: list[str], merchants: list[str]) -> None:
     rng = random.Random(3)
     database = sqlite3.connect(path)
     pipe = client.pipeline(transaction=False)
-    for view, key, names in store.VIEWS:
+    for view, key, names in [(v.name, v.join_key, list(v.features)) for v in FRAUD_VIEWS]:
         database.execute(f'CREATE TABLE "{PROJECT}_{view}" (entity_key BLOB, feature_name TEXT, value BLOB, '
                          "event_ts TIMESTAMP, created_ts TIMESTAMP, PRIMARY KEY (entity_key, feature_name))")
         rows = []
@@ -79,8 +80,8 @@ def main() -> None:
         cards, merchants = [f"c{i:07d}" for i in range(2000)], [f"m{i:06d}" for i in range(300)]
         client = store.redis_client(connection, socket_timeout=1.0, retry=Retry(NoBackoff(), 1))
         fill(client, work / "online.db", cards, merchants)
-        redis_reader = store.OnlineReader(PROJECT, redis=client)
-        sqlite_reader = store.OnlineReader(PROJECT, sqlite_path=str(work / "online.db"))
+        redis_reader = store.OnlineReader(PROJECT, FRAUD_VIEWS, redis=client)
+        sqlite_reader = store.OnlineReader(PROJECT, FRAUD_VIEWS, sqlite_path=str(work / "online.db"))
         rng = random.Random(5)
         figures: dict[str, float] = {"passes": passes, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
@@ -90,8 +91,8 @@ def main() -> None:
                             [rng.choice(merchants) if rng.random() > 0.1 else "unknown" for _ in range(size)])
                            for _ in range(passes)]
                 for card_ids, merchant_ids in batches[:50]:  # the same features on every path
-                    want = sqlite_reader.read(card_ids, merchant_ids)
-                    got = redis_reader.read(card_ids, merchant_ids)
+                    want = sqlite_reader.read({"card_id": card_ids, "merchant_id": merchant_ids})
+                    got = redis_reader.read({"card_id": card_ids, "merchant_id": merchant_ids})
                     for name, values in want[0].items():
                         np.testing.assert_array_equal(got[0][name], values, err_msg=name)
                     for key, values in want[1].items():
@@ -99,7 +100,7 @@ def main() -> None:
                 for name, reader in (("sqlite", sqlite_reader), ("redis", redis_reader)):
                     started = time.process_time()
                     for card_ids, merchant_ids in batches:
-                        reader.read(card_ids, merchant_ids)
+                        reader.read({"card_id": card_ids, "merchant_id": merchant_ids})
                     figures[f"{name}_pass{size}_cpu_us"] = round((time.process_time() - started) / passes * 1e6, 1)
                 figures[f"redis_over_sqlite_pass{size}"] = round(
                     figures[f"redis_pass{size}_cpu_us"] / figures[f"sqlite_pass{size}_cpu_us"], 2)

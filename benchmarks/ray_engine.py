@@ -36,7 +36,7 @@ import pandas as pd
 from flywheel.config import load_settings
 from flywheel.features import store as feast_store
 from flywheel.features.build import materialize_window
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 data, save = sys.argv[1], sys.argv[2]
 settings = load_settings()
 began = time.perf_counter()

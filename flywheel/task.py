@@ -16,6 +16,8 @@ from the contract's label)::
       regressions: {mae: 0.25}        # how much worse than production it may be, in the metric's units
       tolerance: 15                   # regression: the share of predictions within 15 (label units)
       min_comparison_rows: 500        # fewer rows neither model trained on: no comparison
+      canary_tolerance: 5             # the canary: stable's and the candidate's answers within 5 agree
+      canary_mean_difference: 2       # ... and differ by at most 2 on average (the output's units)
 
 A binary label is a 0/1 column; a multiclass label is a string column whose contract lists its
 ``categories`` (the classes, in that order); a regression label is a number. The loss and the
@@ -75,9 +77,9 @@ METRICS: dict[str, dict[str, bool | None]] = {
 LABELS = {
     "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC", "recall_at_fpr": "recall at FPR {fpr:g}", "brier_skill": "Brier skill score",
     "log_loss": "log-loss", "accuracy": "accuracy", "macro_f1": "macro-F1",
-    "log_loss_skill": "log-loss skill (over the classes' shares)",
+    "log_loss_skill": "log-loss skill",
     "mae": "MAE", "rmse": "RMSE", "median_ae": "median absolute error", "bias": "bias (mean error)",
-    "within_tolerance": "share within the tolerance", "mae_skill": "MAE skill (over the training labels' median)",
+    "within_tolerance": "share within the tolerance", "mae_skill": "MAE skill",
 }
 # The figures a summary line shows first, per task.
 HEADLINE = {"binary": ("roc_auc", "pr_auc"), "multiclass": ("log_loss", "macro_f1", "accuracy"),
@@ -108,6 +110,8 @@ class EvaluationFile(BaseModel):
     regressions: dict[str, float] = {}
     tolerance: float | None = None
     min_comparison_rows: int | None = None
+    canary_tolerance: float | None = None
+    canary_mean_difference: float | None = None
 
 
 class TaskFile(BaseModel):
@@ -135,6 +139,11 @@ class EvaluationRules(BaseModel):
     regressions: dict[str, float] = {}
     tolerance: float | None = None
     min_comparison_rows: int = 200
+    # The canary: two answers closer than this agree, and the mean difference allowed, in the
+    # output's units (binary: the canary settings; regression default: a tenth and a twentieth of
+    # the training label's spread; multiclass: the settings, per class probability).
+    canary_tolerance: float | None = None
+    canary_mean_difference: float | None = None
 
 
 class Task(BaseModel):
@@ -229,12 +238,19 @@ def resolve_evaluation(declared: EvaluationFile, kind: str, contract: Contract, 
         raise UseCaseError(f"{source}: evaluation.tolerance is a regression's error margin in the label's units (> 0)")
     if declared.min_comparison_rows is not None and declared.min_comparison_rows < 1:
         raise UseCaseError(f"{source}: evaluation.min_comparison_rows must be at least 1")
+    for name in ("canary_tolerance", "canary_mean_difference"):
+        value = getattr(declared, name)
+        if value is not None and (kind == "binary" or value <= 0):
+            raise UseCaseError(f"{source}: evaluation.{name} is a regression's or multiclass model's canary margin "
+                               "(> 0; a binary model's are the deploy.canary settings)")
     return EvaluationRules(
         slices=tuple(declared.slices),
         floors=dict(declared.floors) if "floors" in declared.model_fields_set else DEFAULT_FLOORS[kind],
         regressions=dict(declared.regressions) if "regressions" in declared.model_fields_set else DEFAULT_REGRESSIONS[kind],
         tolerance=declared.tolerance,
         min_comparison_rows=declared.min_comparison_rows or 200,
+        canary_tolerance=declared.canary_tolerance,
+        canary_mean_difference=declared.canary_mean_difference,
     )
 
 

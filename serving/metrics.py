@@ -29,7 +29,7 @@ REQUESTS = Counter(
 REQUEST_SECONDS = Histogram("flywheel_request_seconds", "Whole scoring request, body read to response", ["protocol"], buckets=FAST_BUCKETS)
 LOOKUP_SECONDS = Histogram("flywheel_feature_lookup_seconds", "Online feature lookup of one scoring pass (the requests that arrived together)", buckets=FAST_BUCKETS)
 FORWARD_SECONDS = Histogram("flywheel_forward_seconds", "Model forward pass of one scoring pass (all its transactions)", buckets=FAST_BUCKETS)
-UNKNOWN_ENTITIES = Counter("flywheel_unknown_entities", "Transactions scored with cold-start defaults, by the entity the store did not know", ["entity"])
+UNKNOWN_ENTITIES = Counter("flywheel_unknown_entities", "Rows scored with cold-start defaults, by the entity the store did not know", ["entity"])
 RELOADS = Counter("flywheel_model_reloads", "Production model changes picked up without a restart, by outcome", ["outcome"])
 
 

@@ -1,9 +1,12 @@
-"""The fraud predictor: a `kserve.Model` that scores transactions with their online features.
+"""The predictor: a `kserve.Model` that scores a use case's rows with their online features.
 
-A request carries transactions; the card's and merchant's current features come from the Feast
-online store of the model's feature world; the model returns the fraud probability. The hot path
-builds no DataFrame: the body is parsed once, checked against the request schema into numpy
-columns, the features are read in Feast's online layout without the Feast SDK (one SQLite
+A request carries rows (what the use case's contract says a request holds); each row's entities'
+current features come from the Feast online store of the model's feature world; the model returns
+its task's output under the task's name (a probability, a value in the label's units, or a
+probability per class). The request schema, the feature views and the inputs code are the ones the
+model was trained with (recorded with the model), never whatever the use case folder holds today.
+The hot path builds no DataFrame: the body is parsed once, checked against the request schema into
+numpy columns, the features are read in Feast's online layout without the Feast SDK (one SQLite
 statement or one Redis round trip), and the same transform as training
 (:meth:`FeatureSpec.transform_columns`) feeds one forward pass for the whole batch. Requests that
 arrive together are scored in one such pass (:class:`ScoringPasses`). Client mistakes raise `InvalidInput` (HTTP 400).
@@ -18,6 +21,7 @@ A failed load keeps the old model serving. ``--version`` pins a version: no relo
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import tempfile
@@ -32,19 +36,21 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from flywheel.config import Settings
+from flywheel.contract import Contract, parse_contract
 from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
 from flywheel.features.store import OnlineReader, open_online_reader
+from flywheel.features.views import View, views_of
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import Model, load_version
 from serving import metrics
-from serving.requests import Transactions, join_transactions, parse_json, v1_transactions, v2_transactions
+from flywheel.usecase import load_usecase
+from serving.requests import RequestSchema, Rows, join_rows, parse_json
 
 log = logging.getLogger(__name__)
 
 GATHER_TURNS = 3  # turns of the event loop a scoring pass waits for requests still coming in (ScoringPasses)
-WARM_UP = {"instances": [{"card_id": "warm-up", "merchant_id": "warm-up", "amount": 10.0, "ts": "2026-01-01T12:00:00Z"}]}
 
 
 @dataclass(frozen=True)
@@ -55,45 +61,45 @@ class Bundle:
     model: Model
     world: str
     reader: OnlineReader
+    schema: RequestSchema  # the request the model was trained to answer
+    entities: tuple[tuple[str, str], ...]  # (entity, join key) of the feature views it reads
 
 
 @dataclass
 class Scored:
-    probabilities: np.ndarray
-    unknown: list[list[str]]  # per transaction: the entities the online store did not know
+    predictions: np.ndarray  # one per row (rows x classes for a multiclass model)
+    unknown: list[list[str]]  # per row: the entities the online store did not know
 
     def part(self, start: int, stop: int) -> "Scored":
-        return Scored(self.probabilities[start:stop], self.unknown[start:stop])
+        return Scored(self.predictions[start:stop], self.unknown[start:stop])
 
 
-def score(bundle: Bundle, transactions: Transactions, record: bool = True) -> Scored:
-    """Fraud probabilities for validated transactions, with their current online features
-    (``record``: count it in the metrics; not for a warm-up)."""
+def score(bundle: Bundle, rows: Rows, record: bool = True) -> Scored:
+    """Predictions for validated rows, with their entities' current online features (``record``:
+    count it in the metrics; not for a warm-up)."""
     started = time.perf_counter()
-    features, known = bundle.reader.read(transactions.card_ids, transactions.merchant_ids)
+    features, known = bundle.reader.read(rows.keys)
     lookup_seconds = time.perf_counter() - started
-    inputs = bundle.model.spec.transform_columns({**transactions.columns, **features})
+    inputs = bundle.model.spec.transform_columns({**rows.columns, **features})
     transformed = time.perf_counter()
-    probabilities = bundle.model.predict(inputs)
+    predictions = bundle.model.predict(inputs)
     done = time.perf_counter()
-    unknown_card, unknown_merchant = ~known["card_id"], ~known["merchant_id"]
+    missing = [(entity, ~known[key]) for entity, key in bundle.entities]
+    missing = [(entity, flags) for entity, flags in missing if flags.any()]
     if record:
         metrics.LOOKUP_SECONDS.observe(lookup_seconds)
         metrics.FORWARD_SECONDS.observe(done - transformed)
-        if unknown_card.any():
-            metrics.UNKNOWN_ENTITIES.labels("card").inc(int(unknown_card.sum()))
-        if unknown_merchant.any():
-            metrics.UNKNOWN_ENTITIES.labels("merchant").inc(int(unknown_merchant.sum()))
-    unknown = [
-        (["card"] if card else []) + (["merchant"] if merchant else [])
-        for card, merchant in zip(unknown_card.tolist(), unknown_merchant.tolist())
-    ]
-    return Scored(probabilities, unknown)
+        for entity, flags in missing:
+            metrics.UNKNOWN_ENTITIES.labels(entity).inc(int(flags.sum()))
+    if not missing:
+        return Scored(predictions, [[] for _ in range(rows.count)])
+    flags = [(entity, values.tolist()) for entity, values in missing]
+    return Scored(predictions, [[entity for entity, values in flags if values[row]] for row in range(rows.count)])
 
 
 class ScoringPasses:
     """Scores the requests that arrive together in one pass: one online read, one transform and one
-    forward pass for all their transactions.
+    forward pass for all their rows.
 
     A request is validated on its own, then waits here; the pass (a task) starts once the event loop
     has taken every request that was ready with it and those still coming in behind it (it yields
@@ -108,20 +114,20 @@ class ScoringPasses:
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[int, tuple[Bundle, list[tuple[Transactions, asyncio.Future]]]] = {}
+        self._waiting: dict[int, tuple[Bundle, list[tuple[Rows, asyncio.Future]]]] = {}
         self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
 
     def _count(self) -> int:
         return sum(len(requests) for _, requests in self._waiting.values())
 
-    async def score(self, bundle: Bundle, transactions: Transactions) -> Scored:
+    async def score(self, bundle: Bundle, rows: Rows) -> Scored:
         loop = asyncio.get_running_loop()
         if not self._waiting:
             task = loop.create_task(self._run())
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         future = loop.create_future()
-        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((transactions, future))
+        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((rows, future))
         return await future
 
     async def _run(self) -> None:
@@ -139,17 +145,17 @@ class ScoringPasses:
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
-                scored = score(bundle, join_transactions([transactions for transactions, _ in requests]))
+                scored = score(bundle, join_rows([rows for rows, _ in requests]))
             except Exception as exc:  # the store failed: every request of the pass says so
                 for _, future in requests:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             start = 0
-            for transactions, future in requests:
+            for rows, future in requests:
                 if not future.done():  # a client that went away cancelled its future
-                    future.set_result(scored.part(start, start + transactions.count))
-                start += transactions.count
+                    future.set_result(scored.part(start, start + rows.count))
+                start += rows.count
 
 
 def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
@@ -169,9 +175,12 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
             raise RegistryError(f"model {settings.model_name!r} version {model_version.version} cannot be loaded: "
                                 f"{type(exc).__name__}: {exc}") from exc
     world = world_of_model(storage, model_version.meta)
-    bundle = Bundle(model_version.version, model, world, open_online_reader(settings, world))
-    warm = score(bundle, v1_transactions(WARM_UP, 1), record=False).probabilities
-    if warm.shape != (1,) or not np.isfinite(warm).all():
+    contract, views = trained_with(settings, model_version.meta)
+    schema = RequestSchema(contract)
+    entities = tuple(dict.fromkeys((view.entity, view.join_key) for view in views))
+    bundle = Bundle(model_version.version, model, world, open_online_reader(settings, world, views), schema, entities)
+    warm = score(bundle, schema.v1({"instances": [schema.example()]}, 1), record=False).predictions
+    if warm.shape[0] != 1 or not np.isfinite(warm).all():
         raise RegistryError(f"model {settings.model_name!r} version {bundle.version} failed its warm-up prediction: {warm!r}")
     return bundle
 
@@ -190,8 +199,20 @@ def settle_heap(*, thaw: bool = False) -> None:
     gc.freeze()
 
 
-class FraudPredictor(kserve.Model):
-    """Scores card transactions with a registry model version and Feast online features."""
+def trained_with(settings: Settings, meta: dict[str, Any]) -> tuple[Contract, list[View]]:
+    """The contract and feature views a model version was trained with (recorded in its card by the
+    train step); a version from before they were recorded: the use case's own."""
+    if meta.get("contract") and meta.get("views") is not None:
+        contract = parse_contract(meta["contract"], "the model's recorded contract")
+        views = [View(v["name"], v["entity"], v["join_key"], v["key_type"], dict(v["features"]), (), dt.timedelta(0))
+                 for v in meta["views"]]
+        return contract, views
+    usecase = load_usecase(settings.usecase)
+    return usecase.contract, views_of(usecase)
+
+
+class Predictor(kserve.Model):
+    """Scores a use case's rows with a registry model version and Feast online features."""
 
     def __init__(self, name: str, settings: Settings, version: str | None = None) -> None:
         super().__init__(name, return_response_headers=True)
@@ -295,19 +316,23 @@ class FraudPredictor(kserve.Model):
         if response_headers is not None:
             response_headers["x-model-version"] = bundle.version
         if isinstance(payload, InferRequest):
-            scored = await self._passes.score(bundle, v2_transactions(payload, max_batch))
+            scored = await self._passes.score(bundle, bundle.schema.v2(payload, max_batch))
             outputs = [
-                InferOutput(name="fraud_probability", shape=[len(scored.probabilities)], datatype="FP32",
-                            data=scored.probabilities.tolist()),
+                InferOutput(name=bundle.model.task.output, shape=list(scored.predictions.shape), datatype="FP32",
+                            data=scored.predictions.reshape(-1).tolist()),
                 InferOutput(name="unknown_entities", shape=[len(scored.unknown)], datatype="BYTES",
                             data=[",".join(entities) for entities in scored.unknown]),
             ]
             return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
                                  infer_outputs=outputs)
-        scored = await self._passes.score(bundle, v1_transactions(payload, max_batch))
+        scored = await self._passes.score(bundle, bundle.schema.v1(payload, max_batch))
+        task = bundle.model.task
+        values = scored.predictions.tolist()
+        if task.kind == "multiclass":  # each row's probability per class, by the class's name
+            values = [dict(zip(task.classes, row)) for row in values]
         return {
             "predictions": [
-                {"fraud_probability": p, "model_version": bundle.version, "unknown_entities": entities}
-                for p, entities in zip(scored.probabilities.tolist(), scored.unknown)
+                {task.output: value, "model_version": bundle.version, "unknown_entities": entities}
+                for value, entities in zip(values, scored.unknown)
             ]
         }

@@ -1,7 +1,7 @@
 """`flywheel serve`: KServe's ModelServer with the fraud predictor, on the configured address.
 
 With ``workers`` > 1, KServe's own multi-process server spawns the worker processes (each loads
-its own model: see :class:`serving.predictor.FraudPredictor`); :mod:`serving.rest` is what each of
+its own model: see :class:`serving.predictor.Predictor`); :mod:`serving.rest` is what each of
 them serves with.
 """
 
@@ -93,9 +93,9 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
     sys.argv = sys.argv[:1]
     metrics_dir = prepare_environment(settings, workers)
     try:
-        from serving.predictor import FraudPredictor
+        from serving.predictor import Predictor
 
-        predictor = FraudPredictor(model_name or settings.model_name, settings, version=version)
+        predictor = Predictor(model_name or settings.model_name, settings, version=version)
         predictor.load()
         following = f"pinned to version {version}" if version else f"following production every {settings.serving.reload_interval_s:g}s"
         print(f"serving {predictor.name} (version {predictor.version}, {following}) on http://{host}:{port} with "

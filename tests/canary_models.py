@@ -54,7 +54,7 @@ def _instances_of(payload: Any) -> list[dict[str, Any]]:
             if not isinstance(instance, dict) or not isinstance(instance.get("amount"), (int, float)):
                 raise InvalidInput(f"instance {index}: a number 'amount' is required")
         return instances
-    raise InvalidInput("'instances' must be a non-empty list of transactions")
+    raise InvalidInput("'instances' must be a non-empty list of rows")
 
 
 def build_model(name: str, behaviour: str, delay_ms: float) -> Any:

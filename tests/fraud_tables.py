@@ -29,10 +29,36 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from flywheel.features.definitions import CARD_FEATURES, CREATED_COLUMN, MERCHANT_FEATURES
+from flywheel.features.definitions import CREATED_COLUMN
 from flywheel.schema import LABEL
 
 LONGEST_WINDOW = pd.Timedelta(days=30)  # the 30-day statistics
+
+# The fraud use case's feature names and types as the hand-written tables below write them (equal to
+# what usecases/fraud/features.yaml declares: tests/unit/test_engine.py).
+# Feature name -> Feast type name; the order is the order of the offline table's columns.
+CARD_FEATURES = {
+    "card_txn_count_1h": "Int64",  # transactions of the card in the hour up to and including this one
+    "card_txn_count_24h": "Int64",  # ... in the last 24 hours
+    "card_txn_count_7d": "Int64",  # ... in the last 7 days
+    "card_amount_mean_30d": "Float64",  # the card's mean amount over 30 days: its own normal
+    "card_amount_std_30d": "Float64",  # ... and its spread
+    "card_lat_mean_30d": "Float64",  # where the card is usually used (a proxy for home)
+    "card_lon_mean_30d": "Float64",
+    "card_distinct_merchants_24h": "Int64",  # how many different merchants the card paid in 24 hours
+    "card_last_txn_unix": "Float64",  # when the card was last used (seconds since the epoch): the
+    # seconds since the previous transaction are the request's time minus this (transform.py)
+}
+MERCHANT_FEATURES = {
+    "merchant_txn_count_24h": "Int64",  # the merchant's transactions in the 24 hours up to and including this one
+    "merchant_amount_mean_30d": "Float64",  # the merchant's typical ticket over 30 days
+    # Labels arrive features.label_delay after their transaction: only labels known by then count.
+    "merchant_labelled_count_30d": "Int64",  # transactions in the 30 days before the label horizon
+    "merchant_fraud_rate_30d": "Float64",  # ... the share of them labelled fraud (null: none yet)
+}
+CARD_VIEW = "card_features"
+MERCHANT_VIEW = "merchant_features"
+FEATURE_TTL = dt.timedelta(days=30)  # older feature rows are not used: a dormant card has no recent history
 
 
 def lookback_days(label_delay: dt.timedelta) -> int:

@@ -37,8 +37,8 @@ class Thresholds:
     score_tolerance: float = 0.1  # two scores closer than this agree
     min_score_agreement: float = 0.9  # share of paired scores that agree within the tolerance
     max_mean_score_difference: float = 0.05  # mean |p_stable - p_canary| over the pairs
-    decision_threshold: float = 0.5  # a score at or above it is a fraud decision
-    min_decision_agreement: float = 0.95  # share of pairs with the same fraud decision
+    decision_threshold: float | None = 0.5  # a binary score at or above it is a positive decision (None: no decisions)
+    min_decision_agreement: float = 0.95  # share of pairs with the same decision
 
     @classmethod
     def from_object(cls, source: Any) -> "Thresholds":
@@ -48,6 +48,31 @@ class Thresholds:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def thresholds_for(source: Any, model_meta: dict[str, Any]) -> Thresholds:
+    """The canary's thresholds for a model: ``settings.deploy.canary``'s, with the agreement checks in
+    the model's own output units. A binary model's scores are probabilities: the settings as they
+    are. A regression's answers are in the label's units: two agree within the use case's
+    ``canary_tolerance`` (default a tenth of the training label's spread), on average within its
+    ``canary_mean_difference`` (default a twentieth); there are no decisions to agree on. A
+    multiclass model's answers are probabilities per class: the settings' margins, no decisions."""
+    thresholds = Thresholds.from_object(source)
+    task = model_meta.get("task") or {}
+    kind = task.get("kind", "binary")
+    if kind == "binary":
+        return thresholds
+    rules = task.get("evaluation") or {}
+    tolerance, mean = thresholds.score_tolerance, thresholds.max_mean_score_difference
+    if kind == "regression":
+        scale = float(model_meta.get("target_scale") or 1.0)
+        tolerance = rules.get("canary_tolerance") or 0.1 * scale
+        mean = rules.get("canary_mean_difference") or 0.05 * scale
+    else:
+        tolerance = rules.get("canary_tolerance") or tolerance
+        mean = rules.get("canary_mean_difference") or mean
+    return replace(thresholds, score_tolerance=float(tolerance), max_mean_score_difference=float(mean),
+                   decision_threshold=None)
 
 
 class ThresholdsLike(Protocol):
@@ -155,8 +180,9 @@ def arm_stats(samples: Sequence[Sample], examples: int = 3) -> ArmStats:
     )
 
 
-def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_threshold: float) -> Agreement:
-    """Score and decision agreement over every instance of every pair of equal length."""
+def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_threshold: float | None) -> Agreement:
+    """Score and decision agreement over every instance of every pair of equal length (no decision
+    agreement without a threshold: a regression or multiclass model's answers are not decisions)."""
     stable: list[float] = []
     canary: list[float] = []
     for pair in pairs:
@@ -172,7 +198,8 @@ def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_thres
         mean_abs_diff=float(diff.mean()),
         max_abs_diff=float(diff.max()),
         score_agreement=float((diff <= score_tolerance).mean()),
-        decision_agreement=float(((s >= decision_threshold) == (c >= decision_threshold)).mean()),
+        decision_agreement=(None if decision_threshold is None
+                            else float(((s >= decision_threshold) == (c >= decision_threshold)).mean())),
     )
 
 
@@ -275,18 +302,19 @@ def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsL
         if c.requests:
             broken.append("no request was answered by both stable and canary: score agreement cannot be judged")
     else:
-        assert a.score_agreement is not None and a.mean_abs_diff is not None and a.decision_agreement is not None
+        assert a.score_agreement is not None and a.mean_abs_diff is not None
         check(a.score_agreement >= t.min_score_agreement,
               f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs",
               f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs "
               f"(< {t.min_score_agreement:.1%})")
         check(a.mean_abs_diff <= t.max_mean_score_difference,
-              f"mean |p_stable - p_canary| {a.mean_abs_diff:.4f} <= {t.max_mean_score_difference:g}",
-              f"mean |p_stable - p_canary| {a.mean_abs_diff:.4f} > {t.max_mean_score_difference:g}")
-        check(a.decision_agreement >= t.min_decision_agreement,
-              f"fraud decisions (at {t.decision_threshold:g}) agree on {a.decision_agreement:.1%} of {a.pairs} pairs",
-              f"fraud decisions (at {t.decision_threshold:g}) agree on only {a.decision_agreement:.1%} of {a.pairs} pairs "
-              f"(< {t.min_decision_agreement:.1%})")
+              f"mean |stable - canary| {a.mean_abs_diff:.4f} <= {t.max_mean_score_difference:g}",
+              f"mean |stable - canary| {a.mean_abs_diff:.4f} > {t.max_mean_score_difference:g}")
+        if a.decision_agreement is not None and t.decision_threshold is not None:
+            check(a.decision_agreement >= t.min_decision_agreement,
+                  f"decisions (at {t.decision_threshold:g}) agree on {a.decision_agreement:.1%} of {a.pairs} pairs",
+                  f"decisions (at {t.decision_threshold:g}) agree on only {a.decision_agreement:.1%} of {a.pairs} pairs "
+                  f"(< {t.min_decision_agreement:.1%})")
     return Judgement(ROLLBACK, broken) if broken else Judgement(PASS, checked)
 
 

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, WindowObservations, finite, judge, summarise
+from flywheel.contract import Contract, parse_contract
 from flywheel.errors import DeployError
 from flywheel.registry import ModelVersion
-from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage
 
 PROMOTE, ROLLBACK = "promote", "rollback"
@@ -132,25 +132,41 @@ def write_record(storage: Storage, record: DecisionRecord, uri: str | None = Non
     return record
 
 
-def held_out_rows(storage: Storage, model: ModelVersion) -> list[dict[str, Any]]:
-    """The model's holdout rows (transactions it never trained on) as scoring requests' fields, in
-    time order."""
+def held_out_rows(storage: Storage, model: ModelVersion, contract: Contract) -> list[dict[str, Any]]:
+    """The model's holdout rows (rows it never trained on) as scoring requests' fields (the
+    contract's request fields; a missing value left out), in time order."""
     training_set_uri = (model.meta.get("training_set") or {}).get("uri")
     if not training_set_uri:
         raise DeployError(f"model {model.version} records no training set: no held-out requests to replay")
     holdout_uri = storage.read_json(f"{training_set_uri}/manifest.json")["holdout_uri"]
-    frame = storage.read_parquet(holdout_uri, columns=REQUEST_FIELDS).to_pandas().sort_values("ts")
-    frame["ts"] = frame["ts"].map(lambda t: t.isoformat())
-    rows = frame.to_dict(orient="records")
+    fields = list(contract.request_fields())
+    frame = storage.read_parquet(holdout_uri, columns=fields).to_pandas().sort_values(contract.timestamp, kind="stable")
+    for name in contract.timestamp_columns():
+        if name in frame:
+            frame[name] = frame[name].map(lambda t: t.isoformat() if t is not None and t == t else None)
+    rows = [{name: value for name, value in row.items() if value is not None and value == value}
+            for row in frame.to_dict(orient="records")]
     if not rows:
         raise DeployError(f"the holdout of model {model.version} is empty: no requests to replay")
     return rows
 
 
+def model_contract(model: ModelVersion, fallback: Contract) -> Contract:
+    """The contract a model version was trained with (recorded by the train step), else ``fallback``."""
+    recorded = model.meta.get("contract")
+    return parse_contract(recorded, f"model {model.version}'s recorded contract") if recorded else fallback
+
+
+def model_output(model: ModelVersion) -> str | None:
+    """The name a model version answers with (its task's output); None for a version from before
+    tasks were recorded (a prediction's first field is its answer)."""
+    return (model.meta.get("task") or {}).get("output")
+
+
 
 # ------------------------------------------------------------------ observing KServe's revisions over HTTP
 def replay(stable_url: str, canary_url: str, instances: Iterable[dict[str, Any]], model_name: str,
-           thresholds: Thresholds, canary_percent: int = 0, timeout_s: float = 5.0) -> WindowObservations:
+           thresholds: Thresholds, canary_percent: int = 0, timeout_s: float = 5.0, output: str | None = None) -> WindowObservations:
     """Send each request (a v1 instance) to both revisions, one after the other, and summarise what
     each answered as one window (every stable call is the canary's twin: a shadow)."""
     import httpx
@@ -161,17 +177,19 @@ def replay(stable_url: str, canary_url: str, instances: Iterable[dict[str, Any]]
     with httpx.Client(timeout=timeout_s) as client:
         for instance in instances:
             requests += 1
-            stable = _observe(client, f"{stable_url.rstrip('/')}/v1/models/{model_name}:predict", "stable", instance)
-            canary = _observe(client, f"{canary_url.rstrip('/')}/v1/models/{model_name}:predict", "canary", instance)
+            stable = _observe(client, f"{stable_url.rstrip('/')}/v1/models/{model_name}:predict", "stable", instance, output)
+            canary = _observe(client, f"{canary_url.rstrip('/')}/v1/models/{model_name}:predict", "canary", instance, output)
             samples += [stable[0], canary[0]]
             if stable[1] is not None and canary[1] is not None:
-                pairs.append(ScorePair((stable[1],), (canary[1],)))
+                pairs.append(ScorePair(stable[1], canary[1]))
     client_counts = {"requests": requests, "to_canary": requests, "answered_by_canary": 0, "fallbacks": 0, "failures": 0}
     return summarise(samples, pairs, client_counts, thresholds, canary_percent)
 
 
-def _observe(client: Any, url: str, arm: str, instance: dict[str, Any]) -> tuple[Sample, float | None]:
+def _observe(client: Any, url: str, arm: str, instance: dict[str, Any], output: str | None = None) -> tuple[Sample, tuple[float, ...] | None]:
     import httpx
+
+    from flywheel.deploy.traffic import scores_of
 
     started = time.perf_counter()
     try:
@@ -179,8 +197,10 @@ def _observe(client: Any, url: str, arm: str, instance: dict[str, Any]) -> tuple
         latency = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
             return Sample(arm, False, latency, f"HTTP {response.status_code}", shadow=arm == "stable"), None
-        score = float(response.json()["predictions"][0]["fraud_probability"])
-        return Sample(arm, True, latency, shadow=arm == "stable"), score
+        scores = scores_of("v1", response.content, output)
+        if scores is None:
+            return Sample(arm, False, latency, "the answer holds no finite score", shadow=arm == "stable"), None
+        return Sample(arm, True, latency, shadow=arm == "stable"), scores
     except httpx.TimeoutException:
         return Sample(arm, False, (time.perf_counter() - started) * 1000, f"timeout after {client.timeout.read}s", True,
                       shadow=arm == "stable"), None

@@ -37,12 +37,13 @@ from typing import Any, Iterator, Sequence
 
 from flywheel.config import KFP_TOKEN_ENV, NOT_SETTINGS_ENV, SECRET_ENV, Settings, write_settings
 from flywheel.deploy import canary
-from flywheel.deploy.analysis import Thresholds
+from flywheel.deploy.analysis import thresholds_for
 from flywheel.deploy.ramp import ramp_canary, v1_bodies
 from flywheel.deploy.traffic import start_proxy
 from flywheel.errors import CanaryError, DeployError, FlywheelError, RegistryConflict, first_line
 from flywheel.registry import Registry
 from flywheel.storage import Storage
+from flywheel.usecase import load_usecase
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,10 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
     roll it back; returns the decision record (written to storage). ``replay``: v1 bodies to send
     instead of the candidate's holdout."""
     cfg = settings.deploy.canary
-    thresholds = Thresholds.from_object(cfg)
     registry = Registry(storage, settings.model_name)
     candidate = registry.get(candidate_version)
     stable = registry.production()
+    thresholds = thresholds_for(cfg, candidate.meta)  # agreement in the candidate's own output units
     record = canary.DecisionRecord(
         model_name=settings.model_name, candidate=candidate.version, stable=stable.version if stable else None,
         target="local", run_id=run_id, thresholds=thresholds.to_dict(), steps=list(cfg.steps),
@@ -181,7 +182,8 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
     if stable.version == candidate.version:
         return finish(canary.PROMOTE, [f"{candidate.version} is already production"], 100)
 
-    bodies = list(replay) if replay is not None else v1_bodies(canary.held_out_rows(storage, candidate))
+    contract = canary.model_contract(candidate, load_usecase(settings.usecase).contract)
+    bodies = list(replay) if replay is not None else v1_bodies(canary.held_out_rows(storage, candidate, contract))
     registry.start_canary(candidate.version, run_id=run_id, reason=f"local canary through {cfg.steps}%")
     record.events.append(f"registry: {candidate.version} is canary")
     logs = Path(settings.home) / "runs" / run_id / "deploy"
@@ -200,7 +202,8 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
                 record.events.append(f"registry: canary {candidate.version} archived; production unchanged")
                 return finish(canary.ROLLBACK, [why], 0)
             record.events.append("both servers ready")
-            proxy = stack.enter_context(start_proxy(servers[0].url, servers[1].url, thresholds=thresholds))
+            proxy = stack.enter_context(start_proxy(servers[0].url, servers[1].url, thresholds=thresholds,
+                                                    score_field=canary.model_output(candidate)))
             record.events.append(f"splitting proxy on {proxy.url}")
             ramp_canary(proxy, bodies, f"/v1/models/{settings.model_name}:predict", steps=cfg.steps,
                         canary_window_requests=cfg.window_requests, thresholds=thresholds, concurrency=cfg.concurrency,

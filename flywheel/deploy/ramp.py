@@ -20,7 +20,6 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from flywheel.deploy.analysis import Thresholds, WindowObservations
 from flywheel.deploy.canary import PROMOTE, DecisionRecord, analyse, now, write_record
 from flywheel.errors import CanaryError, first_line
-from flywheel.schema import REQUEST_FIELDS
 from flywheel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def v1_bodies(rows: Iterable[Mapping[str, Any]], per_request: int = 1) -> list[dict[str, Any]]:
-    """KServe v1 bodies (``{"instances": [...]}``) of ``per_request`` transactions each, from rows
-    with the transaction schema's fields (e.g. ``frame.to_dict("records")`` of a held-out set);
-    fields outside the request schema (the label) are left out, times become ISO-8601 strings."""
+def v1_bodies(rows: Iterable[Mapping[str, Any]], per_request: int = 1, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """KServe v1 bodies (``{"instances": [...]}``) of ``per_request`` rows each, from rows with the
+    request's fields (e.g. ``frame.to_dict("records")`` of a held-out set): only ``fields`` when
+    given (the label and anything else outside the request left out), a missing value left out,
+    times as ISO-8601 strings."""
     if per_request < 1:
         raise CanaryError(f"per_request must be at least 1, got {per_request}")
-    instances = [{name: _json_safe(row[name]) for name in REQUEST_FIELDS if name in row and row[name] is not None}
+    instances = [{name: _json_safe(value) for name, value in row.items()
+                  if (fields is None or name in fields) and value is not None and _json_safe(value) is not None}
                  for row in rows]
     return [{"instances": instances[i:i + per_request]} for i in range(0, len(instances), per_request)]
 

@@ -20,28 +20,30 @@ from typing import Any, Callable, Iterator
 
 from flywheel.config import Settings
 from flywheel.deploy import canary
-from flywheel.deploy.analysis import Thresholds, WindowObservations
+from flywheel.deploy.analysis import Thresholds, WindowObservations, thresholds_for
 from flywheel.deploy.kserve import KServeClient, render_inference_service, service_name
 from flywheel.errors import DeployError
 from flywheel.registry import ModelVersion, Registry
 from flywheel.storage import Storage
+from flywheel.usecase import load_usecase
 
 log = logging.getLogger(__name__)
 # observe(stable_url, canary_url, instances, canary_percent): one window of both revisions' answers.
 Observe = Callable[[str, str, list[dict[str, Any]], int], WindowObservations]
 
 
-def held_out_requests(storage: Storage, model: ModelVersion) -> Iterator[dict[str, Any]]:
+def held_out_requests(storage: Storage, model: ModelVersion, settings: Settings) -> Iterator[dict[str, Any]]:
     """The candidate's holdout rows (never trained on) as scoring requests, in time order, forever
     (cycling) so any number of windows can be filled."""
-    rows = canary.held_out_rows(storage, model)
+    rows = canary.held_out_rows(storage, model, canary.model_contract(model, load_usecase(settings.usecase).contract))
     while True:
         yield from rows
 
 
-def http_observer(model_name: str, thresholds: Thresholds, timeout_s: float = 5.0) -> Observe:
+def http_observer(model_name: str, thresholds: Thresholds, timeout_s: float = 5.0, output: str | None = None) -> Observe:
     def observe(stable_url: str, canary_url: str, instances: list[dict[str, Any]], percent: int) -> WindowObservations:
-        return canary.replay(stable_url, canary_url, instances, model_name, thresholds, percent, timeout_s=timeout_s)
+        return canary.replay(stable_url, canary_url, instances, model_name, thresholds, percent, timeout_s=timeout_s,
+                             output=output)
 
     return observe
 
@@ -63,7 +65,7 @@ def release_on_kserve(
     stable = registry.production()
     kserve = KServeClient(settings, api_client)
     name = service_name(settings)
-    thresholds = Thresholds.from_object(cfg)
+    thresholds = thresholds_for(cfg, candidate.meta)  # agreement in the candidate's own output units
     record = canary.DecisionRecord(
         model_name=settings.model_name, candidate=candidate.version, stable=stable.version if stable else None,
         target="kserve", run_id=run_id, thresholds=thresholds.to_dict(), steps=[cfg.traffic_percent],
@@ -104,8 +106,8 @@ def release_on_kserve(
     record.events.append(f"InferenceService {name}: the canary revision is Ready")
 
     stable_url, canary_url = status.tag_url("prev"), status.tag_url("latest")
-    observe = observe or http_observer(settings.model_name, thresholds)
-    requests = requests if requests is not None else held_out_requests(storage, candidate)
+    observe = observe or http_observer(settings.model_name, thresholds, output=canary.model_output(candidate))
+    requests = requests if requests is not None else held_out_requests(storage, candidate, settings)
 
     def window(percent: int, _: int) -> tuple[WindowObservations, dict[str, Any]]:
         return observe(stable_url, canary_url, [next(requests) for _ in range(cfg.window_requests)], percent), {}

@@ -58,16 +58,21 @@ def predict_protocol(method: str, path: str) -> str | None:
     return None
 
 
-def scores_of(protocol: str, body: bytes, score_field: str = "fraud_probability") -> tuple[float, ...] | None:
+def scores_of(protocol: str, body: bytes, score_field: str | None = None) -> tuple[float, ...] | None:
     """The scores in a predict answer, or None when there are none to read.
 
-    v1: ``{"predictions": [p, ...]}`` or ``[{score_field: p, ...}, ...]``; v2: the output named
+    v1: ``{"predictions": [p, ...]}`` or ``[{score_field: p, ...}, ...]`` (without a ``score_field``,
+    each prediction's first field: the predictor answers its task's output first); a value that is a
+    mapping (a multiclass model's probability per class) counts each class's; v2: the output named
     ``score_field`` (else the first output)'s ``data``.
     """
     try:
         answer = json.loads(body)
         if protocol == "v1":
-            values = [item[score_field] if isinstance(item, dict) else item for item in answer["predictions"]]
+            values = []
+            for item in answer["predictions"]:
+                value = (item[score_field] if score_field else next(iter(item.values()))) if isinstance(item, dict) else item
+                values.extend(value.values() if isinstance(value, dict) else [value])
         else:
             outputs = answer["outputs"]
             chosen = next((o for o in outputs if o.get("name") == score_field), outputs[0])
@@ -158,7 +163,7 @@ class SplittingProxy:
         canary_timeout_factor: float = 5.0,
         canary_timeout_floor_s: float = 0.25,
         thresholds: Thresholds | None = None,
-        score_field: str = "fraud_probability",
+        score_field: str | None = None,  # the model's output (default: each prediction's first field)
         max_body_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.stable_url = check_base_url(stable_url, "stable")

@@ -18,7 +18,7 @@ import sqlite3
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import hiredis
 import numpy as np
@@ -26,15 +26,14 @@ import pandas as pd
 
 from flywheel.config import Settings
 from flywheel.errors import FeatureStoreError
-from flywheel.features.definitions import CARD_FEATURES, CARD_VIEW, MERCHANT_FEATURES, MERCHANT_VIEW, build_definitions
-from flywheel.features.views import View, feature_refs
+from flywheel.features.definitions import build_definitions
+from flywheel.features.views import View, feature_refs, views_of
 
 log = logging.getLogger(__name__)
 # Training joins each transaction to the feature rows strictly before it: the state the online
 # store holds when the transaction is scored (feature rows include their own transaction).
 JOIN_OFFSET = pd.Timedelta(microseconds=1)
 JOIN_CHUNK_ROWS = 25_000
-VIEWS = [(CARD_VIEW, "card_id", CARD_FEATURES), (MERCHANT_VIEW, "merchant_id", MERCHANT_FEATURES)]
 
 
 def feast_home(settings: Settings) -> Path:
@@ -154,11 +153,14 @@ def open_served_store(settings: Settings, world: str) -> Any:
     (the world a model is served from): a missing or empty world is an error, never an empty store
     whose every read says "no features" and silently scores everyone as a new customer. (Serving
     itself reads through :func:`open_online_reader`, without the Feast SDK.)"""
+    from flywheel.usecase import load_usecase
+
     _check_world_files(settings, world)
     store = open_store(settings, world)
     views = {view.name for view in store.list_feature_views()}
-    if not {CARD_VIEW, MERCHANT_VIEW} <= views:
-        raise FeatureStoreError(f"feature world {world} has views {sorted(views)}, not {CARD_VIEW} and {MERCHANT_VIEW}")
+    expected = {view.name for view in views_of(load_usecase(settings.usecase))}
+    if not expected <= views:
+        raise FeatureStoreError(f"feature world {world} has views {sorted(views)}, not the use case's {sorted(expected)}")
     if settings.features.online_store == "redis":
         client = store._get_provider().online_store._get_client(store.config.online_store)
         _check_redis_holds_world(client, settings, world, store.config.project)
@@ -317,13 +319,25 @@ def _varint(raw: bytes, at: int) -> int:
             return number
 
 
-def decode_value(raw: bytes | None) -> float:
+def _varint_at(raw: bytes, at: int) -> tuple[int, int]:
+    """A varint at ``at``: (its value, the position after it)."""
+    number, shift = 0, 0
+    while True:
+        byte = raw[at]
+        number |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return number, at
+
+
+def decode_value(raw: bytes | None) -> float | str:
     """A feature value as Feast stores it (a serialized ``feast.types.Value``) as a float; NaN for
     a missing value (no bytes, an empty message, or ``null_val``).
 
     The features are Int64 and Float64 (definitions.py): a double is field 5 (tag 0x29 and 8 bytes,
     little-endian), an int64 field 4 (tag 0x20 and a varint, two's complement). Int32, float and bool
-    are read likewise; any other kind of value is refused rather than guessed."""
+    are read likewise, and a String (the last value of a text column) as text; any other kind of
+    value is refused rather than guessed."""
     if not raw:
         return math.nan
     tag, size = raw[0], len(raw)
@@ -336,6 +350,9 @@ def decode_value(raw: bytes | None) -> float:
         return _FLOAT.unpack_from(raw, 1)[0]
     if raw[:2] == b"\x98\x01":  # null_val
         return math.nan
+    if tag == 0x1a:  # string_val: a length (varint), then UTF-8 bytes
+        length, start = _varint_at(raw, 1)
+        return raw[start:start + length].decode("utf-8")
     raise FeatureStoreError(f"the online store holds a feature value flywheel cannot read: {raw[:24]!r} "
                             "(expected a Feast Int64 or Float64 value)")
 
@@ -368,15 +385,15 @@ def redis_client(connection: str, **defaults: Any) -> Any:
 
 
 class OnlineReader:
-    """The current card and merchant features of many transactions, read straight from the online
-    store of a served feature world (Feast's tables in SQLite, Feast's hashes in Redis): one
-    statement for both feature views in SQLite, one pipelined round trip for both in Redis.
+    """The current features of many rows' entities, read straight from the online store of a served
+    feature world (Feast's tables in SQLite, Feast's hashes in Redis): one statement for all the
+    use case's feature views in SQLite, one pipelined round trip for all of them in Redis.
 
     What :func:`online_features` returns, as numpy arrays, without the Feast SDK; the hot path of
     serving. Open one with :func:`open_online_reader`.
     """
 
-    def __init__(self, project: str, sqlite_path: str | None = None, redis: Any = None) -> None:
+    def __init__(self, project: str, views: Sequence[View], sqlite_path: str | None = None, redis: Any = None) -> None:
         self.project = project
         self._redis = redis
         self._sqlite = None
@@ -385,12 +402,17 @@ class OnlineReader:
             # Read-only; KServe calls predict in its event loop thread, a reload builds readers in another.
             self._sqlite = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True, check_same_thread=False)
             self._lock = threading.Lock()
-        self._fields = {view: [feature_hash_key(view, name) for name in names] for view, _, names in VIEWS}
+        self._views = [(view.name, view.join_key, list(view.features)) for view in views]
+        # Views whose features are all numbers take the fast path (one float matrix per view).
+        self._text = {view.name: [kind == "String" for kind in view.features.values()] for view in views}
+        self._fields = {name: [feature_hash_key(name, feature) for feature in features] for name, _, features in self._views}
+        self.join_keys = list(dict.fromkeys(key for _, key, _ in self._views))
 
-    def read(self, card_ids: Sequence[str], merchant_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(feature name -> float64 array with NaN where the store has no value, key name -> bool
-        array saying whether the store knows that entity at all)."""
-        wanted = self._wanted(card_ids, merchant_ids)
+    def read(self, keys: Mapping[str, Sequence[str | None]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(feature name -> array with NaN (or "" for text) where the store has no value, join key ->
+        bool array saying whether the store knows that entity at all). ``keys``: each join key's
+        entity ids as text, one per row (None: the row names none)."""
+        wanted = [(view, key, names, keys[key]) for view, key, names in self._views]
         try:
             found = self._read_redis(wanted) if self._redis is not None else self._read_sqlite(wanted)
         except FeatureStoreError:
@@ -399,19 +421,26 @@ class OnlineReader:
             raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
         return self._arrays(wanted, found)
 
-    @staticmethod
-    def _wanted(card_ids: Sequence[str], merchant_ids: Sequence[str]) -> list:
-        return [(view, key, names, ids) for (view, key, names), ids in zip(VIEWS, (card_ids, merchant_ids))]
-
-    @staticmethod
-    def _arrays(wanted: list, found: list[dict[str, list[float]]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _arrays(self, wanted: list, found: list[dict[str, list[Any]]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         features: dict[str, np.ndarray] = {}
         known: dict[str, np.ndarray] = {}
         for (view, key, names, ids), values in zip(wanted, found):
             empty = [math.nan] * len(names)
-            matrix = np.array([values.get(entity, empty) for entity in ids], dtype=np.float64).reshape(len(ids), len(names))
-            known[key] = ~np.isnan(matrix).all(axis=1)
-            features.update({name: matrix[:, column] for column, name in enumerate(names)})
+            rows = [values.get(entity, empty) for entity in ids]
+            text = self._text[view]
+            if not any(text):
+                matrix = np.array(rows, dtype=np.float64).reshape(len(ids), len(names))
+                seen = ~np.isnan(matrix).all(axis=1)
+                known[key] = known[key] | seen if key in known else seen
+                features.update({name: matrix[:, column] for column, name in enumerate(names)})
+                continue
+            seen = np.array([entity in values for entity in ids], dtype=bool)
+            known[key] = known[key] | seen if key in known else seen
+            for column, name in enumerate(names):
+                if text[column]:
+                    features[name] = np.array(["" if isinstance(row[column], float) else row[column] for row in rows], dtype=object)
+                else:
+                    features[name] = np.array([row[column] for row in rows], dtype=np.float64)
         return features, known
 
     def _where(self) -> str:
@@ -421,7 +450,7 @@ class OnlineReader:
         """Per view, entity id -> its features' values in the view's order (entities with none left
         out): both views in one statement (one shared lock of the database file, not two), or in
         as few as SQLite's limit on a statement's parameters allows for a large batch."""
-        by_key = [{entity_key_bytes(key, entity): entity for entity in set(ids)} for _, key, _, ids in wanted]
+        by_key = [{entity_key_bytes(key, entity): entity for entity in set(ids) if entity is not None} for _, key, _, ids in wanted]
         pieces = [(index, list(keys)[start:start + MAX_SQL_PARAMETERS])
                   for index, keys in enumerate(by_key) for start in range(0, len(keys), MAX_SQL_PARAMETERS)]
         statements: list[list[tuple[int, list[bytes]]]] = [[]]
@@ -461,7 +490,7 @@ class OnlineReader:
         connection; the client's retry policy (open_online_reader: one immediate retry, for a
         connection Redis closed) and socket timeouts bound the wait."""
         suffix = self.project.encode()
-        unique = [list(set(ids)) for _, _, _, ids in wanted]
+        unique = [[entity for entity in set(ids) if entity is not None] for _, _, _, ids in wanted]
         packed = b"".join(
             hiredis.pack_command((b"HMGET", entity_key_bytes(key, entity) + suffix, *self._fields[view]))
             for (view, key, _, _), entities in zip(wanted, unique) for entity in entities
@@ -488,10 +517,14 @@ def _exchange(connection: Any, packed: bytes, count: int) -> list:
         raise
 
 
-def open_online_reader(settings: Settings, world: str) -> OnlineReader:
-    """The online reader of a world that must already hold materialized features (the world a model
-    is served from): a missing or empty world is an error, never a store whose every read says
-    "no features" and silently scores everyone as a new customer."""
+def open_online_reader(settings: Settings, world: str, views: Sequence[View] | None = None) -> OnlineReader:
+    """The online reader of ``views`` (default: the use case's) in a world that must already hold
+    materialized features (the world a model is served from): a missing or empty world is an error,
+    never a store whose every read says "no features" and silently scores every entity as new."""
+    if views is None:
+        from flywheel.usecase import load_usecase
+
+        views = views_of(load_usecase(settings.usecase))
     folder = world_dir(settings, world)
     _check_world_files(settings, world)
     project = feast_project(settings, world)
@@ -505,12 +538,12 @@ def open_online_reader(settings: Settings, world: str) -> OnlineReader:
         client = redis_client(settings.features.redis_connection, socket_timeout=SERVING_REDIS_TIMEOUT_S,
                               socket_connect_timeout=SERVING_REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
         _check_redis_holds_world(client, settings, world, project)
-        return OnlineReader(project, redis=client)
+        return OnlineReader(project, views, redis=client)
     path = folder / "online.db"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    missing = [view for view, _, _ in VIEWS if f"{project}_{view}" not in tables]
+    missing = [view.name for view in views if f"{project}_{view.name}" not in tables]
     if missing:
         raise FeatureStoreError(f"feature world {world} has no online table for {', '.join(missing)} in {path}: "
                                 "it was never materialized; re-run `flywheel run` on its data")
-    return OnlineReader(project, sqlite_path=str(path))
+    return OnlineReader(project, views, sqlite_path=str(path))

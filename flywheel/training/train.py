@@ -26,6 +26,7 @@ from flywheel.training.cluster import ClusterJob, JobInputs, cluster_world, rend
 from flywheel.training.failures import clear_failure
 from flywheel.training.launcher import WORKER_MODULE, launch
 from flywheel.training.split import split_validation
+from flywheel.features.views import views_of
 from flywheel.usecase import load_usecase
 
 if TYPE_CHECKING:
@@ -122,6 +123,12 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             "training_window": {"end": training_set.cutoff},
             "feature_world": training_set.world,
             "task": usecase.task.model_dump(mode="json"),
+            "target_scale": spec.target[1],  # a regression label's spread (the canary's default margins)
+            # What serving reads for this model, as it was trained: the request (the contract) and
+            # the feature views of its world.
+            "contract": usecase.contract.model_dump(mode="json"),
+            "views": [{"name": view.name, "entity": view.entity, "join_key": view.join_key, "key_type": view.key_type,
+                       "features": view.features} for view in views_of(usecase)],
             "usecase": {"name": usecase.name, "digest": usecase.digest},
             "run_id": run_id,
         }

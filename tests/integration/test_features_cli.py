@@ -10,7 +10,7 @@ import pytest
 from flywheel import cli
 from flywheel.config import Settings
 from flywheel.datagen import generate
-from flywheel.features.definitions import CARD_FEATURES
+from tests.fraud_tables import CARD_FEATURES
 from flywheel.features.store import open_online_reader
 from flywheel.storage import Storage
 
@@ -56,7 +56,7 @@ def test_features_commands_build_the_training_set_and_materialize_its_world(smal
     assert exit_code.value.code == 2 and "invalid choice: 'spark'" in capsys.readouterr().err
     latest = storage.read_json(storage.uri("features", "offline", "latest.json"))
     cards = pd.read_parquet(latest["feast"]["card_features"]).sort_values("event_timestamp").groupby("card_id").tail(1).set_index("card_id")
-    features, known = open_online_reader(settings, latest["key"][:16]).read(list(cards.index[:50]), ["nobody"] * 50)
+    features, known = open_online_reader(settings, latest["key"][:16]).read({"card_id": list(cards.index[:50]), "merchant_id": ["nobody"] * 50})
     assert known["card_id"].all()
     assert list(features["card_txn_count_24h"]) == list(cards["card_txn_count_24h"].iloc[:50].astype("float64"))
 

@@ -17,7 +17,8 @@ import pytest
 from flywheel.config import load_settings
 from flywheel.errors import FeatureStoreError
 from flywheel.features import online_write, store as feast_store
-from flywheel.features.definitions import CARD_FEATURES, CARD_VIEW, CREATED_COLUMN, MERCHANT_FEATURES, MERCHANT_VIEW
+from flywheel.features.definitions import CREATED_COLUMN
+from tests.fraud_tables import CARD_FEATURES, CARD_VIEW, MERCHANT_FEATURES, MERCHANT_VIEW
 from tests.factories import FRAUD_VIEWS, fraud_tables
 
 T0 = pd.Timestamp("2026-10-01", tz="UTC")

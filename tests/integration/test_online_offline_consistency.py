@@ -12,7 +12,7 @@ import pandas as pd
 from pandas.testing import assert_frame_equal
 
 from flywheel import steps
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.features.store import open_online_reader, open_served_store
 
 
@@ -35,7 +35,7 @@ def test_sampled_entities_online_features_equal_the_latest_offline_rows_sqlite(t
 
     world = trained_loop["model"]["meta"]["feature_world"]
     assert open_served_store(settings, world).config.online_store.type == "sqlite"
-    features, known = open_online_reader(settings, world).read(card_ids, merchant_ids)
+    features, known = open_online_reader(settings, world).read({"card_id": card_ids, "merchant_id": merchant_ids})
     assert known["card_id"].all() and known["merchant_id"].all()
     got = pd.DataFrame(features)
     assert_frame_equal(got[list(CARD_FEATURES)], cards.loc[card_ids].reset_index(drop=True), rtol=1e-9)

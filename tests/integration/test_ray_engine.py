@@ -71,8 +71,7 @@ def both_paths(tmp_path_factory) -> dict:
             result["seconds"][engine] = round(time.perf_counter() - began, 1)
             reader = feast_store.open_online_reader(settings, "dist")
             result[engine] = {"store": store, "joined": joined,
-                              "online": reader.read(list(card_table.card_id.unique()) + ["r-card-44"],
-                                                    list(merchant_table.merchant_id.unique()) * 3)}
+                              "online": reader.read({"card_id": list(card_table.card_id.unique()) + ["r-card-44"], "merchant_id": list(merchant_table.merchant_id.unique()) * 3})}
     finally:
         ray.shutdown()
     print(f"seconds for join + materialize: {result['seconds']}")

@@ -25,7 +25,7 @@ def commands() -> list[str]:
 
 def test_bring_your_own_use_case_verbatim(tmp_path):
     lines = commands()
-    assert [line.split()[1] for line in lines] == ["init", "ingest", "features", "features", "gc"]
+    assert [line.split()[1] for line in lines] == ["init", "ingest", "features", "train", "features", "gc"]
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)  # the commands say .venv/bin/flywheel
@@ -42,6 +42,8 @@ def test_bring_your_own_use_case_verbatim(tmp_path):
     assert "2,000 rows accepted" in outputs[1]
     train = pd.read_parquet(checkout / "returns-training-set" / "train.parquet")
     assert {"customer_count_24h", "customer_returned_mean_30d", "shop_order_total_mean_7d"} <= set(train.columns)
-    assert "materialized world" in outputs[3]
+    assert re.search(r"model returns \d{8}-\d{6}-\w+ \(local\)", outputs[3])  # the use case's own registry
+    assert (tmp_path / "home" / "store" / "returns" / "models" / "returns").is_dir()
+    assert "materialized world" in outputs[4]
     assert (tmp_path / "home" / "store" / "returns" / "lake").is_dir()  # the use case's own namespace
-    assert "keep" in outputs[4] and "would remove" in outputs[4]
+    assert "keep" in outputs[5] and "would remove" in outputs[5]

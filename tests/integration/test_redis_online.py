@@ -23,7 +23,7 @@ from flywheel import steps
 from flywheel.config import load_settings
 from flywheel.datagen import generate
 from flywheel.errors import FeatureStoreError
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.features.store import open_served_store, open_store, online_features
 from flywheel.storage import Storage
 from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop, small_env
@@ -208,7 +208,7 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
     try:
         copy_project(redis_server, own, project)
         reader = open_online_reader(load_settings(env=redis_env(redis_loop["home"], own)), world)
-        features, known = reader.read(cards, merchants)
+        features, known = reader.read({"card_id": cards, "merchant_id": merchants})
         assert known["card_id"].all() and known["merchant_id"].all()
 
         os.kill(own.process.pid, signal.SIGSTOP)  # Redis stops answering; its socket stays open
@@ -227,12 +227,12 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
         own.stop()
         started = time.monotonic()
         with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: ConnectionError"):
-            reader.read(cards, merchants)
+            reader.read({"card_id": cards, "merchant_id": merchants})
         assert time.monotonic() - started < 1.0, "a refused connection must fail at once, not after backoff sleeps"
 
         own = RedisServer(port=port).start()  # back, on the same address (its data restored)
         copy_project(redis_server, own, project)
-        again, known_again = reader.read(cards, merchants)
+        again, known_again = reader.read({"card_id": cards, "merchant_id": merchants})
         assert known_again["card_id"].all() and known_again["merchant_id"].all()
         for name, values in features.items():
             pd.testing.assert_series_equal(pd.Series(again[name]), pd.Series(values), check_names=False, obj=name)

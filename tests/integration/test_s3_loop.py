@@ -11,7 +11,7 @@ from flywheel.config import load_settings
 from flywheel.datagen import generate
 from flywheel.registry import Registry
 from flywheel.storage import Storage
-from serving.predictor import FraudPredictor
+from serving.predictor import Predictor
 from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop
 
 
@@ -36,7 +36,7 @@ def test_the_loop_trains_deploys_and_serves_from_s3(s3_env, aws_env, tmp_path):
     raw = {leaf["uri"] for leaf in lineage.leaves(lineage.trace(storage, production.manifest_uri))}
     assert raw & set(storage.iter_objects(source, (".parquet",)))
 
-    predictor = FraudPredictor("fraud", settings)
+    predictor = Predictor("fraud", settings)
     predictor.load()
     holdout = storage.read_parquet(training_set["holdout_uri"]).to_pandas().iloc[-1]
     answer = asyncio.run(predictor.predict({"instances": [{

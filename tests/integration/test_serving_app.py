@@ -18,10 +18,10 @@ def client(trained_loop):
     from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-    from serving.predictor import FraudPredictor
+    from serving.predictor import Predictor
     from serving.rest import FlywheelRESTServer
 
-    predictor = FraudPredictor("fraud", trained_loop["settings"])
+    predictor = Predictor("fraud", trained_loop["settings"])
     predictor.load()
     repository = ModelRepository()
     repository.update(predictor)

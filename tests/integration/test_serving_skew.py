@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.features.store import historical_features, open_served_store
 from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS
 from serving.predictor import load_bundle, score
-from serving.requests import v1_transactions
 
 FEATURES = [*CARD_FEATURES, *MERCHANT_FEATURES]
 
@@ -43,7 +42,7 @@ def test_serving_inputs_equal_training_inputs_on_sampled_holdout_rows(bundle, ho
     assert (sample[FEATURES].notna().mean() > 0.9).all(), sample[FEATURES].notna().mean()
     sample.loc[:29, FEATURES] = None  # cold start: a new card and merchant, no history in the store
     sample.loc[30:59, "card_last_txn_unix"] = None
-    parsed = v1_transactions(request_of(sample), 1000)
+    parsed = bundle.schema.v1(request_of(sample), 1000)
     # The features the training set joined to each row, handed over as the online store hands them.
     looked_up = {name: pd.to_numeric(sample[name]).to_numpy(dtype="float64", na_value=np.nan) for name in FEATURES}
     serving = bundle.model.spec.transform_columns({**parsed.columns, **looked_up})
@@ -72,14 +71,14 @@ def test_online_features_and_scores_equal_the_point_in_time_join_after_the_last_
     feast = open_served_store(trained_loop["settings"], bundle.world)  # Feast's SDK: the oracle of the reader's layout
     joined = historical_features(feast, frame, FRAUD_VIEWS, FRAUD_CONTRACT).set_index("transaction_id").loc[frame["transaction_id"]].reset_index()
 
-    features, known = bundle.reader.read(list(frame["card_id"]), list(frame["merchant_id"]))
+    features, known = bundle.reader.read({"card_id": list(frame["card_id"]), "merchant_id": list(frame["merchant_id"])})
     for name in FEATURES:
         np.testing.assert_array_equal(features[name], pd.to_numeric(joined[name]).to_numpy(dtype="float64", na_value=np.nan), err_msg=name)
     assert known["card_id"].tolist() == [True] * len(pairs) + [False]
     assert known["merchant_id"].tolist() == [True] * len(pairs) + [False]
 
-    scored = score(bundle, v1_transactions(request_of(frame), 1000), record=False)
-    np.testing.assert_allclose(scored.probabilities, bundle.model.score(joined), rtol=1e-6)
+    scored = score(bundle, bundle.schema.v1(request_of(frame), 1000), record=False)
+    np.testing.assert_allclose(scored.predictions, bundle.model.score(joined), rtol=1e-6)
     assert scored.unknown[-1] == ["card", "merchant"] and scored.unknown[0] == []
 
 
@@ -112,8 +111,8 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
     for size in sizes:
         frames.append(holdout.iloc[start:start + size])
         start += size
-    requests = [v1_transactions(request_of(frame), 1000) for frame in frames]
-    alone = [score(bundle, request, record=False).probabilities for request in requests]
+    requests = [bundle.schema.v1(request_of(frame), 1000) for frame in frames]
+    alone = [score(bundle, request, record=False).predictions for request in requests]
     passes_made = count_passes(monkeypatch)
     passes = ScoringPasses()
 
@@ -124,7 +123,7 @@ def test_requests_that_arrive_together_are_scored_in_one_pass_each_getting_its_o
     assert passes_made == [sum(sizes)]
     for result, want, frame in zip(results, alone, frames):
         # The same as scored alone, to float32 rounding (a matrix product rounds by its row count).
-        np.testing.assert_allclose(result.probabilities, want, rtol=1e-6)
+        np.testing.assert_allclose(result.predictions, want, rtol=1e-6)
         assert len(result.unknown) == len(frame)
 
     def failing_score(*_, **__):
@@ -142,7 +141,7 @@ def test_requests_still_coming_in_join_the_pass_a_lone_one_does_not_wait_long(bu
 
     from serving.predictor import GATHER_TURNS, ScoringPasses
 
-    requests = [v1_transactions(request_of(holdout.iloc[k:k + 1]), 1000) for k in range(4)]
+    requests = [bundle.schema.v1(request_of(holdout.iloc[k:k + 1]), 1000) for k in range(4)]
     passes_made = count_passes(monkeypatch)
     passes = ScoringPasses()
 
@@ -185,9 +184,9 @@ def test_a_read_larger_than_one_sqlite_statement_allows_is_split_without_losing_
     from flywheel.features import store as feast_store
 
     cards, merchants = list(holdout["card_id"].iloc[:60]), list(holdout["merchant_id"].iloc[:60])
-    whole_features, whole_known = bundle.reader.read(cards, merchants)
+    whole_features, whole_known = bundle.reader.read({"card_id": cards, "merchant_id": merchants})
     monkeypatch.setattr(feast_store, "MAX_SQL_PARAMETERS", 7)
-    features, known = bundle.reader.read(cards, merchants)
+    features, known = bundle.reader.read({"card_id": cards, "merchant_id": merchants})
     for name in FEATURES:
         np.testing.assert_array_equal(features[name], whole_features[name], err_msg=name)
     assert all((known[key] == whole_known[key]).all() for key in known) and whole_known["card_id"].all()

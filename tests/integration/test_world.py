@@ -26,7 +26,7 @@ from flywheel import steps
 from flywheel.config import Settings, load_settings
 from flywheel.datagen import generate
 from flywheel.errors import IntegrityError
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from tests.factories import FRAUD_VIEWS
@@ -131,9 +131,9 @@ def request_for(cards: list[str], merchants: list[str]) -> dict[str, Any]:
 def served(settings: Settings, cards: list[str], merchants: list[str]) -> tuple[Any, pd.DataFrame, list[float]]:
     """A predictor loaded in-process from the registry: (it, its online features, its scores)."""
     from flywheel.features.store import online_features, open_served_store
-    from serving.predictor import FraudPredictor
+    from serving.predictor import Predictor
 
-    predictor = FraudPredictor("fraud", settings)
+    predictor = Predictor("fraud", settings)
     assert predictor.load() and predictor.ready
     rows = [{"card_id": c, "merchant_id": m} for c, m in zip(cards, merchants)]
     features = pd.DataFrame(online_features(open_served_store(settings, predictor.bundle.world), rows, FRAUD_VIEWS))

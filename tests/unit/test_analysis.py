@@ -13,6 +13,7 @@ from flywheel.deploy.analysis import (
 )
 from flywheel.deploy.ramp import v1_bodies
 from flywheel.deploy.traffic import predict_protocol, scores_of
+from tests.factories import FRAUD_CONTRACT
 
 CLIENT = {"requests": 0, "to_canary": 0, "answered_by_canary": 0, "fallbacks": 0, "failures": 0}
 
@@ -54,7 +55,7 @@ def test_a_healthy_window_passes_and_says_what_was_checked():
     verdict = judge(healthy_window(), Thresholds())
     assert verdict.passed and verdict.verdict == "pass"
     assert any("canary error rate 0.0000" in r for r in verdict.reasons)
-    assert any("fraud decisions" in r for r in verdict.reasons)
+    assert any("decisions (at 0.5) agree" in r for r in verdict.reasons)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -62,8 +63,8 @@ def test_a_healthy_window_passes_and_says_what_was_checked():
     (lambda w: replace(w, canary=replace(w.canary, errors=2, error_rate=2 / 60)), "canary error rate 0.0333 > 0.0100"),
     (lambda w: replace(w, canary=replace(w.canary, p99_ms=251.0), stable=replace(w.stable, p99_ms=200.0)), "canary p99 latency 251.0 ms > 250.0 ms"),
     (lambda w: replace(w, canary=replace(w.canary, p99_ms=200.1), stable=replace(w.stable, p99_ms=100.0)), "> 2x stable's 100.0 ms"),
-    (lambda w: replace(w, agreement=replace(w.agreement, mean_abs_diff=0.06)), "mean |p_stable - p_canary| 0.0600 > 0.05"),
-    (lambda w: replace(w, agreement=replace(w.agreement, decision_agreement=0.94)), "fraud decisions (at 0.5) agree on only 94.0%"),
+    (lambda w: replace(w, agreement=replace(w.agreement, mean_abs_diff=0.06)), "mean |stable - canary| 0.0600 > 0.05"),
+    (lambda w: replace(w, agreement=replace(w.agreement, decision_agreement=0.94)), "decisions (at 0.5) agree on only 94.0%"),
     (lambda w: replace(w, agreement=replace(w.agreement, score_agreement=0.89)), "scores agree within 0.1 on 89.0%"),
     (lambda w: replace(w, agreement=replace(w.agreement, pairs=0)), "score agreement cannot be judged"),
     (lambda w: replace(w, canary=replace(w.canary, p50_ms=None, p99_ms=None, errors=60, error_rate=1.0)), "the canary answered none of its 60 requests"),
@@ -108,14 +109,17 @@ def test_only_predict_requests_are_split(method, path, protocol):
     ("v1", b'{"predictions": [0.1, 0.7]}', (0.1, 0.7)),
     ("v2", b'{"outputs": [{"name": "x", "data": [1]}, {"name": "fraud_probability", "data": [0.5, 0.25]}]}', (0.5, 0.25)),
     ("v2", b'{"outputs": [{"name": "p", "shape": [2, 1], "data": [[0.5], [0.25]]}]}', (0.5, 0.25)),
-    ("v1", b'{"predictions": [{"other": 1}]}', None),
+    ("v1", b'{"predictions": [{"note": "no score"}]}', None),
+    ("v1", b'{"predictions": [{"p": {"a": 0.25, "b": 0.75}}]}', (0.25, 0.75)),  # a multiclass answer: each class's
     ("v1", b'{"predictions": [true]}', None),
     ("v1", b'{"predictions": [NaN]}', None),
     ("v2", b'{"outputs": []}', None),
     ("v1", b"<html>oops</html>", None),
 ])
 def test_scores_are_read_from_v1_and_v2_answers_or_refused(protocol, body, scores):
-    assert scores_of(protocol, body) == scores
+    # The platform names the model's output (its task's); without one, each v1 prediction's first field.
+    named = "fraud_probability" if b"fraud_probability" in body else None
+    assert scores_of(protocol, body, named) == scores
 
 
 def test_v1_bodies_keep_request_fields_only_and_iso_times():
@@ -123,7 +127,7 @@ def test_v1_bodies_keep_request_fields_only_and_iso_times():
 
     rows = [{"transaction_id": f"t{i}", "card_id": "c", "merchant_id": "m", "amount": 1.5 * i,
              "ts": pd.Timestamp("2026-11-01T12:00:00Z"), "is_fraud": True} for i in range(3)]
-    bodies = v1_bodies(rows, per_request=2)
+    bodies = v1_bodies(rows, per_request=2, fields=list(FRAUD_CONTRACT.request_fields()))
     assert [len(b["instances"]) for b in bodies] == [2, 1]
     assert bodies[0]["instances"][1] == {"transaction_id": "t1", "card_id": "c", "merchant_id": "m", "amount": 1.5,
                                          "ts": "2026-11-01T12:00:00+00:00"}
@@ -206,3 +210,24 @@ def test_a_stall_both_arms_suffered_is_not_the_canarys_error():
     assert mixed_window.canary.shared_stalls == 2 and mixed_window.canary.errors == 5
     reasons = judge(mixed_window, Thresholds()).reasons
     assert any("canary error rate 0.0300 > 0.0100 (3 of 100; 0 timeouts" in r for r in reasons), reasons
+
+
+def test_a_regressions_canary_agrees_in_minutes_and_has_no_decisions():
+    """Bug caught: a flights canary judged its answers in minutes against probability margins (0.1),
+    so every pair disagreed, or against a fraud decision threshold that means nothing for a delay."""
+    from flywheel.config import CanarySettings
+    from flywheel.deploy.analysis import ScorePair, agreement, thresholds_for
+    from flywheel.usecase import load_usecase
+    from tests.factories import REPO
+
+    flights = load_usecase(REPO / "usecases" / "flights").task.model_dump(mode="json")
+    declared = thresholds_for(CanarySettings(), {"task": flights, "target_scale": 40.0})
+    assert (declared.score_tolerance, declared.max_mean_score_difference, declared.decision_threshold) == (5.0, 2.0, None)
+    undeclared = dict(flights, evaluation=dict(flights["evaluation"], canary_tolerance=None, canary_mean_difference=None))
+    default = thresholds_for(CanarySettings(), {"task": undeclared, "target_scale": 40.0})
+    assert (default.score_tolerance, default.max_mean_score_difference) == (4.0, 2.0)  # a tenth, a twentieth of the spread
+    assert thresholds_for(CanarySettings(), {"task": {"kind": "binary"}}) == Thresholds.from_object(CanarySettings())
+    close = agreement([ScorePair((20.0,), (23.0,))] * 60, declared.score_tolerance, declared.decision_threshold)
+    assert close.score_agreement == 1.0 and close.decision_agreement is None and close.mean_abs_diff == 3.0
+    apart = agreement([ScorePair((20.0,), (30.0,))] * 60, declared.score_tolerance, declared.decision_threshold)
+    assert apart.score_agreement == 0.0

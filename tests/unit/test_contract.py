@@ -49,7 +49,9 @@ def test_the_fraud_contract_declares_the_schema_the_lake_enforces(fraud):
 def test_the_fraud_contract_declares_the_request_serving_accepts(fraud):
     """Bug caught: a field the predictor requires that the contract makes optional, or the reverse,
     or a label that a request could carry."""
-    from serving.requests import REQUEST_SCHEMA
+    from serving.requests import RequestSchema
+
+    REQUEST_SCHEMA = RequestSchema(fraud).fields
 
     assert fraud.request_fields() == {spec.name: spec.required for spec in REQUEST_SCHEMA}
     assert list(fraud.request_fields()) == schema.REQUEST_FIELDS

@@ -11,7 +11,7 @@ from pandas.testing import assert_frame_equal
 from flywheel.config import load_settings
 from flywheel.features.build import materialize_window, split_by_time
 from flywheel.features import store as feast_store
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from tests import factories
 from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
 from tests import fraud_tables as compute  # fraud's hand-written tables: a second oracle

@@ -26,14 +26,9 @@ from tests.factories import REPO
 PLATFORM = ("flywheel", "serving", "components", "pipelines")
 STILL_FRAUD = {
     "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
-    "flywheel/deploy/canary.py": "the canary replays fraud requests (their ts)",
     "serving/rest.py": "its access-log records have a field called ts (the platform's own, named like fraud's column)",
-    "flywheel/features/definitions.py": "the fraud model's feature names for the input transform and predictor",
-    "flywheel/features/store.py": "the served read path's two fraud views (moves with serving)",
     "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
     "flywheel/scoring.py": "batch scoring's output columns (moves with the task's outputs)",
-    "serving/predictor.py": "the fraud predictor (moves with the task and request declaration)",
-    "serving/requests.py": "the fraud request schema (to be derived from the contract)",
 }
 
 

@@ -16,7 +16,7 @@ from flywheel.config import load_settings
 from flywheel.errors import FeatureStoreError
 from flywheel.features import oracle as build_oracle
 from flywheel.features import store as feast_store
-from flywheel.features.definitions import CARD_FEATURES, MERCHANT_FEATURES
+from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from tests.factories import FRAUD_CONTRACT, FRAUD_VIEWS, fraud_tables
 
 T0 = pd.Timestamp("2026-10-10 12:00", tz="UTC")

@@ -8,7 +8,12 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from flywheel.schema import REQUEST_FIELDS
-from serving.requests import REQUEST_SCHEMA, parse_json, v1_transactions, v2_transactions
+from serving.requests import RequestSchema, parse_json
+from tests.factories import FRAUD_CONTRACT
+
+SCHEMA = RequestSchema(FRAUD_CONTRACT)  # the fraud use case's request, from its contract
+REQUEST_SCHEMA = SCHEMA.fields
+v1_transactions, v2_transactions = SCHEMA.v1, SCHEMA.v2
 
 GOOD = {"card_id": "c0000001", "merchant_id": "m000001", "amount": 12.5, "ts": "2026-11-01T12:00:00Z"}
 
@@ -23,7 +28,7 @@ def test_the_schema_lists_exactly_the_transaction_fields():
 
 def test_a_good_v1_instance_becomes_columns_with_absent_optional_fields_missing():
     parsed = v1(dict(GOOD, channel="online", lat=40.0, lon=-80.0))
-    assert parsed.count == 1 and parsed.card_ids == ["c0000001"] and parsed.merchant_ids == ["m000001"]
+    assert parsed.count == 1 and parsed.keys == {"card_id": ["c0000001"], "merchant_id": ["m000001"]}
     assert parsed.columns["amount"].tolist() == [12.5] and parsed.columns["lat"].tolist() == [40.0]
     assert parsed.columns["ts"].dtype == np.dtype("datetime64[ns]")
     assert parsed.columns["ts"][0] == np.datetime64("2026-11-01T12:00:00", "ns")
@@ -50,7 +55,7 @@ def test_timestamps_are_read_as_utc(ts, expected):
         ({"inputs": []}, "field 'instances' is missing"),
         ([], "field 'instances' is missing"),
         ({"instances": [], "extra": 1}, "unknown field"),
-        ({"instances": []}, "at least one transaction"),
+        ({"instances": []}, "at least one row"),
         ({"instances": "x"}, "field 'instances' must be a non-empty list"),
         ({"instances": [42]}, "instance 0 must be an object"),
         ({"instances": [{"card_id": "c"}]}, "missing required field"),
@@ -60,7 +65,7 @@ def test_timestamps_are_read_as_utc(ts, expected):
         ({"instances": [dict(GOOD, amount=-1)]}, "field 'amount' must be"),
         ({"instances": [dict(GOOD, amount=float("nan"))]}, "field 'amount' must be a finite number"),
         ({"instances": [dict(GOOD, amount=float("inf"))]}, "field 'amount' must be a finite number"),
-        ({"instances": [dict(GOOD, amount=10**400)]}, "field 'amount' must be between"),
+        ({"instances": [dict(GOOD, amount=10**400)]}, "field 'amount' must be above 0 and at most"),
         ({"instances": [dict(GOOD, ts="yesterday-ish")]}, "field 'ts' must be an ISO-8601"),
         ({"instances": [dict(GOOD, ts="now")]}, "field 'ts' must be an ISO-8601"),
         ({"instances": [dict(GOOD, ts="9999-12-31T23:59:59Z")]}, "field 'ts' must be a time in years 2000-2099"),
@@ -84,7 +89,7 @@ def test_bad_v1_requests_name_the_field(body, message):
 
 
 def test_the_batch_limit_comes_from_the_caller():
-    with pytest.raises(InvalidInput, match="at most 2 transactions"):
+    with pytest.raises(InvalidInput, match="at most 2 rows"):
         v1(GOOD, GOOD, GOOD, max_batch=2)
 
 
@@ -111,7 +116,7 @@ def good_v2(**replace):
 
 def test_v2_named_inputs_become_columns():
     parsed = v2(*good_v2())
-    assert parsed.card_ids == ["c1", "c2"] and parsed.columns["amount"].tolist() == [1.0, 2.0]
+    assert parsed.keys["card_id"] == ["c1", "c2"] and parsed.columns["amount"].tolist() == [1.0, 2.0]
     nested = v2(*good_v2(amount=InferInput("amount", [2, 1], "FP32", [[1.0], [2.0]])))
     assert nested.columns["amount"].tolist() == [1.0, 2.0]
 
@@ -125,7 +130,7 @@ def test_v2_named_inputs_become_columns():
         ({"amount": InferInput("amount", [-2], "FP64", [1.0, 2.0])}, "input 'amount': shape"),
         ({"amount": InferInput("amount", [1, 2], "FP64", [1.0, 2.0])}, "input 'amount': shape must be"),
         ({"amount": InferInput("amount", [2], "BYTES", ["1", "2"])}, "input 'amount' must have datatype"),
-        ({"amount": InferInput("amount", [2], "INT64", [1, 10**400])}, "field 'amount' must be between"),
+        ({"amount": InferInput("amount", [2], "INT64", [1, 10**400])}, "field 'amount' must be above 0 and at most"),
         ({"amount": InferInput("amount", [2], "INT64", [1, 2.5])}, "field 'amount' is INT64 but holds 2.5"),
         ({"amount": InferInput("amount", [2], "FP64", [1.0, "x"])}, "field 'amount' is FP64 but holds"),
         ({"card_id": InferInput("card_id", [2], "FP32", [1.0, 2.0])}, "input 'card_id' must have datatype BYTES"),
@@ -144,7 +149,7 @@ def test_bad_v2_requests_name_the_field(replace, message):
 def test_v2_empty_duplicate_and_oversized_inputs_are_invalid():
     with pytest.raises(InvalidInput, match="needs inputs"):
         v2()
-    with pytest.raises(InvalidInput, match="at least one transaction"):
+    with pytest.raises(InvalidInput, match="at least one row"):
         v2(InferInput("card_id", [0], "BYTES", []))
     with pytest.raises(InvalidInput, match="given twice"):
         v2(*good_v2(), InferInput("amount", [2], "FP64", [1.0, 2.0]))
