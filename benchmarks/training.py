@@ -80,7 +80,7 @@ def scores_and_metrics(labels: np.ndarray, scores: np.ndarray, holdout: pd.DataF
     from flywheel.evaluation import ranking_metrics, truth_metrics
 
     ranking = ranking_metrics(labels, scores)
-    against_truth = truth_metrics(holdout, scores, truth) or {}
+    against_truth = truth_metrics(holdout, scores, truth, "transaction_id", "is_fraud") or {}
     return {
         "pr_auc": round(ranking["pr_auc"], 4),
         "roc_auc": round(ranking["roc_auc"], 4),
@@ -160,11 +160,11 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
     del fit
     args = worker.parse_args(worker_args(settings, training_set.train_uri, spec_uri, str(work / "out"))[2:])
 
-    def one_epoch(loader, width: int, base_rate: float) -> int:
+    def one_epoch(loader, spec, priors: list[float]) -> int:
         torch.manual_seed(args.seed)
-        model = worker.build_model(width, args.hidden, base_rate)
+        model = worker.build_model(spec, args.hidden, priors)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        loss_fn, seen = torch.nn.BCEWithLogitsLoss(), 0
+        loss_fn, seen = worker.loss_function(spec), 0
         for features, labels, _ in loader:
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(features), labels).backward()
@@ -177,7 +177,7 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
         started = time.perf_counter()
         shard = worker.load_shard(args, 0, 1, storage)
         read = time.perf_counter() - started
-        seen = sum(one_epoch(shard.loader, shard.spec.width, shard.base_rate) for _ in range(EFFICIENCY_EPOCHS))
+        seen = sum(one_epoch(shard.loader, shard.spec, shard.priors) for _ in range(EFFICIENCY_EPOCHS))
         return seen / (time.perf_counter() - started), read
 
     preloaded = worker.load_shard(args, 0, 1, storage)
@@ -188,7 +188,7 @@ def data_loading_efficiency(settings, storage, training_set, work: Path) -> dict
         loader = DataLoader(TensorDataset(x, y, rows), batch_size=args.batch_size, sampler=preloaded.sampler,
                             generator=torch.Generator().manual_seed(args.seed))
         started = time.perf_counter()
-        seen = sum(one_epoch(loader, preloaded.spec.width, preloaded.base_rate) for _ in range(EFFICIENCY_EPOCHS))
+        seen = sum(one_epoch(loader, preloaded.spec, preloaded.priors) for _ in range(EFFICIENCY_EPOCHS))
         return seen / (time.perf_counter() - started)
 
     from_storage(), in_memory()  # untimed warm-up: the page cache, torch's first allocations

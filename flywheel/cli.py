@@ -199,10 +199,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _published(args: argparse.Namespace, settings: Any, publish: bool) -> Any:
+    """With ``--usecase`` and a storage root in S3 (a cluster's): the settings naming the use case's
+    folder in storage (``usecase_uri``), which every step of the pipeline fetches; ``publish``: copy
+    it there now (upload, submit, schedule; compile only names where it goes)."""
+    from flywheel.storage import Storage, is_s3
+
+    if not getattr(args, "usecase", None) or not is_s3(settings.storage.root):
+        return settings
+    from flywheel.usecase import load_usecase
+    from flywheel.usecase_store import publish_usecase, published_uri
+
+    storage, usecase = Storage.from_settings(settings), load_usecase(settings.usecase)
+    uri = publish_usecase(storage, usecase) if publish else published_uri(storage, usecase)
+    _console().print(f"use case {usecase.name} ({usecase.digest[:12]}) {'published at' if publish else 'will be read from'} "
+                     f"{uri}" + ("" if publish else " (upload, submit and schedule publish it)"), soft_wrap=True)
+    return settings.model_copy(update={"usecase_uri": uri})
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines import scoring, training
 
-    settings = _settings(args)
+    settings = _published(args, _settings(args), publish=False)
     for module in (training, scoring):
         _console().print(f"wrote {module.compile_pipeline(args.out, settings)}")
     return 0
@@ -285,10 +303,13 @@ def _checked_params(path: str, pairs: list[str]) -> dict[str, str]:
     return params
 
 
-def _kfp(args: argparse.Namespace) -> tuple[Any, Any]:
+def _kfp(args: argparse.Namespace, publish: bool = False) -> tuple[Any, Any]:
+    """The settings and a KFP client; ``publish``: the use case published for the pipeline's pods first."""
     from flywheel.kfp_client import KfpClient
 
     settings = _settings(args)
+    if publish:
+        settings = _published(args, settings, publish=True)
     return settings, KfpClient(settings)
 
 
@@ -306,7 +327,7 @@ def _upload(args: argparse.Namespace, settings: Any, client: Any, scratch: str) 
 def cmd_upload(args: argparse.Namespace) -> int:
     import tempfile
 
-    settings, client = _kfp(args)
+    settings, client = _kfp(args, publish=True)
     with tempfile.TemporaryDirectory() as scratch:
         _upload(args, settings, client, scratch)
     return 0
@@ -315,7 +336,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
-    settings, client = _kfp(args)
+    settings, client = _kfp(args, publish=True)
     with tempfile.TemporaryDirectory() as scratch:
         uploaded, params = _upload(args, settings, client, scratch)
         run = client.submit(uploaded, params, args.run_name or new_run_id())
@@ -326,7 +347,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     import tempfile
 
-    settings, client = _kfp(args)
+    settings, client = _kfp(args, publish=True)
     with tempfile.TemporaryDirectory() as scratch:
         uploaded, params = _upload(args, settings, client, scratch)
         scheduled = client.schedule(uploaded, params, args.name or f"{uploaded.pipeline_name}-scheduled", args.cron)

@@ -447,6 +447,11 @@ class Settings(_Section):
     # the working directory unless absolute. Also FLYWHEEL_USECASE or --usecase. Default: see
     # default_usecase (the repository's first use case, so `make run` in a checkout runs it).
     usecase: Path = Field(default_factory=lambda: default_usecase())
+    # On a cluster: the use case's folder as published in storage (flywheel.usecase_store:
+    # ``<root>/<use case>/usecases/<digest>/<use case>``). `flywheel compile|upload|submit|schedule
+    # --usecase PATH` publish it and set this in the pipeline; each step fetches it, checks its digest
+    # and runs it, so a team's use case reaches the pods without an image of its own.
+    usecase_uri: str = ""
     model_name: str = ""  # what clients name the model in URLs, and its registry's name; empty: the use case's name
     image: str = "ghcr.io/flywheel-ml/flywheel:0.1.0"
     storage: StorageSettings = Field(default_factory=StorageSettings)
@@ -478,6 +483,8 @@ class Settings(_Section):
     def namespace(self) -> str:
         """The use case's name (its folder's): every artifact of the use case lives below this folder
         of the storage root and of the Feast folder, so several use cases share one storage root."""
+        if self.usecase_uri:
+            return self.usecase_uri.rstrip("/").rsplit("/", 1)[-1]
         return self.usecase.name
 
 
@@ -579,7 +586,7 @@ def _describe_error(err: Any) -> str:
 
 USECASE_SETTINGS = "settings.yaml"
 # What a use case's settings.yaml may not set: where it is, and where everything is stored.
-NOT_USECASE_SETTINGS = {"usecase", "home", "storage", "kfp", "image"}
+NOT_USECASE_SETTINGS = {"usecase", "usecase_uri", "home", "storage", "kfp", "image"}
 
 
 def _usecase_settings_file(data: Mapping[str, Any]) -> Path | None:

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def _context(settings: Settings | None) -> tuple[Settings, Storage]:
-    settings = settings or load_settings()
+    """The step's settings (its use case fetched from storage when ``usecase_uri`` says so) and storage."""
+    from flywheel.usecase_store import resolve_usecase
+
+    settings = resolve_usecase(settings or load_settings())
     return settings, Storage.from_settings(settings)
 
 

@@ -46,6 +46,8 @@ def configure(task: Any, display_name: str, settings: Settings, step: str) -> An
             secret_key_to_env={"accesskey": "FLYWHEEL_S3_ACCESS_KEY", "secretkey": "FLYWHEEL_S3_SECRET_KEY"},
         )
     task.set_env_variable("FLYWHEEL_MODEL_NAME", settings.model_name)
+    if settings.usecase_uri:  # the use case's published folder: each step fetches and checks it
+        task.set_env_variable("FLYWHEEL_USECASE_URI", settings.usecase_uri)
     task.set_container_image(settings.image)
     kubernetes.set_image_pull_policy(task, settings.kfp.image_pull_policy)
     resources = settings.kfp.resources[step]

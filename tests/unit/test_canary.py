@@ -151,3 +151,32 @@ def test_replay_sends_each_request_to_both_versions_and_observes_them(predictors
     observed = canary.replay(good, failing, instances, "fraud", THRESHOLDS, 10)
     assert observed.stable.errors == 0 and observed.canary.error_rate == 1.0 and observed.agreement.pairs == 0
     assert observed.canary.error_examples == ["HTTP 500"] and observed.canary_percent == 10
+
+
+def test_held_out_requests_are_the_contracts_request_fields_in_time_order(tmp_path):
+    """The canary's replay for any use case: the model's holdout rows with only what a request
+    carries (no label, no arrival), times as ISO-8601, a missing value left out, oldest first."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from flywheel.usecase import load_usecase
+    from tests.factories import REPO
+
+    contract = load_usecase(REPO / "usecases" / "flights").contract
+    storage = Storage(str(tmp_path / "store"))
+    holdout = pd.DataFrame({
+        "flight_id": ["b", "a"], "scheduled_departure": pd.to_datetime(["2013-11-02T10:00Z", "2013-11-01T10:00Z"]),
+        "scheduled_arrival": pd.to_datetime(["2013-11-02T13:00Z", "2013-11-01T13:00Z"]), "carrier": ["UA", "AA"],
+        "flight": [1, 2], "tailnum": ["N1", None], "origin": ["EWR", "JFK"], "dest": ["IAH", "MIA"],
+        "route": ["EWR-IAH", "JFK-MIA"], "distance": [1400.0, 1089.0],
+        "arrival": pd.to_datetime(["2013-11-02T13:05Z", "2013-11-01T12:55Z"]), "arr_delay": [5.0, -5.0],
+    })
+    uri = storage.write_parquet(storage.uri("ds", "holdout.parquet"), holdout).uri
+    storage.write_json(storage.uri("ds", "manifest.json"), {"holdout_uri": uri})
+    model = SimpleNamespace(version="v1", meta={"training_set": {"uri": storage.uri("ds")}})
+    rows = canary.held_out_rows(storage, model, contract)
+    assert [row["flight_id"] for row in rows] == ["a", "b"]
+    assert "tailnum" not in rows[0] and rows[1]["tailnum"] == "N1"
+    assert rows[0]["scheduled_departure"] == "2013-11-01T10:00:00+00:00"
+    assert not {"arrival", "arr_delay"} & (set(rows[0]) | set(rows[1]))
