@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flywheel.contract import NUMERIC, Contract, read_usecase_yaml
+from flywheel.contract import NUMERIC, Contract, describe_errors, read_usecase_yaml
 from flywheel.errors import UseCaseError
 
 FEATURES_FILE = "features.yaml"
@@ -201,12 +201,7 @@ def parse_features(data: Any, contract: Contract, source: str) -> Features:
     try:
         features = Features.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(part) for part in err["loc"])
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{where} is not a field here" if err["type"] == "extra_forbidden" else f"{where}: {message}")
-        raise UseCaseError(f"invalid features {source}: " + "; ".join(problems)) from None
+        raise UseCaseError(f"invalid features {source}: {describe_errors(exc, 'features declaration')}") from None
     return check_against(features, contract, source)
 
 

@@ -223,12 +223,17 @@ class Contract(_Strict):
         return fields
 
 
-def _describe(err: Any) -> str:
-    where = ".".join(str(part) for part in err["loc"]) or "contract"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{where} is not a field of a contract here"
-    return f"{where}: {message}"
+def describe_errors(exc: ValidationError, what: str) -> str:
+    """Every problem pydantic found in a use case file, named by where it is ("columns.amount.min:
+    ..."), an unknown field as not a field of ``what`` (a contract, a task, ...)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or what
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{where} is not a field of a {what} here")
+        else:
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 
 def parse_contract(data: Any, source: str) -> Contract:
@@ -238,7 +243,7 @@ def parse_contract(data: Any, source: str) -> Contract:
     try:
         return Contract.model_validate(data)
     except ValidationError as exc:
-        raise UseCaseError(f"invalid contract {source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        raise UseCaseError(f"invalid contract {source}: {describe_errors(exc, 'contract')}") from None
 
 
 def read_usecase_yaml(path: Path) -> Any:
@@ -319,4 +324,4 @@ def infer_contract(sample: pa.Table, *, label: str, timestamp: str, id: str | No
     try:
         return Contract(columns=columns, id=id, timestamp=timestamp, labels=[label], entities=entities, unlabelled=unlabelled)
     except ValidationError as exc:
-        raise UseCaseError("the sample does not make a valid contract: " + "; ".join(_describe(err) for err in exc.errors())) from None
+        raise UseCaseError(f"the sample does not make a valid contract: {describe_errors(exc, 'contract')}") from None

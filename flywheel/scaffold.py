@@ -65,7 +65,7 @@ def _as_utc(table: pa.Table, column: str) -> pa.Table:
 
 
 def entity_name(column: str) -> str:
-    """``card_id`` -> ``card``; ``tailnum`` -> ``tailnum``."""
+    """A join key's column as an entity's name: ``customer_id`` -> ``customer``; ``shop`` -> ``shop``."""
     for suffix in ("_id", "_key", "_code"):
         if column.endswith(suffix) and len(column) > len(suffix):
             return column[: -len(suffix)]

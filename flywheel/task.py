@@ -4,8 +4,8 @@ Declared in ``usecases/<name>/task.yaml`` (every field optional: without the fil
 from the contract's label)::
 
     task: regression          # binary | multiclass | regression (default: from the label's type)
-    label: arr_delay          # default: the contract's first label
-    output: arr_delay_minutes # what serving calls the prediction (default: <label>_prediction,
+    label: delay              # default: the contract's first label
+    output: delay_minutes     # what serving calls the prediction (default: <label>_prediction,
                               #   <label>_probability for a binary or multiclass task)
     loss: l1                  # binary: bce; multiclass: cross_entropy; regression: huber (default), l1, mse
     early_stopping: mae       # the validation figure that picks the best epoch (defaults below)
@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flywheel.contract import NUMERIC, Contract, read_usecase_yaml
+from flywheel.contract import NUMERIC, Contract, describe_errors, read_usecase_yaml
 from flywheel.errors import UseCaseError
 
 TASK_FILE = "task.yaml"
@@ -264,12 +264,7 @@ def load_task(folder: Path, contract: Contract) -> Task:
     try:
         declared = TaskFile.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "task"
-            problems.append(f"{where} is not a field of a task here" if err["type"] == "extra_forbidden"
-                            else f"{where}: {err['msg']}")
-        raise UseCaseError(f"invalid task {path}: " + "; ".join(problems)) from None
+        raise UseCaseError(f"invalid task {path}: {describe_errors(exc, 'task')}") from None
     task = resolve_task(declared, contract, str(path))
     if task.network is not None and not (folder / task.network).is_file():
         raise UseCaseError(f"{path}: network {task.network} is not a file of the use case folder {folder}")

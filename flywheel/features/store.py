@@ -310,13 +310,7 @@ def _entity_key_head(join_key: str) -> bytes:
 
 
 def _varint(raw: bytes, at: int) -> int:
-    number, shift = 0, 0
-    while True:
-        byte = raw[at]
-        number |= (byte & 0x7F) << shift
-        at, shift = at + 1, shift + 7
-        if not byte & 0x80:
-            return number
+    return _varint_at(raw, at)[0]
 
 
 def _varint_at(raw: bytes, at: int) -> tuple[int, int]:

@@ -193,7 +193,8 @@ class FeatureSpec:
         module = import_code(code, INPUTS_FILE)
         declared = getattr(module, "CATEGORIES", None) if module is not None else None
         if declared is None:
-            declared = [n for n in texts if contract.columns[n].categories and n not in usecase.contract.entities.values()]
+            declared = [n for n in texts if n in contract.columns and contract.columns[n].categories
+                        and n not in contract.entities.values()]
         for name in declared:
             if name not in contract.columns or not contract.columns[name].categories:
                 raise UseCaseError(f"{usecase.folder / INPUTS_FILE}: CATEGORIES names {name}, which is not a column "

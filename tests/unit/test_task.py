@@ -207,3 +207,23 @@ def test_a_multiclass_model_learns_through_the_teams_own_network(tmp_path):
     assert (classes[probabilities.argmax(axis=1)] == holdout["grade"]).mean() > 0.8
     history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
     assert all("validation_neg_log_loss" in epoch for epoch in history)
+
+
+def test_the_default_inputs_read_a_text_feature_as_text_without_tripping_on_it(tmp_path):
+    """Bug caught: the default one-hot columns were looked up in the contract by every text column's
+    name, so a use case whose features hold the last value of a text column failed to train."""
+    folder = tmp_path / "shops"
+    folder.mkdir()
+    (folder / "contract.yaml").write_text(
+        "columns:\n  id: {type: string}\n  at: {type: timestamp}\n  shop: {type: string}\n"
+        "  colour: {type: string, categories: [red, blue]}\n  y: {type: float64}\n"
+        "id: id\ntimestamp: at\nlabels: [y]\nlabel_known: {delay: P1D}\nentities: {shop: shop}\n")
+    (folder / "features.yaml").write_text(
+        "aggregations:\n  shop:\n    - {op: last, column: colour, window: 24h}\n    - {op: count, window: 24h}\n")
+    usecase = load_usecase(folder)
+    frame = rows(20)[["id", "at", "x", "y"]].assign(
+        shop="s1", colour="red", shop_colour_last_24h=["blue", None] * 10, shop_count_24h=range(20))
+    spec = FeatureSpec.fit(frame, usecase)
+    assert "shop_colour_last_24h" in spec.texts and "shop_count_24h" in spec.numeric
+    assert spec.categories == [("colour", ["red", "blue"])]
+    assert spec.transform(frame).shape == (20, spec.width)
