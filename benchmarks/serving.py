@@ -1,6 +1,6 @@
 """Real-time serving: latency and throughput of `flywheel serve` under wrk, beside a no-op KServe model.
 
-    python benchmarks/serving.py [--quick] [--keep]
+    python benchmarks/serving.py [--quick] [--keep] [--usecase PATH]
 
 Set-up, once, in a temporary $FLYWHEEL_HOME: a redis-server on loopback (no persistence), then
 `flywheel generate` and `flywheel run` (SQLite online store), then `flywheel run` again on the same
@@ -29,6 +29,10 @@ concurrency 8, at least 60% of the no-op model's requests/s at concurrency 8, co
 5 s, batch rows/s at least 20x single. Quick mode: 30k rows over 14 days, 3 training epochs, 3 s per
 load; otherwise 200k rows over 30 days with the default settings, 10 s per load. Writes
 benchmarks/results/serving.json (serving-quick.json with --quick).
+
+``--usecase PATH`` measures another use case the same way: `flywheel run --usecase PATH` on its own
+demo data (its first 60,000 rows with --quick, all of it otherwise), requests of its contract's
+fields from the holdout's last rows; results in serving-<use case>[-quick].json.
 """
 
 from __future__ import annotations
@@ -156,11 +160,15 @@ def run_cli(args: list[str], env: dict[str, str], log: Path) -> None:
         sys.exit(f"flywheel {' '.join(args)} failed ({code}):\n{log.read_text()[-4000:]}")
 
 
-def set_up(home: Path, rows: int, days: int, redis_connection: str, quick: bool) -> dict[str, dict[str, str]]:
-    """Generate data and run the loop with each online store; the environment of each store."""
+def set_up(home: Path, rows: int | None, days: int, redis_connection: str, quick: bool,
+           usecase: str = "") -> dict[str, dict[str, str]]:
+    """Generate data and run the loop with each online store; the environment of each store. With a
+    ``usecase``: the loop on that use case's own demo data (``rows`` of it; None: all of it)."""
     base = {"FLYWHEEL_HOME": str(home)}
     if quick:
         base["FLYWHEEL_TRAINING__EPOCHS"] = "3"
+    if usecase:
+        base["FLYWHEEL_USECASE"] = str(Path(usecase).resolve())
     envs = {
         "sqlite": {**base, "FLYWHEEL_FEATURES__ONLINE_STORE": "sqlite"},
         "redis": {**base, "FLYWHEEL_FEATURES__ONLINE_STORE": "redis", "FLYWHEEL_FEATURES__REDIS_CONNECTION": redis_connection},
@@ -169,33 +177,51 @@ def set_up(home: Path, rows: int, days: int, redis_connection: str, quick: bool)
     home.mkdir(parents=True, exist_ok=True)
     source = str(home / "raw" / "bench")
     started = time.perf_counter()
-    run_cli(["generate", "--rows", str(rows), "--days", str(days), "--seed", "7", "--out", source], clean_env(**base), log)
+    if usecase:
+        run = ["run", *(["--rows", str(rows)] if rows else [])]  # its demo data (source.py)
+    else:
+        run_cli(["generate", "--rows", str(rows), "--days", str(days), "--seed", "7", "--out", source], clean_env(**base), log)
+        run = ["run", "--source", source]
     for store in ("sqlite", "redis"):
-        run_cli(["run", "--source", source], clean_env(**envs[store]), log)
-    print(f"set-up: {rows:,} rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})", flush=True)
+        run_cli(run, clean_env(**envs[store]), log)
+    print(f"set-up: {rows or 'all':,} rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})"
+          if rows else f"set-up: all rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})",
+          flush=True)
     return envs
 
 
 def holdout_transactions(env: dict[str, str], count: int) -> list[dict]:
-    """``count`` real transactions from the production model's holdout (the last ones in time),
-    as v1 instances stamped an hour after the holdout ends."""
+    """``count`` real rows from the production model's holdout (the last ones in time), as v1
+    instances of the use case's request fields, stamped an hour after the holdout ends (every other
+    time of a row keeps its distance from the event time); the id, if any, is the benchmark's own."""
     import pandas as pd
 
     from flywheel.config import load_settings
     from flywheel.features.build import latest_training_set
     from flywheel.storage import Storage
+    from flywheel.usecase import load_usecase
 
     settings = load_settings(env=clean_env(**env))
+    contract = load_usecase(settings.usecase).contract
     storage = Storage.from_settings(settings)
     holdout = storage.read_parquet(latest_training_set(storage).holdout_uri).to_pandas()
-    rows = holdout.sort_values("ts").tail(count)
-    when = (pd.to_datetime(rows["ts"], utc=True).max() + pd.Timedelta(hours=1)).isoformat()
-    return [
-        {"transaction_id": f"bench-{i}", "card_id": r.card_id, "merchant_id": r.merchant_id,
-         "merchant_category": r.merchant_category, "amount": float(r.amount), "ts": when, "channel": r.channel,
-         "lat": float(r.lat), "lon": float(r.lon)}
-        for i, r in enumerate(rows.itertuples())
-    ]
+    rows = holdout.sort_values(contract.timestamp, kind="stable").tail(count)
+    event = pd.to_datetime(rows[contract.timestamp], utc=True)
+    shift = event.max() + pd.Timedelta(hours=1) - event
+    fields = list(contract.request_fields())
+    instances = []
+    for i, (index, row) in enumerate(rows[fields].iterrows()):
+        instance = {}
+        for name, value in row.items():
+            if value is None or value != value:
+                continue
+            if name in contract.timestamp_columns():
+                value = (pd.Timestamp(value) + shift[index]).isoformat()
+            elif hasattr(value, "item"):
+                value = value.item()
+            instance[name] = f"bench-{i}" if name == contract.id else value
+        instances.append(instance)
+    return instances
 
 
 # ---------------------------------------------------------------- load
@@ -272,14 +298,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30k rows, 3 epochs, 3 s per load instead of 200k rows, 10 s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary $FLYWHEEL_HOME and the servers' logs")
+    parser.add_argument("--usecase", default="", help="another use case (its own demo data): results in serving-<name>.json")
     args = parser.parse_args()
     rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
+    if args.usecase:  # its demo data: a slice big enough for the gate to bless a model, or all of it
+        rows = 60_000 if args.quick else None
     program("wrk")  # before the set-up: a missing wrk ends the run at once, naming how to install it
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
     redis_process, redis_connection = start_redis(work / "redis")
     try:
-        envs = set_up(work / "home", rows, days, redis_connection, args.quick)
+        envs = set_up(work / "home", rows, days, redis_connection, args.quick, args.usecase)
         transactions = holdout_transactions(envs["sqlite"], max(BODIES, BATCH_ROWS))
         single = [json.dumps({"instances": [tx]}) for tx in transactions[-BODIES:]]
         batches = [json.dumps({"instances": transactions[-BATCH_ROWS:]})]
@@ -289,7 +318,7 @@ def main() -> None:
         first_body = single[0].encode()
 
         workers = [1, 2] if serving_has_workers() else [1]
-        figures: dict[str, float] = {"rows": rows, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
+        figures: dict[str, float] = {"rows": rows or 0, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
         problems: dict[str, str] = {}
         serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST]
         noop = [sys.executable, str(REPO / "benchmarks" / "noop_server.py")]
@@ -323,7 +352,8 @@ def main() -> None:
             goal["met"] = False
     if problems:
         print(f"WARNING: loads with problems (their servers' goals count as not met): {problems}")
-    write_results(RESULTS / ("serving-quick.json" if args.quick else "serving.json"), figures, goals,
+    name = "serving" + (f"-{Path(args.usecase).resolve().name}" if args.usecase else "") + ("-quick" if args.quick else "")
+    write_results(RESULTS / f"{name}.json", figures, goals,
                   quick=args.quick, workers=workers, batch_rows=BATCH_ROWS, batch_concurrency=BATCH_CONCURRENCY,
                   concurrency=list(CONCURRENCY), problems=problems)
 

@@ -209,32 +209,27 @@ def test_two_use_cases_share_one_storage_root_and_feast_folder_without_meeting(f
 
 
 def test_the_flights_model_is_served_with_its_request_its_output_and_its_features(flights_loop):
-    """`flywheel serve` for a regression on another contract: the request is flights' (what is known
-    at the scheduled departure; the arrival and its delay are not fields), the answer is
-    arr_delay_minutes in minutes, an aircraft the store does not know (or a flight with no tail
-    number) is named, and the answer equals the model's offline score of the same row joined with the
-    features Feast's own SDK reads (the oracle of the served read path)."""
+    """The predictor for a regression on another contract (in process: KServe's app is one per
+    process, and tests/integration/test_serving_app.py owns it): the request is flights' (what is
+    known at the scheduled departure; the arrival and its delay are not fields), the answer is
+    arr_delay_minutes in minutes over v1 and v2, an aircraft the store does not know (or a flight
+    with no tail number) is named, a bad field is a 400 naming it, and the answer equals the model's
+    offline score of the same rows joined with the features Feast's own SDK reads (the oracle of the
+    served read path)."""
+    import asyncio
+
     import numpy as np
-    from fastapi.testclient import TestClient
-    from kserve.model_repository import ModelRepository
-    from kserve.model_server import app
-    from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferInput, InferRequest
 
     from flywheel.features import store as feast_store
     from flywheel.features.views import views_of
     from serving.predictor import Predictor
-    from serving.rest import FlywheelRESTServer
 
     settings, storage = flights_loop["settings"], flights_loop["storage"]
     model = steps.train_step(flights_loop["training_set"], "flights-1", settings)  # reused: same inputs
     predictor = Predictor("flights", settings, version=model["version"])
     predictor.load()
-    repository = ModelRepository()
-    repository.update(predictor)
-    rest = FlywheelRESTServer("kserve.model_server:app", DataPlane(model_registry=repository),
-                              ModelRepositoryExtension(model_registry=repository), 0).configure("127.0.0.1", 4096)
-    rest.create_application()
     holdout = storage.read_parquet(flights_loop["training_set"]["holdout_uri"]).to_pandas().tail(5)
     fields = list(flights_loop["usecase"].contract.request_fields())
     assert "arr_delay" not in fields and "arrival" not in fields
@@ -245,20 +240,15 @@ def test_the_flights_model_is_served_with_its_request_its_output_and_its_feature
     without_tail = dict(instances[0])
     del without_tail["tailnum"]
     instances.append(without_tail)
-    with TestClient(app) as http:
-        response = http.post("/v1/models/flights:predict", json={"instances": instances})
-        assert response.status_code == 200, response.text
-        answers = response.json()["predictions"]
-        bad = http.post("/v1/models/flights:predict", json={"instances": [dict(instances[0], distance=-5)]})
-        v2 = http.post("/v2/models/flights/infer", json={"inputs": [
-            {"name": name, "shape": [1], "datatype": "BYTES" if isinstance(value, str) else "FP64", "data": [value]}
-            for name, value in instances[0].items()]})
+    answers = asyncio.run(predictor.predict({"instances": instances}))["predictions"]
     assert [sorted(answer) for answer in answers] == [["arr_delay_minutes", "model_version", "unknown_entities"]] * 7
     assert answers[5]["unknown_entities"] == ["tail"] and answers[6]["unknown_entities"] == ["tail"]
-    assert bad.status_code == 400 and "field 'distance' must be above 0" in bad.json()["error"]
-    assert v2.status_code == 200, v2.text
-    output = v2.json()["outputs"][0]
-    assert output["name"] == "arr_delay_minutes" and output["data"][0] == pytest.approx(answers[0]["arr_delay_minutes"], rel=1e-5)
+    with pytest.raises(InvalidInput, match="field 'distance' must be above 0"):
+        asyncio.run(predictor.predict({"instances": [dict(instances[0], distance=-5)]}))
+    v2 = InferRequest(model_name="flights", infer_inputs=[
+        InferInput(name, [1], "BYTES" if isinstance(value, str) else "FP64", [value]) for name, value in instances[0].items()])
+    output = asyncio.run(predictor.predict(v2)).outputs[0]
+    assert output.name == "arr_delay_minutes" and output.data[0] == pytest.approx(answers[0]["arr_delay_minutes"], rel=1e-5)
 
     # The oracle: the same rows joined with what Feast's SDK reads now, scored offline.
     views = views_of(flights_loop["usecase"])

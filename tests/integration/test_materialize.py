@@ -168,7 +168,7 @@ def test_a_second_run_materializes_only_what_changed_since_the_first(tmp_path):
 
     reader = feast_store.open_online_reader(settings, "incr")
     everyone = sorted(set(table[table.event_timestamp <= WINDOW[1]].card_id) | {"c-new"})
-    features, known = reader.read(everyone, ["m0"] * len(everyone))
+    features, known = reader.read({"card_id": everyone, "merchant_id": ["m0"] * len(everyone)})
     assert known["card_id"].all()
     counts = dict(zip(everyone, features["card_txn_count_1h"]))
     assert counts[changed.card_id.iloc[0]] == 123 and counts["c-new"] == 7

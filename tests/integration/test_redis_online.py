@@ -216,7 +216,7 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
         with ThreadPoolExecutor(1) as pool:
             try:
                 # One attempt and one immediate retry, each bounded by the socket timeout.
-                pending = pool.submit(reader.read, cards, merchants)
+                pending = pool.submit(reader.read, {"card_id": cards, "merchant_id": merchants})
                 with pytest.raises(FeatureStoreError, match=r"online read from Redis .* failed: TimeoutError"):
                     pending.result(timeout=2 * SERVING_REDIS_TIMEOUT_S + 2.0)
             finally:
