@@ -61,6 +61,7 @@ HOST = "127.0.0.1"
 CONCURRENCY = (1, 8, 64)
 HEADLINE_CONCURRENCY = 8
 BATCH_ROWS = 1_000
+MODEL_NAME = "fraud"  # the served model's name: the use case's (main sets it with --usecase)
 BATCH_CONCURRENCY = 2  # one batch in flight per core: the server is saturated, each batch's wait stays short
 BATCH_MIN_SECONDS = 10  # a batch can take seconds on a slow server: enough of them must complete
 ROUNDS = 3  # the headline loads (concurrency 8, and batch) run this many times, servers alternating; figures are medians
@@ -247,7 +248,7 @@ def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: 
     try:
         for name, (command, env) in servers.items():
             port = free_port()
-            urls[name] = f"http://{HOST}:{port}/v1/models/fraud:predict"
+            urls[name] = f"http://{HOST}:{port}/v1/models/{MODEL_NAME}:predict"
             process, cold = start_until_first_prediction([*command, "--port", str(port)], env, urls[name], first_body,
                                                          folder / f"{name}.log")
             processes.append(process)
@@ -303,6 +304,8 @@ def main() -> None:
     rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
     if args.usecase:  # its demo data: a slice big enough for the gate to bless a model, or all of it
         rows = 60_000 if args.quick else None
+        global MODEL_NAME
+        MODEL_NAME = Path(args.usecase).resolve().name
     program("wrk")  # before the set-up: a missing wrk ends the run at once, naming how to install it
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
@@ -321,7 +324,7 @@ def main() -> None:
         figures: dict[str, float] = {"rows": rows or 0, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
         problems: dict[str, str] = {}
         serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST]
-        noop = [sys.executable, str(REPO / "benchmarks" / "noop_server.py")]
+        noop = [sys.executable, str(REPO / "benchmarks" / "noop_server.py"), "--model-name", MODEL_NAME]
         for count in workers:
             print(f"{count} worker(s):", flush=True)
             worker_env = {"FLYWHEEL_SERVING__WORKERS": str(count)} if serving_has_workers() else {}
