@@ -22,6 +22,10 @@ windows:
   the event time plus a fixed delay, or the time in a column): a label is an event of its own, on
   the day it arrives, as a landing is. Rows whose label is null (not known yet, or never) are not
   label events.
+- **Further sources.** An aggregation with ``source: <name>`` reads the rows of one of the
+  contract's further sources (hourly weather per airport) whose key column for the entity holds its
+  key: each row is an event of that entity at the time it becomes known, its ``timestamp`` plus the
+  source's ``delay``. Its rows are instants of the entity's table as its own events are.
 - **Rows.** The entity's feature table has one row per entity and instant at which any of its
   aggregations may change: each event time, and each time a label becomes known (label aggregations
   only). The row at instant ``t`` holds each aggregation over the events with time in the window
@@ -110,6 +114,7 @@ class Aggregation(BaseModel):
     window: dt.timedelta
     name: str = ""  # default: <entity>_<column>_<op>_<window>, or <entity>_<op>_<window> without a column
     fill: float | None = None  # the value of a null (an empty window, a single value's spread)
+    source: str | None = None  # a further source of the contract whose rows it reads (default: the main rows)
     doc: str = ""
 
     @field_validator("window", mode="before")
@@ -169,7 +174,9 @@ def check_against(features: Features, contract: Contract, source: str) -> Featur
         for index, (name, aggregation) in enumerate(named):
             where = f"aggregations.{entity}[{index}] ({name})"
             column = aggregation.column
-            if column is not None:
+            if aggregation.source is not None:
+                problems += _source_problems(aggregation, contract, entity, where)
+            elif column is not None:
                 if column not in contract.columns:
                     problems.append(f"{where}: {column!r} is not a column of the contract")
                     continue
@@ -190,6 +197,26 @@ def check_against(features: Features, contract: Contract, source: str) -> Featur
     if problems:
         raise UseCaseError(f"invalid features {source}: " + "; ".join(problems))
     return features
+
+
+def _source_problems(aggregation: Aggregation, contract: Contract, entity: str, where: str) -> list[str]:
+    """What is wrong with an aggregation of a further source's rows (its source, entity and column)."""
+    source = contract.sources.get(aggregation.source or "")
+    if source is None:
+        return [f"{where}: source {aggregation.source!r} is not a source of the contract "
+                f"(sources: {', '.join(contract.sources) or 'none'})"]
+    if entity not in source.entities:
+        return [f"{where}: source {aggregation.source} names no key of {entity} "
+                f"(its entities: {', '.join(source.entities)})"]
+    column = aggregation.column
+    if column is None:
+        return []
+    if column not in source.columns:
+        return [f"{where}: {column!r} is not a column of source {aggregation.source}"]
+    kind = source.columns[column].type
+    if aggregation.op in NEEDS_NUMBER and kind not in NUMERIC and kind != "bool":
+        return [f"{where}: {aggregation.op} needs a number, and {aggregation.source}.{column} is {kind}"]
+    return []
 
 
 def parse_features(data: Any, contract: Contract, source: str) -> Features:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,28 @@ class LabelKnown(_Strict):
         return self
 
 
+class Source(_Strict):
+    """A further table the use case's features read, joined by key and time (hourly weather per
+    airport): its own columns, the time each row describes, how long after that time it is known, and
+    which of its columns holds each entity's key. Its rows are events of those entities, at the time
+    they become known; aggregations declared with ``source: <name>`` read them. Its raw files are
+    ingested into a lake of its own (:mod:`flywheel.ingest`), from the ``files`` below the main
+    source (a folder, a file or a glob relative to it; default ``_sources/<name>``)."""
+
+    columns: dict[str, Column]
+    timestamp: str  # the time a row describes (an hour's weather: the hour)
+    delay: dt.timedelta = Field(dt.timedelta(0), ge=dt.timedelta(0))  # known this long after it (ISO 8601 or seconds)
+    entities: dict[str, str] = Field(min_length=1)  # entity of the contract -> this table's column of its key
+    id: str | None = None
+    files: str = ""  # where its raw files are, relative to the main source (default: _sources/<name>)
+    doc: str = ""
+
+    def contract(self) -> "Contract":
+        """The source as a contract of its own (no labels): what its lake enforces."""
+        return SourceContract(columns=self.columns, id=self.id, timestamp=self.timestamp, labels=[],
+                              entities=dict(self.entities), unlabelled="keep")
+
+
 class Contract(_Strict):
     """What a use case's raw rows look like, and what each column means to the loop."""
 
@@ -126,6 +149,7 @@ class Contract(_Strict):
     # A row whose label is null: "reject" (bad data), "drop" (not a row of this use case), or "keep"
     # (a real event that features may count, never a training target: a cancelled flight).
     unlabelled: Literal["reject", "drop", "keep"] = "reject"
+    sources: dict[str, Source] = {}  # further tables joined by key and time (see Source)
 
     @model_validator(mode="after")
     def _names_are_columns(self) -> "Contract":
@@ -165,9 +189,31 @@ class Contract(_Strict):
         for name in [*self.labels, *( [self.label_known.column] if self.label_known.column else [])]:
             if name in self.columns and self.columns[name].request in ("required", "optional"):
                 problems.append(f"{name!r} is not known when a row is scored, so a request cannot carry it")
+        problems += self._source_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _source_problems(self) -> list[str]:
+        problems = []
+        for name, source in self.sources.items():
+            where = f"sources.{name}"
+            if not SOURCE_NAME.match(name):
+                problems.append(f"{where}: a source's name is lower-case letters, digits and '_', starting with a letter")
+            try:
+                source.contract()
+            except ValidationError as exc:
+                problems.append(f"{where}: {describe_errors(exc, 'source')}")
+                continue
+            for entity, column in source.entities.items():
+                if entity not in self.entities:
+                    problems.append(f"{where}.entities.{entity}: not an entity of the contract "
+                                    f"(entities: {', '.join(self.entities) or 'none'})")
+                elif self.columns.get(self.entities[entity]) is not None and \
+                        source.columns[column].type != self.columns[self.entities[entity]].type:
+                    problems.append(f"{where}.entities.{entity}: {column} is {source.columns[column].type}, and the "
+                                    f"entity's key {self.entities[entity]} is {self.columns[self.entities[entity]].type}")
+        return problems
 
     def arrow_schema(self) -> pa.Schema:
         """The schema of the rows in the lake: the columns in their declared order."""
@@ -221,6 +267,15 @@ class Contract(_Strict):
             if mode != "absent":
                 fields[name] = mode == "required"
         return fields
+
+
+class SourceContract(Contract):
+    """A further source's own contract: a contract without labels."""
+
+    labels: list[str] = []
+
+
+SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
 def describe_errors(exc: ValidationError, what: str) -> str:

@@ -95,7 +95,7 @@ class IngestOptions:
 
 def ingest(
     storage: Storage, source_uri: str, lake_uri: str, run_id: str, options: IngestOptions | None = None, *,
-    contract: Contract,
+    contract: Contract, sources: dict[str, LakeSnapshot] | None = None,
 ) -> LakeSnapshot:
     """Read every raw file under ``source_uri``, enforce the schema, drop re-delivered rows and stage
     the new date partitions as a batch of ``lake_uri``; returns the staged snapshot (the published
@@ -110,7 +110,8 @@ def ingest(
 
     Files and folders whose names start with '_' or '.' are skipped. Raises :class:`DataError` when
     there is nothing to ingest or any file is unreadable, breaks the contract or reuses a row id with
-    other content; then nothing is written.
+    other content; then nothing is written. ``sources`` are the snapshots of the contract's further
+    sources that go with the batch (:func:`ingest_sources`).
     """
     options = options or IngestOptions()
     started = time.perf_counter()
@@ -145,6 +146,7 @@ def ingest(
         new_parts = [part for raw in read for part in _new_parts(raw, source_uri)]
         staged = lake.stage(
             storage, lake_uri, run_id, parent, new_parts, contract, [f.summary() for f in raw_files], quarantine.files(),
+            sources,
         )
     log.info(
         "ingest: staged %d new parts in %.2fs; snapshot %s (%d parts, %d rows) at %s, %.2fs total",
@@ -152,6 +154,57 @@ def ingest(
         staged.uri, time.perf_counter() - started,
     )
     return staged
+
+
+def source_folder(source_uri: str) -> str:
+    """The folder a source URI is in: the URI itself for a folder, the folder above a file, and the
+    part before the first wildcard segment of a glob."""
+    segments = source_uri.rstrip("/").split("/")
+    wild = next((i for i, seg in enumerate(segments) if any(ch in seg for ch in "*?[")), None)
+    if wild is not None:
+        return "/".join(segments[:wild]) or "/"
+    if segments[-1].lower().endswith(SUFFIXES) or any(segments[-1].lower().endswith(s + ".gz") for s in SUFFIXES):
+        return "/".join(segments[:-1]) or "/"
+    return source_uri.rstrip("/")
+
+
+def further_source_uri(source_uri: str, name: str, files: str) -> str:
+    """Where the raw files of the contract's further source ``name`` are: ``files`` (a URI, or a path
+    relative to the main source's folder), by default ``<that folder>/_sources/<name>``. Names starting
+    with '_' are skipped by the main source's listing, so its files never read as main rows."""
+    files = files or f"{lake.SOURCES}/{name}"
+    if files.startswith(("s3://", "/")):
+        return files
+    return f"{source_folder(source_uri)}/{files}"
+
+
+def ingest_sources(
+    storage: Storage, source_uri: str, lake_uri: str, run_id: str, options: IngestOptions | None, contract: Contract,
+) -> dict[str, LakeSnapshot]:
+    """Each further source of ``contract`` (:class:`flywheel.contract.Source`) ingested into its own
+    lake, as the main rows are (schema enforced, re-delivered files skipped, staged until published):
+    its staged snapshot, or its lake's latest when no file of it is beside this batch. A source with
+    neither is a DataError naming where its files were looked for."""
+    out: dict[str, LakeSnapshot] = {}
+    plain = IngestOptions(policy=(options or IngestOptions()).policy, chunk_rows=(options or IngestOptions()).chunk_rows,
+                          max_quarantine_fraction=(options or IngestOptions()).max_quarantine_fraction)
+    for name, source in contract.sources.items():
+        raw_uri = further_source_uri(source_uri, name, source.files)
+        own_lake = lake.source_lake_uri(lake_uri, name)
+        try:
+            source_files(storage, raw_uri)
+        except DataError:
+            latest = lake.latest_snapshot(storage, own_lake)
+            if latest is None:
+                raise DataError(
+                    f"the contract's source {name!r} has no files at {raw_uri} and nothing in its lake yet: put its "
+                    f"csv/parquet/jsonl files there (or say where in the contract: sources.{name}.files)"
+                ) from None
+            log.info("ingest: no new files for source %s at %s; using its lake's snapshot %s", name, raw_uri, latest.sha256[:12])
+            out[name] = latest
+            continue
+        out[name] = ingest(storage, raw_uri, own_lake, run_id, plain, contract=source.contract())
+    return out
 
 
 def _read_files(

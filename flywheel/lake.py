@@ -55,6 +55,7 @@ TRANSACTIONS = "transactions"
 SNAPSHOTS = "_snapshots"
 STAGING = "_staging"
 LATEST = "latest.json"
+SOURCES = "_sources"  # the lakes of a contract's further sources
 STAGED_MANIFEST = "snapshot.json"
 STAGING_MARKER = "staging.json"
 INDEX = "_index"
@@ -93,6 +94,9 @@ class LakeSnapshot:
     validated_by: dict[str, Any] = field(default_factory=dict)  # the report that let it in
     profile: dict[str, Any] = field(default_factory=dict)  # the new rows' statistics (drift baseline)
     quarantine: dict[str, Any] = field(default_factory=dict)  # rows set aside: {"uri", "rows", "files"}
+    # The contract's further sources: name -> the snapshot of its own lake that goes with this one
+    # (staged with a staged batch, published with it). Their sha256s are part of this one's.
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def staged(self) -> bool:
@@ -119,6 +123,7 @@ class LakeSnapshot:
                 validated_by=dict(data.get("validated_by") or {}),
                 profile=dict(data.get("profile") or {}),
                 quarantine=dict(data.get("quarantine") or {}),
+                sources={name: dict(snap) for name, snap in (data.get("sources") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"not a lake snapshot manifest: missing or bad field {exc}") from None
@@ -241,9 +246,21 @@ def recent_profiles(storage: Storage, snapshot: LakeSnapshot | None, window: int
 # --- naming -------------------------------------------------------------------------------------
 
 
-def snapshot_sha256(part_shas: list[str]) -> str:
-    """The identity of a lake state: sha256 over its parts' sha256s, sorted, one per line."""
-    return sha256_bytes("\n".join(sorted(part_shas)).encode())
+def snapshot_sha256(part_shas: list[str], sources: dict[str, str] | None = None) -> str:
+    """The identity of a lake state: sha256 over its parts' sha256s, sorted, one per line, and the
+    snapshot sha256 of each further source's lake (``name:sha256``), when the contract has any."""
+    lines = sorted(part_shas) + [f"source {name}:{sha}" for name, sha in sorted((sources or {}).items())]
+    return sha256_bytes("\n".join(lines).encode())
+
+
+def source_lake_uri(lake_uri: str, name: str) -> str:
+    """The lake of a contract's further source ``name``, beside the main lake's tables."""
+    return join(lake_uri, SOURCES, name)
+
+
+def source_snapshots(snapshot: LakeSnapshot) -> dict[str, LakeSnapshot]:
+    """The further sources' snapshots that go with ``snapshot``."""
+    return {name: LakeSnapshot.from_dict(data) for name, data in snapshot.sources.items()}
 
 
 def part_name(raw_sha256: str) -> str:
@@ -390,11 +407,14 @@ def stage(
     contract: Contract,
     source_files: list[dict[str, Any]] | None = None,
     quarantined: list[tuple[str, str, int]] | None = None,
+    sources: dict[str, LakeSnapshot] | None = None,
 ) -> LakeSnapshot:
     """Write a batch's new parts (each with its id index) and a staged manifest (``parent``'s parts
     plus the new ones) below ``<lake>/_staging/<run_id>/``; nothing readers see changes. A staging
     area left by an earlier attempt of the same run is replaced. ``quarantined`` lists the batch's
-    set-aside rows as (local parquet file, name, rows): staged too, published with the batch."""
+    set-aside rows as (local parquet file, name, rows): staged too, published with the batch.
+    ``sources`` are the further sources' snapshots (staged or published) that go with the batch."""
+    sources = sources or {}
     area = staging_uri(lake_uri, run_id)
     storage.delete_tree(area)
     # First: which lake state this area builds on, so a later publish can tell a dead area (one
@@ -455,7 +475,7 @@ def stage(
     ordered = sorted(parts.values(), key=lambda p: p["uri"])
     snapshot = LakeSnapshot(
         uri=join(area, STAGED_MANIFEST),
-        sha256=snapshot_sha256([p["sha256"] for p in ordered]),
+        sha256=snapshot_sha256([p["sha256"] for p in ordered], {name: s.sha256 for name, s in sources.items()}),
         rows=sum(p["rows"] for p in ordered),
         parts=ordered,
         new_parts=sorted(added),
@@ -464,6 +484,7 @@ def stage(
         parent=parent.sha256 if parent else "",
         staging_uri=area,
         quarantine=quarantine,
+        sources={name: s.to_dict() for name, s in sorted(sources.items())},
     )
     storage.write_json(snapshot.uri, snapshot.to_dict())  # last: an area without it is an unfinished stage
     return snapshot
@@ -492,6 +513,9 @@ def publish_staged(
             f"snapshot {current_sha[:12]} was published into {staged.lake_uri} after this batch was staged on "
             f"{staged.parent[:12] or 'an empty lake'}; re-run ingest to stage it on the current lake"
         )
+    # The further sources first (each idempotent): a main lake never names a source state that is not published.
+    sources = {name: publish_staged(storage, source, run_id, source.validated_by, source.profile).to_dict()
+               for name, source in source_snapshots(staged).items()}
     if current is not None and current_sha == staged.sha256 and not staged.new_parts and not staged.quarantine:
         # Nothing new (every file already ingested, or only re-delivered rows): the lake stays byte for byte.
         storage.delete_tree(staged.staging_uri)
@@ -511,6 +535,7 @@ def publish_staged(
         validated_by=dict(validated_by or {}),
         profile=dict(profile or staged.profile or {}),
         quarantine=quarantine,
+        sources=sources,
     )
     _write_manifest(storage, published, run_id)
     _move_latest(storage, published)
@@ -550,6 +575,8 @@ def remove_dead_stages(storage: Storage, lake_uri: str, latest_sha256: str) -> l
 
 def discard_staged(storage: Storage, staged: LakeSnapshot) -> None:
     """Remove a staged batch; the published lake is untouched (a published snapshot: nothing to do)."""
+    for source in source_snapshots(staged).values():
+        discard_staged(storage, source)
     if staged.staged:
         storage.delete_tree(staged.staging_uri)
         log.info("lake: discarded staged batch %s", staged.staging_uri)

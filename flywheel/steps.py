@@ -72,7 +72,7 @@ def ingest_step(
     names another); returns the staged snapshot, which only :func:`validate_step` publishes.
     ``policy`` (default: settings ``ingest.policy``) is ``fail`` or ``quarantine``: with quarantine,
     rows breaking the suite's row-level expectations are set aside instead of rejecting the batch."""
-    from flywheel.ingest import IngestOptions, ingest
+    from flywheel.ingest import IngestOptions, ingest, ingest_sources
     from flywheel.validation import row_check
 
     settings, storage = _context(settings)
@@ -87,13 +87,16 @@ def ingest_step(
         row_check=row_check(contract, settings.ingest) if policy == "quarantine" else None,
     )
     with recorded(storage, run_id, "ingest") as record:
-        staged = ingest(storage, source_uri, lake_uri or storage.uri("lake"), run_id, options, contract=contract)
+        lake_uri = lake_uri or storage.uri("lake")
+        sources = ingest_sources(storage, source_uri, lake_uri, run_id, options, contract)
+        staged = ingest(storage, source_uri, lake_uri, run_id, options, contract=contract, sources=sources)
         record.update(
             rows=staged.rows,
             new_parts=len(staged.new_parts),
             source_files=len(staged.source_files),
             policy=policy,
             quarantined=staged.quarantine.get("rows", 0),
+            sources={name: {"rows": s.rows, "new_parts": len(s.new_parts)} for name, s in sources.items()},
             staged_snapshot=staged.uri,  # removed once published or discarded: not a lasting artifact
         )
     return staged.to_dict()
@@ -119,12 +122,28 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
             drift=report.drift,
             artifacts={"validation_report": report.report_uri, "data_docs": report.html_uri},
         )
-        if not report.success:
+        # The contract's further sources: each staged one through the same gate, under its own contract.
+        source_reports = {}
+        for name, source in lake.source_snapshots(staged).items():
+            if source.staged and source.new_parts:
+                source_reports[name] = validate_batch(storage, source, storage.uri("reports", "validation", "sources", name),
+                                                      run_id, contract.sources[name].contract(), settings.ingest)
+        if source_reports:
+            record["sources"] = {name: {"rows": r.rows, "failed": len(r.failed), "report": r.report_uri}
+                                 for name, r in source_reports.items()}
+        rejected = [("the batch", report)] if not report.success else []
+        rejected += [(f"source {name}'s batch", r) for name, r in source_reports.items() if not r.success]
+        if rejected:
             lake.discard_staged(storage, staged)
             kept = f"snapshot {staged.parent[:12]}" if staged.parent else "nothing (it is empty)"
             files = [f["uri"] for f in staged.source_files]
-            subject = f"the batch from {', '.join(files[:3])}{' and more' if len(files) > 3 else ''} for lake {staged.lake_uri}"
-            raise ValidationFailed(f"{failure_message(report, subject)}\nthe batch was discarded; the lake still holds {kept}")
+            where = f"from {', '.join(files[:3])}{' and more' if len(files) > 3 else ''} for lake {staged.lake_uri}"
+            messages = [failure_message(r, f"{what} {where}" if what == "the batch" else what) for what, r in rejected]
+            raise ValidationFailed("\n".join(messages) + f"\nthe batch was discarded; the lake still holds {kept}")
+        for name, r in source_reports.items():
+            staged.sources[name]["validated_by"] = {key: getattr(r, key) for key in
+                                                    ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
+            staged.sources[name]["profile"] = r.profile
         validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
         published = lake.publish_staged(storage, staged, run_id, validated_by, profile=report.profile)
         record["artifacts"]["lake_snapshot"] = published.uri

@@ -7,7 +7,8 @@ strictly before the request). Here is how they are computed, in numpy, for any n
 aggregations and rows:
 
 1. Each aggregation reads a *stream*: the entity's events (key, event time, the columns), or, for an
-   aggregation of a label, that label's known values at the time each became known.
+   aggregation of a label, that label's known values at the time each became known, or, for an
+   aggregation of a further source, that source's rows (key, their time plus the source's delay).
 2. A table's instants are the union of its streams' (key, time) pairs, from ``since`` on.
 3. For each stream, each instant's window is a range ``[lo, hi)`` of the stream sorted by key and
    time: ``hi`` counts the key's events at or before ``t``, ``lo`` those at or before ``t - window``
@@ -25,17 +26,19 @@ card and merchant tables this replaces (benchmarks/features.py measures both).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 
 from flywheel.aggregations import Aggregation
 from flywheel.contract import Contract
+from flywheel.errors import DataError
 
 EVENT_TIMESTAMP = "event_timestamp"
 CREATED_TIMESTAMP = "created_timestamp"
 _EVENTS = "__events__"  # the stream of an entity's events (label streams are named by their label)
+_SOURCE = "__source__:"  # the stream of a further source's rows: this prefix and the source's name
 
 
 def known_times(rows: pd.DataFrame, contract: Contract) -> pd.Series:
@@ -55,7 +58,9 @@ def lookback(aggregations: list[Aggregation], contract: Contract, label_lag: dt.
     longest = dt.timedelta(0)
     for aggregation in aggregations:
         extra = dt.timedelta(0)
-        if aggregation.column in contract.labels:
+        if aggregation.source is not None:
+            extra = contract.sources[aggregation.source].delay  # a source row feeds its features from then on
+        elif aggregation.column in contract.labels:
             extra = contract.label_known.delay if contract.label_known.delay is not None else (label_lag or dt.timedelta(0))
         longest = max(longest, aggregation.window + extra)
     return longest
@@ -174,22 +179,37 @@ def entity_table(
     *,
     since: pd.Timestamp | None = None,
     until: pd.Timestamp | None = None,
+    sources: Mapping[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """The feature table of one entity: its key, ``event_timestamp`` (the instant), ``created_timestamp``
     (the same: computed in one pass) and each named aggregation, one row per key and instant in
     ``[since, until)`` (all when not given), sorted by key and instant. ``rows`` are the lake's rows of
     the contract; for rows in ``[since, until)`` to be exact they must include every row a window
-    reaches (see :func:`lookback`)."""
+    reaches (see :func:`lookback`). ``sources`` holds the rows of the contract's further sources
+    (name -> rows), for the aggregations that read one."""
     key = contract.entities[entity]
     streams: dict[str, pd.DataFrame] = {}
     by_stream: dict[str, list[tuple[str, Aggregation]]] = {}
     for name, aggregation in aggregations:
-        stream = aggregation.column if aggregation.column in contract.labels else _EVENTS
+        if aggregation.source is not None:
+            stream = _SOURCE + aggregation.source
+        else:
+            stream = aggregation.column if aggregation.column in contract.labels else _EVENTS
         by_stream.setdefault(stream, []).append((name, aggregation))
     keyed = rows[rows[key].notna()] if rows[key].isna().any() else rows  # a row without the key is no event of it
     for stream in by_stream:
         columns = sorted({a.column for _, a in by_stream[stream] if a.column})
-        if stream == _EVENTS:
+        if stream.startswith(_SOURCE):
+            name = stream.removeprefix(_SOURCE)
+            if sources is None or name not in sources:
+                raise DataError(f"the features of {entity} read source {name!r}, and its rows were not given")
+            declared = contract.sources[name]
+            source_key = declared.entities[entity]
+            source = sources[name]
+            source = source[source[source_key].notna()]
+            known = source[declared.timestamp] + pd.Timedelta(declared.delay)
+            frame = pd.DataFrame({"key": source[source_key].to_numpy(), "time": _micros(known)})
+        elif stream == _EVENTS:
             source = keyed
             frame = pd.DataFrame({"key": source[key].to_numpy(), "time": _micros(source[contract.timestamp])})
         else:

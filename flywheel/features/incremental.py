@@ -45,7 +45,7 @@ from flywheel.errors import ArtifactNotFound, DataError
 from flywheel.features import engine
 from flywheel.features.views import View, views_of
 from flywheel.fingerprint import code_fingerprint
-from flywheel.lake import LakeSnapshot
+from flywheel.lake import LakeSnapshot, read_snapshot, source_snapshots
 from flywheel.storage import Storage, sha256_bytes
 from flywheel.usecase import UseCase
 
@@ -82,17 +82,41 @@ def lake_days(snapshot: LakeSnapshot) -> tuple[list[str], dict[str, list[str]]]:
     return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)], by_date
 
 
+def source_rows(storage: Storage, snapshot: LakeSnapshot, usecase: UseCase) -> dict[str, pd.DataFrame]:
+    """The rows of each further source the use case's features read, from the source snapshots that
+    go with ``snapshot``."""
+    needed = sorted({a.source for named in usecase.features.named().values() for _, a in named if a.source})
+    snapshots = source_snapshots(snapshot)
+    out = {}
+    for name in needed:
+        if name not in snapshots:
+            raise DataError(f"lake snapshot {snapshot.uri} holds no rows of the contract's source {name!r} (it predates "
+                            "the source): run ingest again with its files beside the main source's")
+        schema = usecase.contract.sources[name].contract().arrow_schema()
+        out[name] = read_snapshot(storage, snapshots[name], schema).to_pandas()
+    return out
+
+
+def _source_parts(snapshot: LakeSnapshot, usecase: UseCase) -> list[tuple[str, dict[str, Any]]]:
+    """(source name, part) for every part of the further sources the features read."""
+    needed = {a.source for named in usecase.features.named().values() for _, a in named if a.source}
+    return [(name, part) for name, source in sorted(source_snapshots(snapshot).items()) if name in needed
+            for part in source.parts]
+
+
 def day_keys(snapshot: LakeSnapshot, usecase: UseCase) -> dict[str, str]:
     """Each day's content key: the feature code, the use case's files, and the parts of every date
-    from ``lookback_days`` before it up to it."""
+    from ``lookback_days`` before it up to it, of the lake and of each further source read."""
     dates, by_date = lake_days(snapshot)
+    sources = _source_parts(snapshot, usecase)
     code = code_fingerprint(__name__)  # this module, the engine and everything they import
     lookback = lookback_days(usecase)
     keys = {}
     for date in dates:
         first = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback)).isoformat()
         inputs = [(other, sorted(shas)) for other, shas in sorted(by_date.items()) if first <= other <= date]
-        material = [code, usecase.digest, inputs]
+        further = sorted(f"{name}:{part['sha256']}" for name, part in sources if first <= part.get("date", "") <= date)
+        material = [code, usecase.digest, inputs] + ([further] if further else [])
         keys[date] = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return keys
 
@@ -101,8 +125,10 @@ def day_uri(storage: Storage, key: str) -> str:
     return storage.uri("features", "offline", "days", key[:16])
 
 
-def feature_tables(storage: Storage, rows: pd.DataFrame, snapshot: LakeSnapshot, usecase: UseCase, run_id: str) -> DayTables:
-    """The snapshot's offline tables, one per view of the use case (``rows`` are the snapshot's rows):
+def feature_tables(storage: Storage, rows: pd.DataFrame, snapshot: LakeSnapshot, usecase: UseCase, run_id: str,
+                   sources: dict[str, pd.DataFrame] | None = None) -> DayTables:
+    """The snapshot's offline tables, one per view of the use case (``rows`` are the snapshot's rows,
+    ``sources`` its further sources' rows, :func:`source_rows`; read here when not given):
     days computed before with the same key are read back (verified), the others computed from their
     lookback and stored; the result equals :func:`engine.entity_table` over all of ``rows`` up to the
     end of the lake's last day."""
@@ -124,7 +150,10 @@ def feature_tables(storage: Storage, rows: pd.DataFrame, snapshot: LakeSnapshot,
         for name, table in tables.items():
             frames[name].append(table)
     if missing:
-        for name, tables in _compute_days(storage, rows, day_of_row, snapshot, usecase, views, keys, missing, run_id).items():
+        if sources is None:
+            sources = source_rows(storage, snapshot, usecase)
+        for name, tables in _compute_days(storage, rows, day_of_row, snapshot, usecase, views, keys, missing, run_id,
+                                          sources).items():
             frames[name].extend(tables)
     log.info("features: %d days computed, %d reused", len(missing), len(reused))
     assembled = {view.name: _assemble(frames[view.name], view) for view in views}
@@ -166,15 +195,21 @@ def _compute_days(
     keys: dict[str, str],
     missing: list[str],
     run_id: str,
+    sources: dict[str, pd.DataFrame],
 ) -> dict[str, list[pd.DataFrame]]:
     """Compute the missing days from the rows of their span and its lookback, and store each day."""
     lookback = lookback_days(usecase)
     first = (dt.date.fromisoformat(missing[0]) - dt.timedelta(days=lookback)).isoformat()
     span = rows[(day_of_row >= first) & (day_of_row <= missing[-1])]
+    # A source row is known at its time plus the source's delay, within the lookback (engine.lookback).
+    source_spans = {}
+    for name, frame in sources.items():
+        day = _dates(frame[usecase.contract.sources[name].timestamp])
+        source_spans[name] = frame[(day >= first) & (day <= missing[-1])]
     since = pd.Timestamp(missing[0], tz="UTC")
     until = pd.Timestamp(missing[-1], tz="UTC") + pd.Timedelta(days=1)
     computed = {view.name: engine.entity_table(span, usecase.contract, view.entity, list(view.aggregations),
-                                               since=since, until=until)
+                                               since=since, until=until, sources=source_spans)
                 for view in views}
     stamped = {name: _dates(table[engine.EVENT_TIMESTAMP]) for name, table in computed.items()}
     out: dict[str, list[pd.DataFrame]] = {view.name: [] for view in views}
@@ -182,6 +217,8 @@ def _compute_days(
         key = keys[date]
         window = (dt.date.fromisoformat(date) - dt.timedelta(days=lookback)).isoformat()
         inputs = [{"uri": p["uri"], "sha256": p["sha256"]} for p in snapshot.parts if window <= p["date"] <= date]
+        inputs += [{"uri": p["uri"], "sha256": p["sha256"]} for _, p in _source_parts(snapshot, usecase)
+                   if window <= p.get("date", "") <= date]
         files: dict[str, Any] = {}
         for view in views:
             table = computed[view.name][stamped[view.name] == date].reset_index(drop=True)
@@ -201,4 +238,4 @@ def _assemble(days: list[pd.DataFrame], view: View) -> pd.DataFrame:
     return table.sort_values([view.join_key, engine.EVENT_TIMESTAMP], kind="stable").reset_index(drop=True)
 
 
-__all__ = ["DayTables", "day_keys", "feature_tables", "lookback_days"]
+__all__ = ["DayTables", "day_keys", "feature_tables", "lookback_days", "source_rows"]

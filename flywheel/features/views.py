@@ -36,7 +36,9 @@ def feast_type(usecase: UseCase, aggregation: Aggregation) -> str:
     of a text column, else a float (means, spreads, times, and numbers that may be null)."""
     if aggregation.is_integer():
         return "Int64"
-    column = usecase.contract.columns.get(aggregation.column or "")
+    contract = usecase.contract
+    columns = contract.sources[aggregation.source].columns if aggregation.source else contract.columns
+    column = columns.get(aggregation.column or "")
     if aggregation.op == "last" and column is not None and column.type == "string":
         return "String"
     return "Float64"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import statistics
 
 import numpy as np
@@ -17,7 +18,7 @@ from pandas.testing import assert_frame_equal
 
 from flywheel.aggregations import Aggregation, Features, parse_features, parse_window
 from flywheel.contract import parse_contract
-from flywheel.errors import UseCaseError
+from flywheel.errors import DataError, UseCaseError
 from flywheel.features.engine import CREATED_TIMESTAMP, EVENT_TIMESTAMP, entity_table, known_times, lookback
 from tests import factories
 from tests import fraud_tables as compute  # fraud's hand-written tables: a second oracle
@@ -38,6 +39,39 @@ label_known: {column: lands, within: PT3H}
 entities: {tail: tail, origin: origin}
 unlabelled: keep
 """), "legs")
+
+# The same legs with a further source: each airport's weather, observed on the hour and known half an
+# hour later, joined to the origin entity by its airport column.
+LEGS_AND_WEATHER = parse_contract({**yaml.safe_load(yaml.safe_dump(LEGS.model_dump(mode="json"))), "sources": {
+    "weather": {
+        "columns": {"airport": {"type": "string"}, "observed": {"type": "timestamp"},
+                    "visib": {"type": "float64", "nullable": True}, "sky": {"type": "string", "nullable": True}},
+        "timestamp": "observed", "delay": "PT30M", "entities": {"origin": "airport"},
+    }}}, "legs and weather")
+
+WEATHER_OPS = [
+    {"op": "last", "column": "visib", "window": "3h", "source": "weather"},
+    {"op": "min", "column": "visib", "window": "2h", "source": "weather"},
+    {"op": "mean", "column": "visib", "window": "6h", "source": "weather"},
+    {"op": "count", "window": "2h", "source": "weather"},
+    {"op": "distinct", "column": "sky", "window": "6h", "source": "weather"},
+    {"op": "count", "window": "3h"},  # the origin's own departures, in the same table
+    {"op": "mean", "column": "delay", "window": "6h"},
+]
+
+
+def weather(seed: int, days: int = 3) -> pd.DataFrame:
+    """Hourly observations at EWR and JFK (and one airport no leg leaves from), some hours missing,
+    some values unknown."""
+    rng = np.random.default_rng(seed)
+    hours = pd.date_range("2026-04-30T20:00", periods=(days + 1) * 24, freq="h", tz="UTC")
+    frame = pd.DataFrame([(a, h) for h in hours for a in ("EWR", "JFK", "LGA")], columns=["airport", "observed"])
+    frame = frame[rng.random(len(frame)) > 0.1].reset_index(drop=True)
+    frame["observed"] = frame["observed"].astype("datetime64[us, UTC]")
+    frame["visib"] = pd.Series(rng.choice([0.5, 2.0, 7.5, 10.0], len(frame))).where(rng.random(len(frame)) > 0.1)
+    frame["sky"] = pd.Series(rng.choice(["clear", "rain", "fog"], len(frame))).where(rng.random(len(frame)) > 0.1)
+    return frame
+
 
 ALL_OPS = [
     {"op": "count", "window": "3h"},
@@ -76,26 +110,41 @@ def legs(rows: int, seed: int, days: int = 3) -> pd.DataFrame:
     })
 
 
-def oracle(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Aggregation]]) -> pd.DataFrame:
+def oracle(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Aggregation]],
+           sources: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """The table computed the slow, obvious way."""
     key = contract.entities[entity]
     known = known_times(rows, contract)
-    streams = {}  # stream -> list of (key, time, row position)
+    streams = {}  # stream -> (its rows, their times, [(key, time, row position)])
     events = [(k, t, i) for i, (k, t) in enumerate(zip(rows[key], rows[contract.timestamp]))]
     labelled = {label: [(k, t, i) for i, (k, t, v) in enumerate(zip(rows[key], known, rows[label]))
                         if not pd.isna(v) and not pd.isna(t)] for label in contract.labels}
+
+    def stream_of(a: Aggregation) -> str:
+        return f"source {a.source}" if a.source else a.column if a.column in contract.labels else "events"
+
     for _, a in named:
-        stream = a.column if a.column in contract.labels else "events"
-        streams[stream] = labelled[stream] if stream != "events" else events
-    instants = sorted({(k, t) for stream in streams.values() for k, t, _ in stream})
+        stream = stream_of(a)
+        if a.source:  # a further source's row is an event of the entity its key names, once known
+            declared_source = contract.sources[a.source]
+            frame = sources[a.source]
+            times = frame[declared_source.timestamp] + pd.Timedelta(declared_source.delay)
+            streams[stream] = (frame, times, [(k, t, i) for i, (k, t) in
+                                              enumerate(zip(frame[declared_source.entities[entity]], times))
+                                              if not pd.isna(k)])
+        elif stream != "events":
+            streams[stream] = (rows, known, labelled[stream])
+        else:
+            streams[stream] = (rows, rows[contract.timestamp], events)
+    instants = sorted({(k, t) for _, _, stream in streams.values() for k, t, _ in stream})
     table = []
     for k, t in instants:
         row = {key: k, EVENT_TIMESTAMP: t, CREATED_TIMESTAMP: t}
         for name, a in named:
-            stream = streams[a.column if a.column in contract.labels else "events"]
+            frame, times, stream = streams[stream_of(a)]
             inside = [i for kk, tt, i in stream if kk == k and t - a.window < tt <= t]
-            inside.sort(key=lambda i: ((known if a.column in contract.labels else rows[contract.timestamp]).iloc[i], i))
-            values = [rows[a.column].iloc[i] for i in inside] if a.column else []
+            inside.sort(key=lambda i: (times.iloc[i], i))
+            values = [frame[a.column].iloc[i] for i in inside] if a.column else []
             present = [v for v in values if not pd.isna(v)]
             if a.op == "count":
                 value = len(present) if a.column else len(inside)
@@ -114,8 +163,8 @@ def oracle(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Agg
             elif a.op == "last":
                 value = present[-1] if present else math.nan
             else:  # last_time
-                times = [rows[contract.timestamp].iloc[i] for i in inside]
-                value = max(times).timestamp() if times else math.nan
+                seen = [frame[contract.timestamp].iloc[i] for i in inside]
+                value = max(seen).timestamp() if seen else math.nan
             if a.fill is not None and isinstance(value, float) and math.isnan(value):
                 value = a.fill
             row[name] = value
@@ -154,6 +203,59 @@ def test_the_last_value_of_a_text_column_equals_the_oracle():
     want = oracle(rows, LEGS, "tail", named)
     assert got["tail_carrier_last_15m"].fillna("-").tolist() == want["tail_carrier_last_15m"].fillna("-").tolist()
     assert got["tail_carrier_last_15m"].isna().any()  # windows with no carrier known
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aggregations_of_a_further_source_equal_the_naive_oracle(seed):
+    rows, hours = legs(160, seed), weather(seed)
+    named = declared(LEGS_AND_WEATHER, "origin", WEATHER_OPS)
+    got = entity_table(rows, LEGS_AND_WEATHER, "origin", named, sources={"weather": hours})
+    want = oracle(rows, LEGS_AND_WEATHER, "origin", named, sources={"weather": hours})
+    assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=1e-9)
+    assert got["origin_visib_last_3h"].notna().mean() > 0.5  # the weather reached most rows
+
+
+def test_a_source_row_feeds_features_only_once_its_delay_has_passed():
+    rows = tiny(["2026-05-01T10:10", "2026-05-01T10:40"])
+    hours = pd.DataFrame({"airport": ["EWR"], "observed": pd.to_datetime(["2026-05-01T10:00"], utc=True).astype("datetime64[us, UTC]"),
+                          "visib": [0.5], "sky": ["fog"]})
+    named = declared(LEGS_AND_WEATHER, "origin", [{"op": "last", "column": "visib", "window": "3h", "source": "weather"},
+                                                  {"op": "count", "window": "1h"}])
+    table = entity_table(rows, LEGS_AND_WEATHER, "origin", named, sources={"weather": hours})
+    # 10:10 is before the 10:00 observation is known (10:30): no visibility yet; it is a row of its own at 10:30.
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["10:10", "10:30", "10:40"]
+    assert table["origin_visib_last_3h"].fillna(-1).tolist() == [-1, 0.5, 0.5]
+
+
+def test_a_source_aggregation_without_the_sources_rows_is_a_clear_error():
+    named = declared(LEGS_AND_WEATHER, "origin", [{"op": "count", "window": "1h", "source": "weather"}])
+    with pytest.raises(DataError, match="source 'weather'"):
+        entity_table(legs(10, 0), LEGS_AND_WEATHER, "origin", named)
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"op": "last", "column": "visib", "window": "1h", "source": "radar"}, "'radar' is not a source of the contract"),
+    ({"op": "last", "column": "lightning", "window": "1h", "source": "weather"}, "'lightning' is not a column of source weather"),
+    ({"op": "mean", "column": "sky", "window": "1h", "source": "weather"}, "mean needs a number, and weather.sky is string"),
+])
+def test_a_source_aggregation_that_does_not_fit_the_source_is_refused(spec, problem):
+    with pytest.raises(UseCaseError, match=re.escape(problem)):
+        declared(LEGS_AND_WEATHER, "origin", [spec])
+    with pytest.raises(UseCaseError, match="source weather names no key of tail"):
+        declared(LEGS_AND_WEATHER, "tail", [{"op": "count", "window": "1h", "source": "weather"}])
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda w: w["entities"].update(gate="airport"), "sources.weather.entities.gate: not an entity of the contract"),
+    (lambda w: w["entities"].update(origin="nowhere"), "sources.weather"),
+    (lambda w: w["columns"]["airport"].update(type="int64"), "airport is int64, and the entity's key origin is string"),
+    (lambda w: w.update(timestamp="visib"), "timestamp 'visib' must be of type timestamp"),
+])
+def test_a_source_that_does_not_fit_the_contract_is_refused(change, problem):
+    data = LEGS_AND_WEATHER.model_dump(mode="json")
+    change(data["sources"]["weather"])
+    with pytest.raises(UseCaseError, match=re.escape(problem)):
+        parse_contract(data, "test")
 
 
 # --- the semantics' edge cases -----------------------------------------------------------------------

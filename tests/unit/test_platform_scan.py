@@ -41,6 +41,8 @@ def declared_names() -> dict[str, set[str]]:
         usecase = load_usecase(folder)
         contract = usecase.contract
         declared = [*contract.columns, *contract.entities, *contract.labels]
+        for source_name, source in contract.sources.items():  # further sources: their names and columns
+            declared += [source_name, *source.columns]
         for entity, named in usecase.features.named().items():
             declared += [name for name, _ in named] + [f"{entity}_features"]
         for name in declared:

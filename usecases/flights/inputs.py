@@ -62,4 +62,19 @@ def derive(columns, fitted):
     for name in COUNT_FEATURES:
         derived[f"{name}_log"] = np.log1p(fill(number(columns, name, rows), 0.0))
     derived["route_arr_delay_std_7d_log"] = np.log1p(fill(number(columns, "route_arr_delay_std_7d", rows), 0.0))
+    # The origin's weather (the contract's weather source). No observation in the last hours: fair
+    # weather's typical values, and a flag that says so.
+    visibility = number(columns, "origin_visib_last_3h", rows)
+    derived["weather_known"] = (~np.isnan(visibility)).astype("float64")
+    derived["visibility"] = fill(visibility, 10.0)
+    derived["visibility_worst_3h"] = fill(number(columns, "origin_visib_min_3h", rows), 10.0)
+    derived["low_visibility"] = (derived["visibility_worst_3h"] < 3.0).astype("float64")  # instrument conditions
+    derived["precip_3h_log"] = np.log1p(10 * fill(number(columns, "origin_precip_sum_3h", rows), 0.0))
+    derived["precip_24h_log"] = np.log1p(10 * fill(number(columns, "origin_precip_sum_24h", rows), 0.0))
+    wind = fill(number(columns, "origin_wind_speed_last_3h", rows), 10.0)
+    derived["wind_speed"] = wind
+    derived["wind_gust"] = fill(number(columns, "origin_wind_gust_max_3h", rows), wind)  # no gust reported: the wind
+    derived["temperature"] = fill(number(columns, "origin_temp_last_3h", rows), 55.0)
+    derived["humidity"] = fill(number(columns, "origin_humid_last_3h", rows), 60.0)
+    derived["pressure"] = fill(number(columns, "origin_pressure_last_3h", rows), 1018.0)
     return derived

