@@ -188,13 +188,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import serve
 
     settings = _settings(args)
+    version = args.version
+    if version == "latest":  # the newest trained version, pinned (a model no gate has passed yet: try it out)
+        from flywheel.registry import Registry
+        from flywheel.storage import Storage
+
+        name = settings.model_name  # the registry's name (--model-name only renames the URL)
+        versions = Registry(Storage.from_settings(settings), name).versions()
+        if not versions:
+            raise ConfigError(f"model {name!r} has no version yet: train one first (flywheel train, or flywheel run)")
+        version = versions[-1]
     serve(
         settings,
         host=args.host or settings.serving.host,
         port=args.port or settings.serving.port,
         workers=args.workers or settings.serving.workers,
         model_name=args.model_name,
-        version=args.version,
+        version=version,
     )
     return 0
 
@@ -782,8 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default: settings serving.host, 127.0.0.1)")
     serve.add_argument("--port", type=_positive, help="HTTP port (default: settings serving.port, 8080)")
     serve.add_argument("--workers", type=_positive, help="server processes, one torch thread each (default: settings serving.workers, 1)")
-    serve.add_argument("--version", help="serve this registry version, pinned (default: the production version, "
-                                         "followed: a promotion is picked up without a restart)")
+    serve.add_argument("--version", help="serve this registry version, pinned, or 'latest', the newest one trained "
+                                         "(default: the production version, followed: a promotion is picked up "
+                                         "without a restart)")
     serve.add_argument("--model-name", default=None, help="the name clients use in the URL (default: settings model_name, 'fraud')")
     serve.set_defaults(func=cmd_serve)
 

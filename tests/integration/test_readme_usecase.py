@@ -4,6 +4,7 @@ seen."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from tests import tools
 from tests.factories import REPO
+from tests.integration.test_readme import port_is_free
+from tests.servers import free_port
 from tests.integration.test_init import orders
 
 
@@ -25,7 +29,16 @@ def commands() -> list[str]:
 
 def test_bring_your_own_use_case_verbatim(tmp_path):
     lines = commands()
-    assert [line.split()[1] for line in lines] == ["init", "ingest", "features", "train", "features", "gc"]
+    assert [line.split()[0].rsplit("/", 1)[-1] + " " + line.split()[1] for line in lines] == [
+        "flywheel init", "flywheel ingest", "flywheel features", "flywheel train", "flywheel features", "flywheel gc",
+        "flywheel serve", "curl -s", "kill $!"]
+    tools.require("curl")
+    # The serve, the request and the kill run as one shell (the kill names the server it started);
+    # only the port moves when 8080 is taken here, never the commands' text otherwise.
+    serving = "\n".join(lines[6:])
+    if not port_is_free(8080):
+        serving = serving.replace("8080", str(free_port()))
+    lines = lines[:6] + [serving]
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)  # the commands say .venv/bin/flywheel
@@ -47,3 +60,8 @@ def test_bring_your_own_use_case_verbatim(tmp_path):
     assert "materialized world" in outputs[4]
     assert (tmp_path / "home" / "store" / "returns" / "lake").is_dir()  # the use case's own namespace
     assert "keep" in outputs[5] and "would remove" in outputs[5]
+    answer = json.loads(outputs[6].strip().splitlines()[-1])
+    [prediction] = answer["predictions"]
+    assert 0.0 < prediction["returned_probability"] < 1.0
+    assert re.fullmatch(r"\d{8}-\d{6}-\w+", prediction["model_version"])
+    assert prediction["unknown_entities"] == []  # customer 7 and shop 12 ordered in the generated weeks
