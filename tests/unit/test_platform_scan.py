@@ -26,7 +26,6 @@ from tests.factories import REPO
 PLATFORM = ("flywheel", "serving", "components", "pipelines")
 STILL_FRAUD = {
     "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
-    "serving/rest.py": "its access-log records have a field called ts (the platform's own, named like fraud's column)",
     "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
     "flywheel/scoring.py": "batch scoring's output columns (moves with the task's outputs)",
 }
