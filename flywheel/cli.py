@@ -228,6 +228,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from flywheel.report import output_to
+    from flywheel.scoring import describe
     from flywheel.steps import read_step_records
     from flywheel.storage import Storage
     from pipelines.scoring import run_locally
@@ -254,8 +255,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
         raise PipelineError(f"the scoring pipeline failed: {failure} (steps' output: {log_path})")
     summary = storage.read_json(records["summarize"]["artifacts"]["summary"])
-    console.print(f"scored {summary['rows']:,} transactions over {summary['days']} day(s) in {summary['chunks']} chunk(s) with "
-                  f"model {summary['model_version']}: {summary['flagged']:,} at or above {summary['alert_threshold']}", soft_wrap=True)
+    console.print(describe(summary), soft_wrap=True, markup=False)
     console.print(f"summary: {records['summarize']['artifacts']['summary']}", soft_wrap=True)
     return 0
 
@@ -794,8 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lake_commands(sub)
 
     score = sub.add_parser("score", help="score a date range of the lake with the production model (kfp.local)",
-                           description="Run the batch scoring pipeline locally: the lake's transactions from --start to --end "
-                                       "scored in chunks of days, one partition per day and a summary.json under --out.")
+                           description="Run the batch scoring pipeline locally: the lake's rows from --start to --end "
+                                       "scored in chunks of days, one partition per day and a summary.json under --out "
+                                       "(each row's id, timestamp, join keys, the model's output and model_version).")
     score.add_argument("--start", required=True, help="first day, YYYY-MM-DD")
     score.add_argument("--end", required=True, help="last day, YYYY-MM-DD (inclusive)")
     score.add_argument("--chunk-days", type=_positive, help="days per chunk (default: settings scoring.chunk_days)")

@@ -27,7 +27,6 @@ PLATFORM = ("flywheel", "serving", "components", "pipelines")
 STILL_FRAUD = {
     "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
     "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
-    "flywheel/scoring.py": "batch scoring's output columns (moves with the task's outputs)",
 }
 
 
