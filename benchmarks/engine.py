@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from flywheel.datagen import generate  # noqa: E402
+from tests.factories import generate  # noqa: E402  (usecases/fraud/generator.py)
 from tests import fraud_tables as compute  # noqa: E402  (the hand-written tables)
 from flywheel.features.engine import EVENT_TIMESTAMP, entity_table  # noqa: E402
 from flywheel.storage import Storage  # noqa: E402

@@ -63,7 +63,7 @@ def fraud_tables(card, merchant):
 PREPARE = FRAUD_PRELUDE + """
 import sys, glob
 import pandas as pd
-from flywheel.datagen import generate
+from tests.factories import generate  # usecases/fraud/generator.py
 from flywheel.config import load_settings
 from flywheel.features import engine
 from flywheel.storage import Storage

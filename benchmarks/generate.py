@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
+FRAUD = Path(__file__).resolve().parents[1] / "usecases" / "fraud"
 PEAK_TARGET_MIB = 1024.0  # 10M rows must fit comfortably on a laptop
 
 CHILD = """
 import resource, sys
-from flywheel.datagen import generate
 from flywheel.storage import Storage
-rows, chunk, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+from flywheel.usecase import load_module, load_usecase
+rows, chunk, out, fraud = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+generate = load_module(load_usecase(fraud), "generator").generate  # usecases/fraud/generator.py
 generate(Storage(out), out, rows=rows, days=30, seed=7, chunk_rows=chunk)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -36,7 +38,7 @@ def run_child(rows: int, chunk: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="flywheel-gen-") as out:
         started = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, "-c", CHILD, str(rows), str(chunk), out], check=True, capture_output=True, text=True
+            [sys.executable, "-c", CHILD, str(rows), str(chunk), out, str(FRAUD)], check=True, capture_output=True, text=True
         )
         seconds = time.perf_counter() - started
     return seconds, int(result.stdout.strip().splitlines()[-1]) / 1024

@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
 
 GENERATE = """
 import sys
-from flywheel.datagen import generate
+from tests.factories import generate  # usecases/fraud/generator.py
 from flywheel.storage import Storage
 rows, seed, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 generate(Storage(out), out, rows=rows, days=30, seed=seed)

@@ -37,13 +37,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 def main() -> None:
     from flywheel import steps
     from flywheel.config import load_settings
-    from flywheel.datagen import generate
     from flywheel.deploy.canary import DecisionRecord, write_record
     from flywheel.deploy.local import release_locally
     from flywheel.registry import Registry
     from flywheel.storage import Storage
     from tests.candidates import copy_version, wider_copy
     from tests.conftest import SMALL_DAYS, SMALL_ROWS, run_loop, small_env
+    from tests.factories import generate
 
     home = Path(tempfile.mkdtemp(prefix="flywheel-local-release-"))
     try:

@@ -56,14 +56,15 @@ def settings_for(home: Path, rows: int, model_name: str = "fraud", **training: o
 
 def training_set_for(home: Path, rows: int):
     """The training set and the truth's URI, built through the library's steps (reused when cached)."""
-    from flywheel.datagen import demo_dataset
+    from flywheel.demo import demo_dataset
     from flywheel.features.build import TrainingSet
     from flywheel.steps import features_step, ingest_step, validate_step
     from flywheel.storage import Storage
+    from flywheel.usecase import load_usecase
 
     settings = settings_for(home, rows)
     storage = Storage.from_settings(settings)
-    source, lake, _ = demo_dataset(storage, rows, settings.data.days, settings.data.seed)
+    source, lake, _ = demo_dataset(storage, load_usecase(settings.usecase), rows, settings.data)
     marker = home / "training_set.json"
     if marker.exists():
         training_set = TrainingSet.from_dict(json.loads(marker.read_text()))
@@ -96,13 +97,13 @@ def gradient_boosted(settings, train: pd.DataFrame, holdout: pd.DataFrame, seed:
 
     from flywheel.features.transform import FeatureSpec
     from flywheel.usecase import load_usecase
-    from flywheel.schema import LABEL
     from flywheel.training.split import split_validation
 
+    usecase = load_usecase(settings.usecase)
     fit, validation = split_validation(train, settings.training.validation_fraction, "ts")
-    spec = FeatureSpec.fit(fit, load_usecase(settings.usecase))
+    spec = FeatureSpec.fit(fit, usecase)
     x = np.vstack([spec.transform(fit), spec.transform(validation)])
-    y = np.concatenate([fit[LABEL].to_numpy(), validation[LABEL].to_numpy()])
+    y = np.concatenate([fit[usecase.task.label].to_numpy(), validation[usecase.task.label].to_numpy()])
     # Its own early stopping, on exactly the MLP's validation rows (the last ones, not a random draw).
     split = np.r_[np.full(len(fit), -1), np.zeros(len(validation))]
     started = time.perf_counter()
@@ -271,7 +272,9 @@ def main() -> None:
     home = CACHE / f"r{rows}"
     settings, storage, training_set, truth_uri = training_set_for(home, rows)
     from flywheel.evaluation import load_truth
-    from flywheel.schema import LABEL
+    from flywheel.usecase import load_usecase
+
+    LABEL = load_usecase(settings.usecase).task.label
 
     holdout = storage.read_parquet(training_set.holdout_uri).to_pandas()
     train_rows = storage.read_parquet(training_set.train_uri).to_pandas()

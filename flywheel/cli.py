@@ -51,24 +51,22 @@ def new_run_id() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from flywheel.datagen import generate
+    from flywheel.demo import write_demo_files
     from flywheel.storage import Storage
+    from flywheel.usecase import load_usecase
 
     settings = _settings(args)
     storage = Storage.from_settings(settings)
+    usecase = load_usecase(settings.usecase)
+    # --days and --seed are the settings' data section for this command (unvalidated: the use case checks them).
+    data = settings.data.model_copy(update={k: v for k, v in (("days", args.days), ("seed", args.seed)) if v is not None})
     started = time.perf_counter()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("generating rows", total=args.rows)
-        result = generate(
-            storage, args.out, rows=args.rows, days=args.days, seed=args.seed, start=args.start, fmt=args.format,
-            progress=lambda n: bar.update(task, completed=n),
-        )
-    console = _console()
-    console.print(
-        f"wrote {result.rows:,} rows ({result.fraud_rate():.2%} fraud, {result.cards:,} cards, {result.merchants:,} merchants) "
-        f"in {len(result.files)} file(s) under {args.out} in {time.perf_counter() - started:.1f}s; "
-        f"true probabilities under {args.out.rstrip('/')}/_truth/"
-    )
+        task = bar.add_task(f"writing {usecase.name}'s demo data", total=args.rows)
+        wrote = write_demo_files(storage, usecase, args.out, rows=args.rows, data=data,
+                                 options={"start": args.start, "format": args.format},
+                                 progress=lambda n: bar.update(task, completed=n))
+    _console().print(f"wrote {wrote} ({time.perf_counter() - started:.1f}s)", soft_wrap=True, markup=False)
     return 0
 
 
@@ -238,6 +236,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from flywheel.report import output_to
+    from flywheel.scoring import describe
     from flywheel.steps import read_step_records
     from flywheel.storage import Storage
     from pipelines.scoring import run_locally
@@ -264,8 +263,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
         raise PipelineError(f"the scoring pipeline failed: {failure} (steps' output: {log_path})")
     summary = storage.read_json(records["summarize"]["artifacts"]["summary"])
-    console.print(f"scored {summary['rows']:,} transactions over {summary['days']} day(s) in {summary['chunks']} chunk(s) with "
-                  f"model {summary['model_version']}: {summary['flagged']:,} at or above {summary['alert_threshold']}", soft_wrap=True)
+    console.print(describe(summary), soft_wrap=True, markup=False)
     console.print(f"summary: {records['summarize']['artifacts']['summary']}", soft_wrap=True)
     return 0
 
@@ -740,13 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--usecase", metavar="PATH", help=USECASE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="write seeded synthetic card transactions (and their true fraud probabilities)",
-                         description="Write seeded synthetic card transactions under URI, and each row's true fraud probability under URI/_truth/.")
-    gen.add_argument("--rows", type=_positive, required=True, help="number of transactions")
-    gen.add_argument("--days", type=_positive, default=30, help="days of history (default 30)")
-    gen.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    gen.add_argument("--start", default="2026-10-01", help="first day, YYYY-MM-DD (default 2026-10-01)")
-    gen.add_argument("--format", choices=["parquet", "csv", "jsonl"], default="parquet", help="raw file format")
+    gen = sub.add_parser("generate", help="write the use case's demo data (fraud's: seeded synthetic transactions with their true probabilities)",
+                         description="Write the use case's demo data under URI: what `flywheel run` ingests without --source, "
+                                     "written by the use case's source.py (write_demo). --start and --format are passed on "
+                                     "to it when given; a use case that does not take them says so.")
+    gen.add_argument("--rows", type=_positive, help="number of rows (default: the use case's own, e.g. settings data.rows)")
+    gen.add_argument("--days", type=_positive, help="days of history (default: settings data.days, 30)")
+    gen.add_argument("--seed", type=int, help="random seed (default: settings data.seed, 7)")
+    gen.add_argument("--start", help="first day, YYYY-MM-DD (default: the use case's, 2026-10-01 for generated transactions)")
+    gen.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="raw file format (default: the use case's, parquet)")
     gen.add_argument("--out", required=True, help="where to write: a folder or s3://bucket/prefix")
     gen.set_defaults(func=cmd_generate)
 
@@ -805,8 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lake_commands(sub)
 
     score = sub.add_parser("score", help="score a date range of the lake with the production model (kfp.local)",
-                           description="Run the batch scoring pipeline locally: the lake's transactions from --start to --end "
-                                       "scored in chunks of days, one partition per day and a summary.json under --out.")
+                           description="Run the batch scoring pipeline locally: the lake's rows from --start to --end "
+                                       "scored in chunks of days, one partition per day and a summary.json under --out "
+                                       "(each row's id, timestamp, join keys, the model's output and model_version).")
     score.add_argument("--start", required=True, help="first day, YYYY-MM-DD")
     score.add_argument("--end", required=True, help="last day, YYYY-MM-DD (inclusive)")
     score.add_argument("--chunk-days", type=_positive, help="days per chunk (default: settings scoring.chunk_days)")

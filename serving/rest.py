@@ -141,7 +141,7 @@ class ServingMiddleware:
                 _request_seconds(protocol).observe(seconds)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(orjson.dumps({
-                    "ts": time.time(), "request_id": request_id, "method": scope.get("method"), "path": path,
+                    "time": time.time(), "request_id": request_id, "method": scope.get("method"), "path": path,
                     "status": state["status"], "ms": round(seconds * 1000, 3), "model_version": state["version"] or None,
                     "client": (scope.get("client") or [None])[0], "pid": os.getpid(),
                 }).decode())

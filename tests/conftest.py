@@ -141,7 +141,7 @@ def run_loop(settings: Settings, source: str, run_id: str) -> dict:
 def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Generate small data and run every step (without KFP) once: a production model plus a
     materialized online store, for the serving and evaluation tests."""
-    from flywheel.datagen import generate
+    from tests.factories import generate
 
     home = tmp_path_factory.mktemp("loop")
     env = small_env(home)

@@ -1,4 +1,5 @@
-"""Small synthetic transactions matching TRANSACTION_SCHEMA, for tests that need hand-sized data."""
+"""Small synthetic transactions matching fraud's contract, for tests that need hand-sized data, and
+fraud's own generator (usecases/fraud/generator.py) for tests that need realistic data."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flywheel.schema import CHANNELS, MERCHANT_CATEGORIES
 from flywheel.features.views import views_of
-from flywheel.usecase import load_usecase
+from flywheel.usecase import load_module, load_usecase
 
 REPO = Path(__file__).resolve().parents[1]
 # The repository's first use case, as the platform loads it (the settings' default use case).
@@ -17,6 +17,14 @@ FRAUD = load_usecase(REPO / "usecases" / "fraud")
 FRAUD_CONTRACT = FRAUD.contract
 FRAUD_SCHEMA = FRAUD_CONTRACT.arrow_schema()
 FRAUD_VIEWS = views_of(FRAUD)  # card_features and merchant_features, from its features.yaml
+FRAUD_LABEL = FRAUD.task.label
+MERCHANT_CATEGORIES = list(FRAUD_CONTRACT.columns["merchant_category"].categories)
+CHANNELS = list(FRAUD_CONTRACT.columns["channel"].categories)
+# What a fraud scoring request carries: the contract's request fields, in its column order.
+FRAUD_REQUEST_FIELDS = list(FRAUD_CONTRACT.request_fields())
+# Fraud's generator, imported as the platform imports a use case's modules (source.py does the same).
+FRAUD_GENERATOR = load_module(FRAUD, "generator")
+generate = FRAUD_GENERATOR.generate
 
 
 def fraud_tables(card_table: object, merchant_table: object) -> dict[str, str]:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.features.definitions import CREATED_COLUMN
-from flywheel.schema import LABEL
+from tests.factories import FRAUD_LABEL as LABEL
 
 LONGEST_WINDOW = pd.Timedelta(days=30)  # the 30-day statistics
 

@@ -27,6 +27,7 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -82,9 +83,9 @@ def lake_days(snapshot: LakeSnapshot) -> tuple[list[str], dict[str, list[str]]]:
     return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)], by_date
 
 
-def source_rows(storage: Storage, snapshot: LakeSnapshot, usecase: UseCase) -> dict[str, pd.DataFrame]:
+def source_rows(storage: Storage, snapshot: LakeSnapshot, usecase: UseCase, first: str = "", last: str = "") -> dict[str, pd.DataFrame]:
     """The rows of each further source the use case's features read, from the source snapshots that
-    go with ``snapshot``."""
+    go with ``snapshot`` (only the partitions dated ``first`` to ``last``, 'YYYY-MM-DD', when given)."""
     needed = sorted({a.source for named in usecase.features.named().values() for _, a in named if a.source})
     snapshots = source_snapshots(snapshot)
     out = {}
@@ -93,7 +94,11 @@ def source_rows(storage: Storage, snapshot: LakeSnapshot, usecase: UseCase) -> d
             raise DataError(f"lake snapshot {snapshot.uri} holds no rows of the contract's source {name!r} (it predates "
                             "the source): run ingest again with its files beside the main source's")
         schema = usecase.contract.sources[name].contract().arrow_schema()
-        out[name] = read_snapshot(storage, snapshots[name], schema).to_pandas()
+        source = snapshots[name]
+        if first or last:
+            parts = [p for p in source.parts if (first or "") <= p.get("date", "") <= (last or "9999-12-31")]
+            source = dataclasses.replace(source, parts=parts)
+        out[name] = read_snapshot(storage, source, schema).to_pandas()
     return out
 
 

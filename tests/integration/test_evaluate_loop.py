@@ -118,7 +118,7 @@ def test_the_report_has_detailed_metrics_plots_and_a_model_card(trained_loop):
 def test_a_candidate_trained_on_shuffled_labels_is_not_blessed_and_production_is_unchanged(trained_loop, tmp_path):
     """The gate's job: a model that learned nothing must not reach production, whatever else happens."""
     from flywheel.errors import GateRefused
-    from flywheel.schema import LABEL
+    from tests.factories import FRAUD_LABEL as LABEL
 
     loop = trained_loop
     storage, settings = loop["storage"], loop["settings"]

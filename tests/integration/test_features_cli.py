@@ -9,7 +9,7 @@ import pytest
 
 from flywheel import cli
 from flywheel.config import Settings
-from flywheel.datagen import generate
+from tests.factories import generate
 from tests.fraud_tables import CARD_FEATURES
 from flywheel.features.store import open_online_reader
 from flywheel.storage import Storage

@@ -357,3 +357,50 @@ def test_the_flights_model_is_served_with_its_request_its_output_and_its_feature
     frame = pd.concat([holdout.drop(columns=list(online.columns)).reset_index(drop=True), online], axis=1)
     expected = predictor.bundle.model.score(frame)
     np.testing.assert_allclose([answer["arr_delay_minutes"] for answer in answers[:5]], expected, rtol=1e-5)
+
+
+def test_batch_scoring_writes_each_flights_keys_and_its_minutes(flights_loop, tmp_path):
+    """The scoring steps (plan, a chunk per day, summary) on flights' production model: each row of a
+    day's scores is a flight (cancelled ones too: they were scheduled) with the contract's id,
+    timestamp and join keys and the task's answer in minutes, equal to the model's score of the same
+    flight with its training-time features; the summary has the mean answer and nothing flagged.
+    Bug caught: fraud's columns, timestamp or probability threshold applied to another use case."""
+    import numpy as np
+
+    from flywheel.registry import Registry
+    from flywheel.scoring import describe
+    from flywheel.training.model import load_version
+
+    settings, storage, raw = flights_loop["settings"], flights_loop["storage"], flights_loop["raw"]
+    model = steps.train_step(flights_loop["training_set"], "flights-1", settings)  # reused: same inputs
+    registry = Registry(storage, settings.model_name)
+    registry.promote(model["version"], run_id="flights-score", reason="batch scoring test")
+    days = sorted(raw["scheduled_departure"].dt.strftime("%Y-%m-%d").unique())[-2:]
+    plan = steps.plan_scoring_step(days[0], days[1], str(tmp_path / "scores"), "flights-score", chunk_days=1,
+                                   settings=settings, lake_uri=flights_loop["lake"])
+    results = [steps.score_step(chunk, plan, "flights-score", settings=settings) for chunk in plan["chunks"]]
+    summary = steps.summarize_scoring_step(plan, results, "flights-score", settings=settings)
+
+    assert sorted(p.name for p in (tmp_path / "scores").glob("date=*")) == [f"date={d}" for d in days]
+    scores = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scores").glob("date=*/scores.parquet"))],
+                       ignore_index=True)
+    assert list(scores.columns) == ["flight_id", "scheduled_departure", "tailnum", "origin", "dest", "carrier", "route",
+                                    "arr_delay_minutes", "model_version"]
+    wanted = raw[raw["scheduled_departure"].dt.strftime("%Y-%m-%d").isin(days)]
+    assert sorted(scores["flight_id"]) == sorted(wanted["flight_id"]) and len(scores) > 100
+    assert raw.set_index("flight_id").loc[scores["flight_id"], "arr_delay"].isna().any()  # cancelled flights are scored
+    for day, path in zip(days, sorted((tmp_path / "scores").glob("date=*/scores.parquet"))):
+        assert (pd.read_parquet(path)["scheduled_departure"].dt.strftime("%Y-%m-%d") == day).all()
+    assert set(scores["model_version"]) == {model["version"]}
+
+    holdout = storage.read_parquet(flights_loop["training_set"]["holdout_uri"]).to_pandas()
+    holdout = holdout[holdout["flight_id"].isin(set(scores["flight_id"]))]
+    expected = load_version(registry, model["version"]).score(holdout)
+    got = scores.set_index("flight_id").loc[holdout["flight_id"], "arr_delay_minutes"].to_numpy()
+    assert len(holdout) > 100
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+    assert (summary["task"], summary["output"], summary["rows"], summary["days"]) == ("regression", "arr_delay_minutes", len(scores), 2)
+    assert summary["means"] == {"arr_delay_minutes": pytest.approx(scores["arr_delay_minutes"].mean())}
+    assert not {"flagged", "alert_threshold", "mean_probability"} & set(summary)
+    assert "mean arr_delay_minutes" in describe(summary)

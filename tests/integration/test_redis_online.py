@@ -21,7 +21,7 @@ from pandas.testing import assert_frame_equal
 
 from flywheel import steps
 from flywheel.config import load_settings
-from flywheel.datagen import generate
+from tests.factories import generate
 from flywheel.errors import FeatureStoreError
 from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.features.store import open_served_store, open_store, online_features

@@ -8,7 +8,7 @@ import uuid
 
 from flywheel import lineage
 from flywheel.config import load_settings
-from flywheel.datagen import generate
+from tests.factories import generate
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from serving.predictor import Predictor

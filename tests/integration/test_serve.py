@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import pandas as pd
@@ -203,4 +204,5 @@ def test_every_request_gets_a_request_id_and_one_json_access_log_line(server):
             lines[record["request_id"]] = record
     assert lines["auth-42.a"]["status"] == 200 and lines["auth-42.a"]["model_version"] == loop["model"]["version"]
     assert lines["auth-42.a"]["path"] == V1 and lines["auth-42.a"]["ms"] > 0
+    assert abs(lines["auth-42.a"]["time"] - time.time()) < 600  # when, in Unix seconds: the platform's field, not a column
     assert lines[made.headers["x-request-id"]]["status"] == 400

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flywheel.schema import REQUEST_FIELDS
+from tests.factories import FRAUD_REQUEST_FIELDS as REQUEST_FIELDS
 from tests.servers import flywheel_server
 
 V1 = "/v1/models/fraud:predict"

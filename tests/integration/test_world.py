@@ -24,7 +24,7 @@ from pandas.testing import assert_frame_equal
 
 from flywheel import steps
 from flywheel.config import Settings, load_settings
-from flywheel.datagen import generate
+from tests.factories import generate
 from flywheel.errors import IntegrityError
 from tests.fraud_tables import CARD_FEATURES, MERCHANT_FEATURES
 from flywheel.registry import Registry

@@ -55,7 +55,13 @@ def test_scoring_writes_a_partition_per_day_and_a_summary(scored):
     assert summary["model_version"] == production.version and set(scores["model_version"]) == {production.version}
     assert summary["chunks"] == 2 and summary["days"] == 2
     assert summary["flagged"] == int((scores["fraud_probability"] >= summary["alert_threshold"]).sum())
-    assert f"scored {len(scores):,} transactions" in result.stdout
+    assert f"scored {len(scores):,} rows" in result.stdout and f"{summary['flagged']:,} at or above" in result.stdout
+    # A binary task: the contract's id, timestamp and join keys, the task's output, the version; the
+    # summary's means per output column, the probability's mean under its old name too.
+    assert list(scores.columns) == ["transaction_id", "ts", "card_id", "merchant_id", "fraud_probability", "model_version"]
+    assert (summary["task"], summary["output"]) == ("binary", "fraud_probability")
+    assert summary["means"] == {"fraud_probability": pytest.approx(scores["fraud_probability"].mean())}
+    assert summary["mean_probability"] == pytest.approx(scores["fraud_probability"].mean())
 
 
 def test_batch_scores_equal_the_models_scores_on_the_training_time_features(scored):
@@ -88,7 +94,7 @@ def test_every_partition_has_lineage_back_to_the_lake_and_the_model(scored):
 @pytest.mark.parametrize("args, problem", [
     (["--start", "2026-10-10", "--end", "2026-10-01"], "is after end_date"),
     (["--start", "2026-13-01", "--end", "2026-10-01"], "must be a date YYYY-MM-DD"),
-    (["--start", "2030-01-01", "--end", "2030-01-02"], "has no transactions from 2030-01-01 to 2030-01-02"),
+    (["--start", "2030-01-01", "--end", "2030-01-02"], "has no rows from 2030-01-01 to 2030-01-02"),
 ])
 def test_a_bad_range_is_one_clear_error(trained_loop, args, problem):
     result = flywheel("score", *args, env=trained_loop["env"], cwd=trained_loop["home"])

@@ -1,5 +1,5 @@
-"""The synthetic transaction generator: exact counts, the data contract, determinism, truth kept
-apart, and fraud that is rare (1-2%) yet learnable."""
+"""Fraud's synthetic transaction generator (usecases/fraud/generator.py): exact counts, the data
+contract, determinism, truth kept apart, and fraud that is rare (1-2%) yet learnable."""
 
 from __future__ import annotations
 
@@ -18,19 +18,21 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score
 
-from flywheel.datagen import (
-    CATEGORY_AMOUNT_SCALE,
-    FRAUD_INTERCEPT,
-    burst_positions,
-    fraud_logit,
-    generate,
-    plan_chunks,
-    split_into_sessions,
-)
 from flywheel.errors import DataError
 from flywheel.geo import haversine_km
-from flywheel.schema import TRANSACTION_SCHEMA, TRUTH_SCHEMA
 from flywheel.storage import Storage
+from tests.factories import FRAUD_GENERATOR, FRAUD_SCHEMA
+
+# usecases/fraud/generator.py, imported as the platform imports a use case's modules.
+CATEGORY_AMOUNT_SCALE = FRAUD_GENERATOR.CATEGORY_AMOUNT_SCALE
+FRAUD_INTERCEPT = FRAUD_GENERATOR.FRAUD_INTERCEPT
+burst_positions = FRAUD_GENERATOR.burst_positions
+fraud_logit = FRAUD_GENERATOR.fraud_logit
+generate = FRAUD_GENERATOR.generate
+plan_chunks = FRAUD_GENERATOR.plan_chunks
+split_into_sessions = FRAUD_GENERATOR.split_into_sessions
+TRUTH_SCHEMA = pa.schema([pa.field("transaction_id", pa.string(), nullable=False),
+                          pa.field("fraud_probability", pa.float64(), nullable=False)])
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 RISKY = {"gift_cards", "crypto", "electronics", "jewelry"}
@@ -69,7 +71,7 @@ def test_exact_row_count_across_several_chunks(tmp_path):
 def test_parquet_schema_is_the_transaction_schema(dataset):
     result, _, _, _ = dataset
     for uri in result.files:
-        assert pq.read_schema(uri).remove_metadata() == TRANSACTION_SCHEMA
+        assert pq.read_schema(uri).remove_metadata() == FRAUD_SCHEMA
     for uri in result.truth_files:
         assert pq.read_schema(uri).remove_metadata() == TRUTH_SCHEMA
 
@@ -83,7 +85,7 @@ def test_csv_and_jsonl_are_readable_with_iso_timestamps(tmp_path, fmt):
     reader = pa_csv.read_csv if fmt == "csv" else pa_json.read_json
     options = pa_csv.ConvertOptions(column_types={"ts": pa.string()}) if fmt == "csv" else None
     table = pa.concat_tables([reader(f, convert_options=options) if options else reader(f) for f in text.files])
-    assert table.column_names == TRANSACTION_SCHEMA.names
+    assert table.column_names == FRAUD_SCHEMA.names
     ts = table["ts"].to_pylist()
     assert all(ISO_Z.match(value) for value in ts)
     # the format changes only the encoding, never the data
@@ -266,3 +268,24 @@ def test_bad_arguments_raise_data_error(tmp_path, bad, message):
     with pytest.raises(DataError, match=message):
         generate(Storage(str(tmp_path)), str(tmp_path / "raw"), **arguments)
     assert not (tmp_path / "raw").exists()
+
+
+def test_the_generator_writes_the_contract_and_refuses_a_vocabulary_it_has_no_rates_for(tmp_path):
+    """The schema and vocabularies come from contract.yaml, not a second copy: a channel declared
+    there that the generative model has no rate for is named when the generator is loaded.
+    Bug caught: a hand-kept schema beside the contract, drifting from it unnoticed."""
+    import shutil
+
+    from flywheel.errors import UseCaseError
+    from flywheel.usecase import load_module, load_usecase
+    from tests.factories import FRAUD
+
+    assert FRAUD_GENERATOR.TRANSACTION_SCHEMA.equals(FRAUD.contract.arrow_schema())
+    assert FRAUD_GENERATOR.LABEL == FRAUD.task.label
+    folder = tmp_path / "fraud"
+    shutil.copytree(FRAUD.folder, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    contract = folder / "contract.yaml"
+    contract.write_text(contract.read_text().replace("categories: [chip, contactless, swipe, online]",
+                                                     "categories: [chip, contactless, swipe, online, atm]"))
+    with pytest.raises(UseCaseError, match=r"generator.py failed to import: .*channel categories .*'atm'"):
+        load_module(load_usecase(folder), "generator")

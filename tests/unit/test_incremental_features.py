@@ -15,7 +15,7 @@ from flywheel.config import load_settings
 from flywheel.features import engine, incremental
 from flywheel.features.views import views_of
 from flywheel.lake import LakeSnapshot, read_snapshot, snapshot_sha256
-from flywheel.schema import TRANSACTION_SCHEMA
+from tests.factories import FRAUD_SCHEMA
 from flywheel.storage import Storage
 from flywheel.usecase import UseCase, load_usecase
 from tests import factories
@@ -40,7 +40,7 @@ def snapshot_of(storage: Storage, tx: pd.DataFrame, name: str) -> LakeSnapshot:
     """A published-looking lake snapshot holding ``tx``, one part per UTC date (as ingest lays it out)."""
     parts = []
     for date, rows in tx.groupby(tx.ts.dt.strftime("%Y-%m-%d"), sort=True):
-        table = pa.Table.from_pandas(rows.reset_index(drop=True), schema=TRANSACTION_SCHEMA, preserve_index=False)
+        table = pa.Table.from_pandas(rows.reset_index(drop=True), schema=FRAUD_SCHEMA, preserve_index=False)
         ref = storage.write_parquet(storage.uri("lake", name, "transactions", f"date={date}", "part-0.parquet"), table)
         parts.append({"uri": ref.uri, "sha256": ref.sha256, "rows": len(rows), "date": date})
     sha = snapshot_sha256([p["sha256"] for p in parts])

@@ -20,7 +20,6 @@ from flywheel.errors import DataError
 from flywheel.ingest import IngestOptions, ingest
 from flywheel.lake import LakeSnapshot, id_hashes, load_snapshot, publish_snapshot, publish_staged, read_id_index, read_snapshot, snapshot_sha256
 from flywheel.lake import part_name as lake_part_name
-from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
 from tests.factories import FRAUD_CONTRACT, FRAUD_SCHEMA
@@ -29,7 +28,7 @@ DATES = ["2026-03-01", "2026-03-02", "2026-03-03"]
 
 
 def make_transactions(rows: int = 300, seed: int = 0, id_prefix: str = "t") -> pd.DataFrame:
-    """Rows matching TRANSACTION_SCHEMA, spread over DATES, in shuffled time order."""
+    """Rows matching FRAUD_SCHEMA, spread over DATES, in shuffled time order."""
     return factories.make_transactions(rows, seed=seed, id_prefix=id_prefix, start=DATES[0], days=len(DATES), fraud_every=33)
 
 
@@ -98,7 +97,7 @@ def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage,
     assert dates == DATES
     for part in snap.parts:
         table = pq.read_table(part["uri"])
-        assert table.schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
+        assert table.schema.equals(FRAUD_SCHEMA, check_metadata=False)
         assert table.num_rows == part["rows"]
         assert f"/transactions/date={part['date']}/part-" in part["uri"]
         ts = table.column("ts").to_pandas()
@@ -106,7 +105,7 @@ def test_ingest_partitions_by_date_with_schema_and_sorted_rows(storage: Storage,
         assert set(ts.dt.strftime("%Y-%m-%d")) == {part["date"]}
 
     table = read_snapshot(storage, snap, FRAUD_SCHEMA)
-    assert table.schema.equals(TRANSACTION_SCHEMA, check_metadata=False)
+    assert table.schema.equals(FRAUD_SCHEMA, check_metadata=False)
     got = table.to_pandas().sort_values("transaction_id").reset_index(drop=True)
     want = expected.sort_values("transaction_id").reset_index(drop=True)
     # Same instants whatever the source format (csv with Z, jsonl with +02:00 offsets).
@@ -204,7 +203,7 @@ def test_extra_columns_are_dropped_and_naive_timestamps_are_utc(storage: Storage
     snap = ingest_and_publish(storage, str(path.parent), str(tmp_path / "lake"), run_id="r1")
     table = read_snapshot(storage, snap, FRAUD_SCHEMA)
 
-    assert table.column_names == TRANSACTION_SCHEMA.names
+    assert table.column_names == FRAUD_SCHEMA.names
     assert sorted(table.column("ts").to_pylist()) == sorted(
         t.to_pydatetime().replace(tzinfo=dt.timezone.utc) for t in df["ts"]
     )
@@ -471,7 +470,7 @@ def test_publish_snapshot_takes_hand_written_parts_as_they_are(storage: Storage,
     lake = tmp_path / "lake"
     part = lake / "transactions" / "date=2026-03-01" / "part-legacy.parquet"
     part.parent.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(legacy, preserve_index=False).cast(TRANSACTION_SCHEMA), part)
+    pq.write_table(pa.Table.from_pandas(legacy, preserve_index=False).cast(FRAUD_SCHEMA), part)
 
     snap = publish_snapshot(storage, str(lake), run_id="hand")
 

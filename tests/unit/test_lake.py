@@ -15,7 +15,6 @@ from flywheel import lake, lineage, steps
 from flywheel.config import Settings
 from flywheel.errors import DataError, ValidationFailed
 from flywheel.ingest import ingest
-from flywheel.schema import TRANSACTION_SCHEMA
 from flywheel.storage import Storage
 from tests import factories
 from tests.factories import FRAUD_CONTRACT, FRAUD_SCHEMA
@@ -156,7 +155,7 @@ def test_parts_no_manifest_names_are_never_published(clean_lake, tmp_path: Path,
     lake.discard_staged(storage, lake.LakeSnapshot.from_dict(abandoned))
     # ... and a part someone copied in by hand.
     stray = Path(lake_uri) / "transactions" / "date=2026-05-01" / "part-stray.parquet"
-    pq.write_table(pa.Table.from_pandas(batch(10, "h", 8), preserve_index=False).cast(TRANSACTION_SCHEMA), stray)
+    pq.write_table(pa.Table.from_pandas(batch(10, "h", 8), preserve_index=False).cast(FRAUD_SCHEMA), stray)
     leftovers = {*abandoned["new_parts"], str(stray)}
     assert all(Path(uri).is_file() for uri in leftovers)
 

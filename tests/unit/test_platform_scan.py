@@ -7,10 +7,9 @@ or a digit: ``card_id``, ``arr_delay``, ``card_txn_count_1h``), as an identifier
 (``amount``, ``tail``, ``origin``) is an English word the platform may use in its own sense (a log's
 tail, a model card), so as an identifier it is not a finding; as a string (``df["amount"]``) it is.
 
-The platform still carries the fraud model's own code in the files of ``STILL_FRAUD`` (its
-predictor, request schema, generator); issue 19's next steps move each into the
-use case, and this list only shrinks: a file that no longer names any is a failure until it is taken
-off, and any other file that starts naming one fails at once.
+The fraud model's own code (its predictor, request schema, generator, batch scoring's columns) has
+moved into the use case (issue 19): no platform file names any use case's names, and one that starts
+to fails at once.
 """
 
 from __future__ import annotations
@@ -24,12 +23,6 @@ from flywheel.usecase import load_usecase
 from tests.factories import REPO
 
 PLATFORM = ("flywheel", "serving", "components", "pipelines")
-STILL_FRAUD = {
-    "flywheel/datagen.py": "fraud's generator (moves to usecases/fraud with its source.py)",
-    "serving/rest.py": "its access-log records have a field called ts (the platform's own, named like fraud's column)",
-    "flywheel/schema.py": "fraud's schema, still read by the generator, transform and predictor",
-    "flywheel/scoring.py": "batch scoring's output columns (moves with the task's outputs)",
-}
 
 
 def declared_names() -> dict[str, set[str]]:
@@ -86,12 +79,9 @@ def scan() -> dict[str, set[str]]:
     return hits
 
 
-def test_the_platform_names_no_use_cases_names_beyond_the_fraud_code_still_to_move():
-    hits = scan()
-    new = {path: sorted(found) for path, found in hits.items() if path not in STILL_FRAUD}
-    assert not new, f"platform files name a use case's columns, entities, labels or features: {new}"
-    moved = sorted(set(STILL_FRAUD) - set(hits))
-    assert not moved, f"these files no longer name a use case's names: take them off STILL_FRAUD: {moved}"
+def test_the_platform_names_no_use_cases_names():
+    hits = {path: sorted(found) for path, found in scan().items()}
+    assert not hits, f"platform files name a use case's columns, entities, labels or features: {hits}"
 
 
 def test_the_scan_finds_a_name_where_one_is_written(tmp_path):

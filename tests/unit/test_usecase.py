@@ -16,7 +16,7 @@ import pytest
 
 from flywheel.cli import main
 from flywheel.config import load_settings
-from flywheel.demo import demo_dataset
+from flywheel.demo import demo_base, demo_dataset, write_demo_files
 from flywheel.errors import ConfigError, DataError, UseCaseError
 from flywheel.ingest import ingest
 from flywheel.lake import publish_staged, read_snapshot
@@ -326,6 +326,46 @@ def test_demo_data_comes_from_the_use_cases_source_once_and_without_one_the_run_
     assert again == (source, lake, 0.0) and load_module(usecase, "source").CALLS == [10]
     assert storage.read_bytes(source + "/x.txt") == b"made" and lake.endswith("/lake") and source.endswith("/raw")
     assert demo_dataset(storage, usecase, 20, settings.data)[0] != source  # another size, another dataset
+
+
+def test_demo_data_is_keyed_by_every_python_file_of_the_use_case(tmp_path):
+    """Bug caught: a generator in a module of its own (loaded by source.py) edited, and `flywheel run`
+    still ingesting the data the old one wrote."""
+    folder = readings_usecase(tmp_path)
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_USECASE": str(folder)})
+    storage = Storage.from_settings(settings)
+    (folder / "source.py").write_text(
+        "from pathlib import Path\n"
+        "from flywheel.usecase import load_module, load_usecase\n"
+        "def write_demo(storage, out_uri, *, rows, data):\n"
+        "    maker = load_module(load_usecase(Path(__file__).parent), 'maker')\n"
+        "    storage.write_bytes(out_uri + '/x.txt', maker.MADE)\n")
+    (folder / "maker.py").write_text("MADE = b'first'\n")
+    first = demo_dataset(storage, load_usecase(folder), 10, settings.data)[0]
+    assert storage.read_bytes(first + "/x.txt") == b"first"
+    (folder / "maker.py").write_text("MADE = b'second one'\n")
+    second = demo_dataset(storage, load_usecase(folder), 10, settings.data)[0]
+    assert second != first and storage.read_bytes(second + "/x.txt") == b"second one"
+    (folder / "contract.yaml").write_text(READINGS + "# a comment: the data is the same\n")
+    assert demo_base(storage, load_usecase(folder), 10, settings.data) + "/raw" == second
+
+
+def test_flywheel_generate_passes_on_the_options_given_and_refuses_one_the_use_case_does_not_take(tmp_path):
+    folder = readings_usecase(tmp_path)
+    settings = load_settings(env={"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_USECASE": str(folder)})
+    storage = Storage.from_settings(settings)
+    (folder / "source.py").write_text(
+        "def write_demo(storage, out_uri, *, rows, data, start=None):\n"
+        "    storage.write_bytes(out_uri + '/x.txt', f'{rows} {data.seed} {start}'.encode())\n"
+        "    storage.write_bytes(out_uri + '/_notes.txt', b'not data')\n")
+    usecase, out = load_usecase(folder), str(tmp_path / "out")
+    data = settings.data.model_copy(update={"seed": 3})
+    said = write_demo_files(storage, usecase, out, rows=5, data=data, options={"start": "2026-01-02", "format": None},
+                            progress=lambda n: None)  # no progress parameter: not passed
+    assert said == f"1 file(s) under {out}" and storage.read_bytes(out + "/x.txt") == b"5 3 2026-01-02"
+    with pytest.raises(UseCaseError, match=r"readings's demo data takes no --format: .*has no parameter format"):
+        write_demo_files(storage, usecase, str(tmp_path / "other"), rows=5, data=data, options={"format": "csv"})
+    assert not (tmp_path / "other").exists()  # refused before anything was written
 
 
 def test_rows_without_a_label_are_dropped_when_the_contract_says_drop_and_counted(tmp_path):

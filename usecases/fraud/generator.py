@@ -1,4 +1,9 @@
-"""Seeded synthetic card transactions with learnable fraud and an exact true fraud probability.
+"""Card fraud's demo data: seeded synthetic card transactions with learnable fraud and an exact true
+fraud probability (source.py's ``write_demo`` calls :func:`generate` for `flywheel run` without
+--source and for `flywheel generate`).
+
+The rows are this use case's contract (contract.yaml): its schema, label and vocabularies are read
+from there, so the generator and the lake can never disagree.
 
 The generative model, in one paragraph: a population of cards (each with a home location, a
 typical amount and an activity weight) buys from a population of merchants (each with one fixed
@@ -12,7 +17,7 @@ that probability.
 
 Output, under ``out_uri``::
 
-    part-00000.<parquet|csv|jsonl> ...   raw transactions (TRANSACTION_SCHEMA), one file per chunk
+    part-00000.<parquet|csv|jsonl> ...   raw transactions (the contract's schema), one file per chunk
     _truth/part-00000.parquet ...        TRUTH_SCHEMA: transaction_id, fraud_probability
     _generation.json                     parameters and counts, written last
 
@@ -27,18 +32,33 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flywheel.errors import DataError
+from flywheel.errors import DataError, UseCaseError
 from flywheel.geo import haversine_km
-from flywheel.schema import CHANNELS, LABEL, MERCHANT_CATEGORIES, TRANSACTION_SCHEMA, TRUTH_SCHEMA
 from flywheel.storage import Storage, join
+from flywheel.usecase import load_usecase
+
+# The contract this generator writes (usecases/fraud/contract.yaml).
+CONTRACT = load_usecase(Path(__file__).resolve().parent).contract
+TRANSACTION_SCHEMA = CONTRACT.arrow_schema()  # the raw transaction, as the lake stores it
+LABEL = CONTRACT.labels[0]
+MERCHANT_CATEGORIES = list(CONTRACT.columns["merchant_category"].categories or ())
+CHANNELS = list(CONTRACT.columns["channel"].categories or ())
+
+# The truth file written apart from the raw data: each row's true fraud probability.
+TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field(CONTRACT.id, pa.string(), nullable=False),
+        pa.field("fraud_probability", pa.float64(), nullable=False),
+    ]
+)
 
 FORMATS = ("parquet", "csv", "jsonl")
 GENERATOR_VERSION = 1  # bump when the generative model changes: same seed, different data
@@ -76,6 +96,12 @@ CATEGORY_AMOUNT_SCALE = {
 # Added to the fraud logit: fraudsters cash out where goods resell easily.
 CATEGORY_RISK = {"gift_cards": 1.6, "crypto": 1.8, "electronics": 1.0, "jewelry": 1.2, "travel": 0.5}
 CHANNEL_PROBS = {"chip": 0.40, "contactless": 0.25, "swipe": 0.05, "online": 0.30}
+
+for _declared, _modelled, _what in ((MERCHANT_CATEGORIES, CATEGORY_POPULARITY, "merchant_category"),
+                                    (CHANNELS, CHANNEL_PROBS, "channel")):
+    if set(_declared) != set(_modelled):  # the generative model has a rate for each declared value
+        raise UseCaseError(f"{__file__}: the contract's {_what} categories {sorted(_declared)} differ from the "
+                           f"generator's {sorted(_modelled)}: give the generator a rate for each")
 
 LAT_RANGE = (25.0, 49.0)  # the continental US, roughly
 LON_RANGE = (-124.0, -67.0)
@@ -560,18 +586,3 @@ def _summary(result: GenerateResult, out_uri: str, days: int, seed: int, fmt: st
 def _relative(uri: str, base: str) -> str:
     return uri[len(base.rstrip("/")):].lstrip("/")
 
-
-def demo_dataset(storage: Storage, rows: int, days: int, seed: int) -> tuple[str, str, float]:
-    """Generated data for `flywheel run` without --source: its raw files and its own lake.
-
-    Each generated dataset is a world of its own (its cards, merchants and ids), so it gets its own
-    lake: a later run with other --rows neither mixes with nor collides with an earlier one. The same
-    parameters give the same data, generated once.
-    """
-    base = storage.uri("demo", f"generated-r{rows}-d{days}-s{seed}")
-    source, lake = f"{base}/raw", f"{base}/lake"
-    if storage.exists(f"{source}/_generation.json"):
-        return source, lake, 0.0
-    started = time.perf_counter()
-    generate(storage, source, rows=rows, days=days, seed=seed)
-    return source, lake, time.perf_counter() - started
