@@ -46,6 +46,12 @@ def test_serve_without_a_production_model_says_what_to_do(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_serve_latest_without_any_trained_version_says_what_to_do(tmp_path):
+    result = run("serve", "--version", "latest", "--port", "1", env={"FLYWHEEL_HOME": str(tmp_path)})
+    assert result.returncode != 0 and "has no version yet: train one first" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_generate_writes_data_and_truth(tmp_path):
     result = run("generate", "--rows", "2000", "--days", "3", "--out", str(tmp_path / "raw"), env={"FLYWHEEL_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
