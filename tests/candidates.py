@@ -5,6 +5,8 @@
 - :func:`wider_copy`: the same function computed by a much wider network (each hidden layer padded
   with units whose weights are all zero, so every score is the same up to float rounding) — a
   candidate that only differs by being slow, about 10x production's latency per request.
+- :func:`shifted_copy`: a regression's same network answering ``shift`` more in the label's units
+  (its last layer's bias moved): a candidate that differs from production by exactly that much.
 - ``corrupt=True``: a model card that is not JSON — a version that cannot load.
 """
 
@@ -52,3 +54,21 @@ def wider_copy(registry: Registry, version: str, folder: Path, hidden: list[int]
     assert (out / WEIGHTS_FILE).exists()
     return registry.publish(out, training_key=uuid.uuid4().hex, run_id="release-test", inputs=[],
                             meta=dict(model.meta, hidden=list(hidden))).version
+
+
+def shifted_copy(registry: Registry, version: str, folder: Path, shift: float) -> str:
+    """Publish a regression ``version`` answering ``shift`` more for every row (in the label's units:
+    the network learns the label centred and scaled, so its last bias moves by ``shift / scale``)."""
+    model, files = registry.download(version, folder / uuid.uuid4().hex)
+    original = Model.load(files)
+    if original.task.kind != "regression":
+        raise ValueError(f"shifted_copy moves a regression's answers, and {version} is {original.task.kind}")
+    _, scale = original.spec.target
+    last = [m for m in original.module.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias += shift / scale
+    out = folder / uuid.uuid4().hex
+    for stale in files.iterdir():  # exported and quantized copies are of the unshifted network: not published
+        stale.unlink()
+    Model(original.module, original.spec, original.meta).save(out)
+    return registry.publish(out, training_key=uuid.uuid4().hex, run_id="release-test", inputs=[], meta=model.meta).version

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -252,6 +254,59 @@ def test_the_train_step_learns_the_arrival_delay_in_minutes_with_the_use_cases_i
     assert mae < np.abs(holdout["arr_delay"]).mean()  # better than calling every flight on time
 
 
+def test_a_worker_killed_mid_training_on_flights_resumes_and_ends_with_the_uninterrupted_weights(flights_loop, tmp_path):
+    """Resume after a kill, on flights' task (a regression with an L1 loss, its own inputs.py): two
+    gloo workers under torchrun --max-restarts=1, one SIGKILLed after the first checkpoint; the group
+    restarts, resumes mid-run from the checkpoint, and ends with the same weights, bit for bit, as an
+    uninterrupted run. Bugs caught: a checkpoint that misses a regression's state (the target's
+    centre and scale, the L1 loss's best epoch), a restart that starts over."""
+    import json
+
+    import torch
+
+    from flywheel.features.transform import FeatureSpec
+    from flywheel.training.launcher import OK, launch
+    from flywheel.training.split import split_validation
+    from tests.unit.test_training import FAST, RESUMED, ROW_GROUP, _kill_rank_after_first_checkpoint, same_weights
+
+    usecase = flights_loop["usecase"]
+    rows = pd.read_parquet(flights_loop["training_set"]["train_uri"]).head(1200)
+    (tmp_path / "in").mkdir()
+    data, spec_path = tmp_path / "in" / "train.parquet", tmp_path / "in" / "spec.json"
+    rows.to_parquet(data, row_group_size=ROW_GROUP)
+    epochs = 4  # 16 optimizer steps an epoch on each of two workers, a checkpoint every 10
+    training = {"EPOCHS": epochs, "BATCH_SIZE": 32, "PATIENCE": epochs, "CHECKPOINT_EVERY_STEPS": 10, "MAX_RESTARTS": 1}
+
+    def settings_for(home):
+        return load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_USECASE": str(FLIGHTS), **FAST,
+                                  **{f"FLYWHEEL_TRAINING__{k}": str(v) for k, v in training.items()}})
+
+    fit_rows, _ = split_validation(rows, settings_for(tmp_path).training.validation_fraction, usecase.contract.timestamp)
+    spec_path.write_text(json.dumps(FeatureSpec.fit(fit_rows, usecase).to_dict()))
+    reference = settings_for(tmp_path / "reference")
+    launch(reference, Storage.from_settings(reference), "ref", data, spec_path, tmp_path / "ref-out", tmp_path / "ref-logs")
+
+    settings = settings_for(tmp_path / "killed")
+    out, work, result = tmp_path / "out", tmp_path / "logs", {}
+
+    def run() -> None:
+        try:
+            result["run"] = launch(settings, Storage.from_settings(settings), "r1", data, spec_path, out, work)
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _kill_rank_after_first_checkpoint(work, out, rank=1, deadline=time.monotonic() + 60)
+    thread.join(timeout=150)
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    attempts = result["run"].attempts
+    assert result["run"].outcome == OK and [a.number for a in attempts] == [1, 2]
+    epoch, _, global_step = map(int, RESUMED.search(attempts[1].text()).groups())
+    assert global_step > 0 and epoch < epochs  # resumed from the checkpoint, not from the start
+    assert same_weights(torch.load(out / "model.pt"), torch.load(tmp_path / "ref-out" / "model.pt"))
+
+
 def test_the_evaluate_step_judges_the_flights_model_by_its_minutes(flights_loop):
     """The evaluate step on a regression: MAE, RMSE, the share within the use case's 15 minutes and
     the skill over the training median, computed against the holdout independently here; the gate
@@ -404,3 +459,41 @@ def test_batch_scoring_writes_each_flights_keys_and_its_minutes(flights_loop, tm
     assert summary["means"] == {"arr_delay_minutes": pytest.approx(scores["arr_delay_minutes"].mean())}
     assert not {"flagged", "alert_threshold", "mean_probability"} & set(summary)
     assert "mean arr_delay_minutes" in describe(summary)
+
+
+def test_the_canary_judges_a_flights_candidate_by_its_minutes(flights_loop, tmp_path):
+    """The local release on flights: two `flywheel serve` processes behind the splitting proxy, the
+    candidate's held-out flights replayed, and usecases/flights/task.yaml's real margins (5 minutes
+    per pair, 2 on average). A candidate answering one minute later than production is promoted; one
+    thirty minutes later is rolled back for its answers, in minutes. Both read the same feature world
+    here, so what is judged is the models (a stale world's features are issue 20's). Bug caught: a
+    canary that judges a regression by a probability's margins, or cannot promote one at all."""
+    import shutil
+
+    from flywheel.deploy.local import release_locally
+    from flywheel.registry import Registry
+    from tests.candidates import shifted_copy
+
+    model = steps.train_step(flights_loop["training_set"], "flights-1", flights_loop["settings"])  # reused: same inputs
+    home = tmp_path / "home"
+    shutil.copytree(flights_loop["settings"].home, home)  # releases here never change what other tests see
+    settings = load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_USECASE": str(FLIGHTS),
+                                  "FLYWHEEL_DEPLOY__CANARY__STEPS": "[20, 50]",
+                                  "FLYWHEEL_DEPLOY__CANARY__WINDOW_REQUESTS": "60"})
+    registry = Registry(Storage.from_settings(settings), "flights")
+    production = registry.production()
+    if production is None:
+        production = registry.promote(model["version"], run_id="flights-canary", reason="the test's production")
+    closer = shifted_copy(registry, production.version, tmp_path, 1.0)
+    record = release_locally(registry.storage, settings, closer, "release-close")
+    assert record.verdict == "promote", record.reasons
+    assert (record.thresholds["score_tolerance"], record.thresholds["max_mean_score_difference"]) == (5.0, 2.0)
+    assert record.thresholds["decision_threshold"] is None and registry.production().version == closer
+    agreement = record.windows[-1]["observations"]["agreement"]
+    assert agreement["pairs"] > 0 and agreement["max_abs_diff"] == pytest.approx(1.0, abs=0.01)
+
+    later = shifted_copy(registry, production.version, tmp_path, 30.0)  # 29 minutes from the new production
+    record = release_locally(registry.storage, settings, later, "release-late")
+    assert record.verdict == "rollback" and registry.production().version == closer
+    assert any("scores agree within 5" in reason for reason in record.reasons), record.reasons
+    assert record.client["failures"] == 0

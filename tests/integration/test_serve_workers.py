@@ -61,7 +61,7 @@ def test_metrics_count_every_request_across_workers(server):
         sent[str(response.status_code)] += 1
     after = httpx.get(f"{running.base}/metrics", timeout=10).text
 
-    pids = {json.loads(line)["pid"] for line in running.output().splitlines() if line.startswith('{"ts"')}
+    pids = {json.loads(line)["pid"] for line in running.output().splitlines() if line.startswith('{"time"')}
     assert len(pids) == 2, f"both workers should have served requests, saw {pids}"
 
     def grew(name: str, **labels: str) -> float:

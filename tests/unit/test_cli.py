@@ -59,23 +59,6 @@ def test_generate_writes_data_and_truth(tmp_path):
     assert list((tmp_path / "raw").glob("part-*.parquet")) and list((tmp_path / "raw" / "_truth").glob("*.parquet"))
 
 
-def test_generate_passes_fraud_options_on_to_the_use_case_and_another_use_case_refuses_them(tmp_path):
-    """`flywheel generate` writes the use case's demo data: fraud's generator takes --start and --format;
-    flights' real flights have neither, and say so before anything is read or written."""
-    from pathlib import Path
-
-    result = run("generate", "--rows", "300", "--days", "2", "--start", "2026-12-01", "--format", "jsonl",
-                 "--out", str(tmp_path / "raw"), env={"FLYWHEEL_HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr
-    lines = (tmp_path / "raw" / "part-00000.jsonl").read_text().splitlines()
-    assert len(lines) == 300 and all('"ts":"2026-12-0' in line for line in lines)
-    flights = Path(__file__).resolve().parents[2] / "usecases" / "flights"
-    result = run("--usecase", str(flights), "generate", "--format", "csv", "--out", str(tmp_path / "flights"),
-                 env={"FLYWHEEL_HOME": str(tmp_path)})
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "flights's demo data takes no --format" in result.stderr and not (tmp_path / "flights").exists()
-
-
 def test_serve_on_a_busy_port_is_a_clear_error():
     import socket
 

@@ -229,38 +229,3 @@ def test_deploy_render_prints_manifests_that_pass_the_crds(settings, registry, t
     result = subprocess.run([sys.executable, "-m", "flywheel.cli", "deploy", "--version", candidate], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode != 0 and "has no evaluation report" in result.stderr
-
-
-@pytest.mark.parametrize("canary_delay_s, verdict", [(0.01, "promote"), (0.1, "rollback")])
-def test_the_canary_is_judged_on_real_requests_to_the_tag_routed_revisions(settings, registry, canary_delay_s, verdict):
-    """End to end over HTTP: the tag URLs the InferenceService reports are where the replay goes; a
-    canary 10x slower than stable (100 ms against 10 ms) is rolled back, an equally fast one promoted."""
-    from tests.unit.test_canary import start_predictors, stop_predictors
-
-    reg, stable, candidate = registry
-    servers, (stable_url, canary_url) = start_predictors((False, 0.01), (False, canary_delay_s))
-
-    def status(n, obj):
-        out = ready(obj)
-        out["components"]["predictor"]["traffic"][0]["url"] = stable_url
-        out["components"]["predictor"]["traffic"][1]["url"] = canary_url
-        return out
-
-    def amounts():
-        n = 0
-        while True:
-            n += 1
-            yield {"card_id": "c", "merchant_id": "m", "amount": float(n % 500), "ts": "2026-11-01T00:00:00+00:00"}
-
-    try:
-        with kube_standin(Scenario(status=status)) as standin:
-            existing_service(standin, settings, registry)
-            record = release_on_kserve(reg.storage, settings, candidate, f"run-http-{verdict}", api_client=standin.api_client(),
-                                       requests=amounts())
-    finally:
-        stop_predictors(servers)
-    assert record.verdict == verdict, record.reasons
-    assert reg.production().version == (candidate if verdict == "promote" else stable)
-    window = record.windows[0]["observations"]
-    assert window["canary"]["requests"] == window["stable"]["requests"] == settings.deploy.canary.window_requests
-    assert window["agreement"]["score_agreement"] == 1.0  # the same scorer behind both URLs
