@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import threading
-import time
 
 import pandas as pd
 import pytest
@@ -267,7 +265,7 @@ def test_a_worker_killed_mid_training_on_flights_resumes_and_ends_with_the_unint
     from flywheel.features.transform import FeatureSpec
     from flywheel.training.launcher import OK, launch
     from flywheel.training.split import split_validation
-    from tests.unit.test_training import FAST, RESUMED, ROW_GROUP, _kill_rank_after_first_checkpoint, same_weights
+    from tests.unit.test_training import FAST, RESUMED, ROW_GROUP, launch_killing_rank_1, same_weights
 
     usecase = flights_loop["usecase"]
     rows = pd.read_parquet(flights_loop["training_set"]["train_uri"]).head(1200)
@@ -286,22 +284,10 @@ def test_a_worker_killed_mid_training_on_flights_resumes_and_ends_with_the_unint
     reference = settings_for(tmp_path / "reference")
     launch(reference, Storage.from_settings(reference), "ref", data, spec_path, tmp_path / "ref-out", tmp_path / "ref-logs")
 
-    settings = settings_for(tmp_path / "killed")
-    out, work, result = tmp_path / "out", tmp_path / "logs", {}
-
-    def run() -> None:
-        try:
-            result["run"] = launch(settings, Storage.from_settings(settings), "r1", data, spec_path, out, work)
-        except Exception as exc:  # reported by the assertions below
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    _kill_rank_after_first_checkpoint(work, out, rank=1, deadline=time.monotonic() + 60)
-    thread.join(timeout=150)
-    assert not thread.is_alive() and "error" not in result, result.get("error")
-    attempts = result["run"].attempts
-    assert result["run"].outcome == OK and [a.number for a in attempts] == [1, 2]
+    settings, out = settings_for(tmp_path / "killed"), tmp_path / "out"
+    run = launch_killing_rank_1(settings, Storage.from_settings(settings), data, spec_path, out, tmp_path / "logs")
+    attempts = run.attempts
+    assert run.outcome == OK and [a.number for a in attempts] == [1, 2]
     epoch, _, global_step = map(int, RESUMED.search(attempts[1].text()).groups())
     assert global_step > 0 and epoch < epochs  # resumed from the checkpoint, not from the start
     assert same_weights(torch.load(out / "model.pt"), torch.load(tmp_path / "ref-out" / "model.pt"))

@@ -274,14 +274,9 @@ def _kill_rank_after_first_checkpoint(work: Path, out: Path, rank: int, deadline
     raise AssertionError("no checkpoint appeared: nothing to kill")
 
 
-def test_a_worker_killed_mid_epoch_under_torchrun_max_restarts_1_resumes_from_the_checkpoint(
-        tmp_path, reference_run, count_launches):
-    """Catches a fault treated as fatal, a restart that starts over, a restarted gloo group that
-    cannot connect (torch's shared rendezvous store), and a hang after the kill."""
-    data, spec, reference_history, _ = reference_run
-    settings = settings_at(tmp_path, **RESUME, max_restarts=1)
-    storage = Storage.from_settings(settings)
-    out, work = tmp_path / "out", tmp_path / "logs"
+def launch_killing_rank_1(settings: Settings, storage: Storage, data: object, spec: object, out: Path, work: Path):
+    """A launch (run id ``r1``) whose rank-1 worker is SIGKILLed after the first checkpoint; its
+    result once the launch ends. Fails if training hangs or the launch raises."""
     result: dict = {}
 
     def run() -> None:
@@ -296,7 +291,18 @@ def test_a_worker_killed_mid_epoch_under_torchrun_max_restarts_1_resumes_from_th
     thread.join(timeout=150)
     assert not thread.is_alive(), "training hung after a worker was killed"
     assert "error" not in result, result.get("error")
-    run = result["run"]
+    return result["run"]
+
+
+def test_a_worker_killed_mid_epoch_under_torchrun_max_restarts_1_resumes_from_the_checkpoint(
+        tmp_path, reference_run, count_launches):
+    """Catches a fault treated as fatal, a restart that starts over, a restarted gloo group that
+    cannot connect (torch's shared rendezvous store), and a hang after the kill."""
+    data, spec, reference_history, _ = reference_run
+    settings = settings_at(tmp_path, **RESUME, max_restarts=1)
+    storage = Storage.from_settings(settings)
+    out = tmp_path / "out"
+    run = launch_killing_rank_1(settings, storage, data, spec, out, tmp_path / "logs")
     # One torchrun, which restarted the group itself.
     assert len(count_launches) == 1 and "--max-restarts=1" in count_launches[0]
     assert run.outcome == OK and [a.number for a in run.attempts] == [1, 2]
