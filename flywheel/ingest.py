@@ -21,6 +21,7 @@ only a hit reads rows back.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -186,8 +187,7 @@ def ingest_sources(
     its staged snapshot, or its lake's latest when no file of it is beside this batch. A source with
     neither is a DataError naming where its files were looked for."""
     out: dict[str, LakeSnapshot] = {}
-    plain = IngestOptions(policy=(options or IngestOptions()).policy, chunk_rows=(options or IngestOptions()).chunk_rows,
-                          max_quarantine_fraction=(options or IngestOptions()).max_quarantine_fraction)
+    plain = dataclasses.replace(options or IngestOptions(), row_check=None)  # the row check is the main rows' suite
     for name, source in contract.sources.items():
         raw_uri = further_source_uri(source_uri, name, source.files)
         own_lake = lake.source_lake_uri(lake_uri, name)

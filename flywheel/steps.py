@@ -102,6 +102,11 @@ def ingest_step(
     return staged.to_dict()
 
 
+def _validated_by(report: Any) -> dict[str, Any]:
+    """What a published snapshot records of the validation report that let it in."""
+    return {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
+
+
 def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
     """The Great Expectations gate on a staged batch (its new rows, and the drift gate against the
     last accepted batches): when every check passes, the batch is published and the published
@@ -141,10 +146,9 @@ def validate_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
             messages = [failure_message(r, f"{what} {where}" if what == "the batch" else what) for what, r in rejected]
             raise ValidationFailed("\n".join(messages) + f"\nthe batch was discarded; the lake still holds {kept}")
         for name, r in source_reports.items():
-            staged.sources[name]["validated_by"] = {key: getattr(r, key) for key in
-                                                    ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
+            staged.sources[name]["validated_by"] = _validated_by(r)
             staged.sources[name]["profile"] = r.profile
-        validated_by = {key: getattr(report, key) for key in ("run_id", "success", "rows", "evaluated", "report_uri", "html_uri")}
+        validated_by = _validated_by(report)
         published = lake.publish_staged(storage, staged, run_id, validated_by, profile=report.profile)
         record["artifacts"]["lake_snapshot"] = published.uri
     return published.to_dict()
