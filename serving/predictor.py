@@ -35,6 +35,7 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from flywheel.aggregations import Aggregation
 from flywheel.config import Settings
 from flywheel.contract import Contract, parse_contract
 from flywheel.errors import FlywheelError, RegistryError
@@ -78,7 +79,7 @@ def score(bundle: Bundle, rows: Rows, record: bool = True) -> Scored:
     """Predictions for validated rows, with their entities' current online features (``record``:
     count it in the metrics; not for a warm-up)."""
     started = time.perf_counter()
-    features, known = bundle.reader.read(rows.keys)
+    features, known = bundle.reader.read(rows.keys, at=rows.columns.get(bundle.schema.time))
     lookup_seconds = time.perf_counter() - started
     inputs = bundle.model.spec.transform_columns({**rows.columns, **features})
     transformed = time.perf_counter()
@@ -204,7 +205,10 @@ def trained_with(settings: Settings, meta: dict[str, Any]) -> tuple[Contract, li
     train step); a version from before they were recorded: the use case's own."""
     if meta.get("contract") and meta.get("views") is not None:
         contract = parse_contract(meta["contract"], "the model's recorded contract")
-        views = [View(v["name"], v["entity"], v["join_key"], v["key_type"], dict(v["features"]), (), dt.timedelta(0))
+        # Models from before the TTL and aggregations were recorded: no TTL check, no live updates.
+        views = [View(v["name"], v["entity"], v["join_key"], v["key_type"], dict(v["features"]),
+                      tuple((name, Aggregation.model_validate(a)) for name, a in v.get("aggregations", [])),
+                      dt.timedelta(seconds=v.get("ttl_s", 0)))
                  for v in meta["views"]]
         return contract, views
     usecase = load_usecase(settings.usecase)

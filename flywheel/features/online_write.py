@@ -279,6 +279,7 @@ class _RedisWriter:
         self.fields = [feature_hash_key(view.name, name) for name, _ in view.features]
         self.ttl = getattr(online, "key_ttl_seconds", None)
         self.view = view
+        self.replace_ties = False  # live updates rewrite an entity's row at the same instant (a late event at a tie)
 
     def write(self, batch: pa.RecordBatch, keys: list[bytes]) -> int:
         from google.protobuf.timestamp_pb2 import Timestamp
@@ -293,7 +294,8 @@ class _RedisWriter:
         for index, raw in enumerate(previous):
             if raw:  # Feast skips a row whose event time is not after the stored one (nanosecond precision)
                 stored = Timestamp.FromString(raw)
-                keep[index] = micros[index] * 1000 > stored.seconds * 1_000_000_000 + stored.nanos
+                new, old = micros[index] * 1000, stored.seconds * 1_000_000_000 + stored.nanos
+                keep[index] = new > old or (self.replace_ties and new == old)
         stamps = timestamp_bytes(micros).tolist()
         columns = [encode_values(batch.column(name), kind)[0].tolist() for name, kind in self.view.features]
         pipe = self.client.pipeline(transaction=False)
@@ -474,3 +476,47 @@ def materialize_world(store: Any, settings: Any, start: dt.datetime, end: dt.dat
                                   chunk_rows=settings.features.materialize_chunk_rows,
                                   memory_mib=settings.features.materialize_memory_mib, progress=progress, views=[name])
     return done
+
+
+# ---------------------------------------------------------------- live writes (flywheel.features.live)
+class OnlineWriter:
+    """Writes entity rows computed by the engine (:func:`flywheel.features.engine.entity_table`'s
+    columns) into one feature world's online store, in Feast's layout, without the Feast SDK: the
+    writers above, one per view. For SQLite, the database is switched to write-ahead logging, so that
+    the served read-only connections read while it writes instead of waiting for its lock."""
+
+    def __init__(self, settings: Any, world: str, views: list[Any]) -> None:
+        from types import SimpleNamespace
+
+        from flywheel.features.engine import CREATED_TIMESTAMP, EVENT_TIMESTAMP
+        from flywheel.features.store import _check_world_files, feast_project, world_dir
+
+        _check_world_files(settings, world)
+        features = settings.features
+        online = SimpleNamespace(type=features.online_store, path=str(world_dir(settings, world) / "online.db"),
+                                 connection_string=features.redis_connection, key_ttl_seconds=None)
+        config = SimpleNamespace(project=feast_project(settings, world), repo_path=None, online_store=online)
+        self.writers: dict[str, Any] = {}
+        for view in views:
+            unsupported = [f"{name} ({kind})" for name, kind in view.features.items() if kind not in SUPPORTED_TYPES]
+            if unsupported:
+                raise FeatureStoreError(f"live updates write {', '.join(SUPPORTED_TYPES)} features; {view.name} has "
+                                        f"{', '.join(unsupported)}")
+            shape = _View(view.name, view.join_key, list(view.features.items()), "", EVENT_TIMESTAMP, CREATED_TIMESTAMP, None)
+            if features.online_store == "sqlite":
+                writer = _SqliteWriter(config, shape)
+                writer.connection.execute("PRAGMA journal_mode=WAL")
+            else:
+                writer = _RedisWriter(config, shape)
+                writer.replace_ties = True
+            self.writers[view.name] = writer
+        self.columns = {view.name: [view.join_key, EVENT_TIMESTAMP, CREATED_TIMESTAMP, *view.features] for view in views}
+
+    def write(self, view: Any, frame: Any) -> None:
+        """Store each row of ``frame`` (one per entity) as its entity's row of ``view``."""
+        batch = pa.RecordBatch.from_pandas(frame[self.columns[view.name]], preserve_index=False)
+        self.writers[view.name].write(batch, _entity_keys(batch.column(0), view.join_key))
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()

@@ -351,6 +351,21 @@ def decode_value(raw: bytes | None) -> float | str:
                             "(expected a Feast Int64 or Float64 value)")
 
 
+def timestamp_micros(raw: bytes) -> int:
+    """Microseconds since the epoch of a serialized ``google.protobuf.Timestamp`` (Feast's Redis
+    ``_ts:<view>`` field): field 1, seconds; field 2, nanoseconds; both varints, either omitted when 0."""
+    seconds = nanos = 0
+    at = 0
+    while at < len(raw):
+        tag = raw[at]
+        value, at = _varint_at(raw, at + 1)
+        if tag == 0x08:
+            seconds = value - (1 << 64) if value >= 1 << 63 else value
+        elif tag == 0x10:
+            nanos = value
+    return seconds * 1_000_000 + nanos // 1000
+
+
 def feature_hash_key(view: str, name: str) -> bytes:
     """The Redis hash field Feast stores a feature under: murmur3 of ``view:name``, 4 bytes little-endian."""
     import mmh3
@@ -397,30 +412,63 @@ class OnlineReader:
             self._sqlite = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True, check_same_thread=False)
             self._lock = threading.Lock()
         self._views = [(view.name, view.join_key, list(view.features)) for view in views]
+        # A row older than its view's TTL at the request's time is not read (as the point-in-time
+        # join does not read it: flywheel.aggregations, "Reading"); 0: no TTL.
+        self._ttl = {view.name: int(view.ttl / dt.timedelta(microseconds=1)) for view in views}
         # Views whose features are all numbers take the fast path (one float matrix per view).
         self._text = {view.name: [kind == "String" for kind in view.features.values()] for view in views}
         self._fields = {name: [feature_hash_key(name, feature) for feature in features] for name, _, features in self._views}
+        self._ts_fields = {name: f"_ts:{name}".encode() for name, _, _ in self._views}
         self.join_keys = list(dict.fromkeys(key for _, key, _ in self._views))
 
-    def read(self, keys: Mapping[str, Sequence[str | None]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def read(self, keys: Mapping[str, Sequence[str | None]], at: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(feature name -> array with NaN (or "" for text) where the store has no value, join key ->
         bool array saying whether the store knows that entity at all). ``keys``: each join key's
-        entity ids as text, one per row (None: the row names none)."""
+        entity ids as text, one per row (None: the row names none). ``at``: each row's time
+        (datetime64; NaT or no ``at``: not checked); a view's row older than its TTL at that time counts as absent, as
+        the point-in-time join has it (a row is read when its time is at least ``at`` minus the TTL,
+        minus the join's microsecond; the SQLite layout keeps whole seconds, so there a row expires up
+        to a second early)."""
         wanted = [(view, key, names, keys[key]) for view, key, names in self._views]
         try:
-            found = self._read_redis(wanted) if self._redis is not None else self._read_sqlite(wanted)
+            found, stamps = self._read_redis(wanted) if self._redis is not None else self._read_sqlite(wanted)
         except FeatureStoreError:
             raise
         except Exception as exc:  # the store is down or broken: the caller turns it into a 503
             raise FeatureStoreError(f"online read from {self._where()} failed: {type(exc).__name__}: {exc}") from exc
-        return self._arrays(wanted, found)
+        expired = self._expired(wanted, found, stamps, at) if at is not None and any(self._ttl.values()) else None
+        return self._arrays(wanted, found, expired)
 
-    def _arrays(self, wanted: list, found: list[dict[str, list[Any]]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _expired(self, wanted: list, found: list[dict[str, list[Any]]], stamps: list[dict[str, int]],
+                 at: np.ndarray) -> list[set[int]] | None:
+        """Per view, the rows whose entity's row is older than the view's TTL at the row's time
+        (None when none is; a row without a time is not checked)."""
+        times = np.asarray(at)
+        moments = np.where(np.isnat(times), np.iinfo(np.int64).min, times.astype("datetime64[us]").astype(np.int64)).tolist()
+        out, any_expired = [], False
+        for (view, _, _, ids), values, written in zip(wanted, found, stamps):
+            ttl = self._ttl[view]
+            gone: set[int] = set()
+            if ttl and values:
+                for row, entity in enumerate(ids):
+                    stamp = written.get(entity) if entity is not None else None
+                    if stamp is not None and moments[row] - stamp > ttl + 1:
+                        gone.add(row)
+            any_expired |= bool(gone)
+            out.append(gone)
+        return out if any_expired else None
+
+    def _arrays(self, wanted: list, found: list[dict[str, list[Any]]],
+                expired: list[set[int]] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         features: dict[str, np.ndarray] = {}
         known: dict[str, np.ndarray] = {}
-        for (view, key, names, ids), values in zip(wanted, found):
+        for index, ((view, key, names, ids), values) in enumerate(zip(wanted, found)):
             empty = [math.nan] * len(names)
-            rows = [values.get(entity, empty) for entity in ids]
+            gone = expired[index] if expired is not None else ()
+            if gone:
+                rows = [empty if row in gone else values.get(entity, empty) for row, entity in enumerate(ids)]
+            else:
+                rows = [values.get(entity, empty) for entity in ids]
             text = self._text[view]
             if not any(text):
                 matrix = np.array(rows, dtype=np.float64).reshape(len(ids), len(names))
@@ -428,7 +476,7 @@ class OnlineReader:
                 known[key] = known[key] | seen if key in known else seen
                 features.update({name: matrix[:, column] for column, name in enumerate(names)})
                 continue
-            seen = np.array([entity in values for entity in ids], dtype=bool)
+            seen = np.array([entity in values and row not in gone for row, entity in enumerate(ids)], dtype=bool)
             known[key] = known[key] | seen if key in known else seen
             for column, name in enumerate(names):
                 if text[column]:
@@ -440,9 +488,9 @@ class OnlineReader:
     def _where(self) -> str:
         return f"Redis (Feast project {self.project})" if self._redis is not None else "SQLite"
 
-    def _read_sqlite(self, wanted: list) -> list[dict[str, list[float]]]:
+    def _read_sqlite(self, wanted: list) -> tuple[list[dict[str, list[float]]], list[dict[str, int]]]:
         """Per view, entity id -> its features' values in the view's order (entities with none left
-        out): both views in one statement (one shared lock of the database file, not two), or in
+        out), and entity id -> its row's time (microseconds; whole seconds in this layout): both views in one statement (one shared lock of the database file, not two), or in
         as few as SQLite's limit on a statement's parameters allows for a large batch."""
         by_key = [{entity_key_bytes(key, entity): entity for entity in set(ids) if entity is not None} for _, key, _, ids in wanted]
         pieces = [(index, list(keys)[start:start + MAX_SQL_PARAMETERS])
@@ -455,7 +503,7 @@ class OnlineReader:
         rows: list[tuple] = []
         for statement in statements:
             query = " UNION ALL ".join(
-                f'SELECT {index}, entity_key, feature_name, value FROM "{self.project}_{wanted[index][0]}" '
+                f'SELECT {index}, entity_key, feature_name, value, event_ts FROM "{self.project}_{wanted[index][0]}" '
                 f"WHERE entity_key IN ({','.join('?' * len(keys))})"
                 for index, keys in statement
             )
@@ -463,14 +511,19 @@ class OnlineReader:
                 rows += self._sqlite.execute(query, [key for _, keys in statement for key in keys]).fetchall()
         positions = [{name: column for column, name in enumerate(names)} for _, _, names, _ in wanted]
         found: list[dict[str, list[float]]] = [{} for _ in wanted]
-        for index, entity_key, name, raw in rows:
+        stamps: list[dict[str, int]] = [{} for _ in wanted]
+        for index, entity_key, name, raw, event_ts in rows:
             column = positions[index].get(name)
             if column is not None:
-                found[index].setdefault(by_key[index][entity_key], [math.nan] * len(positions[index]))[column] = decode_value(raw)
-        return found
+                entity = by_key[index][entity_key]
+                found[index].setdefault(entity, [math.nan] * len(positions[index]))[column] = decode_value(raw)
+                if event_ts is not None:
+                    stamps[index][entity] = int(event_ts) * 1_000_000
+        return found, stamps
 
-    def _read_redis(self, wanted: list) -> list[dict[str, list[float]]]:
-        """Per view, entity id -> its features' values: one HMGET per distinct entity of both views,
+    def _read_redis(self, wanted: list) -> tuple[list[dict[str, list[float]]], list[dict[str, int]]]:
+        """Per view, entity id -> its features' values (and, for a view with a TTL, entity id -> its
+        row's time in microseconds): one HMGET per distinct entity of both views,
         all written at once on one pooled connection and read back in order (one round trip).
 
         Blocking, in the event loop, on purpose: a local Redis answers a pass in tens of
@@ -486,7 +539,8 @@ class OnlineReader:
         suffix = self.project.encode()
         unique = [[entity for entity in set(ids) if entity is not None] for _, _, _, ids in wanted]
         packed = b"".join(
-            hiredis.pack_command((b"HMGET", entity_key_bytes(key, entity) + suffix, *self._fields[view]))
+            hiredis.pack_command((b"HMGET", entity_key_bytes(key, entity) + suffix, *self._fields[view],
+                                  *((self._ts_fields[view],) if self._ttl[view] else ())))
             for (view, key, _, _), entities in zip(wanted, unique) for entity in entities
         )
         count = sum(len(entities) for entities in unique)
@@ -498,7 +552,22 @@ class OnlineReader:
         finally:
             pool.release(connection)
         answers = iter(replies)
-        return [{entity: [decode_value(raw) for raw in next(answers)] for entity in entities} for entities in unique]
+        found: list[dict[str, list[float]]] = []
+        stamps: list[dict[str, int]] = []
+        for (view, _, _, _), entities in zip(wanted, unique):
+            values: dict[str, list[float]] = {}
+            times: dict[str, int] = {}
+            if self._ttl[view]:
+                for entity in entities:
+                    *raws, stamp = next(answers)
+                    values[entity] = [decode_value(raw) for raw in raws]
+                    if stamp:
+                        times[entity] = timestamp_micros(stamp)
+            else:
+                values = {entity: [decode_value(raw) for raw in next(answers)] for entity in entities}
+            found.append(values)
+            stamps.append(times)
+        return found, stamps
 
 
 def _exchange(connection: Any, packed: bytes, count: int) -> list:

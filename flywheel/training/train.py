@@ -128,7 +128,9 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             # the feature views of its world.
             "contract": usecase.contract.model_dump(mode="json"),
             "views": [{"name": view.name, "entity": view.entity, "join_key": view.join_key, "key_type": view.key_type,
-                       "features": view.features} for view in views_of(usecase)],
+                       "features": view.features, "ttl_s": view.ttl.total_seconds(),
+                       "aggregations": [[name, a.model_dump(mode="json")] for name, a in view.aggregations]}
+                      for view in views_of(usecase)],
             "usecase": {"name": usecase.name, "digest": usecase.digest},
             "run_id": run_id,
         }

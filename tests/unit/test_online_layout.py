@@ -133,3 +133,13 @@ def test_a_feature_type_the_writer_cannot_encode_is_refused():
 
     with pytest.raises(FeatureStoreError, match="use --engine feast"):
         online_write.encode_values(pa.array(["a"]), "String")
+
+
+@pytest.mark.parametrize("micros", [0, 1, 999_999, 1_357_000_000_123_456, -1_500_000, 4_102_444_800_000_000])
+def test_the_redis_row_time_decodes_as_protobufs_own_timestamp(micros):
+    """The served TTL check reads Feast's ``_ts:<view>`` field: decoded as protobuf writes it."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    stamp = Timestamp()
+    stamp.FromMicroseconds(micros)
+    assert feast_store.timestamp_micros(stamp.SerializeToString()) == micros
