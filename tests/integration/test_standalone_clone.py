@@ -12,6 +12,7 @@ The clone is of the last commit: uncommitted changes are not in it.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -33,6 +34,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 CD = re.compile(r"^\s*cd\s+([^\s;&|]+)")
 RECORDS = ("benchmarks/results/",)  # what a benchmark measured, where it ran: records, never read as paths
 CLONE_RUN_TIMEOUT_S = 600
+READS = re.compile(r"__file__|crd_schema|\bREPO\b")  # how a test module finds files through its checkout
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -173,7 +175,122 @@ def checkout_readers(clone: Path) -> list[str]:
     schemas): those a file missing beside a clone would break. Chosen by their text, so a new one is
     picked up without a list to keep."""
     return sorted(str(path.relative_to(clone)) for path in (clone / "tests" / "unit").glob("test_*.py")
-                  if re.search(r"__file__|crd_schema|\bREPO\b", path.read_text()))
+                  if READS.search(path.read_text()))
+
+
+class Readers:
+    """What of one tests module finds files through the checkout: the module-level names (functions,
+    fixtures, constants, names imported from other tests modules) whose text mentions ``READS``, or
+    that name, in turn, such a name (``MANIFESTS = REPO / ...``, a helper calling ``assert_conforms``,
+    ``FRAUD`` from tests.factories, ``factories.REPO``). Static, and generous where unsure: a local
+    that shadows such a name counts as it."""
+
+    def __init__(self, path: Path, clone: Path, loaded: dict[str, Readers | None]) -> None:
+        self.lines = path.read_text().splitlines()
+        self.tree = ast.parse("\n".join(self.lines))
+        self.clone, self.loaded = clone, loaded
+        self.defs: dict[str, list[ast.stmt]] = {}
+        self.imported: dict[str, tuple[str, str]] = {}  # a name from `from M import n`: (M, n)
+        self.modules: dict[str, str] = {}  # a name bound to a tests module: its dotted name
+        for node in self.tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self.defs.setdefault(node.name, []).append(node)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for name in ast.walk(target):
+                        if isinstance(name, ast.Name):
+                            self.defs.setdefault(name.id, []).append(node)
+            elif isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    bound, dotted = alias.asname or alias.name, f"{node.module}.{alias.name}"
+                    if self.module(dotted):
+                        self.modules[bound] = dotted
+                    else:
+                        self.imported[bound] = (node.module or "", alias.name)
+            elif isinstance(node, ast.Import):
+                self.modules.update({alias.asname: alias.name for alias in node.names if alias.asname})
+        self.readers: set[str] = set()
+        while grown := {name for name, nodes in self.defs.items() if name not in self.readers and any(map(self.reads, nodes))} | {
+                name for name, (module, original) in self.imported.items()
+                if name not in self.readers and (other := self.module(module)) and original in other.readers}:
+            self.readers |= grown
+
+    def module(self, dotted: str) -> Readers | None:
+        """The tests module ``dotted`` of the clone, analysed (None: not one; an import cycle reads as none)."""
+        path = self.clone.joinpath(*dotted.split(".")).with_suffix(".py")
+        if not dotted.startswith("tests.") or not path.is_file():
+            return None
+        if dotted not in self.loaded:
+            self.loaded[dotted] = None
+            self.loaded[dotted] = Readers(path, self.clone, self.loaded)
+        return self.loaded[dotted]
+
+    def reads(self, node: ast.stmt) -> bool:
+        """Whether ``node`` (with its decorators) mentions the checkout or a name here that does."""
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        if READS.search("\n".join(self.lines[first - 1:node.end_lineno])):
+            return True
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Name) and inner.id in self.readers:
+                return True
+            if (isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name) and inner.value.id in self.modules
+                    and (other := self.module(self.modules[inner.value.id])) and inner.attr in other.readers):
+                return True
+            if isinstance(inner, ast.ImportFrom) and (other := self.module(inner.module or "")):
+                if any(alias.name in other.readers for alias in inner.names):
+                    return True
+        return False
+
+    def fixture_reads(self, name: str, conftests: list[Readers], seen: tuple[str, ...] = ()) -> bool:
+        """Whether the fixture ``name``, as this module sees it (its own, else a conftest's), or a fixture it asks for reads the checkout."""
+        for where in (self, *conftests):
+            if fixtures := [n for n in where.defs.get(name, []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+                return name in where.readers or any(where.fixture_reads(arg.arg, conftests, (*seen, name))
+                                                    for fixture in fixtures for arg in fixture.args.args if arg.arg not in seen)
+        return False
+
+
+def checkout_reading_tests(clone: Path, modules: list[str]) -> list[str]:
+    """The tests of ``modules`` that find files through the checkout: whose code, decorators, fixtures, or
+    the helpers and constants these name (transitively, across tests modules), mention ``READS``. A test
+    that only trains a model on rows it made up has no checkout file to miss in a clone."""
+    package = Readers(clone / "tests" / "__init__.py", clone, {})
+    conftests = [readers for dotted in ("tests.unit.conftest", "tests.conftest") if (readers := package.module(dotted))]
+    found = []
+    for module in modules:
+        readers = Readers(clone / module, clone, package.loaded)
+        autouse = any(where.fixture_reads(node.name, conftests) for where in (readers, *conftests) for node in where.tree.body
+                      if isinstance(node, ast.FunctionDef) and any("autouse=True" in ast.unparse(d) for d in node.decorator_list))
+        found += [f"{module}::{node.name}" for node in readers.tree.body
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test")
+                  and (autouse or readers.reads(node) or any(readers.fixture_reads(arg.arg, conftests) for arg in node.args.args))]
+    return found
+
+
+def test_the_selection_keeps_every_test_that_reaches_the_checkout_and_only_those(tmp_path):
+    """The selection's oracle: a test reaching the checkout through a helper, a module constant, a fixture
+    (and the fixture it asks for), a name imported from a tests module or its attribute is kept; one
+    that only mentions an unrelated name is not."""
+    (tmp_path / "tests" / "unit").mkdir(parents=True)
+    (tmp_path / "tests" / "__init__.py").write_text("")
+    (tmp_path / "tests" / "helpers.py").write_text(
+        "from pathlib import Path\nREPO = Path(__file__).parents[1]\nDATA = REPO / 'data'\n"
+        "def load():\n    return DATA.read_text()\ndef made_up():\n    return 1\n")
+    (tmp_path / "tests" / "conftest.py").write_text("import pytest\nfrom tests.helpers import load\n\n"
+                                                    "@pytest.fixture\ndef loaded():\n    return load()\n")
+    (tmp_path / "tests" / "unit" / "test_m.py").write_text(
+        "import pytest\nfrom tests import helpers\nfrom tests.helpers import DATA, made_up\n"
+        "SCHEMA = DATA / 'schema'\n\n"
+        "def check(x):\n    return SCHEMA.exists()\n\n"
+        "@pytest.fixture\ndef asks(loaded):\n    return loaded\n\n"
+        "def test_by_helper():\n    assert check(1)\n"
+        "def test_by_fixture(asks):\n    pass\n"
+        "def test_by_attribute():\n    assert helpers.load()\n"
+        "def test_by_inner_import():\n    from tests.helpers import load\n    load()\n"
+        "@pytest.mark.parametrize('p', [SCHEMA])\ndef test_by_parameter(p):\n    pass\n"
+        "def test_alone(tmp_path):\n    assert made_up() and helpers.made_up()\n")
+    kept = {test.split("::")[1] for test in checkout_reading_tests(tmp_path, ["tests/unit/test_m.py"])}
+    assert kept == {"test_by_helper", "test_by_fixture", "test_by_attribute", "test_by_inner_import", "test_by_parameter"}
 
 
 def test_the_tests_that_read_the_checkout_pass_in_a_lone_clone_and_touch_nothing_outside_it(room, tmp_path):
@@ -183,7 +300,10 @@ def test_the_tests_that_read_the_checkout_pass_in_a_lone_clone_and_touch_nothing
     room_path, clone = room
     modules = checkout_readers(clone)
     assert "tests/unit/test_manifests.py" in modules and "tests/unit/test_cluster_training.py" in modules, modules
-    done, report = run_in_clone(room_path, clone, *modules, log=tmp_path / "outside.json")
+    tests = checkout_reading_tests(clone, modules)
+    assert {"tests/unit/test_manifests.py::test_every_rendered_object_is_valid_for_its_schema",
+            "tests/unit/test_cluster_training.py::test_every_rendered_manifest_conforms_to_its_crd_schema"} <= set(tests), tests
+    done, report = run_in_clone(room_path, clone, *tests, log=tmp_path / "outside.json")
     tail = (done.stdout + done.stderr)[-6000:]
     assert inside(Path(report["flywheel_from"]), clone), f"the run imported flywheel from {report['flywheel_from']}, not the clone"
     assert not report["seen"], "touched beside the clone:\n" + "\n".join(f"{s['test']}: {s['event']} {s['path']}" for s in report["seen"])
