@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from flywheel.errors import ConfigError, FlywheelError, PipelineError
+from flywheel.errors import ConfigError, DataError, FlywheelError, PipelineError
 
 log = logging.getLogger("flywheel")
 
@@ -585,6 +585,68 @@ def _add_features_parser(sub: Any) -> None:
     features.set_defaults(func=cmd_features)
 
 
+# ---------------------------------------------------------------- events (live features)
+def cmd_events(args: argparse.Namespace) -> int:
+    """events push FILE|- | apply | dead: the live-feature event log of the use case."""
+    import json
+
+    from flywheel.features.events import open_event_log, parse_events
+    from flywheel.usecase import load_usecase
+
+    settings = _settings(args)
+    event_log = open_event_log(settings)
+    if args.events_command == "push":
+        stream = sys.stdin.buffer if args.file == "-" else _open_events_file(args.file)
+        contract = load_usecase(settings.usecase).contract
+        bodies, bad = [], []
+        with stream:
+            for number, line in enumerate(stream, 1):
+                if line.strip():
+                    bodies.append((f"{args.file}:{number}", line.strip()))
+        # Checked before anything is appended: a file with a bad line appends nothing, and says which.
+        _, dead = parse_events(bodies, contract)
+        bad = [f"{letter.where}: {letter.reason}" for letter in dead]
+        if bad:
+            raise DataError(f"{len(bad)} of {len(bodies)} events do not fit the contract; nothing was pushed:\n  "
+                            + "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else ""))
+        pushed = event_log.append([body if isinstance(body, bytes) else body.encode() for _, body in bodies])
+        print(f"pushed {pushed} events to the {settings.live.log} log (backlog now {event_log.backlog()})")
+        return 0
+    if args.events_command == "apply":
+        from flywheel.deploy.live import updater_for
+
+        stats = updater_for(settings, pinned=args.version).drain()
+        print(json.dumps({"read": stats.read, "applied": stats.applied, "dead": stats.dead, "batches": stats.batches,
+                          "seconds": round(stats.seconds, 3)}))
+        return 0
+    for letter in event_log.dead_letters():
+        print(json.dumps({"where": letter.where, "reason": letter.reason, "event": letter.body}))
+    return 0
+
+
+def _open_events_file(path: str) -> Any:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read events file {path}: {exc.strerror or exc}") from None
+
+
+def _add_events_parser(sub: Any) -> None:
+    events = sub.add_parser("events", help="live features: push events (labels, further sources' rows, rows), apply them, read dead letters",
+                            description="The use case's live-feature event log (live.log). Each event is a JSON line: "
+                                        '{"row": {...}}, {"label": {"<id>": ..., "<label>": ...}} or {"source": "<name>", "row": {...}}.')
+    esub = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    push = esub.add_parser("push", help="append the events of a JSON-lines file (or - for stdin) to the log",
+                           description="Check every event against the contract, then append them all (or none) to the event log; "
+                                       "a running `flywheel serve` with live.enabled (or `flywheel events apply`) applies them.")
+    push.add_argument("file", metavar="FILE", help="a JSON-lines file of events, or - for standard input")
+    apply = esub.add_parser("apply", help="apply the log's events to the served feature worlds now, then exit",
+                            description="Bring the served worlds (production, and a canary) live and apply every event in the log.")
+    apply.add_argument("--version", help="apply to this version's world only (default: the served versions')")
+    esub.add_parser("dead", help="print the dead-lettered events with their reasons (JSON lines)")
+    events.set_defaults(func=cmd_events)
+
+
 # ---------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     """The registry: list versions with their stages, show one with its history, promote, roll back."""
@@ -852,6 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
     _add_features_parser(sub)
+    _add_events_parser(sub)
     _add_models_parser(sub)
     _add_deploy_parser(sub)
     _add_usecase_option(sub)

@@ -258,6 +258,27 @@ class ServingSettings(_Section):
     max_batch: int = Field(1000, ge=1)  # transactions per request
 
 
+class LiveSettings(_Section):
+    """Real-time features (flywheel.features.live): events move the served worlds' online rows.
+
+    With ``enabled``, `flywheel serve` runs the updater (one thread, in the server's main process)
+    and, with ``write_through``, the predictor appends every row it scored to the event log (for use
+    cases whose request is the event: a scored transaction is an event of its card and merchant).
+    Events that are not requests (a chargeback, a landing, a further source's row) come through
+    `flywheel events push`. On a cluster the log is a Redis Stream and the updater a Deployment
+    (manifests/base/live-updater.yaml)."""
+
+    enabled: bool = False
+    write_through: bool = True
+    log: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file beside the feature worlds; redis: a stream
+    redis_connection: str = ""  # the stream's Redis (host:port[,options]); empty: features.redis_connection
+    batch_max: int = Field(1000, ge=1)  # events applied in one batch
+    poll_ms: int = Field(20, ge=1)  # how long the updater waits for events before looking again
+    attempts: int = Field(5, ge=1)  # tries of a failed update before it is left in the log for later
+    claim_idle_s: float = Field(30.0, gt=0)  # Redis: an entry unacknowledged this long is claimed by another updater
+    refresh_s: float = Field(10.0, gt=0)  # how often the updater asks the registry which worlds are served
+
+
 class GcSettings(_Section):
     """`flywheel gc`: what stays besides production and the canary (flywheel/gc.py)."""
 
@@ -461,6 +482,7 @@ class Settings(_Section):
     gate: GateSettings = Field(default_factory=GateSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     kfp: KfpSettings = Field(default_factory=KfpSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)

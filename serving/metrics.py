@@ -30,6 +30,7 @@ REQUEST_SECONDS = Histogram("flywheel_request_seconds", "Whole scoring request, 
 LOOKUP_SECONDS = Histogram("flywheel_feature_lookup_seconds", "Online feature lookup of one scoring pass (the requests that arrived together)", buckets=FAST_BUCKETS)
 FORWARD_SECONDS = Histogram("flywheel_forward_seconds", "Model forward pass of one scoring pass (all its transactions)", buckets=FAST_BUCKETS)
 UNKNOWN_ENTITIES = Counter("flywheel_unknown_entities", "Rows scored with cold-start defaults, by the entity the store did not know", ["entity"])
+LIVE_WRITES = Counter("flywheel_live_write_through", "Scored rows written to the live-feature event log, by outcome", ["outcome"])
 RELOADS = Counter("flywheel_model_reloads", "Production model changes picked up without a restart, by outcome", ["outcome"])
 
 

@@ -21,7 +21,6 @@ A failed load keeps the old model serving. ``--version`` pins a version: no relo
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import gc
 import logging
 import tempfile
@@ -35,13 +34,13 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from flywheel.aggregations import Aggregation
 from flywheel.config import Settings
 from flywheel.contract import Contract, parse_contract
 from flywheel.errors import FlywheelError, RegistryError
 from flywheel.features.build import world_of_model
+from flywheel.features.events import encode_rows
 from flywheel.features.store import OnlineReader, open_online_reader
-from flywheel.features.views import View, views_of
+from flywheel.features.views import View, views_of, views_of_model
 from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import Model, load_version
@@ -114,7 +113,8 @@ class ScoringPasses:
     a matrix product rounds by its number of rows).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after: Any = None) -> None:
+        self._after = after  # called with (bundle, rows) after a pass scored them (the live write-through)
         self._waiting: dict[int, tuple[Bundle, list[tuple[Rows, asyncio.Future]]]] = {}
         self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
 
@@ -146,17 +146,20 @@ class ScoringPasses:
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
-                scored = score(bundle, join_rows([rows for rows, _ in requests]))
+                rows = join_rows([rows for rows, _ in requests])
+                scored = score(bundle, rows)
             except Exception as exc:  # the store failed: every request of the pass says so
                 for _, future in requests:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             start = 0
-            for rows, future in requests:
+            for part, future in requests:
                 if not future.done():  # a client that went away cancelled its future
-                    future.set_result(scored.part(start, start + rows.count))
-                start += rows.count
+                    future.set_result(scored.part(start, start + part.count))
+                start += part.count
+            if self._after is not None:
+                self._after(bundle, rows)  # after the replies are set: never delays them
 
 
 def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
@@ -203,14 +206,9 @@ def settle_heap(*, thaw: bool = False) -> None:
 def trained_with(settings: Settings, meta: dict[str, Any]) -> tuple[Contract, list[View]]:
     """The contract and feature views a model version was trained with (recorded in its card by the
     train step); a version from before they were recorded: the use case's own."""
-    if meta.get("contract") and meta.get("views") is not None:
-        contract = parse_contract(meta["contract"], "the model's recorded contract")
-        # Models from before the TTL and aggregations were recorded: no TTL check, no live updates.
-        views = [View(v["name"], v["entity"], v["join_key"], v["key_type"], dict(v["features"]),
-                      tuple((name, Aggregation.model_validate(a)) for name, a in v.get("aggregations", [])),
-                      dt.timedelta(seconds=v.get("ttl_s", 0)))
-                 for v in meta["views"]]
-        return contract, views
+    views = views_of_model(meta)
+    if meta.get("contract") and views is not None:
+        return parse_contract(meta["contract"], "the model's recorded contract"), views
     usecase = load_usecase(settings.usecase)
     return usecase.contract, views_of(usecase)
 
@@ -225,7 +223,8 @@ class Predictor(kserve.Model):
         self._bundle: Bundle | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._passes = ScoringPasses()
+        self._passes = ScoringPasses(self._write_through)
+        self._events: Any = None  # the live-feature event log, opened on first use in each process
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -292,13 +291,13 @@ class Predictor(kserve.Model):
     # spawn) without its model; serving.rest calls load_in_worker there before the worker serves.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, ready=False)
+        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, _events=None, ready=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._stop = threading.Event()
-        self._passes = ScoringPasses()
+        self._passes = ScoringPasses(self._write_through)
 
     def load_in_worker(self) -> None:
         """In a worker process: its own model (one torch thread, set before the load), warmed up,
@@ -306,6 +305,26 @@ class Predictor(kserve.Model):
         if not self.ready:
             self.load()
         self.start_reloading()
+
+    # ------------------------------------------------------------ live features
+    def _write_through(self, bundle: Bundle, rows: Rows) -> None:
+        """With ``live.enabled`` and ``live.write_through``: the scored rows, as events, into the log
+        the live-feature updater reads (a request is the event of its entities). A failed append
+        never fails the request: it is counted and logged, with the cause."""
+        live = self.settings.live
+        if not (live.enabled and live.write_through):
+            return
+        try:
+            if self._events is None:
+                from flywheel.features.events import open_event_log
+
+                self._events = open_event_log(self.settings)
+            contract = bundle.schema.contract
+            self._events.append(encode_rows(rows.columns, rows.count, contract, [spec.name for spec in bundle.schema.fields]))
+            metrics.LIVE_WRITES.labels("appended").inc(rows.count)
+        except Exception as exc:
+            metrics.LIVE_WRITES.labels("failed").inc(rows.count)
+            log.error("live: %d scored rows were not written to the event log: %s: %s", rows.count, type(exc).__name__, exc)
 
     # ------------------------------------------------------------ scoring
     async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:

@@ -154,6 +154,7 @@ class RequestSchema:
     validated :class:`Rows`; built once per served model, from the contract it was trained with."""
 
     def __init__(self, contract: Contract) -> None:
+        self.contract = contract
         self.fields = field_specs(contract)
         self.by_name = {spec.name: spec for spec in self.fields}
         self.names = frozenset(self.by_name)

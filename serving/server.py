@@ -103,6 +103,12 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
               f"metrics: /metrics)", flush=True)
         if workers == 1:
             predictor.start_reloading()  # with more, each worker process follows production itself
+        if settings.live.enabled:
+            from flywheel.deploy.live import start_updater
+
+            start_updater(settings, pinned=version)  # one updater, in this process, whatever the workers
+            print(f"live features: on (events from the {settings.live.log} log"
+                  f"{'; each scored row is one' if settings.live.write_through else ''})", flush=True)
         build_server(host, port, workers, settings.serving.max_body_bytes).start([predictor])
     finally:
         if metrics_dir:

@@ -136,7 +136,18 @@ class LiveFeatures:
     # ------------------------------------------------------------ applying events
     def apply(self, events: Events, now: pd.Timestamp | None = None) -> Applied:
         """Apply one batch and write every entity row it changed; ``now`` (optional) moves the
-        watermark on even when no event is that recent (the clock of a live server)."""
+        watermark on even when no event is that recent (the clock of a live server). All or
+        nothing: when a write fails, the state is as before the batch (so that applying it again
+        writes its rows, rather than skipping its events as repeats), and the error propagates."""
+        saved = (self.rows, dict(self.sources), self.watermark, self._due_at, self._due_view, self._due_key)
+        try:
+            return self._apply(events, now)
+        except BaseException:
+            self.rows, self.sources, self.watermark, self._due_at, self._due_view, self._due_key = saved
+            self._reindex()
+            raise
+
+    def _apply(self, events: Events, now: pd.Timestamp | None) -> Applied:
         started = time.perf_counter()
         applied = Applied()
         contract = self.contract
@@ -294,6 +305,7 @@ class LiveFeatures:
         same = ((before == after) | (before.isna() & after.isna())).all(axis=1).to_numpy()
         applied.duplicates += int(same.sum())
         position, after = position[~same], after[~same]
+        self.rows = self.rows.copy(deep=False)  # a new frame: the one a failed batch restores is untouched
         for column in columns:
             values = self.rows[column].copy()
             incoming = after[column]

@@ -57,6 +57,18 @@ def views_of(usecase: UseCase) -> list[View]:
     return views
 
 
+def views_of_model(meta: dict) -> list[View] | None:
+    """The feature views a model version was trained with, as its card records them (None for a
+    version from before they were recorded). A version from before the TTL and the aggregations
+    were recorded: TTL 0 (not checked) and no aggregations (no live updates)."""
+    if meta.get("views") is None:
+        return None
+    return [View(v["name"], v["entity"], v["join_key"], v["key_type"], dict(v["features"]),
+                 tuple((name, Aggregation.model_validate(a)) for name, a in v.get("aggregations", [])),
+                 dt.timedelta(seconds=v.get("ttl_s", 0)))
+            for v in meta["views"]]
+
+
 def feature_refs(views: list[View]) -> list[str]:
     """Every feature of every view as ``view:feature``."""
     return [ref for view in views for ref in view.refs()]
