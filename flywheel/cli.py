@@ -619,6 +619,22 @@ def cmd_events(args: argparse.Namespace) -> int:
         print(json.dumps({"read": stats.read, "applied": stats.applied, "dead": stats.dead, "batches": stats.batches,
                           "seconds": round(stats.seconds, 3)}))
         return 0
+    if args.events_command == "run":
+        import signal
+        import threading
+
+        from flywheel.deploy.live import updater_for
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        updater = updater_for(settings, pinned=args.version)
+        print(f"live updater: applying the {settings.live.log} log to the served worlds until stopped", flush=True)
+        try:
+            updater.run(stop, settings.live.poll_ms / 1000)
+        except KeyboardInterrupt:
+            pass
+        print(json.dumps({"read": updater.stats.read, "applied": updater.stats.applied, "dead": updater.stats.dead}))
+        return 0
     for letter in event_log.dead_letters():
         print(json.dumps({"where": letter.where, "reason": letter.reason, "event": letter.body}))
     return 0
@@ -642,7 +658,11 @@ def _add_events_parser(sub: Any) -> None:
     push.add_argument("file", metavar="FILE", help="a JSON-lines file of events, or - for standard input")
     apply = esub.add_parser("apply", help="apply the log's events to the served feature worlds now, then exit",
                             description="Bring the served worlds (production, and a canary) live and apply every event in the log.")
-    apply.add_argument("--version", help="apply to this version's world only (default: the served versions')")
+    run = esub.add_parser("run", help="the updater: apply the log's events to the served worlds as they come, until stopped",
+                          description="Apply events as they arrive (a Deployment of one replica on a cluster: live.run_updater false "
+                                      "in the predictor's settings); stops on SIGTERM or Ctrl-C.")
+    for command in (apply, run):
+        command.add_argument("--version", help="apply to this version's world only (default: the served versions')")
     esub.add_parser("dead", help="print the dead-lettered events with their reasons (JSON lines)")
     events.set_defaults(func=cmd_events)
 

@@ -270,6 +270,10 @@ class LiveSettings(_Section):
 
     enabled: bool = False
     write_through: bool = True
+    # Whether `flywheel serve` runs the updater in its process. On a cluster, with several predictor
+    # replicas, one updater (`flywheel events run`, a Deployment of one replica) applies the log for
+    # all of them: a live state is one buffer, and two updaters would each see half of the events.
+    run_updater: bool = True
     log: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file beside the feature worlds; redis: a stream
     redis_connection: str = ""  # the stream's Redis (host:port[,options]); empty: features.redis_connection
     batch_max: int = Field(1000, ge=1)  # events applied in one batch

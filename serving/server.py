@@ -104,11 +104,13 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
         if workers == 1:
             predictor.start_reloading()  # with more, each worker process follows production itself
         if settings.live.enabled:
-            from flywheel.deploy.live import start_updater
+            if settings.live.run_updater:
+                from flywheel.deploy.live import start_updater
 
-            start_updater(settings, pinned=version)  # one updater, in this process, whatever the workers
+                start_updater(settings, pinned=version)  # one updater, in this process, whatever the workers
             print(f"live features: on (events from the {settings.live.log} log"
-                  f"{'; each scored row is one' if settings.live.write_through else ''})", flush=True)
+                  f"{'; each scored row is one' if settings.live.write_through else ''}; "
+                  f"{'updated here' if settings.live.run_updater else 'updated by flywheel events run'})", flush=True)
         build_server(host, port, workers, settings.serving.max_body_bytes).start([predictor])
     finally:
         if metrics_dir:

@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import time
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -195,3 +196,42 @@ def test_a_failed_update_is_retried_and_one_that_keeps_failing_stays_in_the_log(
     with pytest.raises(FeatureStoreError, match="failed after 3 attempts: FeatureStoreError: the online store is down"):
         down.step()
     assert event_log.backlog() == 1 and down.stats.failed_batches == 1
+
+
+def readme_section() -> tuple[str, list[str]]:
+    from tests.factories import REPO
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = re.search(r"^## Real-time features\n(.*?)^## ", text, re.S | re.M).group(1)
+    [events] = re.findall(r"^```jsonl\n(.*?)^```", section, re.S | re.M)
+    [block] = re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M)
+    return events, [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_events_commands_verbatim(loop, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.factories import REPO
+
+    events, lines = readme_section()
+    assert [" ".join(line.split()[:3]).rsplit("/", 1)[-1] for line in lines] == ["flywheel events push", "flywheel events apply",
+                                                                                   "flywheel events dead"]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    (checkout / "events.jsonl").write_text(events)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(loop["env"], PYTHONPATH=str(REPO))
+    outputs = []
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+        outputs.append(done.stdout)
+    assert "pushed 2 events" in outputs[0]
+    assert json.loads(outputs[1].strip().splitlines()[-1])["applied"] == 2
+    assert outputs[2].strip() == ""  # nothing dead
+    row = online_row(loop["settings"], loop["world"], "card_features", "card_id", "card-42")
+    assert row["card_txn_count_1h"] == 1
