@@ -29,6 +29,7 @@ from flywheel.features.incremental import source_rows
 from flywheel.features.live import LiveFeatures
 from flywheel.features.online_write import OnlineWriter
 from flywheel.features.views import views_of_model
+from flywheel.fingerprint import code_fingerprint
 from flywheel.registry import ModelVersion, Registry
 from flywheel.storage import Storage
 from flywheel.usecase import load_usecase
@@ -66,10 +67,18 @@ def bring_live(settings: Settings, storage: Storage, version: ModelVersion, even
     if not meta.get("contract") or views is None or not any(view.aggregations for view in views):
         log.warning("live: version %s recorded no feature aggregations; its world is not updated live", version.version)
         return None
+    engine = code_fingerprint("flywheel.features.engine")
+    if meta.get("engine_code") and meta["engine_code"] != engine:
+        # A world never serves features computed by other code than the one that built it.
+        log.error("live: version %s was trained with other aggregation code (%s, here %s); its world is not "
+                  "updated live: retrain it with this code", version.version, meta["engine_code"][:12], engine[:12])
+        return None
     contract = parse_contract(meta["contract"], "the model's recorded contract")
     world = world_of_model(storage, meta)
     live = LiveFeatures(contract, views, OnlineWriter(settings, world, views))
-    snapshot = lakes.latest_snapshot(storage, lake_of(storage, meta))
+    lake_uri = lake_of(storage, meta)
+    snapshot = lakes.latest_snapshot(storage, lake_uri)
+    live.lake = (lake_uri, snapshot.sha256 if snapshot else "")  # a newer snapshot brings the world live again
     if snapshot is None or not snapshot.parts:
         if event_log is not None:
             live.apply(parse_events(event_log.history(), contract)[0])
@@ -113,6 +122,16 @@ class LiveWorlds:
                 self._refresh()
         return dict(self._worlds)
 
+    def _lake_moved(self, live: LiveFeatures) -> bool:
+        lake_uri, sha = getattr(live, "lake", ("", ""))
+        if not lake_uri:
+            return False
+        try:
+            return _lake_snapshot_sha(self.storage, lake_uri) != sha
+        except Exception as exc:  # unreadable now: keep the world as it is
+            log.warning("live: cannot read the lake %s (%s)", lake_uri, exc)
+            return False
+
     def _refresh(self) -> None:
         try:
             versions = [self.registry.get(self.pinned)] if self.pinned else served_versions(self.registry)
@@ -125,6 +144,11 @@ class LiveWorlds:
         for world in list(self._worlds):
             if world not in wanted:
                 self._worlds.pop(world).writer.close()
+            elif self._lake_moved(self._worlds[world]):
+                # A batch was published since the world was brought live (a pipeline run, whatever its
+                # gate decided): bring it live again from the new snapshot, so production stays fresh.
+                log.info("live: the lake of world %s has a new snapshot; bringing it live again", world)
+                self._worlds.pop(world).writer.close()
         for world, version in wanted.items():
             if world not in self._worlds:
                 try:
@@ -134,6 +158,11 @@ class LiveWorlds:
                     continue
                 if live is not None:
                     self._worlds[world] = live
+
+
+def _lake_snapshot_sha(storage: Storage, lake_uri: str) -> str:
+    snapshot = lakes.latest_snapshot(storage, lake_uri)
+    return snapshot.sha256 if snapshot else ""
 
 
 def updater_for(settings: Settings, pinned: str | None = None) -> Updater:

@@ -132,6 +132,8 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
                        "aggregations": [[name, a.model_dump(mode="json")] for name, a in view.aggregations]}
                       for view in views_of(usecase)],
             "usecase": {"name": usecase.name, "digest": usecase.digest},
+            # The aggregation engine's code: live updates of this model's world must run the same.
+            "engine_code": code_fingerprint("flywheel.features.engine"),
             "run_id": run_id,
         }
         saved = save_model(spec, out, work / "model", meta)
