@@ -10,7 +10,7 @@ holdout transactions re-stamped after the lake's end, with ids of their own.
   (flywheel.deploy.live.updater_for, as `flywheel events apply` runs it) drains it: events/s
   applied, the world's bring-live time (lake snapshot and log history read, every entity rewritten)
   apart.
-- **Freshness** (per online store): the updater running in a thread as `flywheel serve` runs it;
+- **Freshness** (per online store): the updater running (in a thread here; `flywheel serve` runs it in a process);
   one event at a time (a new card each), appended to the log; the time until the online store holds
   that card's row (polled every 0.5 ms): p50 and p99.
 - **Serving**: `flywheel serve` with live updates off and on (write-through of every scored row,

@@ -261,7 +261,7 @@ class ServingSettings(_Section):
 class LiveSettings(_Section):
     """Real-time features (flywheel.features.live): events move the served worlds' online rows.
 
-    With ``enabled``, `flywheel serve` runs the updater (one thread, in the server's main process)
+    With ``enabled``, `flywheel serve` runs the updater (`flywheel events run`, one process beside the server's)
     and, with ``write_through``, the predictor appends every row it scored to the event log (for use
     cases whose request is the event: a scored transaction is an event of its card and merchant).
     Events that are not requests (a chargeback, a landing, a further source's row) come through
