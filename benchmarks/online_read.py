@@ -34,6 +34,13 @@ from flywheel.features import store  # noqa: E402
 from tests.factories import FRAUD_VIEWS  # noqa: E402  (the fraud use case's two views)
 
 PROJECT = "flywheel_bench"
+ROW_TIME_S = 1_790_000_000  # every row's time; requests an hour later read it (within every view's TTL)
+
+
+def timestamp_bytes(seconds: int) -> bytes:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    return Timestamp(seconds=seconds).SerializeToString()
 
 
 def value_bytes(name: str, rng: random.Random) -> bytes:
@@ -57,9 +64,10 @@ def fill(client, path: Path, cards: list[str], merchants: list[str]) -> None:
         rows = []
         for entity in cards if key == "card_id" else merchants:
             values = {name: value_bytes(name, rng) for name in names}
-            rows += [(store.entity_key_bytes(key, entity), name, raw, 0, 0) for name, raw in values.items()]
+            rows += [(store.entity_key_bytes(key, entity), name, raw, ROW_TIME_S, ROW_TIME_S) for name, raw in values.items()]
             pipe.hset(store.entity_key_bytes(key, entity) + PROJECT.encode(),
-                      mapping={store.feature_hash_key(view, name): raw for name, raw in values.items()})
+                      mapping={**{store.feature_hash_key(view, name): raw for name, raw in values.items()},
+                               f"_ts:{view}".encode(): timestamp_bytes(ROW_TIME_S)})
         database.executemany(f'INSERT INTO "{PROJECT}_{view}" VALUES (?, ?, ?, ?, ?)', rows)
     pipe.execute()
     database.commit()
@@ -97,11 +105,19 @@ def main() -> None:
                         np.testing.assert_array_equal(got[0][name], values, err_msg=name)
                     for key, values in want[1].items():
                         np.testing.assert_array_equal(got[1][key], values, err_msg=key)
+                at = np.full(size, (ROW_TIME_S + 3600) * 1_000_000, dtype=np.int64).view("datetime64[us]")
                 for name, reader in (("sqlite", sqlite_reader), ("redis", redis_reader)):
                     started = time.process_time()
                     for card_ids, merchant_ids in batches:
                         reader.read({"card_id": card_ids, "merchant_id": merchant_ids})
                     figures[f"{name}_pass{size}_cpu_us"] = round((time.process_time() - started) / passes * 1e6, 1)
+                    # As serving reads since issue 20: with the requests' times, each row checked against its view's TTL.
+                    started = time.process_time()
+                    for card_ids, merchant_ids in batches:
+                        reader.read({"card_id": card_ids, "merchant_id": merchant_ids}, at=at)
+                    figures[f"{name}_pass{size}_at_cpu_us"] = round((time.process_time() - started) / passes * 1e6, 1)
+                    figures[f"{name}_pass{size}_at_over_plain"] = round(
+                        figures[f"{name}_pass{size}_at_cpu_us"] / figures[f"{name}_pass{size}_cpu_us"], 3)
                 figures[f"redis_over_sqlite_pass{size}"] = round(
                     figures[f"redis_pass{size}_cpu_us"] / figures[f"sqlite_pass{size}_cpu_us"], 2)
 

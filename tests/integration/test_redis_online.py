@@ -238,3 +238,41 @@ def test_a_redis_that_hangs_or_goes_away_under_the_served_reader_is_a_clear_erro
             pd.testing.assert_series_equal(pd.Series(again[name]), pd.Series(values), check_names=False, obj=name)
     finally:
         own.stop()
+
+
+def test_live_updates_write_redis_rows_that_the_served_reader_reads_ties_replaced_and_old_rows_expired(redis_loop, redis_server):
+    """Live updates on the cluster's online store: a new card's events reach the served Redis reader;
+    a late event at the same instant rewrites the row (Feast's writer would skip a row no newer than
+    the stored one, leaving the earlier count); the served read drops a row older than its view's
+    TTL at the request's time (the training join's rule), from the row time Redis keeps."""
+    from flywheel.features.live import Events, LiveFeatures
+    from flywheel.features.online_write import OnlineWriter
+    from flywheel.features.store import open_online_reader
+    from tests.factories import FRAUD_CONTRACT, make_transactions
+
+    settings, world = redis_loop["settings"], redis_loop["world"]
+    own = RedisServer().start()
+    try:
+        copy_project(redis_server, own, f"{settings.features.project}_{world}")
+        own_settings = load_settings(env=redis_env(redis_loop["home"], own))
+        live = LiveFeatures(FRAUD_CONTRACT, FRAUD_VIEWS, OnlineWriter(own_settings, world, FRAUD_VIEWS))
+        reader = open_online_reader(own_settings, world, FRAUD_VIEWS)
+        rows = make_transactions(2, seed=9, cards=1, merchants=1, days=1, in_time_order=True, id_prefix="redis-live-")
+        rows["card_id"] = "redis-live-card"
+        live.apply(Events(rows=rows.assign(is_fraud=None)))
+        last = rows["ts"].max()
+
+        def count(at: pd.Timestamp) -> tuple[float, bool]:
+            features, known = reader.read({"card_id": ["redis-live-card"], "merchant_id": [rows["merchant_id"].iloc[0]]},
+                                          at=pd.Series([at]).dt.tz_localize(None).to_numpy("datetime64[us]"))
+            return features["card_txn_count_1h"][0], bool(known["card_id"][0])
+
+        assert count(last + pd.Timedelta(minutes=1)) == (2.0 if last - rows["ts"].min() < pd.Timedelta(hours=1) else 1.0, True)
+        tie = rows.tail(1).assign(transaction_id="redis-live-tie", is_fraud=None)
+        live.apply(Events(rows=tie))
+        expected = 3.0 if last - rows["ts"].min() < pd.Timedelta(hours=1) else 2.0
+        assert count(last + pd.Timedelta(minutes=1)) == (expected, True)
+        ttl = FRAUD_VIEWS[0].ttl
+        assert count(last + ttl)[1] and not count(last + ttl + pd.Timedelta(seconds=1))[1]
+    finally:
+        own.stop()

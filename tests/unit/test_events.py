@@ -1,0 +1,73 @@
+"""Live-feature events as JSON lines: what serving writes through is what the updater reads back, and
+any line at all is either an event of the contract or a dead letter with a reason, never an error."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flywheel.features.events import SqliteEventLog, encode_rows, parse_events
+from serving.requests import RequestSchema
+from tests.factories import FRAUD_CONTRACT
+
+SCHEMA = RequestSchema(FRAUD_CONTRACT)
+FIELDS = [spec.name for spec in SCHEMA.fields]
+
+
+def test_a_scored_row_written_through_reads_back_as_the_row_the_client_sent():
+    instances = [
+        {"transaction_id": "t1", "card_id": "c1", "merchant_id": "m1", "amount": 12.5, "ts": "2026-10-01T10:00:00.123456Z",
+         "merchant_category": "grocery", "channel": "chip", "lat": 40.5, "lon": -73.25},
+        {"card_id": "c2", "merchant_id": "m2", "amount": 3.0, "ts": "2026-10-01T10:00:01Z"},  # no id, optional fields absent
+    ]
+    rows = SCHEMA.v1({"instances": instances}, 10)
+    bodies = encode_rows(rows.columns, rows.count, FRAUD_CONTRACT, FIELDS)
+    events, dead = parse_events([(str(i), body) for i, body in enumerate(bodies)], FRAUD_CONTRACT)
+    assert dead == []
+    back = events.rows
+    assert back.loc[0, "transaction_id"] == "t1" and back.loc[0, "amount"] == 12.5 and back.loc[0, "lat"] == 40.5
+    assert back.loc[0, "ts"] == pd.Timestamp("2026-10-01T10:00:00.123456Z")
+    assert back.loc[1, "transaction_id"].startswith("sha1:")  # an id of its own, the same for the same row
+    again = encode_rows(rows.columns, rows.count, FRAUD_CONTRACT, FIELDS)
+    assert again == bodies
+    assert pd.isna(back.loc[1, "merchant_category"]) and pd.isna(back.loc[1, "lat"])
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                           max_leaves=12)
+field_values = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=30) \
+    | st.sampled_from(["2026-10-01T10:00:00Z", "yesterday", "1e400", "2026-13-45"])
+rows = st.dictionaries(st.sampled_from([*FRAUD_CONTRACT.columns, "colour"]), field_values, max_size=8)
+events = st.one_of(
+    json_values.map(json.dumps),
+    rows.map(lambda row: json.dumps({"row": row})),
+    rows.map(lambda row: json.dumps({"label": row})),
+    st.tuples(st.sampled_from(["weather", 7, None]), rows).map(lambda pair: json.dumps({"source": pair[0], "row": pair[1]})),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, min_size=1, max_size=6))
+def test_any_line_is_an_event_of_the_contract_or_a_dead_letter_with_a_reason(lines):
+    parsed, dead = parse_events([(str(i), line) for i, line in enumerate(lines)], FRAUD_CONTRACT)
+    assert all(letter.reason for letter in dead)
+    assert parsed.count() + len(dead) == len(lines)
+    if parsed.rows is not None:  # what passed holds the fields a row event must have, typed
+        assert parsed.rows["ts"].notna().all() and parsed.rows["transaction_id"].notna().all()
+
+
+def test_the_sqlite_log_keeps_its_position_and_its_history(tmp_path):
+    log = SqliteEventLog(tmp_path / "events.db")
+    log.append([b"a", b"b", b"c"])
+    first = log.claim(2)
+    assert [body for _, body in first] == [b"a", b"b"] and log.backlog() == 3
+    log.ack([where for where, _ in first])
+    assert [body for _, body in log.claim(10)] == [b"c"] and log.backlog() == 1
+    reopened = SqliteEventLog(tmp_path / "events.db")  # another process: the same position
+    assert [body for _, body in reopened.claim(10)] == [b"c"]
+    assert [body for _, body in reopened.history()] == [b"a", b"b", b"c"]
