@@ -17,7 +17,8 @@ aggregations and rows:
    spreads, minima, maxima and distinct counts by walking each window newest first in a fixed order,
    so that the same window gives the same bits wherever a computation starts (a running sum rounds
    differently depending on the rows before the window; then a day computed from its lookback would
-   not equal the same day of a whole computation).
+   not equal the same day of a whole computation). For a few windows (a live update's), each window
+   is reduced on its own, with the same additions in the same order: the same bits.
 
 Cost: sorting, plus the sum of the window lengths for the walking operations, as the hand-written
 card and merchant tables this replaces (benchmarks/features.py measures both).
@@ -100,6 +101,23 @@ def _walk_back(lo: np.ndarray, hi: np.ndarray) -> Iterator[tuple[np.ndarray, np.
         yield active, hi[active] - 1 - back
 
 
+FEW_WINDOWS = 64  # up to this many windows, each is reduced on its own (a live update's one instant per entity)
+
+
+def _few(lo: np.ndarray) -> bool:
+    """Whether to reduce each window on its own rather than walk all of them back together: the walk
+    costs a step (several numpy calls) per event of the longest window, whatever the number of
+    windows, which for the few windows of a live update is most of its time."""
+    return len(lo) <= FEW_WINDOWS
+
+
+def _newest_first_sum(values: np.ndarray) -> float:
+    """The sum of ``values`` added one by one from the last (newest) to the first, starting at 0.0:
+    the very additions, in the very order, of the walk back (``np.add.accumulate`` is sequential,
+    unlike ``np.sum``'s pairwise summation), so both give the same bits."""
+    return float(np.add.accumulate(values[::-1])[-1]) if len(values) else 0.0
+
+
 def _aggregate(aggregation: Aggregation, lo: np.ndarray, hi: np.ndarray, values: np.ndarray | None,
                times: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """One aggregation over windows ``[lo, hi)`` of a stream (sorted by key and time)."""
@@ -121,6 +139,10 @@ def _aggregate(aggregation: Aggregation, lo: np.ndarray, hi: np.ndarray, values:
         pairs = pd.DataFrame({"key": keys, "value": codes, "position": np.arange(len(codes))})
         next_same = pairs.groupby(["key", "value"], sort=False)["position"].shift(-1).fillna(len(codes)).to_numpy(np.int64)
         distinct = np.zeros(len(lo), dtype=np.int64)
+        if _few(lo):
+            for row, (start, stop) in enumerate(zip(lo.tolist(), hi.tolist())):
+                distinct[row] = np.count_nonzero(valid[start:stop] & (next_same[start:stop] >= stop))
+            return distinct
         for rows, index in _walk_back(lo, hi):
             distinct[rows] += valid[index] & (next_same[index] >= hi[rows])
         return distinct
@@ -151,13 +173,21 @@ def _aggregate(aggregation: Aggregation, lo: np.ndarray, hi: np.ndarray, values:
     if op in ("min", "max"):
         pick, start = (np.fmin, np.inf) if op == "min" else (np.fmax, -np.inf)
         out = np.full(len(lo), start)
+        if _few(lo):
+            for row, (first, stop) in enumerate(zip(lo.tolist(), hi.tolist())):
+                out[row] = pick.reduce(numbers[first:stop], initial=start)
+            return np.where(count > 0, out, np.nan)
         for rows, index in _walk_back(lo, hi):
             out[rows] = pick(out[rows], numbers[index])
         return np.where(count > 0, out, np.nan)
     filled = np.where(valid, numbers, 0.0)
     total = np.zeros(len(lo))
-    for rows, index in _walk_back(lo, hi):
-        total[rows] += filled[index]
+    if _few(lo):
+        for row, (start, stop) in enumerate(zip(lo.tolist(), hi.tolist())):
+            total[row] = _newest_first_sum(filled[start:stop])
+    else:
+        for rows, index in _walk_back(lo, hi):
+            total[rows] += filled[index]
     if op == "sum":
         return total
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -165,8 +195,12 @@ def _aggregate(aggregation: Aggregation, lo: np.ndarray, hi: np.ndarray, values:
     if op == "mean":
         return mean
     squares = np.zeros(len(lo))
-    for rows, index in _walk_back(lo, hi):
-        squares[rows] += np.where(valid[index], (filled[index] - mean[rows]) ** 2, 0.0)
+    if _few(lo):
+        for row, (start, stop) in enumerate(zip(lo.tolist(), hi.tolist())):
+            squares[row] = _newest_first_sum(np.where(valid[start:stop], (filled[start:stop] - mean[row]) ** 2, 0.0))
+    else:
+        for rows, index in _walk_back(lo, hi):
+            squares[rows] += np.where(valid[index], (filled[index] - mean[rows]) ** 2, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), np.nan)
 
