@@ -277,7 +277,9 @@ class LiveSettings(_Section):
     log: Literal["sqlite", "redis"] = "sqlite"  # sqlite: a file beside the feature worlds; redis: a stream
     redis_connection: str = ""  # the stream's Redis (host:port[,options]); empty: features.redis_connection
     batch_max: int = Field(1000, ge=1)  # events applied in one batch
-    poll_ms: int = Field(20, ge=1)  # how long the updater waits for events before looking again
+    # How long the updater lets events gather before it applies them (and waits for one when there
+    # are none): fewer, larger batches under load (benchmarks/live.py), at most this much staler.
+    poll_ms: int = Field(50, ge=1)
     attempts: int = Field(5, ge=1)  # tries of a failed update before it is left in the log for later
     claim_idle_s: float = Field(30.0, gt=0)  # Redis: an entry unacknowledged this long is claimed by another updater
     refresh_s: float = Field(10.0, gt=0)  # how often the updater asks the registry which worlds are served

@@ -11,6 +11,7 @@ decides"). From then on the updater applies each event batch to every live world
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -85,8 +86,6 @@ def bring_live(settings: Settings, storage: Storage, version: ModelVersion, even
         return live
     first_day = (pd.Timestamp(max(p.get("date", "") for p in snapshot.parts)) - live.reach).strftime("%Y-%m-%d")
     recent = [part for part in snapshot.parts if part.get("date", "9999") >= first_day]
-    import dataclasses
-
     rows = lakes.read_snapshot(storage, dataclasses.replace(snapshot, parts=recent), contract.arrow_schema()).to_pandas()
     usecase = load_usecase(settings.usecase)
     sources = source_rows(storage, snapshot, usecase, first=first_day) if contract.sources else {}

@@ -416,11 +416,15 @@ class Updater:
             pass
         return self.stats
 
-    def run(self, stop: threading.Event, poll_s: float = 0.02) -> None:
-        """Apply batches until ``stop`` is set; a failed batch is retried after a pause."""
+    def run(self, stop: threading.Event, poll_s: float = 0.05) -> None:
+        """Apply batches until ``stop`` is set; a failed batch is retried after a pause. After a
+        batch it waits ``poll_s`` for the next one to gather: a batch's work is mostly fixed (the
+        buffer's look-ups, one engine call per view), so under load fewer, larger batches cost far
+        less CPU beside the server, for at most ``poll_s`` of freshness."""
         while not stop.is_set():
             try:
-                self.step(block_s=poll_s)
+                if self.step(block_s=poll_s):
+                    stop.wait(poll_s)
             except FeatureStoreError:
                 stop.wait(1.0)
             except Exception:  # keep the updater alive; the batch stays in the log
