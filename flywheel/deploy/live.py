@@ -25,7 +25,7 @@ from flywheel.config import Settings
 from flywheel.contract import parse_contract
 from flywheel.errors import DataError, FeatureStoreError
 from flywheel.features.build import TrainingSet, world_of_model
-from flywheel.features.events import Updater, open_event_log, parse_events
+from flywheel.features.events import GROUP, Updater, hold_updater_lock, open_event_log, parse_events
 from flywheel.features.incremental import source_rows
 from flywheel.features.live import LiveFeatures
 from flywheel.features.online_write import OnlineWriter
@@ -168,9 +168,15 @@ def updater_for(settings: Settings, pinned: str | None = None) -> Updater:
     """The updater of the settings' use case: its event log, its served worlds (or a pinned version's)."""
     usecase = load_usecase(settings.usecase)
     live = settings.live
-    event_log = open_event_log(settings)
-    return Updater(event_log, usecase.contract, LiveWorlds(settings, live.refresh_s, pinned, event_log),
-                   batch_max=live.batch_max, attempts=live.attempts)
+    # A server pinned to a version (a release's stable and candidate servers) updates that version's
+    # world from a position of its own in the log: both see every event.
+    group = GROUP if not pinned else f"{GROUP}@{pinned}"
+    lock = hold_updater_lock(settings, group)
+    event_log = open_event_log(settings, group)
+    updater = Updater(event_log, usecase.contract, LiveWorlds(settings, live.refresh_s, pinned, event_log),
+                      batch_max=live.batch_max, attempts=live.attempts)
+    updater.lock = lock  # held as long as the updater lives
+    return updater
 
 
 def start_updater(settings: Settings, pinned: str | None = None) -> tuple[threading.Thread, threading.Event]:

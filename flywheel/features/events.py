@@ -188,9 +188,10 @@ class SqliteEventLog:
     """The embedded event log: one SQLite file (write-ahead logging), events in arrival order, the
     updater's position, and the dead letters."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, group: str = GROUP) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.group = group  # whose position: each updater of its own worlds reads the whole log
         self._local = threading.local()
         with self._connection() as connection:
             connection.executescript(
@@ -219,7 +220,7 @@ class SqliteEventLog:
         deadline = time.monotonic() + block_s
         connection = self._connection()
         while True:
-            position = connection.execute("SELECT seq FROM position WHERE consumer = ?", (GROUP,)).fetchone()
+            position = connection.execute("SELECT seq FROM position WHERE consumer = ?", (self.group,)).fetchone()
             found = connection.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                        (position[0] if position else 0, limit)).fetchall()
             if found or time.monotonic() >= deadline:
@@ -236,7 +237,7 @@ class SqliteEventLog:
             connection.executemany("INSERT INTO dead (seq, body, reason, at) VALUES (?, ?, ?, ?)",
                                    [(int(d.where), d.body, d.reason, now) for d in dead])
             connection.execute("INSERT INTO position (consumer, seq) VALUES (?, ?) ON CONFLICT(consumer) DO UPDATE SET "
-                               "seq = max(seq, excluded.seq)", (GROUP, max(int(i) for i in ids)))
+                               "seq = max(seq, excluded.seq)", (self.group, max(int(i) for i in ids)))
 
     def history(self) -> list[tuple[str, bytes]]:
         """Every event the log holds, applied or not, in order (to rebuild a live state)."""
@@ -248,7 +249,7 @@ class SqliteEventLog:
 
     def backlog(self) -> int:
         connection = self._connection()
-        position = connection.execute("SELECT seq FROM position WHERE consumer = ?", (GROUP,)).fetchone()
+        position = connection.execute("SELECT seq FROM position WHERE consumer = ?", (self.group,)).fetchone()
         return connection.execute("SELECT count(*) FROM events WHERE seq > ?", (position[0] if position else 0,)).fetchone()[0]
 
     def close(self) -> None:
@@ -261,16 +262,18 @@ class SqliteEventLog:
 class RedisEventLog:
     """The cluster event log: a Redis Stream read through a consumer group; dead letters in a stream of their own."""
 
-    def __init__(self, client: Any, stream: str, consumer: str | None = None, claim_idle_s: float = 30.0) -> None:
+    def __init__(self, client: Any, stream: str, consumer: str | None = None, claim_idle_s: float = 30.0,
+                 group: str = GROUP) -> None:
         import redis
 
+        self.group = group
         self.client = client
         self.stream = stream
         self.dead_stream = f"{stream}:dead"
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms = int(claim_idle_s * 1000)
         try:
-            client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            client.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -285,10 +288,10 @@ class RedisEventLog:
     def claim(self, limit: int, block_s: float = 0.0) -> list[tuple[str, bytes]]:
         """Entries another consumer claimed and never acknowledged (idle past ``claim_idle_s``)
         first, then new ones (waiting up to ``block_s``)."""
-        _, stuck, *_ = self.client.xautoclaim(self.stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=limit)
+        _, stuck, *_ = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=limit)
         entries = list(stuck)
         if not entries:
-            answer = self.client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=limit,
+            answer = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=limit,
                                             block=int(block_s * 1000) if block_s > 0 else None)
             entries = answer[0][1] if answer else []
         return [(_text(entry_id), fields[b"body"] if b"body" in fields else b"") for entry_id, fields in entries if fields]
@@ -299,7 +302,7 @@ class RedisEventLog:
         pipe = self.client.pipeline(transaction=True)
         for letter in dead:
             pipe.xadd(self.dead_stream, {"id": letter.where, "body": letter.body, "reason": letter.reason})
-        pipe.xack(self.stream, GROUP, *ids)
+        pipe.xack(self.stream, self.group, *ids)
         pipe.execute()
 
     def history(self) -> list[tuple[str, bytes]]:
@@ -312,7 +315,7 @@ class RedisEventLog:
     def backlog(self) -> int:
         """Entries not acknowledged: those delivered and pending, and those never delivered."""
         groups = {_text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
-        group = groups.get(GROUP)
+        group = groups.get(self.group)
         if group is None:
             return int(self.client.xlen(self.stream))
         undelivered = len(self.client.xrange(self.stream, min="(" + _text(group["last-delivered-id"])))
@@ -326,16 +329,47 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def open_event_log(settings: Any) -> SqliteEventLog | RedisEventLog:
-    """The use case's event log as the settings choose it."""
+def open_event_log(settings: Any, group: str = GROUP) -> SqliteEventLog | RedisEventLog:
+    """The use case's event log as the settings choose it, read as ``group`` (an updater's position)."""
     from flywheel.features.store import feast_home, redis_client
 
     live = settings.live
     if live.log == "redis":
         connection = live.redis_connection or settings.features.redis_connection
         return RedisEventLog(redis_client(connection), f"{settings.features.project}:{settings.namespace}:events",
-                             claim_idle_s=live.claim_idle_s)
-    return SqliteEventLog(feast_home(settings) / "events.db")
+                             claim_idle_s=live.claim_idle_s, group=group)
+    return SqliteEventLog(feast_home(settings) / "events.db", group)
+
+
+class UpdaterBusy(FeatureStoreError):
+    """Another updater applies the same log to the same worlds."""
+
+
+def hold_updater_lock(settings: Any, group: str) -> Any:
+    """An exclusive lock on being ``group``'s updater on this machine (released when the process
+    ends): two updaters of the same worlds would each keep half of the events in their buffers
+    and write wrong rows. UpdaterBusy when another process holds it. (On a cluster the updater is
+    one Deployment of one replica, replaced, not rolled.)"""
+    import fcntl
+
+    from flywheel.features.store import feast_home
+
+    path = feast_home(settings) / f"updater-{group}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UpdaterBusy(f"a live-feature updater is already applying this log to these worlds ({holder}): "
+                          "it applies pushed events too; stop it first to apply them here") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
 
 
 # ---------------------------------------------------------------- the updater

@@ -71,3 +71,23 @@ def test_the_sqlite_log_keeps_its_position_and_its_history(tmp_path):
     reopened = SqliteEventLog(tmp_path / "events.db")  # another process: the same position
     assert [body for _, body in reopened.claim(10)] == [b"c"]
     assert [body for _, body in reopened.history()] == [b"a", b"b", b"c"]
+
+
+def test_a_second_updater_of_the_same_worlds_is_refused_and_a_pinned_one_has_its_own_position(flywheel_home, tmp_path):
+    """Two updaters of one world would each buffer half of the events and write wrong rows; a
+    release's pinned servers (stable and candidate) each read every event from a position of their own."""
+    import pytest
+
+    from flywheel.features.events import GROUP, UpdaterBusy, hold_updater_lock, open_event_log
+
+    held = hold_updater_lock(flywheel_home, GROUP)
+    with pytest.raises(UpdaterBusy, match=r"already applying this log .*pid \d+"):
+        hold_updater_lock(flywheel_home, GROUP)
+    pinned = hold_updater_lock(flywheel_home, f"{GROUP}@v1")  # another position: not refused
+    held.close()
+    hold_updater_lock(flywheel_home, GROUP).close()  # released with its holder
+    pinned.close()
+    serving, stable = open_event_log(flywheel_home), open_event_log(flywheel_home, f"{GROUP}@v1")
+    serving.append([b"e1", b"e2"])
+    serving.ack([where for where, _ in serving.claim(10)])
+    assert serving.backlog() == 0 and [body for _, body in stable.claim(10)] == [b"e1", b"e2"]
