@@ -32,20 +32,16 @@ its last instant, as the offline path does (:mod:`flywheel.aggregations`, "Readi
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from flywheel.contract import NUMERIC, Contract
-from flywheel.errors import DataError, FeatureStoreError
-from flywheel.features.engine import CREATED_TIMESTAMP, EVENT_TIMESTAMP, entity_table, known_times, lookback
-
-log = logging.getLogger(__name__)
+from flywheel.errors import DataError
+from flywheel.features.engine import entity_table, known_times, lookback
 
 _US = pd.Timedelta(microseconds=1)
 
@@ -99,6 +95,7 @@ class LiveFeatures:
         self.rows = _empty(contract)
         self.sources = {name: _empty(source.contract()) for name, source in contract.sources.items()}
         self._keys_of_rows: dict[str, np.ndarray] = {}  # join key -> the buffered rows' keys as text
+        self._rows_of: dict[str, dict[str, list[int]]] = {}  # join key -> entity -> its rows' positions
         self._keys_of_sources: dict[tuple[str, str], np.ndarray] = {}  # (source, column) -> its rows' keys as text
         self._position: dict[Any, int] = {}  # row id -> its position in the buffer
         self._reindex()
@@ -247,6 +244,9 @@ class LiveFeatures:
         contract = self.contract
         keys = {view.join_key for view in self.views}
         self._keys_of_rows = {key: _text_keys(self.rows[key]) for key in keys}
+        self._rows_of = {key: {} for key in keys}
+        for key, texts in self._keys_of_rows.items():
+            _add_positions(self._rows_of[key], texts, 0)
         self._position = {row_id: at for at, row_id in enumerate(self.rows[contract.id].tolist())} if contract.id else {}
         for name in self.sources:
             self._reindex_source(name)
@@ -260,7 +260,9 @@ class LiveFeatures:
         start = len(self.rows)
         self.rows = pd.concat([self.rows, new], ignore_index=True) if start else new.reset_index(drop=True)
         for key in self._keys_of_rows:
-            self._keys_of_rows[key] = np.concatenate([self._keys_of_rows[key], _text_keys(new[key])])
+            texts = _text_keys(new[key])
+            self._keys_of_rows[key] = np.concatenate([self._keys_of_rows[key], texts])
+            _add_positions(self._rows_of[key], texts, start)
         if self.contract.id:
             self._position.update((row_id, start + at) for at, row_id in enumerate(new[self.contract.id].tolist()))
 
@@ -371,7 +373,9 @@ class LiveFeatures:
         """Each key's row at its latest instant at or before the watermark (computed from its buffered rows)."""
         contract = self.contract
         wanted = pd.Index(list(keys))
-        mine = self.rows[wanted.get_indexer(self._keys_of_rows[view.join_key]) >= 0] if len(self.rows) else self.rows
+        found = self._rows_of[view.join_key]
+        positions = sorted(at for key in keys for at in found.get(key, ()))  # the buffer's order: ties keep it
+        mine = self.rows.iloc[positions]
         sources = {}
         for name in {a.source for _, a in view.aggregations if a.source is not None}:
             column = contract.sources[name].entities[view.entity]
@@ -385,6 +389,13 @@ class LiveFeatures:
 
 
 _NAT = np.iinfo(np.int64).min
+
+
+def _add_positions(index: dict[str, list[int]], texts: np.ndarray, start: int) -> None:
+    """Record each row's position (``start`` on) under its entity's key."""
+    for offset, key in enumerate(texts.tolist()):
+        if key is not None:
+            index.setdefault(key, []).append(start + offset)
 
 
 def _micros_of(moment: pd.Timestamp) -> int:
@@ -417,7 +428,6 @@ def _key(value: Any) -> str:
     return str(value)
 
 
-_PANDAS_TYPES = {"string": object, "bool": "boolean", "timestamp": "datetime64[us, UTC]"}
 
 
 def _empty(contract: Contract) -> pd.DataFrame:
