@@ -57,6 +57,8 @@ import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from tests.factories import request_of  # noqa: E402  (the v1 body a client sends for rows)
+
 SEED = 7
 START = "2026-10-01"
 FPR = 0.01
@@ -129,19 +131,6 @@ def lake_rows(settings, published: dict) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- scoring
-def request_of(frame: pd.DataFrame, schema) -> dict:
-    """The v1 body a client would send for these rows: the request's fields, times as ISO 8601."""
-    instances = []
-    for record in frame[[spec.name for spec in schema.fields]].to_dict("records"):
-        instance = {}
-        for name, value in record.items():
-            if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT:
-                continue
-            instance[name] = value.isoformat() if isinstance(value, pd.Timestamp) else value.item() if isinstance(value, np.generic) else value
-        instances.append(instance)
-    return {"instances": instances}
-
-
 def served_scores(bundle, day: pd.DataFrame, features: dict[str, np.ndarray]) -> np.ndarray:
     """The model's scores of the day's requests with these looked-up features (serving's path)."""
     parsed = bundle.schema.v1(request_of(day, bundle.schema), len(day))

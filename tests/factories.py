@@ -64,3 +64,16 @@ def make_transactions(
             "is_fraud": (np.arange(rows) % fraud_every == 0).astype("int8"),
         }
     )
+
+
+def request_of(frame: pd.DataFrame, schema) -> dict:
+    """The v1 body a client would send for these rows: the request's fields, times as ISO 8601."""
+    instances = []
+    for record in frame[[spec.name for spec in schema.fields]].to_dict("records"):
+        instance = {}
+        for name, value in record.items():
+            if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT:
+                continue
+            instance[name] = value.isoformat() if isinstance(value, pd.Timestamp) else value.item() if isinstance(value, np.generic) else value
+        instances.append(instance)
+    return {"instances": instances}

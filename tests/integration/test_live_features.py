@@ -36,7 +36,7 @@ from flywheel.lake import LakeSnapshot, read_snapshot
 from flywheel.storage import Storage
 from flywheel.usecase import load_usecase
 from serving.requests import RequestSchema
-from tests.factories import REPO, generate
+from tests.factories import REPO, generate, request_of
 
 US = pd.Timedelta(microseconds=1)
 
@@ -100,19 +100,6 @@ def live_from(loop: dict, start: pd.Timestamp) -> tuple[LiveFeatures, object]:
 
 def known(frame: pd.DataFrame, declared) -> pd.Series:
     return frame[declared.timestamp] + pd.Timedelta(declared.delay)
-
-
-def request_of(frame: pd.DataFrame, schema: RequestSchema) -> dict:
-    """The v1 body a client would send for these rows: the request's fields, times as ISO 8601."""
-    instances = []
-    for record in frame[[spec.name for spec in schema.fields]].to_dict("records"):
-        instance = {}
-        for name, value in record.items():
-            if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT:
-                continue
-            instance[name] = value.isoformat() if isinstance(value, pd.Timestamp) else value.item() if isinstance(value, np.generic) else value
-        instances.append(instance)
-    return {"instances": instances}
 
 
 def replay_last_day(loop: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
