@@ -256,6 +256,10 @@ class ServingSettings(_Section):
     reload_interval_s: float = Field(10.0, gt=0)  # how often a worker asks the registry for a new production version
     max_body_bytes: int = Field(1_048_576, ge=1024)  # a larger request body is refused (413) before it is read
     max_batch: int = Field(1000, ge=1)  # transactions per request
+    # A folder of replay tables (flywheel.features.history): features are read as of each request's
+    # own time from them, not from the online store. The local release sets it for the servers that
+    # replay held-out rows; empty (always, for live traffic): the online store.
+    replay_features: str = ""
 
 
 class LiveSettings(_Section):
@@ -400,6 +404,10 @@ class CanarySettings(_Section):
     steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(default_factory=lambda: [10, 50], min_length=1)  # local ramp, in percent
     concurrency: int = Field(8, ge=1)  # local: replayed requests in flight
     server_start_timeout_s: float = Field(180.0, gt=0)  # local: each `flywheel serve` until it answers
+    # local: each server reads a replayed held-out request's features as of the request's time, and
+    # the canary is held to the difference the evaluation measured (flywheel/deploy/replay.py); off:
+    # both read their online stores (the present) and the canary is held to stable's scores.
+    replay_point_in_time: bool = True
     min_requests: int = Field(50, ge=1)  # a window with fewer canary requests judges nothing: rollback
     max_error_rate: float = Field(0.01, ge=0, le=1)  # the candidate's failed requests / requests
     max_error_rate_increase: float = Field(0.005, ge=0, le=1)  # above the stable version's

@@ -182,7 +182,13 @@ def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
     contract, views = trained_with(settings, model_version.meta)
     schema = RequestSchema(contract)
     entities = tuple(dict.fromkeys((view.entity, view.join_key) for view in views))
-    bundle = Bundle(model_version.version, model, world, open_online_reader(settings, world, views), schema, entities)
+    if settings.serving.replay_features:  # a replay of history: features as of each request's time
+        from flywheel.features.history import open_replay_reader
+
+        reader: Any = open_replay_reader(storage, settings.serving.replay_features, views, model_version.version)
+    else:
+        reader = open_online_reader(settings, world, views)
+    bundle = Bundle(model_version.version, model, world, reader, schema, entities)
     warm = score(bundle, schema.v1({"instances": [schema.example()]}, 1), record=False).predictions
     if warm.shape[0] != 1 or not np.isfinite(warm).all():
         raise RegistryError(f"model {settings.model_name!r} version {bundle.version} failed its warm-up prediction: {warm!r}")

@@ -102,10 +102,13 @@ class Sample:
 
 @dataclass(frozen=True)
 class ScorePair:
-    """The scores stable and canary gave the same request (one per instance of the body)."""
+    """The scores stable and canary gave the same request (one per instance of the body), and, for a
+    replayed held-out request whose difference the evaluation measured, ``expected``: the candidate's
+    minus production's scores on that row offline (point-in-time features, the evaluated models)."""
 
     stable: tuple[float, ...]
     canary: tuple[float, ...]
+    expected: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -136,6 +139,11 @@ class Agreement:
     max_abs_diff: float | None
     score_agreement: float | None  # share with |p_stable - p_canary| <= score_tolerance
     decision_agreement: float | None  # share with the same decision at decision_threshold
+    # Of the pairs, those judged against the difference the evaluation measured on the same row
+    # (|(canary - stable) - (candidate - production offline)|): the canary must differ from stable as
+    # the evaluated models did, not agree with a model the gate found worse.
+    expected_pairs: int = 0
+    mean_raw_diff: float | None = None  # mean |p_stable - p_canary|, whatever was expected
 
 
 @dataclass
@@ -185,21 +193,31 @@ def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_thres
     agreement without a threshold: a regression or multiclass model's answers are not decisions)."""
     stable: list[float] = []
     canary: list[float] = []
+    expected: list[float] = []  # NaN: nothing expected (0 difference: agree with stable)
     for pair in pairs:
         if len(pair.stable) == len(pair.canary):
             stable.extend(pair.stable)
             canary.extend(pair.canary)
+            known = pair.expected is not None and len(pair.expected) == len(pair.canary)
+            expected.extend(pair.expected if known else [math.nan] * len(pair.canary))  # type: ignore[arg-type]
     if not stable:
         return Agreement(0, None, None, None, None)
-    s, c = np.array(stable, dtype=float), np.array(canary, dtype=float)
-    diff = np.abs(s - c)
+    s, c, e = np.array(stable, dtype=float), np.array(canary, dtype=float), np.array(expected, dtype=float)
+    judged = ~np.isnan(e)
+    raw = np.abs(s - c)
+    diff = np.where(judged, np.abs((c - s) - np.where(judged, e, 0.0)), raw)
+    # Decisions are judged where nothing was expected: where the evaluation measured the difference,
+    # the scores' check says whether the canary decides as the evaluated candidate did.
+    decided = ~judged
     return Agreement(
         pairs=len(s),
         mean_abs_diff=float(diff.mean()),
         max_abs_diff=float(diff.max()),
         score_agreement=float((diff <= score_tolerance).mean()),
-        decision_agreement=(None if decision_threshold is None
-                            else float(((s >= decision_threshold) == (c >= decision_threshold)).mean())),
+        decision_agreement=(None if decision_threshold is None or not decided.any()
+                            else float(((s[decided] >= decision_threshold) == (c[decided] >= decision_threshold)).mean())),
+        expected_pairs=int(judged.sum()),
+        mean_raw_diff=float(raw.mean()),
     )
 
 
@@ -303,13 +321,18 @@ def judge(observations: WindowObservations, thresholds: Thresholds | ThresholdsL
             broken.append("no request was answered by both stable and canary: score agreement cannot be judged")
     else:
         assert a.score_agreement is not None and a.mean_abs_diff is not None
+        # Where the evaluation measured the two models' difference on the same row, the canary is
+        # held to that difference (served as evaluated), not to stable's scores.
+        versus = (f" (the difference from stable's within {t.score_tolerance:g} of the evaluated one on "
+                  f"{a.expected_pairs} of them; mean |stable - canary| {a.mean_raw_diff:.4f})") if a.expected_pairs else ""
+        what = "canary - stable vs the evaluated difference" if a.expected_pairs == a.pairs else "stable - canary"
         check(a.score_agreement >= t.min_score_agreement,
-              f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs",
+              f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs{versus}",
               f"scores agree within {t.score_tolerance:g} on {a.score_agreement:.1%} of {a.pairs} pairs "
-              f"(< {t.min_score_agreement:.1%})")
+              f"(< {t.min_score_agreement:.1%}){versus}")
         check(a.mean_abs_diff <= t.max_mean_score_difference,
-              f"mean |stable - canary| {a.mean_abs_diff:.4f} <= {t.max_mean_score_difference:g}",
-              f"mean |stable - canary| {a.mean_abs_diff:.4f} > {t.max_mean_score_difference:g}")
+              f"mean |{what}| {a.mean_abs_diff:.4f} <= {t.max_mean_score_difference:g}",
+              f"mean |{what}| {a.mean_abs_diff:.4f} > {t.max_mean_score_difference:g}")
         if a.decision_agreement is not None and t.decision_threshold is not None:
             check(a.decision_agreement >= t.min_decision_agreement,
                   f"decisions (at {t.decision_threshold:g}) agree on {a.decision_agreement:.1%} of {a.pairs} pairs",

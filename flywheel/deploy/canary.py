@@ -15,9 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import pandas as pd
+
 from flywheel.deploy.analysis import Sample, ScorePair, Thresholds, WindowObservations, finite, judge, summarise
 from flywheel.contract import Contract, parse_contract
-from flywheel.errors import DeployError
+from flywheel.errors import DeployError, GateRefused
 from flywheel.registry import ModelVersion
 from flywheel.storage import Storage
 
@@ -135,20 +137,32 @@ def write_record(storage: Storage, record: DecisionRecord, uri: str | None = Non
 def held_out_rows(storage: Storage, model: ModelVersion, contract: Contract) -> list[dict[str, Any]]:
     """The model's holdout rows (rows it never trained on) as scoring requests' fields (the
     contract's request fields; a missing value left out), in time order."""
+    rows = request_rows(held_out_frame(storage, model, contract, columns=list(contract.request_fields())), contract)
+    if not rows:
+        raise DeployError(f"the holdout of model {model.version} is empty: no requests to replay")
+    return rows
+
+
+def held_out_frame(storage: Storage, model: ModelVersion, contract: Contract, columns: list[str] | None = None) -> pd.DataFrame:
+    """The model's holdout rows (with their point-in-time features and labels, or only ``columns``),
+    in time order."""
     training_set_uri = (model.meta.get("training_set") or {}).get("uri")
     if not training_set_uri:
         raise DeployError(f"model {model.version} records no training set: no held-out requests to replay")
     holdout_uri = storage.read_json(f"{training_set_uri}/manifest.json")["holdout_uri"]
-    fields = list(contract.request_fields())
-    frame = storage.read_parquet(holdout_uri, columns=fields).to_pandas().sort_values(contract.timestamp, kind="stable")
+    frame = storage.read_parquet(holdout_uri, columns=columns).to_pandas()
+    return frame.sort_values(contract.timestamp, kind="stable").reset_index(drop=True)
+
+
+def request_rows(frame: pd.DataFrame, contract: Contract) -> list[dict[str, Any]]:
+    """Rows as scoring requests' fields: the contract's request fields, times in ISO 8601, a missing
+    value left out."""
+    frame = frame[[name for name in contract.request_fields() if name in frame]].copy()
     for name in contract.timestamp_columns():
         if name in frame:
             frame[name] = frame[name].map(lambda t: t.isoformat() if t is not None and t == t else None)
-    rows = [{name: value for name, value in row.items() if value is not None and value == value}
+    return [{name: value for name, value in row.items() if value is not None and value == value}
             for row in frame.to_dict(orient="records")]
-    if not rows:
-        raise DeployError(f"the holdout of model {model.version} is empty: no requests to replay")
-    return rows
 
 
 def model_contract(model: ModelVersion, fallback: Contract) -> Contract:
@@ -207,3 +221,12 @@ def _observe(client: Any, url: str, arm: str, instance: dict[str, Any], output: 
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
         return Sample(arm, False, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}",
                       shadow=arm == "stable"), None
+
+
+def latest_evaluation(storage: Storage, model_version: str) -> dict[str, Any]:
+    """The newest evaluation report of ``model_version`` (what `flywheel deploy` releases on)."""
+    reports = [uri for uri in storage.list(storage.uri("reports", "evaluation")) if uri.endswith("/evaluation.json")]
+    found = [report for report in (storage.read_json(uri) for uri in reports) if report.get("model_version") == model_version]
+    if not found:
+        raise GateRefused(f"model version {model_version} has no evaluation report: run the pipeline (or `flywheel run`) to evaluate it first")
+    return max(found, key=lambda report: report.get("report_uri", ""))

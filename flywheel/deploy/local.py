@@ -38,7 +38,8 @@ from typing import Any, Iterator, Sequence
 from flywheel.config import KFP_TOKEN_ENV, NOT_SETTINGS_ENV, SECRET_ENV, Settings, write_settings
 from flywheel.deploy import canary
 from flywheel.deploy.analysis import thresholds_for
-from flywheel.deploy.ramp import ramp_canary, v1_bodies
+from flywheel.deploy.ramp import ramp_canary
+from flywheel.deploy.replay import ReplayPlan, plan_replay, remove_replay, requests_needed
 from flywheel.deploy.traffic import start_proxy
 from flywheel.errors import CanaryError, DeployError, FlywheelError, RegistryConflict, first_line
 from flywheel.registry import Registry
@@ -136,14 +137,17 @@ def wait_ready(servers: Sequence[ServeProcess], model_name: str, timeout_s: floa
 
 
 @contextmanager
-def _servers(settings: Settings, stable: str, candidate: str, folder: Path) -> Iterator[list[ServeProcess]]:
+def _servers(settings: Settings, stable: str, candidate: str, folder: Path,
+             own: dict[str, Settings] | None = None) -> Iterator[list[ServeProcess]]:
+    """The two servers; ``own``: a role's settings where they differ from ``settings`` (a replay's)."""
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flywheel-deploy-") as tmp:
-        settings_file = write_settings(settings, Path(tmp) / "settings.yaml")
         started: list[ServeProcess] = []
         try:
             for role, version in (("stable", stable), ("candidate", candidate)):
-                started.append(start_server(settings_file, settings, role, version, folder))
+                mine = (own or {}).get(role, settings)
+                settings_file = write_settings(mine, Path(tmp) / f"{role}.yaml")
+                started.append(start_server(settings_file, mine, role, version, folder))
             yield started
         finally:
             for server in started:
@@ -183,13 +187,21 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
         return finish(canary.PROMOTE, [f"{candidate.version} is already production"], 100)
 
     contract = canary.model_contract(candidate, load_usecase(settings.usecase).contract)
-    bodies = list(replay) if replay is not None else v1_bodies(canary.held_out_rows(storage, candidate, contract))
+    plan = ReplayPlan(bodies=[])
+    if replay is not None:
+        bodies: list[Any] = list(replay)
+    else:  # the held-out rows, read as of their own times, with the difference the gate accepted
+        plan = plan_replay(storage, settings, stable, candidate, contract, run_id,
+                           requests_needed(cfg.steps, cfg.window_requests))
+        bodies = list(plan.bodies)
+        record.events.extend(plan.events)
     registry.start_canary(candidate.version, run_id=run_id, reason=f"local canary through {cfg.steps}%")
     record.events.append(f"registry: {candidate.version} is canary")
     logs = Path(settings.home) / "runs" / run_id / "deploy"
     try:
         with ExitStack() as stack:
-            servers = stack.enter_context(_servers(settings, stable.version, candidate.version, logs))
+            stack.callback(remove_replay, storage, plan)
+            servers = stack.enter_context(_servers(settings, stable.version, candidate.version, logs, plan.settings))
             record.events.append(f"started `flywheel serve --version` for stable {stable.version} ({servers[0].url}) "
                                  f"and candidate {candidate.version} ({servers[1].url}); logs in {logs}")
             failed = wait_ready(servers, settings.model_name, cfg.server_start_timeout_s)
@@ -203,7 +215,7 @@ def release_locally(storage: Storage, settings: Settings, candidate_version: str
                 return finish(canary.ROLLBACK, [why], 0)
             record.events.append("both servers ready")
             proxy = stack.enter_context(start_proxy(servers[0].url, servers[1].url, thresholds=thresholds,
-                                                    score_field=canary.model_output(candidate)))
+                                                    score_field=canary.model_output(candidate), expected=plan.expected))
             record.events.append(f"splitting proxy on {proxy.url}")
             ramp_canary(proxy, bodies, f"/v1/models/{settings.model_name}:predict", steps=cfg.steps,
                         canary_window_requests=cfg.window_requests, thresholds=thresholds, concurrency=cfg.concurrency,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flywheel.config import Settings
+from flywheel.deploy.canary import latest_evaluation
 from flywheel.errors import GateRefused
 from flywheel.registry import ModelVersion, Registry
 from flywheel.storage import Storage
@@ -45,12 +46,3 @@ def release(storage: Storage, settings: Settings, model_version: str, evaluation
 
         record = release_on_kserve(storage, settings, model_version, run_id, api_client=api_client)
     return Registry(storage, settings.model_name).production(), record.to_dict()
-
-
-def latest_evaluation(storage: Storage, model_version: str) -> dict[str, Any]:
-    """The newest evaluation report of ``model_version`` (what `flywheel deploy` releases on)."""
-    reports = [uri for uri in storage.list(storage.uri("reports", "evaluation")) if uri.endswith("/evaluation.json")]
-    found = [report for report in (storage.read_json(uri) for uri in reports) if report.get("model_version") == model_version]
-    if not found:
-        raise GateRefused(f"model version {model_version} has no evaluation report: run the pipeline (or `flywheel run`) to evaluate it first")
-    return max(found, key=lambda report: report.get("report_uri", ""))

@@ -22,6 +22,7 @@ thread of its own and returns a synchronous handle, :class:`RunningProxy`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -165,6 +166,9 @@ class SplittingProxy:
         thresholds: Thresholds | None = None,
         score_field: str | None = None,  # the model's output (default: each prediction's first field)
         max_body_bytes: int = 16 * 1024 * 1024,
+        # A replay's expectations: the sha256 of a request body -> the candidate's minus production's
+        # scores on its rows offline (flywheel.deploy.analysis.ScorePair.expected).
+        expected: dict[bytes, tuple[float, ...]] | None = None,
     ) -> None:
         self.stable_url = check_base_url(stable_url, "stable")
         self.canary_url = check_base_url(canary_url, "canary")
@@ -180,6 +184,7 @@ class SplittingProxy:
         self.thresholds = thresholds or Thresholds()
         self.score_field = score_field
         self.max_body_bytes = max_body_bytes
+        self.expected = dict(expected or {})
         self._lock = threading.Lock()  # the split can be changed from another thread
         self._percent = check_percent(canary_percent)
         self._counter = 0
@@ -368,7 +373,8 @@ class SplittingProxy:
             return self._reply(stable, "stable", self.stable_url, w)
         w.client["answered_by_canary"] += 1
         w.enter()  # the shadow's answer belongs to this window too
-        task = asyncio.create_task(self._pair(w, shadow, protocol, canary_scores))
+        expected = self.expected.get(hashlib.sha256(body).digest()) if self.expected else None
+        task = asyncio.create_task(self._pair(w, shadow, protocol, canary_scores, expected))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
         return self._reply(canary, "canary", self.canary_url, w)
@@ -383,14 +389,15 @@ class SplittingProxy:
             return "an answer without readable scores"
         return None
 
-    async def _pair(self, w: _Window, shadow: asyncio.Task[Upstream], protocol: str, canary_scores: tuple[float, ...] | None) -> None:
+    async def _pair(self, w: _Window, shadow: asyncio.Task[Upstream], protocol: str, canary_scores: tuple[float, ...] | None,
+                    expected: tuple[float, ...] | None = None) -> None:
         try:
             stable = await shadow
             self._record_stable(w, stable, shadow=True)
             if canary_scores is not None and not stable.error and stable.status == 200:
                 stable_scores = scores_of(protocol, stable.body, self.score_field)
                 if stable_scores is not None:
-                    w.pairs.append(ScorePair(stable_scores, canary_scores))
+                    w.pairs.append(ScorePair(stable_scores, canary_scores, expected))
         finally:
             w.leave()
 

@@ -447,39 +447,69 @@ def test_batch_scoring_writes_each_flights_keys_and_its_minutes(flights_loop, tm
     assert "mean arr_delay_minutes" in describe(summary)
 
 
-def test_the_canary_judges_a_flights_candidate_by_its_minutes(flights_loop, tmp_path):
-    """The local release on flights: two `flywheel serve` processes behind the splitting proxy, the
-    candidate's held-out flights replayed, and usecases/flights/task.yaml's real margins (5 minutes
-    per pair, 2 on average). A candidate answering one minute later than production is promoted; one
-    thirty minutes later is rolled back for its answers, in minutes. Both read the same feature world
-    here, so what is judged is the models (a stale world's features are issue 20's). Bug caught: a
-    canary that judges a regression by a probability's margins, or cannot promote one at all."""
+def test_a_real_retrained_flights_candidate_is_judged_as_evaluated_and_a_broken_one_rolled_back(flights_loop, tmp_path):
+    """The loop on flights as it runs: production trained on the first days, a later batch ingested,
+    a candidate retrained on all of it, evaluated and released with the pipeline's own deploy step
+    (two `flywheel serve` processes behind the splitting proxy, usecases/flights/task.yaml's real
+    margins: 5 minutes per pair, 2 on average). A better model disagrees with a worse production by
+    more than that, and rightly: the canary holds it to the difference the gate measured on the same
+    flights, with each replayed flight's features read as of its own departure. Served, that
+    difference equals the evaluated one on every pair. Then a copy of the new production answering
+    thirty minutes later, which no evaluation blessed, is rolled back for its minutes.
+    Bugs caught: a replay of past flights read against the present world (the served difference
+    is then off by minutes: measured 17.5 against 9.1 evaluated, and every real retrain was rolled
+    back), a canary that holds a better model to agreement with a worse one, or one that judges a
+    regression by a probability's margins."""
     import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from flywheel.deploy.local import release_locally
     from flywheel.registry import Registry
     from tests.candidates import shifted_copy
 
-    model = steps.train_step(flights_loop["training_set"], "flights-1", flights_loop["settings"])  # reused: same inputs
     home = tmp_path / "home"
     shutil.copytree(flights_loop["settings"].home, home)  # releases here never change what other tests see
-    settings = load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_USECASE": str(FLIGHTS),
-                                  "FLYWHEEL_DEPLOY__CANARY__STEPS": "[20, 50]",
-                                  "FLYWHEEL_DEPLOY__CANARY__WINDOW_REQUESTS": "60"})
-    registry = Registry(Storage.from_settings(settings), "flights")
-    production = registry.production()
-    if production is None:
-        production = registry.promote(model["version"], run_id="flights-canary", reason="the test's production")
-    closer = shifted_copy(registry, production.version, tmp_path, 1.0)
-    record = release_locally(registry.storage, settings, closer, "release-close")
-    assert record.verdict == "promote", record.reasons
-    assert (record.thresholds["score_tolerance"], record.thresholds["max_mean_score_difference"]) == (5.0, 2.0)
-    assert record.thresholds["decision_threshold"] is None and registry.production().version == closer
-    agreement = record.windows[-1]["observations"]["agreement"]
-    assert agreement["pairs"] > 0 and agreement["max_abs_diff"] == pytest.approx(1.0, abs=0.01)
+    settings = load_settings(env={"FLYWHEEL_HOME": str(home), "FLYWHEEL_USECASE": str(FLIGHTS)})
+    storage = Storage.from_settings(settings)
+    registry = Registry(storage, "flights")
+    source = flights_loop["source"].replace(str(flights_loop["settings"].home), str(home))
+    lake = flights_loop["lake"].replace(str(flights_loop["settings"].home), str(home))
+    first = steps.train_step(flights_loop["training_set"], "flights-1", settings)  # reused: same inputs
+    if registry.production() is None:
+        registry.promote(first["version"], run_id="flights-1", reason="the test's production")
+    production = registry.production().version
 
-    later = shifted_copy(registry, production.version, tmp_path, 30.0)  # 29 minutes from the new production
-    record = release_locally(registry.storage, settings, later, "release-late")
-    assert record.verdict == "rollback" and registry.production().version == closer
+    # A later batch: the next 4,000 departures (about five more days of January; its weather is in the lake).
+    later = source_module().flights().iloc[ROWS:ROWS + 4000].reset_index(drop=True)
+    folder = source.rstrip("/")
+    pq.write_table(pa.Table.from_pandas(later, preserve_index=False), f"{folder}/flights-2013-01-later.parquet")
+    staged = steps.ingest_step(source, "flights-2", settings, lake)
+    published = steps.validate_step(staged, "flights-2", settings)
+    training_set = steps.features_step(published, "flights-2", settings)
+    candidate = steps.train_step(training_set, "flights-2", settings)
+    evaluation = steps.evaluate_step(training_set, candidate, "flights-2", settings=settings)
+    assert evaluation["production_version"] == production and evaluation["comparison"]["possible"]
+    # Released as the deploy step releases a blessed version (whether this slice's model clears the
+    # gate's floors is the gate's question, tested on its own; the deploy step refuses what it did not bless).
+    record = release_locally(storage, settings, candidate["version"], "flights-2").to_dict()
+    assert record["verdict"] == "promote", record["reasons"]
+    assert registry.production().version == candidate["version"]
+    assert (record["thresholds"]["score_tolerance"], record["thresholds"]["max_mean_score_difference"]) == (5.0, 2.0)
+    for window in record["windows"]:
+        agreement = window["observations"]["agreement"]
+        assert agreement["pairs"] > 0 and agreement["expected_pairs"] == agreement["pairs"]
+        assert agreement["max_abs_diff"] < 0.01  # served as evaluated, to a hundredth of a minute
+    # ...where the two models really differ by more than the margins (the check above is not vacuous).
+    assert max(w["observations"]["agreement"]["mean_raw_diff"] for w in record["windows"]) > 2.0
+    assert any("as of each request's time" in event for event in record["events"]), record["events"]
+
+    broken = shifted_copy(registry, candidate["version"], tmp_path, 30.0)
+    record = release_locally(storage, settings, broken, "release-late")
+    assert record.verdict == "rollback" and registry.production().version == candidate["version"]
     assert any("scores agree within 5" in reason for reason in record.reasons), record.reasons
+    assert record.windows[0]["observations"]["agreement"]["expected_pairs"] == 0  # no evaluation blessed it
+    assert record.windows[0]["observations"]["agreement"]["max_abs_diff"] == pytest.approx(30.0, abs=0.01)
     assert record.client["failures"] == 0

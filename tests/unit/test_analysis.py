@@ -231,3 +231,40 @@ def test_a_regressions_canary_agrees_in_minutes_and_has_no_decisions():
     assert close.score_agreement == 1.0 and close.decision_agreement is None and close.mean_abs_diff == 3.0
     apart = agreement([ScorePair((20.0,), (30.0,))] * 60, declared.score_tolerance, declared.decision_threshold)
     assert apart.score_agreement == 0.0
+
+
+def test_a_pair_with_an_evaluated_difference_is_judged_against_it_not_against_stable():
+    """A replayed held-out request carries what the candidate minus production scored offline on its
+    row: the canary is held to that difference. Pairs without one are held to stable's scores."""
+    pairs = [ScorePair((10.0,), (19.0,), expected=(9.0,)),   # served as evaluated: deviation 0
+             ScorePair((10.0,), (16.0,), expected=(9.0,)),   # 3 less than evaluated
+             ScorePair((10.0,), (30.0,), expected=(-5.0,)),  # 25 off what was evaluated
+             ScorePair((4.0,), (6.0,))]                      # nothing expected: |4 - 6|
+    a = agreement(pairs, score_tolerance=5.0, decision_threshold=None)
+    assert (a.pairs, a.expected_pairs) == (4, 3)
+    assert a.mean_abs_diff == pytest.approx((0 + 3 + 25 + 2) / 4)
+    assert a.max_abs_diff == pytest.approx(25.0)
+    assert a.score_agreement == pytest.approx(3 / 4)
+    assert a.mean_raw_diff == pytest.approx((9 + 6 + 20 + 2) / 4)
+
+
+def test_a_candidate_served_as_evaluated_passes_however_far_from_stable_and_one_that_is_not_fails():
+    thresholds = Thresholds(score_tolerance=5.0, max_mean_score_difference=2.0, decision_threshold=None)
+    served_as_evaluated = [ScorePair((float(p),), (p + 12.0,), expected=(12.0,)) for p in range(60)]
+    window = healthy_window(agreement=agreement(served_as_evaluated, 5.0, None))
+    verdict = judge(window, thresholds)
+    assert verdict.passed, verdict.reasons
+    assert any("within 5 of the evaluated one on 60 of them" in r and "mean |stable - canary| 12.0000" in r
+               for r in verdict.reasons)
+    skewed = [ScorePair((float(p),), (p + 12.0,), expected=(2.0,)) for p in range(60)]  # served 10 off its evaluation
+    verdict = judge(healthy_window(agreement=agreement(skewed, 5.0, None)), thresholds)
+    assert not verdict.passed
+    assert any("mean |canary - stable vs the evaluated difference| 10.0000 > 2" in r for r in verdict.reasons), verdict.reasons
+
+
+def test_decisions_are_judged_only_where_no_difference_was_evaluated():
+    pairs = [ScorePair((0.4,), (0.6,), expected=(0.2,)), ScorePair((0.4,), (0.45,)), ScorePair((0.7,), (0.2,))]
+    a = agreement(pairs, score_tolerance=0.1, decision_threshold=0.5)
+    assert a.decision_agreement == pytest.approx(1 / 2)  # the first pair's flip was evaluated: not counted
+    only_expected = agreement(pairs[:1], score_tolerance=0.1, decision_threshold=0.5)
+    assert only_expected.decision_agreement is None
