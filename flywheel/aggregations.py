@@ -27,16 +27,22 @@ windows:
   key: each row is an event of that entity at the time it becomes known, its ``timestamp`` plus the
   source's ``delay``. Its rows are instants of the entity's table as its own events are.
 - **Rows.** The entity's feature table has one row per entity and instant at which any of its
-  aggregations may change: each event time, and each time a label becomes known (label aggregations
-  only). The row at instant ``t`` holds each aggregation over the events with time in the window
-  ``(t - window, t]``: events *at* ``t`` are in it, all of them (ties are one instant), and the
-  event exactly ``window`` before ``t`` is not.
+  aggregations may change: each event time, each time a label becomes known (label aggregations
+  only), each time a source row becomes known, and each moment an event leaves a window that reads
+  it (its *expiry*: its time plus the window, for each distinct window of the aggregations reading
+  its stream). The row at instant ``t`` holds each aggregation over the events with time in the
+  window ``(t - window, t]``: events *at* ``t`` are in it, all of them (ties are one instant), and
+  the event exactly ``window`` before ``t`` is not.
 - **Reading.** A request (or a training row) at time ``T`` reads the latest row *strictly before*
   ``T``: nothing that happens at ``T`` itself, not even the request's own event, feeds its features.
   Since a label is known no earlier than its event, a row's own label can never feed its features.
-  The windows read are that row's: they end at the entity's last change before ``T``, not at ``T``
-  (a count does not decay between an entity's events), the same in training and serving; a row
-  older than its view's longest window (the view's TTL) is not read at all.
+  Because every moment a window changes is a row (events entering it, and leaving it), what is read
+  is exact at read time: each aggregation over the events with time in ``[T - window, T)``, a window
+  of its length ending just before ``T``, however long ago the entity's last event was (a 1h count
+  decays to 0 an hour after the last event). The event exactly ``window`` before ``T`` is in it.
+  The same holds in training and serving. A row older than its view's longest window (the view's
+  TTL) is not read at all: every window is empty by then, and a missing value means it (0 for
+  counts, distinct counts and sums; null otherwise).
 - **Empty windows.** ``count``, ``distinct`` and ``sum`` are 0; ``mean``, ``std``, ``min``, ``max``,
   ``last`` and ``last_time`` are null (``fill`` replaces a null). ``std`` is the sample standard
   deviation: null for one value. Null values of a column are skipped (``count`` counts events).

@@ -2,14 +2,18 @@
 computed point-in-time correct, vectorized, into one feature table per entity.
 
 The semantics are :mod:`flywheel.aggregations`'s (windows ``(t - window, t]``, one row per entity and
-instant at which an aggregation may change, labels as events at the time they become known, reads
-strictly before the request). Here is how they are computed, in numpy, for any number of entities,
-aggregations and rows:
+instant at which an aggregation may change, events entering and leaving windows alike, labels as
+events at the time they become known, reads strictly before the request: a read at ``T`` gets each
+aggregation over ``[T - window, T)``). Here is how they are computed, in numpy, for any number of
+entities, aggregations and rows:
 
 1. Each aggregation reads a *stream*: the entity's events (key, event time, the columns), or, for an
    aggregation of a label, that label's known values at the time each became known, or, for an
    aggregation of a further source, that source's rows (key, their time plus the source's delay).
-2. A table's instants are the union of its streams' (key, time) pairs, from ``since`` on.
+2. A table's instants are the union of its streams' (key, time) pairs and of their *expiries*: for each
+   distinct window of the aggregations reading a stream, each event's time plus that window (the
+   moment it leaves the window), in ``[since, until)``. With them a count decays to 0 after the last
+   event, however long ago it was.
 3. For each stream, each instant's window is a range ``[lo, hi)`` of the stream sorted by key and
    time: ``hi`` counts the key's events at or before ``t``, ``lo`` those at or before ``t - window``
    (one lexicographic sort of events and instants together, then a cumulative count).
@@ -21,7 +25,8 @@ aggregations and rows:
    is reduced on its own, with the same additions in the same order: the same bits.
 
 Cost: sorting, plus the sum of the window lengths for the walking operations, as the hand-written
-card and merchant tables this replaces (benchmarks/features.py measures both).
+card and merchant tables this replaces (benchmarks/features.py measures both); the expiries multiply
+the instants by up to one plus the number of distinct windows per stream.
 """
 
 from __future__ import annotations
@@ -205,6 +210,32 @@ def _aggregate(aggregation: Aggregation, lo: np.ndarray, hi: np.ndarray, values:
         return np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), np.nan)
 
 
+def _instants(streams: Mapping[str, pd.DataFrame], windows: Mapping[str, list[dt.timedelta]],
+              since: pd.Timestamp | None, until: pd.Timestamp | None) -> tuple[np.ndarray, np.ndarray]:
+    """A table's instants as (key code, time) arrays, sorted and distinct, in ``[since, until)``: each
+    stream event's time, and, for each distinct window of the aggregations reading its stream, the
+    moment it leaves that window (its time plus the window: its *expiry*)."""
+    codes, times = [], []
+    for stream, frame in streams.items():
+        code, time = frame["code"].to_numpy(np.int64), frame["time"].to_numpy(np.int64)
+        for shift in [0, *sorted({window // dt.timedelta(microseconds=1) for window in windows[stream]})]:
+            codes.append(code)
+            times.append(time + np.int64(shift))
+    code = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+    time = np.concatenate(times) if times else np.zeros(0, dtype=np.int64)
+    keep = np.ones(len(time), dtype=bool)
+    if since is not None:
+        keep &= time >= _micros(pd.Series([since]))[0]
+    if until is not None:
+        keep &= time < _micros(pd.Series([until]))[0]
+    code, time = code[keep], time[keep]
+    order = np.lexsort((time, code))
+    code, time = code[order], time[order]
+    distinct = np.ones(len(time), dtype=bool)
+    distinct[1:] = (code[1:] != code[:-1]) | (time[1:] != time[:-1])
+    return code[distinct], time[distinct]
+
+
 def entity_table(
     rows: pd.DataFrame,
     contract: Contract,
@@ -263,13 +294,8 @@ def entity_table(
         frame["code"] = codes[offset: offset + len(frame)]
         offset += len(frame)
         streams[stream] = frame.sort_values(["code", "time"], kind="stable").reset_index(drop=True)
-    instants = pd.concat([s[["code", "time"]] for s in streams.values()], ignore_index=True).drop_duplicates()
-    if since is not None:
-        instants = instants[instants["time"] >= _micros(pd.Series([since]))[0]]
-    if until is not None:
-        instants = instants[instants["time"] < _micros(pd.Series([until]))[0]]
-    instants = instants.sort_values(["code", "time"], kind="stable").reset_index(drop=True)
-    q_code, q_time = instants["code"].to_numpy(np.int64), instants["time"].to_numpy(np.int64)
+    q_code, q_time = _instants(streams, {stream: [a.window for _, a in named] for stream, named in by_stream.items()},
+                               since, until)
     out = pd.DataFrame({
         key: uniques.take(q_code) if len(q_code) else pd.Series([], dtype=rows[key].dtype),
         EVENT_TIMESTAMP: pd.to_datetime(q_time, unit="us", utc=True).astype("datetime64[us, UTC]"),

@@ -21,12 +21,18 @@ after every instant, it holds the entity's row *at* that instant. :class:`LiveFe
   time its ``label_known`` column holds), never earlier: a label delivered before that time waits,
   and the entities it feeds are recomputed once the watermark passes it. So does a source row
   known later than the watermark.
+- Every buffered event also leaves each window that reads it, at its time plus the window (its
+  *expiry*, an instant of the offline table too): those instants wait the same way, and the
+  entities are recomputed as the watermark passes them, events or not (:meth:`LiveFeatures.advance`
+  moves it with the clock). So the online row is the offline row at the watermark, and a request
+  at ``T`` at or after the watermark reads each aggregation over ``[T - window, T)`` as training
+  does, up to the expiries between the watermark and ``T`` (none, for a watermark kept current).
 - Replaying an event changes nothing (idempotent by the row's id; a source row by its keys and time;
   a label by its id). A row older than the buffer's reach can no longer feed any window the store
   holds, and is ignored (counted as stale).
 
-What it does not do: decay windows between an entity's events. A request reads the entity's row at
-its last instant, as the offline path does (:mod:`flywheel.aggregations`, "Reading").
+A row stays buffered while any of its expiries is still to come: the buffer's reach (the longest
+window, plus the label or source delay) is at least as long as any window that reads it.
 """
 
 from __future__ import annotations
@@ -99,10 +105,9 @@ class LiveFeatures:
         self._keys_of_sources: dict[tuple[str, str], np.ndarray] = {}  # (source, column) -> its rows' keys as text
         self._position: dict[Any, int] = {}  # row id -> its position in the buffer
         self._reindex()
-        # Instants still to come (a label or a source row known after the watermark): when, which view, which key.
-        self._due_at = np.zeros(0, dtype=np.int64)
-        self._due_view = np.zeros(0, dtype=np.int64)
-        self._due_key = np.zeros(0, dtype=object)
+        # Instants still to come (a label or a source row known after the watermark, an event leaving
+        # a window): when, which view, which key.
+        self._due = _Pending()
         self._since_eviction = 0
 
     # ------------------------------------------------------------ seeding
@@ -128,7 +133,7 @@ class LiveFeatures:
             frame = _typed(frame[_known(frame, declared) > horizon - _US], declared.contract())
             self.sources[name] = pd.concat([self.sources[name], frame], ignore_index=True) if len(self.sources[name]) else frame.reset_index(drop=True)
         self._reindex()
-        self._remember(self.rows, self.sources, after=self.watermark)
+        self._remember(self.rows, self.sources, after=self.watermark, events=True)
 
     # ------------------------------------------------------------ applying events
     def apply(self, events: Events, now: pd.Timestamp | None = None) -> Applied:
@@ -136,11 +141,11 @@ class LiveFeatures:
         watermark on even when no event is that recent (the clock of a live server). All or
         nothing: when a write fails, the state is as before the batch (so that applying it again
         writes its rows, rather than skipping its events as repeats), and the error propagates."""
-        saved = (self.rows, dict(self.sources), self.watermark, self._due_at, self._due_view, self._due_key)
+        saved = (self.rows, dict(self.sources), self.watermark, self._due.runs)
         try:
             return self._apply(events, now)
         except BaseException:
-            self.rows, self.sources, self.watermark, self._due_at, self._due_view, self._due_key = saved
+            self.rows, self.sources, self.watermark, self._due.runs = saved
             self._reindex()
             raise
 
@@ -160,7 +165,7 @@ class LiveFeatures:
                 for index, view in enumerate(self.views):
                     if any(a.source is None and a.column not in contract.labels for _, a in view.aggregations):
                         touched[index].update(k for k in _text_keys(new[view.join_key]) if k is not None)
-                self._remember(new, {})
+                self._remember(new, {}, events=True)
         if events.labels is not None and len(events.labels):
             changed = self._set_labels(events.labels, applied)
             if len(changed):
@@ -179,13 +184,13 @@ class LiveFeatures:
         if latest and (self.watermark is None or max(latest) > self.watermark):
             self.watermark = max(latest)
         if self.watermark is not None:
-            # Everything whose instant has come: the rows above, and labels and source rows now known.
-            due = self._due_at <= _micros_of(self.watermark)
-            if due.any():
-                earliest.append(pd.Timestamp(int(self._due_at[due].min()), unit="us", tz="UTC"))
-                for view_index, key in zip(self._due_view[due].tolist(), self._due_key[due].tolist()):
+            # Everything whose instant has come: the rows above, labels and source rows now known, and
+            # events now out of a window.
+            due_at, due_view, due_key = self._due.pop(_micros_of(self.watermark))
+            if len(due_at):
+                earliest.append(pd.Timestamp(int(due_at.min()), unit="us", tz="UTC"))
+                for view_index, key in zip(due_view.tolist(), due_key.tolist()):
                     touched[view_index].add(key)
-                self._due_at, self._due_view, self._due_key = self._due_at[~due], self._due_view[~due], self._due_key[~due]
             since = min(earliest) if earliest else None
             for view, keys in zip(self.views, touched):
                 if keys and since is not None:
@@ -200,7 +205,8 @@ class LiveFeatures:
         return applied
 
     def advance(self, now: pd.Timestamp) -> Applied:
-        """Move the watermark to ``now`` and write what became due (labels, source rows known by then)."""
+        """Move the watermark to ``now`` and write what became due (labels, source rows known by then,
+        events that left a window by then)."""
         return self.apply(Events(), now=now)
 
     def rebuild(self) -> Applied:
@@ -335,39 +341,47 @@ class LiveFeatures:
         applied.source_rows += len(frame)
         return frame
 
-    def _remember(self, rows: pd.DataFrame | None, sources: Mapping[str, pd.DataFrame], after: pd.Timestamp | None = None) -> None:
-        """The instants these rows bring besides their events: their labels' known times (label
-        aggregations) and further sources' known times (those after ``after`` only); written once
-        the watermark reaches them."""
+    def _remember(self, rows: pd.DataFrame | None, sources: Mapping[str, pd.DataFrame], after: pd.Timestamp | None = None,
+                  events: bool = False) -> None:
+        """The instants these rows bring besides their events' own: their labels' known times (label
+        aggregations), further sources' known times, and the moment each leaves each window that
+        reads it (its events' too, with ``events``); those after ``after`` only, when given. Written
+        once the watermark reaches them."""
         contract = self.contract
-        times, views, keys = [self._due_at], [self._due_view], [self._due_key]
+        times, views, keys = [], [], []
         bound = _micros_of(after) if after is not None else None
+
+        def add(index: int, at: np.ndarray, text: np.ndarray, has: np.ndarray, shifts: list[int]) -> None:
+            has = has & (text != None)  # noqa: E711  (elementwise)
+            for shift in shifts:
+                moment = at[has] + np.int64(shift)
+                later = moment > bound if bound is not None else np.ones(len(moment), dtype=bool)
+                times.append(moment[later])
+                views.append(np.full(int(later.sum()), index, dtype=np.int64))
+                keys.append(text[has][later])
+
         for index, view in enumerate(self.views):
-            label_columns = [a.column for _, a in view.aggregations if a.source is None and a.column in contract.labels]
-            if label_columns and rows is not None and len(rows):
-                known = _micros_array(known_times(rows, contract))
-                has = rows[list(dict.fromkeys(label_columns))].notna().any(axis=1).to_numpy() & (known != _NAT)
-                if bound is not None:
-                    has &= known > bound
+            windows = _windows_by_stream(view, contract)
+            if rows is not None and len(rows):
                 text = _text_keys(rows[view.join_key])
-                has &= text != None  # noqa: E711  (elementwise)
-                times.append(known[has])
-                views.append(np.full(int(has.sum()), index, dtype=np.int64))
-                keys.append(text[has])
+                if events and "" in windows:
+                    at = _micros_array(rows[contract.timestamp])
+                    add(index, at, text, at != _NAT, windows[""])  # the event itself is touched directly
+                labels = [column for column in windows if column in contract.labels]
+                if labels:
+                    known = _micros_array(known_times(rows, contract))
+                    for column in labels:
+                        add(index, known, text, rows[column].notna().to_numpy() & (known != _NAT), [0, *windows[column]])
             for name in {a.source for _, a in view.aggregations if a.source is not None}:
                 frame = sources.get(name)
                 if frame is None or not len(frame):
                     continue
                 declared = contract.sources[name]
                 known = _micros_array(_known(frame, declared))
-                text = _text_keys(frame[declared.entities[view.entity]])
-                has = text != None  # noqa: E711
-                if bound is not None:
-                    has &= known > bound
-                times.append(known[has])
-                views.append(np.full(int(has.sum()), index, dtype=np.int64))
-                keys.append(text[has])
-        self._due_at, self._due_view, self._due_key = np.concatenate(times), np.concatenate(views), np.concatenate(keys)
+                add(index, known, _text_keys(frame[declared.entities[view.entity]]), known != _NAT,
+                    [0, *windows[_SOURCE_STREAM + name]])
+        if times:
+            self._due.add(np.concatenate(times), np.concatenate(views), np.concatenate(keys))
 
     def _rows_at_watermark(self, view: Any, keys: set[str], since: pd.Timestamp | None) -> pd.DataFrame:
         """Each key's row at its latest instant at or before the watermark (computed from its buffered rows)."""
@@ -389,6 +403,54 @@ class LiveFeatures:
 
 
 _NAT = np.iinfo(np.int64).min
+_SOURCE_STREAM = "source:"
+
+
+def _windows_by_stream(view: Any, contract: Contract) -> dict[str, list[int]]:
+    """The distinct windows (microseconds) of a view's aggregations per stream they read: ``""`` the
+    entity's events, a label's name its known values, ``source:<name>`` a further source's rows."""
+    out: dict[str, set[int]] = {}
+    for _, a in view.aggregations:
+        stream = _SOURCE_STREAM + a.source if a.source is not None else a.column if a.column in contract.labels else ""
+        out.setdefault(stream, set()).add(a.window // dt.timedelta(microseconds=1))
+    return {stream: sorted(windows) for stream, windows in out.items()}
+
+
+class _Pending:
+    """Instants still to come, as (time, view index, key) in runs sorted by time: taking those due is
+    a binary search per run (no pass over all of them), and a batch's new instants are one run,
+    merged with the runs before it while those are no more than twice as long (so few runs remain,
+    and each instant is merged a logarithmic number of times). Runs are never changed in place: a
+    copy of the list is a snapshot."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, at: np.ndarray, view: np.ndarray, key: np.ndarray) -> None:
+        if not len(at):
+            return
+        order = np.argsort(at, kind="stable")
+        runs = [*self.runs, (at[order], view[order], key[order])]
+        while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
+            (a_at, a_view, a_key), (b_at, b_view, b_key) = runs[-2], runs[-1]
+            at, view, key = np.concatenate([a_at, b_at]), np.concatenate([a_view, b_view]), np.concatenate([a_key, b_key])
+            order = np.argsort(at, kind="stable")
+            runs[-2:] = [(at[order], view[order], key[order])]
+        self.runs = runs
+
+    def pop(self, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The instants at or before ``until`` (microseconds), taken out."""
+        taken, kept = [], []
+        for at, view, key in self.runs:
+            cut = int(np.searchsorted(at, until, side="right"))
+            if cut:
+                taken.append((at[:cut], view[:cut], key[:cut]))
+            if cut < len(at):
+                kept.append((at[cut:], view[cut:], key[cut:]))
+        self.runs = kept
+        if not taken:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
+        return tuple(np.concatenate([run[i] for run in taken]) for i in range(3))  # type: ignore[return-value]
 
 
 def _add_positions(index: dict[str, list[int]], texts: np.ndarray, start: int) -> None:

@@ -83,7 +83,10 @@ def test_pushed_events_move_the_production_worlds_rows_as_the_offline_engine_com
     new = pd.DataFrame(burst).assign(ts=lambda f: pd.to_datetime(f["ts"], utc=True).astype("datetime64[us, UTC]"), is_fraud=None)
     everything = pd.concat([lake_rows, new], ignore_index=True)
     card_view = FRAUD_VIEWS[0]
-    expected = entity_table(everything[everything["card_id"] == card], FRAUD_CONTRACT, "card", list(card_view.aggregations)).iloc[-1]
+    # Its row at the watermark (the last event's time), not at the expiries still to come.
+    until = everything["ts"].max() + pd.Timedelta(microseconds=1)
+    expected = entity_table(everything[everything["card_id"] == card], FRAUD_CONTRACT, "card", list(card_view.aggregations),
+                            until=until).iloc[-1]
     found = online_row(settings, world, card_view.name, "card_id", card)
     assert found["card_txn_count_1h"] == 3 == expected["card_txn_count_1h"]
     for name in card_view.features:
@@ -107,7 +110,8 @@ def test_pushed_events_move_the_production_worlds_rows_as_the_offline_engine_com
         ts=lambda f: pd.to_datetime(f["ts"], utc=True).astype("datetime64[us, UTC]"), is_fraud=None)
     labelled = pd.concat([labelled, later_rows], ignore_index=True)
     merchant_view = FRAUD_VIEWS[1]
-    want = entity_table(labelled[labelled["merchant_id"] == merchant], FRAUD_CONTRACT, "merchant", list(merchant_view.aggregations)).iloc[-1]
+    want = entity_table(labelled[labelled["merchant_id"] == merchant], FRAUD_CONTRACT, "merchant", list(merchant_view.aggregations),
+                        until=labelled["ts"].max() + pd.Timedelta(microseconds=1)).iloc[-1]
     for name in merchant_view.features:
         assert merchant_after[name] == pytest.approx(float(want[name]), rel=1e-12, nan_ok=True), name
 

@@ -60,8 +60,10 @@ def test_a_batch_published_after_training_reaches_productions_live_world(small, 
     assert registry.production().version == registry.versions()[-1]  # no new model: production unchanged
     [(again, live_again)] = worlds().items()
     assert again == world and live_again is not live  # brought live again from the new snapshot
-    expected = entity_table(pd.concat([before, new], ignore_index=True).query("card_id == @card"), FRAUD_CONTRACT, "card",
-                            list(FRAUD_VIEWS[0].aggregations)).iloc[-1]
+    # The card's row at the world's watermark (the lake's latest time), not later (its expiries to come).
+    everything = pd.concat([before, new], ignore_index=True)
+    expected = entity_table(everything.query("card_id == @card"), FRAUD_CONTRACT, "card", list(FRAUD_VIEWS[0].aggregations),
+                            until=everything["ts"].max() + pd.Timedelta(microseconds=1)).iloc[-1]
     found = online_row(settings, world, "card_features", "card_id", card)
     assert found["card_txn_count_24h"] == expected["card_txn_count_24h"] >= 2
     for name in FRAUD_VIEWS[0].features:

@@ -136,7 +136,9 @@ def oracle(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Agg
             streams[stream] = (rows, known, labelled[stream])
         else:
             streams[stream] = (rows, rows[contract.timestamp], events)
-    instants = sorted({(k, t) for _, _, stream in streams.values() for k, t, _ in stream})
+    # An instant at each event, and one at each moment an event leaves a window that reads it.
+    instants = sorted({(k, t) for _, _, stream in streams.values() for k, t, _ in stream}
+                      | {(k, t + a.window) for _, a in named for k, t, _ in streams[stream_of(a)][2]})
     table = []
     for k, t in instants:
         row = {key: k, EVENT_TIMESTAMP: t, CREATED_TIMESTAMP: t}
@@ -240,9 +242,11 @@ def test_a_source_row_feeds_features_only_once_its_delay_has_passed():
     named = declared(LEGS_AND_WEATHER, "origin", [{"op": "last", "column": "visib", "window": "3h", "source": "weather"},
                                                   {"op": "count", "window": "1h"}])
     table = entity_table(rows, LEGS_AND_WEATHER, "origin", named, sources={"weather": hours})
-    # 10:10 is before the 10:00 observation is known (10:30): no visibility yet; it is a row of its own at 10:30.
-    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["10:10", "10:30", "10:40"]
-    assert table["origin_visib_last_3h"].fillna(-1).tolist() == [-1, 0.5, 0.5]
+    # 10:10 is before the 10:00 observation is known (10:30): no visibility yet; it is a row of its own at 10:30,
+    # and leaves the 3h window at 13:30 (the departures leave the 1h count at 11:10 and 11:40).
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["10:10", "10:30", "10:40", "11:10", "11:40", "13:30"]
+    assert table["origin_visib_last_3h"].fillna(-1).tolist() == [-1, 0.5, 0.5, 0.5, 0.5, -1]
+    assert table["origin_count_1h"].tolist() == [1, 1, 2, 1, 0, 0]
 
 
 def test_a_source_aggregation_without_the_sources_rows_is_a_clear_error():
@@ -276,6 +280,153 @@ def test_a_source_that_does_not_fit_the_contract_is_refused(change, problem):
         parse_contract(data, "test")
 
 
+# --- read at any time: the window ending at the read, with expiry -------------------------------------
+
+def read_before(table: pd.DataFrame, key: str, keys: list, times: list[pd.Timestamp], ttl: pd.Timedelta) -> pd.DataFrame:
+    """Each (key, time) read as a training row (and the online store) reads: the latest row of the key
+    strictly before the time, within the view's TTL; a row with no such table row reads all missing."""
+    asked = pd.DataFrame({key: keys, "at": pd.to_datetime(pd.Series(times), utc=True).astype("datetime64[us, UTC]")})
+    asked["as_of"] = (asked["at"] - pd.Timedelta(microseconds=1)).astype("datetime64[us, UTC]")
+    asked["position"] = np.arange(len(asked))
+    merged = pd.merge_asof(asked.sort_values("as_of"), table.sort_values(EVENT_TIMESTAMP), left_on="as_of",
+                           right_on=EVENT_TIMESTAMP, by=key, allow_exact_matches=True, tolerance=ttl)
+    return merged.sort_values("position").reset_index(drop=True)
+
+
+def brute_force(rows: pd.DataFrame, contract, entity: str, a: Aggregation, k, at: pd.Timestamp,
+                sources: dict[str, pd.DataFrame] | None = None):
+    """The aggregation over the events of key ``k`` with time in ``[at - window, at)``, one by one."""
+    if a.source:
+        declared_source = contract.sources[a.source]
+        frame = sources[a.source]
+        keys, times = frame[declared_source.entities[entity]], frame[declared_source.timestamp] + pd.Timedelta(declared_source.delay)
+    elif a.column in contract.labels:
+        frame, keys, times = rows, rows[contract.entities[entity]], known_times(rows, contract)
+    else:
+        frame, keys, times = rows, rows[contract.entities[entity]], rows[contract.timestamp]
+    inside = [i for i, (kk, t) in enumerate(zip(keys, times))
+              if kk == k and not pd.isna(t) and at - a.window <= t < at
+              and not (a.column in contract.labels and pd.isna(frame[a.column].iloc[i]))]
+    inside.sort(key=lambda i: (times.iloc[i], i))
+    present = [v for v in (frame[a.column].iloc[i] for i in inside) if not pd.isna(v)] if a.column else []
+    if a.op == "count":
+        value = len(present) if a.column else len(inside)
+    elif a.op in ("sum", "distinct"):
+        value = float(sum(present)) if a.op == "sum" else len(set(present))
+    elif a.op == "mean":
+        value = statistics.fmean(present) if present else math.nan
+    elif a.op == "std":
+        value = statistics.stdev(present) if len(present) > 1 else math.nan
+    elif a.op in ("min", "max"):
+        value = (min if a.op == "min" else max)(present) if present else math.nan
+    elif a.op == "last":
+        value = present[-1] if present else math.nan
+    else:  # last_time
+        value = times.iloc[inside[-1]].timestamp() if inside else math.nan
+    if a.fill is not None and isinstance(value, float) and math.isnan(value):
+        value = a.fill
+    return value
+
+
+def empty_window(a: Aggregation):
+    """What a read that finds no row (none yet, or none within the TTL) means: every window empty."""
+    if a.op in ("count", "distinct", "sum"):
+        return 0
+    return a.fill if a.fill is not None else math.nan
+
+
+def same(got, want) -> bool:
+    if isinstance(want, str) or isinstance(got, str):
+        return got == want
+    if pd.isna(got) or pd.isna(want):
+        return pd.isna(got) and pd.isna(want)
+    return math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def read_times(rows: pd.DataFrame, contract, entity: str, named: list[tuple[str, Aggregation]], seed: int,
+               sources: dict[str, pd.DataFrame] | None = None, extra: int = 300) -> list[tuple]:
+    """(key, read time) pairs: each event, and just before, at and just after each moment it leaves a
+    window, random times, and long after each key's last event; at most 900 of them (seeded)."""
+    rng = np.random.default_rng(seed)
+    us = pd.Timedelta(microseconds=1)
+    pairs = set()
+    for _, a in named:
+        if a.source:
+            declared_source = contract.sources[a.source]
+            frame = sources[a.source]
+            keys, times = frame[declared_source.entities[entity]], frame[declared_source.timestamp] + pd.Timedelta(declared_source.delay)
+        else:
+            keys = rows[contract.entities[entity]]
+            times = known_times(rows, contract) if a.column in contract.labels else rows[contract.timestamp]
+        for k, t in zip(keys, times):
+            if not pd.isna(t) and not pd.isna(k):
+                pairs |= {(k, t), (k, t + a.window - us), (k, t + a.window), (k, t + a.window + us)}
+    pairs = sorted(pairs)
+    chosen = [pairs[i] for i in rng.choice(len(pairs), min(len(pairs), 600), replace=False)]
+    keys = sorted({k for k, _ in pairs})
+    first, last = min(t for _, t in pairs), max(t for _, t in pairs)
+    span = (last - first) / us
+    chosen += [(keys[rng.integers(len(keys))], first + us * int(rng.integers(0, span))) for _ in range(extra)]
+    chosen += [(k, last + pd.Timedelta(days=10)) for k in keys]
+    return chosen
+
+
+def assert_reads_equal_brute_force(rows, contract, entity, named, seed, sources=None):
+    table = entity_table(rows, contract, entity, named, sources=sources)
+    key = contract.entities[entity]
+    ttl = pd.Timedelta(max(a.window for _, a in named))
+    asked = read_times(rows, contract, entity, named, seed, sources)
+    read = read_before(table, key, [k for k, _ in asked], [t for _, t in asked], ttl)
+    found = read[EVENT_TIMESTAMP].notna().to_numpy()
+    assert found.any() and not found.all()  # reads within a window of events, and long after
+    wrong = []
+    for row, (k, at) in enumerate(asked):
+        for name, a in named:
+            got = read[name].iloc[row] if found[row] else empty_window(a)
+            want = brute_force(rows, contract, entity, a, k, at, sources)
+            if not same(got, want):
+                wrong.append(f"{k} at {at} {name}: read {got!r}, events before it {want!r}")
+    assert not wrong, f"{len(wrong)} reads differ, first: {wrong[:5]}"
+
+
+@pytest.mark.parametrize("entity", ["tail", "origin"])
+def test_every_operation_read_at_any_time_equals_the_window_ending_at_the_read(entity):
+    """Bug caught: windows that end at the entity's last change instead of at the read (a count that
+    does not decay between events), an expiry one microsecond late or early, or a read past the TTL
+    that still finds events. The read: the latest row strictly before T within the view's TTL (as
+    the training join and the online store read); the oracle: the events in [T - window, T), picked
+    out one by one at random times, at each event, and around each moment it leaves a window."""
+    rows = legs(120, 7)
+    named = declared(LEGS, entity, ALL_OPS)
+    assert_reads_equal_brute_force(rows, LEGS, entity, named, seed=8)
+
+
+def test_a_further_sources_aggregations_read_at_any_time_equal_the_window_ending_at_the_read():
+    rows, hours = legs(120, 9), weather(9)
+    assert_reads_equal_brute_force(rows, LEGS_AND_WEATHER, "origin", declared(LEGS_AND_WEATHER, "origin", WEATHER_OPS),
+                                   seed=10, sources={"weather": hours})
+
+
+def test_a_count_read_long_after_the_last_event_has_decayed_to_zero():
+    rows = tiny(["2026-05-01T00:00"])
+    named = declared(LEGS, "tail", [{"op": "count", "window": "1h"}, {"op": "count", "window": "24h"}])
+    table = entity_table(rows, LEGS, "tail", named)
+    at = pd.to_datetime(["2026-05-01T00:30", "2026-05-01T05:00", "2026-05-01T23:59", "2026-05-02T00:01"], utc=True)
+    read = read_before(table, "tail", ["N1"] * 4, list(at), pd.Timedelta(hours=24))
+    assert read["tail_count_1h"].tolist()[:3] == [1, 0, 0] and read["tail_count_24h"].tolist()[:3] == [1, 1, 1]
+    # A day and a minute later: the last row (the 24h expiry, both counts 0) is read, or none at all.
+    assert read["tail_count_24h"].fillna(0).iloc[3] == 0 and read["tail_count_1h"].fillna(0).iloc[3] == 0
+
+
+def test_an_event_exactly_one_window_before_the_read_is_in_it():
+    """[T - window, T): the event at 00:00 is in the 1h window of a read at 01:00, and out of it a
+    microsecond later."""
+    rows = tiny(["2026-05-01T00:00"])
+    table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "count", "window": "1h"}]))
+    at = [pd.Timestamp("2026-05-01T01:00", tz="UTC"), pd.Timestamp("2026-05-01T01:00", tz="UTC") + pd.Timedelta(microseconds=1)]
+    assert read_before(table, "tail", ["N1"] * 2, at, pd.Timedelta(hours=1))["tail_count_1h"].tolist() == [1, 0]
+
+
 # --- the semantics' edge cases -----------------------------------------------------------------------
 
 def tiny(times: list[str], tails: list[str] | None = None, lands: list[str | None] | None = None,
@@ -293,15 +444,18 @@ def tiny(times: list[str], tails: list[str] | None = None, lands: list[str | Non
 def test_an_event_exactly_one_window_before_is_not_in_the_window():
     rows = tiny(["2026-05-01T00:00", "2026-05-01T01:00"])
     table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "count", "window": "1h"}]))
-    assert table["tail_count_1h"].tolist() == [1, 1]  # (01:00 - 1h, 01:00] leaves out 00:00
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["00:00", "01:00", "02:00"]
+    assert table["tail_count_1h"].tolist() == [1, 1, 0]  # (01:00 - 1h, 01:00] leaves out 00:00
 
 
 def test_events_at_the_same_instant_are_one_row_that_counts_them_all():
     rows = tiny(["2026-05-01T00:00", "2026-05-01T00:30", "2026-05-01T00:30"])
     table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "count", "window": "1h"},
                                                                       {"op": "sum", "column": "distance", "window": "1h"}]))
-    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["00:00", "00:30"]
-    assert table["tail_count_1h"].tolist() == [1, 3] and table["tail_distance_sum_1h"].tolist() == [100.0, 600.0]
+    # Their expiry is one instant too (01:30), as is the first event's (01:00).
+    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["00:00", "00:30", "01:00", "01:30"]
+    assert table["tail_count_1h"].tolist() == [1, 3, 2, 0]
+    assert table["tail_distance_sum_1h"].tolist() == [100.0, 600.0, 500.0, 0.0]
 
 
 def read_as_serving_does(table: pd.DataFrame, rows: pd.DataFrame, key: str = "tail") -> pd.DataFrame:
@@ -317,7 +471,9 @@ def test_a_label_counts_only_from_when_it_is_known_and_is_a_row_of_its_own():
                 lands=["2026-05-01T03:00", None, None], delays=[40.0, None, None])
     table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "mean", "column": "delay", "window": "24h"},
                                                                       {"op": "count", "window": "24h"}]))
-    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["01:00", "02:00", "03:00", "04:00"]
+    # Each then leaves the 24h windows a day later.
+    assert table[EVENT_TIMESTAMP].dt.strftime("%d %H:%M").tolist() == ["01 01:00", "01 02:00", "01 03:00", "01 04:00",
+                                                                       "02 01:00", "02 02:00", "02 03:00", "02 04:00"]
     seen = read_as_serving_does(table, rows)
     assert seen["tail_delay_mean_24h"].fillna(-1).tolist() == [-1, -1, 40.0]
     assert seen["tail_count_24h"].fillna(-1).tolist() == [-1, 1, 2]
@@ -326,7 +482,7 @@ def test_a_label_counts_only_from_when_it_is_known_and_is_a_row_of_its_own():
 def test_an_entity_with_label_aggregations_only_has_rows_when_labels_arrive():
     rows = tiny(["2026-05-01T01:00", "2026-05-01T04:00"], lands=["2026-05-01T03:00", None], delays=[40.0, None])
     table = entity_table(rows, LEGS, "tail", declared(LEGS, "tail", [{"op": "mean", "column": "delay", "window": "24h"}]))
-    assert table[EVENT_TIMESTAMP].dt.strftime("%H:%M").tolist() == ["03:00"]
+    assert table[EVENT_TIMESTAMP].dt.strftime("%d %H:%M").tolist() == ["01 03:00", "02 03:00"]  # known, then expired
     assert read_as_serving_does(table, rows)["tail_delay_mean_24h"].fillna(-1).tolist() == [-1, 40.0]
 
 
@@ -353,7 +509,7 @@ def test_missing_values_are_skipped_and_an_empty_window_is_zero_or_null():
                                     {"op": "std", "column": "distance", "window": "1h"},
                                     {"op": "std", "column": "distance", "window": "1h", "fill": 0, "name": "spread"}])
     table = entity_table(rows, LEGS, "tail", named)
-    last = table.iloc[-1]
+    last = table.iloc[1]  # 00:10 (then 01:00 and 01:10, as the events leave the window)
     assert last["tail_count_1h"] == 2 and last["tail_distance_sum_1h"] == 100.0 and last["tail_distance_mean_1h"] == 100.0
     assert math.isnan(last["tail_distance_std_1h"]) and last["spread"] == 0.0
 
@@ -368,7 +524,9 @@ def test_each_day_from_its_lookback_equals_the_same_day_of_a_whole_computation()
     whole = entity_table(rows, LEGS, "tail", named)
     reach = lookback([a for _, a in named], LEGS, label_lag=dt.timedelta(hours=3))
     days = []
-    for day in pd.date_range("2026-05-01", periods=7, freq="D", tz="UTC"):
+    # Departures until 05-07, landings 3h later, and the longest window (2d): the last expiry is on 05-09.
+    assert whole[EVENT_TIMESTAMP].max() < pd.Timestamp("2026-05-10", tz="UTC")
+    for day in pd.date_range("2026-05-01", periods=9, freq="D", tz="UTC"):
         start, end = day, day + pd.Timedelta(days=1)
         needed = rows[(rows["departs"] >= start - reach) & (rows["departs"] < end)]
         days.append(entity_table(needed, LEGS, "tail", named, since=start, until=end))
@@ -391,16 +549,26 @@ CARD = [
 ]
 
 
-def test_frauds_card_table_declared_equals_the_hand_written_one():
+def instants_of(table: pd.DataFrame, key: str) -> set[tuple]:
+    return set(zip(table[key], table[EVENT_TIMESTAMP]))
+
+
+def test_frauds_card_table_declared_equals_the_hand_written_one_at_its_rows():
     """The engine generalizes compute.card_feature_table: declared as aggregations (the use case's
-    features.yaml), the same table."""
+    features.yaml), the same rows at each transaction; the engine adds a row as each transaction
+    leaves each window (1h, 24h, 7d, 30d later), which the hand-written table has not."""
     tx = factories.make_transactions(3000, seed=4, start="2026-09-01", days=40, cards=30, merchants=12)
     contract = factories.FRAUD_CONTRACT
     named = factories.FRAUD.features.named()["card"]
     assert named == declared(contract, "card", CARD)
     got = entity_table(tx, contract, "card", named)
     want = compute.card_feature_table(tx)
-    assert_frame_equal(got, want, check_exact=False, rtol=1e-12)
+    at_transactions = pd.MultiIndex.from_frame(got[["card_id", EVENT_TIMESTAMP]]).isin(
+        pd.MultiIndex.from_frame(want[["card_id", EVENT_TIMESTAMP]]))
+    assert_frame_equal(got[at_transactions].reset_index(drop=True), want, check_exact=False, rtol=1e-12)
+    times = tx["ts"].astype("datetime64[us, UTC]")
+    expiries = {(card, t + pd.Timedelta(w)) for w in ("1h", "24h", "7d", "30d") for card, t in zip(tx["card_id"], times)}
+    assert instants_of(got, "card_id") == instants_of(want, "card_id") | expiries
 
 
 def test_frauds_merchant_rates_declared_equal_the_hand_written_ones_at_each_transaction():
@@ -416,9 +584,12 @@ def test_frauds_merchant_rates_declared_equal_the_hand_written_ones_at_each_tran
         assert np.allclose(at_transactions[name], want[name], rtol=1e-12, equal_nan=True), name
     for name in ("merchant_labelled_count_30d", "merchant_fraud_rate_30d"):
         assert np.allclose(at_transactions[name], want[name], rtol=1e-12, equal_nan=True), name
-    arrivals = (tx["ts"] + pd.Timedelta(days=3)).astype("datetime64[us, UTC]")
-    assert len(got) == len(pd.concat([tx[["merchant_id"]].assign(t=tx["ts"]), tx[["merchant_id"]].assign(t=arrivals)])
-                           .drop_duplicates())
+    times = tx["ts"].astype("datetime64[us, UTC]")
+    arrivals = times + pd.Timedelta(days=3)
+    labelled = tx["is_fraud"].notna().to_numpy()
+    expected = {(m, t + pd.Timedelta(w)) for w in ("0s", "24h", "30d") for m, t in zip(tx["merchant_id"], times)}
+    expected |= {(m, t + pd.Timedelta(w)) for w in ("0s", "30d") for m, t in zip(tx["merchant_id"][labelled], arrivals[labelled])}
+    assert instants_of(got, "merchant_id") == expected  # each event, each label's arrival, and as each leaves a window
 
 
 # --- the declaration ----------------------------------------------------------------------------------
@@ -479,4 +650,4 @@ def test_an_integer_join_key_is_text_in_the_table_and_a_missing_key_is_no_event(
     rows = tiny(["2026-05-01T00:00", "2026-05-01T00:10", "2026-05-01T00:20"])
     rows["tail"] = pd.array([7, None, 7], dtype="Int64")
     table = entity_table(rows, contract, "tail", declared(contract, "tail", [{"op": "count", "window": "1h"}]))
-    assert table["tail"].tolist() == ["7", "7"] and table["tail_count_1h"].tolist() == [1, 2]
+    assert table["tail"].tolist() == ["7"] * 4 and table["tail_count_1h"].tolist() == [1, 2, 1, 0]  # 00:00, 00:20, 01:00, 01:20

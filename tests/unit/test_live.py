@@ -142,3 +142,69 @@ def test_events_that_do_not_fit_the_contract_are_clear_errors():
         live.apply(Events(sources={"weather": pd.DataFrame({"x": [1]})}))
     with pytest.raises(DataError, match="transaction_id"):
         live.apply(Events(labels=pd.DataFrame({"is_fraud": [1]})))
+
+
+def test_a_cards_1h_count_falls_to_zero_an_hour_after_its_only_transaction_with_no_new_events():
+    """Bug caught: a live row that keeps an event after it left the window (the online store
+    serving a count of 1 forever after a card's last transaction), or that drops it a microsecond
+    early; the offline table has a row at that moment (the event's expiry), and so must the store."""
+    rows = make_transactions(1, seed=7, days=1, cards=1, merchants=1)
+    store = Captured()
+    live = LiveFeatures(FRAUD_CONTRACT, FRAUD_VIEWS, store)
+    live.apply(Events(rows=bare(rows)))
+    card = lambda: store.rows["card_features"]["c000"]  # noqa: E731
+    assert card()["card_txn_count_1h"] == 1 and card()["card_txn_count_24h"] == 1
+    at = rows["ts"].iloc[0]
+    for later, count_1h, count_24h in [(pd.Timedelta(hours=1) - pd.Timedelta(microseconds=1), 1, 1),
+                                       (pd.Timedelta(hours=1), 0, 1), (pd.Timedelta(hours=30), 0, 0)]:
+        live.advance(at + later)
+        assert (card()["card_txn_count_1h"], card()["card_txn_count_24h"]) == (count_1h, count_24h), later
+        assert_rows_equal(store.rows["card_features"], offline_latest(rows, FRAUD_VIEWS[0], live.watermark), str(later))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), steps=st.integers(2, 25))
+def test_the_clock_alone_moves_every_written_row_as_the_offline_table_has_it(seed, steps):
+    """Events, then labels delivered early, then only the clock: through every window's expiry, the
+    label delay, and beyond the buffer's reach (evicting as it goes), each written row is the
+    engine's row at the watermark. Bug caught: an expiry not written (or written late), an event
+    evicted before its last expiry was written."""
+    rows = make_transactions(60, seed=seed, days=2, cards=4, merchants=3, fraud_every=5)
+    store = Captured()
+    live = LiveFeatures(FRAUD_CONTRACT, FRAUD_VIEWS, store)
+    live.apply(Events(rows=bare(rows)))
+    live.apply(Events(labels=labels_of(rows)))
+    rng = np.random.default_rng(seed)
+    start, end = rows["ts"].max(), rows["ts"].max() + live.reach + pd.Timedelta(days=2)
+    moments = [start + (end - start) * share for share in rng.random(steps)] + [end]
+    moments += [rows["ts"].iloc[i] + pd.Timedelta(w) for i, w in zip(rng.integers(0, len(rows), 5), ["1h", "24h", "7d", "30d", "33d"])]
+    for moment in sorted(m for m in moments if m > start):
+        live.advance(moment)
+        live.evict()
+        for view in FRAUD_VIEWS:
+            assert_rows_equal(store.rows.get(view.name, {}), offline_latest(rows, view, live.watermark), f"{view.name} at {moment}")
+    assert len(live.rows) == 0
+    assert all(r["card_txn_count_7d"] == 0 for r in store.rows["card_features"].values())
+
+
+def test_an_expiry_whose_write_failed_is_written_by_the_next_try():
+    """All or nothing: a batch that fails to write leaves the pending expiries pending (bug caught:
+    taken out of the pending instants before the write, so a retry of the same moment writes nothing
+    and the store serves the stale count)."""
+    rows = make_transactions(1, seed=8, days=1, cards=1, merchants=1)
+    store = Captured()
+    live = LiveFeatures(FRAUD_CONTRACT, FRAUD_VIEWS, store)
+    live.apply(Events(rows=bare(rows)))
+    later = rows["ts"].iloc[0] + pd.Timedelta(hours=2)
+
+    def broken(view, frame):
+        raise OSError("the online store is down")
+
+    live.writer = type("Broken", (), {"write": staticmethod(broken)})()
+    with pytest.raises(OSError):
+        live.advance(later)
+    assert store.rows["card_features"]["c000"]["card_txn_count_1h"] == 1
+    live.writer = store
+    assert live.advance(later).written == {"card_features": 1}
+    assert store.rows["card_features"]["c000"]["card_txn_count_1h"] == 0
+    assert live.advance(later).written == {}  # idempotent: nothing new is due
