@@ -58,9 +58,12 @@ def events_of(instances: list[dict], prefix: str) -> list[bytes]:
 
 
 def settings_for(env: dict[str, str], **extra: str):
+    """The updater's settings for throughput and freshness: the events carry the demo's October 2026
+    times, so the worlds move with them (``live.clock: events``); serving on/off runs the default
+    wall clock, as a server does."""
     from flywheel.config import load_settings
 
-    return load_settings(env=bench.clean_env(**env, **extra))
+    return load_settings(env=bench.clean_env(**{"FLYWHEEL_LIVE__CLOCK": "events", **env, **extra}))
 
 
 def throughput(env: dict[str, str], instances: list[dict], store: str) -> dict[str, float]:

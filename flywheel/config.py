@@ -287,6 +287,11 @@ class LiveSettings(_Section):
     attempts: int = Field(5, ge=1)  # tries of a failed update before it is left in the log for later
     claim_idle_s: float = Field(30.0, gt=0)  # Redis: an entry unacknowledged this long is claimed by another updater
     refresh_s: float = Field(10.0, gt=0)  # how often the updater asks the registry which worlds are served
+    # wall: each world's watermark follows the wall clock between batches, so a window read at a
+    # request's time counts the events of the window ending then, however long ago the last event
+    # was (an event leaving a window is written when it does); events: the watermark moves with the
+    # events' own times only, for a use case whose events carry past times (a replay of history).
+    clock: Literal["wall", "events"] = "wall"
 
 
 class GcSettings(_Section):

@@ -144,6 +144,7 @@ class Agreement:
     # the evaluated models did, not agree with a model the gate found worse.
     expected_pairs: int = 0
     mean_raw_diff: float | None = None  # mean |p_stable - p_canary|, whatever was expected
+    raw_score_agreement: float | None = None  # share with |p_stable - p_canary| <= score_tolerance, whatever was expected
 
 
 @dataclass
@@ -218,6 +219,7 @@ def agreement(pairs: Sequence[ScorePair], score_tolerance: float, decision_thres
                             else float(((s[decided] >= decision_threshold) == (c[decided] >= decision_threshold)).mean())),
         expected_pairs=int(judged.sum()),
         mean_raw_diff=float(raw.mean()),
+        raw_score_agreement=float((raw <= score_tolerance).mean()),
     )
 
 

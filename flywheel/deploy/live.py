@@ -164,6 +164,11 @@ def _lake_snapshot_sha(storage: Storage, lake_uri: str) -> str:
     return snapshot.sha256 if snapshot else ""
 
 
+def wall_clock() -> pd.Timestamp:
+    """Now, in UTC: the watermark of a live world under ``live.clock: wall``."""
+    return pd.Timestamp.now(tz="UTC")
+
+
 def updater_for(settings: Settings, pinned: str | None = None) -> Updater:
     """The updater of the settings' use case: its event log, its served worlds (or a pinned version's)."""
     usecase = load_usecase(settings.usecase)
@@ -173,8 +178,9 @@ def updater_for(settings: Settings, pinned: str | None = None) -> Updater:
     group = GROUP if not pinned else f"{GROUP}@{pinned}"
     lock = hold_updater_lock(settings, group)
     event_log = open_event_log(settings, group)
+    clock = wall_clock if live.clock == "wall" else None
     updater = Updater(event_log, usecase.contract, LiveWorlds(settings, live.refresh_s, pinned, event_log),
-                      batch_max=live.batch_max, attempts=live.attempts)
+                      batch_max=live.batch_max, attempts=live.attempts, clock=clock)
     updater.lock = lock  # held as long as the updater lives
     return updater
 

@@ -382,6 +382,7 @@ class UpdaterStats:
     batches: int = 0
     seconds: float = 0.0
     lag_s: list[float] = field(default_factory=list)
+    ticks_written: int = 0  # entity rows the clock's ticks wrote (windows that changed with no new event)
 
 
 def _transient() -> tuple[type[BaseException], ...]:
@@ -398,8 +399,13 @@ class Updater:
     served worlds change when a model is promoted or a canary starts."""
 
     def __init__(self, event_log: Any, contract: Contract, worlds: Callable[[], Mapping[str, LiveFeatures]],
-                 batch_max: int = 1000, attempts: int = 5, backoff_s: float = 0.05) -> None:
+                 batch_max: int = 1000, attempts: int = 5, backoff_s: float = 0.05,
+                 clock: Callable[[], pd.Timestamp] | None = None) -> None:
         self.log = event_log
+        # ``clock`` (the wall clock, ``live.clock: wall``): each world's watermark follows it between
+        # batches, so an event leaving a window is written when it does, whether or not another event
+        # comes; None (``events``): the watermark moves with the events' own times only (a replay of history).
+        self.clock = clock
         self.contract = contract
         self.worlds = worlds
         self.batch_max = batch_max
@@ -412,6 +418,7 @@ class Updater:
         many events it read (0: the log had none)."""
         claimed = self.log.claim(self.batch_max, block_s)
         if not claimed:
+            self.tick()
             return 0
         started = time.perf_counter()
         events, dead = parse_events(claimed, self.contract)
@@ -422,8 +429,9 @@ class Updater:
                                     wait=wait_exponential(multiplier=self.backoff_s, max=2.0),
                                     retry=retry_if_exception_type(_transient())):
                 with attempt:
+                    now = self.clock() if self.clock is not None else None
                     for world, live in self.worlds().items():
-                        live.apply(events)
+                        live.apply(events, now=now)
         except Exception as exc:
             # Not acknowledged: read again by the next step (or, on Redis, claimed by another updater).
             self.stats.failed_batches += 1
@@ -444,10 +452,28 @@ class Updater:
             EVENTS.labels("dead").inc(len(dead))
         return len(claimed)
 
+    def tick(self) -> None:
+        """With a clock: move every world's watermark to now, writing the entities whose windows
+        changed since (events that left a window, labels and source rows that became known). A
+        failed write is logged and done again by the next tick (the state is restored: all or nothing)."""
+        if self.clock is None:
+            return
+        now = self.clock()
+        for world, live in self.worlds().items():
+            try:
+                applied = live.advance(now)
+            except Exception as exc:
+                log.warning("live: moving world %s to %s failed (%s: %s); the next tick retries", world, now,
+                            type(exc).__name__, exc)
+                continue
+            if applied.written:
+                self.stats.ticks_written += sum(applied.written.values())
+
     def drain(self) -> UpdaterStats:
         """Apply everything in the log now."""
         while self.step():
             pass
+        self.tick()
         return self.stats
 
     def run(self, stop: threading.Event, poll_s: float = 0.05) -> None:

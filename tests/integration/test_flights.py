@@ -440,8 +440,8 @@ def test_a_real_retrained_flights_candidate_is_judged_as_evaluated_and_a_broken_
     a candidate retrained on all of it, evaluated and released with the pipeline's own deploy step
     (two `flywheel serve` processes behind the splitting proxy, usecases/flights/task.yaml's real
     margins: 5 minutes per pair, 2 on average). A better model disagrees with a worse production by
-    more than that, and rightly: the canary holds it to the difference the gate measured on the same
-    flights, with each replayed flight's features read as of its own departure. Served, that
+    more than that, and rightly: the canary holds it to the difference the evaluation measured on the
+    same flights, with each replayed flight's features read as of its own departure. Served, that
     difference equals the evaluated one on every pair. Then a copy of the new production answering
     thirty minutes later, which no evaluation blessed, is rolled back for its minutes.
     Bugs caught: a replay of past flights read against the present world (the served difference
@@ -490,8 +490,10 @@ def test_a_real_retrained_flights_candidate_is_judged_as_evaluated_and_a_broken_
         agreement = window["observations"]["agreement"]
         assert agreement["pairs"] > 0 and agreement["expected_pairs"] == agreement["pairs"]
         assert agreement["max_abs_diff"] < 0.01  # served as evaluated, to a hundredth of a minute
-    # ...where the two models really differ by more than the margins (the check above is not vacuous).
-    assert max(w["observations"]["agreement"]["mean_raw_diff"] for w in record["windows"]) > 2.0
+    # ...where the two models really differ (two equal models would agree whatever features they read).
+    # On this slice they differ by about 1.5-2.5 minutes; benchmarks/flights_release.py releases a
+    # model retrained on April against January-March's, 9 minutes apart: held to stable's scores it was rolled back.
+    assert min(w["observations"]["agreement"]["mean_raw_diff"] for w in record["windows"]) > 0.5
     assert any("as of each request's time" in event for event in record["events"]), record["events"]
 
     broken = shifted_copy(registry, candidate["version"], tmp_path, 30.0)

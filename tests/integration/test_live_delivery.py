@@ -39,7 +39,9 @@ def loop(trained_loop, tmp_path, monkeypatch):
     """A copy of the trained loop's home, the environment pointing at it."""
     home = tmp_path / "home"
     shutil.copytree(trained_loop["home"], home, ignore=shutil.ignore_patterns("*.log"))
-    env = dict(trained_loop["env"], FLYWHEEL_HOME=str(home))
+    # The demo's transactions are October 2026's: the worlds move with the events' own times (on the
+    # wall clock, every window would have emptied since; tests/unit/test_events.py tests that clock).
+    env = dict(trained_loop["env"], FLYWHEEL_HOME=str(home), FLYWHEEL_LIVE__CLOCK="events")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(env=env)

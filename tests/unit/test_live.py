@@ -208,3 +208,31 @@ def test_an_expiry_whose_write_failed_is_written_by_the_next_try():
     assert live.advance(later).written == {"card_features": 1}
     assert store.rows["card_features"]["c000"]["card_txn_count_1h"] == 0
     assert live.advance(later).written == {}  # idempotent: nothing new is due
+
+
+def test_the_updater_on_the_wall_clock_writes_an_expiry_with_no_event_and_on_event_time_does_not(tmp_path):
+    """``live.clock: wall``: between batches the updater moves each world's watermark to now, so a
+    card's 1h count falls to 0 an hour after its transaction though no event came. ``events``: the
+    watermark stays at the last event's time. Bug caught: an updater that only moves with events
+    (the store serving a count of 1 forever after a card's last transaction)."""
+    import json
+
+    from flywheel.features.events import SqliteEventLog, Updater
+
+    rows = make_transactions(1, seed=3, days=1, cards=1, merchants=1)
+    at = rows["ts"].iloc[0]
+    for clock, hours, count in (("wall", 2, 0), ("wall", 0.5, 1), ("events", 2, 1)):
+        store = Captured()
+        live = LiveFeatures(FRAUD_CONTRACT, FRAUD_VIEWS, store)
+        event_log = SqliteEventLog(tmp_path / f"{clock}-{hours}.db")
+        event_log.append([json.dumps({"row": {name: (value.isoformat() if isinstance(value, pd.Timestamp) else value)
+                                              for name, value in row.items() if value == value and value is not None}},
+                                     default=str).encode() for row in bare(rows).to_dict(orient="records")])
+        now = at + pd.Timedelta(minutes=1)
+        updater = Updater(event_log, FRAUD_CONTRACT, lambda: {"world": live},
+                          clock=(lambda: now) if clock == "wall" else None)
+        assert updater.step() == 1 and store.rows["card_features"]["c000"]["card_txn_count_1h"] == 1
+        now = at + pd.Timedelta(hours=hours)  # time passes; no event comes
+        assert updater.step() == 0  # an idle step ticks
+        assert store.rows["card_features"]["c000"]["card_txn_count_1h"] == count, (clock, hours)
+        assert live.watermark == (now if clock == "wall" else at)
