@@ -155,8 +155,9 @@ def feature_tables(storage: Storage, rows: pd.DataFrame, snapshot: LakeSnapshot,
         for name, table in tables.items():
             frames[name].append(table)
     if missing:
-        if sources is None:
-            sources = source_rows(storage, snapshot, usecase)
+        if sources is None:  # only the partitions the missing days' windows reach: a source may be large
+            first = (dt.date.fromisoformat(missing[0]) - dt.timedelta(days=lookback_days(usecase))).isoformat()
+            sources = source_rows(storage, snapshot, usecase, first=first, last=missing[-1])
         for name, tables in _compute_days(storage, rows, day_of_row, snapshot, usecase, views, keys, missing, run_id,
                                           sources).items():
             frames[name].extend(tables)

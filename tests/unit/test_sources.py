@@ -164,3 +164,42 @@ def test_the_source_folder_of_a_file_a_glob_and_a_folder():
     assert further_source_uri("s3://b/in/2026-*/legs*.parquet", "weather", "") == "s3://b/in/_sources/weather"
     assert further_source_uri("/data/in", "weather", "../wx") == "/data/in/../wx"
     assert further_source_uri("/data/in", "weather", "s3://b/wx/") == "s3://b/wx/"
+
+
+def test_a_new_day_reads_only_the_source_partitions_its_windows_reach_and_equals_a_whole_computation(usecase_home, monkeypatch):
+    """Bug caught: the features step reading a source whole on every run (a large source would cost
+    its whole history each day), or a bounded read that misses a row a window reaches."""
+    from flywheel.features import engine, incremental
+    from flywheel.features.views import views_of
+
+    settings, storage, tmp = usecase_home
+    days = [f"2026-05-{d:02d}" for d in range(1, 9)]
+    for day in days[:7]:
+        deliver(tmp / "in", legs(f"{day}-", day), hours(day, visib=float(int(day[-2:]))), day)
+    usecase = load_usecase(settings.usecase)
+    first = lake.LakeSnapshot.from_dict(run(settings, str(tmp / "in"), "run-1"))
+    rows = lake.read_snapshot(storage, first, usecase.contract.arrow_schema()).to_pandas()
+    incremental.feature_tables(storage, rows, first, usecase, "run-1")
+
+    deliver(tmp / "in", legs(f"{days[7]}-", days[7]), hours(days[7], visib=8.0), days[7])
+    second = lake.LakeSnapshot.from_dict(run(settings, str(tmp / "in"), "run-2"))
+    read: list[str] = []
+    real = incremental.read_snapshot
+
+    def recording(storage_, snapshot, schema):
+        read.extend(part.get("date", "") for part in snapshot.parts)
+        return real(storage_, snapshot, schema)
+
+    monkeypatch.setattr(incremental, "read_snapshot", recording)
+    rows = lake.read_snapshot(storage, second, usecase.contract.arrow_schema()).to_pandas()
+    built = incremental.feature_tables(storage, rows, second, usecase, "run-2")
+    assert built.computed == [days[7]]
+    reach = incremental.lookback_days(usecase)  # 3h windows and a 30-minute delay: one day back
+    assert sorted(set(read)) == days[7 - reach:]  # not the whole week of weather
+
+    weather = lake.read_snapshot(storage, lake.source_snapshots(second)["weather"],
+                                 usecase.contract.sources["weather"].contract().arrow_schema()).to_pandas()
+    view = views_of(usecase)[0]
+    whole = engine.entity_table(rows, usecase.contract, view.entity, list(view.aggregations),
+                                until=pd.Timestamp(days[7], tz="UTC") + pd.Timedelta(days=1), sources={"weather": weather})
+    pd.testing.assert_frame_equal(built.tables[view.name].reset_index(drop=True), whole.reset_index(drop=True))
