@@ -292,6 +292,9 @@ class LiveSettings(_Section):
     # was (an event leaving a window is written when it does); events: the watermark moves with the
     # events' own times only, for a use case whose events carry past times (a replay of history).
     clock: Literal["wall", "events"] = "wall"
+    # How long an event stays in the log after it arrived (the updater trims it every 5 minutes);
+    # empty: the served worlds' longest reach (longest window plus label and source delays) and a day.
+    retention_days: float | None = Field(None, gt=0)
 
 
 class GcSettings(_Section):

@@ -180,7 +180,8 @@ def updater_for(settings: Settings, pinned: str | None = None) -> Updater:
     event_log = open_event_log(settings, group)
     clock = wall_clock if live.clock == "wall" else None
     updater = Updater(event_log, usecase.contract, LiveWorlds(settings, live.refresh_s, pinned, event_log),
-                      batch_max=live.batch_max, attempts=live.attempts, clock=clock)
+                      batch_max=live.batch_max, attempts=live.attempts, clock=clock,
+                      retention_s=live.retention_days * 86_400 if live.retention_days is not None else None)
     updater.lock = lock  # held as long as the updater lives
     return updater
 

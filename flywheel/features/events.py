@@ -195,10 +195,13 @@ class SqliteEventLog:
         self._local = threading.local()
         with self._connection() as connection:
             connection.executescript(
-                "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL, arrived REAL);"
                 "CREATE TABLE IF NOT EXISTS position (consumer TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
                 "CREATE TABLE IF NOT EXISTS dead (seq INTEGER, body BLOB, reason TEXT, at TEXT);"
             )
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+            if "arrived" not in columns:  # a log written before arrival times were kept
+                connection.execute("ALTER TABLE events ADD COLUMN arrived REAL")
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
@@ -212,8 +215,17 @@ class SqliteEventLog:
     def append(self, bodies: Sequence[bytes]) -> int:
         connection = self._connection()
         with connection:
-            connection.executemany("INSERT INTO events (body) VALUES (?)", [(body,) for body in bodies])
+            now = time.time()
+            connection.executemany("INSERT INTO events (body, arrived) VALUES (?, ?)", [(body, now) for body in bodies])
         return len(bodies)
+
+    def trim(self, before_s: float) -> int:
+        """Remove the events that arrived before ``before_s`` (seconds since the epoch): a retention
+        bound, so that the log and a world's seeding from its history do not grow for ever. Dead
+        letters stay (they say why an event failed). Returns how many were removed."""
+        connection = self._connection()
+        with connection:
+            return connection.execute("DELETE FROM events WHERE arrived < ?", (before_s,)).rowcount
 
     def claim(self, limit: int, block_s: float = 0.0) -> list[tuple[str, bytes]]:
         """The next events after the updater's position (waiting up to ``block_s`` for one)."""
@@ -312,6 +324,11 @@ class RedisEventLog:
     def dead_letters(self) -> list[DeadEvent]:
         return [DeadEvent(_text(f[b"id"]), _text(f[b"body"]), _text(f[b"reason"])) for _, f in self.client.xrange(self.dead_stream)]
 
+    def trim(self, before_s: float) -> int:
+        """Remove the entries added before ``before_s`` (an entry's id is its arrival in
+        milliseconds: ``XTRIM MINID``). Dead letters stay. Returns how many were removed."""
+        return int(self.client.xtrim(self.stream, minid=f"{int(before_s * 1000)}-0", approximate=False))
+
     def backlog(self) -> int:
         """Entries not acknowledged: those delivered and pending, and those never delivered."""
         groups = {_text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
@@ -383,6 +400,7 @@ class UpdaterStats:
     seconds: float = 0.0
     lag_s: list[float] = field(default_factory=list)
     ticks_written: int = 0  # entity rows the clock's ticks wrote (windows that changed with no new event)
+    trimmed: int = 0  # events removed from the log past its retention
 
 
 def _transient() -> tuple[type[BaseException], ...]:
@@ -400,8 +418,16 @@ class Updater:
 
     def __init__(self, event_log: Any, contract: Contract, worlds: Callable[[], Mapping[str, LiveFeatures]],
                  batch_max: int = 1000, attempts: int = 5, backoff_s: float = 0.05,
-                 clock: Callable[[], pd.Timestamp] | None = None) -> None:
+                 clock: Callable[[], pd.Timestamp] | None = None, retention_s: float | None = None,
+                 trim_every_s: float = 300.0) -> None:
         self.log = event_log
+        # Events that arrived longer ago than ``retention_s`` are removed from the log (every
+        # ``trim_every_s``). Default: the longest reach of the worlds' windows (their longest window
+        # plus label and source delays) and a day: such an event can no longer move any window of a
+        # world whose watermark follows its arrival, and a world brought live later seeds from the lake.
+        self.retention_s = retention_s
+        self.trim_every_s = trim_every_s
+        self._trimmed_at = 0.0
         # ``clock`` (the wall clock, ``live.clock: wall``): each world's watermark follows it between
         # batches, so an event leaving a window is written when it does, whether or not another event
         # comes; None (``events``): the watermark moves with the events' own times only (a replay of history).
@@ -452,10 +478,35 @@ class Updater:
             EVENTS.labels("dead").inc(len(dead))
         return len(claimed)
 
+    def trim(self, force: bool = False) -> int:
+        """Remove the events older than the retention from the log (at most every ``trim_every_s``
+        unless ``force``). Returns how many were removed; a failure is logged, never raised."""
+        now = time.time()
+        if not force and now - self._trimmed_at < self.trim_every_s:
+            return 0
+        self._trimmed_at = now
+        retention = self.retention_s
+        if retention is None:
+            reach = [live.reach.total_seconds() for live in self.worlds().values()]
+            if not reach:
+                return 0
+            retention = max(reach) + 86_400.0
+        try:
+            removed = self.log.trim(now - retention) if hasattr(self.log, "trim") else 0
+        except Exception as exc:
+            log.warning("live: trimming the event log failed (%s: %s)", type(exc).__name__, exc)
+            return 0
+        if removed:
+            self.stats.trimmed += removed
+            log.info("live: %d events older than %.0f s removed from the log", removed, retention)
+        return removed
+
     def tick(self) -> None:
         """With a clock: move every world's watermark to now, writing the entities whose windows
         changed since (events that left a window, labels and source rows that became known). A
-        failed write is logged and done again by the next tick (the state is restored: all or nothing)."""
+        failed write is logged and done again by the next tick (the state is restored: all or nothing).
+        Then the log's retention (:meth:`trim`)."""
+        self.trim()
         if self.clock is None:
             return
         now = self.clock()

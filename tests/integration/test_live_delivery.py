@@ -171,6 +171,13 @@ def test_the_redis_stream_redelivers_what_a_dead_updater_claimed_and_keeps_dead_
     _, dead = parse_events(again, FRAUD_CONTRACT)
     second.ack([where for where, _ in again], dead)
     assert second.backlog() == 0 and [d.reason for d in second.dead_letters()] == ["row: ts missing"]
+    # Retention: entries added before the cut go (XTRIM MINID), later ones and the dead letters stay.
+    cut = time.time()
+    time.sleep(0.01)
+    second.append([b'{"row": {"later": 1}}'])
+    assert second.trim(cut) == 2
+    assert [body for _, body in second.history()] == [b'{"row": {"later": 1}}']
+    assert [d.reason for d in second.dead_letters()] == ["row: ts missing"]
 
 
 class Flaky:

@@ -91,3 +91,31 @@ def test_a_second_updater_of_the_same_worlds_is_refused_and_a_pinned_one_has_its
     serving.append([b"e1", b"e2"])
     serving.ack([where for where, _ in serving.claim(10)])
     assert serving.backlog() == 0 and [body for _, body in stable.claim(10)] == [b"e1", b"e2"]
+
+
+def test_the_log_keeps_events_for_their_retention_then_trims_them_and_keeps_dead_letters(tmp_path):
+    """Bug caught: an event log that grows for ever (and a world seeded from all of its history), or
+    a trim that removes what is still within the retention or deletes the dead letters that say
+    why an event failed."""
+    import time as clock
+
+    from flywheel.features.events import DeadEvent, SqliteEventLog, Updater
+
+    event_log = SqliteEventLog(tmp_path / "events.db")
+    event_log.append([b'{"row": {"old": 1}}', b'{"row": {"old": 2}}'])
+    cut = clock.time()
+    clock.sleep(0.01)
+    event_log.append([b'{"row": {"new": 3}}'])
+    event_log.ack(["1"], [DeadEvent("1", '{"row": {"old": 1}}', "a reason")])
+    assert event_log.trim(cut) == 2
+    assert [body for _, body in event_log.history()] == [b'{"row": {"new": 3}}']
+    assert [d.reason for d in event_log.dead_letters()] == ["a reason"]
+
+    class World:  # the reach of a world's windows decides the default retention
+        reach = __import__("pandas").Timedelta(hours=1)
+
+    updater = Updater(event_log, FRAUD_CONTRACT, lambda: {"w": World()}, trim_every_s=3600)
+    assert updater.trim() == 0  # arrived within an hour and a day: kept
+    assert updater.trim() == 0 and updater._trimmed_at > 0  # and not asked again within trim_every_s
+    gone = Updater(event_log, FRAUD_CONTRACT, lambda: {"w": World()}, retention_s=0.0)
+    assert gone.trim(force=True) == 1 and gone.stats.trimmed == 1 and event_log.history() == []
