@@ -200,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings,
         host=args.host or settings.serving.host,
         port=args.port or settings.serving.port,
+        grpc_port=settings.serving.grpc_port if args.grpc_port is None else args.grpc_port,
         workers=args.workers or settings.serving.workers,
         model_name=args.model_name,
         version=version,
@@ -795,6 +796,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _port_or_zero(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} must be a port from 1 to 65535, or 0 for none")
+    return number
+
+
 USECASE_HELP = ("the use case: a folder holding its contract.yaml (default: $FLYWHEEL_USECASE, else the "
                 "settings' usecase, usecases/fraud)")
 
@@ -873,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Start the KServe ModelServer with the production model; features come from the Feast online store.")
     serve.add_argument("--host", help="address to bind (default: settings serving.host, 127.0.0.1)")
     serve.add_argument("--port", type=_positive, help="HTTP port (default: settings serving.port, 8080)")
+    serve.add_argument("--grpc-port", type=_port_or_zero, help="v2 gRPC port (default: settings serving.grpc_port, 8081; 0: no gRPC)")
     serve.add_argument("--workers", type=_positive, help="server processes, one torch thread each (default: settings serving.workers, 1)")
     serve.add_argument("--version", help="serve this registry version, pinned, or 'latest', the newest one trained "
                                          "(default: the production version, followed: a promotion is picked up "

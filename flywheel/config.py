@@ -251,6 +251,9 @@ class ServingSettings(_Section):
 
     host: str = "127.0.0.1"  # KServe alone binds every interface; flywheel binds this address
     port: int = Field(8080, ge=1, le=65535)
+    # The v2 gRPC service (KServe's GRPCInferenceService), as KServe's ModelServer serves it by
+    # default; 0 turns it off. On a cluster the ServingRuntime names it as the h2c port.
+    grpc_port: int = Field(8081, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)  # server processes, each with its own model copy
     torch_threads: int = Field(1, ge=1)  # per worker: more oversubscribes the cores
     reload_interval_s: float = Field(10.0, gt=0)  # how often a worker asks the registry for a new production version

@@ -46,10 +46,12 @@ from flywheel.storage import Storage
 from flywheel.training.model import Model, load_version
 from serving import metrics
 from flywheel.usecase import load_usecase
-from serving.requests import RequestSchema, Rows, join_rows, parse_json
+from serving.requests import RequestSchema, Rows, input_datatype, join_rows, parse_json
+from serving.tensors import decode_raw_inputs
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_OUTPUT = "unknown_entities"  # the v2 output naming, per row, the entities scored with cold-start defaults
 GATHER_TURNS = 3  # turns of the event loop a scoring pass waits for requests still coming in (ScoringPasses)
 
 
@@ -332,6 +334,28 @@ class Predictor(kserve.Model):
             metrics.LIVE_WRITES.labels("failed").inc(rows.count)
             log.error("live: %d scored rows were not written to the event log: %s: %s", rows.count, type(exc).__name__, exc)
 
+    # ------------------------------------------------------------ metadata
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The v2 inputs a request carries (model metadata): one per field of the request schema the
+        served model was trained with, each one value per row (shape [-1]); the datatype is the one
+        its values have in JSON (a field accepts the others of its kind too: any v2 number type for a
+        number, INT64 or FP64 seconds since the epoch for a time)."""
+        bundle = self._bundle
+        if bundle is None:
+            return []
+        return [{"name": spec.name, "datatype": input_datatype(spec), "shape": [-1]} for spec in bundle.schema.fields]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """The v2 outputs: the task's output (a probability or value per row; per class and row for a
+        multiclass model) and each row's entities the online store did not know (comma-separated)."""
+        bundle = self._bundle
+        if bundle is None:
+            return []
+        task = bundle.model.task
+        shape = [-1, len(task.classes)] if task.kind == "multiclass" else [-1]
+        return [{"name": task.output, "datatype": "FP32", "shape": shape},
+                {"name": UNKNOWN_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+
     # ------------------------------------------------------------ scoring
     async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None) -> Any:
         """Score a v1 or v2 request (validated here; scored in a pass with the requests that came with it)."""
@@ -345,15 +369,27 @@ class Predictor(kserve.Model):
         if response_headers is not None:
             response_headers["x-model-version"] = bundle.version
         if isinstance(payload, InferRequest):
+            if payload.from_grpc:
+                decode_raw_inputs(payload)  # gRPC's raw_input_contents, checked as REST's binary data is
             scored = await self._passes.score(bundle, bundle.schema.v2(payload, max_batch))
+            # Outputs as arrays: KServe encodes them as the request asked (REST: JSON, or binary where
+            # binary_data_output or an output's binary_data says so; gRPC: raw contents when the inputs
+            # came raw). gRPC encodes every array raw, so typed contents get lists.
+            binary = payload.use_binary_outputs
+            probabilities = scored.predictions.astype(np.float32, copy=False)
+            unknown = np.array([",".join(entities) for entities in scored.unknown], dtype=object)
+            if payload.from_grpc and not binary:
+                probabilities, unknown = probabilities.reshape(-1).tolist(), unknown.tolist()
             outputs = [
-                InferOutput(name=bundle.model.task.output, shape=list(scored.predictions.shape), datatype="FP32",
-                            data=scored.predictions.reshape(-1).tolist()),
-                InferOutput(name="unknown_entities", shape=[len(scored.unknown)], datatype="BYTES",
-                            data=[",".join(entities) for entities in scored.unknown]),
+                InferOutput(name=bundle.model.task.output, shape=list(scored.predictions.shape), datatype="FP32", data=probabilities),
+                InferOutput(name=UNKNOWN_OUTPUT, shape=[len(scored.unknown)], datatype="BYTES", data=unknown),
             ]
+            if payload.from_grpc and binary:  # encoded here: KServe's to_grpc takes the truth of an array of several
+                for output in outputs:
+                    output.set_data_from_numpy(output.data, binary_data=True)
             return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
-                                 infer_outputs=outputs)
+                                 infer_outputs=outputs, use_binary_outputs=binary, requested_outputs=payload.request_outputs,
+                                 from_grpc=payload.from_grpc)
         scored = await self._passes.score(bundle, bundle.schema.v1(payload, max_batch))
         task = bundle.model.task
         values = scored.predictions.tolist()

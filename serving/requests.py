@@ -28,6 +28,7 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 # Scoring happens in this century; a time outside these years is a client bug, not an event.
 EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.timezone.utc)
+EARLIEST_S, LATEST_S = EARLIEST.timestamp(), LATEST.timestamp()
 MAX_STRING = 256  # characters in an id or a category
 INTEGER = {"int8", "int16", "int32", "int64"}
 
@@ -50,10 +51,20 @@ class FieldSpec:
 # v2 datatypes each field accepts.
 V2_DATATYPES = {
     "string": {"BYTES"},
-    "number": {"FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"},
+    "number": {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"},
     "timestamp": {"BYTES", "FP64", "INT64"},
     "bool": {"BOOL"},
 }
+
+
+def input_datatype(spec: FieldSpec) -> str:
+    """The v2 datatype a field's values have in JSON (its model metadata): text and times BYTES,
+    whole numbers INT64, other numbers FP64, booleans BOOL."""
+    if spec.kind in ("string", "timestamp"):
+        return "BYTES"
+    if spec.kind == "bool":
+        return "BOOL"
+    return "INT64" if spec.integer else "FP64"
 
 
 @dataclass(frozen=True)
@@ -227,7 +238,9 @@ class RequestSchema:
         keys: dict[str, list[str | None]] = {}
         for spec in self.fields:
             column = values.get(spec.name)
-            if spec.kind in ("number", "bool"):
+            if isinstance(column, np.ndarray):  # checked binary values: none absent
+                columns[spec.name] = column.view("datetime64[ns]") if spec.kind == "timestamp" else column
+            elif spec.kind in ("number", "bool"):
                 columns[spec.name] = (np.full(count, np.nan) if column is None
                                       else np.array([np.nan if v is None else v for v in column], dtype=np.float64))
             elif spec.kind == "timestamp":
@@ -239,7 +252,7 @@ class RequestSchema:
                 if column is None:
                     keys[spec.name] = [None] * count
                 elif spec.kind == "number":  # an integer key's text is its digits, as the feature store holds it
-                    keys[spec.name] = [None if v is None else str(int(v)) for v in column]
+                    keys[spec.name] = [None if v is None else str(int(v)) for v in (column.tolist() if isinstance(column, np.ndarray) else column)]
                 else:
                     keys[spec.name] = column
         return Rows(count, keys, columns)
@@ -305,7 +318,11 @@ class RequestSchema:
             datatype = str(tensor.datatype).upper()
             if datatype not in V2_DATATYPES[spec.kind]:
                 raise InvalidInput(f"input '{name}' must have datatype {' or '.join(sorted(V2_DATATYPES[spec.kind]))}, got {tensor.datatype!r}")
-            data = _flatten(name, tensor.data)
+            data = tensor.data
+            if isinstance(data, np.ndarray):  # binary data (REST's extension, gRPC's raw contents): checked column-wise
+                data = data.reshape(-1)
+            else:
+                data = _flatten(name, data)
             shape = list(tensor.shape or [])
             if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or math.prod(shape) != len(data):
                 raise InvalidInput(f"input '{name}': shape {shape} disagrees with its {len(data)} value(s)")
@@ -316,6 +333,9 @@ class RequestSchema:
                 self._check_count(count, max_batch)
             elif len(data) != count:
                 raise InvalidInput(f"input '{name}' has {len(data)} value(s), but other inputs have {count}: one per row")
+            if isinstance(data, np.ndarray):
+                values[name] = self._checked_array(spec, datatype, data)
+                continue
             checked = []
             for index, value in enumerate(data):
                 if datatype == "BYTES" and not isinstance(value, (str, bytes, bytearray)):
@@ -330,6 +350,35 @@ class RequestSchema:
         if missing:
             raise InvalidInput(f"the request is missing required input(s): {', '.join(missing)}")
         return self._rows(count or 0, values)
+
+    def _checked_array(self, spec: FieldSpec, datatype: str, data: np.ndarray) -> Any:
+        """One input's binary values, checked as :meth:`check` checks each (numbers and times at once;
+        the first value out of bounds goes through the one-value check, which names it): numbers and
+        booleans as float64, times as integer nanoseconds, text as a list of str."""
+        name = spec.name
+        if spec.kind == "string" or (spec.kind == "timestamp" and datatype == "BYTES"):
+            check = self.checks[name]
+            return [check(index, name, value) for index, value in enumerate(data.tolist())]
+        if spec.kind == "bool":
+            return data.astype(np.float64)
+        numbers = data.astype(np.float64)
+        if spec.kind == "timestamp":  # seconds since the epoch
+            with np.errstate(invalid="ignore"):
+                bad = ~(np.isfinite(numbers) & (numbers >= EARLIEST_S) & (numbers < LATEST_S))
+            if bad.any():
+                index = int(np.argmax(bad))
+                check_timestamp(index, data[index].item(), name)
+                raise InvalidInput(f"{_where(index, name)} must be a time in years 2000-2099, got {_show(data[index].item())}")
+            return np.round(numbers * 1e6).astype(np.int64) * 1000
+        with np.errstate(invalid="ignore"):
+            inside = np.isfinite(numbers) & ((numbers > spec.low) if spec.strict_low else (numbers >= spec.low)) & (numbers <= spec.high)
+            if spec.integer:
+                inside &= numbers == np.floor(numbers)
+        if not inside.all():
+            index = int(np.argmin(inside))
+            self.check_number(index, name, data[index].item())
+            raise InvalidInput(f"{_where(index, name)} must be within its bounds, got {_show(data[index].item())}")
+        return numbers
 
     def example(self) -> dict[str, Any]:
         """One valid v1 instance of the required fields (the warm-up request): text "warm-up", each

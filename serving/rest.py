@@ -23,11 +23,12 @@ import re
 import sys
 import time
 import uuid
+import zlib
 from typing import Any
 
 import orjson
 from fastapi.exceptions import RequestValidationError
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.rest.server import RESTServer
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 
 from flywheel.errors import FlywheelError
 from serving import metrics
+from serving.tensors import HEADER, decode_rest, malformed
 
 access_log = logging.getLogger("flywheel.access")
 
@@ -127,8 +129,18 @@ class ServingMiddleware:
                 await self.app(scope, receive, send_with_id)
             else:
                 body, too_large = await self._read_body(receive)
+                encoding = headers.get(b"content-encoding", b"").strip().lower()
+                problem = None
+                if not too_large and encoding in DECOMPRESS:  # tritonclient's request compression: gzip or deflate
+                    body, problem = _decompress(body, encoding, self.max_body_bytes)
+                    too_large = problem == "too large"
+                    scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-encoding", b"content-length")]
+                                 + [(b"content-length", str(len(body)).encode())])
                 if too_large:
-                    await respond(*_error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)"))
+                    await respond(*_error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)"
+                                               + (" once decompressed" if encoding in DECOMPRESS else "")))
+                elif problem:
+                    await respond(*_error(400, problem))
                 else:
                     await self.app(scope, _replay(body), send_with_id)
         except Exception:
@@ -154,10 +166,9 @@ class ServingMiddleware:
             if int(length) > self.max_body_bytes:
                 return _error(413, f"the request body is larger than {self.max_body_bytes} bytes (serving.max_body_bytes)")
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if encoding not in (b"", b"identity"):
-            return _error(415, f"header 'content-encoding': {encoding.decode('latin-1')[:40]!r} bodies are not supported; send plain JSON")
-        if b"inference-header-content-length" in headers:
-            return _error(400, "header 'inference-header-content-length': the v2 binary tensor extension is not supported; send JSON")
+        if encoding not in (b"", b"identity") + tuple(DECOMPRESS):
+            return _error(415, f"header 'content-encoding': {encoding.decode('latin-1')[:40]!r} bodies are not supported; "
+                               f"send the body plain, gzip or deflate")
         return None
 
     async def _read_body(self, receive: Any) -> tuple[bytes, bool]:
@@ -174,6 +185,24 @@ class ServingMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks), False
+
+
+DECOMPRESS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}  # zlib's wbits for each encoding
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> tuple[bytes, str | None]:
+    """A compressed body, inflated to at most ``limit`` bytes (a small bomb cannot fill memory);
+    the problem, if any: "too large", or what is wrong with the data."""
+    inflater = zlib.decompressobj(DECOMPRESS[encoding])
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        return b"", f"header 'content-encoding' says {encoding.decode()}, but the body is not {encoding.decode()} data: {exc}"
+    if len(plain) > limit or inflater.unconsumed_tail:
+        return b"", "too large"
+    if not inflater.eof:
+        return b"", f"the {encoding.decode()} body is truncated"
+    return plain, None
 
 
 def _unserved(path: str) -> bool:
@@ -199,10 +228,7 @@ def _replay(body: bytes) -> Any:
 
 async def _malformed_request(_: Request, exc: Any) -> Response:
     """A body that is not valid JSON or not the protocol's shape is the client's mistake: 400, not 422."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}" for err in exc.errors()
-    )
-    return JSONResponse(status_code=400, content={"error": f"malformed request: {problems}"[:2000]})
+    return JSONResponse(status_code=400, content={"error": malformed(exc.errors())})
 
 
 async def _client_mistake(_: Request, exc: Exception) -> Response:
@@ -271,7 +297,24 @@ class FlywheelRESTServer(RESTServer):
 
     def _register_endpoints(self, app: Any) -> None:
         app.add_api_route("/metrics", _metrics_page, methods=["GET"], include_in_schema=False)  # before KServe's own
+        app.add_api_route("/v2/models/{model_name}/infer", self._infer_v2, methods=["POST"], include_in_schema=False)  # ditto
         super()._register_endpoints(app)
+
+    async def _infer_v2(self, request: Request, model_name: str) -> Response:
+        """v2 inference, as KServe's route answers it, but with the body read the way the protocol's
+        clients send it (:func:`serving.tensors.decode_rest`): JSON whatever the Content-Type, or
+        the binary tensor extension; binary outputs when the request asks for them."""
+        if not await self.dataplane.model_ready(model_name, True):  # an unknown model: ModelNotFound, 404
+            raise ModelNotReady(model_name)
+        headers = dict(request.headers)
+        infer_request = decode_rest(await request.body(), headers.get(HEADER), model_name)
+        response, response_headers = await self.dataplane.infer(model_name=model_name, request=infer_request, headers=headers)
+        body, encoded = self.dataplane.encode(model_name=model_name, response=response, headers=headers, req_attributes={})
+        response_headers = {key: value for key, value in {**response_headers, **encoded}.items()
+                            if key.lower() not in ("content-length", "content-type")}
+        if isinstance(body, bytes):  # JSON header, then the outputs' bytes (Inference-Header-Content-Length says where)
+            return Response(body, media_type="application/octet-stream", headers=response_headers)
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=response_headers)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)

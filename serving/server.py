@@ -33,16 +33,20 @@ def prepare_environment(settings: Settings, workers: int) -> str | None:
     return folder
 
 
-def build_server(host: str, port: int, workers: int, max_body_bytes: int) -> Any:
-    """A KServe ModelServer (REST only) with ``workers`` processes, binding ``host``."""
+def build_server(host: str, port: int, workers: int, max_body_bytes: int, grpc_port: int = 0) -> Any:
+    """A KServe ModelServer with ``workers`` REST processes and, with a ``grpc_port``, the v2 gRPC
+    service (in this process, beside REST's one worker or the workers' parent), binding ``host``."""
     import asyncio
 
     from kserve import ModelServer
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+    from serving.dataplane import FlywheelDataPlane
     from serving.rest import FlywheelRESTServer, multiprocess_server_class
 
     class BoundModelServer(ModelServer):
         def start(self, models: list[Any]) -> None:
+            # Shared by REST and gRPC: the server metadata claims only what is served; the model's names its version.
+            self.dataplane = FlywheelDataPlane(model_registry=self.registered_models)
             self._register_and_check_atleast_one_model_is_ready(models)
             rest = FlywheelRESTServer(
                 FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension, self.http_port,
@@ -61,6 +65,11 @@ def build_server(host: str, port: int, workers: int, max_body_bytes: int) -> Any
             else:
                 self._rest_server = rest
                 self.servers.append(rest.start())
+            if grpc_port:
+                from serving.grpc_server import GRPCServer
+
+                self._grpc_server = GRPCServer(host, grpc_port, self.dataplane, max_body_bytes, grace_period=self.grace_period)
+                self.servers.append(self._grpc_server.start())
             self.setup_event_loop()
             self.register_signal_handler()
             from serving.predictor import settle_heap
@@ -68,10 +77,11 @@ def build_server(host: str, port: int, workers: int, max_body_bytes: int) -> Any
             settle_heap()  # the web server's modules too, now that they are imported
             asyncio.run(self._serve())
 
+    # KServe's own gRPC server stays off: it binds every interface (see serving.grpc_server).
     return BoundModelServer(http_port=port, workers=workers, enable_grpc=False, enable_latency_logging=False)
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int, flag: str = "--port") -> None:
     """Fail early and clearly when the address cannot be bound (in use, or not this machine's)."""
     import socket
 
@@ -83,7 +93,7 @@ def check_address(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
-        raise FlywheelError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
+        raise FlywheelError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another {flag} or --host") from None
 
 
 def _die_with_parent() -> None:
@@ -114,9 +124,17 @@ def start_updater_process(settings: Settings, version: str | None) -> subprocess
 
 
 def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name: str | None = None,
-          version: str | None = None) -> None:
-    """Load the model (production, or ``version``) and serve it until interrupted."""
+          version: str | None = None, grpc_port: int | None = None) -> None:
+    """Load the model (production, or ``version``) and serve it until interrupted: REST on ``port``,
+    v2 gRPC on ``grpc_port`` (default ``serving.grpc_port``; 0: none)."""
+    grpc_port = settings.serving.grpc_port if grpc_port is None else grpc_port
     check_address(host, port)
+    if grpc_port:
+        if grpc_port == port:
+            from flywheel.errors import FlywheelError
+
+            raise FlywheelError(f"the HTTP and gRPC ports are both {port}: choose another --grpc-port (0: no gRPC)")
+        check_address(host, grpc_port, flag="--grpc-port")
     # KServe parses sys.argv for its own flags at import time; keep flywheel's flags away from it.
     sys.argv = sys.argv[:1]
     metrics_dir = prepare_environment(settings, workers)
@@ -129,16 +147,16 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
         following = f"pinned to version {version}" if version else f"following production every {settings.serving.reload_interval_s:g}s"
         print(f"serving {predictor.name} (version {predictor.version}, {following}) on http://{host}:{port} with "
               f"{workers} worker(s) (v1: /v1/models/{predictor.name}:predict, v2: /v2/models/{predictor.name}/infer, "
-              f"metrics: /metrics)", flush=True)
-        if workers == 1:
-            predictor.start_reloading()  # with more, each worker process follows production itself
+              f"metrics: /metrics)" + (f"; v2 gRPC on {host}:{grpc_port}" if grpc_port else ""), flush=True)
+        if workers == 1 or grpc_port:
+            predictor.start_reloading()  # each REST worker process follows production itself; this one for gRPC
         if settings.live.enabled:
             if settings.live.run_updater:
                 updater = start_updater_process(settings, version)
             print(f"live features: on (events from the {settings.live.log} log"
                   f"{'; each scored row is one' if settings.live.write_through else ''}; "
                   f"{'updated here' if settings.live.run_updater else 'updated by flywheel events run'})", flush=True)
-        build_server(host, port, workers, settings.serving.max_body_bytes).start([predictor])
+        build_server(host, port, workers, settings.serving.max_body_bytes, grpc_port).start([predictor])
     finally:
         if updater is not None:
             updater.terminate()

@@ -57,6 +57,7 @@ class RunningServer:
     process: subprocess.Popen
     base: str
     log: Path
+    grpc: str = ""  # host:port of its v2 gRPC service ("" when it has none)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -64,15 +65,18 @@ class RunningServer:
 
 @contextmanager
 def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127.0.0.1", seconds: float = 120) -> Iterator[RunningServer]:
-    """`flywheel serve --port <free> *args` with ``env`` over this process's environment, until the
-    block ends; ready once the model answers its health check."""
+    """`flywheel serve --port <free> --grpc-port <free> *args` with ``env`` over this process's
+    environment, until the block ends; ready once the model answers its health check. (Never the
+    default gRPC port: servers that tests run side by side would take each other's.)"""
     port = free_port()
+    grpc_port = 0 if "--grpc-port" in args else free_port()
+    grpc_args = ["--grpc-port", str(grpc_port)] if grpc_port else []
     with open(log, "w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), *grpc_args, *args],
             env=dict(os.environ, **env), stdout=sink, stderr=subprocess.STDOUT,
         )
-    server = RunningServer(process, f"http://{host}:{port}", log)
+    server = RunningServer(process, f"http://{host}:{port}", log, f"{host}:{grpc_port}" if grpc_port else "")
     try:
         wait_until_ready(process, f"{server.base}/v1/models/fraud", seconds, output=server.output)
         yield server

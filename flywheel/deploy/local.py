@@ -103,7 +103,7 @@ def start_server(settings_file: Path, settings: Settings, role: str, version: st
     with open(log_path, "wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "--config", str(settings_file), "serve", "--version", version,
-             "--host", host, "--port", str(port)],
+             "--host", host, "--port", str(port), "--grpc-port", "0"],  # replayed over HTTP, through the splitting proxy
             stdout=sink, stderr=subprocess.STDOUT, env=server_env(settings),
         )
     return ServeProcess(role, version, process, f"http://{host}:{port}", log_path)

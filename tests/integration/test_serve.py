@@ -131,7 +131,8 @@ GOOD_V2 = {"card_id": "c1", "merchant_id": "m1", "merchant_category": "grocery",
         (V2, {"inputs": "nope"}, "malformed request"),
         (V2, v2_body(GOOD_V2, ts={"name": "ts", "shape": [1], "datatype": "BYTES", "data": ["9999-01-01T00:00:00Z"]}), "field 'ts' must be a time in years"),
         (V2, v2_body(GOOD_V2, ts={"name": "ts", "shape": [1], "datatype": "BYTES", "data": ["1000-01-01T00:00:00Z"]}), "field 'ts' must be a time in years"),
-        (V2, v2_body(GOOD_V2, amount={"name": "amount", "shape": [1], "datatype": "INT64", "data": [int("9" * 400)]}), "field 'amount' must be above 0 and at most"),
+        (V2, v2_body(GOOD_V2, amount={"name": "amount", "shape": [1], "datatype": "INT64", "data": [int("9" * 400)]}), "not valid JSON: number"),
+        (V2, v2_body(GOOD_V2, amount={"name": "amount", "shape": [1], "datatype": "INT64", "data": [2 ** 63 - 1]}), "field 'amount' must be above 0 and at most"),
         (V2, v2_body(GOOD_V2, amount={"name": "amount", "shape": [3], "datatype": "FP64", "data": [1.0]}), "input 'amount': shape \\[3\\] disagrees"),
         (V2, v2_body(GOOD_V2, amount={"name": "amount", "shape": [1], "datatype": "BYTES", "data": ["1.0"]}), "input 'amount' must have datatype"),
         (V2, v2_body(GOOD_V2, card_id={"name": "card_id", "shape": [1], "datatype": "FP32", "data": [1.0]}), "input 'card_id' must have datatype BYTES"),
@@ -173,10 +174,71 @@ def test_an_oversized_body_is_refused_with_413_before_it_is_parsed(server):
     assert response.status_code == 200, "the server must still answer after refusing a body"
 
 
-def test_the_binary_tensor_extension_is_refused_clearly(server):
-    base, _, _ = server
-    response = httpx.post(f"{base}{V2}", content=b"{}", headers={"inference-header-content-length": "2"}, timeout=10)
-    assert response.status_code == 400 and "inference-header-content-length" in response.json()["error"]
+def binary_body(tx: dict, amount: bytes | None = None, card: bytes | None = None, **header) -> tuple[bytes, int]:
+    """A v2 body in the binary tensor extension (as tritonclient builds it): the JSON header, then
+    amount (FP64) and card_id (BYTES, each element length-prefixed) as raw bytes."""
+    import struct
+
+    amount = struct.pack("<d", tx["amount"]) if amount is None else amount
+    card = struct.pack("<I", len(tx["card_id"])) + tx["card_id"].encode() if card is None else card
+    document = {"inputs": [
+        {"name": "amount", "shape": [1], "datatype": "FP64", "parameters": {"binary_data_size": len(amount)}},
+        {"name": "card_id", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(card)}},
+        {"name": "merchant_id", "shape": [1], "datatype": "BYTES", "data": [tx["merchant_id"]]},
+        {"name": "ts", "shape": [1], "datatype": "BYTES", "data": [tx["ts"]]},
+    ], **header}
+    head = json.dumps(document).encode()
+    return head + amount + card, len(head)
+
+
+def test_a_binary_body_is_scored_as_its_json_twin(server):
+    """Bug caught: the binary tensor extension refused (tritonclient's default)."""
+    base, loop, _ = server
+    tx = known_transaction(loop)
+    body, length = binary_body(tx)
+    binary = httpx.post(f"{base}{V2}", content=body, headers={"inference-header-content-length": str(length)}, timeout=10)
+    assert binary.status_code == 200, binary.text
+    twin = httpx.post(f"{base}{V2}", content=json.dumps(v2_body(tx, merchant_category=None, channel=None)), timeout=10)  # no content type
+    assert twin.status_code == 200, twin.text
+    assert binary.json()["outputs"][0]["data"] == pytest.approx(twin.json()["outputs"][0]["data"], rel=1e-6)
+    assert binary.json()["model_version"] == loop["model"]["version"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda body, length: (body, "abc"), "must be a whole number of bytes"),
+    (lambda body, length: (body, str(len(body) + 10)), "but the body has"),
+    (lambda body, length: (body, "0"), "but the body has"),
+    (lambda body, length: (body[:-3], str(length)), "only .* byte\\(s\\) of the body remain"),
+    (lambda body, length: (body + b"extra", str(length)), "byte\\(s\\) after the JSON header"),
+    (lambda body, length: (body, str(length - 1)), "are not the request's JSON"),
+    (lambda body, length: (body, str(length + 2)), "are not the request's JSON"),
+])
+def test_a_malformed_binary_body_is_a_400_naming_the_problem(server, change, message):
+    """Bugs caught: a header length past the body, sizes that disagree with the body, or a cut body
+    read anyway (garbage scores) or as a 500."""
+    base, loop, _ = server
+    body, length = binary_body(known_transaction(loop))
+    body, header = change(body, length)
+    response = httpx.post(f"{base}{V2}", content=body, headers={"inference-header-content-length": header}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert re.search(message, response.json()["error"]), response.json()["error"]
+
+
+@pytest.mark.parametrize("amount, card, message", [
+    (b"\x00" * 7, None, "input 'amount': 7 bytes of binary data, but shape \\[1\\] of FP64 needs 8"),
+    (b"\x00" * 16, None, "needs 8"),
+    (None, b"\x09\x00\x00\x00c1", "input 'card_id': its BYTES data is truncated"),
+    (None, b"\x02\x00", "input 'card_id': its BYTES data is truncated"),
+    (None, b"\x02\x00\x00\x00c1\x02\x00\x00\x00c2", "holds 2 BYTES element\\(s\\), but shape \\[1\\] needs 1"),
+    (None, b"\x02\x00\x00\x00\xff\xfe", "field 'card_id' is not UTF-8"),
+    (b"\x00" * 8, None, "field 'amount' must be a finite number above 0"),
+])
+def test_a_binary_tensor_that_disagrees_with_its_shape_or_type_is_a_400_naming_the_input(server, amount, card, message):
+    base, loop, _ = server
+    body, length = binary_body(known_transaction(loop), amount=amount, card=card)
+    response = httpx.post(f"{base}{V2}", content=body, headers={"inference-header-content-length": str(length)}, timeout=10)
+    assert response.status_code == 400, response.text
+    assert re.search(message, response.json()["error"]), response.json()["error"]
 
 
 def test_a_json_body_sent_as_a_form_is_scored_like_json(server):

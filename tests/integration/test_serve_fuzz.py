@@ -145,6 +145,74 @@ def test_raw_bytes_never_get_a_5xx(server, body, path, content_type):
     check(client, path, body, content_type)
 
 
+def _raw(value, datatype: str) -> bytes:
+    """One value as the binary tensor extension carries it."""
+    import struct
+
+    if datatype == "BYTES":
+        data = str(value).encode()
+        return struct.pack("<I", len(data)) + data
+    return struct.pack("<d", float(value))
+
+
+@st.composite
+def binary_bodies(draw):
+    """A good request in the binary tensor extension (some inputs binary, the rest JSON, as a client
+    may mix them), then broken the ways a buggy client or a cut connection breaks one: the header
+    length off, a binary_data_size off, the body cut or padded, bytes flipped, a shape or datatype
+    changed."""
+    inputs, raws = [], []
+    for name, value in GOOD.items():
+        datatype = "BYTES" if isinstance(value, str) else "FP64"
+        if draw(st.booleans()):
+            raw = _raw(value, datatype) * (rows := draw(st.integers(1, 3)))
+            inputs.append({"name": name, "shape": [rows], "datatype": datatype, "parameters": {"binary_data_size": len(raw)}})
+            raws.append(raw)
+        else:
+            inputs.append({"name": name, "shape": [1], "datatype": datatype, "data": [value]})
+    for _ in range(draw(st.integers(0, 2))):
+        tensor = inputs[draw(st.integers(0, len(inputs) - 1))]
+        part = draw(st.sampled_from(["size", "shape", "datatype", "data"]))
+        if part == "size" and "parameters" in tensor:
+            tensor["parameters"] = {"binary_data_size": draw(st.integers(-2, 64) | values)}
+        elif part == "shape":
+            tensor["shape"] = draw(st.lists(st.integers(-2, 4), max_size=3))
+        elif part == "datatype":
+            tensor["datatype"] = draw(DATATYPES)
+        elif part == "data":
+            tensor["data"] = [draw(odd)]
+    head = json.dumps({"inputs": inputs, **draw(st.dictionaries(st.sampled_from(["parameters", "outputs"]), values, max_size=1))}).encode()
+    body = head + b"".join(raws)
+    length = len(head) + draw(st.sampled_from([0, 0, 0, -1, 1, -len(head), len(body)]))
+    cut = draw(st.sampled_from(["none", "none", "truncate", "pad", "flip"]))
+    if cut == "truncate":
+        body = body[:draw(st.integers(0, len(body)))]
+    elif cut == "pad":
+        body += draw(st.binary(min_size=1, max_size=16))
+    elif cut == "flip" and raws:
+        at = draw(st.integers(len(head), len(body) - 1))
+        body = body[:at] + bytes([body[at] ^ draw(st.integers(1, 255))]) + body[at + 1:]
+    header = draw(st.sampled_from([str(length), str(length), str(length) + "0", "-1", "1e3", "", "x"]))
+    return body, header
+
+
+@FUZZ
+@given(case=binary_bodies(), content_type=st.sampled_from(["application/octet-stream", "application/json", None]))
+def test_binary_fuzz_never_gets_a_5xx(server, case, content_type):
+    """Bug caught: a malformed binary body (lengths that disagree, a truncated tensor, a header
+    length past the body) read as if it were whole, or turned into a 500."""
+    client, _ = server
+    body, header = case
+    headers = {"inference-header-content-length": header, **({"content-type": content_type} if content_type else {})}
+    response = client.post(V2, content=body, headers=headers)
+    assert response.status_code < 500, (body[:300], header, response.status_code, response.text[:500])
+    if response.status_code != 200:
+        assert response.json()["error"], response.text
+    else:
+        outputs = response.json()["outputs"]
+        assert outputs[0]["shape"][0] == len(outputs[0]["data"]) >= 1
+
+
 def test_the_server_still_answers_after_the_fuzzing(server):
     client, running = server
     still_answers(client)

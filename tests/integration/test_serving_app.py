@@ -124,15 +124,28 @@ def test_no_caller_can_unload_the_model_and_there_is_no_explain_route(client, pa
     assert predictor.ready
 
 
-def test_a_compressed_body_is_refused_by_name_not_parsed_as_json(client):
-    """Bug caught: a gzip body (Content-Encoding: gzip) read as JSON: a 400 saying the body is not
-    valid UTF-8, which names the wrong problem."""
+def test_a_compressed_body_is_inflated_within_the_body_limit_and_bad_ones_named(client):
+    """Bugs caught: a gzip or deflate body (tritonclient's request compression) read as JSON (a 400
+    that names the wrong problem) or refused; a small compressed body that inflates past the limit
+    (a zip bomb) read whole into memory; broken compressed data or an unknown encoding as a 500."""
     import gzip
     import json
+    import zlib
 
-    http, _ = client
-    body = gzip.compress(json.dumps({"instances": [GOOD]}).encode())
-    answer = http.post(V1, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"})
-    assert answer.status_code == 415 and "content-encoding" in answer.json()["error"] and "'gzip'" in answer.json()["error"]
+    http, predictor = client
+    plain_body = json.dumps({"instances": [GOOD]}).encode()
+    for encoding, body in (("gzip", gzip.compress(plain_body)), ("deflate", zlib.compress(plain_body))):
+        answer = http.post(V1, content=body, headers={"content-type": "application/json", "content-encoding": encoding})
+        assert answer.status_code == 200, (encoding, answer.text)
+        assert answer.json()["predictions"][0]["model_version"] == predictor.version
+    bomb = gzip.compress(b" " * 100_000)  # about 130 bytes that inflate to 100 kB; the limit here is 4,096
+    answer = http.post(V1, content=bomb, headers={"content-encoding": "gzip"})
+    assert answer.status_code == 413 and "once decompressed" in answer.json()["error"]
+    broken = http.post(V1, content=b"not gzip at all", headers={"content-encoding": "gzip"})
+    assert broken.status_code == 400 and "not gzip data" in broken.json()["error"]
+    truncated = http.post(V1, content=gzip.compress(plain_body)[:-12], headers={"content-encoding": "gzip"})
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]
+    unknown = http.post(V1, content=plain_body, headers={"content-encoding": "br"})
+    assert unknown.status_code == 415 and "'br'" in unknown.json()["error"]
     plain = http.post(V1, json={"instances": [GOOD]}, headers={"content-encoding": "identity"})
     assert plain.status_code == 200, plain.text
