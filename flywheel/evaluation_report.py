@@ -66,7 +66,9 @@ def calibration(labels: np.ndarray, scores: np.ndarray, bins: int = CALIBRATION_
 
 
 def _plural(count: int, noun: str) -> str:
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+    """``1 positive``, ``3 positives``, ``2 rows of late``."""
+    head, of, tail = noun.partition(" of ")
+    return f"{count:,} {head}" + ("" if count == 1 else "s") + (f" of {tail}" if of else "")
 
 
 def meaningful(counts: dict[str, int], minimum: int = MIN_MEANINGFUL) -> dict[str, Any]:
@@ -160,7 +162,7 @@ def details(task: Task, frame: pd.DataFrame, labels: np.ndarray, predictions: np
         matrix = confusion_matrix(labels, predicted, labels=classes)
         f1 = f1_score(labels, predicted, labels=classes, average=None, zero_division=0)
         return {"per_class": [{"class": c, "rows": int((labels == i).sum()), "f1": float(f1[i]),
-                               **meaningful({f"row of {c}": int((labels == i).sum())})} for i, c in enumerate(task.classes)],
+                               **meaningful({f"row of class {c}": int((labels == i).sum())})} for i, c in enumerate(task.classes)],
                 "segments": multiclass_slices(frame, labels, predictions, slices, tuple(task.classes)),
                 "confusion_matrix": {"categories": list(task.classes), "matrix": matrix.tolist()}}
     return binary_details(frame, labels, predictions, fpr, slices)
@@ -471,10 +473,20 @@ def model_card(model: Any, evaluation: dict[str, Any], made_by: dict[str, Any] |
         "code version": (made_by or {}).get("code_version"),
         "manifest sha256": model.sha256,
         **{f"holdout {name}": evaluation["metrics"].get(name) for name in REPORTED[kind][:2]},
-        "compared with production": (f"{evaluation['production_version']}: {comparison.get('reason') or 'compared'}"
-                                     if evaluation.get("production_version") else "none (no production model yet)"),
+        "compared with production": describe_comparison(model.version, evaluation),
         "evaluation": evaluation.get("report_uri"),
     }
+
+
+def describe_comparison(version: str, evaluation: dict[str, Any]) -> str:
+    """Which production version the candidate was compared with, and on what (or why not)."""
+    production = evaluation.get("production_version")
+    if not production:
+        return "none: there was no production model yet"
+    if production == version:
+        return "none: this version is production"
+    comparison = evaluation.get("comparison") or {}
+    return f"{production}: {comparison.get('reason') or 'not compared'}"
 
 
 def describe_features(meta: dict[str, Any]) -> list[str]:

@@ -726,7 +726,8 @@ def _offline_document(node: Any) -> Any:
             styled["classes"] = ["ge-status", colour]
         if "html_success_icon" in params:  # trusted raw HTML beside the words "Succeeded" / "Failed"
             params["html_success_icon"] = ""
-    for style in ((node.get("styling") or {}).get("params") or {}).values() if isinstance(node.get("styling"), dict) else ():
+    styling = node.get("styling") if isinstance(node.get("styling"), dict) else {}
+    for style in (styling.get("params") or {}).values():
         if isinstance(style, dict) and style.get("tag") == "a":
             href = str((style.get("attributes") or {}).get("href", ""))
             if not href.startswith("#"):

@@ -87,6 +87,7 @@ def test_the_evaluation_report_needs_no_network_and_its_model_card_is_in_words(b
         assert "epochs: 3" in card["parameters"].splitlines()
         assert card["trained by run"] == "loop-1" and card["training set sha256"] == trained_loop["training_set"]["sha256"]
         assert not any(re.search(r"[{}]", value) for value in card.values()), card  # no dict shown raw
+        assert card["compared with production"] == "none: this version is production"  # the loop's model is production
         assert evaluation["model_version"] in opened.page.inner_text("h1")
     finally:
         opened.page.context.close()

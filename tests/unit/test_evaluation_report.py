@@ -174,3 +174,9 @@ def test_regression_and_multiclass_segments_below_thirty_rows_are_marked():
     rows = {r["value"]: r for r in er.multiclass_slices(frame, labels, probabilities, ("carrier",), ("on time", "late"))["carrier"]}
     assert rows["AA"]["rows per class"] == "on time 50, late 50" and rows["AA"]["meaningful"]
     assert rows["ZZ"]["rows per class"] == "on time 29, late 0" and not rows["ZZ"]["meaningful"]
+
+
+def test_a_class_with_few_rows_has_a_not_meaningful_f1_in_words():
+    assert er.meaningful({"row of class late": 2})["warning"] == "not meaningful: only 2 rows of class late (at least 30 needed)"
+    assert er.meaningful({"positive": 1, "negative": 500})["warning"].startswith("not meaningful: only 1 positive (")
+    assert er.meaningful({"positive": 30, "negative": 30}) == {"meaningful": True, "warning": None}
