@@ -644,7 +644,9 @@ def render_html(result: "ExpectationSuiteValidationResult", title: str = "Valida
 # its logo and links broken. What the page needs is rendered in the file instead: GE's own stylesheet
 # and images from the installed package, a small stylesheet in place of Bootstrap's, the status as
 # text, and the "Failed Only" filter without jQuery.
-STATUS_TEXT = {"✅": ("passed", "text-success"), "❌": ("failed", "text-danger"), "❗": ("error", "text-warning")}
+# GE's markdown icon of a status -> the text shown, and its colour. The marks are plain symbols, not
+# emoji: a cluster's browser may have no emoji font.
+STATUS_TEXT = {"✅": ("✔ passed", "text-success"), "❌": ("✘ failed", "text-danger"), "❗": ("! error", "text-warning")}
 _OFFLINE_STYLES = """
 body{font-family:"HK Grotesk",system-ui,sans-serif;margin:0;color:#212529;background:#fff}
 .ge-navbar{display:flex;align-items:center;gap:1em;padding:8px 2em;border-bottom:1px solid #dee2e6;background:#f8f9fa}
@@ -664,7 +666,7 @@ text-align:left;vertical-align:top}
 .ge-status{font-style:normal;font-weight:bold;white-space:nowrap}
 .btn{display:inline-block;padding:2px 8px;border:1px solid #007bff;border-radius:4px;cursor:pointer}
 .btn input{margin-right:4px}
-a{color:#0056b3}
+a{color:#0056b3}h5{font-size:1.15rem;margin:0}
 """
 _OFFLINE_FILTER_SCRIPT = """<script>
 /* GE's "Show All" / "Failed Only" filter (its sidebar's jQuery version), in plain DOM calls. */
@@ -721,7 +723,7 @@ def _offline_document(node: Any) -> Any:
     if isinstance(params, dict):
         if params.get("markdown_status_icon") in STATUS_TEXT and "icon" in params:
             text, colour = STATUS_TEXT[params["markdown_status_icon"]]
-            params["icon"] = f"{params['markdown_status_icon']} {text}"
+            params["icon"] = text
             styled = node.setdefault("styling", {}).setdefault("params", {}).setdefault("icon", {})
             styled["classes"] = ["ge-status", colour]
         if "html_success_icon" in params:  # trusted raw HTML beside the words "Succeeded" / "Failed"
