@@ -342,7 +342,8 @@ def write_report(storage: Storage, result: Evaluation, candidate_version: ModelV
     images = er.plots(task, labels, predictions, production)
     for name, data in images.items():
         storage.write_bytes(f"{report_folder}/{name}.png", data)
-    page = er.render_html(result.to_dict(), er.model_card(candidate_version, result.to_dict()), images)
+    card = er.model_card(candidate_version, result.to_dict(), lineage.lookup(storage, candidate_version.manifest_uri))
+    page = er.render_html(result.to_dict(), card, images)
     result.html_uri = storage.write_bytes(f"{report_folder}/report.html", page.encode()).uri
 
 

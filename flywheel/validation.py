@@ -18,6 +18,7 @@ import datetime as dt
 import html
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -622,19 +623,141 @@ def _exception_message(exception: dict[str, Any]) -> str | None:
 
 
 def render_html(result: "ExpectationSuiteValidationResult", title: str = "Validation") -> str:
-    """HTML data docs: GE's own validation page, or (if GE's renderer fails) a plain table."""
+    """HTML data docs: GE's own validation page, or (if GE's renderer fails) a plain table. Either is
+    one self-contained file that reads nothing from the network (see :func:`offline_data_docs`)."""
     try:
         from great_expectations.render.renderer import ValidationResultsPageRenderer
-        from great_expectations.render.view import DefaultJinjaPageView
 
         # GE's number formatting parses repr(value): numpy 2 scalars ("np.float64(0.02)") break it,
         # so hand the renderer plain Python values.
         for item in result.results:
             item.result = _plain(item.result)
-        return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+        return offline_data_docs(ValidationResultsPageRenderer().render(result))
     except Exception as exc:  # the report must exist even when GE's renderer does not cope
         log.warning("GE data docs renderer failed (%s); writing a plain HTML table instead", exc)
         return _plain_html(result, title)
+
+
+# GE's pages load Bootstrap, Font Awesome, jQuery and Vega from CDNs, link "Home" and the suite to a
+# data docs site that a report file does not have, and show each expectation's status only as a Font
+# Awesome icon. Offline (an air-gapped cluster) that page is unstyled, its status column blank and
+# its logo and links broken. What the page needs is rendered in the file instead: GE's own stylesheet
+# and images from the installed package, a small stylesheet in place of Bootstrap's, the status as
+# text, and the "Failed Only" filter without jQuery.
+# GE's markdown icon of a status -> the text shown, and its colour. The marks are plain symbols, not
+# emoji: a cluster's browser may have no emoji font.
+STATUS_TEXT = {"✅": ("✔ passed", "text-success"), "❌": ("✘ failed", "text-danger"), "❗": ("! error", "text-warning")}
+_OFFLINE_STYLES = """
+body{font-family:"HK Grotesk",system-ui,sans-serif;margin:0;color:#212529;background:#fff}
+.ge-navbar{display:flex;align-items:center;gap:1em;padding:8px 2em;border-bottom:1px solid #dee2e6;background:#f8f9fa}
+.ge-navbar img{height:40px;width:auto}
+.container-fluid{padding:1em 2em}
+.row{display:flex;flex-wrap:wrap}
+.col-md-2,.col-lg-2{flex:0 0 16%;max-width:16%;box-sizing:border-box}
+.col-md-10,.col-lg-10{flex:0 0 84%;max-width:84%;box-sizing:border-box;padding-left:1.5em}
+.col-12{flex:0 0 100%;max-width:100%}.col-6{flex:0 0 50%;max-width:50%}
+.card{border:1px solid #dee2e6;border-radius:4px;margin-bottom:1em}.card-header{background:#f1f3f5;padding:6px}
+.card-body{padding:8px}.nav{list-style:none;padding:0;margin:0}.nav-link{display:block;padding:2px 4px}
+.alert-secondary{background:#e2e3e5;border:1px solid #d6d8db;border-radius:4px;padding:8px 12px;margin:1em 0 4px}
+.table{border-collapse:collapse;width:100%;margin-bottom:1em}.table td,.table th{border-top:1px solid #dee2e6;padding:6px;
+text-align:left;vertical-align:top}
+.badge{display:inline-block;padding:1px 6px;border-radius:4px;background:#6c757d;color:#fff;font-size:85%}
+.text-success{color:#1e7e34}.text-danger{color:#c82333}.text-warning{color:#b8860b}
+.ge-status{font-style:normal;font-weight:bold;white-space:nowrap}
+.btn{display:inline-block;padding:2px 8px;border:1px solid #007bff;border-radius:4px;cursor:pointer}
+.btn input{margin-right:4px}
+a{color:#0056b3}h5{font-size:1.15rem;margin:0}
+"""
+_OFFLINE_FILTER_SCRIPT = """<script>
+/* GE's "Show All" / "Failed Only" filter (its sidebar's jQuery version), in plain DOM calls. */
+function setSucceededVisible(show) {
+  const display = show ? "" : "none";
+  document.querySelectorAll(".hide-succeeded-validation-target-child").forEach(el => { el.parentElement.style.display = display; });
+  document.querySelectorAll(".hide-succeeded-validation-target").forEach(el => { el.style.display = display; });
+  document.querySelectorAll(".hide-succeeded-validations-column-section-target-child").forEach(el => {
+    const section = el.parentElement.parentElement;
+    section.style.display = display;
+    document.querySelectorAll('a[href="#' + section.id + '"]').forEach(a => { a.style.display = display; });
+  });
+}
+function showAllValidations() { setSucceededVisible(true); }
+function hideSucceededValidations() { setSucceededVisible(false); }
+</script>"""
+
+
+def _package_data_uri(path: str, mime: str) -> str:
+    """A file shipped inside the great_expectations package, as a data: URI."""
+    import base64
+    from importlib import resources
+
+    data = (resources.files("great_expectations") / path).read_bytes()
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _offline_templates() -> dict[str, str]:
+    """GE's templates that reach outside the file, as self-contained ones (the rest are GE's own)."""
+    images = "render/view/static/images"
+    return {
+        # No CDN script or stylesheet; GE's own stylesheet is still included by its page template.
+        "js_script_imports.j2": f"<style>{_OFFLINE_STYLES}</style>",
+        "favicon.j2": f'<link rel="icon" type="image/x-icon" href="{_package_data_uri(f"{images}/favicon.ico", "image/x-icon")}"/>',
+        # GE's logo from the package, and the page's title in place of links to a data docs site.
+        "top_navbar.j2": (
+            '<nav class="ge-navbar"><img src="' + _package_data_uri(f"{images}/logo-long.png", "image/png")
+            + '" alt="Great Expectations"/>{% if page_title %}<span>{{ page_title }}</span>{% endif %}</nav>'
+        ),
+        # In place of GE's newsletter link: the filter buttons' functions without jQuery.
+        "cloud-footer.j2": _OFFLINE_FILTER_SCRIPT,
+    }
+
+
+def _offline_document(node: Any) -> Any:
+    """GE's rendered document with each status icon given its text, and links to data docs pages
+    that a report file does not have turned into plain text (in-page anchors stay)."""
+    if isinstance(node, list):
+        return [_offline_document(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _offline_document(value) for key, value in node.items()}
+    params = node.get("params")
+    if isinstance(params, dict):
+        if params.get("markdown_status_icon") in STATUS_TEXT and "icon" in params:
+            text, colour = STATUS_TEXT[params["markdown_status_icon"]]
+            params["icon"] = text
+            styled = node.setdefault("styling", {}).setdefault("params", {}).setdefault("icon", {})
+            styled["classes"] = ["ge-status", colour]
+        if "html_success_icon" in params:  # trusted raw HTML beside the words "Succeeded" / "Failed"
+            params["html_success_icon"] = ""
+    styling = node.get("styling") if isinstance(node.get("styling"), dict) else {}
+    for style in (styling.get("params") or {}).values():
+        if isinstance(style, dict) and style.get("tag") == "a":
+            href = str((style.get("attributes") or {}).get("href", ""))
+            if not href.startswith("#"):
+                style["tag"] = "span"
+                style["attributes"] = {k: v for k, v in style["attributes"].items() if k != "href"}
+    return node
+
+
+def offline_data_docs(document: Any) -> str:
+    """Render GE's validation page document as one self-contained HTML file: nothing is loaded from
+    the network, no image or link is broken, and each expectation's status is shown as text."""
+    from great_expectations.render.view import DefaultJinjaPageView
+    from jinja2 import ChoiceLoader, DictLoader
+
+    class OfflinePageView(DefaultJinjaPageView):
+        def _validate_document(self, document: Any) -> None:
+            assert isinstance(document, dict)  # GE's document as JSON, rewritten by _offline_document
+
+    view = OfflinePageView()
+    view.env.loader = ChoiceLoader([DictLoader(_offline_templates()), view.env.loader])
+    page = view.render(_offline_document(document.to_json_dict()), show_how_to_buttons=False)
+    # GE's page template itself links the CDN stylesheets, and its stylesheet draws a (dark mode)
+    # logo from the web: drop every tag and picture that reaches outside.
+    return _EXTERNAL_CSS_URL.sub("none", _EXTERNAL_TAG.sub("", page))
+
+
+_EXTERNAL_TAG = re.compile(r"""<(?:link|script)\b[^>]*\b(?:href|src)\s*=\s*["']?(?:https?:)?//[^>]*>(?:\s*</script>)?""", re.I)
+_EXTERNAL_CSS_URL = re.compile(r"""url\(\s*["']?(?:https?:)?//[^)]*\)""", re.I)
 
 
 def _plain_html(result: "ExpectationSuiteValidationResult", title: str) -> str:
@@ -644,7 +767,7 @@ def _plain_html(result: "ExpectationSuiteValidationResult", title: str) -> str:
         kwargs = {k: v for k, v in dict(config.kwargs).items() if k != "batch_id"} if config else {}
         details = _describe(item.result or {}, item.exception_info or {}, kwargs)
         rows.append(
-            f"<tr class={'ok' if item.success else 'fail'}><td>{'✔' if item.success else '✘'}</td>"
+            f"<tr class={'ok' if item.success else 'fail'}><td>{'✔ passed' if item.success else '✘ failed'}</td>"
             f"<td>{html.escape(config.type if config else '?')}</td><td>{html.escape(str(kwargs))}</td>"
             f"<td>{html.escape(details if not item.success else 'passed')}</td></tr>"
         )
@@ -653,7 +776,7 @@ def _plain_html(result: "ExpectationSuiteValidationResult", title: str) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px}.fail{background:#fdd}"
         f"</style></head><body><h1>{html.escape(title)}: {status}</h1><table>"
-        "<tr><th></th><th>expectation</th><th>arguments</th><th>observed</th></tr>"
+        "<tr><th>status</th><th>expectation</th><th>arguments</th><th>observed</th></tr>"
         f"{''.join(rows)}</table></body></html>"
     )
 

@@ -158,3 +158,14 @@ def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "source": source,
         **loop,
     }
+
+
+# ---------------------------------------------------------------- a real browser
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Debian's headless Chromium driven by playwright, shared by the session's browser tests; a test
+    opens pages with :func:`tests.browser.open_offline` (no network)."""
+    from tests.browser import launch
+    from tests.tools import require
+
+    yield from launch(require("chromium"))

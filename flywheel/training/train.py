@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 
 from flywheel.config import Settings
 from flywheel.errors import ConfigError, TrainingError
@@ -99,6 +100,7 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
         rows = storage.read_parquet(training_set.train_uri).to_pandas()
         fit_rows, _ = split_validation(rows, settings.training.validation_fraction, usecase.contract.timestamp)
         spec = FeatureSpec.fit(fit_rows, usecase)
+        first_event = pd.to_datetime(rows[usecase.contract.timestamp], utc=True).min() if len(rows) else None
         del rows, fit_rows
         storage.write_bytes(inputs.spec, json.dumps(spec.to_dict()).encode())
         claim_out(storage, inputs.out, key)
@@ -120,7 +122,9 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             "train_seconds": round(seconds, 2),
             "training_set": {"uri": training_set.uri, "sha256": training_set.sha256, "rows": training_set.train_rows},
             # Production comparisons use only rows after this window; serving reads this feature world.
-            "training_window": {"end": training_set.cutoff},
+            # (the model card says it in words: start to end, days and rows).
+            "training_window": {"start": first_event.isoformat() if first_event is not None else None,
+                                "end": training_set.cutoff, "rows": training_set.train_rows},
             "feature_world": training_set.world,
             "task": usecase.task.model_dump(mode="json"),
             "target_scale": spec.target[1],  # a regression label's spread (the canary's default margins)

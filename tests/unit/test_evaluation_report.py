@@ -100,3 +100,83 @@ def test_a_regression_report_plots_predicted_against_actual_and_slices_the_error
     page = er.render_html(evaluation, {"model": "flights v1"}, images)
     assert "regression task: arr_delay (arr_delay_minutes)" in page and "by carrier" in page and "MAE of 17.0000" in page
     assert page.count('src="data:image/png;base64,') == 2
+
+
+# ------------------------------------------------------------------ the ROC plot's chance line
+def drawn_y(axis, line, xs: np.ndarray) -> np.ndarray:
+    """The y (in data units) of ``line`` as it is drawn at each x: matplotlib joins a line's points by
+    straight segments on the screen, so interpolate in display coordinates and map back."""
+    to_screen, to_data = axis.transData, axis.transData.inverted()
+    points = to_screen.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+    order = np.argsort(points[:, 0], kind="stable")
+    screen_x = to_screen.transform(np.column_stack([xs, np.zeros_like(xs)]))[:, 0]
+    screen_y = np.interp(screen_x, points[order, 0], points[order, 1])
+    return to_data.transform(np.column_stack([screen_x, screen_y]))[:, 1]
+
+
+def test_the_roc_chance_line_is_drawn_as_y_equals_x_on_the_symlog_axis():
+    """Bug: the chance line was a straight segment from (0, 0) to (1, 1) on a symlog axis, drawn bent
+    below y = x, so a good model seemed to fall below chance between FPR 0.02 and 0.1."""
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(5)
+    labels = (rng.random(20_000) < 0.05).astype(int)
+    scores = np.clip(0.35 * labels + rng.random(20_000) * 0.65, 0, 1)  # a good model: ROC-AUC about 0.87
+    figure = er.roc_figure([("candidate", labels, scores)])
+    try:
+        axis = figure.axes[0]
+        assert axis.get_xscale() == "symlog"
+        figure.canvas.draw()
+        chance = next(line for line in axis.get_lines() if line.get_label() == "chance")
+        candidate = next(line for line in axis.get_lines() if line.get_label().startswith("candidate"))
+        xs = np.concatenate([np.linspace(0.0, 0.01, 11), np.linspace(0.02, 0.1, 41), np.linspace(0.1, 1.0, 19)])
+        np.testing.assert_allclose(drawn_y(axis, chance, xs), xs, rtol=0.01, atol=1e-4)
+        low = (xs >= 0.02) & (xs <= 0.1)
+        assert (drawn_y(axis, candidate, xs[low]) > drawn_y(axis, chance, xs[low])).all()
+    finally:
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------ segments' counts and warnings
+def test_a_segment_with_one_positive_is_not_a_meaningful_roc_auc_of_one():
+    """Bug: a segment with one positive showed ROC-AUC 1.0 with no count and no warning."""
+    rng = np.random.default_rng(1)
+    n = 6000
+    labels = (rng.random(n) < 0.05).astype(int)
+    scores = np.clip(labels * 0.3 + rng.random(n) * 0.6, 0, 1)
+    frame = pd.DataFrame({"merchant_category": rng.choice(["grocery", "travel"], n), "channel": "web"})
+    lonely = np.flatnonzero(labels == 0)[:60]
+    labels[lonely[0]], scores[lonely[0]] = 1, 0.99  # the one positive, scored above all its segment's negatives
+    frame.loc[lonely, "merchant_category"] = "jewellery"
+    segments = er.segment_metrics(frame, labels, scores, ("merchant_category",))["merchant_category"]
+    jewellery = next(r for r in segments if r["value"] == "jewellery")
+    assert (jewellery["rows"], jewellery["positives"], jewellery["negatives"]) == (60, 1, 59)
+    assert jewellery["roc_auc"] == 1.0 and jewellery["meaningful"] is False
+    assert jewellery["warning"] == f"not meaningful: only 1 positive (at least {er.MIN_MEANINGFUL} needed)"
+    assert er.MIN_MEANINGFUL == 30
+    grocery = next(r for r in segments if r["value"] == "grocery")
+    assert grocery["positives"] >= 30 and grocery["negatives"] >= 30 and grocery["meaningful"] is True and grocery["warning"] is None
+    page = er._table(segments)
+    row = page.split("<td>jewellery</td>")[1].split("</tr>")[0]
+    assert "<td>60</td><td>1</td><td>59</td>" in row and "not meaningful: only 1 positive" in row
+    assert "<td>1.0000</td>" not in row and 'class="not-meaningful"' in row
+
+
+def test_regression_and_multiclass_segments_below_thirty_rows_are_marked():
+    """The same bug for other tasks: a slice's MAE or accuracy from a handful of rows read as a figure."""
+    frame = pd.DataFrame({"carrier": ["AA"] * 100 + ["ZZ"] * 29})
+    truth = np.arange(129, dtype=float)
+    by_carrier = {r["value"]: r for r in er.regression_slices(frame, truth, truth + 1, ("carrier",))["carrier"]}
+    assert by_carrier["AA"]["meaningful"] and not by_carrier["ZZ"]["meaningful"]
+    assert by_carrier["ZZ"]["warning"].startswith("not meaningful: only 29 rows")
+    labels = np.array([0, 1] * 50 + [0] * 29)
+    probabilities = np.eye(2)[labels] * 0.8 + 0.1
+    rows = {r["value"]: r for r in er.multiclass_slices(frame, labels, probabilities, ("carrier",), ("on time", "late"))["carrier"]}
+    assert rows["AA"]["rows per class"] == "on time 50, late 50" and rows["AA"]["meaningful"]
+    assert rows["ZZ"]["rows per class"] == "on time 29, late 0" and not rows["ZZ"]["meaningful"]
+
+
+def test_a_class_with_few_rows_has_a_not_meaningful_f1_in_words():
+    assert er.meaningful({"row of class late": 2})["warning"] == "not meaningful: only 2 rows of class late (at least 30 needed)"
+    assert er.meaningful({"positive": 1, "negative": 500})["warning"].startswith("not meaningful: only 1 positive (")
+    assert er.meaningful({"positive": 30, "negative": 30}) == {"meaningful": True, "warning": None}
