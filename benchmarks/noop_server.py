@@ -23,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--model-name", default="fraud")
+    parser.add_argument("--grpc-port", type=int, default=0, help="also serve v2 gRPC here (KServe's own gRPC server)")
     return parser.parse_args(argv)
 
 
@@ -33,6 +34,14 @@ ARGS = parse_args() if __name__ == "__main__" else None
 sys.argv = sys.argv[:1]
 
 from kserve import Model, ModelServer  # noqa: E402
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
+from concurrent import futures  # noqa: E402
+
+from grpc import aio  # noqa: E402
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: E402
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor  # noqa: E402
+from kserve.protocol.grpc.server import GRPCServer  # noqa: E402
+from kserve.protocol.grpc.servicer import InferenceServicer  # noqa: E402
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING  # noqa: E402
 from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess  # noqa: E402
 from kserve.protocol.rest.server import RESTServer  # noqa: E402
@@ -49,9 +58,28 @@ class NoopModel(Model):
         self.ready = True
         return self.ready
 
-    def predict(self, payload: Any, headers: Any = None) -> dict[str, Any]:
+    def predict(self, payload: Any, headers: Any = None) -> Any:
+        if isinstance(payload, InferRequest):  # v2 (REST or gRPC): a constant per row of the first input
+            rows = payload.inputs[0].shape[0] if payload.inputs else 0
+            score = InferOutput(name="fraud_probability", shape=[rows], datatype="FP32", data=[0.0] * rows)
+            return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=[score], model_version="noop",
+                                 from_grpc=payload.from_grpc)
         instances = payload.get("instances", []) if isinstance(payload, dict) else []
         return {"predictions": [{"fraud_probability": 0.0, "model_version": "noop"} for _ in instances]}
+
+
+class LoopbackGRPCServer(GRPCServer):
+    """KServe's own gRPC server (its servicer and interceptors), bound to 127.0.0.1 (KServe's binds
+    ``[::]``): the no-op model over gRPC, the baseline for `flywheel serve`'s gRPC."""
+
+    async def start(self, max_workers: int) -> None:
+        self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                  interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()))
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+        self._server.add_insecure_port(f"{HOST}:{self._port}")
+        await self._server.start()
+        await self._server.wait_for_termination()
 
 
 class LoopbackModelServer(ModelServer):
@@ -72,6 +100,9 @@ class LoopbackModelServer(ModelServer):
             server.config.host = HOST
             self._rest_server = server
         self.servers.append(server.start())
+        if ARGS is not None and ARGS.grpc_port:
+            self._grpc_server = LoopbackGRPCServer(ARGS.grpc_port, self.dataplane, self.model_repository_extension, kwargs={})
+            self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())

@@ -50,10 +50,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from programs import program
 from results_table import judge, write_results
-from wrk_output import WrkResult, lua_script, parse_wrk, round_figures
+from wrk_output import WrkResult, lua_file_script, lua_script, parse_wrk, round_figures
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -67,6 +68,11 @@ BATCH_MIN_SECONDS = 10  # a batch can take seconds on a slow server: enough of t
 ROUNDS = 3  # the headline loads (concurrency 8, and batch) run this many times, servers alternating; figures are medians
 BODIES = 500  # distinct one-transaction bodies the Lua script rotates through
 WRK_TIMEOUT = "30s"  # wrk drops a slower reply from its latency figures; nothing here should be that slow
+PROTOCOL_GOALS = {  # issue 21, for the SQLite store with one worker: gRPC, and binary batches
+    "grpc_served_c8_p99_ms": (5.0, "max"),
+    "grpc_rps_over_noop_c8": (0.80, "min"),
+    "binary_over_json_rows": (2.0, "min"),
+}
 GOALS = {  # name: (target, "max" | "min"), for each online store with one worker
     "c8_p99_ms": (10.0, "max"),
     "rps_over_noop_c8": (0.60, "min"),
@@ -282,6 +288,140 @@ def side_by_side(servers: dict[str, tuple[list[str], dict[str, str]]], scripts: 
     return figures
 
 
+# ---------------------------------------------------------------- the protocols: gRPC, binary
+def v2_columns(metadata: dict, transactions: list[dict]) -> dict[str, Any]:
+    """One numpy column per input of the model metadata that every transaction carries, typed as the
+    metadata says (the only schema a client has)."""
+    import numpy as np
+
+    columns = {}
+    for tensor in metadata["inputs"]:
+        name, datatype = tensor["name"], tensor["datatype"]
+        if not all(name in tx for tx in transactions):
+            continue  # an optional field some rows lack: a tensor has no gaps
+        values = [tx[name] for tx in transactions]
+        if datatype == "BYTES":
+            columns[name] = (np.array([str(v).encode() for v in values], dtype=np.object_), datatype)
+        elif datatype == "BOOL":
+            columns[name] = (np.array(values, dtype=bool), datatype)
+        else:
+            columns[name] = (np.array(values, dtype=np.int64 if datatype == "INT64" else np.float64), datatype)
+    return columns
+
+
+def v2_request(columns: dict[str, Any], binary: bool) -> Any:
+    """A KServe InferRequest of these columns, binary (the standard clients' default) or JSON."""
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    inputs = []
+    for name, (values, datatype) in columns.items():
+        tensor = InferInput(name, list(values.shape), datatype)
+        tensor.set_data_from_numpy(values, binary_data=binary)
+        inputs.append(tensor)
+    return InferRequest(model_name=MODEL_NAME, infer_inputs=inputs)
+
+
+def grpc_requests_file(metadata: dict, transactions: list[dict], path: Path) -> Path:
+    """One-transaction ModelInferRequests with raw input contents (tritonclient's default),
+    serialized and length-prefixed, for benchmarks/grpc_load.py."""
+    import struct
+
+    with open(path, "wb") as out:
+        for tx in transactions:
+            message = v2_request(v2_columns(metadata, [tx]), binary=True).to_grpc().SerializeToString()
+            out.write(struct.pack("<I", len(message)) + message)
+    return path
+
+
+def grpc_load(target: str, requests: Path, concurrency: int, seconds: int) -> WrkResult:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grpc_load.py"), "--target", target, "--requests", str(requests),
+                           "--concurrency", str(concurrency), "--seconds", str(seconds)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"grpc_load.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if out["errors"]:
+        print(f"  gRPC errors: {out['errors']} (first: {out['first_error']})", flush=True)
+    return WrkResult(requests=out["requests"], seconds=seconds, requests_per_s=out["rps"], p50_ms=out["p50_ms"], p75_ms=out["p75_ms"],
+                     p90_ms=out["p90_ms"], p99_ms=out["p99_ms"], non_2xx=out["errors"])  # a failed call counts as a non-2xx reply
+
+
+def protocols(env: dict[str, str], transactions: list[dict], single_script: Path, seconds: int, folder: Path,
+              problems: dict[str, str]) -> dict[str, float]:
+    """gRPC against REST (`flywheel serve`, one worker, this store) at each concurrency, beside the
+    no-op model served over the same gRPC server; then 1,000-row v2 batches, binary against JSON.
+    The servers alternate within each round, as in :func:`side_by_side`."""
+    figures: dict[str, float] = {}
+    processes: list[subprocess.Popen] = []
+    grpc_ports = {"grpc_noop": free_port(), "grpc_served": free_port()}
+    commands = {
+        "grpc_noop": ([sys.executable, str(REPO / "benchmarks" / "noop_server.py"), "--model-name", MODEL_NAME,
+                       "--grpc-port", str(grpc_ports["grpc_noop"])], clean_env()),
+        "grpc_served": ([sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST, "--grpc-port", str(grpc_ports["grpc_served"])],
+                        clean_env(**env, FLYWHEEL_SERVING__WORKERS="1")),
+    }
+    urls = {}
+    try:
+        for name, (command, command_env) in commands.items():
+            port = free_port()
+            urls[name] = f"http://{HOST}:{port}"
+            process, _ = start_until_first_prediction([*command, "--port", str(port)], command_env,
+                                                      f"{urls[name]}/v1/models/{MODEL_NAME}:predict",
+                                                      json.dumps({"instances": [transactions[-1]]}).encode(), folder / f"{name}.log")
+            processes.append(process)
+        with urllib.request.urlopen(f"{urls['grpc_served']}/v2/models/{MODEL_NAME}", timeout=10) as answer:
+            metadata = json.loads(answer.read())
+        requests = grpc_requests_file(metadata, transactions[-BODIES:], folder / "grpc-requests.bin")
+        loads = {
+            "grpc_served": lambda c, s: grpc_load(f"{HOST}:{grpc_ports['grpc_served']}", requests, c, s),
+            "grpc_noop": lambda c, s: grpc_load(f"{HOST}:{grpc_ports['grpc_noop']}", requests, c, s),
+            "rest_served": lambda c, s: wrk(f"{urls['grpc_served']}/v1/models/{MODEL_NAME}:predict", single_script, c, s),
+        }
+        for load in loads.values():
+            load(HEADLINE_CONCURRENCY, 1)  # warm-up, not counted
+        for concurrency in CONCURRENCY:
+            rounds: dict[str, list[WrkResult]] = {name: [] for name in loads}
+            for _ in range(ROUNDS if concurrency == HEADLINE_CONCURRENCY else 1):
+                for name, load in loads.items():
+                    result = load(concurrency, seconds)
+                    rounds[name].append(result)
+                    print(f"  {name:<12} c={concurrency:<3} p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  "
+                          f"{result.requests_per_s:9.1f} req/s  errors {result.errors}", flush=True)
+            for name, results in rounds.items():
+                figures.update(round_figures(f"{name}_c{concurrency}", results, problems))
+        for concurrency in CONCURRENCY:
+            figures[f"grpc_rps_over_noop_c{concurrency}"] = ratio(figures[f"grpc_served_c{concurrency}_rps"],
+                                                                  figures[f"grpc_noop_c{concurrency}_rps"], 4)
+            figures[f"grpc_rps_over_rest_c{concurrency}"] = ratio(figures[f"grpc_served_c{concurrency}_rps"],
+                                                                  figures[f"rest_served_c{concurrency}_rps"], 4)
+        # 1,000-row batches: the same rows, as v2 JSON and as v2 binary (the standard clients' default).
+        columns = v2_columns(metadata, transactions[-BATCH_ROWS:])
+        document, _ = v2_request(columns, binary=False).to_rest()
+        (folder / "batch-json.bin").write_bytes(json.dumps(document).encode())
+        body, header_length = v2_request(columns, binary=True).to_rest()
+        (folder / "batch-binary.bin").write_bytes(body)
+        scripts = {
+            "batch_v2_json": folder / "batch-json.lua", "batch_v2_binary": folder / "batch-binary.lua"}
+        scripts["batch_v2_json"].write_text(lua_file_script(str(folder / "batch-json.bin"), {"Content-Type": "application/json"}))
+        scripts["batch_v2_binary"].write_text(lua_file_script(str(folder / "batch-binary.bin"), {
+            "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}))
+        batch_url = f"{urls['grpc_served']}/v2/models/{MODEL_NAME}/infer"
+        batches: dict[str, list[WrkResult]] = {name: [] for name in scripts}
+        for _ in range(ROUNDS):
+            for name, script in scripts.items():
+                result = wrk(batch_url, script, BATCH_CONCURRENCY, max(seconds, BATCH_MIN_SECONDS))
+                batches[name].append(result)
+                print(f"  {name:<16} {BATCH_ROWS} rows c={BATCH_CONCURRENCY}: p50 {result.p50_ms:.1f} ms  "
+                      f"{result.requests_per_s * BATCH_ROWS:,.0f} rows/s  errors {result.errors}", flush=True)
+        for name, results in batches.items():
+            figures.update(round_figures(f"{name}_c{BATCH_CONCURRENCY}", results, problems))
+            figures[f"{name}_rows_per_s"] = round(figures[f"{name}_c{BATCH_CONCURRENCY}_rps"] * BATCH_ROWS, 1)
+        figures["binary_over_json_rows"] = ratio(figures["batch_v2_binary_rows_per_s"], figures["batch_v2_json_rows_per_s"], 3)
+    finally:
+        for process in processes:
+            stop(process)
+    return figures
+
+
 def ratio(numerator: float, denominator: float, digits: int) -> float:
     """numerator / denominator, rounded; 0 when the denominator's load completed nothing (a
     problem the run reports)."""
@@ -300,6 +440,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30k rows, 3 epochs, 3 s per load instead of 200k rows, 10 s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary $FLYWHEEL_HOME and the servers' logs")
     parser.add_argument("--usecase", default="", help="another use case (its own demo data): results in serving-<name>.json")
+    parser.add_argument("--only", choices=["", "protocols"], default="",
+                        help="protocols: only the gRPC and binary loads (results in serving-protocols[-quick].json)")
     args = parser.parse_args()
     rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
     if args.usecase:  # its demo data: a slice big enough for the gate to bless a model, or all of it
@@ -320,7 +462,7 @@ def main() -> None:
         scripts["batch"].write_text(lua_script(batches))
         first_body = single[0].encode()
 
-        workers = [1, 2] if serving_has_workers() else [1]
+        workers = [] if args.only == "protocols" else [1, 2] if serving_has_workers() else [1]
         figures: dict[str, float] = {"rows": rows or 0, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
         problems: dict[str, str] = {}
         serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST]
@@ -340,6 +482,10 @@ def main() -> None:
                         figures[f"{name}_c{concurrency}_rps"], figures[f"noop_w{count}_c{concurrency}_rps"], 4)
                 figures[f"{name}_batch_over_single"] = ratio(
                     figures[f"{name}_batch_rows_per_s"], figures[f"{name}_c{HEADLINE_CONCURRENCY}_rps"], 2)
+        if args.only in ("", "protocols"):
+            print("protocols (SQLite store, 1 worker): gRPC against REST and the no-op over gRPC; binary against JSON batches:", flush=True)
+            figures[f"load_avg_1m_protocols"] = round(os.getloadavg()[0], 2)
+            figures.update(protocols(envs["sqlite"], transactions, scripts["single"], seconds, work, problems))
     finally:
         stop(redis_process)
         if not args.keep:
@@ -347,15 +493,21 @@ def main() -> None:
         else:
             print(f"kept {work}")
 
-    targets = {f"{store}_w1_{goal}": target for store in ("sqlite", "redis") for goal, target in GOALS.items()}
+    targets = {f"{store}_w1_{goal}": target for store in ("sqlite", "redis") for goal, target in GOALS.items()} if workers else {}
+    if args.only in ("", "protocols"):
+        targets.update(PROTOCOL_GOALS)
     goals = judge(figures, targets)
     for name, goal in goals.items():  # a server whose load failed meets none of its goals
+        if name in PROTOCOL_GOALS:
+            goal["met"] = goal["met"] and not any(load.startswith(("grpc_", "rest_served", "batch_v2")) for load in problems)
+            continue
         server = name.split("_w1_")[0] + "_w1_"
         if any(load.startswith(server) or load.startswith("noop_w1_") for load in problems):
             goal["met"] = False
     if problems:
         print(f"WARNING: loads with problems (their servers' goals count as not met): {problems}")
-    name = "serving" + (f"-{Path(args.usecase).resolve().name}" if args.usecase else "") + ("-quick" if args.quick else "")
+    name = ("serving" + (f"-{Path(args.usecase).resolve().name}" if args.usecase else "") + (f"-{args.only}" if args.only else "")
+            + ("-quick" if args.quick else ""))
     write_results(RESULTS / f"{name}.json", figures, goals,
                   quick=args.quick, workers=workers, batch_rows=BATCH_ROWS, batch_concurrency=BATCH_CONCURRENCY,
                   concurrency=list(CONCURRENCY), problems=problems)

@@ -113,6 +113,14 @@ def lua_script(bodies: list[str]) -> str:
     )
 
 
+def lua_file_script(body_path: str, headers: dict[str, str]) -> str:
+    """A wrk script that POSTs one body read from a file (binary, any bytes) with these headers."""
+    lines = ['wrk.method = "POST"']
+    lines += [f'wrk.headers["{name}"] = "{value}"' for name, value in headers.items()]
+    lines += [f'local file = assert(io.open("{body_path}", "rb"))', "wrk.body = file:read(\"*a\")", "file:close()"]
+    return "\n".join(lines) + "\n"
+
+
 def round_figures(prefix: str, results: list[WrkResult], problems: dict[str, str]) -> dict[str, float]:
     """One load's figures: with several rounds, the median of each figure over the rounds (requests
     and errors summed), and each round's requests/s and p99 beside it."""

@@ -451,6 +451,11 @@ class DeploySettings(_Section):
     namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     service_name: str = Field("", pattern=r"^([a-z]([-a-z0-9]*[a-z0-9])?)?$")  # empty: model_name
     runtime: str = Field("flywheel", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # the ServingRuntime
+    # The port the InferenceService exposes. The predictor serves REST and v2 gRPC either way, but
+    # Knative (KServe's Serverless mode) routes one port per container: http (REST, port 8080,
+    # named http1) or grpc (v2 gRPC, serving.grpc_port, named h2c: HTTP/2 cleartext). The release's
+    # canary replays held-out requests over REST, so a gRPC-exposed service is released without one.
+    protocol: Literal["http", "grpc"] = "http"
     service_account: str = Field("flywheel-kserve", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     s3_secret: str = Field("flywheel-kserve-s3", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     min_replicas: int = Field(0, ge=0)  # 0: scale to zero when idle

@@ -114,10 +114,16 @@ def render_inference_service(settings: Settings, model: ModelVersion, canary_per
     name = service_name(settings)
     if canary_percent is not None and not 0 <= canary_percent <= 100:
         raise DeployError(f"canaryTrafficPercent must be 0..100, not {canary_percent}")
-    readiness = client.V1Probe(
-        http_get=client.V1HTTPGetAction(path=f"/v2/models/{settings.model_name}/ready", port=HTTP_PORT),
-        initial_delay_seconds=2, period_seconds=5, failure_threshold=3,
-    )
+    if cfg.protocol == "grpc":
+        # Knative lets a probe reach the served port only; the gRPC port opens once the model is
+        # loaded and warmed up (serving.server.serve loads it before either server starts).
+        readiness = client.V1Probe(tcp_socket=client.V1TCPSocketAction(port=grpc_port(settings)),
+                                   initial_delay_seconds=2, period_seconds=5, failure_threshold=3)
+    else:
+        readiness = client.V1Probe(
+            http_get=client.V1HTTPGetAction(path=f"/v2/models/{settings.model_name}/ready", port=HTTP_PORT),
+            initial_delay_seconds=2, period_seconds=5, failure_threshold=3,
+        )
     predictor = V1beta1PredictorSpec(
         min_replicas=cfg.min_replicas,
         max_replicas=cfg.max_replicas,
@@ -132,6 +138,8 @@ def render_inference_service(settings: Settings, model: ModelVersion, canary_per
             storage_uri=model.uri,
             args=["--version", model.version],
             env=_env(settings),
+            protocol_version="grpc-v2" if cfg.protocol == "grpc" else None,
+            ports=[served_port(settings)],
             readiness_probe=readiness,
             resources=client.V1ResourceRequirements(
                 requests={"cpu": cfg.cpu_request, "memory": cfg.memory_request},
@@ -154,6 +162,21 @@ def render_inference_service(settings: Settings, model: ModelVersion, canary_per
     return Manifest(GROUP, VERSION, PLURAL, name, cfg.namespace, _serialize(isvc))
 
 
+def grpc_port(settings: Settings) -> int:
+    """The predictor's v2 gRPC port on a cluster (serving.grpc_port; KServe's 8081 where it is off
+    locally: a cluster predictor always serves gRPC)."""
+    return settings.serving.grpc_port or 8081
+
+
+def served_port(settings: Settings) -> Any:
+    """The one container port Knative routes to: REST (``http1``) or v2 gRPC (``h2c``)."""
+    from kubernetes import client
+
+    if settings.deploy.protocol == "grpc":
+        return client.V1ContainerPort(name="h2c", container_port=grpc_port(settings), protocol="TCP")
+    return client.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")
+
+
 def render_serving_runtime(settings: Settings) -> Manifest:
     """The ServingRuntime that runs ``flywheel serve`` for the ``flywheel`` model format."""
     from kserve import V1alpha1ServingRuntime, V1alpha1ServingRuntimeSpec, V1alpha1SupportedModelFormat
@@ -166,13 +189,13 @@ def render_serving_runtime(settings: Settings) -> Manifest:
         metadata=client.V1ObjectMeta(name=cfg.runtime, namespace=cfg.namespace, labels={"app.kubernetes.io/part-of": "flywheel"}),
         spec=V1alpha1ServingRuntimeSpec(
             supported_model_formats=[V1alpha1SupportedModelFormat(name=MODEL_FORMAT, auto_select=True)],
-            protocol_versions=["v1", "v2"],
+            protocol_versions=["v1", "v2", "grpc-v2"],
             containers=[client.V1Container(
                 name="kserve-container",
                 image=settings.image,
                 command=["flywheel", "serve"],
-                args=["--host", "0.0.0.0", "--port", str(HTTP_PORT)],
-                ports=[client.V1ContainerPort(container_port=HTTP_PORT, protocol="TCP")],
+                args=["--host", "0.0.0.0", "--port", str(HTTP_PORT), "--grpc-port", str(grpc_port(settings))],
+                ports=[served_port(settings)],
             )],
         ),
     )

@@ -90,6 +90,11 @@ def release_on_kserve(
         record.events.append(f"registry: {candidate.version} is production")
         return finish(canary.PROMOTE, ["no production version yet: the first version is rolled out whole once Ready"])
 
+    if settings.deploy.protocol == "grpc" and observe is None:
+        # Knative routes one port: a gRPC-exposed service has no REST port for the canary's replay.
+        raise DeployError("deploy.protocol is grpc: the InferenceService exposes only its gRPC port (Knative routes one port "
+                          "per container), and the canary replays held-out requests over REST; release with deploy.protocol "
+                          "http, or promote this version after its canary elsewhere")
     if kserve.get(name) is None:  # the stable version must be serving before a canary can share its traffic
         obj = kserve.apply(render_inference_service(settings, stable))
         record.events.append(f"created InferenceService {name} with stable {stable.version}")

@@ -77,6 +77,23 @@ def test_every_rendered_manifest_passes_its_crd_and_holds_no_credential(settings
     assert ACCESS not in text and SECRET not in text
 
 
+def test_the_grpc_protocol_exposes_the_h2c_port_and_still_passes_the_crds(settings, registry):
+    """Bug caught: no gRPC port on the cluster (KServe's gRPC off, nothing exposed), or two ports
+    on one container, which Knative (Serverless mode) refuses."""
+    reg, _, candidate = registry
+    docs = list(yaml.safe_load_all(render_all(settings, reg.get(candidate), 10)))
+    runtime, isvc = docs[1]["spec"]["containers"][0], docs[2]["spec"]["predictor"]["model"]
+    assert runtime["args"][-2:] == ["--grpc-port", "8081"] and "grpc-v2" in docs[1]["spec"]["protocolVersions"]
+    assert runtime["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}] == isvc["ports"]
+    grpc = settings.model_copy(update={"deploy": settings.deploy.model_copy(update={"protocol": "grpc"})})
+    docs = list(yaml.safe_load_all(render_all(grpc, reg.get(candidate), 10)))
+    runtime, isvc = docs[1]["spec"]["containers"][0], docs[2]["spec"]["predictor"]["model"]
+    assert runtime["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}] == isvc["ports"]
+    assert isvc["protocolVersion"] == "grpc-v2" and isvc["readinessProbe"]["tcpSocket"] == {"port": 8081}
+    assert_conforms(docs[1], "serving.kserve.io_servingruntimes.yaml", "v1alpha1")
+    assert_conforms(docs[2], *ISVC_CRD)
+
+
 def test_the_schema_check_rejects_an_unknown_field(settings, registry):
     """The check the manifests pass is a real one: the SDK's raw output with its stray field fails it."""
     reg, _, candidate = registry
