@@ -37,6 +37,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLYWHEEL_HOME=/home/flywheel/.flywheel
 USER 10001:10001
 WORKDIR /home/flywheel
-EXPOSE 8080
+EXPOSE 8080 8081
 # KFP and KServe set their own commands (python3 -m kfp.dsl.executor_main, python -m serving).
 CMD ["flywheel", "--help"]

@@ -62,7 +62,7 @@ def main() -> None:
     version = re.search(r"model returns (\S+) \(local\)", "".join(outputs)).group(1)
     port = free_port()
     serve = [".venv/bin/flywheel", "serve", "--usecase", "usecases/returns", "--version", version, "--port", str(port),
-             "--host", "127.0.0.1"]
+             "--host", "127.0.0.1", "--grpc-port", str(free_port())]
     began = time.perf_counter()
     log = work / "serve.log"
     with open(log, "w") as sink:

@@ -145,7 +145,7 @@ def serving_on_off(env: dict[str, str], instances: list[dict], seconds: int, fol
         for name, server_env in servers.items():
             port = bench.free_port()
             urls[name] = f"http://{bench.HOST}:{port}/v1/models/fraud:predict"
-            process, cold = bench.start_until_first_prediction([sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port)],
+            process, cold = bench.start_until_first_prediction([sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), "--grpc-port", "0"],
                                                                server_env, urls[name], bodies[0].encode(), folder / f"serve-{name}.log")
             processes.append(process)
         for url in urls.values():

@@ -465,7 +465,7 @@ def main() -> None:
         workers = [] if args.only == "protocols" else [1, 2] if serving_has_workers() else [1]
         figures: dict[str, float] = {"rows": rows or 0, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
         problems: dict[str, str] = {}
-        serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST]
+        serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST, "--grpc-port", "0"]  # REST here; gRPC in protocols()
         noop = [sys.executable, str(REPO / "benchmarks" / "noop_server.py"), "--model-name", MODEL_NAME]
         for count in workers:
             print(f"{count} worker(s):", flush=True)

@@ -128,7 +128,7 @@ def test_a_served_world_with_no_rows_in_redis_is_refused(redis_loop):
             open_served_store(settings, redis_loop["world"])
         # `flywheel serve` says so in one line and exits, rather than serving defaults.
         done = subprocess.run(
-            [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+            [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(free_port()), "--grpc-port", "0"],
             env=dict(os.environ, **redis_env(redis_loop["home"], empty)), capture_output=True, text=True, timeout=120,
         )
     assert done.returncode != 0
@@ -139,7 +139,7 @@ def test_a_served_world_with_no_rows_in_redis_is_refused(redis_loop):
 def redis_server_process(redis_loop):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "flywheel.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"],
         env=dict(os.environ, **redis_loop["env"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
