@@ -117,12 +117,12 @@ def kserve_clients_score(base: str, grpc: str, rows: list[dict], expected: list[
     metadata = httpx.get(f"{base}/v2/models/fraud", timeout=10).json()
     made = columns(metadata["inputs"], rows)
 
-    def request() -> InferRequest:
+    def request(binary: bool = True) -> InferRequest:
         inputs = []
         for tensor in metadata["inputs"]:
             values = made[tensor["name"]]
             one = InferInput(tensor["name"], list(values.shape), tensor["datatype"])
-            one.set_data_from_numpy(values)  # binary_data=True: KServe's default
+            one.set_data_from_numpy(values, binary_data=binary)  # binary_data=True: KServe's default
             inputs.append(one)
         return InferRequest(model_name="fraud", infer_inputs=inputs, request_id="kserve-request")
 
@@ -133,18 +133,18 @@ def kserve_clients_score(base: str, grpc: str, rows: list[dict], expected: list[
         over_grpc = InferenceGRPCClient(grpc)
         try:
             return (await rest.infer(base, request(), model_name="fraud", response_headers=headers),
-                    await over_grpc.infer(request()))
+                    await over_grpc.infer(request()), await over_grpc.infer(request(binary=False)))
         finally:
             await rest.close()
             await over_grpc.close()
 
-    by_rest, by_grpc = asyncio.run(both())
-    for response in (by_rest, by_grpc):
+    by_rest, by_grpc, by_grpc_typed = asyncio.run(both())  # the last with typed contents, not raw bytes
+    for response in (by_rest, by_grpc, by_grpc_typed):
         output = next(o for o in response.outputs if o.name == OUTPUT)
         np.testing.assert_allclose(np.asarray(output.as_numpy(), dtype=np.float64).reshape(-1), expected, rtol=1e-5, atol=1e-7)
     # KServe's REST client drops the body's model_version (InferResponse.from_bytes); the header has it.
     assert headers["x-model-version"] == version, headers
-    assert by_grpc.model_version == version, by_grpc.model_version
+    assert by_grpc.model_version == version == by_grpc_typed.model_version, by_grpc.model_version
 
 
 if __name__ == "__main__":
