@@ -109,6 +109,32 @@ def triton_grpc_one_good_one_bad(grpc: str, rows: list[dict], request_id: str) -
         raise AssertionError("a request without its required inputs was scored")
 
 
+def triton_grpc_limits(grpc: str, rows: list[dict], max_batch: int, max_bytes: int) -> None:
+    """Too many rows is INVALID_ARGUMENT naming the limit; a message over the body limit is refused
+    by gRPC itself (RESOURCE_EXHAUSTED), before it is read; the server answers afterwards."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(grpc)
+    metadata = client.get_model_metadata("fraud", as_json=True)["inputs"]
+    many = (rows * (max_batch // len(rows) + 1))[:max_batch + 1]
+    try:
+        client.infer("fraud", _triton_inputs(triton, columns(metadata, many)))
+    except InferenceServerException as exc:
+        assert exc.status() == "StatusCode.INVALID_ARGUMENT" and f"at most {max_batch} rows" in exc.message(), exc
+    else:
+        raise AssertionError("a request over serving.max_batch was scored")
+    huge = dict(rows[0], transaction_id="x" * (max_bytes + 1))
+    try:
+        client.infer("fraud", _triton_inputs(triton, columns(metadata, [huge])))
+    except InferenceServerException as exc:
+        assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED", exc
+    else:
+        raise AssertionError("a message over serving.max_body_bytes was read")
+    result = client.infer("fraud", _triton_inputs(triton, columns(metadata, rows[:1])))
+    assert result.as_numpy(OUTPUT).shape == (1,)
+
+
 def kserve_clients_score(base: str, grpc: str, rows: list[dict], expected: list[float], version: str) -> None:
     import httpx
     from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig

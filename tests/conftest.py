@@ -161,10 +161,12 @@ def trained_loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 # ---------------------------------------------------------------- a real browser
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Debian's headless Chromium driven by playwright, shared by the session's browser tests; a test
-    opens pages with :func:`tests.browser.open_offline` (no network)."""
+    """Debian's headless Chromium driven by playwright, shared by a module's browser tests; a test
+    opens pages with :func:`tests.browser.open_offline` (no network). Module-scoped: while
+    playwright's sync API is open, its event loop counts as this thread's running loop, and every
+    later test's ``asyncio.run`` would fail."""
     from tests.browser import launch
     from tests.tools import require
 

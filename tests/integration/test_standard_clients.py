@@ -207,3 +207,40 @@ def test_grpc_calls_are_counted_and_logged_like_rest(server):
         time.sleep(0.1)
     assert lines and lines[0]["method"] == "grpc" and lines[0]["status"] == 200
     assert lines[0]["model_version"] == loop["model"]["version"] and lines[0]["path"].endswith("/ModelInfer")
+
+
+def test_grpc_limits_are_the_rest_limits(server):
+    """Bugs caught: a gRPC request over serving.max_batch scored, or a message over
+    serving.max_body_bytes read whole (REST refuses both)."""
+    running, loop = server
+    settings = loop["settings"].serving
+    isolated("triton_grpc_limits", grpc=running.grpc, rows=rows(loop, 4), max_batch=settings.max_batch,
+             max_bytes=settings.max_body_bytes)
+
+
+def test_a_taken_grpc_port_is_refused_before_the_model_loads(trained_loop):
+    """Bug caught: a server that loads its model for minutes and then dies on a taken gRPC port, or
+    serves REST without the gRPC its clients expect."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        grpc_port = taken.getsockname()[1]
+        env = dict(os.environ, **trained_loop["env"])
+        done = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"cannot serve on 127.0.0.1:{grpc_port}" in done.stderr, done.stderr
+        assert "--grpc-port" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    same = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "--port", str(port), "--grpc-port", str(port)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert same.returncode != 0 and "both" in same.stderr and "Traceback" not in same.stderr, same.stderr
+    wrong = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "--grpc-port", "70000"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "70000 must be a port" in wrong.stderr, wrong.stderr
