@@ -3,8 +3,10 @@
 KServe binds 0.0.0.0 with no host flag, and with several workers starts them with multiprocessing's
 spawn, each importing KServe's FastAPI app afresh (so the app must be set up in the worker, not in
 the parent). :class:`FlywheelRESTServer` is KServe's RESTServer with what flywheel adds: the
-configured host, the access log and request ids, the body limit, a 400 (not 422) for a malformed
-v2 body, a 400 without a logged traceback for every client mistake, v2's versioned paths (the
+configured host, the access log and request ids, the body limit (gzip and deflate bodies inflated
+within it), a v2 infer route that reads the body as the protocol's clients send it (JSON whatever
+its Content-Type, or the binary tensor extension: :mod:`serving.tensors`), a 400 (not 422) for a
+malformed v2 body, a 400 without a logged traceback for every client mistake, v2's versioned paths (the
 served version answers there; another is a 404, where KServe answers 501), no model management
 routes (KServe's unload would let any caller take the model out of service) and no explain route,
 and a /metrics page that sums every worker's samples.

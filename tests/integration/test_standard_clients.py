@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.integration.test_serve import known_transaction
+from tests.client_scenarios import columns as arrays  # one numpy column per input the metadata lists
 from tests.servers import flywheel_server
 
 V1 = "/v1/models/fraud:predict"
@@ -41,26 +41,6 @@ def v1_scores(base: str, batch: list[dict]) -> np.ndarray:
     answer = httpx.post(f"{base}{V1}", json={"instances": batch}, timeout=30)
     assert answer.status_code == 200, answer.text
     return np.array([p[OUTPUT] for p in answer.json()["predictions"]])
-
-
-def arrays(metadata_inputs: list[dict], batch: list[dict]) -> dict[str, np.ndarray]:
-    """One numpy column per input the metadata lists, typed as the metadata says (the only schema
-    a client has)."""
-    columns = {}
-    for tensor in metadata_inputs:
-        name, datatype = tensor["name"], tensor["datatype"]
-        values = [row[name] for row in batch]
-        if datatype == "BYTES":
-            columns[name] = np.array([str(v).encode() for v in values], dtype=np.object_)
-        elif datatype == "FP64":
-            columns[name] = np.array(values, dtype=np.float64)
-        elif datatype == "INT64":
-            columns[name] = np.array(values, dtype=np.int64)
-        elif datatype == "BOOL":
-            columns[name] = np.array(values, dtype=bool)
-        else:
-            raise AssertionError(f"the metadata names a datatype the test does not know: {tensor}")
-    return columns
 
 
 def test_the_metadata_describes_every_input_and_output_and_the_served_version(server):
