@@ -316,6 +316,33 @@ class ScoringSettings(_Section):
     max_parallel_chunks: int = Field(4, ge=1, le=64)
 
 
+class MonitoringSettings(_Section):
+    """Closing the loop (flywheel/monitoring): what the predictor captures, what the monitor compares
+    and when it asks for a new model. A use case's own settings.yaml may set its capture rate."""
+
+    # The share of scored rows the predictor keeps (0: none, 1: every row), with the features it read
+    # and its outputs, as partitioned Parquet under <use case>/monitoring/capture/.
+    capture_rate: float = Field(0.0, ge=0, le=1)
+    capture_queue_rows: int = Field(100_000, ge=1)  # rows waiting to be written; beyond, rows are dropped and counted
+    capture_batch_rows: int = Field(20_000, ge=1)  # rows per Parquet file at most
+    capture_flush_s: float = Field(10.0, gt=0)  # a part is written at least this often while rows wait
+    window_days: float = Field(1.0, gt=0)  # what `flywheel monitor` reads when no --since is given
+    min_rows: int = Field(500, ge=1)  # a window with fewer captured rows is reported, never judged
+    bins: int = Field(10, ge=2, le=100)  # baseline quantile bins of a number (the drift histograms)
+    drift_metric: Literal["psi", "js"] = "psi"
+    max_psi: float = Field(0.2, gt=0)  # population stability index: 0.1 a change worth a look, 0.2 a shift
+    max_js: float = Field(0.1, gt=0, le=1)  # Jensen-Shannon distance (base 2)
+    max_category_linf: float = Field(0.1, gt=0, le=1)  # the largest change of one category's share
+    max_null_rate_change: float = Field(0.1, gt=0, le=1)  # absolute
+    max_skew_mismatch: float = Field(0.05, ge=0, le=1)  # a feature's online/offline mismatch rate
+    skew_sample_rows: int = Field(5_000, ge=1)  # captured rows replayed through the offline path
+    max_metric_drop: float = Field(0.1, gt=0)  # the model's key metric worse than its evaluation by this share
+    min_labelled_rows: int = Field(200, ge=1)  # a day's realised metric needs this many labelled rows
+    trigger: bool = False  # submit the training pipeline when something crosses (also `flywheel monitor --trigger`)
+    cooldown_h: float = Field(24.0, ge=0)  # no new triggered run this soon after the last one
+    schedule: str = "0 * * * *"  # the monitoring pipeline's cron (KFP recurring run)
+
+
 class StepResources(_Section):
     """CPU and memory requests and limits of one pipeline step's pod (Kubernetes quantities)."""
 
@@ -517,6 +544,7 @@ class Settings(_Section):
     kfp: KfpSettings = Field(default_factory=KfpSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)
     gc: GcSettings = Field(default_factory=GcSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @model_validator(mode="after")
     def _fill_defaults_under_home(self) -> "Settings":
