@@ -61,12 +61,12 @@ def features(snapshot: Input[Dataset], run_id: str, training_set: Output[Dataset
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(training_set: Input[Dataset], run_id: str, model: Output[Model]):
+def train(training_set: Input[Dataset], run_id: str, model: Output[Model], triggered_by: str = ""):
     """Distributed PyTorch training (torchrun locally, the same worker in a PyTorchJob)."""
     from flywheel.steps import train_step
     from flywheel.kfp_io import read_artifact, write_artifact
 
-    write_artifact(model, train_step(read_artifact(training_set), run_id), ["uri", "version", "sha256"])
+    write_artifact(model, train_step(read_artifact(training_set), run_id, triggered_by=triggered_by), ["uri", "version", "sha256"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

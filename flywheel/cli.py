@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     storage = Storage.from_settings(settings)
     console = _console()
-    run_id = new_run_id()
+    run_id = args.run_id or new_run_id()
     generated_s = None
     lake = ""  # the settings' lake
     if args.source:
@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             terminal = console_on(stack.enter_context(output_to(log_path)))
             stack.enter_context(progress(terminal, storage, run_id))
         try:
-            run_locally(settings, source, run_id, truth_uri, lake)
+            run_locally(settings, source, run_id, truth_uri, lake, args.triggered_by)
         except Exception as exc:  # kfp.local raises RuntimeError naming the failed task; the step record has why
             failure = exc
     total = time.perf_counter() - started
@@ -155,6 +155,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise PipelineError(f"step {failed[0]['step']} failed: {failed[0].get('error')}")
         raise PipelineError(f"the pipeline failed: {failure}")
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import json
+
+    from flywheel.steps import monitor_step, trigger_step
+
+    settings = _settings(args)
+    run_id = new_run_id()
+    result = monitor_step(run_id, args.since or "", args.until or "", settings)
+    decision = trigger_step(result, settings, submit=args.trigger or settings.monitoring.trigger, wait=args.wait)
+    console = _console()
+    if args.json:
+        print(json.dumps({"result": result, "decision": decision}, indent=2, default=str))
+    else:
+        console.print(f"monitor {run_id}: {result['rows']:,} captured rows from {result['since']} to {result['until']}"
+                      + (f", model {result['model_version']}" if result.get("model_version") else ""), soft_wrap=True, markup=False)
+        for note in result["notes"]:
+            console.print(f"  note: {note}", soft_wrap=True, markup=False)
+        for finding in result["findings"]:
+            console.print(f"  crossed: {finding['kind']}: {finding['subject']}: {finding['figure']} {finding['value']:.4g} "
+                          f"(threshold {finding['threshold']:.4g})", soft_wrap=True, markup=False)
+        if not result["findings"]:
+            console.print("  nothing crossed a threshold" if result["judged"] else "  not judged", soft_wrap=True, markup=False)
+        console.print(f"  trigger: {decision['action']}: {decision.get('reason', '')}", soft_wrap=True, markup=False)
+        console.print(f"report: {result['report_uri']}", soft_wrap=True, markup=False)
+    if decision["action"] == "failed":
+        raise PipelineError(f"the trigger failed: {decision['reason']}")
+    return 4 if result["findings"] else 0
 
 
 # ---------------------------------------------------------------- train
@@ -227,10 +256,10 @@ def _published(args: argparse.Namespace, settings: Any, publish: bool) -> Any:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines import scoring, training
+    from pipelines import monitoring, scoring, training
 
     settings = _published(args, _settings(args), publish=False)
-    for module in (training, scoring):
+    for module in (training, scoring, monitoring):
         _console().print(f"wrote {module.compile_pipeline(args.out, settings)}")
     return 0
 
@@ -277,9 +306,9 @@ def _package(args: argparse.Namespace, settings: Any, scratch: str) -> tuple[str
     if args.package:
         path = args.package
     else:
-        from pipelines import scoring, training
+        from pipelines import monitoring, scoring, training
 
-        module = {"training": training, "scoring": scoring}[args.pipeline]
+        module = {"training": training, "scoring": scoring, "monitoring": monitoring}[args.pipeline]
         path = str(module.compile_pipeline(scratch, settings))
     try:
         with open(path) as handle:
@@ -359,7 +388,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     settings, client = _kfp(args, publish=True)
     with tempfile.TemporaryDirectory() as scratch:
         uploaded, params = _upload(args, settings, client, scratch)
-        scheduled = client.schedule(uploaded, params, args.name or f"{uploaded.pipeline_name}-scheduled", args.cron)
+        cron = args.cron or (settings.monitoring.schedule if args.pipeline == "monitoring" and not args.package else None)
+        scheduled = client.schedule(uploaded, params, args.name or f"{uploaded.pipeline_name}-scheduled", cron)
     _console().print(f"recurring run {scheduled.name} ({scheduled.recurring_run_id}) on cron '{scheduled.cron}', one at a "
                      f"time, no catch-up: {scheduled.url}", soft_wrap=True)
     return 0
@@ -786,6 +816,15 @@ def _add_deploy_parser(sub: Any) -> None:
 
 
 # ---------------------------------------------------------------- parser
+def _run_id(value: str) -> str:
+    """A run id that is safe in a storage path and a KFP run name."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a run id: letters, digits, '.', '_' and '-', at most 100")
+    return value
+
+
 def _positive(value: str) -> int:
     try:
         number = int(value)
@@ -869,7 +908,23 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run ingest -> validate -> features -> train -> evaluate -> deploy with kfp.local. Without --source, generates data first.")
     run.add_argument("--rows", type=_positive, help="rows of the use case's demo data when no --source is given (default: the use case's, for fraud settings data.rows)")
     run.add_argument("--source", help="raw files to ingest: a folder, a file or s3://bucket/prefix")
+    run.add_argument("--run-id", type=_run_id, help="the run's id (default: a new one from the time)")
+    run.add_argument("--triggered-by", default="", help="the monitor's decision record that asked for this run (the model's lineage names it)")
     run.set_defaults(func=cmd_run)
+
+    mon = sub.add_parser("monitor", help="drift, skew and performance of the captured traffic against the served model's baseline",
+                         description="Read the captured requests of a window (default: the last monitoring.window_days of "
+                                     "capture), compare them with the model's training baseline (drift), replay a sample "
+                                     "through the offline path (skew), estimate performance without labels and measure it "
+                                     "where labels are known. Exits 0 when nothing crossed a threshold, 4 when something did "
+                                     "(each named with its figure). With --trigger, a crossing submits the training pipeline "
+                                     "(cool-down and one run in flight at most).")
+    mon.add_argument("--since", help="the window's start (ISO time, UTC when no offset)")
+    mon.add_argument("--until", help="the window's end (default: just after the newest captured row)")
+    mon.add_argument("--trigger", action="store_true", help="submit the training pipeline when something crossed (also monitoring.trigger)")
+    mon.add_argument("--wait", action="store_true", help="with a local trigger: wait for the triggered run to end")
+    mon.add_argument("--json", action="store_true", help="print the result (and the decision) as JSON")
+    mon.set_defaults(func=cmd_monitor)
 
     train = sub.add_parser("train", help="train on the latest training set: torchrun here, or a PyTorchJob/TrainJob",
                            description="Train on the latest training set (from the last `flywheel run`) and publish the model; "
@@ -910,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=cmd_score)
 
     def package_args(command: argparse.ArgumentParser, params: bool = True) -> None:
-        command.add_argument("--pipeline", choices=["training", "scoring"], default="training",
+        command.add_argument("--pipeline", choices=["training", "scoring", "monitoring"], default="training",
                              help="which pipeline to compile now from the settings (default training)")
         command.add_argument("--package", help="a compiled pipeline YAML instead (from `flywheel compile`)")
         command.add_argument("--pipeline-name", help="the pipeline's name in Kubeflow (default: the package's pipelineInfo.name)")

@@ -340,7 +340,10 @@ class MonitoringSettings(_Section):
     min_labelled_rows: int = Field(200, ge=1)  # a day's realised metric needs this many labelled rows
     trigger: bool = False  # submit the training pipeline when something crosses (also `flywheel monitor --trigger`)
     cooldown_h: float = Field(24.0, ge=0)  # no new triggered run this soon after the last one
-    schedule: str = "0 * * * *"  # the monitoring pipeline's cron (KFP recurring run)
+    schedule: str = "0 0 * * * *"  # the monitoring pipeline's KFP cron (six fields, seconds first): hourly
+    retrain_source: str = ""  # the raw files a triggered training run ingests (its landing folder); needed to trigger
+    trigger_target: Literal["local", "kfp"] = "local"  # local: `flywheel run`; kfp: the training pipeline on kfp.host
+    pushgateway: str = ""  # a Prometheus Pushgateway (host:port) the monitor pushes its gauges to; empty: none
 
 
 class StepResources(_Section):
@@ -365,6 +368,8 @@ def _default_step_resources() -> dict[str, StepResources]:
         "plan_scoring": StepResources(),
         "score": StepResources(cpu_request="2", cpu_limit="4", memory_request="4Gi", memory_limit="16Gi"),
         "summarize": StepResources(),
+        "monitor": StepResources(cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="8Gi"),
+        "trigger": StepResources(),
     }
 
 

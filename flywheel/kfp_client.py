@@ -204,6 +204,19 @@ class KfpClient:
                              str(path), version_name, pipeline_id=existing.pipeline_id, description=description or None)
         return Uploaded(existing.pipeline_id, pipeline_name, version.pipeline_version_id, version_name, False, True)
 
+    def latest_version(self, pipeline_name: str) -> Uploaded:
+        """The newest uploaded version of a pipeline (what a trigger runs: the version a person uploaded)."""
+        existing = self._find_pipeline(pipeline_name)
+        if existing is None:
+            raise KfpError(f"no pipeline {pipeline_name!r} on {self.kfp.host}: upload it first (`flywheel upload`)")
+        found = self._call(f"list versions of {pipeline_name!r}", self._client.list_pipeline_versions,
+                           pipeline_id=existing.pipeline_id, sort_by="created_at desc", page_size=50)
+        versions = sorted(found.pipeline_versions or [], key=lambda v: _time(v.created_at), reverse=True)
+        if not versions:
+            raise KfpError(f"pipeline {pipeline_name!r} has no version on {self.kfp.host}: upload it (`flywheel upload`)")
+        return Uploaded(existing.pipeline_id, pipeline_name, versions[0].pipeline_version_id, versions[0].display_name,
+                        False, False)
+
     # ------------------------------------------------------------ experiments, runs, schedules
     def experiment_id(self) -> str:
         """The settings' experiment, created when missing."""
@@ -234,6 +247,11 @@ class KfpClient:
                                service_account=self.kfp.service_account or None)
         return Scheduled(recurring.recurring_run_id, name, cron, experiment_id,
                          self.url(f"recurringrun/details/{recurring.recurring_run_id}"))
+
+    def run_state(self, run_id: str) -> str:
+        """A run's state (PENDING, RUNNING, SUCCEEDED, FAILED, ...)."""
+        run = self._call(f"get run {run_id!r}", self._client.get_run, run_id)
+        return str(run.state or "UNKNOWN")
 
     def runs(self, limit: int = 20) -> list[RunRow]:
         """The experiment's latest runs, newest first, with their state."""

@@ -205,14 +205,16 @@ def features_step(snapshot: dict[str, Any], run_id: str, settings: Settings | No
     return ts.to_dict()
 
 
-def train_step(training_set: dict[str, Any], run_id: str, settings: Settings | None = None) -> dict[str, Any]:
-    """DDP training through torchrun; returns the published model version."""
+def train_step(training_set: dict[str, Any], run_id: str, settings: Settings | None = None,
+               triggered_by: str = "") -> dict[str, Any]:
+    """DDP training through torchrun; returns the published model version. ``triggered_by``: the
+    monitor's decision record that asked for this run (an input of the model's lineage)."""
     from flywheel.features.build import TrainingSet
     from flywheel.training.train import train
 
     settings, storage = _context(settings)
     with recorded(storage, run_id, "train") as record:
-        result = train(storage, settings, TrainingSet.from_dict(training_set), run_id)
+        result = train(storage, settings, TrainingSet.from_dict(training_set), run_id, triggered_by)
         record.update(
             rows=training_set["train_rows"],
             reused=result.reused,
@@ -233,6 +235,7 @@ def evaluate_step(
     settings, storage = _context(settings)
     with recorded(storage, run_id, "evaluate") as record:
         result = evaluate(storage, settings, TrainingSet.from_dict(training_set), model["version"], run_id, truth_uri)
+        baseline = _monitoring_baseline(storage, settings, model["version"])
         record.update(
             rows=training_set["holdout_rows"],
             model_version=model["version"],
@@ -243,9 +246,28 @@ def evaluate_step(
             truth=result.truth,
             blessed=result.blessed,
             reasons=result.reasons,
-            artifacts={"evaluation": result.report_uri, "report": result.html_uri},
+            artifacts={"evaluation": result.report_uri, "report": result.html_uri, **({"baseline": baseline} if baseline else {})},
         )
     return result.to_dict()
+
+
+def _monitoring_baseline(storage: Any, settings: Settings, version: str) -> str:
+    """The version's monitoring baseline (its training set's profile and its holdout's reference),
+    stored with the model; a failure is logged with its cause and left to the monitor to retry: it
+    never fails the evaluation."""
+    from flywheel.monitoring.baseline import baseline_uri, build_baseline
+    from flywheel.registry import Registry
+
+    model = Registry(storage, settings.model_name).get(version)
+    if storage.exists(baseline_uri(model)):
+        return baseline_uri(model)
+    try:
+        build_baseline(storage, settings, model)
+    except Exception as exc:
+        log.error("evaluate: no monitoring baseline for %s (the monitor builds it when first needed): %s: %s",
+                  version, type(exc).__name__, exc)
+        return ""
+    return baseline_uri(model)
 
 
 def evaluation_html(evaluation: dict[str, Any], settings: Settings | None = None) -> str:
@@ -278,6 +300,34 @@ def decision_markdown(deployed: dict[str, Any]) -> str:
     if deployed.get("decision"):
         return DecisionRecord(**deployed["decision"]).to_markdown()
     return f"# Deployed\n\n`{deployed.get('version')}` is the production version (`flywheel serve` follows it).\n"
+
+
+# ---------------------------------------------------------------- monitoring
+def monitor_step(run_id: str, since: str = "", until: str = "", settings: Settings | None = None) -> dict[str, Any]:
+    """Drift, skew and performance of a window of captured traffic (flywheel.monitoring.monitor)."""
+    from flywheel.monitoring.monitor import monitor
+
+    settings, storage = _context(settings)
+    with recorded(storage, run_id, "monitor") as record:
+        result = monitor(storage, settings, run_id, since or None, until or None)
+        record.update(rows=result.rows, model_version=result.model_version, crossed=len(result.findings),
+                      findings=[f.describe() for f in result.findings],
+                      artifacts={"result": result.result_uri, "report": result.report_uri, "metrics": result.metrics_uri})
+    return result.to_dict()
+
+
+def trigger_step(result: dict[str, Any], settings: Settings | None = None, submit: bool = True, wait: bool = False) -> dict[str, Any]:
+    """What the monitor's result asks for: nothing, a held request, or a submitted training run."""
+    from flywheel.monitoring.trigger import decide
+
+    settings, storage = _context(settings)
+    return decide(storage, settings, result, submit=submit, wait=wait)
+
+
+def monitoring_html(result: dict[str, Any], settings: Settings | None = None) -> str:
+    """The monitor's HTML report, for the Kubeflow UI's HTML artifact."""
+    settings, storage = _context(settings)
+    return storage.read_bytes(result["report_uri"]).decode()
 
 
 # ---------------------------------------------------------------- batch scoring

@@ -25,7 +25,7 @@ S3_SECRET = "flywheel-s3"  # Kubernetes Secret with keys `accesskey` and `secret
 NETWORK_STEPS = {"ingest", "features", "train", "deploy", "score"}
 # Steps that read "latest" state outside their inputs (the raw files behind a URI, the lake, the
 # production model): a cache hit would replay a stale answer.
-READS_LATEST = {"ingest", "validate", "evaluate", "deploy", "plan_scoring", "summarize"}
+READS_LATEST = {"ingest", "validate", "evaluate", "deploy", "plan_scoring", "summarize", "monitor", "trigger"}
 
 
 def configure(task: Any, display_name: str, settings: Settings, step: str) -> Any:
@@ -102,9 +102,10 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         return configure(task, display_name, settings, step)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Ingest, validate, build features, train, gate and deploy the fraud model.")
-    def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "", lake_uri: str = "") -> None:
+    def training_pipeline(source_uri: str, run_id: str = "", truth_uri: str = "", lake_uri: str = "", triggered_by: str = "") -> None:
         """source_uri: raw files to ingest. run_id: empty for the KFP job id. truth_uri: true fraud
-        probabilities, when known (generated data). lake_uri: empty for the settings' lake."""
+        probabilities, when known (generated data). lake_uri: empty for the settings' lake.
+        triggered_by: the monitor's decision record that asked for this run (the model's lineage names it)."""
         # Ingest always re-reads its source: the files behind a URI can change, so it is never cached.
         # It also settles the run id: the caller's (flywheel run) or else the KFP job's.
         ingest = configure_task(
@@ -121,7 +122,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
         # from the published snapshot only.
         features = configure_task(components.features(snapshot=validate.outputs["snapshot"], run_id=run_id), "Features (Feast)", "features")
         # DDP training; the same inputs reuse the model already trained from them.
-        train = configure_task(components.train(training_set=features.outputs["training_set"], run_id=run_id), "Train (DDP)", "train")
+        train = configure_task(components.train(training_set=features.outputs["training_set"], run_id=run_id, triggered_by=triggered_by), "Train (DDP)", "train")
         # Holdout metrics; blessed = above the floors and no worse than production.
         evaluate = configure_task(
             components.evaluate(
@@ -181,12 +182,13 @@ def local_steps(settings: Settings, run_id: str) -> Iterator[None]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "", lake_uri: str = "") -> Any:
+def run_locally(settings: Settings, source_uri: str, run_id: str, truth_uri: str = "", lake_uri: str = "",
+                triggered_by: str = "") -> Any:
     """Run the DAG with kfp.local (SubprocessRunner in this Python environment)."""
     with local_steps(settings, run_id):
         # No step retries here: kfp.local honours them with real backoff sleeps, and on one machine a
         # failed step is a bug or bad data to report at once (storage already retries its requests).
         pipeline = create_pipeline(settings.model_copy(update={"kfp": settings.kfp.model_copy(update={"retries": 0})}))
         started = time.perf_counter()
-        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri)
+        result = pipeline(source_uri=source_uri, run_id=run_id, truth_uri=truth_uri, lake_uri=lake_uri, triggered_by=triggered_by)
         return result, time.perf_counter() - started

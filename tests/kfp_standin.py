@@ -206,6 +206,10 @@ class KfpStandin:
                 mine = [_public(v) for v in self.versions.values() if v["pipeline_id"] == parts[1]]
                 items = self._filtered(mine, query)
                 return 200, {"pipeline_versions": items, "total_size": len(items)}
+            if method == "GET" and len(parts) == 2 and parts[0] == "runs":
+                if parts[1] not in self.runs:
+                    raise ApiError(404, f"NotFoundError: run {parts[1]}")
+                return 200, self.runs[parts[1]]
             if method == "POST" and route == "/experiments":
                 return 200, self._create_experiment(body)
             if method == "GET" and route == "/experiments":

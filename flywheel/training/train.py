@@ -76,8 +76,9 @@ def training_key(training_set: TrainingSet, settings: Settings) -> str:
     return hashlib.sha256(json.dumps([training_set.sha256, params, training_code_hash(), usecase], sort_keys=True).encode()).hexdigest()
 
 
-def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str) -> TrainResult:
-    """Train on a training set and publish the model; the same inputs reuse the existing version."""
+def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_id: str, triggered_by: str = "") -> TrainResult:
+    """Train on a training set and publish the model; the same inputs reuse the existing version.
+    ``triggered_by`` (a monitor's decision record) joins the model's lineage inputs and its card."""
     from flywheel.registry import Registry
     from flywheel.training.worker import HISTORY
 
@@ -140,8 +141,12 @@ def train(storage: Storage, settings: Settings, training_set: TrainingSet, run_i
             "engine_code": code_fingerprint("flywheel.features.engine"),
             "run_id": run_id,
         }
+        if triggered_by:
+            meta["triggered_by"] = triggered_by
         saved = save_model(spec, out, work / "model", meta)
         inputs = [storage.stat(training_set.train_uri).to_dict(), storage.stat(training_set.manifest_uri).to_dict()]
+        if triggered_by:  # the evidence that asked for this model: `flywheel lineage` walks to it
+            inputs.append(storage.stat(triggered_by).to_dict())
         model = registry.publish(saved, training_key=key, run_id=run_id, inputs=inputs, meta=meta)
     log.info("train: published %s in %.1fs (%d attempt(s))", model.version, seconds, attempts)
     return TrainResult(model, False, seconds, epochs)
