@@ -1,10 +1,14 @@
 """A model version's monitoring baseline, stored with the model: what its training set looked like
-and how it scored on its holdout.
+at its end and how the model scored there.
 
-- ``profile``: mergeable sketches (:mod:`flywheel.monitoring.profile`) of every request field and
-  online feature over the training set's rows, and of every output over the holdout's predictions;
-  each window of captured traffic is profiled on the same bins and vocabularies, so drift is a
-  comparison of counts.
+- ``profile``: mergeable sketches (:mod:`flywheel.monitoring.profile`) of every request field, online
+  feature and output over the training set's holdout: its newest rows (split by time), on which the
+  model was evaluated. That is the state serving should resemble: the older rows include any
+  warm-up of windowed features (a 30-day count over the first days of the data is small because
+  the data is young, not because the world differs), which would make every later week "drift".
+  Each window of captured traffic is profiled on the same bins and vocabularies, so drift is a
+  comparison of counts. The training rows' own profile is kept too (``training_profile``), for a
+  reader who wants the whole history.
 - ``reference``: the label-free estimators' fit on the holdout (:mod:`flywheel.monitoring.performance`:
   a binary model's calibration map, a regression's loss model) and the holdout's realised metrics,
   which the estimates and the realised metrics of later days are held to.
@@ -37,7 +41,7 @@ from flywheel.features.build import TrainingSet
 from flywheel.features.views import View, views_of_model
 from flywheel.monitoring import performance
 from flywheel.monitoring.capture import FEATURE, INPUT, OUTPUT
-from flywheel.monitoring.profile import Profile, profile_table
+from flywheel.monitoring.profile import profile_table
 from flywheel.registry import ModelVersion, Registry
 from flywheel.scoring import output_columns
 from flywheel.storage import Storage
@@ -113,12 +117,13 @@ def build_baseline(storage: Storage, settings: Settings, version: ModelVersion) 
     holdout = storage.read_parquet(training_set.holdout_uri).to_pandas()
     predictions = np.asarray(model.score(holdout))
     labels = np.asarray(model.spec.label_values(holdout))
-    rows = pd.concat([_as_capture(train, contract, views), _as_capture(holdout, contract, views)], ignore_index=True)
-    scored = pd.DataFrame(predictions.reshape(len(holdout), -1), columns=[OUTPUT + name for name in outputs])
+    rows = _as_capture(holdout, contract, views)
+    for index, name in enumerate(outputs):
+        rows[OUTPUT + name] = predictions.reshape(len(holdout), -1)[:, index]
     cfg = settings.monitoring
-    input_kinds = {k: v for k, v in kinds.items() if not k.startswith(OUTPUT)}
-    profile = profile_table(rows, input_kinds, bins=cfg.bins)
-    profile = _join(profile, profile_table(scored, {k: v for k, v in kinds.items() if k.startswith(OUTPUT)}, bins=cfg.bins))
+    profile = profile_table(rows, kinds, bins=cfg.bins)
+    inputs_only = {k: v for k, v in kinds.items() if not k.startswith(OUTPUT)}
+    training_profile = profile_table(_as_capture(train, contract, views), inputs_only, bins=cfg.bins)
     numeric_inputs = holdout_features(_as_capture(holdout, contract, views), kinds)
     if task.kind == "binary":
         reference = performance.binary_reference(predictions.reshape(-1), labels)
@@ -132,6 +137,7 @@ def build_baseline(storage: Storage, settings: Settings, version: ModelVersion) 
         "outputs": outputs,
         "kinds": kinds,
         "profile": profile.to_dict(),
+        "training_profile": training_profile.to_dict(),
         "reference": reference,
         "training_rows": int(len(train)),
         "holdout_rows": int(len(holdout)),
@@ -151,12 +157,6 @@ def holdout_features(frame: pd.DataFrame, kinds: dict[str, Kind]) -> pd.DataFram
     """The numeric inputs and features a regression's loss model reads (the capture's names)."""
     columns = [c for c, kind in kinds.items() if kind == "number" and not c.startswith(OUTPUT) and c in frame.columns]
     return frame[columns].astype("float64")
-
-
-def _join(a: Profile, b: Profile) -> Profile:
-    """Two profiles of different columns over different rows (inputs over the training set, outputs
-    over the holdout) as one document: each column keeps its own counts."""
-    return Profile(rows=a.rows, columns={**a.columns, **b.columns})
 
 
 def load_baseline(storage: Storage, settings: Settings, version: ModelVersion) -> dict[str, Any]:

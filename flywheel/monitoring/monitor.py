@@ -191,7 +191,7 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
     cfg = settings.monitoring
     start, end = window_of(storage, settings, since, until)
     frame = read_capture(storage, start, end).to_pandas()
-    result = MonitorResult(run_id=run_id, since=start.isoformat(), until=end.isoformat(), rows=int(len(frame)),
+    result = MonitorResult(run_id=run_id, since=start.isoformat(timespec="microseconds"), until=end.isoformat(timespec="microseconds"), rows=int(len(frame)),
                            versions={}, model_version=None, task=None, judged=False)
     if not len(frame):
         result.notes.append(f"no captured rows from {result.since} to {result.until}")
@@ -313,14 +313,11 @@ def _labels_for(storage: Storage, settings: Settings, meta: dict[str, Any], rows
 
 def _drift_findings(data: dict[str, Any], cfg: Any) -> list[Finding]:
     findings = []
-    if data.get("value") is not None and data.get("threshold") is not None and data["value"] > data["threshold"]:
+    if data["metric_crossed"]:
         findings.append(Finding("drift", data["column"], data["metric"], float(data["value"]), float(data["threshold"])))
-    change = data.get("null_rate_change")
-    if change is not None and abs(change) > cfg.max_null_rate_change:
-        findings.append(Finding("nulls", data["column"], "null rate change", float(change), cfg.max_null_rate_change))
-    if not findings:  # crossed for a reason this function does not know: still say it
-        findings.append(Finding("drift", data["column"], data.get("metric", "drift"), float(data.get("value") or 0.0),
-                                float(data.get("threshold") or 0.0)))
+    if data["null_rate_crossed"]:
+        findings.append(Finding("nulls", data["column"], "null rate change", float(data["null_rate_change"]),
+                                float(data["null_rate_threshold"])))
     return findings
 
 

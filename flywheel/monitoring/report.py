@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.monitoring.profile import Profile
+from flywheel.monitoring.profile import CategoryProfile, NumberProfile, Profile
 
 TOP_DISTRIBUTIONS = 4
 
@@ -97,13 +97,32 @@ def distribution_plot(column: str, baseline: Profile, window: Profile) -> str | 
     labels, before, after = shares
     x = np.arange(len(labels))
     figure, axis = plt.subplots(figsize=(7, 2.8))
-    axis.bar(x - 0.2, before, width=0.4, label="baseline (training)")
+    axis.bar(x - 0.2, before, width=0.4, label="baseline (the training set's holdout)")
     axis.bar(x + 0.2, after, width=0.4, label="window (served)")
     axis.set_xticks(x, labels, rotation=45, ha="right", fontsize="small")
     axis.set_ylabel("share of rows")
     axis.set_title(column)
     axis.legend(fontsize="small")
     return _png(figure)
+
+
+def _shares(baseline: Profile, window: Profile, column: str) -> tuple[list[str], list[float], list[float]] | None:
+    """(bucket labels, baseline shares, window shares) of one column: a number's bins between the
+    baseline's quantile edges (with the open ends), a category's vocabulary and "other"."""
+    base, seen = baseline.columns.get(column), window.columns.get(column)
+    if base is None or seen is None or not base.count or not seen.count:
+        return None
+    if isinstance(base, NumberProfile):
+        edges = [f"{edge:.3g}" for edge in base.edges]
+        if not edges:
+            labels = ["all"]
+        elif len(edges) == 1:  # a constant baseline
+            labels = [f"< {edges[0]}", f"= {edges[0]}", f"> {edges[0]}"]
+        else:
+            labels = [f"< {edges[0]}"] + [f"{a} to {b}" for a, b in zip(edges, edges[1:])] + [f"> {edges[-1]}"]
+        return labels, [b / base.count for b in base.bins], [b / seen.count for b in seen.bins]
+    assert isinstance(base, CategoryProfile) and isinstance(seen, CategoryProfile)
+    return [*base.vocabulary, "other"], base.shares(), seen.shares()
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -156,7 +175,7 @@ def render_report(result: Any, baseline: dict[str, Any] | None, window: Profile 
         if image:
             parts.append(_figure("drift", "each column's drift as a share of its threshold", image))
         parts.append(_table(sorted(result.drift, key=lambda d: -(d.get("value") or 0) / (d.get("threshold") or 1)),
-                            ["column", "kind", "metric", "value", "threshold", "null_rate_change", "out_of_range_rate", "rows", "crossed"]))
+                            ["column", "kind", "metric", "value", "threshold", "null_rate_change", "out_of_range_rate", "unseen_rate", "rows", "crossed"]))
         if baseline is not None:
             if window is not None:
                 base = Profile.from_dict(baseline["profile"])
