@@ -1,0 +1,124 @@
+"""The trigger (flywheel/monitoring/trigger.py): every decision recorded with its evidence; a crossing
+submits the training pipeline on Kubeflow Pipelines (the KFP API stand-in on loopback, checking the
+request bodies) at most once at a time and not again within the cool-down."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from flywheel.config import load_settings
+from flywheel.kfp_client import KfpClient
+from flywheel.monitoring.trigger import decide, lease_uri
+from flywheel.storage import Storage
+from pipelines.training import compile_pipeline
+from tests.kfp_standin import kfp_standin
+
+TOKEN = "trigger-test-token"
+SOURCE = "s3://landing/fraud/raw"
+FINDING = {"kind": "drift", "subject": "input.amount", "figure": "psi", "value": 1.43, "threshold": 0.2}
+
+
+def result(run_id: str, findings: list[dict] | None = None, judged: bool = True) -> dict:
+    return {"run_id": run_id, "since": "2026-10-20T00:00:00+00:00", "until": "2026-10-27T00:00:00+00:00", "rows": 9000,
+            "model_version": "20261020-000000-abcdef12", "judged": judged, "findings": findings or [],
+            "result_uri": f"/x/monitoring/runs/{run_id}/result.json", "report_uri": f"/x/monitoring/runs/{run_id}/report.html"}
+
+
+@pytest.fixture
+def api():
+    with kfp_standin(token=TOKEN) as standin:
+        yield standin
+
+
+@pytest.fixture
+def kfp_settings(api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # kfp.Client keeps a context file there
+    env = {"FLYWHEEL_HOME": str(tmp_path / "fh"), "FLYWHEEL_KFP__HOST": api.url, "FLYWHEEL_KFP_TOKEN": TOKEN,
+           "FLYWHEEL_KFP__TOKEN_PATH": str(tmp_path / "no-token-file"), "FLYWHEEL_MONITORING__TRIGGER_TARGET": "kfp",
+           "FLYWHEEL_MONITORING__RETRAIN_SOURCE": SOURCE}
+    return lambda **extra: load_settings(env={**env, **extra})
+
+
+def upload_training(settings, tmp_path: Path) -> None:
+    KfpClient(settings).upload(compile_pipeline(tmp_path / "compiled", settings), "flywheel-training")
+
+
+def test_nothing_crossed_is_recorded_and_submits_nothing(kfp_settings, api):
+    settings = kfp_settings()
+    storage = Storage.from_settings(settings)
+    decision = decide(storage, settings, result("mon-quiet"))
+    assert decision["action"] == "none" and decision["reason"] == "nothing crossed a threshold"
+    assert storage.read_json(decision["uri"]) == decision
+    small = decide(storage, settings, result("mon-small", judged=False))
+    assert small["reason"] == "the window was too small to judge"
+    assert not api.runs and not storage.exists(lease_uri(storage))
+
+
+def test_a_crossing_submits_the_newest_uploaded_training_pipeline_with_the_decision_as_its_trigger(kfp_settings, api, tmp_path):
+    """Bug caught: a trigger that runs without the evidence (the model's lineage could not name why it
+    was trained), or runs a pipeline nobody uploaded."""
+    settings = kfp_settings()
+    storage = Storage.from_settings(settings)
+    upload_training(settings, tmp_path)
+    decision = decide(storage, settings, result("mon-1", [FINDING]))
+    assert decision["action"] == "submitted", decision
+    assert decision["evidence"] == [FINDING] and "input.amount" in decision["reason"]
+    [run] = api.runs.values()
+    assert run["runtime_config"]["parameters"] == {"source_uri": SOURCE, "triggered_by": decision["uri"]}
+    assert run["display_name"] == "triggered-mon-1"
+    assert decision["training_run"]["run_id"] == run["run_id"]
+    assert storage.read_json(lease_uri(storage))["run_id"] == run["run_id"]
+
+
+def test_a_second_crossing_waits_for_the_run_in_flight_then_for_the_cool_down(kfp_settings, api, tmp_path):
+    settings = kfp_settings()
+    storage = Storage.from_settings(settings)
+    upload_training(settings, tmp_path)
+    first = decide(storage, settings, result("mon-1", [FINDING]))
+    run_id = first["training_run"]["run_id"]
+    api.set_state(run_id, "RUNNING")
+    held = decide(storage, settings, result("mon-2", [FINDING]))
+    assert held["action"] == "held" and f"{run_id}" in held["reason"] and "still running" in held["reason"]
+    api.set_state(run_id, "SUCCEEDED")
+    cooling = decide(storage, settings, result("mon-3", [FINDING]))
+    assert cooling["action"] == "held" and "cool-down" in cooling["reason"], cooling
+    assert not storage.exists(lease_uri(storage))  # the ended run's lease was released
+    no_cool_down = kfp_settings(FLYWHEEL_MONITORING__COOLDOWN_H="0")
+    again = decide(storage, no_cool_down, result("mon-4", [FINDING]))
+    assert again["action"] == "submitted"
+    assert len(api.runs) == 2
+
+
+def test_two_monitors_crossing_at_the_same_moment_submit_one_run(kfp_settings, api, tmp_path):
+    """Bug caught: a check-then-act race (both see no run in flight, both submit)."""
+    settings = kfp_settings()
+    storage = Storage.from_settings(settings)
+    upload_training(settings, tmp_path)
+    decisions: list[dict] = []
+    barrier = threading.Barrier(4)
+
+    def one(index: int) -> None:
+        barrier.wait()
+        decisions.append(decide(storage, settings, result(f"mon-race-{index}", [FINDING])))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(d["action"] for d in decisions) == ["held", "held", "held", "submitted"], decisions
+    assert len(api.runs) == 1
+
+
+def test_a_failed_submission_is_recorded_with_its_cause_and_frees_the_slot(kfp_settings, api):
+    settings = kfp_settings()  # nothing uploaded: the trigger has no pipeline to run
+    storage = Storage.from_settings(settings)
+    decision = decide(storage, settings, result("mon-1", [FINDING]))
+    assert decision["action"] == "failed"
+    assert "no pipeline 'flywheel-training'" in decision["reason"] and "flywheel upload" in decision["reason"]
+    assert not storage.exists(lease_uri(storage))
+    missing = kfp_settings(FLYWHEEL_MONITORING__RETRAIN_SOURCE="")
+    assert "monitoring.retrain_source is empty" in decide(storage, missing, result("mon-2", [FINDING]))["reason"]
