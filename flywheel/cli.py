@@ -804,7 +804,7 @@ def _positive(value: str) -> int:
 def _key_value(value: str) -> tuple[str, str]:
     key, equals, text = value.partition("=")
     if not equals or not key.strip():
-        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE, e.g. amount_scale=3")
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE (a name, =, its value)")
     return key.strip(), text.strip()
 
 
