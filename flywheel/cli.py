@@ -60,11 +60,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     usecase = load_usecase(settings.usecase)
     # --days and --seed are the settings' data section for this command (unvalidated: the use case checks them).
     data = settings.data.model_copy(update={k: v for k, v in (("days", args.days), ("seed", args.seed)) if v is not None})
+    free_form: dict[str, str] = {}
+    for key, value in args.option or []:
+        if key in free_form:
+            raise ConfigError(f"--option {key} is given twice ({free_form[key]!r} and {value!r}): give it once")
+        free_form[key] = value
     started = time.perf_counter()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task(f"writing {usecase.name}'s demo data", total=args.rows)
         wrote = write_demo_files(storage, usecase, args.out, rows=args.rows, data=data,
-                                 options={"start": args.start, "format": args.format},
+                                 options={"start": args.start, "format": args.format, "options": free_form or None},
                                  progress=lambda n: bar.update(task, completed=n))
     _console().print(f"wrote {wrote} ({time.perf_counter() - started:.1f}s)", soft_wrap=True, markup=False)
     return 0
@@ -835,6 +840,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _key_value(value: str) -> tuple[str, str]:
+    key, equals, text = value.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE (a name, =, its value)")
+    return key.strip(), text.strip()
+
+
 def _port_or_zero(value: str) -> int:
     try:
         number = int(value)
@@ -872,13 +884,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="write the use case's demo data (fraud's: seeded synthetic transactions with their true probabilities)",
                          description="Write the use case's demo data under URI: what `flywheel run` ingests without --source, "
-                                     "written by the use case's source.py (write_demo). --start and --format are passed on "
-                                     "to it when given; a use case that does not take them says so.")
+                                     "written by the use case's source.py (write_demo). --start, --format and --option are "
+                                     "passed on to it when given; a use case that does not take them says so, and its generator "
+                                     "checks each --option and names the ones it knows (fraud's: a later period of the same "
+                                     "world, and drift from a given day; usecases/fraud/generator.py says what each does).")
     gen.add_argument("--rows", type=_positive, help="number of rows (default: the use case's own, e.g. settings data.rows)")
     gen.add_argument("--days", type=_positive, help="days of history (default: settings data.days, 30)")
     gen.add_argument("--seed", type=int, help="random seed (default: settings data.seed, 7)")
     gen.add_argument("--start", help="first day, YYYY-MM-DD (default: the use case's, 2026-10-01 for generated transactions)")
     gen.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="raw file format (default: the use case's, parquet)")
+    gen.add_argument("--option", action="append", type=_key_value, metavar="KEY=VALUE",
+                     help="an option of the use case's generator, passed on as text (repeat for several); "
+                          "the use case refuses one it does not know")
     gen.add_argument("--out", required=True, help="where to write: a folder or s3://bucket/prefix")
     gen.set_defaults(func=cmd_generate)
 

@@ -5,7 +5,9 @@ A use case that can make data of its own (generated, or a public data set it rea
 of its contract under ``out_uri`` (``rows``: how many, None for the use case's default; ``data``:
 the settings' ``data`` section: seed, days, default rows). It may take more keyword arguments:
 ``progress`` (called with the rows written so far) and the options `flywheel generate` passes on
-when they are given (``start``, the first day; ``format``, the raw files' format), and may return
+when they are given (``start``, the first day; ``format``, the raw files' format; ``options``, a
+dict of the free-form ``--option KEY=VALUE`` strings, which the use case checks and refuses by name
+when it does not know one), and may return
 what it wrote, in a line. Each demo dataset is a world of its own,
 so it gets its own lake beside its raw files: a later run with another size neither mixes with nor
 collides with an earlier one. The same parameters and the same Python files of the use case
@@ -26,6 +28,7 @@ from flywheel.usecase import UseCase, load_module
 
 SOURCE_MODULE = "source"
 DONE = "_demo.json"  # written last: a demo folder without it is written again
+FLAGS = {"options": "--option"}  # write_demo's parameter -> `flywheel generate`'s flag, where they differ
 
 
 def demo_base(storage: Storage, usecase: UseCase, rows: int | None, data: Any) -> str:
@@ -61,7 +64,8 @@ def write_demo_files(storage: Storage, usecase: UseCase, out_uri: str, *, rows: 
     given = {name: value for name, value in (options or {}).items() if value is not None}
     refused = sorted(name for name in given if name not in parameters and not takes_any)
     if refused:
-        raise UseCaseError(f"use case {usecase.name}'s demo data takes no {', '.join('--' + n for n in refused)}: its "
+        flags = ", ".join(FLAGS.get(name, "--" + name) for name in refused)
+        raise UseCaseError(f"use case {usecase.name}'s demo data takes no {flags}: its "
                            f"write_demo ({usecase.folder / 'source.py'}) has no parameter {', '.join(refused)}; leave "
                            f"{'it' if len(refused) == 1 else 'them'} out")
     if progress is not None and ("progress" in parameters or takes_any):

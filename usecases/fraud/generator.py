@@ -24,7 +24,25 @@ Output, under ``out_uri``::
 Names starting with ``_`` are skipped by ingest, so the truth never reaches the lake. Generation
 streams: only per-card and per-merchant parameter arrays are held for the whole run; each chunk
 holds every transaction of a group of cards, so memory is bounded by ``chunk_rows``. The same
-(rows, days, seed, start, chunk_rows) always gives byte-identical files.
+(rows, days, seed, start, chunk_rows, options) always gives byte-identical files.
+
+Options (``options``: `flywheel generate --option KEY=VALUE`, strings or numbers; see :data:`OPTIONS`).
+A later period of the same world: ``world_rows=N`` draws the cards and merchants of a run of N rows
+(the earlier period's --rows; same seed), with this run's rows spread over them by the same
+activity, and numbers the transaction ids ``t<seed>-<first day YYYYMMDD>-<n>``, so periods of one
+world never share an id. Drift, from ``drift_from`` (a day; default the first day) on, and nothing
+before it (rows before the day are exactly those of the same run without drift; the drift's own
+draws come from a random stream of their own):
+
+- ``amount_scale=F``: every amount times F (prices in a new currency, or inflation): the card's
+  typical amount scales with it, so the true fraud probabilities and the labels do not change.
+- ``new_category=NAME`` (``new_category_share=S``, default 0.1): a share S of the transactions go to
+  new merchants (ids after the world's) of a category the contract does not know, with the amount
+  scale 1 and no category risk.
+- ``fraud_pattern=card_testing`` (``fraud_pattern_share=S``, default 0.03): a share S of the
+  transactions become card tests: online payments of 0.50-2.00 (before any amount_scale), fraud
+  with probability 0.6 whatever the card's other risk factors. A model trained before the day sees a
+  small, ordinary online payment (small amounts carry no risk in fraud_logit) and misses them.
 """
 
 from __future__ import annotations
@@ -32,9 +50,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -118,6 +136,18 @@ NIGHT_RATE = 0.25  # night sessions per hour, relative to a daytime hour
 ROWS_PER_CARD = 50
 ROWS_PER_MERCHANT = 200
 
+# Options (module docstring). A drift option's value is checked against these.
+OPTIONS = ("world_rows", "drift_from", "amount_scale", "new_category", "new_category_share", "fraud_pattern",
+           "fraud_pattern_share")
+FRAUD_PATTERNS = ("card_testing",)
+NEW_CATEGORY_SHARE = 0.1  # default share of transactions going to the new category
+CARD_TEST_SHARE = 0.03  # default share of transactions that are card tests
+CARD_TEST_AMOUNT = (0.5, 2.0)
+CARD_TEST_FRAUD_PROBABILITY = 0.6
+MIN_AMOUNT = 0.01  # a payment is positive (the contract's strict min 0)
+MAX_AMOUNT = float(CONTRACT.columns["amount"].max)  # scaled amounts are capped at the contract's bound
+_CATEGORY_NAME = re.compile(r"^[a-z0-9_]{1,40}$")
+
 # Intercept of the fraud logit. Calibrated once by simulation: for 2M rows x seeds 1-5 the logit
 # without the intercept, r, was collected; mean(sigmoid(b0 + r)) is monotone in b0, and a bisection
 # for a mean of 1.5% gave b0 = -6.559 (per-seed means 1.49%-1.50%). Re-calibrate whenever a weight
@@ -156,6 +186,7 @@ class Population:
     home_lat: np.ndarray
     home_lon: np.ndarray
     typical_amount: np.ndarray
+    activity: np.ndarray  # a card's relative transaction rate
     counts: np.ndarray  # transactions per card; sums to the requested rows
     merchant_category: np.ndarray  # index into MERCHANT_CATEGORIES
     merchant_cdf: np.ndarray  # cumulative probability that a transaction goes to merchant m
@@ -259,7 +290,137 @@ def make_population(rows: int, rng: np.random.Generator) -> Population:
     activity = rng.gamma(2.0, 1.0, n_cards)
     counts = rng.multinomial(rows, activity / activity.sum()).astype(np.int64)
     category, cdf = _make_merchants(max(20, rows // ROWS_PER_MERCHANT), rng)
-    return Population(home_lat, home_lon, typical_amount, counts, category, cdf)
+    return Population(home_lat, home_lon, typical_amount, activity, counts, category, cdf)
+
+
+def with_rows(population: Population, rows: int, rng: np.random.Generator) -> Population:
+    """The same cards and merchants with ``rows`` transactions spread over the cards by their
+    activity (a later period of the same world)."""
+    counts = rng.multinomial(rows, population.activity / population.activity.sum()).astype(np.int64)
+    return replace(population, counts=counts)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The generator's options, checked (:func:`parse_options`); the defaults change nothing."""
+
+    world_rows: int | None = None
+    drift_from: dt.datetime | None = None
+    amount_scale: float | None = None
+    new_category: str | None = None
+    new_category_share: float | None = None
+    fraud_pattern: str | None = None
+    fraud_pattern_share: float | None = None
+
+    @property
+    def drifts(self) -> bool:
+        return self.amount_scale is not None or self.new_category is not None or self.fraud_pattern is not None
+
+    def given(self) -> dict[str, Any]:
+        """The options that were given, as JSON values (for _generation.json)."""
+        values = {name: getattr(self, name) for name in OPTIONS if getattr(self, name) is not None}
+        return {name: value.isoformat() if isinstance(value, dt.datetime) else value for name, value in values.items()}
+
+
+def parse_options(options: Mapping[str, Any] | None) -> Options:
+    """Check the options (strings, as `flywheel generate --option KEY=VALUE` gives them, or numbers and
+    dates); a :class:`DataError` names the option that is unknown or wrong, and the known ones."""
+    options = dict(options or {})
+    unknown = sorted(name for name in options if name not in OPTIONS)
+    if unknown:
+        raise DataError(f"fraud's generator has no option {', '.join(map(repr, unknown))}: the known options are "
+                        f"{', '.join(OPTIONS)}")
+    parsed = Options(
+        world_rows=_option(options, "world_rows", _whole_number),
+        drift_from=_option(options, "drift_from", _day),
+        amount_scale=_option(options, "amount_scale", _positive_number),
+        new_category=_option(options, "new_category", _new_category),
+        new_category_share=_option(options, "new_category_share", _share),
+        fraud_pattern=_option(options, "fraud_pattern", _fraud_pattern),
+        fraud_pattern_share=_option(options, "fraud_pattern_share", _share),
+    )
+    for share, of in (("new_category_share", "new_category"), ("fraud_pattern_share", "fraud_pattern")):
+        if getattr(parsed, share) is not None and getattr(parsed, of) is None:
+            raise DataError(f"option {share} is the share of {of}'s rows: give {of} too")
+    if parsed.drift_from is not None and not parsed.drifts:
+        raise DataError("option drift_from is the day a drift starts: give a drift too "
+                        "(amount_scale, new_category or fraud_pattern)")
+    if parsed.new_category is not None and parsed.new_category_share is None:
+        parsed = replace(parsed, new_category_share=NEW_CATEGORY_SHARE)
+    if parsed.fraud_pattern is not None and parsed.fraud_pattern_share is None:
+        parsed = replace(parsed, fraud_pattern_share=CARD_TEST_SHARE)
+    return parsed
+
+
+def _option(options: dict[str, Any], name: str, parse: Callable[[Any], Any]) -> Any:
+    if name not in options or options[name] is None:
+        return None
+    try:
+        return parse(options[name])
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"option {name}={options[name]!r}: {exc}") from None
+
+
+def _whole_number(value: Any) -> int:
+    number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
+        raise ValueError("must be a whole number >= 1 (the --rows of the earlier period of this world)")
+    return int(number)
+
+
+def _number(value: Any) -> float | None:
+    """A number from a number or its text; None when it is neither (or not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.number)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _positive_number(value: Any) -> float:
+    number = _number(value)
+    if number is None or number <= 0:
+        raise ValueError("must be a number above 0, e.g. 3")
+    return number
+
+
+def _share(value: Any) -> float:
+    number = _number(value)
+    if number is None or not 0 < number <= 1:
+        raise ValueError("must be a share above 0 and at most 1, e.g. 0.2")
+    return number
+
+
+def _day(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        day = value
+    elif isinstance(value, dt.date):
+        day = dt.datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            day = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError("must be an ISO-8601 date or time, e.g. 2026-10-20") from None
+    else:
+        raise ValueError("must be an ISO-8601 date or time, e.g. 2026-10-20")
+    return day.replace(tzinfo=dt.timezone.utc) if day.tzinfo is None else day.astimezone(dt.timezone.utc)
+
+
+def _new_category(value: Any) -> str:
+    if not isinstance(value, str) or not _CATEGORY_NAME.match(value):
+        raise ValueError("must be a category name of lower-case letters, digits and _, e.g. crypto_atm")
+    if value in MERCHANT_CATEGORIES:
+        raise ValueError(f"is already one of the contract's merchant categories ({', '.join(MERCHANT_CATEGORIES)}): "
+                         "name a new one")
+    return value
+
+
+def _fraud_pattern(value: Any) -> str:
+    if value not in FRAUD_PATTERNS:
+        raise ValueError(f"unknown fraud pattern: choose one of {', '.join(FRAUD_PATTERNS)}")
+    return value
 
 
 def _make_merchants(n_merchants: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -310,11 +471,14 @@ def generate_chunk(
     seed: int,
     start_us: int,
     days: int,
+    drift: Drift | None = None,
+    id_prefix: str | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Every transaction of the cards in ``cards``; returns (raw table, truth table).
 
     The draws happen in a fixed order whatever their use, so a chunk is a pure function of its
-    inputs and its generator's state.
+    inputs and its generator's state. ``drift`` changes the rows from its day on with draws of its
+    own generator, so the rows before the day are those of the same chunk without it.
     """
     first_card, end_card = cards
     counts = population.counts[first_card:end_card]
@@ -339,18 +503,23 @@ def generate_chunk(
     channel = np.minimum(np.searchsorted(channel_cdf / channel_cdf[-1], rng.random(n), side="right"), len(CHANNELS) - 1)
 
     risk = np.array([CATEGORY_RISK.get(c, 0.0) for c in MERCHANT_CATEGORIES])[category]
+    categories, card_test = MERCHANT_CATEGORIES, np.zeros(n, dtype=bool)
+    if drift is not None:
+        amount, expected_amount, merchant, category, risk, channel, card_test = drift.apply(
+            ts_us >= drift.from_us, amount, expected_amount, merchant, category, risk, channel)
+        categories = drift.categories
     hour = (ts_us // _US_PER_HOUR) % 24
     z = fraud_logit(
         amount, expected_amount, position, risk, hour, haversine_km(home_lat, home_lon, lat, lon), channel == CHANNELS.index("online")
     )
-    probability = sigmoid(z)
+    probability = np.where(card_test, CARD_TEST_FRAUD_PROBABILITY, sigmoid(z))
     is_fraud = (rng.random(n) < probability).astype(np.int8)
 
     order = np.lexsort((ts_us, card))  # each card's transactions in time order, cards in id order
     columns = {
         "card_id": _ids("c", first_card + card[order] + 1, 7),
         "merchant_id": _ids("m", merchant[order] + 1, 6),
-        "merchant_category": pa.array(MERCHANT_CATEGORIES).take(pa.array(category[order])),
+        "merchant_category": pa.array(categories).take(pa.array(category[order])),
         "amount": pa.array(amount[order]),
         "ts": pa.array(ts_us[order], type=pa.timestamp("us", tz="UTC")),
         "channel": pa.array(CHANNELS).take(pa.array(channel[order])),
@@ -358,7 +527,55 @@ def generate_chunk(
         "lon": pa.array(lon[order]),
         LABEL: pa.array(is_fraud[order]),
     }
-    return _chunk_tables(f"t{seed}-", first_row, columns, probability[order])
+    return _chunk_tables(id_prefix or f"t{seed}-", first_row, columns, probability[order])
+
+
+@dataclass
+class Drift:
+    """The drift options of a run, applied to one chunk at a time (:meth:`apply`)."""
+
+    options: Options
+    from_us: int  # the first drifted microsecond
+    merchants: int  # the world's merchants: the new category's merchants are numbered after them
+    rng: np.random.Generator  # the chunk's drift draws (set per chunk)
+
+    @property
+    def categories(self) -> list[str]:
+        """The category names an index points into: the contract's, then the new one."""
+        return MERCHANT_CATEGORIES + ([self.options.new_category] if self.options.new_category else [])
+
+    @property
+    def new_merchants(self) -> int:
+        """How many merchants the new category has: its share of the world's merchants, at least one."""
+        return max(1, round(self.merchants * (self.options.new_category_share or 0.0)))
+
+    def apply(self, drifted: np.ndarray, amount: np.ndarray, expected_amount: np.ndarray, merchant: np.ndarray,
+              category: np.ndarray, risk: np.ndarray, channel: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The rows where ``drifted`` is set, drifted; returns (amount, expected amount, merchant,
+        category, risk, channel, card test) with the other rows unchanged. The draws happen in a
+        fixed order whatever the options, so each option picks the same rows with or without the others."""
+        n, options = len(amount), self.options
+        to_new, pick, test, test_amount = self.rng.random(n), self.rng.random(n), self.rng.random(n), self.rng.uniform(*CARD_TEST_AMOUNT, n)
+        card_test = np.zeros(n, dtype=bool)
+        if options.new_category is not None:
+            moved = drifted & (to_new < options.new_category_share)
+            new_merchant = self.merchants + np.minimum((pick * self.new_merchants).astype(np.int64), self.new_merchants - 1)
+            scale = np.array([CATEGORY_AMOUNT_SCALE[c] for c in MERCHANT_CATEGORIES])[category]
+            factor = np.where(moved, 1.0 / scale, 1.0)  # the new category's amount scale is 1
+            amount = np.where(moved, np.maximum(np.round(amount * factor, 2), 0.5), amount)
+            expected_amount = expected_amount * factor
+            merchant = np.where(moved, new_merchant, merchant)
+            category = np.where(moved, len(MERCHANT_CATEGORIES), category)
+            risk = np.where(moved, 0.0, risk)
+        if options.fraud_pattern == "card_testing":
+            card_test = drifted & (test < options.fraud_pattern_share)
+            amount = np.where(card_test, np.round(test_amount, 2), amount)
+            channel = np.where(card_test, CHANNELS.index("online"), channel)
+        if options.amount_scale is not None:
+            scaled = np.clip(np.round(amount * options.amount_scale, 2), MIN_AMOUNT, MAX_AMOUNT)
+            amount = np.where(drifted, scaled, amount)
+            expected_amount = np.where(drifted, expected_amount * options.amount_scale, expected_amount)
+        return amount, expected_amount, merchant, category, risk, channel, card_test
 
 
 def _draw_locations(
@@ -496,23 +713,41 @@ def generate(
     fmt: str = "parquet",
     chunk_rows: int = 500_000,
     progress: Callable[[int], None] | None = None,
+    options: Mapping[str, Any] | Options | None = None,
 ) -> GenerateResult:
     """Write ``rows`` synthetic transactions over ``days`` days from ``start`` (UTC) to ``out_uri``.
 
     One raw file per chunk of at most ``chunk_rows`` rows (more only when one card alone has more),
     the true fraud probabilities apart under ``_truth/``, then ``_generation.json``. ``progress`` is
-    called after each chunk with the number of rows written so far.
+    called after each chunk with the number of rows written so far. ``options``: a later period of
+    the same world and drift (module docstring, :data:`OPTIONS`), checked before anything is written.
     """
     start_at = _validate(rows, days, seed, fmt, chunk_rows, start)
     start_us = (start_at - _EPOCH) // dt.timedelta(microseconds=1)
-    population = make_population(rows, np.random.default_rng([seed, 0]))
+    chosen = options if isinstance(options, Options) else parse_options(options)
+    end_at = start_at + dt.timedelta(days=days)
+    drift_from = chosen.drift_from or start_at
+    if chosen.drifts and drift_from >= end_at:
+        raise DataError(f"option drift_from={drift_from.date().isoformat()} is not before the end of the generated "
+                        f"days ({start_at.date().isoformat()} to {(end_at - dt.timedelta(days=1)).date().isoformat()}): "
+                        "nothing would drift")
+    population = make_population(chosen.world_rows or rows, np.random.default_rng([seed, 0]))
+    if chosen.world_rows is not None and chosen.world_rows != rows:
+        population = with_rows(population, rows, np.random.default_rng([seed, 2]))
+    id_prefix = f"t{seed}-{start_at:%Y%m%d}-" if chosen.world_rows is not None else f"t{seed}-"
+    drift = None
+    if chosen.drifts:
+        drift_from_us = (drift_from - _EPOCH) // dt.timedelta(microseconds=1)
+        drift = Drift(chosen, drift_from_us, population.merchants, np.random.default_rng([seed, 3]))
 
     files: list[str] = []
     truth_files: list[str] = []
     written = fraud_rows = 0
     for index, cards in enumerate(plan_chunks(population.counts, chunk_rows)):
         rng = np.random.default_rng([seed, 1, index])
-        raw, truth = generate_chunk(population, cards, rng, written, seed, start_us, days)
+        if drift is not None:
+            drift.rng = np.random.default_rng([seed, 3, index])
+        raw, truth = generate_chunk(population, cards, rng, written, seed, start_us, days, drift, id_prefix)
         name = f"part-{index:05d}"
         files.append(join(out_uri, f"{name}.{fmt}"))
         truth_files.append(join(out_uri, "_truth", f"{name}.parquet"))
@@ -534,7 +769,10 @@ def generate(
         start=start_at,
         end=start_at + dt.timedelta(days=days),
     )
-    storage.write_json(join(out_uri, "_generation.json"), _summary(result, out_uri, days, seed, fmt, chunk_rows))
+    summary = _summary(result, out_uri, days, seed, fmt, chunk_rows)
+    if chosen.given():
+        summary["parameters"]["options"] = chosen.given()
+    storage.write_json(join(out_uri, "_generation.json"), summary)
     return result
 
 

@@ -16,12 +16,15 @@ def generator():
 
 
 def write_demo(storage, out_uri: str, *, rows: int | None, data, start: str | None = None, format: str | None = None,
-               progress: Callable[[int], None] | None = None) -> str:
+               options: dict | None = None, progress: Callable[[int], None] | None = None) -> str:
     """``rows`` transactions (default: the settings' ``data.rows``) over ``data.days`` days with
     ``data.seed``, from ``start`` (default 2026-10-01) as ``format`` files (parquet, csv or jsonl;
-    default parquet). Returns what was written, in a line."""
-    options = {name: value for name, value in (("start", start), ("fmt", format)) if value is not None}
+    default parquet). ``options`` (`flywheel generate --option KEY=VALUE`): a later period of the
+    same world (``world_rows``) and drift (``drift_from``, ``amount_scale``, ``new_category``,
+    ``new_category_share``, ``fraud_pattern``, ``fraud_pattern_share``), as generator.py's docstring
+    says; the generator refuses any other. Returns what was written, in a line."""
+    named = {name: value for name, value in (("start", start), ("fmt", format)) if value is not None}
     result = generator().generate(storage, out_uri, rows=rows or data.rows, days=data.days, seed=data.seed,
-                                  progress=progress, **options)
+                                  progress=progress, options=options, **named)
     return (f"{result.rows:,} rows ({result.fraud_rate():.2%} fraud, {result.cards:,} cards, {result.merchants:,} merchants) "
             f"in {len(result.files)} file(s) under {out_uri}; true probabilities under {out_uri.rstrip('/')}/_truth/")
