@@ -69,7 +69,7 @@ def _call(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]
         started = time.perf_counter()
         given = next((value for key, value in context.invocation_metadata() or () if key == "x-request-id"), "")
         request_id = given if isinstance(given, str) and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        state = {"code": grpc.StatusCode.OK, "version": ""}
+        state = {"code": grpc.StatusCode.OK, "version": "", "request_id": request_id}
         try:
             response = await method(self, request, context, state)
             return response
@@ -148,6 +148,7 @@ class FlywheelServicer(InferenceServicer):
         if not await self._data_plane.model_ready(request.model_name, True):
             raise ModelNotReady(request.model_name)
         headers = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        headers["x-request-id"] = state["request_id"]  # the call's id (given or made), as the access log has it
         response, response_headers = await self._data_plane.infer(
             request=InferRequest.from_grpc(request), headers=headers, model_name=request.model_name)
         state["version"] = response_headers.get("x-model-version", "")

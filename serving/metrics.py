@@ -31,6 +31,8 @@ LOOKUP_SECONDS = Histogram("flywheel_feature_lookup_seconds", "Online feature lo
 FORWARD_SECONDS = Histogram("flywheel_forward_seconds", "Model forward pass of one scoring pass (all its transactions)", buckets=FAST_BUCKETS)
 UNKNOWN_ENTITIES = Counter("flywheel_unknown_entities", "Rows scored with cold-start defaults, by the entity the store did not know", ["entity"])
 LIVE_WRITES = Counter("flywheel_live_write_through", "Scored rows written to the live-feature event log, by outcome", ["outcome"])
+CAPTURE_ROWS = Counter("flywheel_capture_rows", "Scored rows sampled for capture (monitoring.capture_rate), by outcome: queued, "
+                       "dropped (the queue was full), written (to a Parquet part), failed (the part could not be written)", ["outcome"])
 RELOADS = Counter("flywheel_model_reloads", "Production model changes picked up without a restart, by outcome", ["outcome"])
 
 

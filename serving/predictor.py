@@ -23,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import random
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,7 @@ from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import Model, load_version
 from serving import metrics
+from serving.capture import CaptureQueue, Captured, CaptureWriter
 from flywheel.usecase import load_usecase
 from serving.requests import RequestSchema, Rows, input_datatype, join_rows, parse_json
 from serving.tensors import decode_raw_inputs
@@ -71,6 +75,8 @@ class Bundle:
 class Scored:
     predictions: np.ndarray  # one per row (rows x classes for a multiclass model)
     unknown: list[list[str]]  # per row: the entities the online store did not know
+    features: dict[str, np.ndarray] | None = None  # the features read for the rows (a whole pass's; not a part's)
+    known: dict[str, np.ndarray] | None = None  # per join key: whether the store knew the row's entity
 
     def part(self, start: int, stop: int) -> "Scored":
         return Scored(self.predictions[start:stop], self.unknown[start:stop])
@@ -94,9 +100,9 @@ def score(bundle: Bundle, rows: Rows, record: bool = True) -> Scored:
         for entity, flags in missing:
             metrics.UNKNOWN_ENTITIES.labels(entity).inc(int(flags.sum()))
     if not missing:
-        return Scored(predictions, [[] for _ in range(rows.count)])
+        return Scored(predictions, [[] for _ in range(rows.count)], features, known)
     flags = [(entity, values.tolist()) for entity, values in missing]
-    return Scored(predictions, [[entity for entity, values in flags if values[row]] for row in range(rows.count)])
+    return Scored(predictions, [[entity for entity, values in flags if values[row]] for row in range(rows.count)], features, known)
 
 
 class ScoringPasses:
@@ -115,22 +121,27 @@ class ScoringPasses:
     a matrix product rounds by its number of rows).
     """
 
-    def __init__(self, after: Any = None) -> None:
+    def __init__(self, after: Any = None, capture: Any = None) -> None:
         self._after = after  # called with (bundle, rows) after a pass scored them (the live write-through)
-        self._waiting: dict[int, tuple[Bundle, list[tuple[Rows, asyncio.Future]]]] = {}
+        # called with (bundle, rows, scored, spans) after a pass that held sampled requests: spans are
+        # (start, stop, request id) of each, in the pass's rows
+        self._capture = capture
+        self._waiting: dict[int, tuple[Bundle, list[tuple[Rows, asyncio.Future, str | None]]]] = {}
         self._running: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak ones)
 
     def _count(self) -> int:
         return sum(len(requests) for _, requests in self._waiting.values())
 
-    async def score(self, bundle: Bundle, rows: Rows) -> Scored:
+    async def score(self, bundle: Bundle, rows: Rows, capture_id: str | None = None) -> Scored:
+        """The request's rows scored (in a pass with the requests that came with it); ``capture_id``:
+        the request was sampled for capture, under this request id."""
         loop = asyncio.get_running_loop()
         if not self._waiting:
             task = loop.create_task(self._run())
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         future = loop.create_future()
-        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((rows, future))
+        self._waiting.setdefault(id(bundle), (bundle, []))[1].append((rows, future, capture_id))
         return await future
 
     async def _run(self) -> None:
@@ -148,20 +159,25 @@ class ScoringPasses:
         waiting, self._waiting = self._waiting, {}
         for bundle, requests in waiting.values():
             try:
-                rows = join_rows([rows for rows, _ in requests])
+                rows = join_rows([rows for rows, _, _ in requests])
                 scored = score(bundle, rows)
             except Exception as exc:  # the store failed: every request of the pass says so
-                for _, future in requests:
+                for _, future, _ in requests:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             start = 0
-            for part, future in requests:
+            spans = []
+            for part, future, capture_id in requests:
                 if not future.done():  # a client that went away cancelled its future
                     future.set_result(scored.part(start, start + part.count))
+                if capture_id is not None:
+                    spans.append((start, start + part.count, capture_id))
                 start += part.count
             if self._after is not None:
                 self._after(bundle, rows)  # after the replies are set: never delays them
+            if spans and self._capture is not None:
+                self._capture(bundle, rows, scored, spans)
 
 
 def load_bundle(settings: Settings, version: str | None = None) -> Bundle:
@@ -231,8 +247,10 @@ class Predictor(kserve.Model):
         self._bundle: Bundle | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        self._passes = ScoringPasses(self._write_through)
+        self._passes = ScoringPasses(self._write_through, self._capture)
         self._events: Any = None  # the live-feature event log, opened on first use in each process
+        self._captures: Any = None  # the capture queue and its writer, started on first use in each process
+        self._captures_pid = 0
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -299,13 +317,13 @@ class Predictor(kserve.Model):
     # spawn) without its model; serving.rest calls load_in_worker there before the worker serves.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, _events=None, ready=False)
+        state.update(_bundle=None, _stop=None, _poller=None, _passes=None, _events=None, _captures=None, _captures_pid=0, ready=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._stop = threading.Event()
-        self._passes = ScoringPasses(self._write_through)
+        self._passes = ScoringPasses(self._write_through, self._capture)
 
     def load_in_worker(self) -> None:
         """In a worker process: its own model (one torch thread, set before the load), warmed up,
@@ -333,6 +351,42 @@ class Predictor(kserve.Model):
         except Exception as exc:
             metrics.LIVE_WRITES.labels("failed").inc(rows.count)
             log.error("live: %d scored rows were not written to the event log: %s: %s", rows.count, type(exc).__name__, exc)
+
+    # ------------------------------------------------------------ capture
+    def _capture_id(self, headers: dict[str, str] | None) -> str | None:
+        """The request's id when it is sampled for capture (``monitoring.capture_rate``), else None."""
+        rate = self.settings.monitoring.capture_rate
+        if rate <= 0 or (rate < 1 and random.random() >= rate):
+            return None
+        request_id = headers.get("x-request-id") if headers else None
+        return request_id or uuid.uuid4().hex  # the REST and gRPC servers always give one; a direct call may not
+
+    def _capture(self, bundle: Bundle, rows: Rows, scored: Scored, spans: list[tuple[int, int, str]]) -> None:
+        """Hand a pass's sampled rows to this process's capture queue: references only, never blocking
+        (a full queue drops and counts them), never failing the pass."""
+        try:
+            captures = self._captures
+            if captures is None or self._captures_pid != os.getpid():
+                captures = self._start_capture()
+            count = sum(stop - start for start, stop, _ in spans)
+            captures.offer(Captured(time.time_ns(), bundle, rows.columns, scored.features or {}, scored.known or {},
+                                    scored.predictions, tuple(spans), count), count)
+        except Exception as exc:
+            log.error("capture: a pass's rows were not captured: %s: %s", type(exc).__name__, exc)
+
+    def _start_capture(self) -> CaptureQueue:
+        monitoring = self.settings.monitoring
+        settings = self.settings
+        writer = CaptureWriter(lambda: Storage.from_settings(settings), monitoring.capture_batch_rows)
+        self._captures = CaptureQueue(writer, monitoring.capture_queue_rows, monitoring.capture_batch_rows, monitoring.capture_flush_s)
+        self._captures_pid = os.getpid()
+        return self._captures
+
+    def close_capture(self) -> None:
+        """Write the captured rows still waiting and stop the writer (server stop, worker exit)."""
+        captures = self._captures
+        if captures is not None and self._captures_pid == os.getpid():
+            captures.close()
 
     # ------------------------------------------------------------ metadata
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -371,7 +425,7 @@ class Predictor(kserve.Model):
         if isinstance(payload, InferRequest):
             if payload.from_grpc:
                 decode_raw_inputs(payload)  # gRPC's raw_input_contents, checked as REST's binary data is
-            scored = await self._passes.score(bundle, bundle.schema.v2(payload, max_batch))
+            scored = await self._passes.score(bundle, bundle.schema.v2(payload, max_batch), self._capture_id(headers))
             # Outputs as arrays: KServe encodes them as the request asked (REST: JSON, or binary where
             # binary_data_output or an output's binary_data says so; gRPC: raw contents when the inputs
             # came raw). gRPC encodes every array raw, so typed contents get lists.
@@ -390,7 +444,7 @@ class Predictor(kserve.Model):
             return InferResponse(response_id=payload.id or "", model_name=self.name, model_version=bundle.version,
                                  infer_outputs=outputs, use_binary_outputs=binary, requested_outputs=payload.request_outputs,
                                  from_grpc=payload.from_grpc)
-        scored = await self._passes.score(bundle, bundle.schema.v1(payload, max_batch))
+        scored = await self._passes.score(bundle, bundle.schema.v1(payload, max_batch), self._capture_id(headers))
         task = bundle.model.task
         values = scored.predictions.tolist()
         if task.kind == "multiclass":  # each row's probability per class, by the class's name

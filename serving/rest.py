@@ -88,6 +88,9 @@ class ServingMiddleware:
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        if request_id != given:  # the predictor sees the id the response and the access log carry (capture)
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"]
+                         + [(b"x-request-id", request_id.encode())])
         path = scope.get("path", "")
         versioned = VERSIONED_PATH.fullmatch(path)
         wrong_version = None
@@ -284,7 +287,12 @@ class FlywheelRESTServer(RESTServer):
         for model in self.dataplane.model_registry.get_models().values():
             if hasattr(model, "load_in_worker"):
                 model.load_in_worker()
-        super().run(sockets)
+        try:
+            super().run(sockets)
+        finally:  # the worker is stopping: write its captured rows still waiting
+            for model in self.dataplane.model_registry.get_models().values():
+                if hasattr(model, "close_capture"):
+                    model.close_capture()
 
     def _add_middlewares(self, app: Any) -> None:
         _configure_access_log()

@@ -139,6 +139,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
     sys.argv = sys.argv[:1]
     metrics_dir = prepare_environment(settings, workers)
     updater = None
+    predictor = None
     try:
         from serving.predictor import Predictor
 
@@ -158,6 +159,8 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
                   f"{'updated here' if settings.live.run_updater else 'updated by flywheel events run'})", flush=True)
         build_server(host, port, workers, settings.serving.max_body_bytes, grpc_port).start([predictor])
     finally:
+        if predictor is not None:
+            predictor.close_capture()  # the captured rows still waiting, written before the process ends
         if updater is not None:
             updater.terminate()
             try:

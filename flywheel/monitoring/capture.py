@@ -20,7 +20,7 @@ Files are written whole (the storage layer's atomic write): a reader never sees 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -90,3 +90,82 @@ def read_capture(storage: Storage, since: dt.datetime | None = None, until: dt.d
             keep = pc.and_(keep, pc.less(table["row_time"], pa.scalar(until, pa.timestamp("us", "UTC"))))
         table = table.filter(keep)
     return table
+
+
+# ---------------------------------------------------------------- writing (the predictor's side)
+UTC_US = pa.timestamp("us", "UTC")
+INPUT_KINDS = ("string", "number", "integer", "timestamp", "bool")
+
+
+def input_array(values: Any, kind: str, empty_is_null: bool = False) -> pa.Array:
+    """One ``input.<field>`` column from the predictor's validated values (numbers and booleans as
+    float64 with NaN where absent, times as datetime64 with NaT, text as objects): typed as the
+    layout says (float64, int64, timestamp[us, UTC], bool, string), absent values null.
+    ``empty_is_null``: an empty text is an absent value (an optional field the request left out)."""
+    import numpy as np
+
+    if kind == "string":
+        mask = np.equal(values, "") if empty_is_null else None
+        return pa.array(values, type=pa.string(), mask=mask)
+    if kind == "timestamp":
+        return pa.array(np.asarray(values).astype("datetime64[us]"), from_pandas=True).cast(UTC_US)
+    absent = np.isnan(values)
+    if kind == "integer":
+        return pa.array(np.where(absent, 0, values).astype(np.int64), mask=absent if absent.any() else None)
+    if kind == "bool":
+        return pa.array(np.asarray(values) != 0, mask=absent if absent.any() else None)
+    if kind == "number":
+        return pa.array(np.asarray(values, dtype=np.float64), mask=absent if absent.any() else None)
+    raise ValueError(f"unknown input kind {kind!r}: one of {', '.join(INPUT_KINDS)}")
+
+
+def capture_table(*, request_ids: Any, captured_at: Any, model_version: str, row_time: Any,
+                  inputs: dict[str, pa.Array], features: dict[str, Any], known: dict[str, Any],
+                  outputs: dict[str, Any]) -> pa.Table:
+    """One part's rows in the capture's layout. ``captured_at`` and ``row_time``: datetime64 (UTC)
+    arrays; ``inputs``: typed columns (:func:`input_array`); ``features``: float64 (NaN kept: the
+    entity had no row) or text arrays; ``known``: bool arrays by join key; ``outputs``: float64
+    arrays by output column name."""
+    import numpy as np
+
+    count = len(request_ids)
+    columns: dict[str, Any] = {
+        "request_id": pa.array(request_ids, type=pa.string()),
+        "captured_at": pa.array(np.asarray(captured_at).astype("datetime64[us]")).cast(UTC_US),
+        "model_version": pa.array(np.full(count, model_version, dtype=object), type=pa.string()),
+        "row_time": pa.array(np.asarray(row_time).astype("datetime64[us]")).cast(UTC_US),
+    }
+    columns.update({INPUT + name: array for name, array in inputs.items()})
+    for name, values in features.items():
+        values = np.asarray(values)
+        columns[FEATURE + name] = (pa.array(values, type=pa.float64()) if values.dtype.kind in "fiu"
+                                   else pa.array(values, type=pa.string()))
+    columns.update({KNOWN + key: pa.array(np.asarray(flags, dtype=bool)) for key, flags in known.items()})
+    columns.update({OUTPUT + name: pa.array(np.asarray(values, dtype=np.float64)) for name, values in outputs.items()})
+    return pa.table(columns)
+
+
+def part_name(sequence: int) -> str:
+    """A part's file name, unique across the processes writing at once: ``part-<ns>-<pid>-<seq>.parquet``."""
+    import os
+    import time
+
+    return f"part-{time.time_ns()}-{os.getpid()}-{sequence}.parquet"
+
+
+def write_parts(storage: Storage, table: pa.Table, first_sequence: int = 0) -> list[str]:
+    """Write a table of captured rows as parts, one per hour of ``row_time`` (the partition a
+    reader of that hour lists), each whole (the storage's atomic write). Returns their URIs."""
+    import numpy as np
+
+    if table.num_rows == 0:
+        return []
+    hours = table["row_time"].cast(pa.int64()).to_numpy() // 3_600_000_000
+    uris = []
+    for sequence, hour in enumerate(np.unique(hours), start=first_sequence):
+        part = table if len(uris) == 0 and (hours == hour).all() else table.filter(pa.array(hours == hour))
+        when = dt.datetime.fromtimestamp(int(hour) * 3600, dt.timezone.utc)
+        uri = part_uri(storage, when, part_name(sequence))
+        storage.write_parquet(uri, part)
+        uris.append(uri)
+    return uris

@@ -1,0 +1,216 @@
+"""Capture: a sampled share of the scored requests, written in the background as the monitoring
+layout's Parquet parts (:mod:`flywheel.monitoring.capture`).
+
+The request path only hands references over: a scoring pass puts the arrays it already computed
+(the validated request columns, the features it read, the predictions) with the spans of its
+sampled requests and their ids on a bounded queue (:class:`CaptureQueue`, counted in rows). A full
+queue drops the pass's rows and counts them (``flywheel_capture_rows_total{outcome="dropped"}``);
+offering never blocks, never raises. One writer thread per process takes batches of at most
+``monitoring.capture_batch_rows`` rows, at least every ``monitoring.capture_flush_s`` seconds, turns
+them into Arrow tables (:func:`captured_table`) and writes them through the storage layer as parts
+named ``part-<ns>-<pid>-<seq>.parquet`` (workers never collide). A part that cannot be written is
+counted (``failed``) and logged with its cause; its rows are dropped, never retried. Closing the
+queue (server stop, worker exit, interpreter exit) writes what waits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from serving import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One scoring pass's sampled requests, as references to what the pass computed."""
+
+    captured_ns: int  # when it was scored (time.time_ns())
+    bundle: Any  # serving.predictor.Bundle: the version, its schema and task
+    columns: dict[str, np.ndarray]  # the pass's validated request columns (every row of the pass)
+    features: dict[str, np.ndarray]  # the features it read, by name
+    known: dict[str, np.ndarray]  # by join key
+    predictions: np.ndarray
+    spans: tuple[tuple[int, int, str], ...]  # (start, stop, request id) of each sampled request
+    rows: int  # rows in the spans
+
+
+class CaptureQueue:
+    """A bounded queue of captured rows with one writer thread: :meth:`offer` from the request path
+    (never blocks: a full queue drops and counts), ``write(items) -> rows written`` in the thread.
+
+    Rows count against ``max_rows`` from the moment they are queued until their write ended (written
+    or failed), so a stalled writer bounds the memory held, and the request path sheds the rest."""
+
+    def __init__(self, write: Callable[[list[Any]], int], max_rows: int, batch_rows: int, flush_s: float,
+                 name: str = "flywheel-capture") -> None:
+        self._write = write
+        self.max_rows, self.batch_rows, self.flush_s = max_rows, batch_rows, flush_s
+        self._items: collections.deque = collections.deque()
+        self._rows = 0  # queued or being written
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._queued = metrics.CAPTURE_ROWS.labels("queued")
+        self._dropped = metrics.CAPTURE_ROWS.labels("dropped")
+        self._written = metrics.CAPTURE_ROWS.labels("written")
+        self._failed = metrics.CAPTURE_ROWS.labels("failed")
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    @property
+    def pending_rows(self) -> int:
+        return self._rows
+
+    def offer(self, item: Any, rows: int) -> bool:
+        """Queue ``rows`` rows (as one item) if there is room; else drop them. True when queued."""
+        try:
+            with self._lock:
+                room = not self._closed and self._rows + rows <= self.max_rows
+                if room:
+                    self._items.append((item, rows))
+                    self._rows += rows
+                    full = self._rows >= self.batch_rows
+            if not room:
+                self._dropped.inc(rows)
+                return False
+            self._queued.inc(rows)
+            if full:
+                self._wake.set()
+            return True
+        except Exception:  # never into the request
+            return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what waits and stop the writer (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            closing = self._closed
+            while self._write_batch():
+                pass
+            if closing:
+                return
+
+    def _write_batch(self) -> bool:
+        """Write one batch of what waits (at least one item, at most ``batch_rows`` rows unless one
+        item alone holds more); False when nothing waited."""
+        with self._lock:
+            batch, rows = [], 0
+            while self._items and (not batch or rows + self._items[0][1] <= self.batch_rows):
+                item, count = self._items.popleft()
+                batch.append(item)
+                rows += count
+        if not batch:
+            return False
+        written = 0
+        try:
+            written = self._write(batch)
+        except Exception as exc:
+            log.error("capture: %d rows were not written: %s: %s", rows, type(exc).__name__, exc)
+        finally:
+            with self._lock:
+                self._rows -= rows
+        if written:
+            self._written.inc(written)
+        if rows - written:
+            self._failed.inc(rows - written)
+        return True
+
+
+def _picked(item: Captured) -> np.ndarray | None:
+    """The rows of the pass that were sampled (None: all of them)."""
+    count = len(item.predictions)
+    if len(item.spans) == 1 and item.spans[0][0] == 0 and item.spans[0][1] == count:
+        return None
+    return np.concatenate([np.arange(start, stop) for start, stop, _ in item.spans])
+
+
+def _gather(arrays: list[np.ndarray], picks: list[np.ndarray | None]) -> np.ndarray:
+    parts = [values if pick is None else values[pick] for values, pick in zip(arrays, picks)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def captured_table(items: list[Captured]) -> Any:
+    """The captured rows of passes scored by one model version, as one table in the capture's layout."""
+    from flywheel.monitoring.capture import capture_table, input_array
+    from flywheel.scoring import output_columns
+
+    bundle = items[0].bundle
+    schema, task = bundle.schema, bundle.model.task
+    picks = [_picked(item) for item in items]
+    request_ids = np.concatenate([np.repeat(np.array([rid for _, _, rid in item.spans], dtype=object),
+                                            [stop - start for start, stop, _ in item.spans]) for item in items])
+    captured_at = np.concatenate([np.full(item.rows, item.captured_ns, dtype=np.int64) for item in items]).view("datetime64[ns]")
+    inputs = {}
+    for spec in schema.fields:
+        kind = "integer" if spec.kind == "number" and spec.integer else spec.kind
+        inputs[spec.name] = input_array(_gather([item.columns[spec.name] for item in items], picks), kind,
+                                        empty_is_null=not spec.required)
+    row_time = captured_at
+    if schema.time in items[0].columns:
+        times = _gather([item.columns[schema.time] for item in items], picks).astype("datetime64[ns]")
+        row_time = np.where(np.isnat(times), captured_at, times)
+    features = {name: _gather([item.features[name] for item in items], picks) for name in items[0].features}
+    known = {key: _gather([item.known[key] for item in items], picks) for key in items[0].known}
+    predictions = _gather([item.predictions for item in items], picks)
+    names = output_columns(task)
+    if predictions.ndim == 1:
+        outputs = {names[0]: predictions}
+    else:
+        outputs = {name: predictions[:, column] for column, name in enumerate(names)} if len(names) == predictions.shape[1] \
+            else {names[0]: predictions[:, 0]}
+    return capture_table(request_ids=request_ids, captured_at=captured_at, model_version=bundle.version, row_time=row_time,
+                         inputs=inputs, features=features, known=known, outputs=outputs)
+
+
+class CaptureWriter:
+    """The writer thread's work: captured passes into parts in storage (one table per model version,
+    parts of at most ``batch_rows`` rows, one per hour of the rows' own time)."""
+
+    def __init__(self, storage_of: Callable[[], Any], batch_rows: int) -> None:
+        self._storage_of = storage_of  # opened in the writer's thread, on first use
+        self._storage: Any = None
+        self.batch_rows = batch_rows
+        self._sequence = 0
+
+    def __call__(self, items: list[Captured]) -> int:
+        from flywheel.monitoring.capture import write_parts
+
+        if self._storage is None:
+            self._storage = self._storage_of()
+        by_version: dict[str, list[Captured]] = {}
+        for item in items:
+            by_version.setdefault(item.bundle.version, []).append(item)
+        written = 0
+        for version, group in by_version.items():
+            table = captured_table(group)
+            for start in range(0, table.num_rows, self.batch_rows):
+                part = table.slice(start, self.batch_rows)
+                try:
+                    uris = write_parts(self._storage, part, self._sequence)
+                except Exception as exc:  # the storage failed: these rows are lost, said once with the cause
+                    log.error("capture: %d rows of model version %s were not written: %s: %s",
+                              part.num_rows, version, type(exc).__name__, exc)
+                    self._sequence += 1
+                    continue
+                self._sequence += len(uris)
+                written += part.num_rows
+        return written
