@@ -64,7 +64,8 @@ class RunningServer:
 
 
 @contextmanager
-def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127.0.0.1", seconds: float = 120) -> Iterator[RunningServer]:
+def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127.0.0.1", seconds: float = 120,
+                    model: str = "fraud") -> Iterator[RunningServer]:
     """`flywheel serve --port <free> --grpc-port <free> *args` with ``env`` over this process's
     environment, until the block ends; ready once the model answers its health check. (Never the
     default gRPC port: servers that tests run side by side would take each other's.)"""
@@ -78,7 +79,7 @@ def flywheel_server(env: dict[str, str], log: Path, *args: str, host: str = "127
         )
     server = RunningServer(process, f"http://{host}:{port}", log, f"{host}:{grpc_port}" if grpc_port else "")
     try:
-        wait_until_ready(process, f"{server.base}/v1/models/fraud", seconds, output=server.output)
+        wait_until_ready(process, f"{server.base}/v1/models/{model}", seconds, output=server.output)
         yield server
     finally:
         process.terminate()

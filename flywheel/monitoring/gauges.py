@@ -38,13 +38,14 @@ def gauges(settings: Settings, result: Any) -> Any:
             threshold.labels(**common, column=item["column"], metric=item["metric"]).set(item["threshold"])
     estimated = gauge("flywheel_monitor_estimated_metric", "label-free estimate of the model's performance", ["metric"])
     for name, value in result.estimate.items():
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and name != "rows":
             estimated.labels(**common, metric=name).set(value)
     realised = gauge("flywheel_monitor_realised_metric", "the realised metric of the newest judged day", ["metric"])
     judged = [day for day in result.days if "realised" in day]
     if judged:
         for name, value in judged[-1].get("realised_metrics", {}).items():
-            realised.labels(**common, metric=name).set(value)
+            if name != "rows":
+                realised.labels(**common, metric=name).set(value)
     if result.skew:
         skew = gauge("flywheel_monitor_skew_rate", "share of rows whose online feature differs from the offline path", ["feature"])
         for item in result.skew["features"]:

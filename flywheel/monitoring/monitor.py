@@ -86,6 +86,7 @@ class MonitorResult:
     estimate: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)  # the holdout's realised metrics
     days: list[dict[str, Any]] = field(default_factory=list)  # per day: rows, labelled, estimated and realised key metric
+    realised: dict[str, Any] = field(default_factory=dict)  # the window's labelled rows together
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     result_uri: str = ""
@@ -248,22 +249,24 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
         labels, note = _labels_for(storage, settings, version.meta, rows, sorted(set(day_of)))
         if note:
             result.notes.append(note)
+        realise = performance.realised_binary if baseline["task"] == "binary" else performance.realised_regression
+        label_values = labels.to_numpy(dtype=np.float64) if labels is not None else np.full(len(rows), np.nan)
         for day, index in rows.groupby(day_of, sort=True).groups.items():
-            part = rows.loc[index]
+            index = np.asarray(index)
             part_scores = scores[index]
-            entry: dict[str, Any] = {"day": day, "rows": int(len(part)),
-                                     "estimated": float(_estimate(baseline, part_scores, part)[expected])}
-            known = labels.loc[index].notna().to_numpy() if labels is not None else np.zeros(len(part), dtype=bool)
+            entry: dict[str, Any] = {"day": day, "rows": int(len(index)),
+                                     "estimated": float(_estimate(baseline, part_scores, rows.loc[index])[expected])}
+            known = ~np.isnan(label_values[index])
             entry["labelled"] = int(known.sum())
-            if known.sum() >= cfg.min_labelled_rows:
-                realised = (performance.realised_binary if baseline["task"] == "binary" else performance.realised_regression)(
-                    part_scores[known], labels.loc[index].to_numpy(dtype=np.float64)[known])
-                entry["realised"] = float(realised[metric])
-                entry["realised_metrics"] = {k: float(v) for k, v in realised.items() if isinstance(v, (int, float))}
-                if _worse(entry["realised"], limit, higher):
-                    entry["crossed"] = True
-                    result.findings.append(Finding("realised", f"{metric} on {day}", metric, entry["realised"], limit))
+            entry.update(_realised(realise, metric, higher, limit, part_scores[known], label_values[index][known], cfg))
+            if entry.get("crossed"):
+                result.findings.append(Finding("realised", f"{metric} on {day}", metric, entry["realised"], limit))
             result.days.append(entry)
+        known = ~np.isnan(label_values)
+        result.realised = {"labelled": int(known.sum()),
+                           **_realised(realise, metric, higher, limit, scores[known], label_values[known], cfg)}
+        if result.realised.get("crossed"):
+            result.findings.append(Finding("realised", f"{metric} (window, labelled rows)", metric, result.realised["realised"], limit))
     elif baseline["task"] not in KEY_METRICS:
         result.notes.append(f"no performance estimate for a {baseline['task']} task yet")
 
@@ -278,6 +281,40 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
     except DataError as exc:
         result.notes.append(f"skew not measured: {exc}")
     return _finish(storage, settings, result, baseline, window, started)
+
+
+MIN_CLASS_ROWS = 30  # a binary metric from fewer positives (or negatives) is shown, never judged
+BOOTSTRAP_ROUNDS = 200
+
+
+def _realised(realise: Any, metric: str, higher: bool, limit: float, scores: np.ndarray, labels: np.ndarray,
+              cfg: Any) -> dict[str, Any]:
+    """The realised key metric of labelled rows with a 90% bootstrap interval; ``crossed`` only when
+    the whole interval is worse than the limit (a day of few frauds swings a PR-AUC by more than
+    any threshold: noise must not retrain a model)."""
+    if len(labels) < cfg.min_labelled_rows:
+        return {"judged": False, "why": f"{len(labels)} labelled rows (fewer than monitoring.min_labelled_rows)"} if len(labels) else {}
+    if metric in ("pr_auc", "roc_auc"):
+        positives = int((labels > 0.5).sum())
+        if min(positives, len(labels) - positives) < MIN_CLASS_ROWS:
+            figures = realise(scores, labels)
+            return {"realised": figures[metric], "judged": False,
+                    "why": f"only {positives} positives and {len(labels) - positives} negatives (under {MIN_CLASS_ROWS})"}
+    figures = realise(scores, labels)
+    value = figures[metric]
+    if value is None:
+        return {"judged": False, "why": f"{metric} is undefined for these labels"}
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(BOOTSTRAP_ROUNDS):
+        pick = rng.integers(0, len(labels), len(labels))
+        drawn = realise(scores[pick], labels[pick])[metric]
+        if drawn is not None:
+            draws.append(drawn)
+    low, high = (float(np.quantile(draws, 0.05)), float(np.quantile(draws, 0.95))) if draws else (value, value)
+    crossed = (high < limit) if higher else (low > limit)
+    return {"realised": float(value), "interval": [low, high], "judged": True, "crossed": bool(crossed),
+            "realised_metrics": {k: float(v) for k, v in figures.items() if isinstance(v, (int, float))}}
 
 
 def _limit(reference: float, higher: bool, drop: float) -> float:

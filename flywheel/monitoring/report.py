@@ -138,6 +138,8 @@ def _fmt(value: Any) -> str:
         return "✘ crossed" if value else "✔ within"
     if isinstance(value, float):
         return "—" if value != value else f"{value:.4g}"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"{value[0]:.4g} to {value[1]:.4g}"
     return html.escape(str(value))
 
 
@@ -165,7 +167,10 @@ def render_report(result: Any, baseline: dict[str, Any] | None, window: Profile 
         image = performance_plot(result.days, reference, limit, metric)
         if image:
             parts.append(_figure("performance by day", f"{metric}: estimated and realised per day; the line is the evaluation's", image))
-        parts.append(_table(result.days, ["day", "rows", "labelled", "estimated", "realised", "crossed"]))
+        parts.append(_table(result.days, ["day", "rows", "labelled", "estimated", "realised", "interval", "judged", "why", "crossed"]))
+        if result.realised:
+            parts.append("<h3>Realised over the window's labelled rows</h3>"
+                         + _table([result.realised], ["labelled", "realised", "interval", "judged", "why", "crossed"]))
     if result.estimate:
         parts.append("<h3>Estimate for the window (no labels)</h3>" + _table([result.estimate], sorted(result.estimate)))
 
