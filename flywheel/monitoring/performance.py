@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import pickle
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,10 @@ from flywheel.errors import DataError, IntegrityError
 # score and positive rate rest on the same number of rows.
 CALIBRATION_BINS = 10
 
+Values = Union[Sequence[float], np.ndarray]  # scores, labels, predictions: a list or a numpy array
 
-def _array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+
+def _array(values: Values, what: str) -> np.ndarray:
     array = np.asarray(values, dtype=float).ravel()
     if array.size == 0:
         raise DataError(f"{what} is empty")
@@ -43,7 +45,7 @@ def _array(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _labels(labels: Sequence[float] | np.ndarray, size: int) -> np.ndarray:
+def _labels(labels: Values, size: int) -> np.ndarray:
     array = _array(labels, "the labels")
     if array.size != size:
         raise DataError(f"{array.size} labels for {size} scores")
@@ -105,7 +107,7 @@ def expected_roc_auc(scores: np.ndarray, probabilities: np.ndarray) -> float | N
     return float(np.trapezoid(tpr, fpr))
 
 
-def realised_binary(scores: Sequence[float], labels: Sequence[float]) -> dict[str, Any]:
+def realised_binary(scores: Values, labels: Values) -> dict[str, Any]:
     """The realised metrics of scored rows whose labels arrived: ``pr_auc`` (scikit-learn's
     ``average_precision_score``), ``roc_auc``, ``positive_rate``, ``calibration_error`` (of the
     scores read as probabilities) and ``rows``. A metric a single class leaves undefined is None."""
@@ -124,7 +126,7 @@ def realised_binary(scores: Sequence[float], labels: Sequence[float]) -> dict[st
     }
 
 
-def binary_reference(scores: Sequence[float], labels: Sequence[float], bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+def binary_reference(scores: Values, labels: Values, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """CBPE's reference, from the model's evaluation holdout: an isotonic calibration map from
     score to probability (its thresholds ``calibration: {x, y}``), the holdout's realised metrics
     (``pr_auc``, ``roc_auc``, ``positive_rate``, ``calibration_error``, ``mean_score``, ``rows``) and
@@ -150,7 +152,7 @@ def binary_reference(scores: Sequence[float], labels: Sequence[float], bins: int
     return reference
 
 
-def estimate_binary(scores: Sequence[float], reference: dict[str, Any]) -> dict[str, Any]:
+def estimate_binary(scores: Values, reference: dict[str, Any]) -> dict[str, Any]:
     """CBPE's estimates for unlabelled scored rows: ``expected_pr_auc``, ``expected_roc_auc``,
     ``expected_positive_rate`` (the mean calibrated probability), ``mean_score`` and ``rows``."""
     if reference.get("kind") != "binary":
@@ -181,7 +183,7 @@ def _error_inputs(predictions: np.ndarray, features: pd.DataFrame | None, names:
     return np.column_stack(columns)
 
 
-def realised_regression(predictions: Sequence[float], labels: Sequence[float]) -> dict[str, Any]:
+def realised_regression(predictions: Values, labels: Values) -> dict[str, Any]:
     """The realised metrics of predictions whose labels arrived: ``mae``, ``rmse``, ``bias`` (mean
     prediction minus label) and ``rows``."""
     prediction = _array(predictions, "the predictions")
@@ -193,7 +195,7 @@ def realised_regression(predictions: Sequence[float], labels: Sequence[float]) -
             "rmse": float(np.sqrt(np.mean(error ** 2))), "bias": float(error.mean())}
 
 
-def regression_reference(predictions: Sequence[float], labels: Sequence[float],
+def regression_reference(predictions: Values, labels: Values,
                          features: pd.DataFrame | None = None) -> dict[str, Any]:
     """DLE's reference, from the model's evaluation holdout: a gradient-boosted model of the
     absolute error from the prediction and the numeric columns of ``features`` (pickle, base64,
@@ -237,7 +239,7 @@ def _error_model(reference: dict[str, Any]):
     return pickle.loads(blob)  # noqa: S301 - the project's own artifact, its sha256 checked above
 
 
-def estimate_regression(predictions: Sequence[float], features: pd.DataFrame | None,
+def estimate_regression(predictions: Values, features: pd.DataFrame | None,
                         reference: dict[str, Any]) -> dict[str, Any]:
     """DLE's estimate for unlabelled predictions: ``expected_mae`` (the mean of the error model's
     answers, none below 0) and ``rows``."""
