@@ -335,6 +335,7 @@ class MonitoringSettings(_Section):
     max_category_linf: float = Field(0.1, gt=0, le=1)  # the largest change of one category's share
     max_null_rate_change: float = Field(0.1, gt=0, le=1)  # absolute
     max_skew_mismatch: float = Field(0.05, ge=0, le=1)  # a feature's online/offline mismatch rate
+    sample_rows: int = Field(500_000, ge=1000)  # rows the estimates and labels' join read (a uniform sample of a larger window)
     skew_sample_rows: int = Field(5_000, ge=1)  # captured rows replayed through the offline path
     max_metric_drop: float = Field(0.1, gt=0)  # the model's key metric worse than its evaluation by this share
     min_labelled_rows: int = Field(200, ge=1)  # a day's realised metric needs this many labelled rows

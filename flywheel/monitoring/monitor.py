@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from flywheel import lake as lakes
 from flywheel import lineage
@@ -39,7 +41,7 @@ from flywheel.config import Settings
 from flywheel.errors import DataError, RegistryError
 from flywheel.monitoring import performance
 from flywheel.monitoring.baseline import baseline_uri, contract_of, holdout_features, load_baseline
-from flywheel.monitoring.capture import INPUT, OUTPUT, capture_parts, capture_root, read_capture
+from flywheel.monitoring.capture import INPUT, OUTPUT, capture_parts, capture_root
 from flywheel.monitoring.drift import compare
 from flywheel.monitoring.profile import Profile, profile_table
 from flywheel.monitoring.skew import measure_skew
@@ -151,6 +153,26 @@ def window_of(storage: Storage, settings: Settings, since: Any = None, until: An
     return start, end
 
 
+def _count_versions(storage: Storage, parts: list[str], start: dt.datetime, end: dt.datetime) -> dict[str, int]:
+    """Rows per model version in the window (reads two columns of each part)."""
+    counts: dict[str, int] = {}
+    for uri in parts:
+        table = _window_rows(storage.read_parquet(uri, columns=["row_time", "model_version"]), start, end, None)
+        for version, count in zip(*np.unique(table["model_version"].to_numpy(zero_copy_only=False).astype(str), return_counts=True)):
+            counts[str(version)] = counts.get(str(version), 0) + int(count)
+    return counts
+
+
+def _window_rows(table: pa.Table, start: dt.datetime, end: dt.datetime, version: str | None) -> pa.Table:
+    """A part's rows in [start, end) (and of ``version``, when given)."""
+    times = table["row_time"]
+    keep = pc.and_(pc.greater_equal(times, pa.scalar(start, pa.timestamp("us", "UTC"))),
+                   pc.less(times, pa.scalar(end, pa.timestamp("us", "UTC"))))
+    if version is not None:
+        keep = pc.and_(keep, pc.equal(table["model_version"], version))
+    return table.filter(pc.fill_null(keep, False))
+
+
 def _lake_labels(storage: Storage, settings: Settings, meta: dict[str, Any], days: list[str]) -> tuple[pd.DataFrame, str]:
     """The lake's rows of ``days`` with a known label: (id, label, time), and a note when none can be."""
     from flywheel.deploy.live import lake_of
@@ -191,49 +213,76 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
     started = time.perf_counter()
     cfg = settings.monitoring
     start, end = window_of(storage, settings, since, until)
-    frame = read_capture(storage, start, end).to_pandas()
-    result = MonitorResult(run_id=run_id, since=start.isoformat(timespec="microseconds"), until=end.isoformat(timespec="microseconds"), rows=int(len(frame)),
-                           versions={}, model_version=None, task=None, judged=False)
-    if not len(frame):
+    result = MonitorResult(run_id=run_id, since=start.isoformat(timespec="microseconds"),
+                           until=end.isoformat(timespec="microseconds"), rows=0, versions={}, model_version=None,
+                           task=None, judged=False)
+    parts = capture_parts(storage, start, end)
+    versions = _count_versions(storage, parts, start, end)
+    result.versions = {k: int(v) for k, v in sorted(versions.items(), key=lambda kv: -kv[1])}
+    result.rows = int(sum(versions.values()))
+    if not result.rows:
         result.notes.append(f"no captured rows from {result.since} to {result.until}")
         return _finish(storage, settings, result, None, None, started)
-    versions = frame["model_version"].value_counts()
-    result.versions = {str(k): int(v) for k, v in versions.items()}
-    version_name = str(versions.index[0])
+    version_name = next(iter(result.versions))
     registry = Registry(storage, settings.model_name)
     try:
         version = registry.get(version_name)
     except RegistryError as exc:
         raise DataError(f"the captured rows were scored by version {version_name}, which the registry does not hold: {exc}") from exc
     result.model_version = version_name
+    scored = result.versions[version_name]
     if len(versions) > 1:
-        result.notes.append(f"{len(frame) - int(versions.iloc[0])} rows scored by other versions "
-                            f"({', '.join(result.versions)}) are left out of drift and performance: each has its own baseline")
-    rows = frame[frame["model_version"] == version_name].reset_index(drop=True)
+        result.notes.append(f"{result.rows - scored} rows scored by other versions ({', '.join(result.versions)}) are "
+                            "left out of drift and performance: each has its own baseline")
     baseline = load_baseline(storage, settings, version)
     result.task = baseline["task"]
-    result.judged = len(rows) >= cfg.min_rows
+    result.judged = scored >= cfg.min_rows
     if not result.judged:
-        result.notes.append(f"{len(rows)} captured rows: fewer than monitoring.min_rows ({cfg.min_rows}); reported, not judged")
+        result.notes.append(f"{scored} captured rows: fewer than monitoring.min_rows ({cfg.min_rows}); reported, not judged")
 
-    # Drift: per-day profiles on the baseline's bins, merged.
+    # One pass over the window's parts, one part in memory at a time: every row into its day's
+    # profile (on the baseline's bins, merged exactly), and a uniform sample of rows kept for what
+    # needs rows (the estimates, the labels' join, the skew replay).
     base = Profile.from_dict(baseline["profile"])
-    kinds = {c: k for c, k in baseline["kinds"].items() if c in rows.columns}
+    rate = min(1.0, cfg.sample_rows / scored)
+    if rate < 1:
+        result.notes.append(f"performance and skew read a uniform sample of {rate:.2%} of the window's rows "
+                            f"(monitoring.sample_rows={cfg.sample_rows:,}); drift reads every row")
+    rng = np.random.default_rng(0)
+    days: dict[str, Profile] = {}
+    counts: dict[str, int] = {}
+    samples: list[pd.DataFrame] = []
+    kinds: dict[str, Any] | None = None
+    for uri in parts:
+        table = _window_rows(storage.read_parquet(uri), start, end, version_name)
+        if not table.num_rows:
+            continue
+        if kinds is None:
+            kinds = {c: k for c, k in baseline["kinds"].items() if c in table.column_names}
+        day_of_part = pc.strftime(table["row_time"], format="%Y-%m-%d").to_numpy(zero_copy_only=False)
+        for day in np.unique(day_of_part):
+            chosen = table.filter(pa.array(day_of_part == day))
+            profile = profile_table(chosen.select(list(kinds)), kinds, baseline=base, bins=cfg.bins)
+            days[day] = profile if day not in days else days[day].merge(profile)
+            counts[day] = counts.get(day, 0) + chosen.num_rows
+        keep = rng.random(table.num_rows) < rate if rate < 1 else np.ones(table.num_rows, dtype=bool)
+        samples.append(table.filter(pa.array(keep)).to_pandas())
+    assert kinds is not None
     missing = sorted(set(baseline["kinds"]) - set(kinds))
     if missing:
         result.notes.append(f"not captured, so not compared: {', '.join(missing)}")
-    day_of = pd.to_datetime(rows["row_time"], utc=True).dt.strftime("%Y-%m-%d")
     window: Profile | None = None
-    for day, part in rows.groupby(day_of, sort=True):
-        profile = profile_table(part[list(kinds)], kinds, baseline=base, bins=cfg.bins)
-        storage.write_json(storage.uri("monitoring", "profiles", version_name, f"date={day}", f"{run_id}.json"), profile.to_dict())
-        window = profile if window is None else window.merge(profile)
+    for day in sorted(days):
+        storage.write_json(storage.uri("monitoring", "profiles", version_name, f"date={day}", f"{run_id}.json"), days[day].to_dict())
+        window = days[day] if window is None else window.merge(days[day])
     assert window is not None
     for item in compare(base, window, cfg):
         data = item.to_dict()
         result.drift.append(data)
         if result.judged and data.get("crossed"):
             result.findings.extend(_drift_findings(data, cfg))
+    rows = pd.concat(samples, ignore_index=True).sort_values("row_time", kind="stable").reset_index(drop=True)
+    day_of = pd.to_datetime(rows["row_time"], utc=True).dt.strftime("%Y-%m-%d")
 
     # Performance: estimated (label-free) for the window and per day, realised per day.
     key = KEY_METRICS.get(baseline["task"])
@@ -245,7 +294,7 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
         result.estimate = _estimate(baseline, scores, rows)
         limit = _limit(reference[metric], higher, cfg.max_metric_drop)
         if result.judged and _worse(result.estimate[expected], limit, higher):
-            result.findings.append(Finding("estimated", f"{metric} (window)", expected, float(result.estimate[expected]), limit))
+            result.findings.append(Finding("estimated", "window", expected, float(result.estimate[expected]), limit))
         labels, note = _labels_for(storage, settings, version.meta, rows, sorted(set(day_of)))
         if note:
             result.notes.append(note)
@@ -254,19 +303,19 @@ def monitor(storage: Storage, settings: Settings, run_id: str, since: Any = None
         for day, index in rows.groupby(day_of, sort=True).groups.items():
             index = np.asarray(index)
             part_scores = scores[index]
-            entry: dict[str, Any] = {"day": day, "rows": int(len(index)),
+            entry: dict[str, Any] = {"day": day, "rows": counts.get(day, int(len(index))), "sampled": int(len(index)),
                                      "estimated": float(_estimate(baseline, part_scores, rows.loc[index])[expected])}
             known = ~np.isnan(label_values[index])
             entry["labelled"] = int(known.sum())
             entry.update(_realised(realise, metric, higher, limit, part_scores[known], label_values[index][known], cfg))
             if entry.get("crossed"):
-                result.findings.append(Finding("realised", f"{metric} on {day}", metric, entry["realised"], limit))
+                result.findings.append(Finding("realised", f"day {day}", metric, entry["realised"], limit))
             result.days.append(entry)
         known = ~np.isnan(label_values)
         result.realised = {"labelled": int(known.sum()),
                            **_realised(realise, metric, higher, limit, scores[known], label_values[known], cfg)}
         if result.realised.get("crossed"):
-            result.findings.append(Finding("realised", f"{metric} (window, labelled rows)", metric, result.realised["realised"], limit))
+            result.findings.append(Finding("realised", "window (labelled rows)", metric, result.realised["realised"], limit))
     elif baseline["task"] not in KEY_METRICS:
         result.notes.append(f"no performance estimate for a {baseline['task']} task yet")
 
