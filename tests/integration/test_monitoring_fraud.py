@@ -97,6 +97,19 @@ def test_a_stable_week_crosses_nothing_and_triggers_nothing(stable):
     assert [d["labelled"] > 0 for d in result["days"]] == [True] * 4 + [False] * 3
 
 
+def test_the_monitoring_pipeline_under_kfp_local_judges_the_stable_week_and_skips_the_trigger(loop, stable):
+    """The same steps as a KFP DAG (pipelines/monitoring.py): the monitor component's result, figures
+    and report, and no trigger task when nothing crossed."""
+    from pipelines.monitoring import run_locally
+
+    storage = loop["storage"]
+    run_locally(loop["settings"], "pipe-stable", since=STABLE, until=DRIFTED)
+    result = storage.read_json(storage.uri("monitoring", "runs", "pipe-stable", "result.json"))
+    assert result["crossed"] is False and result["rows"] == stable["served"]
+    assert result["figures"]["rows"] == stable["served"] and "drift.input.amount" in result["figures"]
+    assert not storage.exists(storage.uri("monitoring", "decisions", "pipe-stable.json"))  # the trigger never ran
+
+
 def test_a_drifted_week_crosses_names_what_moved_and_exits_4(drifted):
     result = drifted["out"]["result"]
     assert drifted["done"].returncode == 4

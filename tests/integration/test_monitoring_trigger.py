@@ -122,3 +122,19 @@ def test_a_failed_submission_is_recorded_with_its_cause_and_frees_the_slot(kfp_s
     assert not storage.exists(lease_uri(storage))
     missing = kfp_settings(FLYWHEEL_MONITORING__RETRAIN_SOURCE="")
     assert "monitoring.retrain_source is empty" in decide(storage, missing, result("mon-2", [FINDING]))["reason"]
+
+
+def test_the_readmes_schedule_command_verbatim_makes_an_hourly_recurring_monitoring_run(api, tmp_path):
+    from tests.integration.test_monitoring_fraud import readme_monitoring_lines, run_line
+
+    schedule = readme_monitoring_lines()[-1]
+    env = {"HOME": str(tmp_path / "home"), "FLYWHEEL_HOME": str(tmp_path / "fh"), "FLYWHEEL_KFP__HOST": api.url,
+           "FLYWHEEL_KFP_TOKEN": TOKEN, "FLYWHEEL_KFP__TOKEN_PATH": str(tmp_path / "no-token-file")}
+    done = run_line(schedule, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [call] = api.calls("POST", "/recurringruns")
+    body = call["body"]
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 * * * *"}}  # monitoring.schedule: hourly
+    assert body["max_concurrency"] in ("1", 1) and body["no_catchup"] is True
+    [pipeline] = api.pipelines.values()
+    assert pipeline["display_name"] == "flywheel-monitoring"
