@@ -177,3 +177,42 @@ def test_the_report_is_self_contained_and_shows_what_crossed(drifted, browser):
     alts = {alt for alt, width in images if width > 100}
     assert {"drift", "performance by day", "input.amount"} <= alts
     opened.page.context.close()
+
+
+CARD_TESTING, STALE_DAY = "2026-10-25", "2026-11-01"
+
+
+def test_a_new_fraud_pattern_shows_in_the_realised_performance_once_its_labels_arrive(loop, drifted):
+    """Card testing (small online payments, most of them fraud) that no model has seen: the inputs
+    barely move, but once the chargebacks are known the realised PR-AUC falls past its threshold."""
+    frame = week(loop["storage"], loop["settings"], "card-testing", CARD_TESTING,
+                 {"fraud_pattern": "card_testing", "fraud_pattern_share": 0.05})
+    serve_period(loop["settings"], loop["env"], frame, loop["home"] / "serve-card-testing.log")
+    until = (pd.Timestamp(CARD_TESTING) + pd.Timedelta(days=7)).strftime("%Y-%m-%d")
+    done = flywheel("monitor", "--since", CARD_TESTING, "--until", until, "--json", env=loop["env"])
+    result = monitor_json(done)["result"]
+    realised = [f for f in result["findings"] if f["kind"] == "realised"]
+    assert done.returncode == 4 and realised, result["findings"]
+    assert result["realised"]["judged"] and result["realised"]["interval"][1] < realised[0]["threshold"]
+
+
+def test_a_stale_online_store_is_skew_the_replay_finds_feature_by_feature(loop, drifted):
+    """A day served from the online store as the last run left it (no live updates): serving reads
+    the entities' rows as of that run, the offline path as of each request. The windowed features
+    differ, and the monitor names them with their rates and examples."""
+    storage, settings = loop["storage"], loop["settings"]
+    source = storage.uri("raw", "stale-day")
+    generate(storage, source, rows=750, days=1, seed=11, start=STALE_DAY, options={"world_rows": BASE_ROWS})
+    ingest(settings, source, "ingest-stale-day")
+    frame = lake_rows(storage, settings, STALE_DAY, STALE_DAY)
+    serve_period(settings, loop["env"], frame, loop["home"] / "serve-stale.log", replay=False)
+    done = flywheel("monitor", "--since", STALE_DAY, "--json", env=loop["env"])
+    result = monitor_json(done)["result"]
+    skew = {f["feature"]: f for f in result["skew"]["features"]}
+    assert result["skew"]["compared"] == len(frame)
+    crossed = {f["subject"] for f in result["findings"] if f["kind"] == "skew"}
+    assert "card_txn_count_24h" in crossed, skew
+    stale = skew["card_txn_count_24h"]
+    assert stale["inconsistent_rate"] > 0.05 and stale["examples"]
+    example = stale["examples"][0]
+    assert example["online"] != example["offline"]
