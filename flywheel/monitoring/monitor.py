@@ -24,6 +24,7 @@ written under ``<use case>/monitoring/runs/<run id>/``; ``crossed`` lists what c
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -129,7 +130,13 @@ class MonitorResult:
 def _utc(value: dt.datetime | str | None) -> dt.datetime | None:
     if value is None or value == "":
         return None
-    stamp = pd.Timestamp(value)
+    try:
+        stamp = pd.Timestamp(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{value!r} is not a time: give an ISO 8601 date or time, e.g. 2026-10-18 or "
+                        f"2026-10-18T06:00:00Z ({exc})") from None
+    if stamp is pd.NaT:
+        raise DataError(f"{value!r} is not a time: give an ISO 8601 date or time, e.g. 2026-10-18")
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
     return stamp.to_pydatetime()
 
@@ -137,7 +144,7 @@ def _utc(value: dt.datetime | str | None) -> dt.datetime | None:
 def window_of(storage: Storage, settings: Settings, since: Any = None, until: Any = None) -> tuple[dt.datetime, dt.datetime]:
     """The window to read: ``until`` defaults to just after the newest captured hour (the capture's
     present: live traffic or a replay of history alike), ``since`` to ``monitoring.window_days`` before it."""
-    end = _utc(until)
+    given_start, end = _utc(since), _utc(until)  # bad input is named before anything is read
     if end is None:
         parts = capture_parts(storage)
         if not parts:
@@ -147,7 +154,7 @@ def window_of(storage: Storage, settings: Settings, since: Any = None, until: An
         newest_time = max(pd.to_datetime(storage.read_parquet(uri, columns=["row_time"]).to_pandas()["row_time"], utc=True).max()
                           for uri in parts if uri.rsplit("/", 1)[0] == last_hour)
         end = newest_time.to_pydatetime() + US
-    start = _utc(since) or end - dt.timedelta(days=settings.monitoring.window_days)
+    start = given_start or end - dt.timedelta(days=settings.monitoring.window_days)
     if start >= end:
         raise DataError(f"--since {start.isoformat()} is not before the window's end {end.isoformat()}")
     return start, end
@@ -185,8 +192,6 @@ def _lake_labels(storage: Storage, settings: Settings, meta: dict[str, Any], day
     if snapshot is None:
         return pd.DataFrame(), f"the lake {lake_uri} has no snapshot"
     parts = [p for p in snapshot.parts if p.get("date", "") in set(days)]
-    import dataclasses
-
     label = contract.labels[0]
     known = contract.label_known
     columns = [contract.id, contract.timestamp, label] + ([known.column] if known.column else [])

@@ -138,3 +138,17 @@ def test_the_readmes_schedule_command_verbatim_makes_an_hourly_recurring_monitor
     assert body["max_concurrency"] in ("1", 1) and body["no_catchup"] is True
     [pipeline] = api.pipelines.values()
     assert pipeline["display_name"] == "flywheel-monitoring"
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--since", "garbage"], "'garbage' is not a time: give an ISO 8601 date or time"),
+    (["--since", "2026-13-45"], "'2026-13-45' is not a time"),
+    (["--since", "2026-10-20", "--until", "2026-10-19"], "is not before the window's end"),
+    ([], "nothing was captured yet under"),
+])
+def test_bad_monitor_input_is_one_clear_line_and_a_failure(args, said, tmp_path):
+    from tests.monitoring_scenarios import flywheel
+
+    done = flywheel("monitor", *args, env={"FLYWHEEL_HOME": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and said in done.stderr, done.stderr
