@@ -465,6 +465,8 @@ def model_card(model: Any, evaluation: dict[str, Any], made_by: dict[str, Any] |
         "training window": describe_window(meta.get("training_window") or {}, training_set.get("rows")),
         "parameters": describe_parameters(meta.get("params") or {}),
         "trained by run": model.run_id,
+        "asked for by": (f"the monitor's decision {meta['triggered_by']} (its evidence: what crossed which threshold)"
+                         if meta.get("triggered_by") else "a run started by hand or on a schedule (no monitor's decision)"),
         "created": model.created_at,
         "training": describe_training(meta),
         "training set": training_set.get("uri"),

@@ -134,9 +134,12 @@ def test_the_crossing_retrains_and_the_new_model_is_blessed_promoted_and_names_i
     assert production.version != loop["base"]["model"]["version"]
     assert production.version == summary["deployed"]
     assert production.meta["triggered_by"] == decision["uri"]
-    # From the model back to the evidence: the decision is among its lineage's inputs.
+    # From the model back to the evidence: the decision is among its lineage's inputs, and its card says so.
     tree = lineage.trace(storage, production.manifest_uri)
     assert decision["uri"] in json.dumps(tree)
+    evaluate = next(step for step in summary["steps"] if step["step"] == "evaluate")
+    card = storage.read_bytes(evaluate["artifacts"]["report"]).decode()
+    assert f"the monitor&#x27;s decision {decision['uri']}" in card
 
 
 def readme_monitoring_lines() -> list[str]:
