@@ -9,6 +9,7 @@ evaluation, the distributions that moved most, and online/offline skew.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 from typing import Any
@@ -79,7 +80,7 @@ def performance_plot(days: list[dict[str, Any]], reference: float | None, limit:
     step = max(1, len(days) // 12)
     axis.set_xticks(x[::step], [d["day"] for d in days][::step], rotation=45, ha="right")
     axis.set_ylabel(metric)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(figure)
 
 
@@ -106,6 +107,14 @@ def distribution_plot(column: str, baseline: Profile, window: Profile) -> str | 
     return _png(figure)
 
 
+def _when(iso: str) -> str:
+    """A window's bound as a person reads it (UTC, to the second)."""
+    try:
+        return html.escape(dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    except ValueError:
+        return html.escape(iso)
+
+
 def _shares(baseline: Profile, window: Profile, column: str) -> tuple[list[str], list[float], list[float]] | None:
     """(bucket labels, baseline shares, window shares) of one column: a number's bins between the
     baseline's quantile edges (with the open ends), a category's vocabulary and "other"."""
@@ -127,15 +136,17 @@ def _shares(baseline: Profile, window: Profile, column: str) -> tuple[list[str],
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(row.get(c), c)}</td>" for c in columns) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
-        return "✘ crossed" if value else "✔ within"
+        if column == "crossed":
+            return "✘ crossed" if value else "✔ within"
+        return "yes" if value else "no"
     if isinstance(value, float):
         return "—" if value != value else f"{value:.4g}"
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
@@ -149,7 +160,7 @@ def render_report(result: Any, baseline: dict[str, Any] | None, window: Profile 
     estimate's name) and ``limit`` its threshold."""
 
     parts = [f"<h1>Monitoring: {html.escape(result.model_version or 'no model')}</h1>",
-             f"<p>Window {html.escape(result.since)} to {html.escape(result.until)}: {result.rows:,} captured rows"
+             f"<p>Window {_when(result.since)} to {_when(result.until)}: {result.rows:,} captured rows"
              + (f" (versions: {html.escape(', '.join(f'{k} {v:,}' for k, v in result.versions.items()))})" if result.versions else "")
              + ".</p>"]
     if result.findings:

@@ -179,6 +179,14 @@ def test_the_report_is_self_contained_and_shows_what_crossed(drifted, browser):
     images = opened.page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.naturalWidth])")
     alts = {alt for alt, width in images if width > 100}
     assert {"drift", "performance by day", "input.amount"} <= alts
+    # Each table's cells read as their column says: a verdict only under "crossed", yes/no under "judged".
+    cells = opened.page.eval_on_selector_all("table", """tables => tables.flatMap(t => {
+        const head = [...t.rows[0].cells].map(c => c.innerText.trim());
+        return [...t.rows].slice(1).flatMap(r => [...r.cells].map((c, i) => [head[i], c.innerText.trim()]));
+    })""")
+    assert {text for column, text in cells if column == "crossed"} <= {"✘ crossed", "✔ within", "—"}
+    assert {text for column, text in cells if column == "judged"} <= {"yes", "no", "—"}
+    assert any(column == "crossed" and text == "✘ crossed" for column, text in cells)
     opened.page.context.close()
 
 
