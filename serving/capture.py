@@ -49,6 +49,8 @@ class Captured:
 # Each take holds the interpreter a few milliseconds; taken every 0.25 s in chunks of 128 rows, the
 # request path stalled about 2.5% of the time in 1 ms gaps (measured in process, one-row passes at
 # 2,000 rows/s): enough requests to move p99. Once a second in one piece: about 1%, one gap a second.
+# (Letting go of the GIL after every column was worse still: the handoffs cost the request path 24%
+# of its requests/s and 1.65x its p99 in benchmarks/serving.py --only capture, 2026-12-08.)
 DRAIN_S = 1.0
 
 
