@@ -458,6 +458,7 @@ def capture(env: dict[str, str], script: Path, first_body: bytes, seconds: int, 
     urls: dict[str, str] = {}
     processes: dict[str, subprocess.Popen] = {}
     seconds = max(seconds, 5)
+    figures["capture_load_seconds"] = seconds
     try:
         for name, server_env in servers.items():
             port = free_port()
