@@ -1,6 +1,6 @@
 """Real-time serving: latency and throughput of `flywheel serve` under wrk, beside a no-op KServe model.
 
-    python benchmarks/serving.py [--quick] [--keep] [--usecase PATH]
+    python benchmarks/serving.py [--quick] [--keep] [--usecase PATH] [--only protocols|capture]
 
 Set-up, once, in a temporary $FLYWHEEL_HOME: a redis-server on loopback (no persistence), then
 `flywheel generate` and `flywheel run` (SQLite online store), then `flywheel run` again on the same
@@ -30,6 +30,14 @@ concurrency 8, at least 60% of the no-op model's requests/s at concurrency 8, co
 load; otherwise 200k rows over 30 days with the default settings, 10 s per load. Writes
 benchmarks/results/serving.json (serving-quick.json with --quick).
 
+``--only capture`` (also part of the whole run; issue 22): two `flywheel serve` (SQLite store, one
+worker), capture off and capture at 100% (``monitoring.capture_rate`` 1, parts on local disk), loaded
+at concurrency 8 in 7 alternating rounds (each round the other server goes first): p50, p99 and
+requests/s of each, the captured rows by outcome (queued, dropped, written, failed) and the rows on
+disk after the stop. Goals: p99 with capture at most 1.10x and requests/s at least 0.90x capture
+off's, each the median over the rounds of the round's own ratio. Results in
+serving-capture[-quick].json.
+
 ``--usecase PATH`` measures another use case the same way: `flywheel run --usecase PATH` on its own
 demo data (its first 60,000 rows with --quick, all of it otherwise), requests of its contract's
 fields from the holdout's last rows; results in serving-<use case>[-quick].json.
@@ -43,6 +51,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +82,11 @@ PROTOCOL_GOALS = {  # issue 21, for the SQLite store with one worker: gRPC, and 
     "grpc_rps_over_noop_c8": (0.80, "min"),
     "binary_over_json_rows": (2.0, "min"),
 }
+CAPTURE_GOALS = {  # issue 22: capture at 100% beside capture off, SQLite store, one worker, concurrency 8
+    "capture_p99_ratio": (1.10, "max"),
+    "capture_rps_ratio": (0.90, "min"),
+}
+CAPTURE_ROUNDS = 7  # rounds of the capture load, the two servers alternating (and which goes first)
 GOALS = {  # name: (target, "max" | "min"), for each online store with one worker
     "c8_p99_ms": (10.0, "max"),
     "rps_over_noop_c8": (0.60, "min"),
@@ -168,7 +182,7 @@ def run_cli(args: list[str], env: dict[str, str], log: Path) -> None:
 
 
 def set_up(home: Path, rows: int | None, days: int, redis_connection: str, quick: bool,
-           usecase: str = "") -> dict[str, dict[str, str]]:
+           usecase: str = "", stores: tuple[str, ...] = ("sqlite", "redis")) -> dict[str, dict[str, str]]:
     """Generate data and run the loop with each online store; the environment of each store. With a
     ``usecase``: the loop on that use case's own demo data (``rows`` of it; None: all of it)."""
     base = {"FLYWHEEL_HOME": str(home)}
@@ -189,7 +203,7 @@ def set_up(home: Path, rows: int | None, days: int, redis_connection: str, quick
     else:
         run_cli(["generate", "--rows", str(rows), "--days", str(days), "--seed", "7", "--out", source], clean_env(**base), log)
         run = ["run", "--source", source]
-    for store in ("sqlite", "redis"):
+    for store in stores:
         run_cli(run, clean_env(**envs[store]), log)
     print(f"set-up: {rows or 'all':,} rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})"
           if rows else f"set-up: all rows, the loop with SQLite then Redis, in {time.perf_counter() - started:.0f} s ({log})",
@@ -422,6 +436,72 @@ def protocols(env: dict[str, str], transactions: list[dict], single_script: Path
     return figures
 
 
+# ---------------------------------------------------------------- capture: 100% beside off
+def capture_rows(page: str) -> dict[str, float]:
+    """flywheel_capture_rows_total by outcome, from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(page)
+            for sample in family.samples if sample.name == "flywheel_capture_rows_total"}
+
+
+def capture(env: dict[str, str], script: Path, first_body: bytes, seconds: int, folder: Path,
+            problems: dict[str, str]) -> dict[str, float]:
+    """Two `flywheel serve` (SQLite store, one worker): capture off and capture at 100%
+    (monitoring.capture_rate 1, parts on local disk), loaded at concurrency 8 in alternating
+    rounds (each round the other goes first); the captured rows' outcomes from the capture server's
+    /metrics, and the rows found on disk once it stopped (its shutdown writes what waited)."""
+    serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST, "--grpc-port", "0"]
+    servers = {"capture_off": clean_env(**env, FLYWHEEL_MONITORING__CAPTURE_RATE="0"),
+               "capture_on": clean_env(**env, FLYWHEEL_MONITORING__CAPTURE_RATE="1")}
+    figures: dict[str, float] = {}
+    urls: dict[str, str] = {}
+    processes: dict[str, subprocess.Popen] = {}
+    seconds = max(seconds, 5)
+    figures["capture_load_seconds"] = seconds
+    try:
+        for name, server_env in servers.items():
+            port = free_port()
+            urls[name] = f"http://{HOST}:{port}/v1/models/{MODEL_NAME}:predict"
+            processes[name], _ = start_until_first_prediction([*serve, "--port", str(port)], server_env, urls[name], first_body,
+                                                              folder / f"{name}.log")
+        for url in urls.values():
+            wrk(url, script, HEADLINE_CONCURRENCY, 2)  # warm-up, not counted
+        rounds: dict[str, list[WrkResult]] = {name: [] for name in urls}
+        for number in range(CAPTURE_ROUNDS):
+            for name in (list(urls) if number % 2 == 0 else list(reversed(urls))):
+                result = wrk(urls[name], script, HEADLINE_CONCURRENCY, seconds)
+                rounds[name].append(result)
+                print(f"  {name:<12} c={HEADLINE_CONCURRENCY} p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms  "
+                      f"{result.requests_per_s:9.1f} req/s  errors {result.errors}", flush=True)
+        for name, results in rounds.items():
+            figures.update(round_figures(f"{name}_c{HEADLINE_CONCURRENCY}", results, problems))
+        metrics_url = urls["capture_on"].split("/v1/")[0] + "/metrics"
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            outcomes = capture_rows(response.read().decode())
+        for outcome in ("queued", "dropped", "written", "failed"):
+            figures[f"capture_rows_{outcome}"] = outcomes.get(outcome, 0.0)
+    finally:
+        for process in processes.values():
+            stop(process)
+    from flywheel.config import load_settings
+    from flywheel.monitoring.capture import read_capture
+    from flywheel.storage import Storage
+
+    figures["capture_rows_on_disk"] = read_capture(Storage.from_settings(load_settings(env=clean_env(**env))),
+                                                   columns=["request_id"]).num_rows
+    # The goals' ratios pair each round's two loads (taken seconds apart, the machine alike for both)
+    # and take the median over the rounds: a shared machine's load drifts by more than 10% between
+    # rounds. The ratios of the medians are kept beside them.
+    off, on = rounds["capture_off"], rounds["capture_on"]
+    for figure, of in (("p99", lambda r: r.p99_ms), ("rps", lambda r: r.requests_per_s), ("p50", lambda r: r.p50_ms)):
+        figures[f"capture_{figure}_ratio"] = round(statistics.median(ratio(of(a), of(b), 4) for a, b in zip(on, off)), 3)
+        unit = "" if figure == "rps" else "_ms"
+        figures[f"capture_{figure}_ratio_of_medians"] = ratio(figures[f"capture_on_c{HEADLINE_CONCURRENCY}_{figure}{unit}"],
+                                                              figures[f"capture_off_c{HEADLINE_CONCURRENCY}_{figure}{unit}"], 3)
+    return figures
+
+
 def ratio(numerator: float, denominator: float, digits: int) -> float:
     """numerator / denominator, rounded; 0 when the denominator's load completed nothing (a
     problem the run reports)."""
@@ -440,8 +520,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30k rows, 3 epochs, 3 s per load instead of 200k rows, 10 s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary $FLYWHEEL_HOME and the servers' logs")
     parser.add_argument("--usecase", default="", help="another use case (its own demo data): results in serving-<name>.json")
-    parser.add_argument("--only", choices=["", "protocols"], default="",
-                        help="protocols: only the gRPC and binary loads (results in serving-protocols[-quick].json)")
+    parser.add_argument("--only", choices=["", "protocols", "capture"], default="",
+                        help="protocols: only the gRPC and binary loads (results in serving-protocols[-quick].json); "
+                             "capture: only capture at 100%% beside capture off (serving-capture[-quick].json)")
     args = parser.parse_args()
     rows, days, seconds = (30_000, 14, 3) if args.quick else (200_000, 30, 10)
     if args.usecase:  # its demo data: a slice big enough for the gate to bless a model, or all of it
@@ -453,7 +534,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-serving-"))
     redis_process, redis_connection = start_redis(work / "redis")
     try:
-        envs = set_up(work / "home", rows, days, redis_connection, args.quick, args.usecase)
+        envs = set_up(work / "home", rows, days, redis_connection, args.quick, args.usecase,
+                      stores=("sqlite",) if args.only == "capture" else ("sqlite", "redis"))
         transactions = holdout_transactions(envs["sqlite"], max(BODIES, BATCH_ROWS))
         single = [json.dumps({"instances": [tx]}) for tx in transactions[-BODIES:]]
         batches = [json.dumps({"instances": transactions[-BATCH_ROWS:]})]
@@ -462,7 +544,7 @@ def main() -> None:
         scripts["batch"].write_text(lua_script(batches))
         first_body = single[0].encode()
 
-        workers = [] if args.only == "protocols" else [1, 2] if serving_has_workers() else [1]
+        workers = [] if args.only in ("protocols", "capture") else [1, 2] if serving_has_workers() else [1]
         figures: dict[str, float] = {"rows": rows or 0, "load_seconds": seconds, "cpus": os.cpu_count() or 0}
         problems: dict[str, str] = {}
         serve = [sys.executable, "-m", "flywheel.cli", "serve", "--host", HOST, "--grpc-port", "0"]  # REST here; gRPC in protocols()
@@ -486,6 +568,10 @@ def main() -> None:
             print("protocols (SQLite store, 1 worker): gRPC against REST and the no-op over gRPC; binary against JSON batches:", flush=True)
             figures[f"load_avg_1m_protocols"] = round(os.getloadavg()[0], 2)
             figures.update(protocols(envs["sqlite"], transactions, scripts["single"], seconds, work, problems))
+        if args.only in ("", "capture"):
+            print("capture (SQLite store, 1 worker): monitoring.capture_rate 1 beside 0, concurrency 8:", flush=True)
+            figures["load_avg_1m_capture"] = round(os.getloadavg()[0], 2)
+            figures.update(capture(envs["sqlite"], scripts["single"], first_body, seconds, work, problems))
     finally:
         stop(redis_process)
         if not args.keep:
@@ -496,8 +582,13 @@ def main() -> None:
     targets = {f"{store}_w1_{goal}": target for store in ("sqlite", "redis") for goal, target in GOALS.items()} if workers else {}
     if args.only in ("", "protocols"):
         targets.update(PROTOCOL_GOALS)
+    if args.only in ("", "capture"):
+        targets.update(CAPTURE_GOALS)
     goals = judge(figures, targets)
     for name, goal in goals.items():  # a server whose load failed meets none of its goals
+        if name in CAPTURE_GOALS:
+            goal["met"] = goal["met"] and not any(load.startswith("capture_") for load in problems)
+            continue
         if name in PROTOCOL_GOALS:
             goal["met"] = goal["met"] and not any(load.startswith(("grpc_", "rest_served", "batch_v2")) for load in problems)
             continue

@@ -5,10 +5,11 @@ The request path only hands references over: a scoring pass puts the arrays it a
 (the validated request columns, the features it read, the predictions) with the spans of its
 sampled requests and their ids on a bounded queue (:class:`CaptureQueue`, counted in rows). A full
 queue drops the pass's rows and counts them (``flywheel_capture_rows_total{outcome="dropped"}``);
-offering never blocks, never raises. One writer thread per process takes batches of at most
-``monitoring.capture_batch_rows`` rows, at least every ``monitoring.capture_flush_s`` seconds, turns
-them into Arrow tables (:func:`captured_table`) and writes them through the storage layer as parts
-named ``part-<ns>-<pid>-<seq>.parquet`` (workers never collide). A part that cannot be written is
+offering never blocks, never raises. One writer thread per process takes what waits every second
+(:data:`DRAIN_S`), turns it into Arrow at once (:func:`captured_table`; the passes' arrays
+are let go), and writes parts of at most ``monitoring.capture_batch_rows`` rows, at least every
+``monitoring.capture_flush_s`` seconds, through the storage layer, named
+``part-<ns>-<pid>-<seq>.parquet`` (workers never collide). A part that cannot be written is
 counted (``failed``) and logged with its cause; its rows are dropped, never retried. Closing the
 queue (server stop, worker exit, interpreter exit) writes what waits.
 """
@@ -19,6 +20,7 @@ import atexit
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,7 +31,7 @@ from serving import metrics
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: thousands wait in the queue
 class Captured:
     """One scoring pass's sampled requests, as references to what the pass computed."""
 
@@ -43,19 +45,34 @@ class Captured:
     rows: int  # rows in the spans
 
 
+# How often the writer thread takes what waits (turned into Arrow at once: references never pile up).
+# Each take holds the interpreter a few milliseconds; taken every 0.25 s in chunks of 128 rows, the
+# request path stalled about 2.5% of the time in 1 ms gaps (measured in process, one-row passes at
+# 2,000 rows/s): enough requests to move p99. Once a second in one piece: about 1%, one gap a second.
+# (Letting go of the GIL after every column was worse still: the handoffs cost the request path 24%
+# of its requests/s and 1.65x its p99 in benchmarks/serving.py --only capture, 2026-12-08.)
+DRAIN_S = 1.0
+
+
 class CaptureQueue:
     """A bounded queue of captured rows with one writer thread: :meth:`offer` from the request path
-    (never blocks: a full queue drops and counts), ``write(items) -> rows written`` in the thread.
+    (never blocks: a full queue drops and counts), and in the thread, every ``drain_s`` seconds (or
+    as soon as ``batch_rows`` rows wait), ``sink(items, closing) -> (rows written, rows failed)``
+    with what waits, a batch of at most ``batch_rows`` rows at a time (an empty list when nothing
+    waits: the sink writes on its own schedule; ``closing``: the last call, write everything).
 
-    Rows count against ``max_rows`` from the moment they are queued until their write ended (written
-    or failed), so a stalled writer bounds the memory held, and the request path sheds the rest."""
+    Rows count against ``max_rows`` from the moment they are queued until the sink took them, so a
+    stalled sink (a storage write that hangs) bounds the memory held, and the request path sheds
+    the rest. The queue holds the passes' own arrays only briefly: a sink turns them into compact
+    Arrow columns at once, and a request's numpy arrays neither pile up nor age into the garbage
+    collector's old generation."""
 
-    def __init__(self, write: Callable[[list[Any]], int], max_rows: int, batch_rows: int, flush_s: float,
-                 name: str = "flywheel-capture") -> None:
-        self._write = write
-        self.max_rows, self.batch_rows, self.flush_s = max_rows, batch_rows, flush_s
+    def __init__(self, sink: Callable[[list[Any], bool], tuple[int, int]], max_rows: int, batch_rows: int,
+                 drain_s: float = DRAIN_S, name: str = "flywheel-capture") -> None:
+        self._sink = sink
+        self.max_rows, self.batch_rows, self.drain_s = max_rows, batch_rows, drain_s
         self._items: collections.deque = collections.deque()
-        self._rows = 0  # queued or being written
+        self._rows = 0  # queued, or being taken by the sink
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -101,38 +118,39 @@ class CaptureQueue:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.flush_s)
+            self._wake.wait(self.drain_s)
             self._wake.clear()
             closing = self._closed
-            while self._write_batch():
+            while self._take(False):
                 pass
             if closing:
+                self._take(True)
                 return
 
-    def _write_batch(self) -> bool:
-        """Write one batch of what waits (at least one item, at most ``batch_rows`` rows unless one
-        item alone holds more); False when nothing waited."""
+    def _take(self, closing: bool) -> bool:
+        """Hand one batch of what waits to the sink (at least one item, at most ``batch_rows`` rows
+        unless one item alone holds more; with nothing waiting, an empty one); True when items were taken."""
         with self._lock:
             batch, rows = [], 0
             while self._items and (not batch or rows + self._items[0][1] <= self.batch_rows):
                 item, count = self._items.popleft()
                 batch.append(item)
                 rows += count
-        if not batch:
-            return False
-        written = 0
+        written = failed = 0
         try:
-            written = self._write(batch)
-        except Exception as exc:
+            written, failed = self._sink(batch, closing)
+        except Exception as exc:  # the batch's rows are lost: counted, said with the cause
+            failed = rows
             log.error("capture: %d rows were not written: %s: %s", rows, type(exc).__name__, exc)
         finally:
-            with self._lock:
-                self._rows -= rows
+            if rows:
+                with self._lock:
+                    self._rows -= rows
         if written:
             self._written.inc(written)
-        if rows - written:
-            self._failed.inc(rows - written)
-        return True
+        if failed:
+            self._failed.inc(failed)
+        return bool(batch)
 
 
 def _picked(item: Captured) -> np.ndarray | None:
@@ -156,9 +174,11 @@ def captured_table(items: list[Captured]) -> Any:
     bundle = items[0].bundle
     schema, task = bundle.schema, bundle.model.task
     picks = [_picked(item) for item in items]
-    request_ids = np.concatenate([np.repeat(np.array([rid for _, _, rid in item.spans], dtype=object),
-                                            [stop - start for start, stop, _ in item.spans]) for item in items])
-    captured_at = np.concatenate([np.full(item.rows, item.captured_ns, dtype=np.int64) for item in items]).view("datetime64[ns]")
+    # a few numpy calls for the whole batch, not a few per pass (a batch can hold thousands of passes)
+    spans = [span for item in items for span in item.spans]
+    request_ids = np.repeat(np.array([rid for _, _, rid in spans], dtype=object), [stop - start for start, stop, _ in spans])
+    captured_at = np.repeat(np.array([item.captured_ns for item in items], dtype=np.int64),
+                            [item.rows for item in items]).view("datetime64[ns]")
     inputs = {}
     for spec in schema.fields:
         kind = "integer" if spec.kind == "number" and spec.integer else spec.kind
@@ -181,36 +201,80 @@ def captured_table(items: list[Captured]) -> Any:
                          inputs=inputs, features=features, known=known, outputs=outputs)
 
 
-class CaptureWriter:
-    """The writer thread's work: captured passes into parts in storage (one table per model version,
-    parts of at most ``batch_rows`` rows, one per hour of the rows' own time)."""
+CHUNK_ROWS = 4096  # rows turned into Arrow at a time, letting go of the GIL between chunks (a chunk: about 10 ms)
 
-    def __init__(self, storage_of: Callable[[], Any], batch_rows: int) -> None:
+
+class CaptureWriter:
+    """The writer thread's sink: captured passes turned into Arrow as they come (per model version),
+    written as parts (at most ``batch_rows`` rows each, one per hour of the rows' own time) once
+    ``batch_rows`` rows are pending, ``flush_s`` seconds after the oldest pending one arrived, or
+    when closing."""
+
+    def __init__(self, storage_of: Callable[[], Any], batch_rows: int, flush_s: float) -> None:
         self._storage_of = storage_of  # opened in the writer's thread, on first use
         self._storage: Any = None
-        self.batch_rows = batch_rows
+        self.batch_rows, self.flush_s = batch_rows, flush_s
+        self._pending: dict[str, list[Any]] = {}  # model version -> Arrow tables not yet written
+        self._pending_rows = 0
+        self._since = 0.0  # when the oldest pending row was taken (monotonic)
         self._sequence = 0
 
-    def __call__(self, items: list[Captured]) -> int:
+    @staticmethod
+    def _table(items: list[Captured]) -> Any:
+        """The items' table, built a few thousand rows at a time, letting go of the interpreter
+        between chunks (each call has a fixed cost per column: fewer, larger chunks hold the GIL
+        less in all)."""
+        import pyarrow as pa
+
+        chunks, chunk, rows = [], [], 0
+        for item in items:
+            chunk.append(item)
+            rows += item.rows
+            if rows >= CHUNK_ROWS:
+                chunks.append(captured_table(chunk))
+                chunk, rows = [], 0
+                time.sleep(0)
+        if chunk:
+            chunks.append(captured_table(chunk))
+        return chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks, promote_options="permissive")
+
+    def __call__(self, items: list[Captured], closing: bool = False) -> tuple[int, int]:
+        """Take ``items`` (convert them); write the pending rows when due. (rows written, rows failed)."""
+        now = time.monotonic()
+        if items:
+            if not self._pending_rows:
+                self._since = now
+            by_version: dict[str, list[Captured]] = {}
+            for item in items:
+                by_version.setdefault(item.bundle.version, []).append(item)
+            for version, group in by_version.items():
+                self._pending.setdefault(version, []).append(self._table(group))
+                self._pending_rows += sum(item.rows for item in group)
+        if self._pending_rows and (closing or self._pending_rows >= self.batch_rows or now - self._since >= self.flush_s):
+            return self._write_pending()
+        return 0, 0
+
+    def _write_pending(self) -> tuple[int, int]:
+        import pyarrow as pa
+
         from flywheel.monitoring.capture import write_parts
 
-        if self._storage is None:
-            self._storage = self._storage_of()
-        by_version: dict[str, list[Captured]] = {}
-        for item in items:
-            by_version.setdefault(item.bundle.version, []).append(item)
-        written = 0
-        for version, group in by_version.items():
-            table = captured_table(group)
+        pending, self._pending, self._pending_rows = self._pending, {}, 0
+        written = failed = 0
+        for version, tables in pending.items():
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
             for start in range(0, table.num_rows, self.batch_rows):
                 part = table.slice(start, self.batch_rows)
                 try:
+                    if self._storage is None:
+                        self._storage = self._storage_of()
                     uris = write_parts(self._storage, part, self._sequence)
                 except Exception as exc:  # the storage failed: these rows are lost, said once with the cause
                     log.error("capture: %d rows of model version %s were not written: %s: %s",
                               part.num_rows, version, type(exc).__name__, exc)
                     self._sequence += 1
+                    failed += part.num_rows
                     continue
                 self._sequence += len(uris)
                 written += part.num_rows
-        return written
+        return written, failed

@@ -48,7 +48,7 @@ from flywheel.registry import Registry
 from flywheel.storage import Storage
 from flywheel.training.model import Model, load_version
 from serving import metrics
-from serving.capture import CaptureQueue, Captured, CaptureWriter
+from serving.capture import DRAIN_S, CaptureQueue, Captured, CaptureWriter
 from flywheel.usecase import load_usecase
 from serving.requests import RequestSchema, Rows, input_datatype, join_rows, parse_json
 from serving.tensors import decode_raw_inputs
@@ -377,8 +377,9 @@ class Predictor(kserve.Model):
     def _start_capture(self) -> CaptureQueue:
         monitoring = self.settings.monitoring
         settings = self.settings
-        writer = CaptureWriter(lambda: Storage.from_settings(settings), monitoring.capture_batch_rows)
-        self._captures = CaptureQueue(writer, monitoring.capture_queue_rows, monitoring.capture_batch_rows, monitoring.capture_flush_s)
+        writer = CaptureWriter(lambda: Storage.from_settings(settings), monitoring.capture_batch_rows, monitoring.capture_flush_s)
+        self._captures = CaptureQueue(writer, monitoring.capture_queue_rows, monitoring.capture_batch_rows,
+                                      min(DRAIN_S, monitoring.capture_flush_s))
         self._captures_pid = os.getpid()
         return self._captures
 

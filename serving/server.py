@@ -151,6 +151,12 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1, model_name
               f"metrics: /metrics)" + (f"; v2 gRPC on {host}:{grpc_port}" if grpc_port else ""), flush=True)
         if workers == 1 or grpc_port:
             predictor.start_reloading()  # each REST worker process follows production itself; this one for gRPC
+        if settings.monitoring.capture_rate > 0:
+            from flywheel.monitoring.capture import capture_root
+            from flywheel.storage import Storage
+
+            print(f"capture: {settings.monitoring.capture_rate:.0%} of requests, to {capture_root(Storage.from_settings(settings))} "
+                  f"(every {settings.monitoring.capture_flush_s:g}s at least)", flush=True)
         if settings.live.enabled:
             if settings.live.run_updater:
                 updater = start_updater_process(settings, version)

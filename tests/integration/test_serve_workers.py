@@ -20,7 +20,8 @@ HOST = "127.0.0.2"  # a loopback address that is not the default: binding it pro
 
 @pytest.fixture(scope="module")
 def server(trained_loop, tmp_path_factory):
-    env = dict(trained_loop["env"], FLYWHEEL_SERVING__WORKERS="2", FLYWHEEL_SERVING__HOST=HOST)
+    env = dict(trained_loop["env"], FLYWHEEL_SERVING__WORKERS="2", FLYWHEEL_SERVING__HOST=HOST,
+               FLYWHEEL_MONITORING__CAPTURE_RATE="1", FLYWHEEL_MONITORING__CAPTURE_FLUSH_S="0.2")
     with flywheel_server(env, tmp_path_factory.mktemp("workers") / "server.log", host=HOST, seconds=300) as running:
         yield running, trained_loop
 
@@ -78,3 +79,30 @@ def test_metrics_count_every_request_across_workers(server):
     assert grew("flywheel_unknown_entities_total", entity="merchant") == 0
     buckets = samples(after, "flywheel_request_seconds_bucket")
     assert buckets and max(s.value for s in buckets if s.labels["le"] == "+Inf") >= 30
+
+
+def test_each_worker_captures_its_own_requests_in_parts_of_its_own(server):
+    """Bug caught: workers sharing (or losing) the capture writer, or writing parts under one name,
+    so one worker's rows overwrite or hide another's."""
+    import time
+
+    from flywheel.monitoring.capture import capture_parts, read_capture
+
+    running, loop = server
+    sent = {f"workers-capture-{n}" for n in range(30)}
+    for request_id in sorted(sent):  # a new connection each time, so both workers get some
+        response = httpx.post(f"{running.base}{V1}", json={"instances": [GOOD]}, headers={"x-request-id": request_id}, timeout=10)
+        assert response.status_code == 200
+    storage = loop["storage"]
+    deadline, seen = time.monotonic() + 20, set()
+    while time.monotonic() < deadline:
+        table = read_capture(storage, columns=["request_id"])
+        seen = {rid for rid in (table["request_id"].to_pylist() if table.num_rows else []) if rid in sent}
+        if seen == sent:
+            break
+        time.sleep(0.2)
+    assert seen == sent, f"{len(sent - seen)} requests' rows were not captured"
+    pids = {uri.rsplit("/", 1)[1].split("-")[2] for uri in capture_parts(storage)}
+    served_by = {str(json.loads(line)["pid"]) for line in running.output().splitlines()
+                 if line.startswith('{"time"') and json.loads(line)["request_id"] in sent}
+    assert len(served_by) == 2 and served_by <= pids, (served_by, pids)

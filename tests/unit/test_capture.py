@@ -26,13 +26,14 @@ def counted(outcome: str) -> float:
 def test_a_stalled_writer_drops_and_counts_without_blocking_the_offer():
     release, taken = threading.Event(), []
 
-    def stalled(items):
-        taken.append(items)
-        release.wait(10)
-        return sum(rows for rows in items)
+    def stalled(items, closing):
+        if items:
+            taken.append(items)
+            release.wait(10)
+        return sum(rows for rows in items), 0
 
     before = {o: counted(o) for o in ("queued", "dropped", "written")}
-    queue = CaptureQueue(stalled, max_rows=10, batch_rows=4, flush_s=0.01)
+    queue = CaptureQueue(stalled, max_rows=10, batch_rows=4, drain_s=0.01)
     try:
         assert queue.offer(4, 4)
         deadline = time.monotonic() + 5
@@ -44,7 +45,7 @@ def test_a_stalled_writer_drops_and_counts_without_blocking_the_offer():
             started = time.perf_counter()
             outcomes.append(queue.offer(3, 3))
             slowest = max(slowest, time.perf_counter() - started)
-        # 4 rows being written + 3 + 3 = 10: the bound counts rows until their write ended.
+        # 4 rows being written + 3 + 3 = 10: the bound counts rows until the sink took them.
         assert outcomes == [True, True, False, False, False]
         assert slowest < 0.01, f"an offer took {slowest * 1000:.1f} ms while the writer was stuck"
         assert counted("dropped") - before["dropped"] == 9
@@ -58,11 +59,13 @@ def test_a_stalled_writer_drops_and_counts_without_blocking_the_offer():
 
 
 def test_a_failing_write_counts_its_rows_failed_and_logs_the_cause(caplog):
-    def broken(items):
-        raise OSError("disk on fire")
+    def broken(items, closing):
+        if items:
+            raise OSError("disk on fire")
+        return 0, 0
 
     before = counted("failed")
-    queue = CaptureQueue(broken, max_rows=100, batch_rows=100, flush_s=60)
+    queue = CaptureQueue(broken, max_rows=100, batch_rows=100, drain_s=60)
     with caplog.at_level(logging.ERROR, logger="serving.capture"):
         queue.offer("x", 7)
         queue.close()
@@ -72,8 +75,16 @@ def test_a_failing_write_counts_its_rows_failed_and_logs_the_cause(caplog):
 
 
 def test_close_writes_what_waits_before_the_flush_interval():
-    written = []
-    queue = CaptureQueue(lambda items: written.extend(items) or len(items), max_rows=100, batch_rows=100, flush_s=3600)
+    taken, written = [], []
+
+    def sink(items, closing):
+        taken.extend(items)
+        if closing:
+            written.extend(taken)
+            return len(taken), 0
+        return 0, 0
+
+    queue = CaptureQueue(sink, max_rows=100, batch_rows=100, drain_s=3600)
     queue.offer("a", 1)
     queue.offer("b", 1)
     queue.close()
@@ -83,11 +94,12 @@ def test_close_writes_what_waits_before_the_flush_interval():
 
 def test_batches_hold_at_most_batch_rows():
     batches = []
-    queue = CaptureQueue(lambda items: batches.append(list(items)) or sum(items), max_rows=1000, batch_rows=5, flush_s=3600)
+    queue = CaptureQueue(lambda items, closing: (batches.append(list(items)), (sum(items), 0))[1], max_rows=1000, batch_rows=5, drain_s=3600)
     for _ in range(6):
         queue.offer(2, 2)
     queue.close()
-    assert [sum(batch) for batch in batches] == [4, 4, 4]
+    taken = [sum(batch) for batch in batches if batch]
+    assert sum(taken) == 12 and max(taken) <= 5, taken
 
 
 def test_inputs_are_typed_as_the_layout_says():
