@@ -153,13 +153,14 @@ class KfpClient:
         kwargs: dict[str, Any] = {"host": self.kfp.host, **auth}
         if self.kfp.namespace:
             kwargs["namespace"] = self.kfp.namespace
-        with _api_errors(self.kfp, "connect"), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with _api_errors(self.kfp, "connect"), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+                _sqlite_converters_kept():
             warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2 and later": known
             return kfp.Client(**kwargs)
 
     def _call(self, action: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         # kfp.Client prints links; flywheel prints its own.
-        with _api_errors(self.kfp, action), contextlib.redirect_stdout(io.StringIO()):
+        with _api_errors(self.kfp, action), contextlib.redirect_stdout(io.StringIO()), _sqlite_converters_kept():
             return fn(*args, **kwargs)
 
     @property
@@ -263,6 +264,25 @@ class KfpClient:
                    _time(run.created_at), _time(run.finished_at))
             for run in (found.runs or [])
         ]
+
+
+@contextlib.contextmanager
+def _sqlite_converters_kept() -> Iterator[None]:
+    """kfp.Client asks whether it runs in a notebook by importing IPython, whose history module
+    registers sqlite3's process-wide "timestamp" converter as ISO strings over Feast's epoch seconds:
+    every Feast SQLite online read later in the same process failed ("Invalid isoformat string").
+    Found when the monitor's trigger (kfp.Client in process) ran before feature tests. Whatever a
+    KFP call registers is undone after it."""
+    import sqlite3
+
+    adapters, converters = dict(sqlite3.adapters), dict(sqlite3.converters)
+    try:
+        yield
+    finally:
+        sqlite3.adapters.clear()
+        sqlite3.adapters.update(adapters)
+        sqlite3.converters.clear()
+        sqlite3.converters.update(converters)
 
 
 def _read_token(path: str) -> str:

@@ -152,3 +152,30 @@ def test_bad_monitor_input_is_one_clear_line_and_a_failure(args, said, tmp_path)
     done = flywheel("monitor", *args, env={"FLYWHEEL_HOME": str(tmp_path)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ") and said in done.stderr, done.stderr
+
+
+def test_talking_to_kfp_in_process_leaves_feasts_sqlite_converters_alone(api, tmp_path):
+    """Bug caught: kfp.Client imports IPython (to ask whether it runs in a notebook), whose history
+    module registers sqlite3's "timestamp" converter over Feast's; every Feast SQLite read later in
+    the process then failed. Found when the feature tests failed only after the trigger tests ran.
+    In a fresh process, so that IPython is imported here for the first time."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sqlite3
+import feast.infra.online_stores.sqlite  # registers Feast's converters
+before = dict(sqlite3.converters)
+from flywheel.config import load_settings
+from flywheel.kfp_client import KfpClient
+settings = load_settings(env={{"FLYWHEEL_HOME": {str(tmp_path / 'fh')!r}, "FLYWHEEL_KFP__HOST": {api.url!r},
+                              "FLYWHEEL_KFP_TOKEN": {TOKEN!r}, "FLYWHEEL_KFP__TOKEN_PATH": {str(tmp_path / 'none')!r}}})
+KfpClient(settings).experiment_id()
+import sys
+assert "IPython" in sys.modules, "kfp no longer imports IPython: this test checks nothing"
+assert dict(sqlite3.converters) == before, "a KFP call changed sqlite3's converters"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HOME": str(tmp_path / "home")}, cwd=str(tmp_path))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
