@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 from components.monitoring import monitor, trigger
 from flywheel.config import Settings, load_settings
-from pipelines.training import configure
+from pipelines.training import configure, write_package
 
 PIPELINE_NAME = "flywheel-monitoring"
 
@@ -37,11 +37,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
 
 def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Settings] = None) -> Path:
     """Write the pipeline's KFP IR YAML and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{PIPELINE_NAME}.yaml"
-    compiler.Compiler().compile(create_pipeline(settings), package_path=str(target))
-    return target
+    return write_package(create_pipeline(settings), PIPELINE_NAME, out_dir)
 
 
 def run_locally(settings: Settings, run_id: str, since: str = "", until: str = "") -> Any:

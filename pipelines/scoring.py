@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kfp import compiler, dsl
+from kfp import dsl
 
 import components
 from flywheel.config import Settings, load_settings
-from pipelines.training import configure
+from pipelines.training import configure, write_package
 
 PIPELINE_NAME = "flywheel-scoring"
 
@@ -43,11 +43,7 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
 
 def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Settings] = None) -> Path:
     """Write the pipeline's KFP IR YAML and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{PIPELINE_NAME}.yaml"
-    compiler.Compiler().compile(create_pipeline(settings), package_path=str(target))
-    return target
+    return write_package(create_pipeline(settings), PIPELINE_NAME, out_dir)
 
 
 def run_locally(settings: Settings, start_date: str, end_date: str, run_id: str, out_uri: str = "", chunk_days: int = 0,

@@ -144,10 +144,15 @@ def create_pipeline(settings: Optional[Settings] = None) -> Callable[..., Any]:
 
 def compile_pipeline(out_dir: "str | os.PathLike[str]", settings: Optional[Settings] = None) -> Path:
     """Write the pipeline's KFP IR YAML and return its path."""
+    return write_package(create_pipeline(settings), PIPELINE_NAME, out_dir)
+
+
+def write_package(pipeline: Callable[..., Any], name: str, out_dir: "str | os.PathLike[str]") -> Path:
+    """Compile a pipeline to ``<out_dir>/<name>.yaml`` (KFP IR) and return the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{PIPELINE_NAME}.yaml"
-    compiler.Compiler().compile(create_pipeline(settings), package_path=str(target))
+    target = out / f"{name}.yaml"
+    compiler.Compiler().compile(pipeline, package_path=str(target))
     return target
 
 

@@ -13,11 +13,11 @@ at its end and how the model scored there.
   a binary model's calibration map, a regression's loss model) and the holdout's realised metrics,
   which the estimates and the realised metrics of later days are held to.
 
-Column names are the capture's (``input.amount``, ``feature.card_txn_count_1h``,
-``output.fraud_probability``): a window's table and the baseline line up without renaming. Which
+Column names are the capture's (``input.<field>``, ``feature.<name>``,
+``output.<output>``): a window's table and the baseline line up without renaming. Which
 columns are profiled, and how, follows the model's recorded contract and views: numbers as numbers;
 a vocabulary, a flag or a short text as categories; never the id, the time, a join key without a
-vocabulary (an id of a card), nor a feature that is a time (``last_time``: it moves with the clock,
+vocabulary (an entity's id), nor a feature that is a time (``last_time``: it moves with the clock,
 so it always "drifts").
 
 Written once per version (``<model>/monitoring/baseline.json`` beside the version's files, a
@@ -55,7 +55,7 @@ TIME_OPS = {"last_time"}  # features that are instants: they move with the clock
 
 
 def contract_of(settings: Settings, meta: dict[str, Any]) -> Contract:
-    """The contract a version was trained with (recorded in its card), else the use case's own."""
+    """The contract a version was trained with (recorded in its model card), else the use case's own."""
     if meta.get("contract"):
         return parse_contract(meta["contract"], "the model's recorded contract")
     return load_usecase(settings.usecase).contract

@@ -344,7 +344,7 @@ BOOTSTRAP_ROUNDS = 200
 def _realised(realise: Any, metric: str, higher: bool, limit: float, scores: np.ndarray, labels: np.ndarray,
               cfg: Any) -> dict[str, Any]:
     """The realised key metric of labelled rows with a 90% bootstrap interval; ``crossed`` only when
-    the whole interval is worse than the limit (a day of few frauds swings a PR-AUC by more than
+    the whole interval is worse than the limit (a day of few positives swings a PR-AUC by more than
     any threshold: noise must not retrain a model)."""
     if len(labels) < cfg.min_labelled_rows:
         return {"judged": False, "why": f"{len(labels)} labelled rows (fewer than monitoring.min_labelled_rows)"} if len(labels) else {}
